@@ -1,0 +1,168 @@
+//! The admin HTTP server both binaries run: `/metrics` (Prometheus text), `/healthz` (the
+//! process is alive), `/readyz` (the component's own notion of ready, with the reason when it is
+//! not) and `/status` (JSON that the `status` subcommands render as a table). Plain HTTP/1.1 on a
+//! separate port that is meant for loopback or the node network, never the tunnel.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// What a binary exposes on its admin port.
+pub trait AdminState: Send + Sync + 'static {
+    /// `Ok` when ready; otherwise why not.
+    fn ready(&self) -> Result<(), String>;
+    /// The `/status` document.
+    fn status(&self) -> serde_json::Value;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&*state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection ended") },
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match state.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics())));
+            if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        "/status" => {
+            let body = serde_json::to_vec_pretty(&state.status()).unwrap_or_default();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            if let Ok(v) = "application/json".parse() {
+                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics /healthz /readyz /status\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+/// Why the admin client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error("cannot reach the admin endpoint at {addr}: {source} (is the process running, and is --admin-addr right?)")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("admin request to {addr} failed: {message}")]
+    Http { addr: SocketAddr, message: String },
+    #[error("admin request to {addr} timed out")]
+    Timeout { addr: SocketAddr },
+}
+
+/// A one-shot GET against an admin endpoint, for the `status` subcommands and for tests.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), AdminClientError> {
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| AdminClientError::Connect { addr, source })?;
+        let http = |e: hyper::Error| AdminClientError::Http { addr, message: e.to_string() };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| AdminClientError::Http { addr, message: e.to_string() })?;
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut).await.map_err(|_| AdminClientError::Timeout { addr })?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct State(AtomicBool);
+    impl AdminState for State {
+        fn ready(&self) -> Result<(), String> {
+            if self.0.load(Ordering::SeqCst) { Ok(()) } else { Err("no hub connection".into()) }
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({"agents": []})
+        }
+        fn metrics(&self) -> String {
+            "# EOF\n".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_status_and_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State(AtomicBool::new(false)));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, state.clone(), stop.clone()));
+        assert_eq!(get(addr, "/healthz").await.unwrap().0, StatusCode::OK);
+        let (code, body) = get(addr, "/readyz").await.unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("no hub connection"));
+        state.0.store(true, Ordering::SeqCst);
+        assert_eq!(get(addr, "/readyz").await.unwrap().0, StatusCode::OK);
+        assert!(get(addr, "/status").await.unwrap().1.contains("agents"));
+        assert_eq!(get(addr, "/metrics").await.unwrap().1, "# EOF\n");
+        assert_eq!(get(addr, "/nope").await.unwrap().0, StatusCode::NOT_FOUND);
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

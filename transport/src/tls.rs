@@ -1,0 +1,168 @@
+//! rustls configuration for both ends of the tunnel, all on one crypto provider (ring).
+//!
+//! The hub listens on one UDP port for two ALPNs: `petrel/1` (the tunnel; a client certificate
+//! from Petrel's CA is mandatory, enforced after the handshake because rustls decides whether to
+//! ask for one before it knows the ALPN) and `petrel-enrol/1` (enrolment; no client certificate,
+//! the agent instead pins the CA by fingerprint). Any client certificate that is presented is
+//! verified against the CA during the handshake, so a foreign or expired certificate fails the
+//! handshake with a TLS alert both sides can log.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::pki::{fingerprint_sha256, CertInfo};
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    ClientVerifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC cannot use this TLS configuration: {0}")]
+    Quic(String),
+}
+
+/// The workspace's one crypto provider.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default, for libraries (kube, hyper clients) that ask for the
+/// default rather than taking a provider. Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn roots(ca_der: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_der.clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// The hub's rustls server configuration (TLS 1.3 only, as QUIC requires).
+pub fn hub_server_tls(
+    ca_der: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpns: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsConfigError> {
+    let provider = crypto_provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    cfg.max_early_data_size = 0;
+    Ok(cfg)
+}
+
+/// The agent's tunnel configuration: trusts only the CA, presents its node certificate.
+pub fn agent_client_tls(
+    ca_der: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsConfigError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_der)?)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// The enrolment configuration: no client certificate; the server chain must contain a CA whose
+/// SHA-256 is `ca_sha256`, and the leaf must verify against that CA.
+pub fn enrol_client_tls(ca_sha256: &str, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsConfigError> {
+    let provider = crypto_provider();
+    let verifier = Arc::new(PinnedCaVerifier { fingerprint: ca_sha256.to_ascii_lowercase(), provider: provider.clone() });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// Verifies a server chain against the CA the operator pinned by fingerprint: the only trust an
+/// enrolling device has before it holds the CA certificate.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates.iter().find(|c| fingerprint_sha256(c) == self.fingerprint) else {
+            let seen: Vec<String> = intermediates.iter().map(|c| fingerprint_sha256(c)).collect();
+            return Err(rustls::Error::General(format!(
+                "CA fingerprint mismatch: the hub presented CA sha256 {}, but --ca-sha256 pins {}",
+                if seen.is_empty() { "(none)".to_string() } else { seen.join(", ") },
+                self.fingerprint
+            )));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The verified certificate chain a QUIC peer presented, if any.
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok().map(|b| *b)
+}
+
+/// The node name in the verified leaf certificate of a QUIC peer, if it presented one.
+pub fn peer_node_name(conn: &quinn::Connection) -> Option<String> {
+    let certs = peer_certificates(conn)?;
+    CertInfo::parse(certs.first()?).ok().map(|i| i.node_name)
+}
+
+/// The ALPN a QUIC connection negotiated.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
