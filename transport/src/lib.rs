@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod control_stream;
 pub mod pki;
 pub mod private_files;
 pub mod quic;
@@ -17,3 +18,15 @@ pub mod tls;
 /// whatever name the operator gave; the name they verify is always this one, so a hub's identity
 /// does not change when its address does (NAT, failover, DNS).
 pub const HUB_SERVER_NAME: &str = "hub.petrel.internal";
+
+/// QUIC application close codes Petrel uses. The reason phrase always carries a sentence for the
+/// operator; the code is for programs.
+pub mod close_code {
+    pub const NORMAL: u32 = 0x00;
+    pub const GOING_AWAY: u32 = 0x01;
+    pub const UNAUTHORIZED: u32 = 0x10;
+    pub const PROTOCOL_ERROR: u32 = 0x11;
+    pub const REPLACED: u32 = 0x12;
+    pub const KEEPALIVE_TIMEOUT: u32 = 0x13;
+    pub const ENROL_DONE: u32 = 0x20;
+}

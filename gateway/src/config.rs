@@ -1,0 +1,318 @@
+//! Command line, environment and config file, validated into typed configuration.
+//!
+//! Precedence: flag > environment variable > config file (`--config`, TOML, same keys as the long
+//! flags with `-` or `_`) > built-in default. Any invalid value is a [`ConfigError`] naming the
+//! field and what is allowed; `main` exits 64 (EX_USAGE) on it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "petrel-gateway", version, about = "Petrel cloud gateway: QUIC tunnel hub for edge sites")]
+pub struct Cli {
+    /// Optional TOML config file; flags and environment variables override it.
+    #[arg(long, global = true, env = "PETREL_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `petrel_gateway=debug`.
+    #[arg(long, global = true, env = "PETREL_LOG")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub.
+    Run(RunArgs),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the connected agents (asks the running hub's admin endpoint).
+    Status(StatusArgs),
+    /// CA information.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// UDP address the QUIC hub listens on.
+    #[arg(long, env = "PETREL_LISTEN")]
+    pub listen: Option<String>,
+    /// TCP address of the admin server (/metrics, /healthz, /readyz, /status).
+    #[arg(long, env = "PETREL_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Directory for the CA, tokens and the hub secret.
+    #[arg(long, env = "PETREL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Inventory file (TOML). Without it the embedded lab inventory is used.
+    #[arg(long, env = "PETREL_INVENTORY")]
+    pub inventory: Option<PathBuf>,
+    /// Endpoints (HOST:PORT) agents are told to dial; repeatable. Default: the listen address.
+    #[arg(long = "advertise", env = "PETREL_ADVERTISE", value_delimiter = ',')]
+    pub advertise: Vec<String>,
+    /// This hub's name in status and in the endpoint list.
+    #[arg(long, env = "PETREL_HUB_NAME")]
+    pub hub_name: Option<String>,
+    /// Lifetime of node certificates (renewed over the tunnel at two thirds of it).
+    #[arg(long, env = "PETREL_AGENT_CERT_TTL")]
+    pub agent_cert_ttl: Option<String>,
+    /// QUIC keepalive interval.
+    #[arg(long, env = "PETREL_KEEPALIVE")]
+    pub keepalive: Option<String>,
+    /// QUIC idle timeout.
+    #[arg(long, env = "PETREL_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// On shutdown, how long to wait for agents to leave before closing.
+    #[arg(long, env = "PETREL_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// What the going-away message tells agents: come back after this long.
+    #[arg(long, env = "PETREL_RESTART_HINT")]
+    pub restart_hint: Option<String>,
+    /// Inner MTU announced to public sites (what fits a QUIC datagram on the path).
+    #[arg(long, env = "PETREL_SITE_MTU")]
+    pub site_mtu: Option<u16>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token bound to a node name and print the join command.
+    Create(TokenCreateArgs),
+    /// List tokens (ids, nodes, expiry, use; never secrets).
+    List(StateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// Node name the token is bound to.
+    #[arg(long)]
+    pub node: String,
+    /// Lifetime, e.g. 30m, 1h, 2d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    /// Allow the token to be used more than once (until it expires).
+    #[arg(long)]
+    pub reusable: bool,
+    /// Hub address to put in the printed join command (default: the first advertised endpoint).
+    #[arg(long, env = "PETREL_JOIN_SERVER")]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StateArgs {
+    #[arg(long, env = "PETREL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, env = "PETREL_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the CA's SHA-256 fingerprint (what `join --ca-sha256` pins).
+    Fingerprint(StateArgs),
+}
+
+/// The optional config file. Unknown keys are errors: a typo must not silently fall back to a
+/// default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    #[serde(alias = "listen")]
+    pub listen: Option<String>,
+    #[serde(alias = "admin_addr")]
+    pub admin_addr: Option<String>,
+    #[serde(alias = "state_dir")]
+    pub state_dir: Option<PathBuf>,
+    pub inventory: Option<PathBuf>,
+    #[serde(default)]
+    pub advertise: Vec<String>,
+    #[serde(alias = "hub_name")]
+    pub hub_name: Option<String>,
+    #[serde(alias = "agent_cert_ttl")]
+    pub agent_cert_ttl: Option<String>,
+    pub keepalive: Option<String>,
+    #[serde(alias = "idle_timeout")]
+    pub idle_timeout: Option<String>,
+    #[serde(alias = "drain_timeout")]
+    pub drain_timeout: Option<String>,
+    #[serde(alias = "restart_hint")]
+    pub restart_hint: Option<String>,
+    #[serde(alias = "site_mtu")]
+    pub site_mtu: Option<u16>,
+    pub log: Option<String>,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {value:?}: {allowed}")]
+    Invalid { field: &'static str, value: String, allowed: String },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";
+
+/// Validated hub configuration.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub listen: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state_dir: PathBuf,
+    pub inventory: Option<PathBuf>,
+    pub advertise: Vec<(String, u16)>,
+    pub hub_name: String,
+    pub agent_cert_ttl: Duration,
+    pub keepalive: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub restart_hint: Duration,
+    pub site_mtu: u16,
+}
+
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })
+}
+
+pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Invalid { field, value: value.into(), allowed: "an IP:PORT such as 0.0.0.0:7443 or [::]:7443".into() })
+}
+
+pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value)
+        .map_err(|e| ConfigError::Invalid { field, value: value.into(), allowed: format!("a duration such as 500ms, 10s, 5m, 1h, 30d ({e})") })
+}
+
+/// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
+pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || ConfigError::Invalid { field, value: value.into(), allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into() };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Where state lives when nobody says: systemd's StateDirectory, /var/lib for root, else the
+/// user's state directory (so a developer can try the hub without root).
+pub fn default_state_dir(component: &str) -> PathBuf {
+    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
+        if let Some(first) = d.split(':').next() {
+            return PathBuf::from(first);
+        }
+    }
+    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    if is_root {
+        return PathBuf::from(format!("/var/lib/petrel/{component}"));
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("petrel").join(component)
+}
+
+impl HubConfig {
+    pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let listen = parse_socket_addr("listen", &args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()))?;
+        let admin_addr = parse_socket_addr("admin-addr", &args.admin_addr.or(file.admin_addr).unwrap_or_else(|| DEFAULT_ADMIN.into()))?;
+        let state_dir = args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir("gateway"));
+        let inventory = args.inventory.or(file.inventory);
+        let advertise_raw = if args.advertise.is_empty() { file.advertise } else { args.advertise };
+        let mut advertise = advertise_raw.iter().map(|a| parse_host_port("advertise", a)).collect::<Result<Vec<_>, _>>()?;
+        if advertise.is_empty() {
+            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            advertise.push((host, listen.port()));
+        }
+        let hub_name = args.hub_name.or(file.hub_name).unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "hub".into())
+        });
+        let dur = |field, a: Option<String>, f: Option<String>, d: &str| parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()));
+        let agent_cert_ttl = dur("agent-cert-ttl", args.agent_cert_ttl, file.agent_cert_ttl, "30d")?;
+        let keepalive = dur("keepalive", args.keepalive, file.keepalive, "5s")?;
+        let idle_timeout = dur("idle-timeout", args.idle_timeout, file.idle_timeout, "15s")?;
+        let drain_timeout = dur("drain-timeout", args.drain_timeout, file.drain_timeout, "10s")?;
+        let restart_hint = dur("restart-hint", args.restart_hint, file.restart_hint, "1s")?;
+        if agent_cert_ttl < Duration::from_secs(10) {
+            return Err(ConfigError::Invalid { field: "agent-cert-ttl", value: format!("{agent_cert_ttl:?}"), allowed: "at least 10s".into() });
+        }
+        if keepalive.is_zero() || keepalive >= idle_timeout {
+            return Err(ConfigError::Invalid {
+                field: "keepalive",
+                value: humantime::format_duration(keepalive).to_string(),
+                allowed: format!("more than 0 and less than idle-timeout ({})", humantime::format_duration(idle_timeout)),
+            });
+        }
+        let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1360);
+        if !(576..=1450).contains(&site_mtu) {
+            return Err(ConfigError::Invalid { field: "site-mtu", value: site_mtu.to_string(), allowed: "576 to 1450".into() });
+        }
+        Ok(Self {
+            listen,
+            admin_addr,
+            state_dir,
+            inventory,
+            advertise,
+            hub_name,
+            agent_cert_ttl,
+            keepalive,
+            idle_timeout,
+            drain_timeout,
+            restart_hint,
+            site_mtu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = HubConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.advertise, vec![("127.0.0.1".to_string(), 7443)]);
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_what_is_allowed() {
+        let e = HubConfig::from_args(RunArgs { listen: Some("nope".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("listen") && e.to_string().contains("IP:PORT"), "{e}");
+        let e = HubConfig::from_args(RunArgs { keepalive: Some("5 parsecs".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("keepalive"), "{e}");
+        let e = HubConfig::from_args(RunArgs { keepalive: Some("20s".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("less than idle-timeout"), "{e}");
+        let e = HubConfig::from_args(RunArgs { advertise: vec!["host".into()], ..Default::default() }, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("advertise"), "{e}");
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win_and_typos_are_errors() {
+        let file: FileConfig = toml::from_str("listen = '127.0.0.1:1'\nidle-timeout = '30s'\n").unwrap();
+        let c = HubConfig::from_args(RunArgs { listen: Some("127.0.0.1:2".into()), ..Default::default() }, file).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        let e = toml::from_str::<FileConfig>("listn = '127.0.0.1:1'\n").unwrap_err();
+        assert!(e.to_string().contains("listn"));
+    }
+}

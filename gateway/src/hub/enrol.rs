@@ -1,0 +1,131 @@
+//! Enrolment: one bi stream on an `petrel-enrol/1` connection carries an [`EnrolRequest`] (join
+//! token, node name, CSR) and gets an [`EnrolResponse`] (the node certificate and the CA, or a
+//! coded refusal with a sentence for the operator). The device's key never leaves it; the name in
+//! the certificate is the one the token was bound to, checked against the inventory.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use petrel_proto::{CertBundle, EnrolError, EnrolErrorCode, EnrolMessage, EnrolRequest, EnrolResponse};
+use petrel_transport::close_code;
+use petrel_transport::control_stream::read_enrol_message;
+use tracing::{debug, info, warn};
+
+use super::HubContext;
+use crate::metrics::HubMetrics;
+use crate::pki_store::{StoreError, TokenError, TokenStore};
+
+const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failure inside the token-redeem closure, mapped onto the wire code.
+#[derive(Debug)]
+struct Refusal(EnrolErrorCode, String);
+
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Self {
+        let code = match e {
+            TokenError::Invalid => EnrolErrorCode::InvalidToken,
+            TokenError::Expired(_) => EnrolErrorCode::ExpiredToken,
+            TokenError::AlreadyUsed => EnrolErrorCode::TokenAlreadyUsed,
+            TokenError::WrongNode { .. } => EnrolErrorCode::WrongNode,
+        };
+        Refusal(code, e.to_string())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal(EnrolErrorCode::Internal, format!("hub storage error: {e}"))
+    }
+}
+
+fn outcome_label(code: EnrolErrorCode) -> &'static str {
+    match code {
+        EnrolErrorCode::InvalidToken => "invalid_token",
+        EnrolErrorCode::ExpiredToken => "expired_token",
+        EnrolErrorCode::TokenAlreadyUsed => "token_already_used",
+        EnrolErrorCode::WrongNode => "wrong_node",
+        EnrolErrorCode::UnknownNode => "unknown_node",
+        EnrolErrorCode::BadCsr => "bad_csr",
+        EnrolErrorCode::UnsupportedVersion => "unsupported_version",
+        EnrolErrorCode::Internal => "internal",
+        EnrolErrorCode::Other(_) => "other",
+    }
+}
+
+pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let exchange = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let msg = read_enrol_message(&mut recv).await;
+        Ok::<_, quinn::ConnectionError>((send, msg))
+    };
+    let Ok(Ok((mut send, msg))) = tokio::time::timeout(ENROL_TIMEOUT, exchange).await else {
+        debug!(%remote, "enrolment connection sent no request in time");
+        HubMetrics::inc_outcome(&ctx.metrics.enrolments, "no_request");
+        conn.close(close_code::PROTOCOL_ERROR.into(), b"no enrolment request within 10s");
+        return;
+    };
+    let req = match msg {
+        Ok(Some(EnrolMessage::Request(req))) => req,
+        Ok(other) => {
+            let what = if other.is_some() { "an enrolment response" } else { "an incomplete request" };
+            warn!(%remote, "enrolment refused: peer sent {what}");
+            HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected an enrolment request");
+            return;
+        }
+        Err(e) => {
+            warn!(%remote, error = %e, "enrolment refused: malformed request");
+            HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
+            conn.close(close_code::PROTOCOL_ERROR.into(), format!("malformed enrolment request: {e}").as_bytes());
+            return;
+        }
+    };
+    let node = req.node_name.clone();
+    let ctx2 = ctx.clone();
+    let result = tokio::task::spawn_blocking(move || decide(&ctx2, &req))
+        .await
+        .unwrap_or_else(|e| Err(Refusal(EnrolErrorCode::Internal, format!("enrolment task failed: {e}"))));
+    let response = match result {
+        Ok(bundle) => {
+            info!(%remote, node = %node, "enrolled node; certificate issued");
+            HubMetrics::inc_outcome(&ctx.metrics.enrolments, "ok");
+            EnrolResponse { result: Ok(bundle) }
+        }
+        Err(Refusal(code, message)) => {
+            warn!(%remote, node = %node, reason = %message, "enrolment refused");
+            HubMetrics::inc_outcome(&ctx.metrics.enrolments, outcome_label(code));
+            EnrolResponse { result: Err(EnrolError { code, message }) }
+        }
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = petrel_proto::encode_enrol_response(&response, &mut buf) {
+        warn!(%remote, error = %e, "cannot encode enrolment response");
+        conn.close(close_code::PROTOCOL_ERROR.into(), b"internal error");
+        return;
+    }
+    if send.write_all(&buf).await.is_ok() {
+        let _ = send.finish();
+        // Let the agent read the response and close; do not hold the connection for long.
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+    conn.close(close_code::ENROL_DONE.into(), b"enrolment finished");
+}
+
+fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
+    petrel_proto::check_protocol_version(req.protocol_version)
+        .map_err(|e| Refusal(EnrolErrorCode::UnsupportedVersion, e.to_string()))?;
+    {
+        let inv = ctx.inventory.read().map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
+        inv.admit_agent(&req.node_name).map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
+    }
+    let now = SystemTime::now();
+    ctx.state.redeem(&req.token, &req.node_name, now, || {
+        let cert = ctx
+            .ca
+            .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)
+            .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))?;
+        Ok(CertBundle { cert_der: cert.to_vec(), ca_der: ctx.ca.cert_der().to_vec() })
+    })
+}

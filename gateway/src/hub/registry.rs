@@ -1,0 +1,169 @@
+//! The registry of connected agents, keyed by the node name in their client certificate.
+//!
+//! A node holds at most one tunnel. A reconnect (new NAT mapping, agent restart, a half-dead old
+//! connection the hub has not noticed yet) replaces the old entry atomically under the lock; the
+//! caller then tells the old session to leave. A session removes its entry on exit only if it is
+//! still the current one, so a late exit of a replaced session never unregisters its successor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use petrel_proto::GoingAway;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// What the hub asks a session to do.
+#[derive(Debug)]
+pub enum SessionCommand {
+    /// Send going-away and close.
+    Leave(GoingAway),
+    /// Push a control message (an inventory update).
+    Send(petrel_proto::ControlMessage),
+}
+
+/// Counters a session updates and `status` reads.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    pub rtt_micros: AtomicU64,
+    pub open_streams: AtomicU64,
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl AgentCounters {
+    pub fn count_drop(&self, reason: &'static str) {
+        if let Ok(mut d) = self.dropped.lock() {
+            *d.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn drops(&self) -> BTreeMap<&'static str, u64> {
+        self.dropped.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+/// One connected agent.
+#[derive(Debug)]
+pub struct AgentEntry {
+    pub id: u64,
+    pub node: String,
+    pub site: String,
+    pub agent_version: String,
+    pub datapath: String,
+    pub since: SystemTime,
+    pub connection: quinn::Connection,
+    pub commands: mpsc::Sender<SessionCommand>,
+    pub counters: AgentCounters,
+}
+
+/// A row of `petrel-gateway status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub node: String,
+    pub site: String,
+    pub remote: String,
+    pub connected_since_unix: u64,
+    pub rtt_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub datagrams_dropped: BTreeMap<String, u64>,
+    pub open_streams: u64,
+    pub agent_version: String,
+    pub datapath: String,
+}
+
+impl AgentEntry {
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.counters.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        let stats = self.connection.stats();
+        // Before the first application-level pong, quinn's own estimate is a fine RTT.
+        let rtt = self.rtt().unwrap_or_else(|| self.connection.rtt());
+        AgentStatus {
+            node: self.node.clone(),
+            site: self.site.clone(),
+            remote: self.connection.remote_address().to_string(),
+            connected_since_unix: self.since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
+            bytes_in: stats.udp_rx.bytes,
+            bytes_out: stats.udp_tx.bytes,
+            datagrams_dropped: self.counters.drops().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            open_streams: self.counters.open_streams.load(Ordering::Relaxed),
+            agent_version: self.agent_version.clone(),
+            datapath: self.datapath.clone(),
+        }
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct AgentRegistry {
+    agents: Mutex<HashMap<String, Arc<AgentEntry>>>,
+    next_id: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl AgentRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers `entry`, returning the entry it replaced.
+    pub fn insert(&self, entry: Arc<AgentEntry>) -> Option<Arc<AgentEntry>> {
+        self.agents.lock().ok()?.insert(entry.node.clone(), entry)
+    }
+
+    /// Removes `node` if its current entry is `id`.
+    pub fn remove(&self, node: &str, id: u64) -> bool {
+        let Ok(mut agents) = self.agents.lock() else { return false };
+        if agents.get(node).is_some_and(|e| e.id == id) {
+            agents.remove(node);
+            self.changed.notify_waiters();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Resolves after the next removal. Created before checking a condition, it cannot miss
+    /// a removal that happens after the check.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    pub fn get(&self, node: &str) -> Option<Arc<AgentEntry>> {
+        self.agents.lock().ok()?.get(node).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn all(&self) -> Vec<Arc<AgentEntry>> {
+        self.agents.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Vec<AgentStatus> {
+        let mut rows: Vec<_> = self.all().iter().map(|e| e.status()).collect();
+        rows.sort_by(|a, b| a.node.cmp(&b.node));
+        rows
+    }
+}

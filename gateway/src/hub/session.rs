@@ -1,0 +1,266 @@
+//! One agent's tunnel session on the hub: admission (certificate name, inventory, the agent's
+//! Hello), the Welcome with the hub's view, then the control loop: keepalive pings and RTT,
+//! certificate renewal, going-away, and commands from the hub (leave, push an update).
+//!
+//! Identity comes only from the verified client certificate; what the Hello says about the node
+//! is compared with it and with the inventory, and a mismatch is refused, not believed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use petrel_proto::{
+    ControlMessage, GoingAway, GoingAwayReason, Hello, HubView, Keepalive, KeepaliveAction, RenewResponse, Welcome, ALPN_TUNNEL,
+};
+use petrel_transport::close_code;
+use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::registry::{AgentCounters, AgentEntry, SessionCommand};
+use super::HubContext;
+use crate::metrics::HubMetrics;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn refuse(ctx: &HubContext, conn: &quinn::Connection, reason: &'static str, message: String) {
+    warn!(remote = %conn.remote_address(), reason, "tunnel refused: {message}");
+    HubMetrics::inc_reason(&ctx.metrics.agent_refusals, reason);
+    conn.close(close_code::UNAUTHORIZED.into(), message.as_bytes());
+}
+
+pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
+    let Some(node) = petrel_transport::tls::peer_node_name(&conn) else {
+        refuse(&ctx, &conn, "no_client_certificate", "a client certificate from the Petrel CA is required for petrel/1; run `petrel-edge-agent join` first".into());
+        return;
+    };
+    let (site, keepalive_every) = {
+        let Ok(inv) = ctx.inventory.read() else { return };
+        match inv.admit_agent(&node) {
+            Ok((_, site)) => (site.name.clone(), ctx.config.keepalive),
+            Err(e) => {
+                drop(inv);
+                refuse(&ctx, &conn, "not_admitted", format!("certificate names {node:?}, but {e}"));
+                return;
+            }
+        }
+    };
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, recv) = conn.accept_bi().await?;
+        let mut reader = ControlReader::new(recv);
+        let first = reader.next().await;
+        Ok::<_, quinn::ConnectionError>((ControlWriter::new(send), reader, first))
+    })
+    .await;
+    let (mut writer, mut reader, first) = match opened {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            debug!(node = %node, error = %e, "agent left before its hello");
+            return;
+        }
+        Err(_) => {
+            refuse(&ctx, &conn, "no_hello", format!("no hello from {node:?} within {HELLO_TIMEOUT:?}"));
+            return;
+        }
+    };
+    let hello = match first {
+        Ok(Some(ControlMessage::Hello(h))) => h,
+        Ok(Some(other)) => {
+            refuse(&ctx, &conn, "protocol_error", format!("expected hello, got {}", other.name()));
+            return;
+        }
+        Ok(None) => return,
+        Err(e) => {
+            refuse(&ctx, &conn, "protocol_error", format!("malformed hello: {e}"));
+            return;
+        }
+    };
+    if let Err(message) = check_hello(&hello, &node) {
+        let reason = if hello.node_name != node { "identity_mismatch" } else { "protocol_error" };
+        let _ = writer
+            .send(&ControlMessage::GoingAway(GoingAway { reason: GoingAwayReason::Unauthorized, retry_after_ms: 0, message: message.clone() }))
+            .await;
+        refuse(&ctx, &conn, reason, message);
+        return;
+    }
+    let welcome = Welcome {
+        protocol_version: petrel_proto::PROTOCOL_VERSION,
+        hub_id: ctx.config.hub_name.clone(),
+        node_name: node.clone(),
+        site: site.clone(),
+        keepalive_interval_ms: u32::try_from(keepalive_every.as_millis()).unwrap_or(u32::MAX),
+        view: ctx.hub_view(&node),
+    };
+    if let Err(e) = writer.send(&ControlMessage::Welcome(welcome)).await {
+        debug!(node = %node, error = %e, "agent left before the welcome");
+        return;
+    }
+
+    let (commands, mut command_rx) = mpsc::channel(16);
+    let entry = Arc::new(AgentEntry {
+        id: ctx.registry.next_id(),
+        node: node.clone(),
+        site: site.clone(),
+        agent_version: hello.agent_version.clone(),
+        datapath: hello.self_view.datapath.clone(),
+        since: SystemTime::now(),
+        connection: conn.clone(),
+        commands,
+        counters: AgentCounters::default(),
+    });
+    if let Some(old) = ctx.registry.insert(entry.clone()) {
+        info!(node = %node, old_remote = %old.remote(), new_remote = %conn.remote_address(), "agent reconnected; replacing its previous tunnel");
+        ctx.metrics.agents_replaced.inc();
+        let leave = GoingAway { reason: GoingAwayReason::Replaced, retry_after_ms: 0, message: "replaced by a newer connection from the same node".into() };
+        if old.commands.try_send(SessionCommand::Leave(leave)).is_err() {
+            old.connection.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+        }
+    } else {
+        info!(node = %node, site = %site, remote = %conn.remote_address(), agent_version = %hello.agent_version, "agent connected");
+    }
+    ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
+    HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
+
+    let reason = control_loop(&ctx, &entry, &mut reader, &mut writer, &mut command_rx).await;
+    if ctx.registry.remove(&node, entry.id) {
+        ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
+        info!(node = %node, reason = %reason, "agent disconnected");
+    } else {
+        debug!(node = %node, reason = %reason, "replaced tunnel closed");
+    }
+}
+
+fn check_hello(hello: &Hello, cert_node: &str) -> Result<(), String> {
+    petrel_proto::check_protocol_version(hello.protocol_version).map_err(|e| e.to_string())?;
+    if hello.alpn.as_bytes() != ALPN_TUNNEL {
+        return Err(format!("hello names ALPN {:?}, expected {:?}", hello.alpn, String::from_utf8_lossy(ALPN_TUNNEL)));
+    }
+    if hello.node_name != cert_node {
+        return Err(format!(
+            "the agent presents itself as {:?} but its certificate names {cert_node:?}; a certificate is valid only for its own node",
+            hello.node_name
+        ));
+    }
+    Ok(())
+}
+
+async fn control_loop(
+    ctx: &HubContext,
+    entry: &AgentEntry,
+    reader: &mut ControlReader,
+    writer: &mut ControlWriter,
+    commands: &mut mpsc::Receiver<SessionCommand>,
+) -> String {
+    let conn = &entry.connection;
+    let interval = ctx.config.keepalive;
+    let mut keepalive = Keepalive::new(interval, ctx.config.idle_timeout, Instant::now());
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = reader.next() => {
+                keepalive.on_receive(Instant::now());
+                match msg {
+                    Ok(Some(msg)) => if let Err(reason) = on_message(ctx, entry, &mut keepalive, writer, msg).await { return reason },
+                    Ok(None) => return "agent finished its control stream".into(),
+                    Err(StreamError::Read(e)) => return format!("{e}"),
+                    Err(e) => {
+                        conn.close(close_code::PROTOCOL_ERROR.into(), e.to_string().as_bytes());
+                        return format!("protocol error: {e}");
+                    }
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                Some(SessionCommand::Leave(ga)) => {
+                    let why = ga.message.clone();
+                    let code = if ga.reason == GoingAwayReason::Replaced { close_code::REPLACED } else { close_code::GOING_AWAY };
+                    let _ = writer.send(&ControlMessage::GoingAway(ga)).await;
+                    ctx.metrics.going_away_sent.inc();
+                    writer.finish();
+                    // Give the agent a moment to read it and close first (its close is cleaner
+                    // for both sides); then close anyway.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+                    conn.close(code.into(), why.as_bytes());
+                    return format!("going away: {why}");
+                }
+                Some(SessionCommand::Send(msg)) => if let Err(e) = writer.send(&msg).await { return e.to_string() },
+                None => return "hub dropped the session".into(),
+            },
+            _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
+                KeepaliveAction::SendPing(ping) => {
+                    if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await { return e.to_string() }
+                    deadline = tokio::time::Instant::now() + interval;
+                }
+                KeepaliveAction::TimedOut => {
+                    conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"no keepalive answer");
+                    return "keepalive timeout".into();
+                }
+                KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
+            },
+            datagram = conn.read_datagram() => match datagram {
+                // The VXLAN switch arrives with the data plane; until then every frame is
+                // parsed (so malformed ones are told apart) and dropped with a counted reason.
+                Ok(d) => {
+                    let reason = match petrel_proto::parse_datagram(&d) { Ok(_) => "no_dataplane", Err(e) => e.reason() };
+                    entry.counters.count_drop(reason);
+                    HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, reason);
+                }
+                Err(e) => return e.to_string(),
+            },
+            closed = conn.closed() => return closed.to_string(),
+        }
+    }
+}
+
+async fn on_message(
+    ctx: &HubContext,
+    entry: &AgentEntry,
+    keepalive: &mut Keepalive,
+    writer: &mut ControlWriter,
+    msg: ControlMessage,
+) -> Result<(), String> {
+    match msg {
+        ControlMessage::Ping(p) => writer.send(&ControlMessage::Pong(p.pong())).await.map_err(|e| e.to_string()),
+        ControlMessage::Pong(p) => {
+            if let Some(rtt) = keepalive.on_pong(&p, Instant::now()) {
+                let smoothed = keepalive.rtt().unwrap_or(rtt);
+                entry.counters.rtt_micros.store(u64::try_from(smoothed.as_micros()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        ControlMessage::RenewRequest(req) => {
+            let result = ctx
+                .ca
+                .sign_node_csr(&req.csr_der, &entry.node, SystemTime::now(), ctx.config.agent_cert_ttl)
+                .map(|cert| petrel_proto::CertBundle { cert_der: cert.to_vec(), ca_der: ctx.ca.cert_der().to_vec() })
+                .map_err(|e| petrel_proto::ErrorInfo { code: 1, message: e.to_string() });
+            match &result {
+                Ok(_) => {
+                    info!(node = %entry.node, "renewed node certificate");
+                    HubMetrics::inc_outcome(&ctx.metrics.renewals, "ok");
+                }
+                Err(e) => {
+                    warn!(node = %entry.node, error = %e.message, "certificate renewal refused");
+                    HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
+                }
+            }
+            writer.send(&ControlMessage::RenewResponse(RenewResponse { result })).await.map_err(|e| e.to_string())
+        }
+        ControlMessage::GoingAway(ga) => Err(format!("agent going away: {:?} {}", ga.reason, ga.message)),
+        ControlMessage::Unknown { msg_type } => {
+            debug!(node = %entry.node, msg_type, "ignoring unknown optional control message");
+            Ok(())
+        }
+        other @ (ControlMessage::Hello(_) | ControlMessage::Welcome(_) | ControlMessage::Update(_) | ControlMessage::RenewResponse(_)) => {
+            entry.connection.close(close_code::PROTOCOL_ERROR.into(), format!("unexpected {} from agent", other.name()).as_bytes());
+            Err(format!("protocol error: unexpected {} from agent", other.name()))
+        }
+    }
+}
+
+impl HubContext {
+    /// What an agent on `node` is told: the gateways to dial, its routes, its site's MTU.
+    pub fn hub_view(&self, node: &str) -> HubView {
+        let routes = self.inventory.read().map(|inv| inv.routes_for(node)).unwrap_or_default();
+        HubView { gateways: self.gateway_endpoints(), routes, site_mtu: self.config.site_mtu }
+    }
+}

@@ -1,0 +1,386 @@
+//! The inventory: which sites and nodes exist, how each site reaches the cloud, and each node's
+//! addresses, pod CIDRs and Flannel VTEP. It is a pure index (apply / delete / reset, no I/O)
+//! fed by a file today and by Kubernetes watchers later, and it is the only source of authority:
+//! what an agent claims about itself is logged, never trusted.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use petrel_proto::MacAddr;
+use serde::{Deserialize, Serialize};
+
+/// How a site reaches the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteKind {
+    /// The VPC: control plane, cloud nodes, gateway candidates.
+    Cloud,
+    /// Behind NAT on the public Internet: reachable only through the hub.
+    Public,
+    /// Routed L3 leased line: plain Flannel VXLAN works; the hub only proxies the API server.
+    ExpressConnect,
+}
+
+impl SiteKind {
+    pub const ALLOWED: &'static str = "cloud, public, express-connect";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteKind::Cloud => "cloud",
+            SiteKind::Public => "public",
+            SiteKind::ExpressConnect => "express-connect",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    pub kind: SiteKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub site: String,
+    /// Node addresses (InternalIP/ExternalIP); for NAT'd edge nodes their private LAN address.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Flannel's VtepMAC (from the `backend-data` annotation).
+    #[serde(default, with = "opt_mac")]
+    pub vtep_mac: Option<MacAddr>,
+    /// Flannel's `public-ip` annotation: the VXLAN underlay address.
+    #[serde(default)]
+    pub public_ip: Option<IpAddr>,
+    #[serde(default = "default_kubelet_port")]
+    pub kubelet_port: u16,
+    /// Carries the cloud-gateway label: a hub candidate.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+fn default_kubelet_port() -> u16 {
+    10250
+}
+
+mod opt_mac {
+    use petrel_proto::MacAddr;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<MacAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(m) => s.serialize_str(&m.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MacAddr>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| s.parse::<MacAddr>().map_err(|_| serde::de::Error::custom(format!("invalid MAC address {s:?} (expected aa:bb:cc:dd:ee:ff)"))))
+            .transpose()
+    }
+}
+
+/// Why an inventory (or one change to it) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InventoryError {
+    #[error("inventory file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("node {node}: site {site:?} is not defined (add it under [[sites]])")]
+    UnknownSite { node: String, site: String },
+    #[error("node name {0:?} is not a valid Kubernetes node name (lowercase letters, digits, '-' and '.', at most 253)")]
+    BadNodeName(String),
+    #[error("duplicate {what} {value:?}")]
+    Duplicate { what: &'static str, value: String },
+    #[error("pod CIDR {cidr} of node {node} overlaps {other_cidr} of node {other}")]
+    OverlappingPodCidr { node: String, cidr: IpNet, other: String, other_cidr: IpNet },
+    #[error("site {0:?} still has nodes")]
+    SiteInUse(String),
+}
+
+/// Why a node may not hold a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("node {0:?} is not in the inventory")]
+    UnknownNode(String),
+    #[error("node {node:?} is in {kind} site {site:?}; only nodes in public-network sites connect to the hub")]
+    NotPublicSite { node: String, site: String, kind: &'static str },
+}
+
+/// The raw file shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryFile {
+    #[serde(default)]
+    pub sites: Vec<Site>,
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+}
+
+/// The lab's inventory, so `petrel-gateway run` starts with no arguments.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default-inventory.toml");
+
+/// The index.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    sites: BTreeMap<String, Site>,
+    nodes: BTreeMap<String, Node>,
+    generation: u64,
+}
+
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+impl Inventory {
+    /// Parses and validates a TOML inventory; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, InventoryError> {
+        let file: InventoryFile =
+            toml::from_str(text).map_err(|e| InventoryError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        let mut inv = Inventory::default();
+        inv.reset(file.sites, file.nodes)?;
+        Ok(inv)
+    }
+
+    pub fn embedded_default() -> Result<Self, InventoryError> {
+        Self::from_toml(EMBEDDED_DEFAULT, "<embedded default>")
+    }
+
+    /// Replaces everything (a relist). On error nothing changes.
+    pub fn reset(&mut self, sites: Vec<Site>, nodes: Vec<Node>) -> Result<(), InventoryError> {
+        let mut next = Inventory { generation: self.generation, ..Default::default() };
+        for s in sites {
+            if next.sites.contains_key(&s.name) {
+                return Err(InventoryError::Duplicate { what: "site", value: s.name });
+            }
+            next.sites.insert(s.name.clone(), s);
+        }
+        for n in nodes {
+            if next.nodes.contains_key(&n.name) {
+                return Err(InventoryError::Duplicate { what: "node", value: n.name });
+            }
+            next.apply_node(n)?;
+        }
+        next.generation = self.generation + 1;
+        *self = next;
+        Ok(())
+    }
+
+    pub fn apply_site(&mut self, site: Site) {
+        self.sites.insert(site.name.clone(), site);
+        self.generation += 1;
+    }
+
+    pub fn delete_site(&mut self, name: &str) -> Result<Option<Site>, InventoryError> {
+        if self.nodes.values().any(|n| n.site == name) {
+            return Err(InventoryError::SiteInUse(name.to_string()));
+        }
+        self.generation += 1;
+        Ok(self.sites.remove(name))
+    }
+
+    /// Adds or replaces a node.
+    pub fn apply_node(&mut self, node: Node) -> Result<(), InventoryError> {
+        if !valid_node_name(&node.name) {
+            return Err(InventoryError::BadNodeName(node.name));
+        }
+        if !self.sites.contains_key(&node.site) {
+            return Err(InventoryError::UnknownSite { node: node.name, site: node.site });
+        }
+        for other in self.nodes.values().filter(|o| o.name != node.name) {
+            for cidr in &node.pod_cidrs {
+                if let Some(oc) = other.pod_cidrs.iter().find(|oc| oc.contains(cidr) || cidr.contains(*oc)) {
+                    return Err(InventoryError::OverlappingPodCidr {
+                        node: node.name.clone(),
+                        cidr: *cidr,
+                        other: other.name.clone(),
+                        other_cidr: *oc,
+                    });
+                }
+            }
+            if node.vtep_mac.is_some() && other.vtep_mac == node.vtep_mac {
+                return Err(InventoryError::Duplicate { what: "VtepMAC", value: node.vtep_mac.map(|m| m.to_string()).unwrap_or_default() });
+            }
+        }
+        self.nodes.insert(node.name.clone(), node);
+        self.generation += 1;
+        Ok(())
+    }
+
+    pub fn delete_node(&mut self, name: &str) -> Option<Node> {
+        self.generation += 1;
+        self.nodes.remove(name)
+    }
+
+    /// Bumped on every change, so watchers of the index can tell whether to recompute.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = &Site> {
+        self.sites.values()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.get(name)
+    }
+
+    pub fn site_kind_of(&self, node: &Node) -> Option<SiteKind> {
+        self.sites.get(&node.site).map(|s| s.kind)
+    }
+
+    /// Nodes whose addresses include `ip` (more than one across sites is normal: private
+    /// address plans overlap between data centres).
+    pub fn nodes_by_address(&self, ip: IpAddr) -> Vec<&Node> {
+        self.nodes.values().filter(|n| n.addresses.contains(&ip)).collect()
+    }
+
+    /// The node whose pod CIDR contains `ip` (CIDRs never overlap, see `apply_node`).
+    pub fn node_by_pod_ip(&self, ip: IpAddr) -> Option<&Node> {
+        self.nodes.values().find(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
+    }
+
+    pub fn node_by_vtep_mac(&self, mac: MacAddr) -> Option<&Node> {
+        self.nodes.values().find(|n| n.vtep_mac == Some(mac))
+    }
+
+    /// Gateway candidates (nodes with the cloud-gateway label).
+    pub fn gateways(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.gateway)
+    }
+
+    /// Whether `name` may hold a tunnel: it must exist and sit in a public-network site.
+    pub fn admit_agent(&self, name: &str) -> Result<(&Node, &Site), AdmissionError> {
+        let node = self.nodes.get(name).ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
+        let site = self.sites.get(&node.site).ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
+        if site.kind != SiteKind::Public {
+            return Err(AdmissionError::NotPublicSite { node: name.to_string(), site: site.name.clone(), kind: site.kind.as_str() });
+        }
+        Ok((node, site))
+    }
+
+    /// The routes an agent on `node_name` is told about: every other node with a pod CIDR and a
+    /// VTEP, `Direct` inside its own site (Flannel's plain VXLAN keeps working there) and `ViaHub`
+    /// for everything else.
+    pub fn routes_for(&self, node_name: &str) -> Vec<petrel_proto::Route> {
+        let Some(me) = self.nodes.get(node_name) else { return Vec::new() };
+        let mut out = Vec::new();
+        for n in self.nodes.values().filter(|n| n.name != me.name) {
+            let (Some(mac), Some(underlay)) = (n.vtep_mac, n.public_ip.or_else(|| n.addresses.first().copied())) else { continue };
+            for cidr in &n.pod_cidrs {
+                let Ok(pod_cidr) = petrel_proto::IpCidr::new(cidr.network(), cidr.prefix_len()) else { continue };
+                out.push(petrel_proto::Route {
+                    node_name: n.name.clone(),
+                    site: n.site.clone(),
+                    pod_cidr,
+                    vtep_mac: mac,
+                    underlay,
+                    path: if n.site == me.site { petrel_proto::RoutePath::Direct } else { petrel_proto::RoutePath::ViaHub },
+                });
+            }
+        }
+        out
+    }
+
+    /// Serializes back to the file shape (for `inventory show` and tests).
+    pub fn to_file(&self) -> InventoryFile {
+        InventoryFile { sites: self.sites.values().cloned().collect(), nodes: self.nodes.values().cloned().collect() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn embedded_default_loads_and_admits_only_public_edges() {
+        let inv = Inventory::embedded_default().unwrap();
+        assert!(inv.admit_agent("edge-a1").is_ok());
+        assert!(matches!(inv.admit_agent("x1"), Err(AdmissionError::NotPublicSite { .. })));
+        assert!(matches!(inv.admit_agent("cloud-1"), Err(AdmissionError::NotPublicSite { .. })));
+        assert!(matches!(inv.admit_agent("nope"), Err(AdmissionError::UnknownNode(_))));
+        assert_eq!(inv.gateways().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["gw-1"]);
+    }
+
+    #[test]
+    fn routes_are_direct_inside_a_site_and_via_hub_elsewhere() {
+        let inv = Inventory::embedded_default().unwrap();
+        let routes = inv.routes_for("edge-a1");
+        let path = |n: &str| routes.iter().find(|r| r.node_name == n).map(|r| r.path);
+        assert_eq!(path("edge-a2"), Some(petrel_proto::RoutePath::Direct));
+        assert_eq!(path("edge-b1"), Some(petrel_proto::RoutePath::ViaHub));
+        assert_eq!(path("cloud-1"), Some(petrel_proto::RoutePath::ViaHub));
+        assert_eq!(path("edge-a1"), None);
+    }
+
+    #[test]
+    fn lookups_by_pod_ip_address_and_mac() {
+        let inv = Inventory::embedded_default().unwrap();
+        let a1 = inv.node("edge-a1").unwrap().clone();
+        let ip = match a1.pod_cidrs[0] {
+            IpNet::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.network()) + 7)),
+            IpNet::V6(_) => unreachable!(),
+        };
+        assert_eq!(inv.node_by_pod_ip(ip).unwrap().name, "edge-a1");
+        assert_eq!(inv.node_by_vtep_mac(a1.vtep_mac.unwrap()).unwrap().name, "edge-a1");
+        assert_eq!(inv.nodes_by_address(a1.addresses[0])[0].name, "edge-a1");
+    }
+
+    #[test]
+    fn typos_and_conflicts_are_clear_errors_and_change_nothing() {
+        let err = Inventory::from_toml("[[sites]]\nname='a'\nkind='publik'\n", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("f.toml") && err.to_string().contains("publik"), "{err}");
+        let err = Inventory::from_toml("[[sites]]\nname='a'\nkind='public'\nbogus=1\n", "f.toml").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Inventory::from_toml("[[nodes]]\nname='n'\nsite='zz'\n", "f").unwrap_err();
+        assert_eq!(err, InventoryError::UnknownSite { node: "n".into(), site: "zz".into() });
+
+        let mut inv = Inventory::embedded_default().unwrap();
+        let before = inv.generation();
+        let mut clash = inv.node("edge-a1").unwrap().clone();
+        clash.name = "edge-a9".into();
+        clash.vtep_mac = None;
+        assert!(matches!(inv.apply_node(clash), Err(InventoryError::OverlappingPodCidr { .. })));
+        assert_eq!(inv.generation(), before);
+        assert!(matches!(inv.apply_node(Node { name: "Bad_Name".into(), ..inv.node("edge-a1").unwrap().clone() }), Err(InventoryError::BadNodeName(_))));
+        assert!(inv.node("edge-a9").is_none());
+    }
+
+    #[test]
+    fn apply_delete_reset() {
+        let mut inv = Inventory::embedded_default().unwrap();
+        let mut n = inv.node("edge-b1").unwrap().clone();
+        n.name = "edge-b2".into();
+        n.pod_cidrs = vec!["10.244.99.0/24".parse().unwrap()];
+        n.vtep_mac = Some("02:fa:00:00:00:99".parse().unwrap());
+        inv.apply_node(n).unwrap();
+        assert!(inv.admit_agent("edge-b2").is_ok());
+        assert!(inv.delete_node("edge-b2").is_some());
+        assert!(inv.admit_agent("edge-b2").is_err());
+        assert!(matches!(inv.delete_site("site-a"), Err(InventoryError::SiteInUse(_))));
+        inv.reset(vec![], vec![]).unwrap();
+        assert_eq!(inv.nodes().count(), 0);
+    }
+}

@@ -1,0 +1,187 @@
+//! `petrel-gateway`: run the hub, create join tokens, show status.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use petrel_gateway::config::{self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, TokenCommand};
+use petrel_gateway::hub::Hub;
+use petrel_gateway::inventory::Inventory;
+use petrel_gateway::pki_store::{CaStore, StateDir, TokenStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// EX_USAGE: the configuration is wrong, retrying will not help.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_CONFIG),
+            };
+        }
+    };
+    let file = match config::load_file(cli.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return config_error(&e),
+    };
+    init_logging(cli.log.as_deref().or(file.log.as_deref()));
+    petrel_transport::tls::install_default_provider();
+    let result = match cli.command {
+        Command::Run(args) => match HubConfig::from_args(args, file) {
+            Ok(cfg) => run(cfg),
+            Err(e) => return config_error(&e),
+        },
+        Command::Token(TokenCommand::Create(args)) => token_create(args, &file),
+        Command::Token(TokenCommand::List(args)) => token_list(&state_dir(&args, &file)),
+        Command::Status(args) => status(args.admin_addr.or(file.admin_addr.clone()), args.json),
+        Command::Ca(CaCommand::Fingerprint(args)) => {
+            StateDir::new(state_dir(&args, &file)).load_or_create(SystemTime::now()).map(|ca| println!("{}", ca.fingerprint())).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                return config_error(ce);
+            }
+            eprintln!("petrel-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("petrel-gateway: configuration error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn state_dir(args: &StateArgs, file: &config::FileConfig) -> std::path::PathBuf {
+    args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(|| config::default_state_dir("gateway"))
+}
+
+fn load_inventory(path: Option<&std::path::Path>) -> anyhow::Result<Inventory> {
+    Ok(match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read inventory {}", p.display()))?;
+            Inventory::from_toml(&text, &p.display().to_string())?
+        }
+        None => Inventory::embedded_default()?,
+    })
+}
+
+fn run(cfg: HubConfig) -> anyhow::Result<()> {
+    let inventory = match load_inventory(cfg.inventory.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            // A broken inventory file is a configuration error, not a crash.
+            eprintln!("petrel-gateway: configuration error: {e:#}");
+            std::process::exit(i32::from(EXIT_CONFIG));
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let admin_addr = cfg.admin_addr;
+        let admin = tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+        let hub = Hub::bind(cfg, inventory)?;
+        let ctx = hub.context();
+        let shutdown = CancellationToken::new();
+        let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
+        info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received; shutting down");
+            signals.cancel();
+        });
+        hub.run(shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = admin_task.await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => {
+            error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> anyhow::Result<()> {
+    let ttl = config::parse_duration("ttl", &args.ttl)?;
+    if !petrel_gateway::inventory::valid_node_name(&args.node) {
+        return Err(ConfigError::Invalid { field: "node", value: args.node, allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into() }.into());
+    }
+    let inventory = load_inventory(file.inventory.as_deref())?;
+    if let Err(e) = inventory.admit_agent(&args.node) {
+        eprintln!("warning: {e}; the hub will refuse this node until the inventory lists it as an edge node in a public site");
+    }
+    let server = match args.server.clone().or_else(|| file.advertise.first().cloned()) {
+        Some(s) => {
+            config::parse_host_port("server", &s)?;
+            s
+        }
+        None => format!("127.0.0.1:{}", config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")),
+    };
+    let store = StateDir::new(state_dir(&args.state, file));
+    let ca = store.load_or_create(SystemTime::now())?;
+    let token = store.create(&args.node, ttl, !args.reusable, SystemTime::now())?;
+    println!(
+        "# join token for node {} (expires {}, {})",
+        token.node,
+        humantime::format_rfc3339_seconds(token.expires),
+        if token.single_use { "single use" } else { "reusable until it expires" }
+    );
+    println!("petrel-edge-agent join --server {server} --node-name {} --token {} --ca-sha256 {}", token.node, token.token, ca.fingerprint());
+    Ok(())
+}
+
+fn token_list(dir: &std::path::Path) -> anyhow::Result<()> {
+    let tokens = StateDir::new(dir).list()?;
+    println!("{:<8} {:<24} {:<22} {:<10} USED", "ID", "NODE", "EXPIRES", "USE");
+    for (id, t) in tokens {
+        let exp = humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.expires_unix));
+        println!(
+            "{id:<8} {:<24} {:<22} {:<10} {}",
+            t.node,
+            exp.to_string(),
+            if t.single_use { "single" } else { "reusable" },
+            t.used_unix.map(|_| "yes").unwrap_or("no")
+        );
+    }
+    Ok(())
+}
+
+fn status(admin_addr: Option<String>, json: bool) -> anyhow::Result<()> {
+    let addr = config::parse_socket_addr("admin-addr", admin_addr.as_deref().unwrap_or(config::DEFAULT_ADMIN))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (code, body) = rt.block_on(petrel_transport::admin::get(addr, "/status"))?;
+    if !code.is_success() {
+        anyhow::bail!("hub admin endpoint answered {code}: {body}");
+    }
+    if json {
+        println!("{body}");
+    } else {
+        let doc: serde_json::Value = serde_json::from_str(&body).context("hub /status is not JSON")?;
+        print!("{}", petrel_gateway::status::render(&doc, SystemTime::now()));
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Where the hub keeps its trust: the CA, join tokens and the hub secret. Storage sits behind
+//! traits ([`CaStore`], [`TokenStore`]) so the state-directory backend here and the Kubernetes
+//! Secret backend fit the same hub.
+//!
+//! Join tokens look like Kubernetes bootstrap tokens (`abcdef.0123456789abcdef`): a public id and
+//! a secret. Only the secret's SHA-256 is stored. A token is bound to one node name, expires, and
+//! is single-use unless created reusable. `token create` runs in another process than the hub, so
+//! every read-modify-write of the token file happens under an exclusive file lock.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use petrel_transport::pki::{CertificateAuthority, PkiError};
+use petrel_transport::private_files::{ensure_private_dir, read_optional, write_private, PrivateFileError};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How long the hub CA lives.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
+/// Expired tokens are kept this long so that a late `join` is told "expired", not "invalid".
+const EXPIRED_TOKEN_RETENTION: Duration = Duration::from_secs(86400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    File(#[from] PrivateFileError),
+    #[error("{path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a join token was refused. Each maps to an enrolment error code the agent prints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the join token is not valid (unknown or mistyped; tokens look like abcdef.0123456789abcdef)")]
+    Invalid,
+    #[error("the join token expired at {0} (create a new one with `petrel-gateway token create`)")]
+    Expired(String),
+    #[error("the join token was already used (tokens are single-use unless created with --reusable)")]
+    AlreadyUsed,
+    #[error("the join token is bound to node {bound:?}, not {asked:?}")]
+    WrongNode { bound: String, asked: String },
+}
+
+/// A freshly created token (the only time its secret is visible).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub token: String,
+    pub node: String,
+    pub expires: SystemTime,
+    pub single_use: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub node: String,
+    pub secret_sha256: String,
+    pub expires_unix: u64,
+    pub single_use: bool,
+    #[serde(default)]
+    pub used_unix: Option<u64>,
+}
+
+/// Storage for the CA.
+pub trait CaStore: Send + Sync {
+    /// Returns the CA, creating and persisting one on first use.
+    fn load_or_create(&self, now: SystemTime) -> Result<CertificateAuthority, StoreError>;
+}
+
+/// Storage for join tokens.
+pub trait TokenStore: Send + Sync {
+    fn create(&self, node: &str, ttl: Duration, single_use: bool, now: SystemTime) -> Result<NewToken, StoreError>;
+    /// Checks `token` for `node`, runs `issue` (signing), and consumes a single-use token only if
+    /// `issue` succeeded, all under one lock: a failed enrolment never burns the token and two
+    /// concurrent enrolments can never both use it.
+    fn redeem<T, E: From<TokenError> + From<StoreError>>(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+        issue: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        Self: Sized;
+    fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError>;
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn fmt_unix(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// The state-directory backend: `ca.crt`, `ca.key`, `tokens.json`, `hub.secret`.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ensure(&self) -> Result<(), StoreError> {
+        Ok(ensure_private_dir(&self.dir)?)
+    }
+
+    /// A 32-byte secret kept across restarts (the QUIC stateless-reset key).
+    pub fn hub_secret(&self) -> Result<Vec<u8>, StoreError> {
+        self.ensure()?;
+        let path = self.dir.join("hub.secret");
+        if let Some(b) = read_optional(&path)? {
+            if b.len() == 32 {
+                return Ok(b);
+            }
+            return Err(StoreError::Corrupt { path, message: format!("expected 32 bytes, found {}", b.len()) });
+        }
+        let mut secret = vec![0u8; 32];
+        rand::rng().fill(&mut secret[..]);
+        write_private(&path, &secret)?;
+        Ok(secret)
+    }
+
+    fn with_token_lock<T>(&self, f: impl FnOnce(&Path) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.ensure()?;
+        let lock_path = self.dir.join("tokens.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
+        lock.lock().map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
+        let result = f(&self.dir.join("tokens.json"));
+        let _ = lock.unlock();
+        result
+    }
+
+    fn read_tokens(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+        match read_optional(path)? {
+            None => Ok(BTreeMap::new()),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() }),
+        }
+    }
+
+    fn write_tokens(path: &Path, tokens: &BTreeMap<String, TokenRecord>) -> Result<(), StoreError> {
+        let body = serde_json::to_vec_pretty(tokens).map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
+        Ok(write_private(path, &body)?)
+    }
+}
+
+impl CaStore for StateDir {
+    fn load_or_create(&self, now: SystemTime) -> Result<CertificateAuthority, StoreError> {
+        self.ensure()?;
+        let (crt, key) = (self.dir.join("ca.crt"), self.dir.join("ca.key"));
+        match (read_optional(&crt)?, read_optional(&key)?) {
+            (Some(c), Some(k)) => {
+                let text = |b: Vec<u8>, p: &Path| String::from_utf8(b).map_err(|_| StoreError::Corrupt { path: p.to_path_buf(), message: "not UTF-8 PEM".into() });
+                Ok(CertificateAuthority::from_pem(&text(c, &crt)?, &text(k, &key)?)?)
+            }
+            (None, None) => {
+                let ca = CertificateAuthority::generate("petrel-ca", now, CA_VALIDITY)?;
+                // Key first: a crash between the two writes leaves a key without a certificate,
+                // which the next start reports instead of silently minting a second CA.
+                write_private(&key, ca.key_pem().as_bytes())?;
+                write_private(&crt, ca.cert_pem().as_bytes())?;
+                Ok(ca)
+            }
+            (Some(_), None) => Err(StoreError::Corrupt { path: key, message: "CA certificate exists but its key is missing".into() }),
+            (None, Some(_)) => Err(StoreError::Corrupt { path: crt, message: "CA key exists but its certificate is missing".into() }),
+        }
+    }
+}
+
+fn random_token_part(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+fn split_token(token: &str) -> Option<(&str, &str)> {
+    let (id, secret) = token.trim().split_once('.')?;
+    let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Constant-time comparison: the hash is not secret, but there is no reason to leak timing.
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl TokenStore for StateDir {
+    fn create(&self, node: &str, ttl: Duration, single_use: bool, now: SystemTime) -> Result<NewToken, StoreError> {
+        self.with_token_lock(|path| {
+            let mut tokens = Self::read_tokens(path)?;
+            let now_s = unix(now);
+            tokens.retain(|_, t| t.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() > now_s);
+            let mut id = random_token_part(6);
+            while tokens.contains_key(&id) {
+                id = random_token_part(6);
+            }
+            let secret = random_token_part(16);
+            let expires = now + ttl;
+            tokens.insert(
+                id.clone(),
+                TokenRecord { node: node.to_string(), secret_sha256: sha256_hex(&secret), expires_unix: unix(expires), single_use, used_unix: None },
+            );
+            Self::write_tokens(path, &tokens)?;
+            Ok(NewToken { token: format!("{id}.{secret}"), node: node.to_string(), expires, single_use })
+        })
+    }
+
+    fn redeem<T, E: From<TokenError> + From<StoreError>>(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+        issue: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut outcome: Option<Result<T, E>> = None;
+        let locked = self.with_token_lock(|path| {
+            let mut tokens = Self::read_tokens(path)?;
+            let check = (|| {
+                let (id, secret) = split_token(token).ok_or(TokenError::Invalid)?;
+                let rec = tokens.get(id).ok_or(TokenError::Invalid)?;
+                if !ct_eq(&rec.secret_sha256, &sha256_hex(secret)) {
+                    return Err(TokenError::Invalid);
+                }
+                if rec.node != node {
+                    return Err(TokenError::WrongNode { bound: rec.node.clone(), asked: node.to_string() });
+                }
+                if unix(now) >= rec.expires_unix {
+                    return Err(TokenError::Expired(fmt_unix(rec.expires_unix)));
+                }
+                if rec.single_use && rec.used_unix.is_some() {
+                    return Err(TokenError::AlreadyUsed);
+                }
+                Ok(id.to_string())
+            })();
+            let id = match check {
+                Ok(id) => id,
+                Err(e) => {
+                    outcome = Some(Err(e.into()));
+                    return Ok(());
+                }
+            };
+            let issued = issue();
+            if issued.is_ok() {
+                if let Some(rec) = tokens.get_mut(&id) {
+                    rec.used_unix = Some(unix(now));
+                }
+                Self::write_tokens(path, &tokens)?;
+            }
+            outcome = Some(issued);
+            Ok(())
+        });
+        match (locked, outcome) {
+            (Err(e), _) => Err(e.into()),
+            (Ok(()), Some(o)) => o,
+            (Ok(()), None) => Err(StoreError::Corrupt { path: self.dir.join("tokens.json"), message: "token check did not run".into() }.into()),
+        }
+    }
+
+    fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+        self.with_token_lock(Self::read_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    enum Err {
+        Token(TokenError),
+        Store(String),
+        Sign,
+    }
+    impl From<TokenError> for Err {
+        fn from(e: TokenError) -> Self {
+            Err::Token(e)
+        }
+    }
+    impl From<StoreError> for Err {
+        fn from(e: StoreError) -> Self {
+            Err::Store(e.to_string())
+        }
+    }
+
+    #[test]
+    fn tokens_are_bound_expire_and_are_single_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path().join("state"));
+        let now = SystemTime::now();
+        let t = store.create("edge-a1", Duration::from_secs(3600), true, now).unwrap();
+        let ok = || Ok::<_, Err>(42);
+        assert_eq!(store.redeem("zzzzzz.0000000000000000", "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
+        assert_eq!(store.redeem("garbage", "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
+        let wrong_secret = format!("{}.0000000000000000", &t.token[..6]);
+        assert_eq!(store.redeem(&wrong_secret, "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
+        assert!(matches!(store.redeem(&t.token, "edge-b1", now, ok), Err(Err::Token(TokenError::WrongNode { .. }))));
+        assert!(matches!(
+            store.redeem(&t.token, "edge-a1", now + Duration::from_secs(3601), ok),
+            Err(Err::Token(TokenError::Expired(_)))
+        ));
+        // A failed issuance does not burn the token.
+        assert_eq!(store.redeem(&t.token, "edge-a1", now, || Err::<i32, _>(Err::Sign)), Err(Err::Sign));
+        assert_eq!(store.redeem(&t.token, "edge-a1", now, ok), Ok(42));
+        assert_eq!(store.redeem(&t.token, "edge-a1", now, ok), Err(Err::Token(TokenError::AlreadyUsed)));
+
+        let r = store.create("edge-a2", Duration::from_secs(60), false, now).unwrap();
+        assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
+        assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
+        // secrets are not stored
+        let raw = std::fs::read_to_string(tmp.path().join("state/tokens.json")).unwrap();
+        assert!(!raw.contains(&t.token[7..]));
+    }
+
+    #[test]
+    fn ca_is_created_once_and_reloaded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path());
+        let a = store.load_or_create(SystemTime::now()).unwrap();
+        let b = store.load_or_create(SystemTime::now()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        std::fs::remove_file(tmp.path().join("ca.key")).unwrap();
+        assert!(matches!(store.load_or_create(SystemTime::now()), Err(StoreError::Corrupt { .. })));
+        assert_eq!(store.hub_secret().unwrap(), store.hub_secret().unwrap());
+    }
+}

@@ -1,0 +1,89 @@
+//! Drivers for Petrel's framed streams over quinn: the long-lived control stream (a
+//! [`FrameDecoder`] fed from a `RecvStream`) and the one-shot enrolment exchange. The decoders in
+//! `petrel-proto` do the parsing and enforce every cap; this module only moves bytes and turns
+//! stream events into typed errors.
+
+use petrel_proto::enrol::EnrolDecoder;
+use petrel_proto::{ControlMessage, DecodeError, EncodeError, EnrolMessage, FrameDecoder};
+
+/// Why a control or enrolment stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("peer sent a malformed message: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("message could not be encoded: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("peer closed the stream in the middle of a message")]
+    TruncatedAtEnd,
+}
+
+/// Reads control messages from a stream.
+#[derive(Debug)]
+pub struct ControlReader {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl ControlReader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self { recv, decoder: FrameDecoder::new() }
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream cleanly between messages.
+    pub async fn next(&mut self) -> Result<Option<ControlMessage>, StreamError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(Some(msg));
+            }
+            match self.recv.read_chunk(16 * 1024, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes)?,
+                None if self.decoder.buffered() == 0 => return Ok(None),
+                None => return Err(StreamError::TruncatedAtEnd),
+            }
+        }
+    }
+}
+
+/// Writes control messages to a stream.
+#[derive(Debug)]
+pub struct ControlWriter {
+    send: quinn::SendStream,
+    buf: Vec<u8>,
+}
+
+impl ControlWriter {
+    pub fn new(send: quinn::SendStream) -> Self {
+        Self { send, buf: Vec::with_capacity(1024) }
+    }
+
+    pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), StreamError> {
+        self.buf.clear();
+        petrel_proto::encode(msg, &mut self.buf)?;
+        self.send.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Finishes the stream (the peer's reader sees a clean end).
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+/// Reads exactly one enrolment message from `recv`; `Ok(None)` if the stream ended before a
+/// whole message arrived.
+pub async fn read_enrol_message(recv: &mut quinn::RecvStream) -> Result<Option<EnrolMessage>, StreamError> {
+    let mut decoder = EnrolDecoder::new();
+    loop {
+        if let Some(msg) = decoder.next_message()? {
+            return Ok(Some(msg));
+        }
+        match recv.read_chunk(16 * 1024, true).await? {
+            Some(chunk) => decoder.push(&chunk.bytes)?,
+            None => return Ok(None),
+        }
+    }
+}
