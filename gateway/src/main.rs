@@ -64,7 +64,8 @@ fn config_error(e: &ConfigError) -> ExitCode {
 
 fn init_logging(filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 fn state_dir(args: &StateArgs, file: &config::FileConfig) -> std::path::PathBuf {
@@ -98,6 +99,7 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
         let ctx = hub.context();
         let shutdown = CancellationToken::new();
         let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
+        let admin_addr = admin.local_addr().unwrap_or(admin_addr);
         info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let signals = shutdown.clone();
         tokio::spawn(async move {

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -141,6 +142,7 @@ impl StateDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
         lock.lock().map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;

@@ -78,8 +78,11 @@ impl ControlWriter {
 pub async fn read_enrol_message(recv: &mut quinn::RecvStream) -> Result<Option<EnrolMessage>, StreamError> {
     let mut decoder = EnrolDecoder::new();
     loop {
-        if let Some(msg) = decoder.next_message()? {
-            return Ok(Some(msg));
+        match decoder.next_message()? {
+            // Optional messages this build does not know are skipped, per the version rules.
+            Some(EnrolMessage::Unknown { .. }) => continue,
+            Some(msg) => return Ok(Some(msg)),
+            None => {}
         }
         match recv.read_chunk(16 * 1024, true).await? {
             Some(chunk) => decoder.push(&chunk.bytes)?,

@@ -1,0 +1,285 @@
+//! The agent's command line, environment and config file, validated into typed configuration.
+//! Precedence: flag > environment > config file (`--config`, TOML) > default. Invalid values are
+//! a [`ConfigError`] naming the field; `main` exits 64 on it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "petrel-edge-agent", version, about = "Petrel edge agent: enrols, dials the cloud hubs, carries the site's tunnel traffic")]
+pub struct Cli {
+    /// Optional TOML config file; flags and environment variables override it.
+    #[arg(long, global = true, env = "PETREL_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, global = true, env = "PETREL_LOG")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enrol this device with a join token: make a key here, get a certificate for this node.
+    Join(JoinArgs),
+    /// Run the agent: keep a tunnel to every known hub.
+    Run(RunArgs),
+    /// Print this agent's connections (asks the running agent's admin endpoint).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct JoinArgs {
+    /// Hub address, HOST:PORT.
+    #[arg(long, env = "PETREL_SERVER")]
+    pub server: Option<String>,
+    /// The join token from `petrel-gateway token create`.
+    #[arg(long, env = "PETREL_JOIN_TOKEN")]
+    pub token: Option<String>,
+    /// SHA-256 fingerprint of the hub's CA (pins trust before any exists).
+    #[arg(long = "ca-sha256", env = "PETREL_CA_SHA256")]
+    pub ca_sha256: Option<String>,
+    /// This node's name (default: the hostname, as the kubelet uses).
+    #[arg(long, env = "PETREL_NODE_NAME")]
+    pub node_name: Option<String>,
+    #[arg(long, env = "PETREL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Enrol again even if this device already holds a certificate.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for the hub.
+    #[arg(long, default_value = "15s")]
+    pub timeout: String,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Hub endpoints (HOST:PORT), repeatable or comma-separated; added to those the hubs push.
+    #[arg(long = "server", env = "PETREL_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    #[arg(long, env = "PETREL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Admin endpoint (/metrics, /healthz, /readyz, /status).
+    #[arg(long, env = "PETREL_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Application ping interval (RTT and liveness).
+    #[arg(long, env = "PETREL_PING_INTERVAL")]
+    pub ping_interval: Option<String>,
+    /// Declare a hub dead after this long without hearing from it, and reconnect.
+    #[arg(long, env = "PETREL_DEAD_AFTER")]
+    pub dead_after: Option<String>,
+    /// Cap of the reconnect backoff.
+    #[arg(long, env = "PETREL_BACKOFF_MAX")]
+    pub backoff_max: Option<String>,
+    /// Timeout of one connection attempt.
+    #[arg(long, env = "PETREL_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, env = "PETREL_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    #[serde(default)]
+    pub servers: Vec<String>,
+    #[serde(alias = "state_dir")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(alias = "admin_addr")]
+    pub admin_addr: Option<String>,
+    #[serde(alias = "node_name")]
+    pub node_name: Option<String>,
+    #[serde(alias = "ping_interval")]
+    pub ping_interval: Option<String>,
+    #[serde(alias = "dead_after")]
+    pub dead_after: Option<String>,
+    #[serde(alias = "backoff_max")]
+    pub backoff_max: Option<String>,
+    #[serde(alias = "connect_timeout")]
+    pub connect_timeout: Option<String>,
+    pub log: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {value:?}: {allowed}")]
+    Invalid { field: &'static str, value: String, allowed: String },
+    #[error("missing {field}: {hint}")]
+    Missing { field: &'static str, hint: &'static str },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9471";
+
+#[derive(Debug, Clone)]
+pub struct JoinConfig {
+    pub server: (String, u16),
+    pub token: String,
+    pub ca_sha256: String,
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub force: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub servers: Vec<(String, u16)>,
+    pub state_dir: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub ping_interval: Duration,
+    pub dead_after: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+}
+
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })
+}
+
+pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value)
+        .map_err(|e| ConfigError::Invalid { field, value: value.into(), allowed: format!("a duration such as 500ms, 10s, 5m ({e})") })
+}
+
+pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
+    let bad = || ConfigError::Invalid { field, value: value.into(), allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into() };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+pub fn default_state_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
+        if let Some(first) = d.split(':').next() {
+            return PathBuf::from(first);
+        }
+    }
+    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/petrel/agent");
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("petrel").join("agent")
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty())
+}
+
+impl JoinConfig {
+    pub fn from_args(args: JoinArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+        let server = args.server.ok_or(ConfigError::Missing { field: "server", hint: "pass --server HOST:PORT (printed by `petrel-gateway token create`)" })?;
+        let server = parse_host_port("server", &server)?;
+        let token = args.token.ok_or(ConfigError::Missing { field: "token", hint: "pass --token from `petrel-gateway token create`" })?;
+        let fp = args.ca_sha256.ok_or(ConfigError::Missing { field: "ca-sha256", hint: "pass --ca-sha256 from `petrel-gateway token create`" })?;
+        let ca_sha256 = petrel_transport::pki::normalize_fingerprint(&fp)
+            .ok_or_else(|| ConfigError::Invalid { field: "ca-sha256", value: fp.clone(), allowed: "64 hex digits (colons and a sha256: prefix are accepted)".into() })?;
+        let node_name = args
+            .node_name
+            .or_else(|| file.node_name.clone())
+            .or_else(hostname)
+            .ok_or(ConfigError::Missing { field: "node-name", hint: "pass --node-name" })?;
+        if !petrel_proto::codec::is_valid_node_name(&node_name) {
+            return Err(ConfigError::Invalid { field: "node-name", value: node_name, allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into() });
+        }
+        Ok(Self {
+            server,
+            token,
+            ca_sha256,
+            node_name,
+            state_dir: args.state_dir.or_else(|| file.state_dir.clone()).unwrap_or_else(default_state_dir),
+            force: args.force,
+            timeout: parse_duration("timeout", &args.timeout)?,
+        })
+    }
+}
+
+impl AgentConfig {
+    pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let raw = if args.servers.is_empty() { file.servers } else { args.servers };
+        let servers = raw.iter().map(|s| parse_host_port("server", s)).collect::<Result<Vec<_>, _>>()?;
+        let admin = args.admin_addr.or(file.admin_addr).unwrap_or_else(|| DEFAULT_ADMIN.into());
+        let admin_addr = admin.parse().map_err(|_| ConfigError::Invalid { field: "admin-addr", value: admin.clone(), allowed: "IP:PORT, e.g. 127.0.0.1:9471".into() })?;
+        let dur = |field, a: Option<String>, f: Option<String>, d: &str| parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()));
+        let ping_interval = dur("ping-interval", args.ping_interval, file.ping_interval, "2s")?;
+        let dead_after = dur("dead-after", args.dead_after, file.dead_after, "5s")?;
+        let backoff_max = dur("backoff-max", args.backoff_max, file.backoff_max, "2s")?;
+        let connect_timeout = dur("connect-timeout", args.connect_timeout, file.connect_timeout, "3s")?;
+        if ping_interval.is_zero() || dead_after <= ping_interval {
+            return Err(ConfigError::Invalid {
+                field: "dead-after",
+                value: humantime::format_duration(dead_after).to_string(),
+                allowed: format!("longer than ping-interval ({})", humantime::format_duration(ping_interval)),
+            });
+        }
+        if backoff_max < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid { field: "backoff-max", value: humantime::format_duration(backoff_max).to_string(), allowed: "at least 100ms".into() });
+        }
+        Ok(Self {
+            servers,
+            state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(default_state_dir),
+            admin_addr,
+            ping_interval,
+            dead_after,
+            backoff_max,
+            connect_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn join_requires_and_validates_its_fields() {
+        let base = || JoinArgs {
+            server: Some("127.0.0.1:7443".into()),
+            token: Some("abcdef.0123456789abcdef".into()),
+            ca_sha256: Some("AB".repeat(32)),
+            node_name: Some("edge-a1".into()),
+            timeout: "15s".into(),
+            ..Default::default()
+        };
+        let c = JoinConfig::from_args(base(), &FileConfig::default()).unwrap();
+        assert_eq!(c.ca_sha256, "ab".repeat(32));
+        let e = JoinConfig::from_args(JoinArgs { ca_sha256: Some("xyz".into()), ..base() }, &FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("ca-sha256"), "{e}");
+        let e = JoinConfig::from_args(JoinArgs { server: None, ..base() }, &FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("server"), "{e}");
+        let e = JoinConfig::from_args(JoinArgs { node_name: Some("Edge_A1".into()), ..base() }, &FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("node-name"), "{e}");
+    }
+
+    #[test]
+    fn run_defaults_and_bad_values() {
+        let c = AgentConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
+        assert!(c.dead_after > c.ping_interval);
+        let e = AgentConfig::from_args(RunArgs { dead_after: Some("1s".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("dead-after"), "{e}");
+        let e = toml::from_str::<FileConfig>("servrs = ['a:1']").unwrap_err();
+        assert!(e.to_string().contains("servrs"));
+    }
+}
