@@ -90,9 +90,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_addr = cfg.admin_addr;
     let agent = Agent::new(cfg)?;
     let admin = tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+    let admin_addr = admin.local_addr().unwrap_or(admin_addr);
     let shutdown = CancellationToken::new();
     let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, agent.shared() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
-    let admin_addr = admin.local_addr().unwrap_or(admin_addr);
     info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
     let signals = shutdown.clone();
     tokio::spawn(async move {

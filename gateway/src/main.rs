@@ -95,12 +95,12 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
     rt.block_on(async move {
         let admin_addr = cfg.admin_addr;
         let admin = tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+    let admin_addr = admin.local_addr().unwrap_or(admin_addr);
         let hub = Hub::bind(cfg, inventory)?;
         let ctx = hub.context();
         let shutdown = CancellationToken::new();
         let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
-        let admin_addr = admin.local_addr().unwrap_or(admin_addr);
-        info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
+            info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let signals = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
