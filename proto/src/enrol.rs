@@ -10,7 +10,7 @@ use std::fmt;
 
 use crate::codec::{
     self, is_critical, split_frame, write_frame, DecodeError, EncodeError, FrameBuffer, RawFrame,
-    Reader, MAX_CSR_LEN, MAX_MESSAGE_LEN, MAX_NODE_NAME_LEN, MAX_TOKEN_LEN,
+    Reader, FRAME_HEADER_LEN, MAX_CSR_LEN, MAX_MESSAGE_LEN, MAX_NODE_NAME_LEN, MAX_TOKEN_LEN,
 };
 use crate::control::{read_cert_bundle, write_cert_bundle, CertBundle};
 use crate::MAX_CONTROL_FRAME;
@@ -22,6 +22,10 @@ pub mod msg_type {
 }
 
 const CONTEXT: &str = "an enrolment stream";
+
+/// Most bytes the typed decoders accept before the expected message is complete (optional
+/// frames plus the message), so a driver accumulating a buffer for them stays bounded.
+pub const MAX_ENROL_PREAMBLE: usize = 2 * (MAX_CONTROL_FRAME + FRAME_HEADER_LEN);
 
 /// Agent → hub: "here is my join token and CSR, sign it for this node".
 #[derive(Clone, PartialEq, Eq)]
@@ -205,7 +209,16 @@ fn decode_first_known(buf: &[u8]) -> Result<Option<(EnrolMessage, usize)>, Decod
     let mut consumed = 0;
     loop {
         let rest = buf.get(consumed..).unwrap_or_default();
-        match decode_enrol_frame(rest)? {
+        let step = decode_enrol_frame(rest)?;
+        let total = step.as_ref().map_or(buf.len(), |(_, used)| consumed + used);
+        if total > MAX_ENROL_PREAMBLE {
+            return Err(DecodeError::TooLong {
+                field: "enrolment preamble (optional frames + message)",
+                len: total,
+                max: MAX_ENROL_PREAMBLE,
+            });
+        }
+        match step {
             None => return Ok(None),
             Some((EnrolMessage::Unknown { .. }, used)) => consumed += used,
             Some((msg, used)) => return Ok(Some((msg, consumed + used))),
@@ -319,6 +332,23 @@ mod tests {
             decode_enrol_frame(&[0x12, 0, 0, 0, 0]),
             Err(DecodeError::UnknownCriticalType(0x12))
         );
+    }
+
+    #[test]
+    fn endless_optional_frames_are_bounded() {
+        let mut buf = Vec::new();
+        for _ in 0..3 {
+            buf.extend_from_slice(&[0x90, 0, 0, 0xea, 0x60]);
+            buf.extend_from_slice(&[0; 60000]);
+        }
+        assert!(matches!(
+            decode_enrol_request(&buf),
+            Err(DecodeError::TooLong {
+                max: MAX_ENROL_PREAMBLE,
+                ..
+            })
+        ));
+        assert_eq!(decode_enrol_request(&buf[..120_010]), Ok(None));
     }
 
     #[test]

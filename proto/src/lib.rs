@@ -2,6 +2,22 @@
 //! the keepalive and backoff state machines. Nothing here opens a socket, spawns a task or reads
 //! a clock; drivers in `petrel-transport`, `gateway` and `edge-agent` own all I/O and time.
 //!
+//! ```
+//! use petrel_proto::{encode, ControlMessage, FrameDecoder, Ping};
+//!
+//! let mut wire = Vec::new();
+//! encode(&ControlMessage::Ping(Ping { nonce: 1, sent_at_micros: 0 }), &mut wire)?;
+//! let mut decoder = FrameDecoder::new();
+//! for chunk in wire.chunks(3) {
+//!     // Push whatever the stream delivered, then drain.
+//!     decoder.push(chunk)?;
+//!     while let Some(msg) = decoder.next_message()? {
+//!         assert_eq!(msg.name(), "ping");
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Wire specification (protocol version 1)
 //!
 //! One mutually-authenticated QUIC connection per agent, ALPN [`ALPN_TUNNEL`]. The agent opens
@@ -50,7 +66,10 @@
 //! | 0x21 | `StreamResult` | proxied stream, first bytes | agent → hub |
 //!
 //! Each decoder accepts only its own types: a critical type from another row is an error on
-//! that stream. After a stream header the stream carries raw TCP bytes.
+//! that stream. After a stream header the stream carries raw TCP bytes. The typed stream and
+//! enrolment decoders skip optional frames but fail once the bytes before the expected message
+//! exceed [`stream::MAX_STREAM_PREAMBLE`] (16 KiB) or [`enrol::MAX_ENROL_PREAMBLE`], so a
+//! driver's read buffer stays bounded.
 //!
 //! ## Primitives
 //!

@@ -17,6 +17,10 @@ use crate::codec::{
 /// Largest body of a stream header frame.
 pub const MAX_STREAM_HEADER: usize = 4 * 1024;
 
+/// Most bytes a stream may start with before its header is complete (optional frames plus the
+/// header). Decoders fail beyond it, so a driver never buffers more than this.
+pub const MAX_STREAM_PREAMBLE: usize = 16 * 1024;
+
 /// Stream header type numbers (critical range).
 pub mod msg_type {
     pub const STREAM_OPEN: u8 = 0x20;
@@ -139,8 +143,14 @@ fn expect_frame(buf: &[u8], want: u8) -> Result<Option<(RawFrame<'_>, usize)>, D
     loop {
         let rest = buf.get(consumed..).unwrap_or_default();
         let Some((frame, used)) = split_frame(rest, MAX_STREAM_HEADER)? else {
+            if buf.len() > MAX_STREAM_PREAMBLE {
+                return Err(preamble_too_long(buf.len()));
+            }
             return Ok(None);
         };
+        if consumed + used > MAX_STREAM_PREAMBLE {
+            return Err(preamble_too_long(consumed + used));
+        }
         if frame.msg_type == want {
             return Ok(Some((frame, consumed + used)));
         }
@@ -159,6 +169,14 @@ fn expect_frame(buf: &[u8], want: u8) -> Result<Option<(RawFrame<'_>, usize)>, D
             );
         }
         consumed += used;
+    }
+}
+
+fn preamble_too_long(len: usize) -> DecodeError {
+    DecodeError::TooLong {
+        field: "stream preamble (optional frames + header)",
+        len,
+        max: MAX_STREAM_PREAMBLE,
     }
 }
 
@@ -294,6 +312,30 @@ mod tests {
         let (res, used) = decode_stream_result(&buf).unwrap().unwrap();
         assert_eq!(res.result, Ok(()));
         assert_eq!(used, buf.len());
+        // Endless optional frames are cut off at the preamble cap.
+        let mut endless = Vec::new();
+        while endless.len() <= MAX_STREAM_PREAMBLE {
+            endless.extend_from_slice(&[0x81, 0, 0, 0, 100]);
+            endless.extend_from_slice(&[0; 100]);
+        }
+        assert!(matches!(
+            decode_stream_result(&endless),
+            Err(DecodeError::TooLong {
+                max: MAX_STREAM_PREAMBLE,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_stream_result(&endless[..MAX_STREAM_PREAMBLE + 1]),
+            Err(DecodeError::TooLong {
+                max: MAX_STREAM_PREAMBLE,
+                ..
+            })
+        ));
+        assert_eq!(
+            decode_stream_result(&endless[..MAX_STREAM_PREAMBLE - 200]),
+            Ok(None)
+        );
         assert_eq!(
             decode_stream_result(&[0x22, 0, 0, 0, 0]),
             Err(DecodeError::UnknownCriticalType(0x22))
