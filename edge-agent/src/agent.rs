@@ -45,7 +45,10 @@ pub struct AgentShared {
 
 impl AgentShared {
     pub fn identity(&self) -> Arc<Identity> {
-        self.identity.read().map(|i| i.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.identity
+            .read()
+            .map(|i| i.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub fn set_identity(&self, id: Identity) {
@@ -56,7 +59,12 @@ impl AgentShared {
 
     pub fn update_link(&self, endpoint: &str, f: impl FnOnce(&mut LinkStatus)) {
         if let Ok(mut links) = self.links.lock() {
-            let entry = links.entry(endpoint.to_string()).or_insert_with(|| LinkStatus { endpoint: endpoint.to_string(), ..Default::default() });
+            let entry = links
+                .entry(endpoint.to_string())
+                .or_insert_with(|| LinkStatus {
+                    endpoint: endpoint.to_string(),
+                    ..Default::default()
+                });
             f(entry);
             let connected = links.values().filter(|l| l.state == "connected").count();
             self.metrics.hubs_connected.set(connected as i64);
@@ -66,7 +74,12 @@ impl AgentShared {
     /// Links, other than `except`, connected to hub `hub`.
     pub fn other_link_on_hub(&self, hub: &str, except: &str) -> Option<String> {
         let links = self.links.lock().ok()?;
-        links.values().find(|l| l.endpoint != except && l.state == "connected" && l.hub.as_deref() == Some(hub)).map(|l| l.endpoint.clone())
+        links
+            .values()
+            .find(|l| {
+                l.endpoint != except && l.state == "connected" && l.hub.as_deref() == Some(hub)
+            })
+            .map(|l| l.endpoint.clone())
     }
 
     /// Learns endpoints a hub pushed; new ones are persisted and get a link.
@@ -93,18 +106,36 @@ impl AgentShared {
 
 impl AdminState for AgentShared {
     fn ready(&self) -> Result<(), String> {
-        let links = self.links.lock().map_err(|_| "state lock poisoned".to_string())?;
+        let links = self
+            .links
+            .lock()
+            .map_err(|_| "state lock poisoned".to_string())?;
         if links.values().any(|l| l.state == "connected") {
             Ok(())
         } else {
-            let errors: Vec<String> = links.values().filter_map(|l| l.last_error.as_ref().map(|e| format!("{}: {e}", l.endpoint))).collect();
-            Err(if errors.is_empty() { "not connected to any hub yet".into() } else { format!("not connected to any hub ({})", errors.join("; ")) })
+            let errors: Vec<String> = links
+                .values()
+                .filter_map(|l| {
+                    l.last_error
+                        .as_ref()
+                        .map(|e| format!("{}: {e}", l.endpoint))
+                })
+                .collect();
+            Err(if errors.is_empty() {
+                "not connected to any hub yet".into()
+            } else {
+                format!("not connected to any hub ({})", errors.join("; "))
+            })
         }
     }
 
     fn status(&self) -> serde_json::Value {
         let id = self.identity();
-        let links: Vec<LinkStatus> = self.links.lock().map(|l| l.values().cloned().collect()).unwrap_or_default();
+        let links: Vec<LinkStatus> = self
+            .links
+            .lock()
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default();
         serde_json::json!({
             "node": id.node_name(),
             "certificate_not_after_unix": id.info.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -138,7 +169,10 @@ impl Agent {
             new_endpoints: tx,
             config,
         });
-        Ok(Self { shared, endpoint_rx })
+        Ok(Self {
+            shared,
+            endpoint_rx,
+        })
     }
 
     pub fn shared(&self) -> Arc<AgentShared> {
@@ -149,7 +183,13 @@ impl Agent {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let shared = self.shared.clone();
         let mut endpoints: BTreeSet<String> = shared.state.known_endpoints();
-        endpoints.extend(shared.config.servers.iter().map(|(h, p)| format!("{h}:{p}")));
+        endpoints.extend(
+            shared
+                .config
+                .servers
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}")),
+        );
         if endpoints.is_empty() {
             warn!("no hub endpoints known; pass --server HOST:PORT or run join");
         }
@@ -170,7 +210,13 @@ impl Agent {
     }
 }
 
-fn spawn_link(links: &mut JoinSet<()>, started: &mut BTreeSet<String>, shared: &Arc<AgentShared>, endpoint: String, shutdown: &CancellationToken) {
+fn spawn_link(
+    links: &mut JoinSet<()>,
+    started: &mut BTreeSet<String>,
+    shared: &Arc<AgentShared>,
+    endpoint: String,
+    shutdown: &CancellationToken,
+) {
     if !started.insert(endpoint.clone()) {
         return;
     }

@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "petrel-edge-agent", version, about = "Petrel edge agent: enrols, dials the cloud hubs, carries the site's tunnel traffic")]
+#[command(
+    name = "petrel-edge-agent",
+    version,
+    about = "Petrel edge agent: enrols, dials the cloud hubs, carries the site's tunnel traffic"
+)]
 pub struct Cli {
     /// Optional TOML config file; flags and environment variables override it.
     #[arg(long, global = true, env = "PETREL_AGENT_CONFIG")]
@@ -113,9 +117,16 @@ pub struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid {field}: {value:?}: {allowed}")]
-    Invalid { field: &'static str, value: String, allowed: String },
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
     #[error("missing {field}: {hint}")]
-    Missing { field: &'static str, hint: &'static str },
+    Missing {
+        field: &'static str,
+        hint: &'static str,
+    },
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
 }
@@ -145,18 +156,33 @@ pub struct AgentConfig {
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    let Some(path) = path else { return Ok(FileConfig::default()) };
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value)
-        .map_err(|e| ConfigError::Invalid { field, value: value.into(), allowed: format!("a duration such as 500ms, 10s, 5m ({e})") })
+    humantime::parse_duration(value).map_err(|e| ConfigError::Invalid {
+        field,
+        value: value.into(),
+        allowed: format!("a duration such as 500ms, 10s, 5m ({e})"),
+    })
 }
 
 pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    let bad = || ConfigError::Invalid { field, value: value.into(), allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into() };
+    let bad = || ConfigError::Invalid {
+        field,
+        value: value.into(),
+        allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into(),
+    };
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -172,7 +198,9 @@ pub fn default_state_dir() -> PathBuf {
             return PathBuf::from(first);
         }
     }
-    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
     if is_root {
         return PathBuf::from("/var/lib/petrel/agent");
     }
@@ -184,31 +212,58 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
 }
 
 impl JoinConfig {
     pub fn from_args(args: JoinArgs, file: &FileConfig) -> Result<Self, ConfigError> {
-        let server = args.server.ok_or(ConfigError::Missing { field: "server", hint: "pass --server HOST:PORT (printed by `petrel-gateway token create`)" })?;
+        let server = args.server.ok_or(ConfigError::Missing {
+            field: "server",
+            hint: "pass --server HOST:PORT (printed by `petrel-gateway token create`)",
+        })?;
         let server = parse_host_port("server", &server)?;
-        let token = args.token.ok_or(ConfigError::Missing { field: "token", hint: "pass --token from `petrel-gateway token create`" })?;
-        let fp = args.ca_sha256.ok_or(ConfigError::Missing { field: "ca-sha256", hint: "pass --ca-sha256 from `petrel-gateway token create`" })?;
-        let ca_sha256 = petrel_transport::pki::normalize_fingerprint(&fp)
-            .ok_or_else(|| ConfigError::Invalid { field: "ca-sha256", value: fp.clone(), allowed: "64 hex digits (colons and a sha256: prefix are accepted)".into() })?;
+        let token = args.token.ok_or(ConfigError::Missing {
+            field: "token",
+            hint: "pass --token from `petrel-gateway token create`",
+        })?;
+        let fp = args.ca_sha256.ok_or(ConfigError::Missing {
+            field: "ca-sha256",
+            hint: "pass --ca-sha256 from `petrel-gateway token create`",
+        })?;
+        let ca_sha256 = petrel_transport::pki::normalize_fingerprint(&fp).ok_or_else(|| {
+            ConfigError::Invalid {
+                field: "ca-sha256",
+                value: fp.clone(),
+                allowed: "64 hex digits (colons and a sha256: prefix are accepted)".into(),
+            }
+        })?;
         let node_name = args
             .node_name
             .or_else(|| file.node_name.clone())
             .or_else(hostname)
-            .ok_or(ConfigError::Missing { field: "node-name", hint: "pass --node-name" })?;
+            .ok_or(ConfigError::Missing {
+                field: "node-name",
+                hint: "pass --node-name",
+            })?;
         if !petrel_proto::codec::is_valid_node_name(&node_name) {
-            return Err(ConfigError::Invalid { field: "node-name", value: node_name, allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into() });
+            return Err(ConfigError::Invalid {
+                field: "node-name",
+                value: node_name,
+                allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
+            });
         }
         Ok(Self {
             server,
             token,
             ca_sha256,
             node_name,
-            state_dir: args.state_dir.or_else(|| file.state_dir.clone()).unwrap_or_else(default_state_dir),
+            state_dir: args
+                .state_dir
+                .or_else(|| file.state_dir.clone())
+                .unwrap_or_else(default_state_dir),
             force: args.force,
             timeout: parse_duration("timeout", &args.timeout)?,
         })
@@ -217,28 +272,64 @@ impl JoinConfig {
 
 impl AgentConfig {
     pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
-        let raw = if args.servers.is_empty() { file.servers } else { args.servers };
-        let servers = raw.iter().map(|s| parse_host_port("server", s)).collect::<Result<Vec<_>, _>>()?;
-        let admin = args.admin_addr.or(file.admin_addr).unwrap_or_else(|| DEFAULT_ADMIN.into());
-        let admin_addr = admin.parse().map_err(|_| ConfigError::Invalid { field: "admin-addr", value: admin.clone(), allowed: "IP:PORT, e.g. 127.0.0.1:9471".into() })?;
-        let dur = |field, a: Option<String>, f: Option<String>, d: &str| parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()));
-        let ping_interval = dur("ping-interval", args.ping_interval, file.ping_interval, "2s")?;
+        let raw = if args.servers.is_empty() {
+            file.servers
+        } else {
+            args.servers
+        };
+        let servers = raw
+            .iter()
+            .map(|s| parse_host_port("server", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin = args
+            .admin_addr
+            .or(file.admin_addr)
+            .unwrap_or_else(|| DEFAULT_ADMIN.into());
+        let admin_addr = admin.parse().map_err(|_| ConfigError::Invalid {
+            field: "admin-addr",
+            value: admin.clone(),
+            allowed: "IP:PORT, e.g. 127.0.0.1:9471".into(),
+        })?;
+        let dur = |field, a: Option<String>, f: Option<String>, d: &str| {
+            parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()))
+        };
+        let ping_interval = dur(
+            "ping-interval",
+            args.ping_interval,
+            file.ping_interval,
+            "2s",
+        )?;
         let dead_after = dur("dead-after", args.dead_after, file.dead_after, "5s")?;
         let backoff_max = dur("backoff-max", args.backoff_max, file.backoff_max, "2s")?;
-        let connect_timeout = dur("connect-timeout", args.connect_timeout, file.connect_timeout, "3s")?;
+        let connect_timeout = dur(
+            "connect-timeout",
+            args.connect_timeout,
+            file.connect_timeout,
+            "3s",
+        )?;
         if ping_interval.is_zero() || dead_after <= ping_interval {
             return Err(ConfigError::Invalid {
                 field: "dead-after",
                 value: humantime::format_duration(dead_after).to_string(),
-                allowed: format!("longer than ping-interval ({})", humantime::format_duration(ping_interval)),
+                allowed: format!(
+                    "longer than ping-interval ({})",
+                    humantime::format_duration(ping_interval)
+                ),
             });
         }
         if backoff_max < Duration::from_millis(100) {
-            return Err(ConfigError::Invalid { field: "backoff-max", value: humantime::format_duration(backoff_max).to_string(), allowed: "at least 100ms".into() });
+            return Err(ConfigError::Invalid {
+                field: "backoff-max",
+                value: humantime::format_duration(backoff_max).to_string(),
+                allowed: "at least 100ms".into(),
+            });
         }
         Ok(Self {
             servers,
-            state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(default_state_dir),
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(default_state_dir),
             admin_addr,
             ping_interval,
             dead_after,
@@ -265,11 +356,32 @@ mod tests {
         };
         let c = JoinConfig::from_args(base(), &FileConfig::default()).unwrap();
         assert_eq!(c.ca_sha256, "ab".repeat(32));
-        let e = JoinConfig::from_args(JoinArgs { ca_sha256: Some("xyz".into()), ..base() }, &FileConfig::default()).unwrap_err();
+        let e = JoinConfig::from_args(
+            JoinArgs {
+                ca_sha256: Some("xyz".into()),
+                ..base()
+            },
+            &FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("ca-sha256"), "{e}");
-        let e = JoinConfig::from_args(JoinArgs { server: None, ..base() }, &FileConfig::default()).unwrap_err();
+        let e = JoinConfig::from_args(
+            JoinArgs {
+                server: None,
+                ..base()
+            },
+            &FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("server"), "{e}");
-        let e = JoinConfig::from_args(JoinArgs { node_name: Some("Edge_A1".into()), ..base() }, &FileConfig::default()).unwrap_err();
+        let e = JoinConfig::from_args(
+            JoinArgs {
+                node_name: Some("Edge_A1".into()),
+                ..base()
+            },
+            &FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("node-name"), "{e}");
     }
 
@@ -277,7 +389,14 @@ mod tests {
     fn run_defaults_and_bad_values() {
         let c = AgentConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
         assert!(c.dead_after > c.ping_interval);
-        let e = AgentConfig::from_args(RunArgs { dead_after: Some("1s".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        let e = AgentConfig::from_args(
+            RunArgs {
+                dead_after: Some("1s".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("dead-after"), "{e}");
         let e = toml::from_str::<FileConfig>("servrs = ['a:1']").unwrap_err();
         assert!(e.to_string().contains("servrs"));

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use petrel_transport::pki::{der_to_pem, pem_to_der, CertInfo, NodeKey, PkiError};
-use petrel_transport::private_files::{ensure_private_dir, read_optional, write_private, PrivateFileError};
+use petrel_transport::private_files::{
+    ensure_private_dir, read_optional, write_private, PrivateFileError,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +83,18 @@ impl AgentState {
 
     pub fn load(&self) -> Result<Identity, IdentityError> {
         let (node_path, ca_path) = (self.node_pem(), self.ca_crt());
-        let node = read_optional(&node_path)?.ok_or_else(|| IdentityError::NotEnrolled(node_path.clone()))?;
-        let ca = read_optional(&ca_path)?.ok_or_else(|| IdentityError::NotEnrolled(ca_path.clone()))?;
-        let node = String::from_utf8(node).map_err(|_| IdentityError::Corrupt { path: node_path.clone(), message: "not PEM".into() })?;
-        let ca = String::from_utf8(ca).map_err(|_| IdentityError::Corrupt { path: ca_path.clone(), message: "not PEM".into() })?;
+        let node = read_optional(&node_path)?
+            .ok_or_else(|| IdentityError::NotEnrolled(node_path.clone()))?;
+        let ca =
+            read_optional(&ca_path)?.ok_or_else(|| IdentityError::NotEnrolled(ca_path.clone()))?;
+        let node = String::from_utf8(node).map_err(|_| IdentityError::Corrupt {
+            path: node_path.clone(),
+            message: "not PEM".into(),
+        })?;
+        let ca = String::from_utf8(ca).map_err(|_| IdentityError::Corrupt {
+            path: ca_path.clone(),
+            message: "not PEM".into(),
+        })?;
         let pki = |path: &Path| {
             let path = path.to_path_buf();
             move |source| IdentityError::Pki { path, source }
@@ -96,11 +106,21 @@ impl AgentState {
             return Err(IdentityError::Mismatch { path: node_path });
         }
         let info = CertInfo::parse(&cert).map_err(pki(&node_path))?;
-        Ok(Identity { key, cert_der: CertificateDer::from(cert), ca_der: CertificateDer::from(ca_der), info })
+        Ok(Identity {
+            key,
+            cert_der: CertificateDer::from(cert),
+            ca_der: CertificateDer::from(ca_der),
+            info,
+        })
     }
 
     /// Stores a new identity: CA first, then key and certificate together.
-    pub fn store(&self, key: &NodeKey, cert_der: &[u8], ca_der: &[u8]) -> Result<(), IdentityError> {
+    pub fn store(
+        &self,
+        key: &NodeKey,
+        cert_der: &[u8],
+        ca_der: &[u8],
+    ) -> Result<(), IdentityError> {
         ensure_private_dir(&self.dir)?;
         write_private(&self.ca_crt(), der_to_pem(ca_der, "CERTIFICATE").as_bytes())?;
         let mut pem = key.to_pem();
@@ -120,7 +140,10 @@ impl AgentState {
 
     pub fn save_endpoints(&self, endpoints: &BTreeSet<String>) -> Result<(), IdentityError> {
         ensure_private_dir(&self.dir)?;
-        let body = serde_json::to_vec_pretty(endpoints).map_err(|e| IdentityError::Corrupt { path: self.endpoints(), message: e.to_string() })?;
+        let body = serde_json::to_vec_pretty(endpoints).map_err(|e| IdentityError::Corrupt {
+            path: self.endpoints(),
+            message: e.to_string(),
+        })?;
         Ok(write_private(&self.endpoints(), &body)?)
     }
 }
@@ -141,17 +164,34 @@ mod tests {
         let now = SystemTime::now();
         let ca = CertificateAuthority::generate("ca", now, Duration::from_secs(3600)).unwrap();
         let key = NodeKey::generate().unwrap();
-        let cert = ca.sign_node_csr(&key.csr_der("edge-a1").unwrap(), "edge-a1", now, Duration::from_secs(600)).unwrap();
+        let cert = ca
+            .sign_node_csr(
+                &key.csr_der("edge-a1").unwrap(),
+                "edge-a1",
+                now,
+                Duration::from_secs(600),
+            )
+            .unwrap();
         state.store(&key, &cert, ca.cert_der()).unwrap();
         let id = state.load().unwrap();
         assert_eq!(id.node_name(), "edge-a1");
         assert!(!id.is_expired(now));
         assert!(id.is_expired(now + Duration::from_secs(601)));
         for f in ["node.pem", "ca.crt"] {
-            let mode = std::fs::metadata(tmp.path().join("agent").join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(tmp.path().join("agent").join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
-        assert_eq!(std::fs::metadata(tmp.path().join("agent")).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(tmp.path().join("agent"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
         // A key that does not match the certificate is refused, not used.
         let other = NodeKey::generate().unwrap();
         state.store(&other, &cert, ca.cert_der()).unwrap();

@@ -24,7 +24,10 @@ pub enum JoinError {
     #[error("the hub at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
     #[error("the hub refused enrolment ({code:?}): {message}")]
-    Refused { code: petrel_proto::EnrolErrorCode, message: String },
+    Refused {
+        code: petrel_proto::EnrolErrorCode,
+        message: String,
+    },
     #[error("the hub sent an invalid answer: {0}")]
     BadAnswer(String),
     #[error(transparent)]
@@ -50,7 +53,11 @@ pub async fn join(cfg: &JoinConfig) -> Result<Joined, JoinError> {
         if id.node_name() == cfg.node_name && fingerprint_sha256(&id.ca_der) == cfg.ca_sha256 {
             // Re-running an install is not an error.
             remember_endpoint(&state, cfg)?;
-            return Ok(Joined { node_name: cfg.node_name.clone(), not_after: id.info.not_after, already: true });
+            return Ok(Joined {
+                node_name: cfg.node_name.clone(),
+                not_after: id.info.not_after,
+                already: true,
+            });
         }
         return Err(JoinError::AlreadyEnrolled(id.node_name().to_string()));
     }
@@ -62,18 +69,29 @@ pub async fn join(cfg: &JoinConfig) -> Result<Joined, JoinError> {
         .map_err(|_| JoinError::Timeout(label.clone(), cfg.timeout))??;
     // The hub must hand back the CA we pinned and a certificate for our key and our name.
     if fingerprint_sha256(&bundle.ca_der) != cfg.ca_sha256 {
-        return Err(JoinError::BadAnswer("the returned CA does not match --ca-sha256".into()));
+        return Err(JoinError::BadAnswer(
+            "the returned CA does not match --ca-sha256".into(),
+        ));
     }
     if !key.matches(&bundle.cert_der) {
-        return Err(JoinError::BadAnswer("the returned certificate is not for this device's key".into()));
+        return Err(JoinError::BadAnswer(
+            "the returned certificate is not for this device's key".into(),
+        ));
     }
     let info = CertInfo::parse(&bundle.cert_der)?;
     if info.node_name != cfg.node_name {
-        return Err(JoinError::BadAnswer(format!("the certificate names {:?}, not {:?}", info.node_name, cfg.node_name)));
+        return Err(JoinError::BadAnswer(format!(
+            "the certificate names {:?}, not {:?}",
+            info.node_name, cfg.node_name
+        )));
     }
     state.store(&key, &bundle.cert_der, &bundle.ca_der)?;
     remember_endpoint(&state, cfg)?;
-    Ok(Joined { node_name: info.node_name, not_after: info.not_after, already: false })
+    Ok(Joined {
+        node_name: info.node_name,
+        not_after: info.not_after,
+        already: false,
+    })
 }
 
 fn remember_endpoint(state: &AgentState, cfg: &JoinConfig) -> Result<(), JoinError> {
@@ -83,7 +101,11 @@ fn remember_endpoint(state: &AgentState, cfg: &JoinConfig) -> Result<(), JoinErr
     Ok(())
 }
 
-async fn exchange(cfg: &JoinConfig, label: &str, csr_der: Vec<u8>) -> Result<petrel_proto::CertBundle, JoinError> {
+async fn exchange(
+    cfg: &JoinConfig,
+    label: &str,
+    csr_der: Vec<u8>,
+) -> Result<petrel_proto::CertBundle, JoinError> {
     let addr = tokio::net::lookup_host((cfg.server.0.as_str(), cfg.server.1))
         .await
         .map_err(|e| JoinError::Resolve(label.to_string(), e.to_string()))?
@@ -91,26 +113,50 @@ async fn exchange(cfg: &JoinConfig, label: &str, csr_der: Vec<u8>) -> Result<pet
         .ok_or_else(|| JoinError::Resolve(label.to_string(), "no addresses".into()))?;
     let tls_cfg = tls::enrol_client_tls(&cfg.ca_sha256, ALPN_ENROL)?;
     let client = quic::client_config(tls_cfg, &TransportTuning::default())?;
-    let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let connect_err = |message: String| JoinError::Connect { addr: label.to_string(), message };
-    let endpoint = quic::client_endpoint(bind.parse().map_err(|_| connect_err("bad bind".into()))?).map_err(|e| connect_err(e.to_string()))?;
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let connect_err = |message: String| JoinError::Connect {
+        addr: label.to_string(),
+        message,
+    };
+    let endpoint = quic::client_endpoint(bind.parse().map_err(|_| connect_err("bad bind".into()))?)
+        .map_err(|e| connect_err(e.to_string()))?;
     let conn = endpoint
         .connect_with(client, addr, HUB_SERVER_NAME)
         .map_err(|e| connect_err(e.to_string()))?
         .await
         .map_err(|e| connect_err(e.to_string()))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
     let mut buf = Vec::new();
-    let req = EnrolRequest { protocol_version: petrel_proto::PROTOCOL_VERSION, token: cfg.token.clone(), node_name: cfg.node_name.clone(), csr_der };
-    petrel_proto::encode_enrol_request(&req, &mut buf).map_err(|e| JoinError::BadAnswer(format!("cannot encode the request: {e}")))?;
-    send.write_all(&buf).await.map_err(|e| connect_err(e.to_string()))?;
+    let req = EnrolRequest {
+        protocol_version: petrel_proto::PROTOCOL_VERSION,
+        token: cfg.token.clone(),
+        node_name: cfg.node_name.clone(),
+        csr_der,
+    };
+    petrel_proto::encode_enrol_request(&req, &mut buf)
+        .map_err(|e| JoinError::BadAnswer(format!("cannot encode the request: {e}")))?;
+    send.write_all(&buf)
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
     let _ = send.finish();
     let answer = read_enrol_message(&mut recv).await;
     conn.close(0u32.into(), b"enrolment done");
     endpoint.wait_idle().await;
     match answer {
-        Ok(Some(EnrolMessage::Response(resp))) => resp.result.map_err(|e| JoinError::Refused { code: e.code, message: e.message }),
-        Ok(Some(EnrolMessage::Request(_) | EnrolMessage::Unknown { .. })) => Err(JoinError::BadAnswer("the hub sent no enrolment response".into())),
+        Ok(Some(EnrolMessage::Response(resp))) => resp.result.map_err(|e| JoinError::Refused {
+            code: e.code,
+            message: e.message,
+        }),
+        Ok(Some(EnrolMessage::Request(_) | EnrolMessage::Unknown { .. })) => Err(
+            JoinError::BadAnswer("the hub sent no enrolment response".into()),
+        ),
         Ok(None) => Err(JoinError::BadAnswer(match conn.close_reason() {
             Some(reason) => format!("the hub closed the connection: {reason}"),
             None => "the hub closed the stream without an answer".into(),

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use petrel_proto::{
-    AgentSelfView, Backoff, BackoffPolicy, ControlMessage, GoingAwayReason, Hello, Keepalive, KeepaliveAction, RenewRequest, Welcome,
-    ALPN_TUNNEL,
+    AgentSelfView, Backoff, BackoffPolicy, ControlMessage, GoingAwayReason, Hello, Keepalive,
+    KeepaliveAction, RenewRequest, Welcome, ALPN_TUNNEL,
 };
 use petrel_transport::control_stream::{ControlReader, ControlWriter};
 use petrel_transport::pki::{CertInfo, NodeKey};
@@ -34,14 +34,23 @@ const DUPLICATE_PARK: Duration = Duration::from_secs(60);
 /// How a session ended.
 #[derive(Debug)]
 enum SessionEnd {
-    GoingAway { reason: GoingAwayReason, retry_after: Duration, message: String },
+    GoingAway {
+        reason: GoingAwayReason,
+        retry_after: Duration,
+        message: String,
+    },
     Lost(String),
     Shutdown,
 }
 
 /// Agent-side reconnect policy.
 pub fn backoff_policy(max: Duration) -> BackoffPolicy {
-    BackoffPolicy { initial: Duration::from_millis(100), max, multiplier: 2, stable_after: Duration::from_secs(10) }
+    BackoffPolicy {
+        initial: Duration::from_millis(100),
+        max,
+        multiplier: 2,
+        stable_after: Duration::from_secs(10),
+    }
 }
 
 pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: CancellationToken) {
@@ -96,11 +105,20 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.state = "connected".into();
             l.hub = Some(welcome.hub_id.clone());
             l.remote = Some(conn.remote_address().to_string());
-            l.connected_since_unix = since.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+            l.connected_since_unix = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
             l.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             l.last_error = None;
         });
-        shared.learn_endpoints(welcome.view.gateways.iter().map(|g| format!("{}:{}", g.host, g.port)));
+        shared.learn_endpoints(
+            welcome
+                .view
+                .gateways
+                .iter()
+                .map(|g| format!("{}:{}", g.host, g.port)),
+        );
         let hub_id = welcome.hub_id.clone();
         let end = session(&shared, &endpoint, &conn, reader, writer, &shutdown).await;
         backoff.on_disconnected(Instant::now());
@@ -114,9 +132,15 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 conn.close(close_code::NORMAL.into(), b"agent stopping");
                 break;
             }
-            SessionEnd::GoingAway { reason, retry_after, message } => {
+            SessionEnd::GoingAway {
+                reason,
+                retry_after,
+                message,
+            } => {
                 AgentMetrics::inc(&shared.metrics.sessions_ended, "going_away");
-                let duplicate = (reason == GoingAwayReason::Replaced).then(|| shared.other_link_on_hub(&hub_id, &endpoint)).flatten();
+                let duplicate = (reason == GoingAwayReason::Replaced)
+                    .then(|| shared.other_link_on_hub(&hub_id, &endpoint))
+                    .flatten();
                 if let Some(other) = duplicate {
                     info!(other = %other, "this endpoint reaches the same hub as another link; parking it");
                     shared.update_link(&endpoint, |l| {
@@ -129,7 +153,9 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                     // Spread a fleet's return over a quarter of the hint (at least 100 ms).
                     let spread = (retry_after / 4).max(Duration::from_millis(100));
                     delay = retry_after + spread.mul_f64(rand::rng().random::<f64>());
-                    shared.update_link(&endpoint, |l| l.last_error = Some(format!("hub going away: {message}")));
+                    shared.update_link(&endpoint, |l| {
+                        l.last_error = Some(format!("hub going away: {message}"))
+                    });
                 }
             }
             SessionEnd::Lost(why) => {
@@ -152,23 +178,45 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
         // Still try: the clock may be wrong rather than the certificate; the hub's answer will say.
         warn!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "node certificate has expired; re-enrol with `petrel-edge-agent join --force` if the clock is right");
     }
-    let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| format!("bad endpoint {endpoint}"))?;
-    let port: u16 = port.parse().map_err(|_| format!("bad port in {endpoint}"))?;
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| format!("bad endpoint {endpoint}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad port in {endpoint}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addr = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
         .next()
         .ok_or_else(|| format!("{endpoint} resolves to nothing"))?;
-    let tls_cfg = tls::agent_client_tls(&id.ca_der, vec![id.cert_der.clone()], id.key_der(), ALPN_TUNNEL).map_err(|e| e.to_string())?;
+    let tls_cfg = tls::agent_client_tls(
+        &id.ca_der,
+        vec![id.cert_der.clone()],
+        id.key_der(),
+        ALPN_TUNNEL,
+    )
+    .map_err(|e| e.to_string())?;
     let tuning = TransportTuning::default();
     let client = quic::client_config(tls_cfg, &tuning).map_err(|e| e.to_string())?;
-    let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     // A fresh UDP socket per attempt: a new source port also means a new NAT mapping, which is
     // what a stuck mapping needs.
-    let ep = quic::client_endpoint(bind.parse().map_err(|_| "bad bind address".to_string())?).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    let conn = ep.connect_with(client, addr, HUB_SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| describe_connection_error(&e))?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
+    let ep = quic::client_endpoint(bind.parse().map_err(|_| "bad bind address".to_string())?)
+        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    let conn = ep
+        .connect_with(client, addr, HUB_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
     let hello = Hello {
@@ -176,12 +224,23 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
         alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
         node_name: id.node_name().to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        self_view: AgentSelfView { pod_cidrs: vec![], vtep_mac: None, underlay_addrs: vec![], datapath: "none".into(), capabilities: 0 },
+        self_view: AgentSelfView {
+            pod_cidrs: vec![],
+            vtep_mac: None,
+            underlay_addrs: vec![],
+            datapath: "none".into(),
+            capabilities: 0,
+        },
     };
-    writer.send(&ControlMessage::Hello(hello)).await.map_err(|e| e.to_string())?;
+    writer
+        .send(&ControlMessage::Hello(hello))
+        .await
+        .map_err(|e| e.to_string())?;
     match reader.next().await {
         Ok(Some(ControlMessage::Welcome(w))) => Ok((conn, reader, writer, w)),
-        Ok(Some(ControlMessage::GoingAway(ga))) => Err(format!("hub refused the tunnel: {}", ga.message)),
+        Ok(Some(ControlMessage::GoingAway(ga))) => {
+            Err(format!("hub refused the tunnel: {}", ga.message))
+        }
         Ok(Some(other)) => Err(format!("hub sent {} instead of welcome", other.name())),
         Ok(None) | Err(_) => Err(match conn.close_reason() {
             Some(reason) => describe_connection_error(&reason),
@@ -193,7 +252,10 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
 /// Turns quinn's errors into a sentence: a hub's refusal carries its reason phrase.
 fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     match e {
-        quinn::ConnectionError::ApplicationClosed(c) => format!("hub closed the connection: {}", String::from_utf8_lossy(&c.reason)),
+        quinn::ConnectionError::ApplicationClosed(c) => format!(
+            "hub closed the connection: {}",
+            String::from_utf8_lossy(&c.reason)
+        ),
         quinn::ConnectionError::ConnectionClosed(c) => format!("hub closed the connection: {c}"),
         other => other.to_string(),
     }
@@ -297,7 +359,11 @@ async fn maybe_start_renewal(shared: &AgentShared, writer: &mut ControlWriter) -
         }
     };
     info!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "renewing node certificate");
-    if writer.send(&ControlMessage::RenewRequest(RenewRequest { csr_der: csr })).await.is_err() {
+    if writer
+        .send(&ControlMessage::RenewRequest(RenewRequest { csr_der: csr }))
+        .await
+        .is_err()
+    {
         shared.renewing.store(false, Ordering::SeqCst);
         return None;
     }
@@ -330,8 +396,16 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
         if info.node_name != current.node_name() {
             return Err(format!("renewed certificate names {:?}", info.node_name));
         }
-        shared.state.store(&key, &bundle.cert_der, &bundle.ca_der).map_err(|e| e.to_string())?;
-        Ok(Identity { key, cert_der: bundle.cert_der.clone().into(), ca_der: current.ca_der.clone(), info })
+        shared
+            .state
+            .store(&key, &bundle.cert_der, &bundle.ca_der)
+            .map_err(|e| e.to_string())?;
+        Ok(Identity {
+            key,
+            cert_der: bundle.cert_der.clone().into(),
+            ca_der: current.ca_der.clone(),
+            info,
+        })
     })();
     match checked {
         Ok(id) => {

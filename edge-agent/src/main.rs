@@ -20,7 +20,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => ExitCode::from(EXIT_CONFIG),
             };
         }
@@ -29,14 +31,24 @@ fn main() -> ExitCode {
         Ok(f) => f,
         Err(e) => return config_error(&e),
     };
-    let filter = cli.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into());
+    let filter = cli
+        .log
+        .clone()
+        .or(file.log.clone())
+        .unwrap_or_else(|| "info".into());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
     petrel_transport::tls::install_default_provider();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("petrel-edge-agent: cannot start the runtime: {e}");
@@ -48,7 +60,11 @@ fn main() -> ExitCode {
             Ok(cfg) => rt.block_on(async {
                 let joined = petrel_edge_agent::join::join(&cfg).await?;
                 if joined.already {
-                    println!("already enrolled as node {} (certificate valid until {}); nothing to do", joined.node_name, humantime::format_rfc3339_seconds(joined.not_after));
+                    println!(
+                        "already enrolled as node {} (certificate valid until {}); nothing to do",
+                        joined.node_name,
+                        humantime::format_rfc3339_seconds(joined.not_after)
+                    );
                 } else {
                     println!(
                         "enrolled as node {}; certificate valid until {}; identity stored in {}",
@@ -56,7 +72,10 @@ fn main() -> ExitCode {
                         humantime::format_rfc3339_seconds(joined.not_after),
                         cfg.state_dir.display()
                     );
-                    println!("start the agent with: petrel-edge-agent run --state-dir {}", cfg.state_dir.display());
+                    println!(
+                        "start the agent with: petrel-edge-agent run --state-dir {}",
+                        cfg.state_dir.display()
+                    );
                 }
                 Ok(())
             }),
@@ -66,7 +85,9 @@ fn main() -> ExitCode {
             Ok(cfg) => rt.block_on(run(cfg)),
             Err(e) => return config_error(&e),
         },
-        Command::Status(args) => rt.block_on(status(args.admin_addr.or(file.admin_addr), args.json)),
+        Command::Status(args) => {
+            rt.block_on(status(args.admin_addr.or(file.admin_addr), args.json))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,15 +110,24 @@ fn config_error(e: &ConfigError) -> ExitCode {
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin_addr = cfg.admin_addr;
     let agent = Agent::new(cfg)?;
-    let admin = tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot bind admin address {admin_addr}"))?;
     let admin_addr = admin.local_addr().unwrap_or(admin_addr);
     let shutdown = CancellationToken::new();
-    let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, agent.shared() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
+    let admin_task = tokio::spawn(petrel_transport::admin::serve(
+        admin,
+        agent.shared() as Arc<dyn petrel_transport::admin::AdminState>,
+        shutdown.clone(),
+    ));
     info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut t), Ok(mut i)) => {
                 tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
                 info!("signal received; stopping");
@@ -114,7 +144,11 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn status(admin: Option<String>, json: bool) -> anyhow::Result<()> {
     let raw = admin.unwrap_or_else(|| config::DEFAULT_ADMIN.into());
-    let addr = raw.parse().map_err(|_| ConfigError::Invalid { field: "admin-addr", value: raw.clone(), allowed: "IP:PORT".into() })?;
+    let addr = raw.parse().map_err(|_| ConfigError::Invalid {
+        field: "admin-addr",
+        value: raw.clone(),
+        allowed: "IP:PORT".into(),
+    })?;
     let (code, body) = petrel_transport::admin::get(addr, "/status").await?;
     if !code.is_success() {
         anyhow::bail!("agent admin endpoint answered {code}: {body}");
@@ -122,8 +156,12 @@ async fn status(admin: Option<String>, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{body}");
     } else {
-        let doc: serde_json::Value = serde_json::from_str(&body).context("agent /status is not JSON")?;
-        print!("{}", petrel_edge_agent::status::render(&doc, SystemTime::now()));
+        let doc: serde_json::Value =
+            serde_json::from_str(&body).context("agent /status is not JSON")?;
+        print!(
+            "{}",
+            petrel_edge_agent::status::render(&doc, SystemTime::now())
+        );
     }
     Ok(())
 }

@@ -27,15 +27,41 @@ impl AgentMetrics {
         let connect_attempts = Family::<Outcome, Counter>::default();
         let sessions_ended = Family::<Outcome, Counter>::default();
         let renewals = Family::<Outcome, Counter>::default();
-        registry.register("hubs_connected", "Hubs this agent holds a tunnel to", hubs_connected.clone());
-        registry.register("connect_attempts", "Tunnel connection attempts, by outcome", connect_attempts.clone());
-        registry.register("sessions_ended", "Tunnel sessions that ended, by cause", sessions_ended.clone());
-        registry.register("renewals", "Certificate renewals, by outcome", renewals.clone());
-        Self { registry, hubs_connected, connect_attempts, sessions_ended, renewals }
+        registry.register(
+            "hubs_connected",
+            "Hubs this agent holds a tunnel to",
+            hubs_connected.clone(),
+        );
+        registry.register(
+            "connect_attempts",
+            "Tunnel connection attempts, by outcome",
+            connect_attempts.clone(),
+        );
+        registry.register(
+            "sessions_ended",
+            "Tunnel sessions that ended, by cause",
+            sessions_ended.clone(),
+        );
+        registry.register(
+            "renewals",
+            "Certificate renewals, by outcome",
+            renewals.clone(),
+        );
+        Self {
+            registry,
+            hubs_connected,
+            connect_attempts,
+            sessions_ended,
+            renewals,
+        }
     }
 
     pub fn inc(family: &Family<Outcome, Counter>, outcome: &str) {
-        family.get_or_create(&Outcome { outcome: outcome.to_string() }).inc();
+        family
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -7,18 +7,36 @@ use crate::agent::LinkStatus;
 pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
     let mut out = String::new();
     let node = status.get("node").and_then(|v| v.as_str()).unwrap_or("?");
-    let not_after = status.get("certificate_not_after_unix").and_then(|v| v.as_u64()).unwrap_or(0);
+    let not_after = status
+        .get("certificate_not_after_unix")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
     out.push_str(&format!(
         "node {node}, certificate valid until {}\n",
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(not_after))
     ));
-    let links: Vec<LinkStatus> = status.get("links").cloned().and_then(|l| serde_json::from_value(l).ok()).unwrap_or_default();
-    let header = ["ENDPOINT", "STATE", "HUB", "REMOTE", "CONNECTED FOR", "RTT", "ATTEMPTS", "LAST ERROR"];
+    let links: Vec<LinkStatus> = status
+        .get("links")
+        .cloned()
+        .and_then(|l| serde_json::from_value(l).ok())
+        .unwrap_or_default();
+    let header = [
+        "ENDPOINT",
+        "STATE",
+        "HUB",
+        "REMOTE",
+        "CONNECTED FOR",
+        "RTT",
+        "ATTEMPTS",
+        "LAST ERROR",
+    ];
     let rows: Vec<[String; 8]> = links
         .iter()
         .map(|l| {
             let age = l.connected_since_unix.map(|s| {
-                let d = now.duration_since(UNIX_EPOCH + Duration::from_secs(s)).unwrap_or_default();
+                let d = now
+                    .duration_since(UNIX_EPOCH + Duration::from_secs(s))
+                    .unwrap_or_default();
                 humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
             });
             [
@@ -27,7 +45,9 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
                 l.hub.clone().unwrap_or_else(|| "-".into()),
                 l.remote.clone().unwrap_or_else(|| "-".into()),
                 age.unwrap_or_else(|| "-".into()),
-                l.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(|| "-".into()),
+                l.rtt_ms
+                    .map(|r| format!("{r:.1}ms"))
+                    .unwrap_or_else(|| "-".into()),
                 l.attempts.to_string(),
                 l.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
@@ -40,7 +60,12 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
         }
     }
     let line = |cells: &[String]| {
-        let mut l = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        let mut l = cells
+            .iter()
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
         l.truncate(l.trim_end().len());
         l.push('\n');
         l
@@ -62,6 +87,12 @@ mod tests {
             {"endpoint": "127.0.0.1:7443", "state": "connected", "hub": "gw-1", "remote": "127.0.0.1:7443",
              "connected_since_unix": 0, "rtt_ms": 0.5, "last_error": null, "attempts": 1}]});
         let text = render(&doc, UNIX_EPOCH + Duration::from_secs(61));
-        assert!(text.contains("edge-a1") && text.contains("connected") && text.contains("1m 1s") && text.contains("0.5ms"), "{text}");
+        assert!(
+            text.contains("edge-a1")
+                && text.contains("connected")
+                && text.contains("1m 1s")
+                && text.contains("0.5ms"),
+            "{text}"
+        );
     }
 }

@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "petrel-gateway", version, about = "Petrel cloud gateway: QUIC tunnel hub for edge sites")]
+#[command(
+    name = "petrel-gateway",
+    version,
+    about = "Petrel cloud gateway: QUIC tunnel hub for edge sites"
+)]
 pub struct Cli {
     /// Optional TOML config file; flags and environment variables override it.
     #[arg(long, global = true, env = "PETREL_GATEWAY_CONFIG")]
@@ -159,7 +163,11 @@ pub struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid {field}: {value:?}: {allowed}")]
-    Invalid { field: &'static str, value: String, allowed: String },
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
 }
@@ -185,23 +193,42 @@ pub struct HubConfig {
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    let Some(path) = path else { return Ok(FileConfig::default()) };
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| ConfigError::Invalid { field, value: value.into(), allowed: "an IP:PORT such as 0.0.0.0:7443 or [::]:7443".into() })
+    value.parse().map_err(|_| ConfigError::Invalid {
+        field,
+        value: value.into(),
+        allowed: "an IP:PORT such as 0.0.0.0:7443 or [::]:7443".into(),
+    })
 }
 
 pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value)
-        .map_err(|e| ConfigError::Invalid { field, value: value.into(), allowed: format!("a duration such as 500ms, 10s, 5m, 1h, 30d ({e})") })
+    humantime::parse_duration(value).map_err(|e| ConfigError::Invalid {
+        field,
+        value: value.into(),
+        allowed: format!("a duration such as 500ms, 10s, 5m, 1h, 30d ({e})"),
+    })
 }
 
 /// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
 pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    let bad = || ConfigError::Invalid { field, value: value.into(), allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into() };
+    let bad = || ConfigError::Invalid {
+        field,
+        value: value.into(),
+        allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into(),
+    };
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -219,7 +246,9 @@ pub fn default_state_dir(component: &str) -> PathBuf {
             return PathBuf::from(first);
         }
     }
-    let is_root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
     if is_root {
         return PathBuf::from(format!("/var/lib/petrel/{component}"));
     }
@@ -232,38 +261,89 @@ pub fn default_state_dir(component: &str) -> PathBuf {
 
 impl HubConfig {
     pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
-        let listen = parse_socket_addr("listen", &args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()))?;
-        let admin_addr = parse_socket_addr("admin-addr", &args.admin_addr.or(file.admin_addr).unwrap_or_else(|| DEFAULT_ADMIN.into()))?;
-        let state_dir = args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir("gateway"));
+        let listen = parse_socket_addr(
+            "listen",
+            &args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+        )?;
+        let admin_addr = parse_socket_addr(
+            "admin-addr",
+            &args
+                .admin_addr
+                .or(file.admin_addr)
+                .unwrap_or_else(|| DEFAULT_ADMIN.into()),
+        )?;
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| default_state_dir("gateway"));
         let inventory = args.inventory.or(file.inventory);
-        let advertise_raw = if args.advertise.is_empty() { file.advertise } else { args.advertise };
-        let mut advertise = advertise_raw.iter().map(|a| parse_host_port("advertise", a)).collect::<Result<Vec<_>, _>>()?;
+        let advertise_raw = if args.advertise.is_empty() {
+            file.advertise
+        } else {
+            args.advertise
+        };
+        let mut advertise = advertise_raw
+            .iter()
+            .map(|a| parse_host_port("advertise", a))
+            .collect::<Result<Vec<_>, _>>()?;
         if advertise.is_empty() {
-            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            let host = if listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                listen.ip().to_string()
+            };
             advertise.push((host, listen.port()));
         }
         let hub_name = args.hub_name.or(file.hub_name).unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "hub".into())
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "hub".into())
         });
-        let dur = |field, a: Option<String>, f: Option<String>, d: &str| parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()));
-        let agent_cert_ttl = dur("agent-cert-ttl", args.agent_cert_ttl, file.agent_cert_ttl, "30d")?;
+        let dur = |field, a: Option<String>, f: Option<String>, d: &str| {
+            parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()))
+        };
+        let agent_cert_ttl = dur(
+            "agent-cert-ttl",
+            args.agent_cert_ttl,
+            file.agent_cert_ttl,
+            "30d",
+        )?;
         let keepalive = dur("keepalive", args.keepalive, file.keepalive, "5s")?;
         let idle_timeout = dur("idle-timeout", args.idle_timeout, file.idle_timeout, "15s")?;
-        let drain_timeout = dur("drain-timeout", args.drain_timeout, file.drain_timeout, "10s")?;
+        let drain_timeout = dur(
+            "drain-timeout",
+            args.drain_timeout,
+            file.drain_timeout,
+            "10s",
+        )?;
         let restart_hint = dur("restart-hint", args.restart_hint, file.restart_hint, "1s")?;
         if agent_cert_ttl < Duration::from_secs(10) {
-            return Err(ConfigError::Invalid { field: "agent-cert-ttl", value: format!("{agent_cert_ttl:?}"), allowed: "at least 10s".into() });
+            return Err(ConfigError::Invalid {
+                field: "agent-cert-ttl",
+                value: format!("{agent_cert_ttl:?}"),
+                allowed: "at least 10s".into(),
+            });
         }
         if keepalive.is_zero() || keepalive >= idle_timeout {
             return Err(ConfigError::Invalid {
                 field: "keepalive",
                 value: humantime::format_duration(keepalive).to_string(),
-                allowed: format!("more than 0 and less than idle-timeout ({})", humantime::format_duration(idle_timeout)),
+                allowed: format!(
+                    "more than 0 and less than idle-timeout ({})",
+                    humantime::format_duration(idle_timeout)
+                ),
             });
         }
         let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1360);
         if !(576..=1450).contains(&site_mtu) {
-            return Err(ConfigError::Invalid { field: "site-mtu", value: site_mtu.to_string(), allowed: "576 to 1450".into() });
+            return Err(ConfigError::Invalid {
+                field: "site-mtu",
+                value: site_mtu.to_string(),
+                allowed: "576 to 1450".into(),
+            });
         }
         Ok(Self {
             listen,
@@ -296,20 +376,59 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field_and_what_is_allowed() {
-        let e = HubConfig::from_args(RunArgs { listen: Some("nope".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("listen") && e.to_string().contains("IP:PORT"), "{e}");
-        let e = HubConfig::from_args(RunArgs { keepalive: Some("5 parsecs".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        let e = HubConfig::from_args(
+            RunArgs {
+                listen: Some("nope".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("listen") && e.to_string().contains("IP:PORT"),
+            "{e}"
+        );
+        let e = HubConfig::from_args(
+            RunArgs {
+                keepalive: Some("5 parsecs".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("keepalive"), "{e}");
-        let e = HubConfig::from_args(RunArgs { keepalive: Some("20s".into()), ..Default::default() }, FileConfig::default()).unwrap_err();
+        let e = HubConfig::from_args(
+            RunArgs {
+                keepalive: Some("20s".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("less than idle-timeout"), "{e}");
-        let e = HubConfig::from_args(RunArgs { advertise: vec!["host".into()], ..Default::default() }, FileConfig::default()).unwrap_err();
+        let e = HubConfig::from_args(
+            RunArgs {
+                advertise: vec!["host".into()],
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("advertise"), "{e}");
     }
 
     #[test]
     fn file_values_apply_and_flags_win_and_typos_are_errors() {
-        let file: FileConfig = toml::from_str("listen = '127.0.0.1:1'\nidle-timeout = '30s'\n").unwrap();
-        let c = HubConfig::from_args(RunArgs { listen: Some("127.0.0.1:2".into()), ..Default::default() }, file).unwrap();
+        let file: FileConfig =
+            toml::from_str("listen = '127.0.0.1:1'\nidle-timeout = '30s'\n").unwrap();
+        let c = HubConfig::from_args(
+            RunArgs {
+                listen: Some("127.0.0.1:2".into()),
+                ..Default::default()
+            },
+            file,
+        )
+        .unwrap();
         assert_eq!(c.listen.port(), 2);
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         let e = toml::from_str::<FileConfig>("listn = '127.0.0.1:1'\n").unwrap_err();

@@ -81,8 +81,14 @@ mod opt_mac {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MacAddr>, D::Error> {
         let s = Option::<String>::deserialize(d)?;
-        s.map(|s| s.parse::<MacAddr>().map_err(|_| serde::de::Error::custom(format!("invalid MAC address {s:?} (expected aa:bb:cc:dd:ee:ff)"))))
-            .transpose()
+        s.map(|s| {
+            s.parse::<MacAddr>().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "invalid MAC address {s:?} (expected aa:bb:cc:dd:ee:ff)"
+                ))
+            })
+        })
+        .transpose()
     }
 }
 
@@ -98,7 +104,12 @@ pub enum InventoryError {
     #[error("duplicate {what} {value:?}")]
     Duplicate { what: &'static str, value: String },
     #[error("pod CIDR {cidr} of node {node} overlaps {other_cidr} of node {other}")]
-    OverlappingPodCidr { node: String, cidr: IpNet, other: String, other_cidr: IpNet },
+    OverlappingPodCidr {
+        node: String,
+        cidr: IpNet,
+        other: String,
+        other_cidr: IpNet,
+    },
     #[error("site {0:?} still has nodes")]
     SiteInUse(String),
 }
@@ -109,7 +120,11 @@ pub enum AdmissionError {
     #[error("node {0:?} is not in the inventory")]
     UnknownNode(String),
     #[error("node {node:?} is in {kind} site {site:?}; only nodes in public-network sites connect to the hub")]
-    NotPublicSite { node: String, site: String, kind: &'static str },
+    NotPublicSite {
+        node: String,
+        site: String,
+        kind: &'static str,
+    },
 }
 
 /// The raw file shape.
@@ -139,7 +154,9 @@ pub fn valid_node_name(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -148,8 +165,10 @@ pub fn valid_node_name(name: &str) -> bool {
 impl Inventory {
     /// Parses and validates a TOML inventory; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, InventoryError> {
-        let file: InventoryFile =
-            toml::from_str(text).map_err(|e| InventoryError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        let file: InventoryFile = toml::from_str(text).map_err(|e| InventoryError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
         let mut inv = Inventory::default();
         inv.reset(file.sites, file.nodes)?;
         Ok(inv)
@@ -161,16 +180,25 @@ impl Inventory {
 
     /// Replaces everything (a relist). On error nothing changes.
     pub fn reset(&mut self, sites: Vec<Site>, nodes: Vec<Node>) -> Result<(), InventoryError> {
-        let mut next = Inventory { generation: self.generation, ..Default::default() };
+        let mut next = Inventory {
+            generation: self.generation,
+            ..Default::default()
+        };
         for s in sites {
             if next.sites.contains_key(&s.name) {
-                return Err(InventoryError::Duplicate { what: "site", value: s.name });
+                return Err(InventoryError::Duplicate {
+                    what: "site",
+                    value: s.name,
+                });
             }
             next.sites.insert(s.name.clone(), s);
         }
         for n in nodes {
             if next.nodes.contains_key(&n.name) {
-                return Err(InventoryError::Duplicate { what: "node", value: n.name });
+                return Err(InventoryError::Duplicate {
+                    what: "node",
+                    value: n.name,
+                });
             }
             next.apply_node(n)?;
         }
@@ -198,11 +226,18 @@ impl Inventory {
             return Err(InventoryError::BadNodeName(node.name));
         }
         if !self.sites.contains_key(&node.site) {
-            return Err(InventoryError::UnknownSite { node: node.name, site: node.site });
+            return Err(InventoryError::UnknownSite {
+                node: node.name,
+                site: node.site,
+            });
         }
         for other in self.nodes.values().filter(|o| o.name != node.name) {
             for cidr in &node.pod_cidrs {
-                if let Some(oc) = other.pod_cidrs.iter().find(|oc| oc.contains(cidr) || cidr.contains(*oc)) {
+                if let Some(oc) = other
+                    .pod_cidrs
+                    .iter()
+                    .find(|oc| oc.contains(cidr) || cidr.contains(*oc))
+                {
                     return Err(InventoryError::OverlappingPodCidr {
                         node: node.name.clone(),
                         cidr: *cidr,
@@ -212,7 +247,10 @@ impl Inventory {
                 }
             }
             if node.vtep_mac.is_some() && other.vtep_mac == node.vtep_mac {
-                return Err(InventoryError::Duplicate { what: "VtepMAC", value: node.vtep_mac.map(|m| m.to_string()).unwrap_or_default() });
+                return Err(InventoryError::Duplicate {
+                    what: "VtepMAC",
+                    value: node.vtep_mac.map(|m| m.to_string()).unwrap_or_default(),
+                });
             }
         }
         self.nodes.insert(node.name.clone(), node);
@@ -253,12 +291,17 @@ impl Inventory {
     /// Nodes whose addresses include `ip` (more than one across sites is normal: private
     /// address plans overlap between data centres).
     pub fn nodes_by_address(&self, ip: IpAddr) -> Vec<&Node> {
-        self.nodes.values().filter(|n| n.addresses.contains(&ip)).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.addresses.contains(&ip))
+            .collect()
     }
 
     /// The node whose pod CIDR contains `ip` (CIDRs never overlap, see `apply_node`).
     pub fn node_by_pod_ip(&self, ip: IpAddr) -> Option<&Node> {
-        self.nodes.values().find(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
+        self.nodes
+            .values()
+            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
     }
 
     pub fn node_by_vtep_mac(&self, mac: MacAddr) -> Option<&Node> {
@@ -272,10 +315,20 @@ impl Inventory {
 
     /// Whether `name` may hold a tunnel: it must exist and sit in a public-network site.
     pub fn admit_agent(&self, name: &str) -> Result<(&Node, &Site), AdmissionError> {
-        let node = self.nodes.get(name).ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
-        let site = self.sites.get(&node.site).ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
+        let node = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
+        let site = self
+            .sites
+            .get(&node.site)
+            .ok_or_else(|| AdmissionError::UnknownNode(name.to_string()))?;
         if site.kind != SiteKind::Public {
-            return Err(AdmissionError::NotPublicSite { node: name.to_string(), site: site.name.clone(), kind: site.kind.as_str() });
+            return Err(AdmissionError::NotPublicSite {
+                node: name.to_string(),
+                site: site.name.clone(),
+                kind: site.kind.as_str(),
+            });
         }
         Ok((node, site))
     }
@@ -284,19 +337,33 @@ impl Inventory {
     /// VTEP, `Direct` inside its own site (Flannel's plain VXLAN keeps working there) and `ViaHub`
     /// for everything else.
     pub fn routes_for(&self, node_name: &str) -> Vec<petrel_proto::Route> {
-        let Some(me) = self.nodes.get(node_name) else { return Vec::new() };
+        let Some(me) = self.nodes.get(node_name) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for n in self.nodes.values().filter(|n| n.name != me.name) {
-            let (Some(mac), Some(underlay)) = (n.vtep_mac, n.public_ip.or_else(|| n.addresses.first().copied())) else { continue };
+            let (Some(mac), Some(underlay)) = (
+                n.vtep_mac,
+                n.public_ip.or_else(|| n.addresses.first().copied()),
+            ) else {
+                continue;
+            };
             for cidr in &n.pod_cidrs {
-                let Ok(pod_cidr) = petrel_proto::IpCidr::new(cidr.network(), cidr.prefix_len()) else { continue };
+                let Ok(pod_cidr) = petrel_proto::IpCidr::new(cidr.network(), cidr.prefix_len())
+                else {
+                    continue;
+                };
                 out.push(petrel_proto::Route {
                     node_name: n.name.clone(),
                     site: n.site.clone(),
                     pod_cidr,
                     vtep_mac: mac,
                     underlay,
-                    path: if n.site == me.site { petrel_proto::RoutePath::Direct } else { petrel_proto::RoutePath::ViaHub },
+                    path: if n.site == me.site {
+                        petrel_proto::RoutePath::Direct
+                    } else {
+                        petrel_proto::RoutePath::ViaHub
+                    },
                 });
             }
         }
@@ -305,7 +372,10 @@ impl Inventory {
 
     /// Serializes back to the file shape (for `inventory show` and tests).
     pub fn to_file(&self) -> InventoryFile {
-        InventoryFile { sites: self.sites.values().cloned().collect(), nodes: self.nodes.values().cloned().collect() }
+        InventoryFile {
+            sites: self.sites.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
+        }
     }
 }
 
@@ -318,10 +388,22 @@ mod tests {
     fn embedded_default_loads_and_admits_only_public_edges() {
         let inv = Inventory::embedded_default().unwrap();
         assert!(inv.admit_agent("edge-a1").is_ok());
-        assert!(matches!(inv.admit_agent("x1"), Err(AdmissionError::NotPublicSite { .. })));
-        assert!(matches!(inv.admit_agent("cloud-1"), Err(AdmissionError::NotPublicSite { .. })));
-        assert!(matches!(inv.admit_agent("nope"), Err(AdmissionError::UnknownNode(_))));
-        assert_eq!(inv.gateways().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["gw-1"]);
+        assert!(matches!(
+            inv.admit_agent("x1"),
+            Err(AdmissionError::NotPublicSite { .. })
+        ));
+        assert!(matches!(
+            inv.admit_agent("cloud-1"),
+            Err(AdmissionError::NotPublicSite { .. })
+        ));
+        assert!(matches!(
+            inv.admit_agent("nope"),
+            Err(AdmissionError::UnknownNode(_))
+        ));
+        assert_eq!(
+            inv.gateways().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            vec!["gw-1"]
+        );
     }
 
     #[test]
@@ -344,27 +426,50 @@ mod tests {
             IpNet::V6(_) => unreachable!(),
         };
         assert_eq!(inv.node_by_pod_ip(ip).unwrap().name, "edge-a1");
-        assert_eq!(inv.node_by_vtep_mac(a1.vtep_mac.unwrap()).unwrap().name, "edge-a1");
+        assert_eq!(
+            inv.node_by_vtep_mac(a1.vtep_mac.unwrap()).unwrap().name,
+            "edge-a1"
+        );
         assert_eq!(inv.nodes_by_address(a1.addresses[0])[0].name, "edge-a1");
     }
 
     #[test]
     fn typos_and_conflicts_are_clear_errors_and_change_nothing() {
-        let err = Inventory::from_toml("[[sites]]\nname='a'\nkind='publik'\n", "f.toml").unwrap_err();
-        assert!(err.to_string().contains("f.toml") && err.to_string().contains("publik"), "{err}");
-        let err = Inventory::from_toml("[[sites]]\nname='a'\nkind='public'\nbogus=1\n", "f.toml").unwrap_err();
+        let err =
+            Inventory::from_toml("[[sites]]\nname='a'\nkind='publik'\n", "f.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("f.toml") && err.to_string().contains("publik"),
+            "{err}"
+        );
+        let err = Inventory::from_toml("[[sites]]\nname='a'\nkind='public'\nbogus=1\n", "f.toml")
+            .unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
         let err = Inventory::from_toml("[[nodes]]\nname='n'\nsite='zz'\n", "f").unwrap_err();
-        assert_eq!(err, InventoryError::UnknownSite { node: "n".into(), site: "zz".into() });
+        assert_eq!(
+            err,
+            InventoryError::UnknownSite {
+                node: "n".into(),
+                site: "zz".into()
+            }
+        );
 
         let mut inv = Inventory::embedded_default().unwrap();
         let before = inv.generation();
         let mut clash = inv.node("edge-a1").unwrap().clone();
         clash.name = "edge-a9".into();
         clash.vtep_mac = None;
-        assert!(matches!(inv.apply_node(clash), Err(InventoryError::OverlappingPodCidr { .. })));
+        assert!(matches!(
+            inv.apply_node(clash),
+            Err(InventoryError::OverlappingPodCidr { .. })
+        ));
         assert_eq!(inv.generation(), before);
-        assert!(matches!(inv.apply_node(Node { name: "Bad_Name".into(), ..inv.node("edge-a1").unwrap().clone() }), Err(InventoryError::BadNodeName(_))));
+        assert!(matches!(
+            inv.apply_node(Node {
+                name: "Bad_Name".into(),
+                ..inv.node("edge-a1").unwrap().clone()
+            }),
+            Err(InventoryError::BadNodeName(_))
+        ));
         assert!(inv.node("edge-a9").is_none());
     }
 
@@ -379,7 +484,10 @@ mod tests {
         assert!(inv.admit_agent("edge-b2").is_ok());
         assert!(inv.delete_node("edge-b2").is_some());
         assert!(inv.admit_agent("edge-b2").is_err());
-        assert!(matches!(inv.delete_site("site-a"), Err(InventoryError::SiteInUse(_))));
+        assert!(matches!(
+            inv.delete_site("site-a"),
+            Err(InventoryError::SiteInUse(_))
+        ));
         inv.reset(vec![], vec![]).unwrap();
         assert_eq!(inv.nodes().count(), 0);
     }

@@ -6,7 +6,9 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use petrel_gateway::config::{self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, TokenCommand};
+use petrel_gateway::config::{
+    self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, TokenCommand,
+};
 use petrel_gateway::hub::Hub;
 use petrel_gateway::inventory::Inventory;
 use petrel_gateway::pki_store::{CaStore, StateDir, TokenStore};
@@ -22,7 +24,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => ExitCode::from(EXIT_CONFIG),
             };
         }
@@ -41,9 +45,10 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => token_create(args, &file),
         Command::Token(TokenCommand::List(args)) => token_list(&state_dir(&args, &file)),
         Command::Status(args) => status(args.admin_addr.or(file.admin_addr.clone()), args.json),
-        Command::Ca(CaCommand::Fingerprint(args)) => {
-            StateDir::new(state_dir(&args, &file)).load_or_create(SystemTime::now()).map(|ca| println!("{}", ca.fingerprint())).map_err(Into::into)
-        }
+        Command::Ca(CaCommand::Fingerprint(args)) => StateDir::new(state_dir(&args, &file))
+            .load_or_create(SystemTime::now())
+            .map(|ca| println!("{}", ca.fingerprint()))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,19 +68,28 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 fn init_logging(filter: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn state_dir(args: &StateArgs, file: &config::FileConfig) -> std::path::PathBuf {
-    args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(|| config::default_state_dir("gateway"))
+    args.state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| config::default_state_dir("gateway"))
 }
 
 fn load_inventory(path: Option<&std::path::Path>) -> anyhow::Result<Inventory> {
     Ok(match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read inventory {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read inventory {}", p.display()))?;
             Inventory::from_toml(&text, &p.display().to_string())?
         }
         None => Inventory::embedded_default()?,
@@ -91,16 +105,24 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             std::process::exit(i32::from(EXIT_CONFIG));
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let admin_addr = cfg.admin_addr;
-        let admin = tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot bind admin address {admin_addr}"))?;
-    let admin_addr = admin.local_addr().unwrap_or(admin_addr);
+        let admin = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+        let admin_addr = admin.local_addr().unwrap_or(admin_addr);
         let hub = Hub::bind(cfg, inventory)?;
         let ctx = hub.context();
         let shutdown = CancellationToken::new();
-        let admin_task = tokio::spawn(petrel_transport::admin::serve(admin, ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>, shutdown.clone()));
-            info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
+        let admin_task = tokio::spawn(petrel_transport::admin::serve(
+            admin,
+            ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>,
+            shutdown.clone(),
+        ));
+        info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let signals = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -116,7 +138,10 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         }
@@ -130,18 +155,30 @@ async fn wait_for_signal() {
 fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> anyhow::Result<()> {
     let ttl = config::parse_duration("ttl", &args.ttl)?;
     if !petrel_gateway::inventory::valid_node_name(&args.node) {
-        return Err(ConfigError::Invalid { field: "node", value: args.node, allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into() }.into());
+        return Err(ConfigError::Invalid {
+            field: "node",
+            value: args.node,
+            allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
+        }
+        .into());
     }
     let inventory = load_inventory(file.inventory.as_deref())?;
     if let Err(e) = inventory.admit_agent(&args.node) {
         eprintln!("warning: {e}; the hub will refuse this node until the inventory lists it as an edge node in a public site");
     }
-    let server = match args.server.clone().or_else(|| file.advertise.first().cloned()) {
+    let server = match args
+        .server
+        .clone()
+        .or_else(|| file.advertise.first().cloned())
+    {
         Some(s) => {
             config::parse_host_port("server", &s)?;
             s
         }
-        None => format!("127.0.0.1:{}", config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")),
+        None => format!(
+            "127.0.0.1:{}",
+            config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")
+        ),
     };
     let store = StateDir::new(state_dir(&args.state, file));
     let ca = store.load_or_create(SystemTime::now())?;
@@ -150,17 +187,31 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
         "# join token for node {} (expires {}, {})",
         token.node,
         humantime::format_rfc3339_seconds(token.expires),
-        if token.single_use { "single use" } else { "reusable until it expires" }
+        if token.single_use {
+            "single use"
+        } else {
+            "reusable until it expires"
+        }
     );
-    println!("petrel-edge-agent join --server {server} --node-name {} --token {} --ca-sha256 {}", token.node, token.token, ca.fingerprint());
+    println!(
+        "petrel-edge-agent join --server {server} --node-name {} --token {} --ca-sha256 {}",
+        token.node,
+        token.token,
+        ca.fingerprint()
+    );
     Ok(())
 }
 
 fn token_list(dir: &std::path::Path) -> anyhow::Result<()> {
     let tokens = StateDir::new(dir).list()?;
-    println!("{:<8} {:<24} {:<22} {:<10} USED", "ID", "NODE", "EXPIRES", "USE");
+    println!(
+        "{:<8} {:<24} {:<22} {:<10} USED",
+        "ID", "NODE", "EXPIRES", "USE"
+    );
     for (id, t) in tokens {
-        let exp = humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.expires_unix));
+        let exp = humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.expires_unix),
+        );
         println!(
             "{id:<8} {:<24} {:<22} {:<10} {}",
             t.node,
@@ -173,8 +224,13 @@ fn token_list(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn status(admin_addr: Option<String>, json: bool) -> anyhow::Result<()> {
-    let addr = config::parse_socket_addr("admin-addr", admin_addr.as_deref().unwrap_or(config::DEFAULT_ADMIN))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let addr = config::parse_socket_addr(
+        "admin-addr",
+        admin_addr.as_deref().unwrap_or(config::DEFAULT_ADMIN),
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (code, body) = rt.block_on(petrel_transport::admin::get(addr, "/status"))?;
     if !code.is_success() {
         anyhow::bail!("hub admin endpoint answered {code}: {body}");
@@ -182,8 +238,12 @@ fn status(admin_addr: Option<String>, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{body}");
     } else {
-        let doc: serde_json::Value = serde_json::from_str(&body).context("hub /status is not JSON")?;
-        print!("{}", petrel_gateway::status::render(&doc, SystemTime::now()));
+        let doc: serde_json::Value =
+            serde_json::from_str(&body).context("hub /status is not JSON")?;
+        print!(
+            "{}",
+            petrel_gateway::status::render(&doc, SystemTime::now())
+        );
     }
     Ok(())
 }

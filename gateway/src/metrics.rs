@@ -44,23 +44,63 @@ impl HubMetrics {
             going_away_sent: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("agents_connected", "Agents with an established tunnel", m.agents_connected.clone());
-        registry.register("tunnel_handshakes", "QUIC handshakes on the hub port, by outcome", m.tunnel_handshakes.clone());
-        registry.register("agent_refusals", "Tunnel connections refused after the handshake, by reason", m.agent_refusals.clone());
-        registry.register("agents_replaced", "Tunnels replaced by a newer connection from the same node", m.agents_replaced.clone());
-        registry.register("enrolments", "Enrolment attempts, by outcome", m.enrolments.clone());
-        registry.register("renewals", "Certificate renewals over the tunnel, by outcome", m.renewals.clone());
-        registry.register("datagrams_dropped", "Datagrams from agents dropped, by reason", m.datagrams_dropped.clone());
-        registry.register("going_away_sent", "Going-away messages sent to agents", m.going_away_sent.clone());
+        registry.register(
+            "agents_connected",
+            "Agents with an established tunnel",
+            m.agents_connected.clone(),
+        );
+        registry.register(
+            "tunnel_handshakes",
+            "QUIC handshakes on the hub port, by outcome",
+            m.tunnel_handshakes.clone(),
+        );
+        registry.register(
+            "agent_refusals",
+            "Tunnel connections refused after the handshake, by reason",
+            m.agent_refusals.clone(),
+        );
+        registry.register(
+            "agents_replaced",
+            "Tunnels replaced by a newer connection from the same node",
+            m.agents_replaced.clone(),
+        );
+        registry.register(
+            "enrolments",
+            "Enrolment attempts, by outcome",
+            m.enrolments.clone(),
+        );
+        registry.register(
+            "renewals",
+            "Certificate renewals over the tunnel, by outcome",
+            m.renewals.clone(),
+        );
+        registry.register(
+            "datagrams_dropped",
+            "Datagrams from agents dropped, by reason",
+            m.datagrams_dropped.clone(),
+        );
+        registry.register(
+            "going_away_sent",
+            "Going-away messages sent to agents",
+            m.going_away_sent.clone(),
+        );
         Self { registry, ..m }
     }
 
     pub fn inc_outcome(family: &Family<Outcome, Counter>, outcome: &str) {
-        family.get_or_create(&Outcome { outcome: outcome.to_string() }).inc();
+        family
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn inc_reason(family: &Family<Reason, Counter>, reason: &str) {
-        family.get_or_create(&Reason { reason: reason.to_string() }).inc();
+        family
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

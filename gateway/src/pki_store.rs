@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use petrel_transport::pki::{CertificateAuthority, PkiError};
-use petrel_transport::private_files::{ensure_private_dir, read_optional, write_private, PrivateFileError};
+use petrel_transport::private_files::{
+    ensure_private_dir, read_optional, write_private, PrivateFileError,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,7 +35,10 @@ pub enum StoreError {
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error("cannot lock {path}: {source}")]
-    Lock { path: PathBuf, source: std::io::Error },
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a join token was refused. Each maps to an enrolment error code the agent prints.
@@ -43,7 +48,9 @@ pub enum TokenError {
     Invalid,
     #[error("the join token expired at {0} (create a new one with `petrel-gateway token create`)")]
     Expired(String),
-    #[error("the join token was already used (tokens are single-use unless created with --reusable)")]
+    #[error(
+        "the join token was already used (tokens are single-use unless created with --reusable)"
+    )]
     AlreadyUsed,
     #[error("the join token is bound to node {bound:?}, not {asked:?}")]
     WrongNode { bound: String, asked: String },
@@ -76,7 +83,13 @@ pub trait CaStore: Send + Sync {
 
 /// Storage for join tokens.
 pub trait TokenStore: Send + Sync {
-    fn create(&self, node: &str, ttl: Duration, single_use: bool, now: SystemTime) -> Result<NewToken, StoreError>;
+    fn create(
+        &self,
+        node: &str,
+        ttl: Duration,
+        single_use: bool,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError>;
     /// Checks `token` for `node`, runs `issue` (signing), and consumes a single-use token only if
     /// `issue` succeeded, all under one lock: a failed enrolment never burns the token and two
     /// concurrent enrolments can never both use it.
@@ -93,7 +106,9 @@ pub trait TokenStore: Send + Sync {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn fmt_unix(secs: u64) -> String {
@@ -127,7 +142,10 @@ impl StateDir {
             if b.len() == 32 {
                 return Ok(b);
             }
-            return Err(StoreError::Corrupt { path, message: format!("expected 32 bytes, found {}", b.len()) });
+            return Err(StoreError::Corrupt {
+                path,
+                message: format!("expected 32 bytes, found {}", b.len()),
+            });
         }
         let mut secret = vec![0u8; 32];
         rand::rng().fill(&mut secret[..]);
@@ -135,7 +153,10 @@ impl StateDir {
         Ok(secret)
     }
 
-    fn with_token_lock<T>(&self, f: impl FnOnce(&Path) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_token_lock<T>(
+        &self,
+        f: impl FnOnce(&Path) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         self.ensure()?;
         let lock_path = self.dir.join("tokens.lock");
         let lock = OpenOptions::new()
@@ -144,8 +165,14 @@ impl StateDir {
             .write(true)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
-        lock.lock().map_err(|source| StoreError::Lock { path: lock_path.clone(), source })?;
+            .map_err(|source| StoreError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        lock.lock().map_err(|source| StoreError::Lock {
+            path: lock_path.clone(),
+            source,
+        })?;
         let result = f(&self.dir.join("tokens.json"));
         let _ = lock.unlock();
         result
@@ -154,12 +181,18 @@ impl StateDir {
     fn read_tokens(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
         match read_optional(path)? {
             None => Ok(BTreeMap::new()),
-            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() }),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }),
         }
     }
 
     fn write_tokens(path: &Path, tokens: &BTreeMap<String, TokenRecord>) -> Result<(), StoreError> {
-        let body = serde_json::to_vec_pretty(tokens).map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
+        let body = serde_json::to_vec_pretty(tokens).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Ok(write_private(path, &body)?)
     }
 }
@@ -170,8 +203,16 @@ impl CaStore for StateDir {
         let (crt, key) = (self.dir.join("ca.crt"), self.dir.join("ca.key"));
         match (read_optional(&crt)?, read_optional(&key)?) {
             (Some(c), Some(k)) => {
-                let text = |b: Vec<u8>, p: &Path| String::from_utf8(b).map_err(|_| StoreError::Corrupt { path: p.to_path_buf(), message: "not UTF-8 PEM".into() });
-                Ok(CertificateAuthority::from_pem(&text(c, &crt)?, &text(k, &key)?)?)
+                let text = |b: Vec<u8>, p: &Path| {
+                    String::from_utf8(b).map_err(|_| StoreError::Corrupt {
+                        path: p.to_path_buf(),
+                        message: "not UTF-8 PEM".into(),
+                    })
+                };
+                Ok(CertificateAuthority::from_pem(
+                    &text(c, &crt)?,
+                    &text(k, &key)?,
+                )?)
             }
             (None, None) => {
                 let ca = CertificateAuthority::generate("petrel-ca", now, CA_VALIDITY)?;
@@ -181,8 +222,14 @@ impl CaStore for StateDir {
                 write_private(&crt, ca.cert_pem().as_bytes())?;
                 Ok(ca)
             }
-            (Some(_), None) => Err(StoreError::Corrupt { path: key, message: "CA certificate exists but its key is missing".into() }),
-            (None, Some(_)) => Err(StoreError::Corrupt { path: crt, message: "CA key exists but its certificate is missing".into() }),
+            (Some(_), None) => Err(StoreError::Corrupt {
+                path: key,
+                message: "CA certificate exists but its key is missing".into(),
+            }),
+            (None, Some(_)) => Err(StoreError::Corrupt {
+                path: crt,
+                message: "CA key exists but its certificate is missing".into(),
+            }),
         }
     }
 }
@@ -190,12 +237,18 @@ impl CaStore for StateDir {
 fn random_token_part(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn split_token(token: &str) -> Option<(&str, &str)> {
     let (id, secret) = token.trim().split_once('.')?;
-    let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
     (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
 }
 
@@ -205,11 +258,21 @@ fn sha256_hex(s: &str) -> String {
 
 /// Constant-time comparison: the hash is not secret, but there is no reason to leak timing.
 fn ct_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl TokenStore for StateDir {
-    fn create(&self, node: &str, ttl: Duration, single_use: bool, now: SystemTime) -> Result<NewToken, StoreError> {
+    fn create(
+        &self,
+        node: &str,
+        ttl: Duration,
+        single_use: bool,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
         self.with_token_lock(|path| {
             let mut tokens = Self::read_tokens(path)?;
             let now_s = unix(now);
@@ -222,10 +285,21 @@ impl TokenStore for StateDir {
             let expires = now + ttl;
             tokens.insert(
                 id.clone(),
-                TokenRecord { node: node.to_string(), secret_sha256: sha256_hex(&secret), expires_unix: unix(expires), single_use, used_unix: None },
+                TokenRecord {
+                    node: node.to_string(),
+                    secret_sha256: sha256_hex(&secret),
+                    expires_unix: unix(expires),
+                    single_use,
+                    used_unix: None,
+                },
             );
             Self::write_tokens(path, &tokens)?;
-            Ok(NewToken { token: format!("{id}.{secret}"), node: node.to_string(), expires, single_use })
+            Ok(NewToken {
+                token: format!("{id}.{secret}"),
+                node: node.to_string(),
+                expires,
+                single_use,
+            })
         })
     }
 
@@ -246,7 +320,10 @@ impl TokenStore for StateDir {
                     return Err(TokenError::Invalid);
                 }
                 if rec.node != node {
-                    return Err(TokenError::WrongNode { bound: rec.node.clone(), asked: node.to_string() });
+                    return Err(TokenError::WrongNode {
+                        bound: rec.node.clone(),
+                        asked: node.to_string(),
+                    });
                 }
                 if unix(now) >= rec.expires_unix {
                     return Err(TokenError::Expired(fmt_unix(rec.expires_unix)));
@@ -276,7 +353,11 @@ impl TokenStore for StateDir {
         match (locked, outcome) {
             (Err(e), _) => Err(e.into()),
             (Ok(()), Some(o)) => o,
-            (Ok(()), None) => Err(StoreError::Corrupt { path: self.dir.join("tokens.json"), message: "token check did not run".into() }.into()),
+            (Ok(()), None) => Err(StoreError::Corrupt {
+                path: self.dir.join("tokens.json"),
+                message: "token check did not run".into(),
+            }
+            .into()),
         }
     }
 
@@ -312,23 +393,45 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = StateDir::new(tmp.path().join("state"));
         let now = SystemTime::now();
-        let t = store.create("edge-a1", Duration::from_secs(3600), true, now).unwrap();
+        let t = store
+            .create("edge-a1", Duration::from_secs(3600), true, now)
+            .unwrap();
         let ok = || Ok::<_, Err>(42);
-        assert_eq!(store.redeem("zzzzzz.0000000000000000", "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
-        assert_eq!(store.redeem("garbage", "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
+        assert_eq!(
+            store.redeem("zzzzzz.0000000000000000", "edge-a1", now, ok),
+            Err(Err::Token(TokenError::Invalid))
+        );
+        assert_eq!(
+            store.redeem("garbage", "edge-a1", now, ok),
+            Err(Err::Token(TokenError::Invalid))
+        );
         let wrong_secret = format!("{}.0000000000000000", &t.token[..6]);
-        assert_eq!(store.redeem(&wrong_secret, "edge-a1", now, ok), Err(Err::Token(TokenError::Invalid)));
-        assert!(matches!(store.redeem(&t.token, "edge-b1", now, ok), Err(Err::Token(TokenError::WrongNode { .. }))));
+        assert_eq!(
+            store.redeem(&wrong_secret, "edge-a1", now, ok),
+            Err(Err::Token(TokenError::Invalid))
+        );
+        assert!(matches!(
+            store.redeem(&t.token, "edge-b1", now, ok),
+            Err(Err::Token(TokenError::WrongNode { .. }))
+        ));
         assert!(matches!(
             store.redeem(&t.token, "edge-a1", now + Duration::from_secs(3601), ok),
             Err(Err::Token(TokenError::Expired(_)))
         ));
         // A failed issuance does not burn the token.
-        assert_eq!(store.redeem(&t.token, "edge-a1", now, || Err::<i32, _>(Err::Sign)), Err(Err::Sign));
+        assert_eq!(
+            store.redeem(&t.token, "edge-a1", now, || Err::<i32, _>(Err::Sign)),
+            Err(Err::Sign)
+        );
         assert_eq!(store.redeem(&t.token, "edge-a1", now, ok), Ok(42));
-        assert_eq!(store.redeem(&t.token, "edge-a1", now, ok), Err(Err::Token(TokenError::AlreadyUsed)));
+        assert_eq!(
+            store.redeem(&t.token, "edge-a1", now, ok),
+            Err(Err::Token(TokenError::AlreadyUsed))
+        );
 
-        let r = store.create("edge-a2", Duration::from_secs(60), false, now).unwrap();
+        let r = store
+            .create("edge-a2", Duration::from_secs(60), false, now)
+            .unwrap();
         assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
         assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
         // secrets are not stored
@@ -344,7 +447,10 @@ mod tests {
         let b = store.load_or_create(SystemTime::now()).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         std::fs::remove_file(tmp.path().join("ca.key")).unwrap();
-        assert!(matches!(store.load_or_create(SystemTime::now()), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.load_or_create(SystemTime::now()),
+            Err(StoreError::Corrupt { .. })
+        ));
         assert_eq!(store.hub_secret().unwrap(), store.hub_secret().unwrap());
     }
 }

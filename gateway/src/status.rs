@@ -13,13 +13,21 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn since(unix: u64, now: SystemTime) -> String {
     let t = UNIX_EPOCH + Duration::from_secs(unix);
     let age = now.duration_since(t).unwrap_or_default();
-    format!("{} ({} ago)", humantime::format_rfc3339_seconds(t), humantime::format_duration(Duration::from_secs(age.as_secs())))
+    format!(
+        "{} ({} ago)",
+        humantime::format_rfc3339_seconds(t),
+        humantime::format_duration(Duration::from_secs(age.as_secs()))
+    )
 }
 
 /// Renders the `/status` document.
@@ -34,22 +42,42 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
             hub.get("ca_sha256").and_then(|v| v.as_str()).unwrap_or("?"),
         ));
     }
-    let agents: Vec<AgentStatus> = status.get("agents").cloned().and_then(|a| serde_json::from_value(a).ok()).unwrap_or_default();
-    let header = ["NODE", "SITE", "REMOTE", "CONNECTED SINCE", "RTT", "BYTES IN", "BYTES OUT", "DROPPED", "STREAMS"];
+    let agents: Vec<AgentStatus> = status
+        .get("agents")
+        .cloned()
+        .and_then(|a| serde_json::from_value(a).ok())
+        .unwrap_or_default();
+    let header = [
+        "NODE",
+        "SITE",
+        "REMOTE",
+        "CONNECTED SINCE",
+        "RTT",
+        "BYTES IN",
+        "BYTES OUT",
+        "DROPPED",
+        "STREAMS",
+    ];
     let rows: Vec<[String; 9]> = agents
         .iter()
         .map(|a| {
             let dropped = if a.datagrams_dropped.is_empty() {
                 "0".to_string()
             } else {
-                a.datagrams_dropped.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                a.datagrams_dropped
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
             };
             [
                 a.node.clone(),
                 a.site.clone(),
                 a.remote.clone(),
                 since(a.connected_since_unix, now),
-                a.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(|| "-".into()),
+                a.rtt_ms
+                    .map(|r| format!("{r:.1}ms"))
+                    .unwrap_or_else(|| "-".into()),
                 human_bytes(a.bytes_in),
                 human_bytes(a.bytes_out),
                 dropped,
@@ -64,7 +92,12 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
         }
     }
     let line = |cells: &[String]| {
-        let mut l = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        let mut l = cells
+            .iter()
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
         l.truncate(l.trim_end().len());
         l.push('\n');
         l
@@ -94,8 +127,14 @@ mod tests {
             }]
         });
         let text = render(&doc, UNIX_EPOCH + Duration::from_secs(90));
-        assert!(text.contains("edge-a1") && text.contains("1.2ms") && text.contains("2.0 KiB"), "{text}");
-        assert!(text.contains("spoofed_source=3") && text.contains("1m 30s ago"), "{text}");
+        assert!(
+            text.contains("edge-a1") && text.contains("1.2ms") && text.contains("2.0 KiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spoofed_source=3") && text.contains("1m 30s ago"),
+            "{text}"
+        );
         let empty = render(&serde_json::json!({"agents": []}), SystemTime::now());
         assert!(empty.contains("no agents connected"));
     }

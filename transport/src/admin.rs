@@ -68,7 +68,10 @@ fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match state.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(state.metrics())));
@@ -85,7 +88,10 @@ fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
             }
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics /healthz /readyz /status\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics /healthz /readyz /status\n".into(),
+        ),
     }
 }
 
@@ -99,7 +105,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[derive(Debug, thiserror::Error)]
 pub enum AdminClientError {
     #[error("cannot reach the admin endpoint at {addr}: {source} (is the process running, and is --admin-addr right?)")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("admin request to {addr} failed: {message}")]
     Http { addr: SocketAddr, message: String },
     #[error("admin request to {addr} timed out")]
@@ -109,22 +118,34 @@ pub enum AdminClientError {
 /// A one-shot GET against an admin endpoint, for the `status` subcommands and for tests.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), AdminClientError> {
     let fut = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| AdminClientError::Connect { addr, source })?;
-        let http = |e: hyper::Error| AdminClientError::Http { addr, message: e.to_string() };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| AdminClientError::Connect { addr, source })?;
+        let http = |e: hyper::Error| AdminClientError::Http {
+            addr,
+            message: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         let req = Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| AdminClientError::Http { addr, message: e.to_string() })?;
+            .map_err(|e| AdminClientError::Http {
+                addr,
+                message: e.to_string(),
+            })?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.map_err(|_| AdminClientError::Timeout { addr })?
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| AdminClientError::Timeout { addr })?
 }
 
 #[cfg(test)]
@@ -136,7 +157,11 @@ mod tests {
     struct State(AtomicBool);
     impl AdminState for State {
         fn ready(&self) -> Result<(), String> {
-            if self.0.load(Ordering::SeqCst) { Ok(()) } else { Err("no hub connection".into()) }
+            if self.0.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("no hub connection".into())
+            }
         }
         fn status(&self) -> serde_json::Value {
             serde_json::json!({"agents": []})

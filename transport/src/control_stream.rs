@@ -30,7 +30,10 @@ pub struct ControlReader {
 
 impl ControlReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
-        Self { recv, decoder: FrameDecoder::new() }
+        Self {
+            recv,
+            decoder: FrameDecoder::new(),
+        }
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly between messages.
@@ -57,7 +60,10 @@ pub struct ControlWriter {
 
 impl ControlWriter {
     pub fn new(send: quinn::SendStream) -> Self {
-        Self { send, buf: Vec::with_capacity(1024) }
+        Self {
+            send,
+            buf: Vec::with_capacity(1024),
+        }
     }
 
     pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), StreamError> {
@@ -75,7 +81,9 @@ impl ControlWriter {
 
 /// Reads exactly one enrolment message from `recv`; `Ok(None)` if the stream ended before a
 /// whole message arrived.
-pub async fn read_enrol_message(recv: &mut quinn::RecvStream) -> Result<Option<EnrolMessage>, StreamError> {
+pub async fn read_enrol_message(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<EnrolMessage>, StreamError> {
     let mut decoder = EnrolDecoder::new();
     loop {
         match decoder.next_message()? {

@@ -12,8 +12,8 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
@@ -48,7 +48,11 @@ pub fn fingerprint_sha256(der: &[u8]) -> String {
 pub fn normalize_fingerprint(input: &str) -> Option<String> {
     let s = input.trim();
     let s = s.strip_prefix("sha256:").unwrap_or(s);
-    let s: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let s: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
     (s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())).then_some(s)
 }
 
@@ -60,13 +64,19 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").field("fingerprint", &self.fingerprint()).finish()
+        f.debug_struct("CertificateAuthority")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
     }
 }
 
 impl CertificateAuthority {
     /// Makes a new self-signed CA (ECDSA P-256) valid from `now` for `validity`.
-    pub fn generate(common_name: &str, now: SystemTime, validity: Duration) -> Result<Self, PkiError> {
+    pub fn generate(
+        common_name: &str,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -74,12 +84,19 @@ impl CertificateAuthority {
         dn.push(DnType::OrganizationName, "Petrel");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + validity).into();
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_der: cert.der().clone(), key })
+        Ok(Self {
+            cert_der: cert.der().clone(),
+            key,
+        })
     }
 
     /// Loads a CA from PEM (certificate, PKCS#8 key), checking that the key matches.
@@ -91,7 +108,10 @@ impl CertificateAuthority {
         if *x509.public_key().subject_public_key.data != *rcgen::PublicKeyData::der_bytes(&key) {
             return Err(PkiError::KeyMismatch);
         }
-        Ok(Self { cert_der: CertificateDer::from(cert_der), key })
+        Ok(Self {
+            cert_der: CertificateDer::from(cert_der),
+            key,
+        })
     }
 
     pub fn cert_pem(&self) -> String {
@@ -150,7 +170,8 @@ impl CertificateAuthority {
         now: SystemTime,
         validity: Duration,
     ) -> Result<CertificateDer<'static>, PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).map_err(PkiError::BadCsr)?;
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(PkiError::BadCsr)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node_name);
@@ -180,11 +201,15 @@ impl std::fmt::Debug for NodeKey {
 
 impl NodeKey {
     pub fn generate() -> Result<Self, PkiError> {
-        Ok(Self { key: KeyPair::generate()? })
+        Ok(Self {
+            key: KeyPair::generate()?,
+        })
     }
 
     pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
-        Ok(Self { key: KeyPair::from_pem(pem).map_err(|e| PkiError::Pem(e.to_string()))? })
+        Ok(Self {
+            key: KeyPair::from_pem(pem).map_err(|e| PkiError::Pem(e.to_string()))?,
+        })
     }
 
     pub fn to_pem(&self) -> String {
@@ -207,7 +232,10 @@ impl NodeKey {
     /// Whether `cert_der` certifies this key.
     pub fn matches(&self, cert_der: &[u8]) -> bool {
         x509_parser::parse_x509_certificate(cert_der)
-            .map(|(_, c)| *c.public_key().subject_public_key.data == *rcgen::PublicKeyData::der_bytes(&self.key))
+            .map(|(_, c)| {
+                *c.public_key().subject_public_key.data
+                    == *rcgen::PublicKeyData::der_bytes(&self.key)
+            })
             .unwrap_or(false)
     }
 }
@@ -226,14 +254,24 @@ pub struct CertInfo {
 impl CertInfo {
     pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
         use x509_parser::extensions::GeneralName;
-        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
-        let san_name = cert.subject_alternative_name().ok().flatten().and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            })
-        });
-        let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let san_name = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+            });
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
         let node_name = san_name.or(cn).ok_or(PkiError::NoNodeName)?;
         let to_sys = |t: x509_parser::time::ASN1Time| {
             let secs = t.timestamp();
@@ -254,7 +292,10 @@ impl CertInfo {
 
     /// When a certificate with this validity should be renewed: two thirds into its life.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
         self.not_before + life * 2 / 3
     }
 }
@@ -285,9 +326,18 @@ pub fn der_to_pem(der: &[u8], label: &str) -> String {
 pub fn pem_to_der(pem: &str, label: &str) -> Result<Vec<u8>, PkiError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start = pem.find(&begin).ok_or_else(|| PkiError::Pem(format!("no {label} block")))? + begin.len();
-    let stop = pem[start..].find(&end).ok_or_else(|| PkiError::Pem(format!("unterminated {label} block")))? + start;
-    let body: String = pem[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
+    let start = pem
+        .find(&begin)
+        .ok_or_else(|| PkiError::Pem(format!("no {label} block")))?
+        + begin.len();
+    let stop = pem[start..]
+        .find(&end)
+        .ok_or_else(|| PkiError::Pem(format!("unterminated {label} block")))?
+        + start;
+    let body: String = pem[start..stop]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
         .decode(body.as_bytes())
@@ -324,8 +374,14 @@ mod tests {
         let now = SystemTime::now();
         let a = CertificateAuthority::generate("a", now, DAY).unwrap();
         let b = CertificateAuthority::generate("b", now, DAY).unwrap();
-        assert!(matches!(CertificateAuthority::from_pem(&a.cert_pem(), &b.key_pem()), Err(PkiError::KeyMismatch)));
-        assert!(matches!(a.sign_node_csr(b"not a csr", "n", now, DAY), Err(PkiError::BadCsr(_))));
+        assert!(matches!(
+            CertificateAuthority::from_pem(&a.cert_pem(), &b.key_pem()),
+            Err(PkiError::KeyMismatch)
+        ));
+        assert!(matches!(
+            a.sign_node_csr(b"not a csr", "n", now, DAY),
+            Err(PkiError::BadCsr(_))
+        ));
         let mut csr = NodeKey::generate().unwrap().csr_der("n").unwrap();
         let last = csr.len() - 1;
         csr[last] ^= 0xff; // break the signature
@@ -336,8 +392,16 @@ mod tests {
     fn fingerprints_normalize() {
         let fp = "AB".repeat(32);
         assert_eq!(normalize_fingerprint(&fp), Some("ab".repeat(32)));
-        let colons = fp.as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":");
-        assert_eq!(normalize_fingerprint(&format!("sha256:{colons}")), Some("ab".repeat(32)));
+        let colons = fp
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(
+            normalize_fingerprint(&format!("sha256:{colons}")),
+            Some("ab".repeat(32))
+        );
         assert_eq!(normalize_fingerprint("abc"), None);
         assert_eq!(normalize_fingerprint(&"zz".repeat(32)), None);
     }

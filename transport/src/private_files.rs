@@ -11,27 +11,54 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum PrivateFileError {
     #[error("cannot create private directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Creates `dir` (and parents) with mode 0700, and tightens it to 0700 if it already exists.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), PrivateFileError> {
-    let err = |source| PrivateFileError::CreateDir { path: dir.to_path_buf(), source };
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let err = |source| PrivateFileError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
 /// Atomically replaces `path` with `contents`, mode 0600. The parent directory must exist.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PrivateFileError> {
-    let err = |source| PrivateFileError::Write { path: path.to_path_buf(), source };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let err = |source| PrivateFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -52,7 +79,10 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrivateFileError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(PrivateFileError::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(PrivateFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -70,8 +100,14 @@ mod tests {
         write_private(&f, b"secret").unwrap();
         write_private(&f, b"secret2").unwrap();
         assert_eq!(fs::read(&f).unwrap(), b"secret2");
-        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(read_optional(&dir.join("none")).unwrap(), None);
         // no temp files left behind
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);

@@ -44,7 +44,10 @@ impl TransportTuning {
     pub fn transport_config(&self) -> Arc<TransportConfig> {
         let mut t = TransportConfig::default();
         t.keep_alive_interval(Some(self.keep_alive));
-        t.max_idle_timeout(Some(VarInt::from_u32(u32::try_from(self.idle_timeout.as_millis()).unwrap_or(u32::MAX)).into()));
+        t.max_idle_timeout(Some(
+            VarInt::from_u32(u32::try_from(self.idle_timeout.as_millis()).unwrap_or(u32::MAX))
+                .into(),
+        ));
         t.initial_rtt(self.initial_rtt);
         t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
         t.receive_window(VarInt::from_u32(self.connection_receive_window));
@@ -58,8 +61,12 @@ impl TransportTuning {
 }
 
 /// Builds a quinn server config from a rustls one.
-pub fn server_config(tls: rustls::ServerConfig, tuning: &TransportTuning) -> Result<quinn::ServerConfig, crate::tls::TlsConfigError> {
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| crate::tls::TlsConfigError::Quic(e.to_string()))?;
+pub fn server_config(
+    tls: rustls::ServerConfig,
+    tuning: &TransportTuning,
+) -> Result<quinn::ServerConfig, crate::tls::TlsConfigError> {
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| crate::tls::TlsConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(tuning.transport_config());
     // Edge NATs rebind: an agent whose public address changes keeps its connection (QUIC
@@ -69,22 +76,43 @@ pub fn server_config(tls: rustls::ServerConfig, tuning: &TransportTuning) -> Res
 }
 
 /// Builds a quinn client config from a rustls one.
-pub fn client_config(tls: rustls::ClientConfig, tuning: &TransportTuning) -> Result<quinn::ClientConfig, crate::tls::TlsConfigError> {
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| crate::tls::TlsConfigError::Quic(e.to_string()))?;
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    tuning: &TransportTuning,
+) -> Result<quinn::ClientConfig, crate::tls::TlsConfigError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| crate::tls::TlsConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(tuning.transport_config());
     Ok(cfg)
 }
 
-/// A server endpoint whose stateless-reset key is derived from `reset_secret`. Because the hub
-/// keeps that secret in its state, a restarted hub can reset the connections its predecessor
-/// held, and agents learn at once that they must reconnect instead of waiting for the idle
-/// timeout.
-pub fn server_endpoint(bind: SocketAddr, config: quinn::ServerConfig, reset_secret: &[u8]) -> std::io::Result<quinn::Endpoint> {
+/// A server endpoint whose stateless-reset key and connection-ID validation key are derived from
+/// `secret`. Because the hub keeps that secret in its state, a restarted hub recognises the
+/// connection IDs its predecessor issued as its own and answers their packets with a valid
+/// stateless reset: agents learn at once that they must reconnect instead of waiting for a
+/// timeout. (With quinn's default random keys the new hub silently drops such packets as
+/// "invalid CID".)
+pub fn server_endpoint(
+    bind: SocketAddr,
+    config: quinn::ServerConfig,
+    secret: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
-    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(EndpointConfig::new(Arc::new(key)), Some(config), socket, runtime)
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let cid_key = {
+        let tag = ring::hmac::sign(&reset_key, b"petrel connection id key");
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_le_bytes(k)
+    };
+    let mut endpoint_config = EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
 }
 
 /// A client-only endpoint.

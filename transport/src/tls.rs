@@ -83,9 +83,15 @@ pub fn agent_client_tls(
 
 /// The enrolment configuration: no client certificate; the server chain must contain a CA whose
 /// SHA-256 is `ca_sha256`, and the leaf must verify against that CA.
-pub fn enrol_client_tls(ca_sha256: &str, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsConfigError> {
+pub fn enrol_client_tls(
+    ca_sha256: &str,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsConfigError> {
     let provider = crypto_provider();
-    let verifier = Arc::new(PinnedCaVerifier { fingerprint: ca_sha256.to_ascii_lowercase(), provider: provider.clone() });
+    let verifier = Arc::new(PinnedCaVerifier {
+        fingerprint: ca_sha256.to_ascii_lowercase(),
+        provider: provider.clone(),
+    });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -112,19 +118,30 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates.iter().find(|c| fingerprint_sha256(c) == self.fingerprint) else {
-            let seen: Vec<String> = intermediates.iter().map(|c| fingerprint_sha256(c)).collect();
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| fingerprint_sha256(c) == self.fingerprint)
+        else {
+            let seen: Vec<String> = intermediates
+                .iter()
+                .map(|c| fingerprint_sha256(c))
+                .collect();
             return Err(rustls::Error::General(format!(
                 "CA fingerprint mismatch: the hub presented CA sha256 {}, but --ca-sha256 pins {}",
-                if seen.is_empty() { "(none)".to_string() } else { seen.join(", ") },
+                if seen.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    seen.join(", ")
+                },
                 self.fingerprint
             )));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -134,7 +151,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -143,17 +165,27 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// The verified certificate chain a QUIC peer presented, if any.
 pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
-    conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok().map(|b| *b)
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
 }
 
 /// The node name in the verified leaf certificate of a QUIC peer, if it presented one.
@@ -164,5 +196,8 @@ pub fn peer_node_name(conn: &quinn::Connection) -> Option<String> {
 
 /// The ALPN a QUIC connection negotiated.
 pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }

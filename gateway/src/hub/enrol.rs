@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use petrel_proto::{CertBundle, EnrolError, EnrolErrorCode, EnrolMessage, EnrolRequest, EnrolResponse};
+use petrel_proto::{
+    CertBundle, EnrolError, EnrolErrorCode, EnrolMessage, EnrolRequest, EnrolResponse,
+};
 use petrel_transport::close_code;
 use petrel_transport::control_stream::read_enrol_message;
 use tracing::{debug, info, warn};
@@ -63,22 +65,35 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     let Ok(Ok((mut send, msg))) = tokio::time::timeout(ENROL_TIMEOUT, exchange).await else {
         debug!(%remote, "enrolment connection sent no request in time");
         HubMetrics::inc_outcome(&ctx.metrics.enrolments, "no_request");
-        conn.close(close_code::PROTOCOL_ERROR.into(), b"no enrolment request within 10s");
+        conn.close(
+            close_code::PROTOCOL_ERROR.into(),
+            b"no enrolment request within 10s",
+        );
         return;
     };
     let req = match msg {
         Ok(Some(EnrolMessage::Request(req))) => req,
         Ok(other) => {
-            let what = if other.is_some() { "an enrolment response" } else { "an incomplete request" };
+            let what = if other.is_some() {
+                "an enrolment response"
+            } else {
+                "an incomplete request"
+            };
             warn!(%remote, "enrolment refused: peer sent {what}");
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
-            conn.close(close_code::PROTOCOL_ERROR.into(), b"expected an enrolment request");
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                b"expected an enrolment request",
+            );
             return;
         }
         Err(e) => {
             warn!(%remote, error = %e, "enrolment refused: malformed request");
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
-            conn.close(close_code::PROTOCOL_ERROR.into(), format!("malformed enrolment request: {e}").as_bytes());
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                format!("malformed enrolment request: {e}").as_bytes(),
+            );
             return;
         }
     };
@@ -86,7 +101,12 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     let ctx2 = ctx.clone();
     let result = tokio::task::spawn_blocking(move || decide(&ctx2, &req))
         .await
-        .unwrap_or_else(|e| Err(Refusal(EnrolErrorCode::Internal, format!("enrolment task failed: {e}"))));
+        .unwrap_or_else(|e| {
+            Err(Refusal(
+                EnrolErrorCode::Internal,
+                format!("enrolment task failed: {e}"),
+            ))
+        });
     let response = match result {
         Ok(bundle) => {
             info!(%remote, node = %node, "enrolled node; certificate issued");
@@ -96,7 +116,9 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         Err(Refusal(code, message)) => {
             warn!(%remote, node = %node, reason = %message, "enrolment refused");
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, outcome_label(code));
-            EnrolResponse { result: Err(EnrolError { code, message }) }
+            EnrolResponse {
+                result: Err(EnrolError { code, message }),
+            }
         }
     };
     let mut buf = Vec::new();
@@ -117,8 +139,12 @@ fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
     petrel_proto::check_protocol_version(req.protocol_version)
         .map_err(|e| Refusal(EnrolErrorCode::UnsupportedVersion, e.to_string()))?;
     {
-        let inv = ctx.inventory.read().map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
-        inv.admit_agent(&req.node_name).map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
+        let inv = ctx
+            .inventory
+            .read()
+            .map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
+        inv.admit_agent(&req.node_name)
+            .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
     }
     let now = SystemTime::now();
     ctx.state.redeem(&req.token, &req.node_name, now, || {
@@ -126,6 +152,9 @@ fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
             .ca
             .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)
             .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))?;
-        Ok(CertBundle { cert_der: cert.to_vec(), ca_der: ctx.ca.cert_der().to_vec() })
+        Ok(CertBundle {
+            cert_der: cert.to_vec(),
+            ca_der: ctx.ca.cert_der().to_vec(),
+        })
     })
 }

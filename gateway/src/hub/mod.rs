@@ -36,7 +36,10 @@ pub enum HubError {
     #[error("TLS: {0}")]
     Tls(#[from] petrel_transport::tls::TlsConfigError),
     #[error("cannot listen on UDP {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Shared state of a running hub.
@@ -58,7 +61,12 @@ impl HubContext {
         self.config
             .advertise
             .iter()
-            .map(|(host, port)| GatewayEndpoint { name: self.config.hub_name.clone(), host: host.clone(), port: *port, active: true })
+            .map(|(host, port)| GatewayEndpoint {
+                name: self.config.hub_name.clone(),
+                host: host.clone(),
+                port: *port,
+                active: true,
+            })
             .collect()
     }
 }
@@ -74,17 +82,33 @@ impl Hub {
     /// Loads or creates the CA, issues this hub's certificate and binds the UDP port.
     pub fn bind(config: HubConfig, inventory: Inventory) -> Result<Self, HubError> {
         let state = StateDir::new(&config.state_dir);
-        let state_err = |source| HubError::State { dir: config.state_dir.display().to_string(), source };
+        let state_err = |source| HubError::State {
+            dir: config.state_dir.display().to_string(),
+            source,
+        };
         let now = SystemTime::now();
         let ca = state.load_or_create(now).map_err(state_err)?;
         let secret = state.hub_secret().map_err(state_err)?;
         let hosts: Vec<String> = config.advertise.iter().map(|(h, _)| h.clone()).collect();
-        let (chain, key) = ca.issue_hub_certificate(&hosts, now, Duration::from_secs(90 * 86400))?;
-        let tuning = TransportTuning { keep_alive: config.keepalive, idle_timeout: config.idle_timeout, ..Default::default() };
+        let (chain, key) =
+            ca.issue_hub_certificate(&hosts, now, Duration::from_secs(90 * 86400))?;
+        let tuning = TransportTuning {
+            keep_alive: config.keepalive,
+            idle_timeout: config.idle_timeout,
+            ..Default::default()
+        };
         let tls_cfg = tls::hub_server_tls(ca.cert_der(), chain, key, &[ALPN_TUNNEL, ALPN_ENROL])?;
         let server = quic::server_config(tls_cfg, &tuning)?;
-        let endpoint = quic::server_endpoint(config.listen, server, &secret).map_err(|source| HubError::Bind { addr: config.listen, source })?;
-        let local_addr = endpoint.local_addr().map_err(|source| HubError::Bind { addr: config.listen, source })?;
+        let endpoint = quic::server_endpoint(config.listen, server, &secret).map_err(|source| {
+            HubError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| HubError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         info!(listen = %local_addr, ca_sha256 = %ca.fingerprint(), hub = %config.hub_name, "hub listening");
         let ctx = Arc::new(HubContext {
             config,
@@ -130,9 +154,19 @@ impl Hub {
         let agents = ctx.registry.all();
         info!(agents = agents.len(), deadline = ?ctx.config.drain_timeout, "hub shutting down; telling agents to go away");
         for agent in &agents {
-            let leave = GoingAway { reason: GoingAwayReason::Restart, retry_after_ms, message: "hub is restarting".into() };
-            if agent.commands.try_send(SessionCommand::Leave(leave)).is_err() {
-                agent.connection.close(close_code::GOING_AWAY.into(), b"hub is restarting");
+            let leave = GoingAway {
+                reason: GoingAwayReason::Restart,
+                retry_after_ms,
+                message: "hub is restarting".into(),
+            };
+            if agent
+                .commands
+                .try_send(SessionCommand::Leave(leave))
+                .is_err()
+            {
+                agent
+                    .connection
+                    .close(close_code::GOING_AWAY.into(), b"hub is restarting");
             }
         }
         let deadline = tokio::time::Instant::now() + ctx.config.drain_timeout;
@@ -142,11 +176,15 @@ impl Hub {
                 break;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                warn!(remaining = ctx.registry.len(), "drain deadline passed; closing remaining tunnels");
+                warn!(
+                    remaining = ctx.registry.len(),
+                    "drain deadline passed; closing remaining tunnels"
+                );
                 break;
             }
         }
-        self.endpoint.close(close_code::GOING_AWAY.into(), b"hub shut down");
+        self.endpoint
+            .close(close_code::GOING_AWAY.into(), b"hub shut down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("hub stopped");
     }
@@ -175,9 +213,14 @@ async fn handle_incoming(ctx: Arc<HubContext>, incoming: quinn::Incoming) {
 
 fn handshake_outcome(e: &quinn::ConnectionError) -> &'static str {
     match e {
-        quinn::ConnectionError::TransportError(t) if t.code.to_string().contains("crypto") || t.to_string().contains("certificate") => "tls_error",
+        quinn::ConnectionError::TransportError(t)
+            if t.code.to_string().contains("crypto") || t.to_string().contains("certificate") =>
+        {
+            "tls_error"
+        }
         quinn::ConnectionError::TimedOut => "timeout",
-        quinn::ConnectionError::ConnectionClosed(_) | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
+        quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
         _ => "error",
     }
 }

@@ -90,11 +90,20 @@ impl AgentEntry {
             node: self.node.clone(),
             site: self.site.clone(),
             remote: self.connection.remote_address().to_string(),
-            connected_since_unix: self.since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            connected_since_unix: self
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
             bytes_in: stats.udp_rx.bytes,
             bytes_out: stats.udp_tx.bytes,
-            datagrams_dropped: self.counters.drops().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            datagrams_dropped: self
+                .counters
+                .drops()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             open_streams: self.counters.open_streams.load(Ordering::Relaxed),
             agent_version: self.agent_version.clone(),
             datapath: self.datapath.clone(),
@@ -129,7 +138,9 @@ impl AgentRegistry {
 
     /// Removes `node` if its current entry is `id`.
     pub fn remove(&self, node: &str, id: u64) -> bool {
-        let Ok(mut agents) = self.agents.lock() else { return false };
+        let Ok(mut agents) = self.agents.lock() else {
+            return false;
+        };
         if agents.get(node).is_some_and(|e| e.id == id) {
             agents.remove(node);
             self.changed.notify_waiters();
@@ -158,7 +169,10 @@ impl AgentRegistry {
     }
 
     pub fn all(&self) -> Vec<Arc<AgentEntry>> {
-        self.agents.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()
+        self.agents
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn status(&self) -> Vec<AgentStatus> {

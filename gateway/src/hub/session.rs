@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use petrel_proto::{
-    ControlMessage, GoingAway, GoingAwayReason, Hello, HubView, Keepalive, KeepaliveAction, RenewResponse, Welcome, ALPN_TUNNEL,
+    ControlMessage, GoingAway, GoingAwayReason, Hello, HubView, Keepalive, KeepaliveAction,
+    RenewResponse, Welcome, ALPN_TUNNEL,
 };
 use petrel_transport::close_code;
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
@@ -35,12 +36,19 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         return;
     };
     let (site, keepalive_every) = {
-        let Ok(inv) = ctx.inventory.read() else { return };
+        let Ok(inv) = ctx.inventory.read() else {
+            return;
+        };
         match inv.admit_agent(&node) {
             Ok((_, site)) => (site.name.clone(), ctx.config.keepalive),
             Err(e) => {
                 drop(inv);
-                refuse(&ctx, &conn, "not_admitted", format!("certificate names {node:?}, but {e}"));
+                refuse(
+                    &ctx,
+                    &conn,
+                    "not_admitted",
+                    format!("certificate names {node:?}, but {e}"),
+                );
                 return;
             }
         }
@@ -59,27 +67,53 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             return;
         }
         Err(_) => {
-            refuse(&ctx, &conn, "no_hello", format!("no hello from {node:?} within {HELLO_TIMEOUT:?}"));
+            refuse(
+                &ctx,
+                &conn,
+                "no_hello",
+                format!("no hello from {node:?} within {HELLO_TIMEOUT:?}"),
+            );
             return;
         }
     };
     let hello = match first {
         Ok(Some(ControlMessage::Hello(h))) => h,
         Ok(Some(other)) => {
-            refuse(&ctx, &conn, "protocol_error", format!("expected hello, got {}", other.name()));
+            refuse(
+                &ctx,
+                &conn,
+                "protocol_error",
+                format!("expected hello, got {}", other.name()),
+            );
             return;
         }
         Ok(None) => return,
         Err(e) => {
-            refuse(&ctx, &conn, "protocol_error", format!("malformed hello: {e}"));
+            refuse(
+                &ctx,
+                &conn,
+                "protocol_error",
+                format!("malformed hello: {e}"),
+            );
             return;
         }
     };
     if let Err(message) = check_hello(&hello, &node) {
-        let reason = if hello.node_name != node { "identity_mismatch" } else { "protocol_error" };
+        let reason = if hello.node_name != node {
+            "identity_mismatch"
+        } else {
+            "protocol_error"
+        };
         let _ = writer
-            .send(&ControlMessage::GoingAway(GoingAway { reason: GoingAwayReason::Unauthorized, retry_after_ms: 0, message: message.clone() }))
+            .send(&ControlMessage::GoingAway(GoingAway {
+                reason: GoingAwayReason::Unauthorized,
+                retry_after_ms: 0,
+                message: message.clone(),
+            }))
             .await;
+        writer.finish();
+        // Let the going-away arrive before the close discards it; the close reason repeats it.
+        let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
         refuse(&ctx, &conn, reason, message);
         return;
     }
@@ -111,9 +145,16 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     if let Some(old) = ctx.registry.insert(entry.clone()) {
         info!(node = %node, old_remote = %old.remote(), new_remote = %conn.remote_address(), "agent reconnected; replacing its previous tunnel");
         ctx.metrics.agents_replaced.inc();
-        let leave = GoingAway { reason: GoingAwayReason::Replaced, retry_after_ms: 0, message: "replaced by a newer connection from the same node".into() };
+        let leave = GoingAway {
+            reason: GoingAwayReason::Replaced,
+            retry_after_ms: 0,
+            message: "replaced by a newer connection from the same node".into(),
+        };
         if old.commands.try_send(SessionCommand::Leave(leave)).is_err() {
-            old.connection.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+            old.connection.close(
+                close_code::REPLACED.into(),
+                b"replaced by a newer connection",
+            );
         }
     } else {
         info!(node = %node, site = %site, remote = %conn.remote_address(), agent_version = %hello.agent_version, "agent connected");
@@ -133,7 +174,11 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
 fn check_hello(hello: &Hello, cert_node: &str) -> Result<(), String> {
     petrel_proto::check_protocol_version(hello.protocol_version).map_err(|e| e.to_string())?;
     if hello.alpn.as_bytes() != ALPN_TUNNEL {
-        return Err(format!("hello names ALPN {:?}, expected {:?}", hello.alpn, String::from_utf8_lossy(ALPN_TUNNEL)));
+        return Err(format!(
+            "hello names ALPN {:?}, expected {:?}",
+            hello.alpn,
+            String::from_utf8_lossy(ALPN_TUNNEL)
+        ));
     }
     if hello.node_name != cert_node {
         return Err(format!(
@@ -219,20 +264,39 @@ async fn on_message(
     msg: ControlMessage,
 ) -> Result<(), String> {
     match msg {
-        ControlMessage::Ping(p) => writer.send(&ControlMessage::Pong(p.pong())).await.map_err(|e| e.to_string()),
+        ControlMessage::Ping(p) => writer
+            .send(&ControlMessage::Pong(p.pong()))
+            .await
+            .map_err(|e| e.to_string()),
         ControlMessage::Pong(p) => {
             if let Some(rtt) = keepalive.on_pong(&p, Instant::now()) {
                 let smoothed = keepalive.rtt().unwrap_or(rtt);
-                entry.counters.rtt_micros.store(u64::try_from(smoothed.as_micros()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+                entry.counters.rtt_micros.store(
+                    u64::try_from(smoothed.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                    Ordering::Relaxed,
+                );
             }
             Ok(())
         }
         ControlMessage::RenewRequest(req) => {
             let result = ctx
                 .ca
-                .sign_node_csr(&req.csr_der, &entry.node, SystemTime::now(), ctx.config.agent_cert_ttl)
-                .map(|cert| petrel_proto::CertBundle { cert_der: cert.to_vec(), ca_der: ctx.ca.cert_der().to_vec() })
-                .map_err(|e| petrel_proto::ErrorInfo { code: 1, message: e.to_string() });
+                .sign_node_csr(
+                    &req.csr_der,
+                    &entry.node,
+                    SystemTime::now(),
+                    ctx.config.agent_cert_ttl,
+                )
+                .map(|cert| petrel_proto::CertBundle {
+                    cert_der: cert.to_vec(),
+                    ca_der: ctx.ca.cert_der().to_vec(),
+                })
+                .map_err(|e| petrel_proto::ErrorInfo {
+                    code: 1,
+                    message: e.to_string(),
+                });
             match &result {
                 Ok(_) => {
                     info!(node = %entry.node, "renewed node certificate");
@@ -243,16 +307,30 @@ async fn on_message(
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
                 }
             }
-            writer.send(&ControlMessage::RenewResponse(RenewResponse { result })).await.map_err(|e| e.to_string())
+            writer
+                .send(&ControlMessage::RenewResponse(RenewResponse { result }))
+                .await
+                .map_err(|e| e.to_string())
         }
-        ControlMessage::GoingAway(ga) => Err(format!("agent going away: {:?} {}", ga.reason, ga.message)),
+        ControlMessage::GoingAway(ga) => {
+            Err(format!("agent going away: {:?} {}", ga.reason, ga.message))
+        }
         ControlMessage::Unknown { msg_type } => {
             debug!(node = %entry.node, msg_type, "ignoring unknown optional control message");
             Ok(())
         }
-        other @ (ControlMessage::Hello(_) | ControlMessage::Welcome(_) | ControlMessage::Update(_) | ControlMessage::RenewResponse(_)) => {
-            entry.connection.close(close_code::PROTOCOL_ERROR.into(), format!("unexpected {} from agent", other.name()).as_bytes());
-            Err(format!("protocol error: unexpected {} from agent", other.name()))
+        other @ (ControlMessage::Hello(_)
+        | ControlMessage::Welcome(_)
+        | ControlMessage::Update(_)
+        | ControlMessage::RenewResponse(_)) => {
+            entry.connection.close(
+                close_code::PROTOCOL_ERROR.into(),
+                format!("unexpected {} from agent", other.name()).as_bytes(),
+            );
+            Err(format!(
+                "protocol error: unexpected {} from agent",
+                other.name()
+            ))
         }
     }
 }
@@ -260,7 +338,15 @@ async fn on_message(
 impl HubContext {
     /// What an agent on `node` is told: the gateways to dial, its routes, its site's MTU.
     pub fn hub_view(&self, node: &str) -> HubView {
-        let routes = self.inventory.read().map(|inv| inv.routes_for(node)).unwrap_or_default();
-        HubView { gateways: self.gateway_endpoints(), routes, site_mtu: self.config.site_mtu }
+        let routes = self
+            .inventory
+            .read()
+            .map(|inv| inv.routes_for(node))
+            .unwrap_or_default();
+        HubView {
+            gateways: self.gateway_endpoints(),
+            routes,
+            site_mtu: self.config.site_mtu,
+        }
     }
 }

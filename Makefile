@@ -1,0 +1,30 @@
+# Petrel: the two commands of the README, plus the pieces they are made of.
+# `make demo` runs the main job on the embedded default; `make test` runs every test.
+
+CARGO ?= cargo
+FUZZ_SECONDS ?= 20
+
+.PHONY: demo test build unit-and-e2e fuzz-smoke lint clean-labs
+
+build:
+	$(CARGO) build --workspace --bins
+
+demo: build
+	$(CARGO) run -q -p petrel-e2e --bin petrel-demo
+
+# Every test: unit, property, end-to-end (network namespaces need root), and a bounded fuzz run.
+test: build unit-and-e2e fuzz-smoke
+
+unit-and-e2e:
+	$(CARGO) test --workspace --no-fail-fast
+
+fuzz-smoke:
+	bash fuzz/run-all.sh $(FUZZ_SECONDS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Remove network-namespace labs left behind by a crashed test run.
+clean-labs: build
+	$(CARGO) run -q -p petrel-e2e --bin petrel-lab -- cleanup

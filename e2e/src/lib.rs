@@ -1,0 +1,5 @@
+//! Petrel's end-to-end harness: builds network-namespace labs, runs the real binaries in them and
+//! tears everything down again, even when a test fails.
+
+pub mod lab;
+pub mod procs;
