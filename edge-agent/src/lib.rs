@@ -10,4 +10,5 @@ pub mod identity;
 pub mod join;
 pub mod link;
 pub mod metrics;
+pub mod proxy;
 pub mod status;

@@ -262,7 +262,7 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
 }
 
 async fn session(
-    shared: &AgentShared,
+    shared: &Arc<AgentShared>,
     endpoint: &str,
     conn: &quinn::Connection,
     mut reader: ControlReader,
@@ -327,6 +327,14 @@ async fn session(
                     pending_key = maybe_start_renewal(shared, &mut writer).await;
                 }
             }
+            stream = conn.accept_bi() => match stream {
+                // The hub opens one bidirectional stream per proxied TCP connection.
+                Ok((send, recv)) => {
+                    let span = tracing::debug_span!("stream", id = %send.id());
+                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.clone(), send, recv), span));
+                }
+                Err(e) => return SessionEnd::Lost(describe_connection_error(&e)),
+            },
             closed = conn.closed() => return SessionEnd::Lost(describe_connection_error(&closed)),
         }
     }

@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// Inner MTU announced to public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU")]
     pub site_mtu: Option<u16>,
+    /// The API server's egress proxy (CONNECT over a Unix socket or mTLS TCP, SNI passthrough).
+    #[command(flatten)]
+    pub egress: crate::egress::EgressArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +160,8 @@ pub struct FileConfig {
     #[serde(alias = "site_mtu")]
     pub site_mtu: Option<u16>,
     pub log: Option<String>,
+    #[serde(default)]
+    pub egress: crate::egress::EgressFileConfig,
 }
 
 /// A configuration value that cannot be used.
@@ -190,6 +195,9 @@ pub struct HubConfig {
     pub drain_timeout: Duration,
     pub restart_hint: Duration,
     pub site_mtu: u16,
+    /// Egress settings as given; `egress::run` validates them.
+    pub egress: crate::egress::EgressArgs,
+    pub egress_file: crate::egress::EgressFileConfig,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -358,6 +366,8 @@ impl HubConfig {
             drain_timeout,
             restart_hint,
             site_mtu,
+            egress: args.egress,
+            egress_file: file.egress,
         })
     }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod egress;
 pub mod hub;
 pub mod inventory;
 pub mod metrics;

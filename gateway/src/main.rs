@@ -129,7 +129,14 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             info!("signal received; shutting down");
             signals.cancel();
         });
+        let egress = tokio::spawn(petrel_gateway::egress::run(ctx.clone(), shutdown.clone()));
         hub.run(shutdown.clone()).await;
+        shutdown.cancel();
+        match egress.await {
+            Ok(Err(e)) => error!(error = %e, "egress proxy failed"),
+            Err(e) => error!(error = %e, "egress proxy task failed"),
+            Ok(Ok(())) => {}
+        }
         shutdown.cancel();
         let _ = admin_task.await;
         Ok(())
