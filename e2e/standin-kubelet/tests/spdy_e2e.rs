@@ -385,7 +385,15 @@ async fn exec_reports_exit_codes_and_output() {
     assert_eq!(proto, "v2.channel.k8s.io");
     assert_eq!(r.error, "");
 
-    let st = h.state().await;
+    // Sessions end once the client has closed its side after the status.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let st = loop {
+        let st = h.state().await;
+        if st.exec_sessions_open == 0 || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(st.exec_sessions_open, 0);
     assert_eq!(st.exec_sessions_total, 8);
     h.kubelet.shutdown().await;
@@ -712,4 +720,69 @@ async fn read_until<IO: AsyncRead + Unpin>(io: &mut IO, seen: &mut Vec<u8>, need
         assert!(n > 0, "EOF before {needle:?}");
         seen.extend_from_slice(&buf[..n]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_echoed_and_garbage_closes_only_that_connection() {
+    use bytes::BytesMut;
+    use petrel_standin_kubelet::spdy::client::read_response_head;
+    use petrel_standin_kubelet::spdy::{Frame, FrameDecoder, FrameEncoder, Limits};
+
+    let h = start(Duration::from_millis(100)).await;
+    let mut io = h.tls().await;
+    io.write_all(
+        b"POST /portForward/default/pod1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_response_head(&mut io).await.unwrap();
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        head.header("x-stream-protocol-version"),
+        Some("portforward.k8s.io")
+    );
+
+    // A client-initiated (odd) ping comes back unchanged; SETTINGS and WINDOW_UPDATE are ignored.
+    let mut enc = FrameEncoder::new().unwrap();
+    let mut wire = BytesMut::new();
+    for f in [
+        Frame::Settings {
+            clear_persisted: false,
+            entries: vec![],
+        },
+        Frame::WindowUpdate {
+            stream_id: 1,
+            delta: 1000,
+        },
+        Frame::Ping { id: 7 },
+    ] {
+        enc.encode(&f, &mut wire).unwrap();
+    }
+    io.write_all(&wire).await.unwrap();
+    let mut dec = FrameDecoder::new(Limits::default());
+    let mut buf = BytesMut::new();
+    let frame = loop {
+        if let Some(f) = dec.decode(&mut buf).unwrap() {
+            break f;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), io.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+    };
+    assert_eq!(frame, Frame::Ping { id: 7 });
+
+    // Garbage: a control frame with version 2. The server gives up on this connection only.
+    io.write_all(&[0x80, 0x02, 0x00, 0x06, 0, 0, 0, 4, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let (status, body) = http_request(h.tls().await, "GET", "/healthz", "").await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    h.kubelet.shutdown().await;
 }
