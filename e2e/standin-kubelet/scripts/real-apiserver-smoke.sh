@@ -7,12 +7,12 @@
 # usage: real-apiserver-smoke.sh [WORKDIR]
 # env:   KUBECTL (kubectl under test, default kubectl), SETUP_KUBECTL (creates the Node and Pod;
 #        needs >= 1.24 for --subresource, default kubectl), STANDIN (default: target/debug/petrel-standin-kubelet),
-#        K8S_SCRIPTS (default: ../shared/k8s relative to the workspace root)
+#        K8S_SCRIPTS (default: e2e/k8s in this repository)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
-K8S_SCRIPTS=${K8S_SCRIPTS:-$ROOT/../shared/k8s}
+K8S_SCRIPTS=${K8S_SCRIPTS:-$ROOT/e2e/k8s}
 STANDIN=${STANDIN:-$ROOT/target/debug/petrel-standin-kubelet}
 KUBECTL=${KUBECTL:-kubectl}
 SETUP_KUBECTL=${SETUP_KUBECTL:-kubectl}
