@@ -3,3 +3,4 @@
 
 pub mod lab;
 pub mod procs;
+pub mod raw_agent;

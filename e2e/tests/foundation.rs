@@ -10,11 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use petrel_e2e::procs::{bin, join, run, wait_until, Agent, Hub};
-use petrel_proto::{AgentSelfView, ControlMessage, GoingAwayReason, Hello, ALPN_TUNNEL};
-use petrel_transport::control_stream::{ControlReader, ControlWriter};
+use petrel_e2e::raw_agent::{hub_ca, session_as};
+use petrel_proto::{ControlMessage, GoingAwayReason};
 use petrel_transport::pki::{CertificateAuthority, NodeKey};
-use petrel_transport::quic::TransportTuning;
-use petrel_transport::{quic, tls, HUB_SERVER_NAME};
 
 fn enrolled(hub: &Hub, node: &str, dir: &Path) -> std::path::PathBuf {
     let (token, fp) = hub.token(node, &[]).unwrap();
@@ -220,92 +218,6 @@ fn enrolment_refusals_are_clear_store_nothing_and_leave_the_hub_serving() {
     }
 }
 
-/// A tunnel client built from the library, for what the real agent would never do.
-struct RawSession {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    _writer: ControlWriter,
-    reader: ControlReader,
-    first: ControlMessage,
-}
-
-fn hello(node: &str) -> Hello {
-    Hello {
-        protocol_version: petrel_proto::PROTOCOL_VERSION,
-        alpn: "petrel/1".into(),
-        node_name: node.into(),
-        agent_version: "test".into(),
-        self_view: AgentSelfView {
-            pod_cidrs: vec![],
-            vtep_mac: None,
-            underlay_addrs: vec![],
-            datapath: "none".into(),
-            capabilities: 0,
-        },
-    }
-}
-
-/// Connects with `cert`/`key`, says hello as `node`, and returns the hub's first answer. In TLS
-/// 1.3 the client finishes its handshake before the hub has checked the client certificate, so a
-/// refused certificate shows up here as the connection's close reason.
-async fn session_as(
-    server: &str,
-    ca: &[u8],
-    cert: &[u8],
-    key: &NodeKey,
-    node: &str,
-) -> Result<RawSession, String> {
-    let cfg = tls::agent_client_tls(
-        &ca.to_vec().into(),
-        vec![cert.to_vec().into()],
-        key.private_key_der(),
-        ALPN_TUNNEL,
-    )
-    .map_err(|e| e.to_string())?;
-    let client =
-        quic::client_config(cfg, &TransportTuning::default()).map_err(|e| e.to_string())?;
-    let endpoint = quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(client, server.parse().unwrap(), HUB_SERVER_NAME)
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    let why = |e: String, conn: &quinn::Connection| {
-        format!(
-            "{e}; close reason: {:?}",
-            conn.close_reason().map(|r| r.to_string())
-        )
-    };
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| why(e.to_string(), &conn))?;
-    let mut writer = ControlWriter::new(send);
-    let mut reader = ControlReader::new(recv);
-    writer
-        .send(&ControlMessage::Hello(hello(node)))
-        .await
-        .map_err(|e| why(e.to_string(), &conn))?;
-    let first = match reader.next().await {
-        Ok(Some(m)) => m,
-        Ok(None) => return Err(why("stream ended".into(), &conn)),
-        Err(e) => return Err(why(e.to_string(), &conn)),
-    };
-    Ok(RawSession {
-        endpoint,
-        conn,
-        _writer: writer,
-        reader,
-        first,
-    })
-}
-
-fn hub_ca(hub: &Hub) -> CertificateAuthority {
-    let crt = std::fs::read_to_string(hub.state_dir.join("ca.crt")).unwrap();
-    let key = std::fs::read_to_string(hub.state_dir.join("ca.key")).unwrap();
-    CertificateAuthority::from_pem(&crt, &key).unwrap()
-}
-
 #[test]
 fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
     let tmp = tempfile::tempdir().unwrap();
@@ -320,7 +232,7 @@ fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
         .enable_all()
         .build()
         .unwrap();
-    let ca = hub_ca(&hub);
+    let ca = hub_ca(&hub).unwrap();
     let now = SystemTime::now();
     let day = Duration::from_secs(86400);
 
@@ -451,7 +363,7 @@ fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
 fn a_reconnect_of_the_same_node_replaces_the_old_tunnel() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = Hub::start(&tmp.path().join("hub"), &[]).unwrap();
-    let ca = hub_ca(&hub);
+    let ca = hub_ca(&hub).unwrap();
     let key = NodeKey::generate().unwrap();
     let now = SystemTime::now();
     let cert = ca

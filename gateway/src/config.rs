@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the hub.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -80,6 +80,20 @@ pub struct RunArgs {
     /// Inner MTU announced to public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU")]
     pub site_mtu: Option<u16>,
+    /// UDP address where cloud and Express Connect nodes send VXLAN frames for public sites
+    /// (their `petrel.1` FDB points here); `off` disables the data plane.
+    #[arg(long, env = "PETREL_RELAY_LISTEN")]
+    pub relay_listen: Option<String>,
+    /// The inventory name of the node this hub runs on (its own pods' frames arrive from
+    /// loopback). Default: the host name, if the inventory knows it.
+    #[arg(long, env = "PETREL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Flannel's VXLAN VNI.
+    #[arg(long, env = "PETREL_VNI")]
+    pub vni: Option<u32>,
+    /// Flannel's VXLAN UDP port.
+    #[arg(long, env = "PETREL_FLANNEL_PORT")]
+    pub flannel_port: Option<u16>,
     /// The API server's egress proxy (CONNECT over a Unix socket or mTLS TCP, SNI passthrough).
     #[command(flatten)]
     pub egress: crate::egress::EgressArgs,
@@ -160,6 +174,13 @@ pub struct FileConfig {
     #[serde(alias = "site_mtu")]
     pub site_mtu: Option<u16>,
     pub log: Option<String>,
+    #[serde(alias = "relay_listen")]
+    pub relay_listen: Option<String>,
+    #[serde(alias = "node_name")]
+    pub node_name: Option<String>,
+    pub vni: Option<u32>,
+    #[serde(alias = "flannel_port")]
+    pub flannel_port: Option<u16>,
     #[serde(default)]
     pub egress: crate::egress::EgressFileConfig,
 }
@@ -195,6 +216,11 @@ pub struct HubConfig {
     pub drain_timeout: Duration,
     pub restart_hint: Duration,
     pub site_mtu: u16,
+    /// `None`: no data plane.
+    pub relay_listen: Option<SocketAddr>,
+    pub node_name: Option<String>,
+    pub vni: u32,
+    pub flannel_port: u16,
     /// Egress settings as given; `egress::run` validates them.
     pub egress: crate::egress::EgressArgs,
     pub egress_file: crate::egress::EgressFileConfig,
@@ -353,7 +379,26 @@ impl HubConfig {
                 allowed: "576 to 1450".into(),
             });
         }
+        let relay_listen = match args.relay_listen.or(file.relay_listen).as_deref() {
+            Some("off") => None,
+            Some(v) => Some(parse_socket_addr("relay-listen", v)?),
+            None => Some(SocketAddr::from(([0, 0, 0, 0], 8473))),
+        };
+        let vni = args.vni.or(file.vni).unwrap_or(1);
+        if vni == 0 || vni > 0x00ff_ffff {
+            return Err(ConfigError::Invalid {
+                field: "vni",
+                value: vni.to_string(),
+                allowed: "1 to 16777215 (Flannel's default is 1)".into(),
+            });
+        }
+        let flannel_port = args.flannel_port.or(file.flannel_port).unwrap_or(8472);
+        let node_name = args.node_name.or(file.node_name);
         Ok(Self {
+            relay_listen,
+            node_name,
+            vni,
+            flannel_port,
             listen,
             admin_addr,
             state_dir,

@@ -11,3 +11,4 @@ pub mod inventory;
 pub mod metrics;
 pub mod pki_store;
 pub mod status;
+pub mod switch;

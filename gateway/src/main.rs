@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     init_logging(cli.log.as_deref().or(file.log.as_deref()));
     petrel_transport::tls::install_default_provider();
     let result = match cli.command {
-        Command::Run(args) => match HubConfig::from_args(args, file) {
+        Command::Run(args) => match HubConfig::from_args(*args, file) {
             Ok(cfg) => run(cfg),
             Err(e) => return config_error(&e),
         },

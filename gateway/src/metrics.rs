@@ -27,6 +27,7 @@ pub struct HubMetrics {
     pub enrolments: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
     pub datagrams_dropped: Family<Reason, Counter>,
+    pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
 }
 
@@ -41,6 +42,7 @@ impl HubMetrics {
             enrolments: Family::default(),
             renewals: Family::default(),
             datagrams_dropped: Family::default(),
+            frames_forwarded: Family::default(),
             going_away_sent: Counter::default(),
             registry: Registry::default(),
         };
@@ -83,6 +85,11 @@ impl HubMetrics {
             "going_away_sent",
             "Going-away messages sent to agents",
             m.going_away_sent.clone(),
+        );
+        registry.register(
+            "frames_forwarded",
+            "VXLAN frames switched by the hub, by path",
+            m.frames_forwarded.clone(),
         );
         Self { registry, ..m }
     }

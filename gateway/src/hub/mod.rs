@@ -3,6 +3,7 @@
 //! enrolment or tunnel session in its own task and tracing span, and on shutdown tells every
 //! agent to go away (and when to come back), then drains under a deadline.
 
+pub mod dataplane;
 pub mod enrol;
 pub mod registry;
 pub mod session;
@@ -53,6 +54,7 @@ pub struct HubContext {
     pub metrics: HubMetrics,
     pub listening: AtomicBool,
     pub local_addr: SocketAddr,
+    pub dataplane: Option<dataplane::Dataplane>,
 }
 
 impl HubContext {
@@ -109,6 +111,34 @@ impl Hub {
             addr: config.listen,
             source,
         })?;
+        let dataplane = match config.relay_listen {
+            Some(addr) => {
+                let std_sock = std::net::UdpSocket::bind(addr)
+                    .map_err(|source| HubError::Bind { addr, source })?;
+                std_sock
+                    .set_nonblocking(true)
+                    .map_err(|source| HubError::Bind { addr, source })?;
+                let sock = tokio::net::UdpSocket::from_std(std_sock)
+                    .map_err(|source| HubError::Bind { addr, source })?;
+                let local_node = config.node_name.clone().or_else(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .ok()?
+                        .trim()
+                        .to_string();
+                    inventory.node(&host).map(|n| n.name.clone())
+                });
+                let dp = dataplane::Dataplane::new(
+                    sock,
+                    &inventory,
+                    local_node.clone(),
+                    config.vni,
+                    config.flannel_port,
+                );
+                info!(relay = ?dp.local_addr(), node = ?local_node, vni = config.vni, "VXLAN relay listening");
+                Some(dp)
+            }
+            None => None,
+        };
         info!(listen = %local_addr, ca_sha256 = %ca.fingerprint(), hub = %config.hub_name, "hub listening");
         let ctx = Arc::new(HubContext {
             config,
@@ -119,6 +149,7 @@ impl Hub {
             metrics: HubMetrics::new(),
             listening: AtomicBool::new(true),
             local_addr,
+            dataplane,
         });
         Ok(Self { ctx, endpoint })
     }
@@ -133,6 +164,7 @@ impl Hub {
 
     /// Accepts connections until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
+        let relay = tokio::spawn(dataplane::run_relay(self.ctx.clone(), shutdown.clone()));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -143,6 +175,7 @@ impl Hub {
             tokio::spawn(handle_incoming(ctx, incoming).instrument(span));
         }
         self.drain().await;
+        relay.abort();
     }
 
     async fn drain(self) {

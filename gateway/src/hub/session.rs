@@ -161,8 +161,10 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     }
     ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
+    let pump = tokio::spawn(super::dataplane::pump_agent(ctx.clone(), entry.clone()));
 
     let reason = control_loop(&ctx, &entry, &mut reader, &mut writer, &mut command_rx).await;
+    pump.abort();
     if ctx.registry.remove(&node, entry.id) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
         info!(node = %node, reason = %reason, "agent disconnected");
@@ -240,16 +242,6 @@ async fn control_loop(
                     return "keepalive timeout".into();
                 }
                 KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
-            },
-            datagram = conn.read_datagram() => match datagram {
-                // The VXLAN switch arrives with the data plane; until then every frame is
-                // parsed (so malformed ones are told apart) and dropped with a counted reason.
-                Ok(d) => {
-                    let reason = match petrel_proto::parse_datagram(&d) { Ok(_) => "no_dataplane", Err(e) => e.reason() };
-                    entry.counters.count_drop(reason);
-                    HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, reason);
-                }
-                Err(e) => return e.to_string(),
             },
             closed = conn.closed() => return closed.to_string(),
         }
@@ -347,6 +339,7 @@ impl HubContext {
             gateways: self.gateway_endpoints(),
             routes,
             site_mtu: self.config.site_mtu,
+            egress: Default::default(),
         }
     }
 }

@@ -1,0 +1,114 @@
+//! A tunnel client built from the library, for tests that need to do what the real agent
+//! never would: present another node's name, spoof frames, hold two sessions for one node.
+
+use petrel_proto::{AgentSelfView, ControlMessage, Hello, ALPN_TUNNEL};
+use petrel_transport::control_stream::{ControlReader, ControlWriter};
+use petrel_transport::pki::{CertificateAuthority, NodeKey};
+use petrel_transport::quic::TransportTuning;
+use petrel_transport::{quic, tls, HUB_SERVER_NAME};
+
+/// A session held by a test.
+pub struct RawSession {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub writer: ControlWriter,
+    pub reader: ControlReader,
+    pub first: ControlMessage,
+}
+
+pub fn hello(node: &str) -> Hello {
+    Hello {
+        protocol_version: petrel_proto::PROTOCOL_VERSION,
+        alpn: "petrel/1".into(),
+        node_name: node.into(),
+        agent_version: "test".into(),
+        self_view: AgentSelfView {
+            pod_cidrs: vec![],
+            vtep_mac: None,
+            underlay_addrs: vec![],
+            datapath: "none".into(),
+            capabilities: 0,
+        },
+    }
+}
+
+/// Connects with `cert`/`key`, says hello as `node`, and returns the hub's first answer. In TLS
+/// 1.3 the client finishes its handshake before the hub has checked the client certificate, so a
+/// refused certificate shows up here as the connection's close reason.
+pub async fn session_as(
+    server: &str,
+    ca: &[u8],
+    cert: &[u8],
+    key: &NodeKey,
+    node: &str,
+) -> Result<RawSession, String> {
+    let cfg = tls::agent_client_tls(
+        &ca.to_vec().into(),
+        vec![cert.to_vec().into()],
+        key.private_key_der(),
+        ALPN_TUNNEL,
+    )
+    .map_err(|e| e.to_string())?;
+    let client =
+        quic::client_config(cfg, &TransportTuning::default()).map_err(|e| e.to_string())?;
+    let endpoint = quic::client_endpoint("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
+        .map_err(|e| e.to_string())?;
+    let conn = endpoint
+        .connect_with(
+            client,
+            server.parse().map_err(|e| format!("{e}"))?,
+            HUB_SERVER_NAME,
+        )
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let why = |e: String, conn: &quinn::Connection| {
+        format!(
+            "{e}; close reason: {:?}",
+            conn.close_reason().map(|r| r.to_string())
+        )
+    };
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| why(e.to_string(), &conn))?;
+    let mut writer = ControlWriter::new(send);
+    let mut reader = ControlReader::new(recv);
+    writer
+        .send(&ControlMessage::Hello(hello(node)))
+        .await
+        .map_err(|e| why(e.to_string(), &conn))?;
+    let first = match reader.next().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err(why("stream ended".into(), &conn)),
+        Err(e) => return Err(why(e.to_string(), &conn)),
+    };
+    Ok(RawSession {
+        endpoint,
+        conn,
+        writer,
+        reader,
+        first,
+    })
+}
+
+/// The CA of a hub started by [`crate::procs::Hub`], read from its state directory, so a test can
+/// mint certificates the real agent would never hold.
+pub fn hub_ca(hub: &crate::procs::Hub) -> anyhow::Result<CertificateAuthority> {
+    let crt = std::fs::read_to_string(hub.state_dir.join("ca.crt"))?;
+    let key = std::fs::read_to_string(hub.state_dir.join("ca.key"))?;
+    Ok(CertificateAuthority::from_pem(&crt, &key)?)
+}
+
+/// A certificate for `node` from `ca`, valid for a day, with a fresh key.
+pub fn node_identity(ca: &CertificateAuthority, node: &str) -> anyhow::Result<(Vec<u8>, NodeKey)> {
+    let key = NodeKey::generate()?;
+    let now = std::time::SystemTime::now();
+    let cert = ca.sign_node_csr(
+        &key.csr_der(node)?,
+        node,
+        now,
+        std::time::Duration::from_secs(86400),
+    )?;
+    Ok((cert.to_vec(), key))
+}

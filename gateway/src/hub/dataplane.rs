@@ -1,0 +1,218 @@
+//! The hub's data-plane driver: moves VXLAN frames between agents' tunnels (QUIC datagrams) and
+//! the cloud and Express Connect VTEPs (plain UDP: frames arrive on the relay port from the
+//! nodes' `petrel.1` devices, and leave to each node's flannel.1 on 8472). Every decision is the
+//! pure [`SwitchTable`]'s; this module does the I/O and the counting.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::registry::AgentEntry;
+use super::HubContext;
+use crate::inventory::Inventory;
+use crate::metrics::HubMetrics;
+use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};
+
+/// Bytes a tunnel datagram adds around the inner IP packet: kind byte, VXLAN header, Ethernet.
+pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
+
+/// The relay socket and the switching table.
+#[derive(Debug)]
+pub struct Dataplane {
+    socket: Arc<tokio::net::UdpSocket>,
+    table: RwLock<Arc<SwitchTable>>,
+    local_node: Option<String>,
+    vni: u32,
+    flannel_port: u16,
+}
+
+impl Dataplane {
+    pub fn new(
+        socket: tokio::net::UdpSocket,
+        inv: &Inventory,
+        local_node: Option<String>,
+        vni: u32,
+        flannel_port: u16,
+    ) -> Self {
+        let table = SwitchTable::from_inventory(inv, local_node.as_deref(), vni, flannel_port);
+        Self {
+            socket: Arc::new(socket),
+            table: RwLock::new(Arc::new(table)),
+            local_node,
+            vni,
+            flannel_port,
+        }
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()
+    }
+
+    pub fn table(&self) -> Arc<SwitchTable> {
+        self.table.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Rebuilds the table after an inventory change.
+    pub fn refresh(&self, inv: &Inventory) {
+        let table = Arc::new(SwitchTable::from_inventory(
+            inv,
+            self.local_node.as_deref(),
+            self.vni,
+            self.flannel_port,
+        ));
+        if let Ok(mut t) = self.table.write() {
+            *t = table;
+        }
+    }
+}
+
+fn count_drop(ctx: &HubContext, from_agent: Option<&AgentEntry>, reason: DropReason) {
+    HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, reason.label());
+    if let Some(a) = from_agent {
+        a.counters.count_drop(reason.label());
+    }
+}
+
+/// Hands `payload` (a VXLAN payload) to the agent `node`, or drops it with ICMP frag-needed back
+/// to `reply_to` when it does not fit the tunnel.
+fn to_agent(
+    ctx: &HubContext,
+    dp: &Dataplane,
+    node: &str,
+    frame: &VxlanFrame<'_>,
+    from_agent: Option<&AgentEntry>,
+    reply_to: Option<SocketAddr>,
+) {
+    let Some(dest) = ctx.registry.get(node) else {
+        count_drop(ctx, from_agent, DropReason::AgentNotConnected);
+        return;
+    };
+    let payload = frame.vxlan_bytes();
+    let max = dest.connection.max_datagram_size().unwrap_or(0);
+    if payload.len() + 1 > max {
+        count_drop(ctx, from_agent, DropReason::Oversize);
+        let mtu = u16::try_from(max.saturating_sub(DATAGRAM_IP_OVERHEAD))
+            .unwrap_or(u16::MAX)
+            .max(576);
+        if let (Some(icmp), Some(to)) = (icmp::frag_needed(frame, mtu), reply_to) {
+            let _ = dp.socket.try_send_to(&icmp, to);
+        }
+        return;
+    }
+    let mut b = BytesMut::with_capacity(payload.len() + 1);
+    b.put_u8(DATAGRAM_KIND_VXLAN);
+    b.extend_from_slice(payload);
+    match dest.connection.send_datagram(b.freeze()) {
+        Ok(()) => HubMetrics::inc_reason(
+            &ctx.metrics.frames_forwarded,
+            if from_agent.is_some() {
+                "agent_to_agent"
+            } else {
+                "vtep_to_agent"
+            },
+        ),
+        Err(e) => {
+            debug!(node, error = %e, "cannot hand a frame to the agent");
+            count_drop(ctx, from_agent, DropReason::SendFailed);
+        }
+    }
+}
+
+/// Frames from one agent's tunnel. Ends when the connection does.
+pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
+    let Some(dp) = ctx.dataplane.as_ref() else {
+        return;
+    };
+    loop {
+        let datagram: Bytes = match entry.connection.read_datagram().await {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(node = %entry.node, error = %e, "datagram pump stopped");
+                return;
+            }
+        };
+        let frame = match petrel_proto::parse_datagram(&datagram) {
+            Ok(f) => f,
+            Err(e) => {
+                count_drop(&ctx, Some(&entry), DropReason::Malformed(e.reason()));
+                continue;
+            }
+        };
+        let table = dp.table();
+        let verdict = table.decide(Ingress::Agent(&entry.node), &frame, |n| {
+            ctx.registry.get(n).is_some()
+        });
+        match verdict {
+            Verdict::ToAgent(node) => {
+                // ICMP for an agent-to-agent frame goes back into the sender's tunnel: not worth
+                // it for a case the agents' route MTU already prevents; it is counted.
+                to_agent(&ctx, dp, node, &frame, Some(&entry), None);
+            }
+            Verdict::ToVtep(addr) => match dp.socket.try_send_to(frame.vxlan_bytes(), addr) {
+                Ok(_) => HubMetrics::inc_reason(&ctx.metrics.frames_forwarded, "agent_to_vtep"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if dp.socket.send_to(frame.vxlan_bytes(), addr).await.is_ok() {
+                        HubMetrics::inc_reason(&ctx.metrics.frames_forwarded, "agent_to_vtep");
+                    } else {
+                        count_drop(&ctx, Some(&entry), DropReason::SendFailed);
+                    }
+                }
+                Err(e) => {
+                    debug!(%addr, error = %e, "cannot send a frame to a VTEP");
+                    count_drop(&ctx, Some(&entry), DropReason::SendFailed);
+                }
+            },
+            Verdict::Drop(reason) => count_drop(&ctx, Some(&entry), reason),
+        }
+    }
+}
+
+/// Frames from cloud and Express Connect nodes on the relay port.
+pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken) {
+    let Some(dp) = ctx.dataplane.as_ref() else {
+        return;
+    };
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (len, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = dp.socket.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "relay socket receive failed");
+                    continue;
+                }
+            },
+        };
+        let Some(bytes) = buf.get(..len) else {
+            continue;
+        };
+        let frame = match VxlanFrame::from_vxlan_payload(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                count_drop(&ctx, None, DropReason::Malformed(e.reason()));
+                continue;
+            }
+        };
+        let table = dp.table();
+        match table.decide(Ingress::Vtep(from.ip()), &frame, |n| {
+            ctx.registry.get(n).is_some()
+        }) {
+            Verdict::ToAgent(node) => {
+                // The sender's flannel.1 listens on the flannel port of the address it sent from.
+                let reply_to = SocketAddr::new(from.ip(), table_flannel_port(dp));
+                to_agent(&ctx, dp, node, &frame, None, Some(reply_to));
+            }
+            Verdict::ToVtep(_) => count_drop(&ctx, None, DropReason::NotViaHub),
+            Verdict::Drop(reason) => count_drop(&ctx, None, reason),
+        }
+    }
+}
+
+fn table_flannel_port(dp: &Dataplane) -> u16 {
+    dp.flannel_port
+}
