@@ -128,6 +128,48 @@ pub struct HubView {
     pub routes: Vec<Route>,
     /// Inner MTU for traffic toward this site; at least [`MIN_SITE_MTU`].
     pub site_mtu: u16,
+    /// Trailing field (appended in protocol 1, minor revision "egress"): what the agent may
+    /// dial for the hub's proxied streams. A view that ends before it decodes as the empty
+    /// policy, which allows nothing.
+    pub egress: EgressPolicy,
+}
+
+/// Most node addresses, and most pod CIDRs, in an [`EgressPolicy`].
+pub const MAX_EGRESS_TARGETS: usize = 4096;
+/// Most ports in each port list of an [`EgressPolicy`].
+pub const MAX_EGRESS_PORTS: usize = 64;
+
+/// The targets an agent may dial for proxied streams: only inside its own site. The hub derives
+/// it from its inventory (the agent's node and the other nodes of its site) and its egress
+/// configuration; the agent refuses any `StreamOpen` outside it with `NotAllowed`.
+///
+/// Layout: `node_addresses` (list of `IpAddr`), `pod_cidrs` (list of `IpCidr`), `node_ports`
+/// (list of `u16`, each ≠ 0), `pod_ports` (`Option` of a list of `u16`, each ≠ 0; absent means
+/// any port). Lists are capped by [`MAX_EGRESS_TARGETS`] and [`MAX_EGRESS_PORTS`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct EgressPolicy {
+    /// Addresses of the nodes of the agent's site (its own first).
+    pub node_addresses: Vec<IpAddr>,
+    /// Pod CIDRs of the nodes of the agent's site.
+    pub pod_cidrs: Vec<IpCidr>,
+    /// Ports allowed on node addresses (kubelet, read-only kubelet, metrics).
+    pub node_ports: Vec<u16>,
+    /// Ports allowed on pod IPs; `None` allows any port.
+    pub pod_ports: Option<Vec<u16>>,
+}
+
+impl EgressPolicy {
+    /// Whether `ip:port` is a target this policy allows.
+    pub fn allows(&self, ip: IpAddr, port: u16) -> bool {
+        if port == 0 {
+            return false;
+        }
+        if self.node_addresses.contains(&ip) && self.node_ports.contains(&port) {
+            return true;
+        }
+        self.pod_cidrs.iter().any(|c| c.contains(ip))
+            && self.pod_ports.as_ref().is_none_or(|p| p.contains(&port))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -543,7 +585,100 @@ fn write_view(w: &mut Writer<'_>, v: &HubView) -> Result<(), EncodeError> {
         });
     }
     w.u16(v.site_mtu);
+    write_egress_policy(w, &v.egress)
+}
+
+fn write_ports(w: &mut Writer<'_>, field: &'static str, ports: &[u16]) -> Result<(), EncodeError> {
+    w.count(field, ports.len(), MAX_EGRESS_PORTS)?;
+    for &p in ports {
+        if p == 0 {
+            return Err(EncodeError::InvalidValue {
+                field,
+                reason: "port 0 cannot be dialled".into(),
+            });
+        }
+        w.u16(p);
+    }
     Ok(())
+}
+
+fn write_egress_policy(w: &mut Writer<'_>, e: &EgressPolicy) -> Result<(), EncodeError> {
+    w.count(
+        "EgressPolicy.node_addresses",
+        e.node_addresses.len(),
+        MAX_EGRESS_TARGETS,
+    )?;
+    for ip in &e.node_addresses {
+        w.ip_addr(*ip);
+    }
+    w.count(
+        "EgressPolicy.pod_cidrs",
+        e.pod_cidrs.len(),
+        MAX_EGRESS_TARGETS,
+    )?;
+    for c in &e.pod_cidrs {
+        w.ip_cidr(*c);
+    }
+    write_ports(w, "EgressPolicy.node_ports", &e.node_ports)?;
+    match &e.pod_ports {
+        Some(ports) => {
+            w.flag(true);
+            write_ports(w, "EgressPolicy.pod_ports", ports)
+        }
+        None => {
+            w.flag(false);
+            Ok(())
+        }
+    }
+}
+
+fn read_ports(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u16>, DecodeError> {
+    let n = r.count(field, MAX_EGRESS_PORTS, 2)?;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..n {
+        let p = r.u16(field)?;
+        if p == 0 {
+            return Err(DecodeError::InvalidValue {
+                field,
+                reason: "port 0 cannot be dialled".into(),
+            });
+        }
+        ports.push(p);
+    }
+    Ok(ports)
+}
+
+/// The trailing policy of a view; a body that ends before it is the empty policy.
+fn read_egress_policy(r: &mut Reader<'_>) -> Result<EgressPolicy, DecodeError> {
+    if r.remaining() == 0 {
+        return Ok(EgressPolicy::default());
+    }
+    let n = r.count(
+        "EgressPolicy.node_addresses",
+        MAX_EGRESS_TARGETS,
+        MIN_IP_ADDR_LEN,
+    )?;
+    let mut node_addresses = Vec::with_capacity(n);
+    for _ in 0..n {
+        node_addresses.push(r.ip_addr("EgressPolicy.node_addresses")?);
+    }
+    let n = r.count("EgressPolicy.pod_cidrs", MAX_EGRESS_TARGETS, MIN_IP_CIDR_LEN)?;
+    let mut pod_cidrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        pod_cidrs.push(r.ip_cidr("EgressPolicy.pod_cidrs")?);
+    }
+    let node_ports = read_ports(r, "EgressPolicy.node_ports")?;
+    let pod_ports = if r.flag("EgressPolicy.pod_ports")? {
+        Some(read_ports(r, "EgressPolicy.pod_ports")?)
+    } else {
+        None
+    };
+    Ok(EgressPolicy {
+        node_addresses,
+        pod_cidrs,
+        node_ports,
+        pod_ports,
+    })
 }
 
 fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
@@ -602,10 +737,12 @@ fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
             reason: format!("{site_mtu} is below the minimum of {MIN_SITE_MTU}"),
         });
     }
+    let egress = read_egress_policy(r)?;
     Ok(HubView {
         gateways,
         routes,
         site_mtu,
+        egress,
     })
 }
 
@@ -682,6 +819,12 @@ mod tests {
                 path: RoutePath::ViaHub,
             }],
             site_mtu: 1400,
+            egress: EgressPolicy {
+                node_addresses: vec!["192.168.1.5".parse().unwrap()],
+                pod_cidrs: vec!["10.244.5.0/24".parse().unwrap()],
+                node_ports: vec![10250, 10255],
+                pod_ports: None,
+            },
         }
     }
 
@@ -946,8 +1089,13 @@ mod tests {
     fn route_path_and_reasons() {
         assert_eq!(GoingAwayReason::from_code(3), GoingAwayReason::Replaced);
         assert_eq!(GoingAwayReason::from_code(77), GoingAwayReason::Other(77));
-        let mut bytes = encode_to_vec(&ControlMessage::Update(view())).unwrap();
-        let path_pos = bytes.len() - 3;
+        let v = HubView {
+            egress: EgressPolicy::default(),
+            ..view()
+        };
+        let mut bytes = encode_to_vec(&ControlMessage::Update(v)).unwrap();
+        // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1).
+        let path_pos = bytes.len() - 3 - 7;
         bytes[path_pos] = 9;
         assert!(matches!(
             decode_frame(&bytes),
@@ -976,5 +1124,94 @@ mod tests {
         let mut v = view();
         v.site_mtu = 0;
         assert!(encode_to_vec(&ControlMessage::Update(v)).is_err());
+    }
+
+    #[test]
+    fn egress_policy_is_a_trailing_field() {
+        // A view from a hub that predates the field: everything up to site_mtu.
+        let v = view();
+        let full = encode_to_vec(&ControlMessage::Update(v.clone())).unwrap();
+        let mut policy = Vec::new();
+        write_frame(&mut policy, 0x99, MAX_CONTROL_FRAME, |w| {
+            write_egress_policy(w, &v.egress)
+        })
+        .unwrap();
+        let policy_len = policy.len() - 5;
+        let body_len = full.len() - 5 - policy_len;
+        let old = frame(msg_type::UPDATE, &full[5..5 + body_len]);
+        match decode_frame(&old).unwrap() {
+            Some((ControlMessage::Update(got), _)) => {
+                assert_eq!(got.egress, EgressPolicy::default());
+                assert_eq!(got.routes, v.routes);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Present: round-trips, including an explicit pod port list.
+        let mut v2 = view();
+        v2.egress.pod_ports = Some(vec![8080]);
+        let bytes = encode_to_vec(&ControlMessage::Update(v2.clone())).unwrap();
+        assert_eq!(
+            decode_frame(&bytes).unwrap(),
+            Some((ControlMessage::Update(v2), bytes.len()))
+        );
+    }
+
+    #[test]
+    fn egress_policy_checks_and_caps() {
+        let p = view().egress;
+        let node: IpAddr = "192.168.1.5".parse().unwrap();
+        assert!(p.allows(node, 10250));
+        assert!(!p.allows(node, 22));
+        assert!(p.allows("10.244.5.9".parse().unwrap(), 8080));
+        assert!(!p.allows("10.244.6.9".parse().unwrap(), 8080));
+        assert!(!p.allows("10.244.5.9".parse().unwrap(), 0));
+        let only = EgressPolicy {
+            pod_ports: Some(vec![80]),
+            ..p.clone()
+        };
+        assert!(only.allows("10.244.5.9".parse().unwrap(), 80));
+        assert!(!only.allows("10.244.5.9".parse().unwrap(), 81));
+        assert!(!EgressPolicy::default().allows(node, 10250));
+
+        let mut v = view();
+        v.egress.node_ports = vec![0];
+        assert!(matches!(
+            encode_to_vec(&ControlMessage::Update(v)),
+            Err(EncodeError::InvalidValue {
+                field: "EgressPolicy.node_ports",
+                ..
+            })
+        ));
+        let mut v = view();
+        v.egress.node_ports = vec![1; MAX_EGRESS_PORTS + 1];
+        assert!(matches!(
+            encode_to_vec(&ControlMessage::Update(v)),
+            Err(EncodeError::TooLong {
+                field: "EgressPolicy.node_ports",
+                ..
+            })
+        ));
+        // A port 0 on the wire is refused, and a huge count is refused before allocating.
+        let mut bytes = encode_to_vec(&ControlMessage::Update(view())).unwrap();
+        let n = bytes.len();
+        // ... node_ports: count 2, 10250, 10255; pod_ports: tag 0.
+        assert_eq!(&bytes[n - 7..], &[0, 2, 0x28, 0x0a, 0x28, 0x0f, 0]);
+        bytes[n - 5] = 0;
+        bytes[n - 4] = 0;
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(DecodeError::InvalidValue {
+                field: "EgressPolicy.node_ports",
+                ..
+            })
+        ));
+        bytes[n - 7] = 0xff;
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(DecodeError::TooLong {
+                field: "EgressPolicy.node_ports",
+                ..
+            })
+        ));
     }
 }
