@@ -662,7 +662,11 @@ fn read_egress_policy(r: &mut Reader<'_>) -> Result<EgressPolicy, DecodeError> {
     for _ in 0..n {
         node_addresses.push(r.ip_addr("EgressPolicy.node_addresses")?);
     }
-    let n = r.count("EgressPolicy.pod_cidrs", MAX_EGRESS_TARGETS, MIN_IP_CIDR_LEN)?;
+    let n = r.count(
+        "EgressPolicy.pod_cidrs",
+        MAX_EGRESS_TARGETS,
+        MIN_IP_CIDR_LEN,
+    )?;
     let mut pod_cidrs = Vec::with_capacity(n);
     for _ in 0..n {
         pod_cidrs.push(r.ip_cidr("EgressPolicy.pod_cidrs")?);

@@ -1,0 +1,520 @@
+//! Frame capture ([`FrameSource`]) and injection ([`Injector`]).
+//!
+//! Both speak *VXLAN payloads*: the 8-byte VXLAN header (flags `0x08`, 24-bit VNI) followed by
+//! the inner Ethernet frame, byte for byte what `flannel.1` sends and accepts on UDP 8472.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use ipnet::Ipv4Net;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::error::DatapathError;
+
+/// Length of the VXLAN header.
+pub const VXLAN_HDR_LEN: usize = 8;
+/// Length of the inner Ethernet header (no VLAN tag).
+pub const ETH_HDR_LEN: usize = 14;
+/// VXLAN header + inner Ethernet header: what a VXLAN payload adds to an IP packet.
+pub const VXLAN_OVERHEAD: usize = VXLAN_HDR_LEN + ETH_HDR_LEN;
+/// A receive buffer of this size never truncates a frame (largest UDP payload / IP packet).
+pub const FRAME_BUF_LEN: usize = 65536;
+
+const VXLAN_FLAG_I: u8 = 0x08;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const SOCKET_BUF: usize = 4 << 20;
+
+/// Writes the VXLAN header for `vni` into `out[..8]`.
+pub(crate) fn write_vxlan_header(out: &mut [u8], vni: u32) {
+    out[..VXLAN_HDR_LEN].copy_from_slice(&[
+        VXLAN_FLAG_I,
+        0,
+        0,
+        0,
+        (vni >> 16) as u8,
+        (vni >> 8) as u8,
+        vni as u8,
+        0,
+    ]);
+}
+
+/// The VNI of a VXLAN payload, if it has the I flag.
+pub(crate) fn vxlan_vni(payload: &[u8]) -> Option<u32> {
+    if payload.len() < VXLAN_HDR_LEN || payload[0] & VXLAN_FLAG_I == 0 {
+        return None;
+    }
+    Some(u32::from_be_bytes([0, payload[4], payload[5], payload[6]]))
+}
+
+/// What the portable encapsulation needs: VNI, our VtepMAC and the peers' CIDRs and VtepMACs,
+/// longest prefix first.
+#[derive(Clone, Default)]
+pub(crate) struct EncapTable {
+    pub vni: u32,
+    pub src_mac: [u8; 6],
+    peers: Vec<(u32, u32, [u8; 6])>,
+    /// The TUN device to read from (portable hook); replaced if `apply` had to recreate it.
+    pub tun: Option<Arc<AsyncFd<File>>>,
+}
+
+impl EncapTable {
+    pub(crate) fn new(vni: u32, src_mac: [u8; 6], peers: &[(Ipv4Net, [u8; 6])]) -> Self {
+        let mut sorted: Vec<(Ipv4Net, [u8; 6])> = peers.to_vec();
+        sorted.sort_by_key(|p| std::cmp::Reverse(p.0.prefix_len()));
+        EncapTable {
+            vni,
+            src_mac,
+            peers: sorted
+                .into_iter()
+                .map(|(net, mac)| (u32::from(net.network()), u32::from(net.netmask()), mac))
+                .collect(),
+            tun: None,
+        }
+    }
+
+    pub(crate) fn with_tun(mut self, tun: Option<Arc<AsyncFd<File>>>) -> Self {
+        self.tun = tun;
+        self
+    }
+
+    /// The VtepMAC of the peer whose CIDR contains `dst` (longest prefix).
+    pub(crate) fn lookup(&self, dst: Ipv4Addr) -> Option<[u8; 6]> {
+        let d = u32::from(dst);
+        self.peers
+            .iter()
+            .find(|(net, mask, _)| d & mask == *net)
+            .map(|(_, _, mac)| *mac)
+    }
+
+    /// Wraps the IPv4 packet at `buf[VXLAN_OVERHEAD..VXLAN_OVERHEAD + len]` in place. Returns
+    /// the payload length, or why it cannot be sent.
+    pub(crate) fn encapsulate(&self, buf: &mut [u8], len: usize) -> Result<usize, Drop> {
+        let pkt = buf
+            .get(VXLAN_OVERHEAD..VXLAN_OVERHEAD + len)
+            .ok_or(Drop::Malformed)?;
+        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+            return Err(Drop::Malformed);
+        }
+        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        let dst_mac = self.lookup(dst).ok_or(Drop::NoPeer)?;
+        write_vxlan_header(buf, self.vni);
+        buf[8..14].copy_from_slice(&dst_mac);
+        buf[14..20].copy_from_slice(&self.src_mac);
+        buf[20..22].copy_from_slice(&ETHERTYPE_IPV4);
+        Ok(VXLAN_OVERHEAD + len)
+    }
+}
+
+/// Why the portable source skipped a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drop {
+    Malformed,
+    NoPeer,
+}
+
+impl EncapTable {
+    /// Same peers, VNI, MAC and TUN descriptor.
+    fn same_as(&self, o: &EncapTable) -> bool {
+        self.vni == o.vni
+            && self.src_mac == o.src_mac
+            && self.peers == o.peers
+            && match (&self.tun, &o.tun) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+/// The encapsulation table shared between the [`crate::Datapath`] (writer, on apply) and the
+/// portable [`FrameSource`] (reader: one atomic load per packet unless it changed). The watch
+/// also wakes a reader blocked on a TUN descriptor that was replaced (the kernel does not wake
+/// readers of a deleted TUN device).
+pub(crate) struct EncapShared {
+    version: watch::Sender<u64>,
+    table: Mutex<Arc<EncapTable>>,
+}
+
+impl Default for EncapShared {
+    fn default() -> Self {
+        EncapShared {
+            version: watch::Sender::new(0),
+            table: Mutex::new(Arc::new(EncapTable::default())),
+        }
+    }
+}
+
+impl EncapShared {
+    /// Installs `table`; readers notice only if it differs from the current one.
+    pub(crate) fn publish(&self, table: EncapTable) {
+        {
+            let mut t = match self.table.lock() {
+                Ok(t) => t,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if t.same_as(&table) {
+                return;
+            }
+            *t = Arc::new(table);
+        }
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn current(&self) -> Arc<EncapTable> {
+        match self.table.lock() {
+            Ok(t) => Arc::clone(&t),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+}
+
+/// Counters of a [`FrameSource`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameStats {
+    /// Frames returned by `recv`.
+    pub frames: u64,
+    /// Bytes returned by `recv` (VXLAN payload bytes).
+    pub bytes: u64,
+    /// Packets whose destination is in no peer CIDR (portable; e.g. a peer just removed).
+    pub dropped_no_peer: u64,
+    /// Datagrams that are not VXLAN / packets that are not IPv4.
+    pub dropped_malformed: u64,
+}
+
+enum SourceInner {
+    /// Fast hook: the kernel's VXLAN datagrams to `127.0.0.1:<relay_port>`.
+    Udp(UdpSocket),
+    /// Portable hook: IP packets from the TUN device, encapsulated here.
+    Tun {
+        shared: Arc<EncapShared>,
+        version: watch::Receiver<u64>,
+        table: Arc<EncapTable>,
+    },
+}
+
+/// Frames the kernel sends toward the relay, one VXLAN payload per [`FrameSource::recv`].
+///
+/// Fast hook: a UDP socket bound to `127.0.0.1:<relay_port>` receiving what `petrel.1` sends
+/// (only meaningful with [`crate::Relay::Local`]). Portable hook: reads from `petrel0` and
+/// encapsulates in place (with [`crate::Relay::Remote`] the caller forwards the payloads to the
+/// hub itself). No allocation per frame. Use one `FrameSource` per datapath at a time.
+pub struct FrameSource {
+    inner: SourceInner,
+    stats: FrameStats,
+}
+
+impl std::fmt::Debug for FrameSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.inner {
+            SourceInner::Udp(_) => "udp",
+            SourceInner::Tun { .. } => "tun",
+        };
+        f.debug_struct("FrameSource")
+            .field("kind", &kind)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl FrameSource {
+    pub(crate) fn udp(port: u16) -> Result<Self, DatapathError> {
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+        let std_sock = std::net::UdpSocket::bind(addr).map_err(|source| DatapathError::Socket {
+            what: format!("udp {addr} (relay capture)"),
+            source,
+        })?;
+        set_buffers(&std_sock);
+        std_sock
+            .set_nonblocking(true)
+            .and_then(|()| UdpSocket::from_std(std_sock))
+            .map(|s| FrameSource {
+                inner: SourceInner::Udp(s),
+                stats: FrameStats::default(),
+            })
+            .map_err(|source| DatapathError::Socket {
+                what: format!("udp {addr} (relay capture)"),
+                source,
+            })
+    }
+
+    pub(crate) fn tun(shared: Arc<EncapShared>) -> Self {
+        let mut version = shared.version.subscribe();
+        version.mark_unchanged();
+        let table = shared.current();
+        FrameSource {
+            inner: SourceInner::Tun {
+                shared,
+                version,
+                table,
+            },
+            stats: FrameStats::default(),
+        }
+    }
+
+    /// Receives one VXLAN payload into `buf` and returns its length. `buf` should have
+    /// [`FRAME_BUF_LEN`] bytes (at least the hook device's MTU + [`VXLAN_OVERHEAD`]); longer
+    /// frames are truncated by the kernel. Cancel-safe: dropping the future loses no frame that
+    /// was not returned.
+    pub async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.len() < VXLAN_OVERHEAD + 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame buffer too small",
+            ));
+        }
+        loop {
+            match &mut self.inner {
+                SourceInner::Udp(sock) => {
+                    let n = sock.recv(buf).await?;
+                    if n < VXLAN_OVERHEAD || vxlan_vni(&buf[..n]).is_none() {
+                        self.stats.dropped_malformed += 1;
+                        continue;
+                    }
+                    self.stats.frames += 1;
+                    self.stats.bytes += n as u64;
+                    return Ok(n);
+                }
+                SourceInner::Tun {
+                    shared,
+                    version,
+                    table,
+                } => {
+                    if version.has_changed().unwrap_or(false) {
+                        version.mark_unchanged();
+                        *table = shared.current();
+                    }
+                    let Some(fd) = table.tun.clone() else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotConnected,
+                            "the TUN device was removed (datapath cleaned up)",
+                        ));
+                    };
+                    let event = tokio::select! {
+                        biased;
+                        read = read_tun(&fd, &mut buf[VXLAN_OVERHEAD..]) => TunEvent::Read(read),
+                        // New table (peers changed, or a new TUN descriptor after the device
+                        // was deleted from outside and `apply` recreated it; the kernel does
+                        // not wake readers of a deleted TUN device).
+                        _ = version.changed() => TunEvent::Changed,
+                    };
+                    let n = match event {
+                        TunEvent::Read(Ok(n)) => n,
+                        TunEvent::Changed => {
+                            *table = shared.current();
+                            continue;
+                        }
+                        // A detached descriptor: wait for `apply` to publish a new device.
+                        TunEvent::Read(Err(e)) if e.raw_os_error() == Some(libc::EBADFD) => {
+                            if version.changed().await.is_ok() {
+                                *table = shared.current();
+                                continue;
+                            }
+                            return Err(e);
+                        }
+                        TunEvent::Read(Err(e)) => return Err(e),
+                    };
+                    match table.encapsulate(buf, n) {
+                        Ok(len) => {
+                            self.stats.frames += 1;
+                            self.stats.bytes += len as u64;
+                            return Ok(len);
+                        }
+                        Err(Drop::NoPeer) => self.stats.dropped_no_peer += 1,
+                        Err(Drop::Malformed) => self.stats.dropped_malformed += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counters since this source was created.
+    pub fn stats(&self) -> FrameStats {
+        self.stats
+    }
+}
+
+enum TunEvent {
+    Read(io::Result<usize>),
+    Changed,
+}
+
+async fn read_tun(fd: &AsyncFd<File>, out: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.try_io(|inner| {
+            let mut f: &File = inner.get_ref();
+            f.read(out)
+        }) {
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Hands VXLAN payloads from the hub to this node's kernel: UDP to `127.0.0.1:<flannel_port>`,
+/// where `flannel.1` decapsulates them (it checks the VNI, that the inner destination MAC is
+/// its own and the inner source MAC is not; anything else is dropped silently by the kernel).
+/// Cheap to clone (one shared socket).
+#[derive(Clone)]
+pub struct Injector {
+    sock: Arc<UdpSocket>,
+    vni: u32,
+    dst: SocketAddrV4,
+}
+
+impl std::fmt::Debug for Injector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injector")
+            .field("dst", &self.dst)
+            .field("vni", &self.vni)
+            .finish()
+    }
+}
+
+impl Injector {
+    pub(crate) fn new(flannel_port: u16, vni: u32) -> Result<Self, DatapathError> {
+        let dst = SocketAddrV4::new(Ipv4Addr::LOCALHOST, flannel_port);
+        let what = || format!("udp -> {dst} (injection)");
+        let std_sock = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .and_then(|s| s.connect(dst).map(|()| s))
+            .map_err(|source| DatapathError::Socket {
+                what: what(),
+                source,
+            })?;
+        set_buffers(&std_sock);
+        let sock = std_sock
+            .set_nonblocking(true)
+            .and_then(|()| UdpSocket::from_std(std_sock))
+            .map_err(|source| DatapathError::Socket {
+                what: what(),
+                source,
+            })?;
+        Ok(Injector {
+            sock: Arc::new(sock),
+            vni,
+            dst,
+        })
+    }
+
+    /// Sends one VXLAN payload to `flannel.1`. Rejects (InvalidData) payloads that are too short,
+    /// lack the VXLAN I flag or carry another VNI, since the kernel would drop them silently.
+    /// `ConnectionRefused` means nothing listened on the port (flannel.1 down) at the last send.
+    pub async fn send(&self, vxlan_payload: &[u8]) -> io::Result<()> {
+        if vxlan_payload.len() < VXLAN_OVERHEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "VXLAN payload shorter than 22 bytes",
+            ));
+        }
+        match vxlan_vni(vxlan_payload) {
+            Some(vni) if vni == self.vni => {}
+            Some(vni) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("VNI {vni}, flannel uses {}", self.vni),
+                ))
+            }
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a VXLAN payload (I flag clear)",
+                ))
+            }
+        }
+        self.sock.send(vxlan_payload).await.map(|_| ())
+    }
+
+    /// Where payloads go (`127.0.0.1:<flannel_port>`).
+    pub fn destination(&self) -> SocketAddrV4 {
+        self.dst
+    }
+}
+
+/// Larger socket buffers absorb bursts (best effort: SO_*BUFFORCE needs CAP_NET_ADMIN, which a
+/// datapath has anyway).
+fn set_buffers(sock: &impl AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(sock, sockopt::RcvBufForce, &SOCKET_BUF).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &SOCKET_BUF);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUF).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &SOCKET_BUF);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn vxlan_header_roundtrip() {
+        let mut b = [0u8; 8];
+        write_vxlan_header(&mut b, 0x00ab_cdef);
+        assert_eq!(b, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]);
+        assert_eq!(vxlan_vni(&b), Some(0x00ab_cdef));
+        write_vxlan_header(&mut b, 1);
+        assert_eq!(b, [0x08, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(vxlan_vni(&[0u8; 8]), None);
+    }
+
+    #[test]
+    fn encapsulates_in_place_with_longest_prefix() {
+        let a = [2, 0xfa, 0, 0, 0, 2];
+        let b = [2, 0xfa, 0, 0, 0, 3];
+        let me = [2, 0xfa, 0, 0, 0, 1];
+        let t = EncapTable::new(
+            1,
+            me,
+            &[(net("10.244.0.0/16"), a), (net("10.244.3.0/24"), b)],
+        );
+        let mut buf = vec![0u8; 128];
+        // minimal IPv4 header 10.244.1.2 -> 10.244.3.7
+        let ip = [
+            0x45, 0, 0, 20, 0, 0, 0x40, 0, 64, 1, 0, 0, 10, 244, 1, 2, 10, 244, 3, 7,
+        ];
+        buf[VXLAN_OVERHEAD..VXLAN_OVERHEAD + 20].copy_from_slice(&ip);
+        let n = t.encapsulate(&mut buf, 20).unwrap();
+        assert_eq!(n, 42);
+        assert_eq!(&buf[..8], &[8, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&buf[8..14], &b);
+        assert_eq!(&buf[14..20], &me);
+        assert_eq!(&buf[20..22], &[8, 0]);
+        assert_eq!(&buf[22..42], &ip);
+        // 10.244.2.x falls back to the /16
+        buf[VXLAN_OVERHEAD + 18] = 2;
+        t.encapsulate(&mut buf, 20).unwrap();
+        assert_eq!(&buf[8..14], &a);
+        // outside every peer
+        buf[VXLAN_OVERHEAD + 16] = 192;
+        assert_eq!(t.encapsulate(&mut buf, 20), Err(Drop::NoPeer));
+        // IPv6 / short packets
+        buf[VXLAN_OVERHEAD] = 0x60;
+        assert_eq!(t.encapsulate(&mut buf, 20), Err(Drop::Malformed));
+        assert_eq!(t.encapsulate(&mut buf, 10), Err(Drop::Malformed));
+    }
+
+    #[test]
+    fn shared_table_versions() {
+        let s = EncapShared::default();
+        let mut rx = s.version.subscribe();
+        assert!(s.current().lookup(Ipv4Addr::new(10, 0, 0, 1)).is_none());
+        let t = EncapTable::new(1, [0; 6], &[(net("10.0.0.0/8"), [1; 6])]);
+        s.publish(t.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(s.current().lookup(Ipv4Addr::new(10, 0, 0, 1)), Some([1; 6]));
+        // The same table again: readers are not disturbed.
+        s.publish(t);
+        assert!(!rx.has_changed().unwrap());
+    }
+}
