@@ -389,6 +389,9 @@ impl Datapath {
                         .await?;
                     rep.device += 1;
                 }
+                if self.ensure_software_checksum(&name)? {
+                    rep.device += 1;
+                }
                 return Ok(l.index);
             }
             Some(l) => {
@@ -398,8 +401,16 @@ impl Datapath {
             }
             None => self.create_vxlan(&spec).await?,
         };
+        self.ensure_software_checksum(&name)?;
         rep.device += 1;
         Ok(link)
+    }
+
+    /// See `ethtool.rs`: without this, TCP through a userspace relay carries unfinished inner
+    /// checksums.
+    fn ensure_software_checksum(&self, dev: &str) -> Result<bool, DatapathError> {
+        crate::ethtool::disable_tx_checksum(dev)
+            .map_err(|e| DatapathError::netlink("disable tx checksum offload", dev.to_string(), e))
     }
 
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<u32, DatapathError> {

@@ -97,6 +97,7 @@
 
 mod datapath;
 mod error;
+mod ethtool;
 mod events;
 mod frames;
 mod nl;

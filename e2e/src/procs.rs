@@ -233,6 +233,10 @@ impl Hub {
         .arg("--state-dir")
         .arg(state_dir)
         .args(extra_args);
+        // Tests run hubs side by side: each gets its own relay port unless the test picks one.
+        if !extra_args.contains(&"--relay-listen") {
+            cmd.args(["--relay-listen", &format!("127.0.0.1:{}", free_port())]);
+        }
         let proc = Proc::spawn("hub", cmd)?;
         proc.wait_for_log("hub listening", Duration::from_secs(10))?;
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));

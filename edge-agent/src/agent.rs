@@ -40,6 +40,11 @@ pub struct AgentShared {
     pub metrics: AgentMetrics,
     /// One renewal at a time, whichever link notices first.
     pub renewing: AtomicBool,
+    /// The data plane, once the node's Flannel device is there (unset with `--hooks none`).
+    pub dataplane: std::sync::OnceLock<Arc<crate::dataplane::AgentDataplane>>,
+    pending_view: Mutex<Option<(quinn::Connection, petrel_proto::HubView)>>,
+    /// Proxied streams: the hub's latest egress policy, pending-dial bound, metrics.
+    pub proxy: crate::proxy::ProxyState,
     new_endpoints: mpsc::UnboundedSender<String>,
 }
 
@@ -69,6 +74,17 @@ impl AgentShared {
             let connected = links.values().filter(|l| l.state == "connected").count();
             self.metrics.hubs_connected.set(connected as i64);
         }
+    }
+
+    /// Remembers the latest hub view for a data plane that is not open yet.
+    pub fn remember_view(&self, conn: &quinn::Connection, view: &petrel_proto::HubView) {
+        if let Ok(mut p) = self.pending_view.lock() {
+            *p = Some((conn.clone(), view.clone()));
+        }
+    }
+
+    fn take_pending_view(&self) -> Option<(quinn::Connection, petrel_proto::HubView)> {
+        self.pending_view.lock().ok()?.take()
     }
 
     /// Links, other than `except`, connected to hub `hub`.
@@ -137,6 +153,7 @@ impl AdminState for AgentShared {
             .map(|l| l.values().cloned().collect())
             .unwrap_or_default();
         serde_json::json!({
+            "dataplane": self.dataplane.get().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
             "node": id.node_name(),
             "certificate_not_after_unix": id.info.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "links": links,
@@ -144,7 +161,7 @@ impl AdminState for AgentShared {
     }
 
     fn metrics(&self) -> String {
-        self.metrics.encode()
+        crate::proxy::merge_metrics(self.metrics.encode(), &self.proxy)
     }
 }
 
@@ -166,6 +183,9 @@ impl Agent {
             links: Mutex::new(BTreeMap::new()),
             metrics: AgentMetrics::new(),
             renewing: AtomicBool::new(false),
+            dataplane: std::sync::OnceLock::new(),
+            pending_view: Mutex::new(None),
+            proxy: crate::proxy::ProxyState::new(),
             new_endpoints: tx,
             config,
         });
@@ -194,6 +214,11 @@ impl Agent {
             warn!("no hub endpoints known; pass --server HOST:PORT or run join");
         }
         info!(node = %shared.identity().node_name(), endpoints = ?endpoints, "agent starting");
+        let dataplane = shared
+            .config
+            .datapath
+            .clone()
+            .map(|cfg| tokio::spawn(open_dataplane(shared.clone(), cfg, shutdown.clone())));
         let mut links = JoinSet::new();
         let mut started = BTreeSet::new();
         for ep in endpoints {
@@ -206,8 +231,50 @@ impl Agent {
             }
         }
         while links.join_next().await.is_some() {}
+        if let Some(task) = dataplane {
+            let _ = task.await;
+        }
+        if let Some(dp) = shared.dataplane.get() {
+            dp.cleanup().await;
+        }
         info!("agent stopped");
     }
+}
+
+/// Opens the data plane, waiting for Flannel's device if it is not there yet (the agent may
+/// start before flanneld), then runs capture and reconcile until `shutdown`.
+async fn open_dataplane(
+    shared: Arc<AgentShared>,
+    cfg: petrel_datapath::DatapathConfig,
+    shutdown: CancellationToken,
+) {
+    let mut last_error = String::new();
+    let dp = loop {
+        match crate::dataplane::AgentDataplane::open(cfg.clone()).await {
+            Ok(dp) => break dp,
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_error {
+                    warn!(error = %msg, "data plane not ready; retrying every 2s");
+                    last_error = msg;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    };
+    info!(hooks = %dp.mode(), vtep_mac = %petrel_datapath::format_mac(&dp.vtep_mac()), "data plane ready");
+    let _ = shared.dataplane.set(dp.clone());
+    // A link that connected before the data plane was ready left its view here.
+    if let Some((conn, view)) = shared.take_pending_view() {
+        dp.set_active(&conn);
+        dp.on_view(&view).await;
+    }
+    let capture = tokio::spawn(dp.clone().run_capture(shutdown.clone()));
+    dp.clone().run_reconcile(shutdown).await;
+    let _ = capture.await;
 }
 
 fn spawn_link(

@@ -34,6 +34,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print this agent's connections (asks the running agent's admin endpoint).
     Status(StatusArgs),
+    /// Remove every route, rule and device Petrel added to this node (also after a crash).
+    Cleanup(DatapathArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -82,6 +84,77 @@ pub struct RunArgs {
     /// Timeout of one connection attempt.
     #[arg(long, env = "PETREL_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+}
+
+/// Kernel-hook settings (`run` and `cleanup`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct DatapathArgs {
+    /// Kernel hook: auto, fast (kernel VXLAN, local bypass off; kernel >= 6.6), portable (TUN +
+    /// policy routing), or none (no data plane: control and proxied streams only).
+    #[arg(long, env = "PETREL_HOOKS")]
+    pub hooks: Option<String>,
+    /// Local UDP port where the kernel hands frames for the hub to the agent.
+    #[arg(long, env = "PETREL_RELAY_PORT")]
+    pub relay_port: Option<u16>,
+    /// Flannel's VXLAN device.
+    #[arg(long, env = "PETREL_FLANNEL_DEV")]
+    pub flannel_dev: Option<String>,
+    /// Routing table that holds Petrel's routes.
+    #[arg(long, env = "PETREL_ROUTE_TABLE")]
+    pub route_table: Option<u32>,
+    /// Preference of Petrel's policy rules.
+    #[arg(long, env = "PETREL_RULE_PREF")]
+    pub rule_pref: Option<u32>,
+}
+
+impl DatapathArgs {
+    /// `Ok(None)` when the data plane is off (`--hooks none`).
+    pub fn to_config(
+        &self,
+        file: &FileConfig,
+    ) -> Result<Option<petrel_datapath::DatapathConfig>, ConfigError> {
+        let hooks = self
+            .hooks
+            .clone()
+            .or_else(|| file.hooks.clone())
+            .unwrap_or_else(|| "auto".into());
+        if hooks == "none" {
+            return Ok(None);
+        }
+        let hook = hooks.parse().map_err(|_| ConfigError::Invalid {
+            field: "hooks",
+            value: hooks.clone(),
+            allowed: "auto, fast, portable, none".into(),
+        })?;
+        let mut cfg = petrel_datapath::DatapathConfig {
+            hook,
+            ..Default::default()
+        };
+        if let Some(p) = self.relay_port.or(file.relay_port) {
+            cfg.relay_port = p;
+        }
+        if let Some(d) = self
+            .flannel_dev
+            .clone()
+            .or_else(|| file.flannel_dev.clone())
+        {
+            cfg.flannel_dev = d;
+        }
+        if let Some(t) = self.route_table.or(file.route_table) {
+            cfg.table = t;
+        }
+        if let Some(p) = self.rule_pref.or(file.rule_pref) {
+            cfg.rule_pref = p;
+        }
+        cfg.validate().map_err(|e| ConfigError::Invalid {
+            field: "datapath",
+            value: String::new(),
+            allowed: e.to_string(),
+        })?;
+        Ok(Some(cfg))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +185,15 @@ pub struct FileConfig {
     #[serde(alias = "connect_timeout")]
     pub connect_timeout: Option<String>,
     pub log: Option<String>,
+    pub hooks: Option<String>,
+    #[serde(alias = "relay_port")]
+    pub relay_port: Option<u16>,
+    #[serde(alias = "flannel_dev")]
+    pub flannel_dev: Option<String>,
+    #[serde(alias = "route_table")]
+    pub route_table: Option<u32>,
+    #[serde(alias = "rule_pref")]
+    pub rule_pref: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +235,8 @@ pub struct AgentConfig {
     pub dead_after: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    /// `None`: no data plane.
+    pub datapath: Option<petrel_datapath::DatapathConfig>,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -272,6 +356,7 @@ impl JoinConfig {
 
 impl AgentConfig {
     pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let datapath = args.datapath.to_config(&file)?;
         let raw = if args.servers.is_empty() {
             file.servers
         } else {
@@ -335,6 +420,7 @@ impl AgentConfig {
             dead_after,
             backoff_max,
             connect_timeout,
+            datapath,
         })
     }
 }

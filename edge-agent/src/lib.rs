@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod dataplane;
 pub mod identity;
 pub mod join;
 pub mod link;

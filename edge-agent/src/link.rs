@@ -112,6 +112,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             l.last_error = None;
         });
+        shared.proxy.set_policy(&welcome.view.egress);
         shared.learn_endpoints(
             welcome
                 .view
@@ -119,8 +120,18 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 .iter()
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
+        match shared.dataplane.get() {
+            Some(dp) => {
+                dp.set_active(&conn);
+                dp.on_view(&welcome.view).await;
+            }
+            None => shared.remember_view(&conn, &welcome.view),
+        }
         let hub_id = welcome.hub_id.clone();
         let end = session(&shared, &endpoint, &conn, reader, writer, &shutdown).await;
+        if let Some(dp) = shared.dataplane.get() {
+            dp.clear_active(&conn);
+        }
         backoff.on_disconnected(Instant::now());
         shared.update_link(&endpoint, |l| {
             l.state = "disconnected".into();
@@ -294,6 +305,11 @@ async fn session(
                     }
                     Ok(Some(ControlMessage::Update(view))) => {
                         debug!(routes = view.routes.len(), gateways = view.gateways.len(), "hub pushed an update");
+                        match shared.dataplane.get() {
+                            Some(dp) => dp.on_view(&view).await,
+                            None => shared.remember_view(conn, &view),
+                        }
+                        shared.proxy.set_policy(&view.egress);
                         shared.learn_endpoints(view.gateways.iter().map(|g| format!("{}:{}", g.host, g.port)));
                     }
                     Ok(Some(ControlMessage::GoingAway(ga))) => {
@@ -327,6 +343,10 @@ async fn session(
                     pending_key = maybe_start_renewal(shared, &mut writer).await;
                 }
             }
+            datagram = conn.read_datagram() => match datagram {
+                Ok(d) => if let Some(dp) = shared.dataplane.get() { dp.deliver(d).await },
+                Err(e) => return SessionEnd::Lost(describe_connection_error(&e)),
+            },
             stream = conn.accept_bi() => match stream {
                 // The hub opens one bidirectional stream per proxied TCP connection.
                 Ok((send, recv)) => {

@@ -88,6 +88,14 @@ fn main() -> ExitCode {
         Command::Status(args) => {
             rt.block_on(status(args.admin_addr.or(file.admin_addr), args.json))
         }
+        Command::Cleanup(args) => match args.to_config(&file) {
+            Ok(Some(cfg)) => rt
+                .block_on(petrel_datapath::cleanup_all(&cfg))
+                .map(|()| println!("removed Petrel's routes, rules and devices from this node"))
+                .map_err(Into::into),
+            Ok(None) => Ok(()),
+            Err(e) => return config_error(&e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

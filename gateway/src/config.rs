@@ -40,6 +40,72 @@ pub enum Command {
     /// CA information.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run the node role on a cloud or Express Connect node: route public-site pod CIDRs to the hub.
+    Node(NodeArgs),
+    /// Remove every route, rule and device Petrel added to this node (also after a crash).
+    Cleanup(DatapathArgs),
+}
+
+/// Kernel-hook settings shared by `node` and `cleanup`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DatapathArgs {
+    /// Kernel hook: auto, fast (kernel VXLAN, local bypass off; kernel >= 6.6) or portable (TUN + policy routing).
+    #[arg(long, env = "PETREL_HOOKS", default_value = "auto")]
+    pub hooks: String,
+    /// UDP port of the hub's VXLAN relay.
+    #[arg(long, env = "PETREL_RELAY_PORT", default_value_t = 8473)]
+    pub relay_port: u16,
+    /// Flannel's VXLAN device.
+    #[arg(long, env = "PETREL_FLANNEL_DEV", default_value = "flannel.1")]
+    pub flannel_dev: String,
+    /// Routing table that holds Petrel's routes.
+    #[arg(long, env = "PETREL_ROUTE_TABLE", default_value_t = 7473)]
+    pub route_table: u32,
+    /// Preference of Petrel's policy rules (before Flannel's main table).
+    #[arg(long, env = "PETREL_RULE_PREF", default_value_t = 100)]
+    pub rule_pref: u32,
+}
+
+impl DatapathArgs {
+    pub fn to_config(&self) -> Result<petrel_datapath::DatapathConfig, ConfigError> {
+        let hook = self.hooks.parse().map_err(|_| ConfigError::Invalid {
+            field: "hooks",
+            value: self.hooks.clone(),
+            allowed: "auto, fast, portable".into(),
+        })?;
+        let cfg = petrel_datapath::DatapathConfig {
+            hook,
+            relay_port: self.relay_port,
+            flannel_dev: self.flannel_dev.clone(),
+            table: self.route_table,
+            rule_pref: self.rule_pref,
+            ..Default::default()
+        };
+        cfg.validate().map_err(|e| ConfigError::Invalid {
+            field: "datapath",
+            value: String::new(),
+            allowed: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// This node's inventory name.
+    #[arg(long, env = "PETREL_NODE_NAME")]
+    pub node_name: String,
+    /// Inventory file (TOML). Without it the embedded lab inventory is used.
+    #[arg(long, env = "PETREL_INVENTORY")]
+    pub inventory: Option<PathBuf>,
+    /// Underlay IPv4 address of the active hub (default: the inventory's gateway node).
+    #[arg(long, env = "PETREL_HUB_ADDRESS")]
+    pub hub_address: Option<std::net::Ipv4Addr>,
+    /// Inner MTU toward public sites (what fits a QUIC datagram on the path).
+    #[arg(long, env = "PETREL_SITE_MTU", default_value_t = 1380)]
+    pub site_mtu: u16,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -371,7 +437,7 @@ impl HubConfig {
                 ),
             });
         }
-        let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1360);
+        let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1380);
         if !(576..=1450).contains(&site_mtu) {
             return Err(ConfigError::Invalid {
                 field: "site-mtu",

@@ -9,6 +9,7 @@ pub mod egress;
 pub mod hub;
 pub mod inventory;
 pub mod metrics;
+pub mod node_role;
 pub mod pki_store;
 pub mod status;
 pub mod switch;

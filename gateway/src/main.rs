@@ -45,6 +45,19 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => token_create(args, &file),
         Command::Token(TokenCommand::List(args)) => token_list(&state_dir(&args, &file)),
         Command::Status(args) => status(args.admin_addr.or(file.admin_addr.clone()), args.json),
+        Command::Node(args) => node(args),
+        Command::Cleanup(args) => match args.to_config() {
+            Ok(cfg) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(petrel_datapath::cleanup_all(&cfg))
+                        .map_err(anyhow::Error::from)
+                })
+                .map(|()| println!("removed Petrel's routes, rules and devices from this node")),
+            Err(e) => return config_error(&e),
+        },
         Command::Ca(CaCommand::Fingerprint(args)) => StateDir::new(state_dir(&args, &file))
             .load_or_create(SystemTime::now())
             .map(|ca| println!("{}", ca.fingerprint()))
@@ -157,6 +170,49 @@ async fn wait_for_signal() {
             std::future::pending::<()>().await;
         }
     }
+}
+
+fn node(args: config::NodeArgs) -> anyhow::Result<()> {
+    let datapath = args.datapath.to_config()?;
+    if !(576..=1450).contains(&args.site_mtu) {
+        return Err(ConfigError::Invalid {
+            field: "site-mtu",
+            value: args.site_mtu.to_string(),
+            allowed: "576 to 1450".into(),
+        }
+        .into());
+    }
+    let inventory = match load_inventory(args.inventory.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("petrel-gateway: configuration error: {e:#}");
+            std::process::exit(i32::from(EXIT_CONFIG));
+        }
+    };
+    let cfg = petrel_gateway::node_role::NodeRoleConfig {
+        node_name: args.node_name,
+        hub_address: args.hub_address,
+        site_mtu: args.site_mtu,
+        datapath,
+    };
+    if let Err(e) = petrel_gateway::node_role::desired_state(&inventory, &cfg) {
+        eprintln!("petrel-gateway: configuration error: {e}");
+        std::process::exit(i32::from(EXIT_CONFIG));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received; removing the node's routes");
+            signals.cancel();
+        });
+        petrel_gateway::node_role::run(inventory, cfg, shutdown).await?;
+        Ok(())
+    })
 }
 
 fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> anyhow::Result<()> {

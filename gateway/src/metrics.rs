@@ -29,6 +29,8 @@ pub struct HubMetrics {
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
+    /// The API server's egress proxy (`petrel_hub_egress_*`).
+    pub egress: crate::egress::metrics::EgressMetrics,
 }
 
 impl HubMetrics {
@@ -44,6 +46,7 @@ impl HubMetrics {
             datagrams_dropped: Family::default(),
             frames_forwarded: Family::default(),
             going_away_sent: Counter::default(),
+            egress: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -91,6 +94,8 @@ impl HubMetrics {
             "VXLAN frames switched by the hub, by path",
             m.frames_forwarded.clone(),
         );
+        m.egress
+            .register(registry.sub_registry_with_prefix("egress"));
         Self { registry, ..m }
     }
 

@@ -20,9 +20,35 @@ use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};
 /// Bytes a tunnel datagram adds around the inner IP packet: kind byte, VXLAN header, Ethernet.
 pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
 
+/// Totals for `/status` (the metrics carry the same by label).
+#[derive(Debug, Default)]
+pub struct DataplaneStats {
+    forwarded: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    dropped: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl DataplaneStats {
+    fn bump(
+        map: &std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+        key: &'static str,
+    ) {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(key).or_default() += 1;
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let read = |m: &std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>| {
+            m.lock().map(|m| m.clone()).unwrap_or_default()
+        };
+        serde_json::json!({ "frames_forwarded": read(&self.forwarded), "frames_dropped": read(&self.dropped) })
+    }
+}
+
 /// The relay socket and the switching table.
 #[derive(Debug)]
 pub struct Dataplane {
+    pub stats: DataplaneStats,
     socket: Arc<tokio::net::UdpSocket>,
     table: RwLock<Arc<SwitchTable>>,
     local_node: Option<String>,
@@ -40,6 +66,7 @@ impl Dataplane {
     ) -> Self {
         let table = SwitchTable::from_inventory(inv, local_node.as_deref(), vni, flannel_port);
         Self {
+            stats: DataplaneStats::default(),
             socket: Arc::new(socket),
             table: RwLock::new(Arc::new(table)),
             local_node,
@@ -72,8 +99,18 @@ impl Dataplane {
 
 fn count_drop(ctx: &HubContext, from_agent: Option<&AgentEntry>, reason: DropReason) {
     HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, reason.label());
+    if let Some(dp) = ctx.dataplane.as_ref() {
+        DataplaneStats::bump(&dp.stats.dropped, reason.label());
+    }
     if let Some(a) = from_agent {
         a.counters.count_drop(reason.label());
+    }
+}
+
+fn count_forward(ctx: &HubContext, path: &'static str) {
+    HubMetrics::inc_reason(&ctx.metrics.frames_forwarded, path);
+    if let Some(dp) = ctx.dataplane.as_ref() {
+        DataplaneStats::bump(&dp.stats.forwarded, path);
     }
 }
 
@@ -107,8 +144,8 @@ fn to_agent(
     b.put_u8(DATAGRAM_KIND_VXLAN);
     b.extend_from_slice(payload);
     match dest.connection.send_datagram(b.freeze()) {
-        Ok(()) => HubMetrics::inc_reason(
-            &ctx.metrics.frames_forwarded,
+        Ok(()) => count_forward(
+            ctx,
             if from_agent.is_some() {
                 "agent_to_agent"
             } else {
@@ -153,10 +190,10 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
                 to_agent(&ctx, dp, node, &frame, Some(&entry), None);
             }
             Verdict::ToVtep(addr) => match dp.socket.try_send_to(frame.vxlan_bytes(), addr) {
-                Ok(_) => HubMetrics::inc_reason(&ctx.metrics.frames_forwarded, "agent_to_vtep"),
+                Ok(_) => count_forward(ctx.as_ref(), "agent_to_vtep"),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if dp.socket.send_to(frame.vxlan_bytes(), addr).await.is_ok() {
-                        HubMetrics::inc_reason(&ctx.metrics.frames_forwarded, "agent_to_vtep");
+                        count_forward(ctx.as_ref(), "agent_to_vtep");
                     } else {
                         count_drop(&ctx, Some(&entry), DropReason::SendFailed);
                     }

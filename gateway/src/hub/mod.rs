@@ -282,6 +282,7 @@ impl AdminState for HubContext {
                 "endpoints": self.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
             "agents": self.registry.status(),
+            "dataplane": self.dataplane.as_ref().map(|d| d.stats.to_json()),
         })
     }
 

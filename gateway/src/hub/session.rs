@@ -339,7 +339,7 @@ impl HubContext {
             gateways: self.gateway_endpoints(),
             routes,
             site_mtu: self.config.site_mtu,
-            egress: Default::default(),
+            egress: crate::egress::policy_for(self, node),
         }
     }
 }

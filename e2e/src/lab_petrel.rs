@@ -1,0 +1,241 @@
+//! Petrel running in the network-namespace lab: the hub on gw-1, the node role on every cloud
+//! and Express Connect node, an enrolled agent on every public-site node, all real processes
+//! started the way an operator would, and stopped (gracefully, so they remove what they added)
+//! when the test is done.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::lab::{ChildGuard, Lab, SiteKind};
+use crate::procs::{bin, wait_until};
+
+pub const HUB_PORT: u16 = 7443;
+pub const HUB_ADMIN: &str = "127.0.0.1:9470";
+pub const AGENT_ADMIN: &str = "127.0.0.1:9471";
+
+/// Petrel's processes in a lab.
+pub struct PetrelLab<'a> {
+    pub lab: &'a Lab,
+    pub hooks: String,
+    pub dir: PathBuf,
+    pub hub: ChildGuard,
+    pub node_roles: Vec<(String, ChildGuard)>,
+    pub agents: Vec<(String, ChildGuard)>,
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
+}
+
+impl<'a> PetrelLab<'a> {
+    /// Starts the hub, the node roles and the agents (enrolling each with a fresh token), and
+    /// waits until every agent is connected and has applied its routes at the full site MTU.
+    pub fn start(lab: &'a Lab, hooks: &str, dir: &Path) -> Result<Self> {
+        let gw = bin("petrel-gateway")?;
+        let agent_bin = bin("petrel-edge-agent")?;
+        let (gw_s, agent_s) = (
+            path_str(&gw)?.to_string(),
+            path_str(&agent_bin)?.to_string(),
+        );
+        let inventory = dir.join("inventory.toml");
+        lab.write_inventory(&inventory)?;
+        let inv = path_str(&inventory)?.to_string();
+        let hub_state = dir.join("hub");
+        let hub_state_s = path_str(&hub_state)?.to_string();
+        let public = lab.gateway_public_ip().to_string();
+        let gw_node = lab.gateway().name.clone();
+        let mut hub = lab.spawn(
+            &gw_node,
+            &[
+                &gw_s,
+                "run",
+                "--listen",
+                &format!("0.0.0.0:{HUB_PORT}"),
+                "--admin-addr",
+                HUB_ADMIN,
+                "--state-dir",
+                &hub_state_s,
+                "--inventory",
+                &inv,
+                "--node-name",
+                &gw_node,
+                "--hub-name",
+                &gw_node,
+                "--advertise",
+                &format!("{public}:{HUB_PORT}"),
+            ],
+        )?;
+        hub.wait_for_log("hub listening", Duration::from_secs(10))?;
+        let mut node_roles = Vec::new();
+        for n in lab
+            .nodes()
+            .iter()
+            .filter(|n| n.site_kind != SiteKind::Public)
+        {
+            let mut g = lab.spawn(
+                &n.name,
+                &[
+                    &gw_s,
+                    "node",
+                    "--node-name",
+                    &n.name,
+                    "--inventory",
+                    &inv,
+                    "--hooks",
+                    hooks,
+                ],
+            )?;
+            g.wait_for_log("node role starting", Duration::from_secs(10))
+                .with_context(|| format!("node role on {}", n.name))?;
+            node_roles.push((n.name.clone(), g));
+        }
+        let mut agents = Vec::new();
+        for n in lab
+            .nodes()
+            .iter()
+            .filter(|n| n.site_kind == SiteKind::Public)
+        {
+            let out = crate::lab::cmd::run_checked(
+                crate::lab::cmd::command(
+                    &gw_s,
+                    &[
+                        "token",
+                        "create",
+                        "--node",
+                        &n.name,
+                        "--state-dir",
+                        &hub_state_s,
+                        "--server",
+                        &format!("{public}:{HUB_PORT}"),
+                    ],
+                ),
+                None,
+                Duration::from_secs(10),
+            )?;
+            let join = out
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("petrel-edge-agent join"))
+                .ok_or_else(|| anyhow!("no join command: {}", out.stdout))?;
+            let state = dir.join(&n.name);
+            let mut args: Vec<String> = join
+                .split_whitespace()
+                .skip(1)
+                .map(str::to_string)
+                .collect();
+            args.extend(["--state-dir".to_string(), path_str(&state)?.to_string()]);
+            let mut cmd: Vec<&str> = vec![&agent_s];
+            cmd.extend(args.iter().map(String::as_str));
+            lab.exec(&n.name, &cmd)
+                .with_context(|| format!("join on {}", n.name))?;
+            let g = lab.spawn(
+                &n.name,
+                &[
+                    &agent_s,
+                    "run",
+                    "--state-dir",
+                    path_str(&state)?,
+                    "--admin-addr",
+                    AGENT_ADMIN,
+                    "--hooks",
+                    hooks,
+                ],
+            )?;
+            agents.push((n.name.clone(), g));
+        }
+        let me = Self {
+            lab,
+            hooks: hooks.to_string(),
+            dir: dir.to_path_buf(),
+            hub,
+            node_roles,
+            agents,
+        };
+        let names: Vec<String> = me.agents.iter().map(|(n, _)| n.clone()).collect();
+        wait_until(
+            Duration::from_secs(15),
+            "every agent connected with routes at the site MTU",
+            || {
+                let hub = me.hub_status().ok()?;
+                let connected = hub["agents"].as_array()?.len() == names.len();
+                let routed = names.iter().all(|n| {
+                    me.agent_status(n).ok().is_some_and(|s| {
+                        s["dataplane"]["peers"].as_u64().unwrap_or(0) > 0
+                            && s["dataplane"]["mtu"].as_u64() == Some(1380)
+                    })
+                });
+                (connected && routed).then_some(())
+            },
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{e}\nhub log:\n{}\n{}",
+                me.hub.log_tail(30),
+                me.agents
+                    .iter()
+                    .map(|(n, g)| format!("{n}:\n{}", g.log_tail(15)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?;
+        Ok(me)
+    }
+
+    fn json(&self, node: &str, bin_name: &str, admin: &str) -> Result<serde_json::Value> {
+        let b = bin(bin_name)?;
+        let out = self.lab.exec(
+            node,
+            &[path_str(&b)?, "status", "--json", "--admin-addr", admin],
+        )?;
+        Ok(serde_json::from_str(&out.stdout)?)
+    }
+
+    pub fn hub_status(&self) -> Result<serde_json::Value> {
+        self.json(&self.lab.gateway().name, "petrel-gateway", HUB_ADMIN)
+    }
+
+    pub fn agent_status(&self, node: &str) -> Result<serde_json::Value> {
+        self.json(node, "petrel-edge-agent", AGENT_ADMIN)
+    }
+
+    /// Frames the hub has switched, all paths together.
+    pub fn frames_via_hub(&self) -> Result<u64> {
+        let s = self.hub_status()?;
+        Ok(s["dataplane"]["frames_forwarded"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+            .unwrap_or(0))
+    }
+
+    /// Frames the hub dropped for `reason`.
+    pub fn hub_drops(&self, reason: &str) -> u64 {
+        self.hub_status()
+            .ok()
+            .and_then(|s| s["dataplane"]["frames_dropped"][reason].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM to every process (agents, node roles, hub) and wait for each to exit cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        let mut failures = Vec::new();
+        for (name, g) in self.agents.iter_mut().chain(self.node_roles.iter_mut()) {
+            match g.terminate(Duration::from_secs(10)) {
+                Ok(s) if s.success() => {}
+                Ok(s) => failures.push(format!("{name} exited {s}: {}", g.log_tail(10))),
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        match self.hub.terminate(Duration::from_secs(15)) {
+            Ok(s) if s.success() => {}
+            Ok(s) => failures.push(format!("hub exited {s}")),
+            Err(e) => failures.push(format!("hub: {e}")),
+        }
+        if !failures.is_empty() {
+            bail!("unclean stop: {}", failures.join("; "));
+        }
+        Ok(())
+    }
+}

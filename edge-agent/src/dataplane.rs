@@ -1,0 +1,293 @@
+//! The agent's half of the VXLAN data plane: it programs this node (via `petrel-datapath`) so
+//! that frames for pod CIDRs behind the hub reach the agent, sends them to the hub as QUIC
+//! datagrams, and injects the hub's datagrams into Flannel's `flannel.1`.
+//!
+//! Routes come from the hub's view (the inventory), never from local guesses. Their MTU is the
+//! site MTU the hub announces, lowered to what fits a QUIC datagram on the current path and
+//! re-checked whenever quinn's datagram size changes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use petrel_datapath::{
+    Datapath, DatapathConfig, DesiredState, HookMode, Injector, PeerRoute, Relay,
+};
+use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Kind byte + VXLAN header + inner Ethernet header.
+pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
+
+/// What `status` shows about the data plane.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DataplaneStatus {
+    pub hooks: String,
+    pub peers: usize,
+    pub mtu: Option<u16>,
+    pub frames_to_hub: u64,
+    pub frames_from_hub: u64,
+    pub dropped: BTreeMap<String, u64>,
+}
+
+pub struct AgentDataplane {
+    datapath: tokio::sync::Mutex<Datapath>,
+    injector: Injector,
+    mode: HookMode,
+    vtep_mac: [u8; 6],
+    active: RwLock<Option<quinn::Connection>>,
+    view: Mutex<Option<HubView>>,
+    applied: Mutex<Option<DesiredState>>,
+    frames_to_hub: AtomicU64,
+    frames_from_hub: AtomicU64,
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl std::fmt::Debug for AgentDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDataplane")
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl AgentDataplane {
+    pub async fn open(cfg: DatapathConfig) -> Result<Arc<Self>, petrel_datapath::DatapathError> {
+        let dp = Datapath::open(cfg).await?;
+        let injector = dp.injector()?;
+        Ok(Arc::new(Self {
+            mode: dp.mode(),
+            vtep_mac: dp.vtep_mac(),
+            datapath: tokio::sync::Mutex::new(dp),
+            injector,
+            active: RwLock::new(None),
+            view: Mutex::new(None),
+            applied: Mutex::new(None),
+            frames_to_hub: AtomicU64::new(0),
+            frames_from_hub: AtomicU64::new(0),
+            dropped: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    pub fn mode(&self) -> HookMode {
+        self.mode
+    }
+
+    /// Short name for the hello and status.
+    pub fn hooks_name(&self) -> &'static str {
+        match self.mode {
+            HookMode::Fast => "fast",
+            HookMode::Portable => "portable",
+        }
+    }
+
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        self.vtep_mac
+    }
+
+    fn drop_frame(&self, reason: &'static str) {
+        if let Ok(mut d) = self.dropped.lock() {
+            *d.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn status(&self) -> DataplaneStatus {
+        let applied = self.applied.lock().ok().and_then(|a| a.clone());
+        DataplaneStatus {
+            hooks: self.mode.to_string(),
+            peers: applied.as_ref().map(|a| a.peers.len()).unwrap_or(0),
+            mtu: applied
+                .as_ref()
+                .and_then(|a| a.peers.first().map(|p| p.mtu)),
+            frames_to_hub: self.frames_to_hub.load(Ordering::Relaxed),
+            frames_from_hub: self.frames_from_hub.load(Ordering::Relaxed),
+            dropped: self
+                .dropped
+                .lock()
+                .map(|d| d.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Makes `conn` the tunnel captured frames go to.
+    pub fn set_active(&self, conn: &quinn::Connection) {
+        if let Ok(mut a) = self.active.write() {
+            *a = Some(conn.clone());
+        }
+    }
+
+    /// Forgets `conn` if it is the active tunnel.
+    pub fn clear_active(&self, conn: &quinn::Connection) {
+        if let Ok(mut a) = self.active.write() {
+            if a.as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                *a = None;
+            }
+        }
+    }
+
+    fn desired(&self) -> Option<DesiredState> {
+        let view = self.view.lock().ok()?.clone()?;
+        let fit = self
+            .active
+            .read()
+            .ok()?
+            .as_ref()
+            .and_then(|c| c.max_datagram_size())
+            .map(|m| m.saturating_sub(DATAGRAM_IP_OVERHEAD))
+            .unwrap_or(usize::from(view.site_mtu));
+        let mtu = u16::try_from(fit)
+            .unwrap_or(u16::MAX)
+            .min(view.site_mtu)
+            .max(petrel_proto::control::MIN_SITE_MTU);
+        let peers =
+            view.routes
+                .iter()
+                .filter(|r| r.path == RoutePath::ViaHub)
+                .filter_map(|r| match r.pod_cidr.addr() {
+                    std::net::IpAddr::V4(a) => ipnet::Ipv4Net::new(a, r.pod_cidr.prefix())
+                        .ok()
+                        .map(|cidr| PeerRoute {
+                            cidr,
+                            vtep_mac: r.vtep_mac.0,
+                            mtu,
+                        }),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect();
+        Some(DesiredState {
+            peers,
+            relay: Relay::Local,
+        })
+    }
+
+    /// Applies the hub's view (after a welcome or an update).
+    pub async fn on_view(&self, view: &HubView) {
+        if let Ok(mut v) = self.view.lock() {
+            *v = Some(view.clone());
+        }
+        self.reconcile(true).await;
+    }
+
+    async fn reconcile(&self, log_all: bool) {
+        let Some(desired) = self.desired() else {
+            return;
+        };
+        let mtu_changed = self
+            .applied
+            .lock()
+            .map(|a| {
+                a.as_ref().map(|a| a.peers.first().map(|p| p.mtu))
+                    != Some(desired.peers.first().map(|p| p.mtu))
+            })
+            .unwrap_or(true);
+        let mut dp = self.datapath.lock().await;
+        match dp.apply(&desired).await {
+            Ok(report) => {
+                if report.changed() || log_all || mtu_changed {
+                    info!(peers = desired.peers.len(), mtu = ?desired.peers.first().map(|p| p.mtu), ?report, "routes to the hub applied");
+                }
+                if let Ok(mut a) = self.applied.lock() {
+                    *a = Some(desired);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot apply routes to the hub; retrying"),
+        }
+    }
+
+    /// A datagram from the hub: into flannel.1 if it is for this node.
+    pub async fn deliver(&self, datagram: Bytes) {
+        let frame = match petrel_proto::parse_datagram(&datagram) {
+            Ok(f) => f,
+            Err(e) => return self.drop_frame(e.reason()),
+        };
+        if frame.dst_mac().0 != self.vtep_mac {
+            return self.drop_frame("not_for_this_node");
+        }
+        match self.injector.send(frame.vxlan_bytes()).await {
+            Ok(()) => {
+                self.frames_from_hub.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                debug!(error = %e, "inject failed");
+                self.drop_frame("inject_failed");
+            }
+        }
+    }
+
+    /// Carries frames the kernel hands us to the active hub, until `shutdown`.
+    pub async fn run_capture(self: Arc<Self>, shutdown: CancellationToken) {
+        let source = { self.datapath.lock().await.frame_source() };
+        let mut source = match source {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot capture frames; pods cannot reach the hub");
+                return;
+            }
+        };
+        let mut buf = vec![0u8; petrel_datapath::FRAME_BUF_LEN];
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = source.recv(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(error = %e, "frame capture failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(frame) = buf.get(..n) else { continue };
+            let conn = self.active.read().ok().and_then(|a| a.clone());
+            let Some(conn) = conn else {
+                self.drop_frame("no_hub");
+                continue;
+            };
+            let mut b = BytesMut::with_capacity(n + 1);
+            b.put_u8(DATAGRAM_KIND_VXLAN);
+            b.extend_from_slice(frame);
+            match conn.send_datagram(b.freeze()) {
+                Ok(()) => {
+                    self.frames_to_hub.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(quinn::SendDatagramError::TooLarge) => self.drop_frame("oversize"),
+                Err(_) => self.drop_frame("tunnel_down"),
+            }
+        }
+    }
+
+    /// Re-applies on kernel changes and once a second (also picks up a new datagram size).
+    pub async fn run_reconcile(self: Arc<Self>, shutdown: CancellationToken) {
+        let events = { self.datapath.lock().await.change_events() };
+        let mut events = match events {
+            Ok(e) => Some(e),
+            Err(e) => {
+                warn!(error = %e, "no netlink change events; reconciling once a second only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = async { match events.as_mut() { Some(e) => { e.changed().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            self.reconcile(false).await;
+        }
+    }
+
+    pub async fn cleanup(&self) {
+        let mut dp = self.datapath.lock().await;
+        match dp.cleanup().await {
+            Ok(()) => info!("removed this node's routes to the hub"),
+            Err(e) => warn!(error = %e, "cleanup failed; run `petrel-edge-agent cleanup`"),
+        }
+    }
+}

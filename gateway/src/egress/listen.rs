@@ -1,0 +1,527 @@
+//! The egress listeners and the per-connection handlers: CONNECT over a Unix socket and over
+//! mutual TLS, SNI passthrough, and Host-routed plain HTTP. Every listener binds before any
+//! serves (so a bad address fails start-up), accept loops race shutdown, every connection runs
+//! in its own task and tracing span, and the number handled at once is bounded.
+
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::http::{self, HeadError};
+use super::sni::{self, SniError};
+use super::{log_refusal, Egress, EgressError, Refusal};
+
+/// Binds every configured listener, then serves them until `shutdown`.
+pub(super) async fn serve(eg: Arc<Egress>, shutdown: CancellationToken) -> Result<(), EgressError> {
+    let cfg = eg.config().clone();
+    let mut tasks = JoinSet::new();
+    let mut uds_path = None;
+    if let Some(path) = &cfg.uds {
+        let listener = bind_uds(path, cfg.uds_mode)?;
+        info!(path = %path.display(), mode = format!("{:04o}", cfg.uds_mode), "egress CONNECT listening on unix socket");
+        uds_path = Some(path.clone());
+        tasks.spawn(accept_uds(eg.clone(), listener, shutdown.clone()));
+    }
+    if let Some(tls) = &cfg.tls {
+        let acceptor = tls_acceptor(&tls.cert, &tls.key, &tls.client_ca)?;
+        let listener = bind_tcp("egress-listen", tls.listen).await?;
+        info!(listen = %local(&listener), client_ca = %tls.client_ca.display(), "egress CONNECT listening with mutual TLS");
+        tasks.spawn(accept_tls(eg.clone(), listener, acceptor, shutdown.clone()));
+    }
+    if let Some(addr) = cfg.sni_listen {
+        let listener = bind_tcp("egress-sni-listen", addr).await?;
+        info!(listen = %local(&listener), "egress TLS passthrough listening (routes by SNI)");
+        tasks.spawn(accept_tcp(
+            eg.clone(),
+            listener,
+            Kind::Sni,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(addr) = cfg.http_listen {
+        let listener = bind_tcp("egress-http-listen", addr).await?;
+        info!(listen = %local(&listener), port = cfg.http_port, "egress plain HTTP listening (routes by Host)");
+        tasks.spawn(accept_tcp(
+            eg.clone(),
+            listener,
+            Kind::Http,
+            shutdown.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Some(p) = uds_path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, EgressError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| EgressError::Listen {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Binds the socket under a temporary name, sets its mode, then renames it into place, so it
+/// is never reachable with looser permissions. A stale socket at `path` is replaced; any other
+/// kind of file there is an error.
+fn bind_uds(path: &FsPath, mode: u32) -> Result<UnixListener, EgressError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| EgressError::Listen {
+        what: "egress-uds",
+        addr: path.display().to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+    }
+    let mut tmp = PathBuf::from(path);
+    tmp.set_file_name(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(listener)
+}
+
+fn tls_acceptor(
+    cert: &FsPath,
+    key: &FsPath,
+    client_ca: &FsPath,
+) -> Result<tokio_rustls::TlsAcceptor, EgressError> {
+    let bad = |what: &str, p: &FsPath, e: String| {
+        EgressError::Tls(format!("{what} {}: {e}", p.display()))
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("egress-tls-cert", cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("egress-tls-cert", cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(
+            "egress-tls-cert",
+            cert,
+            "no certificate in the file".into(),
+        ));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("egress-tls-key", key, e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(client_ca)
+        .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?;
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            "egress-client-ca",
+            client_ca,
+            "no CA certificate in the file".into(),
+        ));
+    }
+    let provider = petrel_transport::tls::crypto_provider();
+    // A client certificate is required: no `allow_unauthenticated`.
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| EgressError::Tls(format!("client verifier: {e}")))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EgressError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| EgressError::Tls(format!("egress-tls-cert/egress-tls-key: {e}")))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A connection slot, or `None` when the listeners are at `egress-max-connections`.
+fn slot(eg: &Egress, listener: &'static str) -> Option<OwnedSemaphorePermit> {
+    match eg.connections.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            eg.ctx
+                .metrics
+                .egress
+                .request(listener, "too_many_connections");
+            warn!(
+                listener,
+                max = eg.cfg.max_connections,
+                "egress connection refused: too many connections (egress-max-connections)"
+            );
+            None
+        }
+    }
+}
+
+async fn accept_uds(eg: Arc<Egress>, listener: UnixListener, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { warn!(error = %e, "egress unix accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let Some(permit) = slot(&eg, "uds") else {
+            drop(stream);
+            continue;
+        };
+        let id = eg.next_id();
+        let peer = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .map(|p| format!("pid {p}"))
+            .unwrap_or_else(|| "unix".into());
+        let span = tracing::info_span!("egress", id, listener = "uds", peer = %peer);
+        let eg = eg.clone();
+        tokio::spawn(
+            async move {
+                handle_connect(&eg, stream, "uds").await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Classifies a failed TLS handshake for the log and the metric.
+fn tls_failure(e: &std::io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("NoCertificatesPresented") || text.contains("peer sent no certificates") {
+        "tls_no_client_cert"
+    } else if text.contains("UnknownIssuer")
+        || text.contains("invalid peer certificate")
+        || text.contains("BadSignature")
+        || text.contains("Expired")
+    {
+        "tls_bad_client_cert"
+    } else {
+        "tls_error"
+    }
+}
+
+async fn accept_tls(
+    eg: Arc<Egress>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => { warn!(error = %e, "egress accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let Some(permit) = slot(&eg, "tcp") else {
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let id = eg.next_id();
+        let span = tracing::info_span!("egress", id, listener = "tcp", peer = %peer);
+        let eg = eg.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(
+            async move {
+                let timeout = eg.cfg.request_timeout;
+                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => handle_connect(&eg, tls, "tcp").await,
+                    Ok(Err(e)) => {
+                        let outcome = tls_failure(&e);
+                        eg.ctx.metrics.egress.request("tcp", outcome);
+                        info!(outcome, "egress TLS handshake refused: {e}");
+                    }
+                    Err(_) => {
+                        eg.ctx.metrics.egress.request("tcp", "timeout");
+                        info!("egress TLS handshake not finished within {timeout:?}");
+                    }
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Sni,
+    Http,
+}
+
+async fn accept_tcp(
+    eg: Arc<Egress>,
+    listener: TcpListener,
+    kind: Kind,
+    shutdown: CancellationToken,
+) {
+    let name = match kind {
+        Kind::Sni => "sni",
+        Kind::Http => "http",
+    };
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => { warn!(error = %e, "egress accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let Some(permit) = slot(&eg, name) else {
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let id = eg.next_id();
+        let span = tracing::info_span!("egress", id, listener = name, peer = %peer);
+        let eg = eg.clone();
+        tokio::spawn(
+            async move {
+                match kind {
+                    Kind::Sni => handle_sni(&eg, tcp).await,
+                    Kind::Http => handle_http(&eg, tcp).await,
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Why the first bytes of a connection could not be used.
+enum ReadHead<E> {
+    Parse(E),
+    Closed,
+    Io(std::io::Error),
+    Timeout,
+}
+
+/// Reads until `parse` accepts or refuses what arrived; bounded by `parse`'s own caps (it must
+/// fail once the buffer is beyond them) and by `timeout`.
+async fn read_head<S, T, E>(
+    io: &mut S,
+    timeout: std::time::Duration,
+    parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
+) -> Result<(T, Vec<u8>), ReadHead<E>>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 2048];
+        loop {
+            let n = io.read(&mut chunk).await.map_err(ReadHead::Io)?;
+            if n == 0 {
+                return Err(ReadHead::Closed);
+            }
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            if let Some(v) = parse(&buf).map_err(ReadHead::Parse)? {
+                return Ok(v);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(v)) => Ok((v, buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ReadHead::Timeout),
+    }
+}
+
+async fn reply_error<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    listener: &'static str,
+    eg: &Egress,
+    r: &Refusal,
+) {
+    log_refusal(listener, r);
+    eg.ctx.metrics.egress.request(listener, r.outcome);
+    let _ = io
+        .write_all(&http::error_response(r.status, &r.message))
+        .await;
+    let _ = io.shutdown().await;
+}
+
+fn head_refusal(e: &HeadError) -> Refusal {
+    let (status, outcome) = e.status();
+    Refusal::new(status, outcome, e.to_string())
+}
+
+/// Serves one CONNECT client (Unix socket or mutual TLS).
+async fn handle_connect<S>(eg: &Arc<Egress>, mut io: S, listener: &'static str)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let timeout = eg.cfg.request_timeout;
+    let ((req, used), buf) = match read_head(&mut io, timeout, http::parse_connect).await {
+        Ok(v) => v,
+        Err(ReadHead::Parse(e)) => {
+            return reply_error(&mut io, listener, eg, &head_refusal(&e)).await
+        }
+        Err(ReadHead::Timeout) => {
+            let r = Refusal::new(
+                408,
+                "timeout",
+                format!("no complete CONNECT request within {timeout:?}"),
+            );
+            return reply_error(&mut io, listener, eg, &r).await;
+        }
+        Err(ReadHead::Closed) => {
+            eg.ctx.metrics.egress.request(listener, "closed");
+            debug!("client closed before a complete request");
+            return;
+        }
+        Err(ReadHead::Io(e)) => {
+            eg.ctx.metrics.egress.request(listener, "closed");
+            debug!(error = %e, "client connection failed before a complete request");
+            return;
+        }
+    };
+    let shown = req.display();
+    let span = tracing::info_span!("connect", target = %shown);
+    async {
+        let to_target = Bytes::copy_from_slice(buf.get(used..).unwrap_or_default());
+        let target = match eg.resolve(&req.host, req.port) {
+            Ok(t) => t,
+            Err(r) => return reply_error(&mut io, listener, eg, &r).await,
+        };
+        let up = match eg.connect(&target, &shown).await {
+            Ok(u) => u,
+            Err(r) => return reply_error(&mut io, listener, eg, &r).await,
+        };
+        if let Err(e) = io.write_all(http::ESTABLISHED).await {
+            eg.ctx.metrics.egress.request(listener, "closed");
+            debug!(error = %e, "client left before the 200");
+            return;
+        }
+        eg.ctx.metrics.egress.request(listener, "ok");
+        info!(node = %target.node, kind = target.kind, path = target.path.as_str(), ip = %target.ip, "egress connection established");
+        eg.proxy(io, up, to_target).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Serves one TLS passthrough connection: the SNI names the node, the target is its kubelet.
+async fn handle_sni(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
+    let timeout = eg.cfg.request_timeout;
+    let (name, buf) = match read_head(&mut tcp, timeout, sni::peek_server_name).await {
+        Ok(v) => v,
+        Err(ReadHead::Parse(e)) => {
+            let outcome = match e {
+                SniError::NoServerName => "no_sni",
+                _ => "bad_request",
+            };
+            eg.ctx.metrics.egress.request("sni", outcome);
+            info!(outcome, "egress TLS passthrough refused: {e}");
+            return;
+        }
+        Err(ReadHead::Timeout) => {
+            eg.ctx.metrics.egress.request("sni", "timeout");
+            info!("egress TLS passthrough refused: no ClientHello within {timeout:?}");
+            return;
+        }
+        Err(ReadHead::Closed | ReadHead::Io(_)) => {
+            eg.ctx.metrics.egress.request("sni", "closed");
+            return;
+        }
+    };
+    let span = tracing::info_span!("sni", server_name = %name);
+    async {
+        let refuse = |r: Refusal| {
+            log_refusal("sni", &r);
+            eg.ctx.metrics.egress.request("sni", r.outcome);
+        };
+        let Some(port) = eg.kubelet_port(&name) else {
+            return refuse(Refusal::new(404, "unknown_destination", format!("server name {name} is not a node in the inventory")));
+        };
+        let target = match eg.resolve(&name, port) {
+            Ok(t) => t,
+            Err(r) => return refuse(r),
+        };
+        let up = match eg.connect(&target, &format!("{name}:{port} (sni)")).await {
+            Ok(u) => u,
+            Err(r) => return refuse(r),
+        };
+        eg.ctx.metrics.egress.request("sni", "ok");
+        info!(node = %target.node, path = target.path.as_str(), "egress TLS passthrough established");
+        eg.proxy(tcp, up, Bytes::from(buf)).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Serves one plain HTTP connection for the read-only kubelet port, routed by `Host`.
+async fn handle_http(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
+    let timeout = eg.cfg.request_timeout;
+    let ((host, _), buf) = match read_head(&mut tcp, timeout, http::parse_host).await {
+        Ok(v) => v,
+        Err(ReadHead::Parse(e)) => {
+            return reply_error(&mut tcp, "http", eg, &head_refusal(&e)).await
+        }
+        Err(ReadHead::Timeout) => {
+            let r = Refusal::new(
+                408,
+                "timeout",
+                format!("no complete request within {timeout:?}"),
+            );
+            return reply_error(&mut tcp, "http", eg, &r).await;
+        }
+        Err(ReadHead::Closed | ReadHead::Io(_)) => {
+            eg.ctx.metrics.egress.request("http", "closed");
+            return;
+        }
+    };
+    let port = eg.cfg.http_port;
+    let span = tracing::info_span!("http", host = %host);
+    async {
+        let target = match eg.resolve(&host, port) {
+            Ok(t) => t,
+            Err(r) => return reply_error(&mut tcp, "http", eg, &r).await,
+        };
+        let up = match eg.connect(&target, &format!("{host}:{port} (http)")).await {
+            Ok(u) => u,
+            Err(r) => return reply_error(&mut tcp, "http", eg, &r).await,
+        };
+        eg.ctx.metrics.egress.request("http", "ok");
+        info!(node = %target.node, path = target.path.as_str(), "egress HTTP connection established");
+        eg.proxy(tcp, up, Bytes::from(buf)).await;
+    }
+    .instrument(span)
+    .await
+}
