@@ -34,6 +34,11 @@ impl<'a> PetrelLab<'a> {
     /// Starts the hub, the node roles and the agents (enrolling each with a fresh token), and
     /// waits until every agent is connected and has applied its routes at the full site MTU.
     pub fn start(lab: &'a Lab, hooks: &str, dir: &Path) -> Result<Self> {
+        Self::start_with(lab, hooks, dir, &[])
+    }
+
+    /// [`PetrelLab::start`] with extra arguments for `petrel-gateway run` (e.g. egress flags).
+    pub fn start_with(lab: &'a Lab, hooks: &str, dir: &Path, hub_args: &[&str]) -> Result<Self> {
         let gw = bin("petrel-gateway")?;
         let agent_bin = bin("petrel-edge-agent")?;
         let (gw_s, agent_s) = (
@@ -47,27 +52,28 @@ impl<'a> PetrelLab<'a> {
         let hub_state_s = path_str(&hub_state)?.to_string();
         let public = lab.gateway_public_ip().to_string();
         let gw_node = lab.gateway().name.clone();
-        let mut hub = lab.spawn(
+        let listen = format!("0.0.0.0:{HUB_PORT}");
+        let advertise = format!("{public}:{HUB_PORT}");
+        let mut hub_cmd: Vec<&str> = vec![
+            &gw_s,
+            "run",
+            "--listen",
+            &listen,
+            "--admin-addr",
+            HUB_ADMIN,
+            "--state-dir",
+            &hub_state_s,
+            "--inventory",
+            &inv,
+            "--node-name",
             &gw_node,
-            &[
-                &gw_s,
-                "run",
-                "--listen",
-                &format!("0.0.0.0:{HUB_PORT}"),
-                "--admin-addr",
-                HUB_ADMIN,
-                "--state-dir",
-                &hub_state_s,
-                "--inventory",
-                &inv,
-                "--node-name",
-                &gw_node,
-                "--hub-name",
-                &gw_node,
-                "--advertise",
-                &format!("{public}:{HUB_PORT}"),
-            ],
-        )?;
+            "--hub-name",
+            &gw_node,
+            "--advertise",
+            &advertise,
+        ];
+        hub_cmd.extend_from_slice(hub_args);
+        let mut hub = lab.spawn(&gw_node, &hub_cmd)?;
         hub.wait_for_log("hub listening", Duration::from_secs(10))?;
         let mut node_roles = Vec::new();
         for n in lab

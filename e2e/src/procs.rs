@@ -19,16 +19,18 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(dir).join(name));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary>
-    let profile_dir = exe
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<binary> for the e2e binaries.
+    let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
-    let path = profile_dir.join(name);
-    if !path.exists() {
-        bail!("{} is missing: build the binaries first (`cargo build --bins`, which the README's test command does)", path.display());
+        .ok_or_else(|| anyhow!("unexpected binary location {}", exe.display()))?;
+    let candidates = [Some(dir), dir.parent()];
+    for d in candidates.into_iter().flatten() {
+        let path = d.join(name);
+        if path.exists() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!("{name} is missing next to {}: build the binaries first (`cargo build --workspace --bins`, which the README's commands do)", exe.display())
 }
 
 /// A free loopback port for UDP and TCP alike (bound, read, released: good enough for tests).
