@@ -52,7 +52,7 @@ fn run_matrix(hooks: &str) {
     );
 
     let tmp = tempfile::tempdir().unwrap();
-    let petrel = PetrelLab::start(&lab, hooks, tmp.path()).unwrap();
+    let mut petrel = PetrelLab::start(&lab, hooks, tmp.path()).unwrap();
     let modes: Vec<String> = ["edge-a1", "edge-b1"]
         .iter()
         .map(|n| {
@@ -275,6 +275,35 @@ fn run_matrix(hooks: &str) {
         since0,
         "the agent must not have reconnected"
     );
+
+    // A crashed agent and a crashed node role leave their rules and routes behind; the cleanup
+    // subcommands remove exactly what Petrel added.
+    let gw_bin = petrel_e2e::procs::bin("petrel-gateway").unwrap();
+    let agent_bin = petrel_e2e::procs::bin("petrel-edge-agent").unwrap();
+    for (node, bin, roles) in [("edge-b1", &agent_bin, false), ("cloud-1", &gw_bin, true)] {
+        let list = if roles {
+            &mut petrel.node_roles
+        } else {
+            &mut petrel.agents
+        };
+        let i = list.iter().position(|(n, _)| n == node).unwrap();
+        let (_, mut guard) = list.remove(i);
+        guard.kill().unwrap();
+        assert!(
+            !before[node].diff(&lab.snapshot(node).unwrap()).is_empty(),
+            "a killed process on {node} leaves state behind"
+        );
+        let out = lab
+            .exec(node, &[bin.to_str().unwrap(), "cleanup", "--hooks", hooks])
+            .unwrap();
+        assert!(
+            out.stdout.contains("removed Petrel's routes"),
+            "{}",
+            out.stdout
+        );
+        let diff = before[node].diff(&lab.snapshot(node).unwrap());
+        assert!(diff.is_empty(), "{node} after `cleanup` ({hooks}):\n{diff}");
+    }
 
     // Stop Petrel: every node's networking is exactly what Flannel made.
     petrel.stop().unwrap();
