@@ -26,7 +26,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -41,15 +40,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Dials in progress at once; more are answered `TooManyPending` at once.
 pub const MAX_PENDING_DIALS: usize = 256;
-/// Read buffer of the TCP -> QUIC direction.
-const COPY_BUF: usize = 32 * 1024;
-/// Largest chunk taken from QUIC at once for the QUIC -> TCP direction.
-const MAX_CHUNK: usize = 64 * 1024;
 
 /// QUIC application error codes on proxied streams (reset / stop-sending).
 pub mod stream_code {
     /// The other side of the proxied connection failed; abort.
-    pub const ABORTED: u32 = 0x01;
+    pub const ABORTED: u32 = petrel_transport::splice::STREAM_ABORTED;
     /// The stream header was malformed or late.
     pub const BAD_HEADER: u32 = 0x02;
 }
@@ -350,13 +345,14 @@ async fn dial_and_proxy(
     state.metrics.open.inc();
     debug!("proxied stream established");
     let (rd, wr) = tcp.into_split();
-    let stats = splice(rd, wr, send, recv, leftover).await;
+    let stats =
+        petrel_transport::splice::splice_quic(rd, wr, send, recv, leftover, Bytes::new()).await;
     state.metrics.open.dec();
-    state.metrics.add_bytes("to_target", stats.to_io);
-    state.metrics.add_bytes("from_target", stats.from_io);
+    state.metrics.add_bytes("to_target", stats.stream_to_io);
+    state.metrics.add_bytes("from_target", stats.io_to_stream);
     debug!(
-        to_target = stats.to_io,
-        from_target = stats.from_io,
+        to_target = stats.stream_to_io,
+        from_target = stats.io_to_stream,
         aborted = stats.aborted,
         "proxied stream closed"
     );
@@ -373,103 +369,4 @@ fn describe_refusal(policy: &EgressPolicy, ip: IpAddr, port: u16) -> String {
     } else {
         format!("{ip} is not a node address or pod IP of this agent's site")
     }
-}
-
-/// What a finished splice carried.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SpliceStats {
-    /// Bytes from QUIC written to the TCP side.
-    pub to_io: u64,
-    /// Bytes from the TCP side sent on QUIC.
-    pub from_io: u64,
-    /// Whether an error aborted the stream (rather than both sides closing cleanly).
-    pub aborted: bool,
-}
-
-/// Copies `rd` -> `send` and `recv` -> `wr` until both directions are done, propagating
-/// half-close (EOF <-> FIN) and aborting both directions on an error. `first` is written to
-/// `wr` before anything from `recv`.
-pub async fn splice<R, W>(
-    mut rd: R,
-    mut wr: W,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    first: Bytes,
-) -> SpliceStats
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut stats = SpliceStats::default();
-    let aborted = {
-        let up = async {
-            let mut buf = vec![0u8; COPY_BUF];
-            let mut n = 0u64;
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) => {
-                        let _ = send.finish();
-                        return (n, Ok(()));
-                    }
-                    Ok(k) => {
-                        let chunk = buf.get(..k).unwrap_or_default();
-                        if let Err(e) = send.write_all(chunk).await {
-                            return (n, Err(e.to_string()));
-                        }
-                        n += k as u64;
-                    }
-                    Err(e) => return (n, Err(e.to_string())),
-                }
-            }
-        };
-        let down = async {
-            let mut n = 0u64;
-            if !first.is_empty() {
-                if let Err(e) = wr.write_all(&first).await {
-                    return (n, Err(e.to_string()));
-                }
-                n += first.len() as u64;
-            }
-            loop {
-                match recv.read_chunk(MAX_CHUNK, true).await {
-                    Ok(Some(chunk)) => {
-                        if let Err(e) = wr.write_all(&chunk.bytes).await {
-                            return (n, Err(e.to_string()));
-                        }
-                        n += chunk.bytes.len() as u64;
-                    }
-                    Ok(None) => {
-                        let _ = wr.shutdown().await;
-                        return (n, Ok(()));
-                    }
-                    Err(e) => return (n, Err(e.to_string())),
-                }
-            }
-        };
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        let mut aborted = None;
-        while !(up_done && down_done) {
-            tokio::select! {
-                (n, r) = &mut up, if !up_done => {
-                    up_done = true;
-                    stats.from_io = n;
-                    if let Err(e) = r { aborted = Some(e); break; }
-                }
-                (n, r) = &mut down, if !down_done => {
-                    down_done = true;
-                    stats.to_io = n;
-                    if let Err(e) = r { aborted = Some(e); break; }
-                }
-            }
-        }
-        aborted
-    };
-    if let Some(why) = aborted {
-        debug!(error = %why, "proxied stream aborted");
-        stats.aborted = true;
-        let _ = send.reset(stream_code::ABORTED.into());
-        let _ = recv.stop(stream_code::ABORTED.into());
-    }
-    stats
 }

@@ -12,6 +12,7 @@ pub mod control_stream;
 pub mod pki;
 pub mod private_files;
 pub mod quic;
+pub mod splice;
 pub mod tls;
 
 /// SAN that every hub certificate carries and every agent checks. Agents dial hubs by IP or by

@@ -1,0 +1,858 @@
+//! The deployment artefacts in `deploy/`, checked against the real things:
+//!
+//! * the kustomize entry point applies (`--dry-run=server`, then for real) to kube-apiserver 1.20
+//!   from `e2e/k8s`, with the system kubectl and kubectl 1.20 (its old built-in kustomize), and
+//!   the ServiceAccount gets exactly the access docs/operations.md lists; the API server starts
+//!   with the sample `EgressSelectorConfiguration` (it validates it at start-up);
+//! * `gateway.toml` (the ConfigMap) is accepted by the real `petrel-gateway run`, and every
+//!   `PETREL_*` variable of the DaemonSet is one its container's subcommand reads;
+//! * `deploy/edge/install.sh` against a scratch `--root`, with the real agent binary and a real hub
+//!   on loopback: files, modes, the unit, idempotence, refusals, the installed config really
+//!   connects, and `--uninstall` / `--uninstall --purge` leave nothing behind;
+//! * the unit passes `systemd-analyze verify` and the script passes shellcheck, where those tools
+//!   are installed (apt packages `systemd` and `shellcheck`); otherwise the test says why it
+//!   skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use petrel_e2e::apiserver::{metric, ControlPlane};
+use petrel_e2e::procs::{bin, free_port, http_status, run, wait_until, Hub, Proc};
+use sha2::{Digest, Sha256};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn deploy(rel: &str) -> PathBuf {
+    repo().join("deploy").join(rel)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A short temporary directory (Unix socket paths must stay under ~107 bytes).
+fn short_tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("pdep")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|f| f.is_file())
+    })
+}
+
+// ---- Kubernetes ------------------------------------------------------------------------------
+
+fn kubectl_with(cp: &ControlPlane, kubectl: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(kubectl);
+    c.env("KUBECONFIG", cp.var("KUBECONFIG").unwrap())
+        .args(args);
+    run(c, Duration::from_secs(60)).unwrap()
+}
+
+#[test]
+fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
+    let tmp = short_tmp();
+    // The API server validates the egress selector configuration at start-up and refuses to
+    // start on a bad one, so `up` succeeding is the check of the sample file.
+    let egress = deploy("apiserver/egress-selector-configuration.yaml");
+    let cp = ControlPlane::up(
+        tmp.path(),
+        &[("EGRESS_SELECTOR_CONFIG", egress.display().to_string())],
+        None,
+    )
+    .unwrap();
+
+    let mut kubectls: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(k) = which("kubectl") {
+        kubectls.push(("system kubectl", k));
+    }
+    if let Ok(k) = cp.var("K8S_KUBECTL") {
+        kubectls.push(("kubectl 1.20", PathBuf::from(k)));
+    }
+    assert!(!kubectls.is_empty(), "no kubectl at all");
+    let (_, main_kubectl) = kubectls[0].clone();
+    let dir = repo().join("deploy");
+    let dir = dir.to_str().unwrap();
+
+    // A server-side dry run cannot create namespaced objects in a namespace that does not exist
+    // yet (the Namespace itself is only dry-run), so the namespace comes first, as it does on
+    // any second apply.
+    let out = kubectl_with(
+        &cp,
+        &main_kubectl,
+        &["apply", "-f", deploy("namespace.yaml").to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    for (name, kubectl) in &kubectls {
+        let out = kubectl_with(&cp, kubectl, &["apply", "--dry-run=server", "-k", dir]);
+        let all = text(&out);
+        assert!(out.status.success(), "{name}: {all}");
+        println!("{name}: apply --dry-run=server -k deploy/:\n{all}");
+        for object in [
+            "serviceaccount/petrel-gateway",
+            "clusterrole.rbac.authorization.k8s.io/petrel-gateway",
+            "clusterrolebinding.rbac.authorization.k8s.io/petrel-gateway",
+            "role.rbac.authorization.k8s.io/petrel-gateway",
+            "rolebinding.rbac.authorization.k8s.io/petrel-gateway",
+            "configmap/petrel-gateway-config-",
+            "daemonset.apps/petrel-gateway",
+        ] {
+            assert!(
+                all.lines()
+                    .any(|l| l.starts_with(object) && l.ends_with("(server dry run)")),
+                "{name}: {object} missing from the dry run:\n{all}"
+            );
+        }
+    }
+
+    // For real, twice: the second apply changes nothing.
+    let out = kubectl_with(&cp, &main_kubectl, &["apply", "-k", dir]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl_with(&cp, &main_kubectl, &["apply", "-k", dir]);
+    let again = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        again.lines().count() == 8 && again.lines().all(|l| l.ends_with(" unchanged")),
+        "second apply changed something:\n{again}"
+    );
+
+    // The DaemonSet as the API server stored it.
+    let out = kubectl_with(
+        &cp,
+        &main_kubectl,
+        &[
+            "get",
+            "daemonset",
+            "-n",
+            "petrel-system",
+            "petrel-gateway",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let ds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "petrel-gateway");
+    let container = |name: &str| -> &serde_json::Value {
+        pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    };
+    // Capabilities: none for the hub, NET_ADMIN (NET_RAW at most) for the node role; nothing
+    // privileged, every default capability dropped.
+    for (name, want_net_admin) in [("hub", false), ("node-role", true)] {
+        let sc = &container(name)["securityContext"];
+        assert_eq!(sc["privileged"], false, "{name}: {sc}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}: {sc}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}: {sc}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{name}: {sc}"
+        );
+        let added: Vec<&str> = sc["capabilities"]["add"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            added.contains(&"NET_ADMIN"),
+            want_net_admin,
+            "{name}: {added:?}"
+        );
+        assert!(
+            added.iter().all(|a| ["NET_ADMIN", "NET_RAW"].contains(a)),
+            "{name}: capabilities beyond NET_ADMIN/NET_RAW: {added:?}"
+        );
+    }
+    let hub = container("hub");
+    let ports: Vec<(u64, &str)> = hub["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["containerPort"].as_u64().unwrap(),
+                p["protocol"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for want in [(7443, "UDP"), (8473, "UDP"), (9470, "TCP")] {
+        assert!(ports.contains(&want), "port {want:?} missing: {ports:?}");
+    }
+    assert_eq!(hub["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(hub["readinessProbe"]["httpGet"]["port"], 9470);
+    assert_eq!(hub["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(hub["livenessProbe"]["httpGet"]["port"], 9470);
+    // Every PETREL_* variable is one the binary reads for that container's subcommand, and the
+    // node name comes from the downward API.
+    for name in ["hub", "node-role"] {
+        let c = container(name);
+        let env = c["env"].as_array().unwrap();
+        let node_name = env
+            .iter()
+            .find(|e| e["name"] == "PETREL_NODE_NAME")
+            .unwrap_or_else(|| panic!("{name}: no PETREL_NODE_NAME"));
+        assert_eq!(
+            node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName",
+            "{name}: {node_name}"
+        );
+        assert_eq!(
+            c["command"],
+            serde_json::json!(["/usr/local/bin/petrel-gateway"])
+        );
+        let sub = c["args"][0].as_str().unwrap();
+        let help = {
+            let mut cmd = Command::new(bin("petrel-gateway").unwrap());
+            cmd.args([sub, "--help"]);
+            let out = run(cmd, Duration::from_secs(10)).unwrap();
+            assert!(out.status.success(), "{name}: {}", text(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let kube_mode = help.contains("--inventory-source");
+        for e in env {
+            let var = e["name"].as_str().unwrap();
+            if !var.starts_with("PETREL_") {
+                continue;
+            }
+            if !kube_mode && ["PETREL_INVENTORY_SOURCE", "PETREL_NAMESPACE"].contains(&var) {
+                println!("{name}: {var} not checked: this petrel-gateway has no Kubernetes mode");
+                continue;
+            }
+            assert!(
+                help.contains(&format!("[env: {var}=")),
+                "{name}: `petrel-gateway {sub}` does not read {var}:\n{help}"
+            );
+        }
+    }
+    let tolerated: Vec<&str> = pod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["key"].as_str())
+        .collect();
+    for taint in [
+        "node-role.kubernetes.io/master",
+        "node-role.kubernetes.io/control-plane",
+    ] {
+        assert!(tolerated.contains(&taint), "{taint} not tolerated");
+    }
+    // Edge workers are excluded by the cloud-node term (NotIn "true" for both label keys).
+    let terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    let cloud_term = terms[0]["matchExpressions"].as_array().unwrap();
+    for key in [
+        "alibabacloud.com/is-edge-worker",
+        "openyurt.io/is-edge-worker",
+    ] {
+        assert!(
+            cloud_term.iter().any(|e| e["key"] == key
+                && e["operator"] == "NotIn"
+                && e["values"] == serde_json::json!(["true"])),
+            "{key} is not excluded: {cloud_term:?}"
+        );
+    }
+    // The DaemonSet mounts the generated ConfigMap, and it holds gateway.toml unchanged.
+    let cm = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap()["configMap"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(cm.starts_with("petrel-gateway-config-"), "{cm}");
+    let out = kubectl_with(
+        &cp,
+        &main_kubectl,
+        &["get", "configmap", "-n", "petrel-system", &cm, "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let cm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        cm["data"]["gateway.toml"].as_str().unwrap(),
+        std::fs::read_to_string(deploy("gateway.toml")).unwrap()
+    );
+
+    // Least privilege: what the ServiceAccount may and may not do (docs/operations.md, RBAC).
+    let sa = "--as=system:serviceaccount:petrel-system:petrel-gateway";
+    let cases: &[(&str, &str, &str, bool)] = &[
+        ("get", "nodes", "", true),
+        ("list", "nodes", "", true),
+        ("watch", "nodes", "", true),
+        ("patch", "nodes", "", true),
+        ("delete", "nodes", "", false),
+        ("update", "nodes/status", "", false),
+        (
+            "create",
+            "leases.coordination.k8s.io",
+            "petrel-system",
+            true,
+        ),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            "petrel-system",
+            true,
+        ),
+        (
+            "delete",
+            "leases.coordination.k8s.io",
+            "petrel-system",
+            false,
+        ),
+        ("create", "leases.coordination.k8s.io", "kube-system", false),
+        ("get", "secrets", "petrel-system", true),
+        ("list", "secrets", "petrel-system", true),
+        ("create", "secrets", "petrel-system", true),
+        ("update", "secrets", "petrel-system", true),
+        ("delete", "secrets", "petrel-system", true),
+        ("watch", "secrets", "petrel-system", false),
+        ("get", "secrets", "kube-system", false),
+        ("list", "secrets", "default", false),
+        ("get", "configmaps", "petrel-system", false),
+        ("get", "configmaps", "kube-system", false),
+        ("create", "events", "petrel-system", true),
+        ("patch", "events", "petrel-system", false),
+        ("create", "events", "default", false),
+        ("create", "events", "kube-system", false),
+        ("list", "events", "petrel-system", false),
+        ("list", "pods", "petrel-system", false),
+        ("create", "pods", "petrel-system", false),
+        ("get", "services", "default", false),
+    ];
+    let mut wrong = Vec::new();
+    for (verb, resource, ns, want) in cases {
+        let mut args = vec!["auth", "can-i", verb, resource, sa];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        let out = kubectl_with(&cp, &main_kubectl, &args);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if (answer == "yes") != *want || !["yes", "no"].contains(&answer.as_str()) {
+            wrong.push(format!(
+                "{verb} {resource} -n {ns:?}: {answer:?}, want {want}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+}
+
+// ---- the gateway's config file -----------------------------------------------------------------
+
+#[test]
+fn gateway_config_file_is_accepted_by_the_real_binary() {
+    let tmp = short_tmp();
+    let file = deploy("gateway.toml");
+    // Every value of the file applies except the host paths and addresses a test cannot use,
+    // which flags override (flags beat the file).
+    let sock = tmp.path().join("egress.sock");
+    let hub = Hub::start(
+        &tmp.path().join("state"),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--egress-uds",
+            sock.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "hub /readyz", || {
+        (http_status(hub.admin, "/readyz").ok() == Some(200)).then_some(())
+    })
+    .unwrap();
+    assert_eq!(http_status(hub.admin, "/healthz").unwrap(), 200);
+    // [egress] uds-mode = "0600" from the file.
+    let mode = wait_until(Duration::from_secs(5), "the egress socket", || {
+        std::fs::symlink_metadata(&sock).ok()
+    })
+    .unwrap()
+    .permissions()
+    .mode();
+    assert_eq!(mode & 0o777, 0o600, "egress socket mode {mode:o}");
+    assert!(hub
+        .metrics()
+        .unwrap()
+        .contains("petrel_hub_agents_connected"));
+}
+
+// ---- the edge install script -------------------------------------------------------------------
+
+/// One entry of a directory tree: type and mode, content digest or link target, inode, mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    kind: char,
+    mode: u32,
+    content: String,
+    ino: u64,
+    mtime_ns: i128,
+}
+
+fn snapshot(root: &Path) -> BTreeMap<String, Entry> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let (kind, content) = if md.file_type().is_symlink() {
+                (
+                    'l',
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            } else if md.is_dir() {
+                ('d', String::new())
+            } else {
+                (
+                    'f',
+                    hex::encode(Sha256::digest(std::fs::read(&path).unwrap())),
+                )
+            };
+            out.insert(
+                rel,
+                Entry {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    content,
+                    ino: md.ino(),
+                    mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+                },
+            );
+            if md.is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if root.exists() {
+        walk(root, root, &mut out);
+    }
+    out
+}
+
+fn install_sh(args: &[&str]) -> Output {
+    let mut c = Command::new("bash");
+    c.arg(deploy("edge/install.sh"))
+        .args(args)
+        .env_remove("PETREL_JOIN_TOKEN")
+        .env_remove("PETREL_CA_SHA256")
+        .env_remove("PETREL_AGENT_CONFIG");
+    run(c, Duration::from_secs(60)).unwrap()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn enrolment_attempts(hub: &Hub) -> f64 {
+    hub.metrics()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("petrel_hub_enrolments_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn enrolled_ok(hub: &Hub) -> f64 {
+    metric(
+        &hub.metrics().unwrap(),
+        "petrel_hub_enrolments_total{outcome=\"ok\"}",
+    )
+}
+
+#[test]
+fn edge_install_is_idempotent_and_uninstall_leaves_nothing() {
+    let tmp = short_tmp();
+    let hub = Hub::start(&tmp.path().join("hub"), &[]).unwrap();
+    let agent_bin = bin("petrel-edge-agent").unwrap();
+    let agent_bin = agent_bin.to_str().unwrap();
+    let server = hub.server();
+    let (token, fp) = hub.token("edge-a1", &[]).unwrap();
+    let base = |root: &Path, token: &str, node: &str| -> Vec<String> {
+        [
+            "--binary",
+            agent_bin,
+            "--server",
+            &server,
+            "--token",
+            token,
+            "--ca-sha256",
+            &fp,
+            "--node-name",
+            node,
+            "--root",
+            root.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // Refusals before anything is written: bad arguments exit 64, a wrong binary or a refused
+    // join exit 1, and a refused join leaves the root as it was (empty).
+    let bad_root = tmp.path().join("bad-root");
+    let out = install_sh(&[
+        "--binary",
+        agent_bin,
+        "--server",
+        &server,
+        "--root",
+        bad_root.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+    let out = install_sh(&args(&base(&bad_root, &token, "Edge_A1")));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let mut wrong_bin = base(&bad_root, &token, "edge-a1");
+    wrong_bin[1] = bin("petrel-gateway").unwrap().display().to_string();
+    let out = install_sh(&args(&wrong_bin));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not petrel-edge-agent"),
+        "{}",
+        text(&out)
+    );
+    let out = install_sh(&args(&base(
+        &bad_root,
+        "abcdef.0123456789abcdef",
+        "edge-a1",
+    )));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        snapshot(&bad_root).is_empty(),
+        "a refused join left files: {:?}",
+        snapshot(&bad_root).keys()
+    );
+    let attempts_before = enrolment_attempts(&hub);
+
+    // Install.
+    let root = tmp.path().join("root");
+    let install = base(&root, &token, "edge-a1");
+    let out = install_sh(&args(&install));
+    assert!(out.status.success(), "{}", text(&out));
+    println!("first install:\n{}", text(&out));
+    assert_eq!(enrolled_ok(&hub), 1.0);
+    assert_eq!(enrolment_attempts(&hub), attempts_before + 1.0);
+
+    let first = snapshot(&root);
+    let expect: &[(&str, char, u32)] = &[
+        ("etc", 'd', 0o755),
+        ("etc/petrel", 'd', 0o755),
+        ("etc/petrel/agent.toml", 'f', 0o644),
+        ("etc/systemd", 'd', 0o755),
+        ("etc/systemd/system", 'd', 0o755),
+        ("etc/systemd/system/petrel-edge-agent.service", 'f', 0o644),
+        ("etc/systemd/system/multi-user.target.wants", 'd', 0o755),
+        (
+            "etc/systemd/system/multi-user.target.wants/petrel-edge-agent.service",
+            'l',
+            0o777,
+        ),
+        ("usr", 'd', 0o755),
+        ("usr/local", 'd', 0o755),
+        ("usr/local/bin", 'd', 0o755),
+        ("usr/local/bin/petrel-edge-agent", 'f', 0o755),
+        ("var", 'd', 0o755),
+        ("var/lib", 'd', 0o755),
+        ("var/lib/petrel", 'd', 0o755),
+        ("var/lib/petrel/agent", 'd', 0o700),
+        ("var/lib/petrel/agent/ca.crt", 'f', 0o600),
+        ("var/lib/petrel/agent/endpoints.json", 'f', 0o600),
+        ("var/lib/petrel/agent/node.pem", 'f', 0o600),
+    ];
+    let got: Vec<(String, char, u32)> = first
+        .iter()
+        .map(|(p, e)| (p.clone(), e.kind, e.mode))
+        .collect();
+    let mut want: Vec<(String, char, u32)> = expect
+        .iter()
+        .map(|(p, k, m)| (p.to_string(), *k, *m))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "installed tree differs");
+    let read = |rel: &str| std::fs::read(root.join(rel)).unwrap();
+    assert_eq!(
+        read("usr/local/bin/petrel-edge-agent"),
+        std::fs::read(agent_bin).unwrap()
+    );
+    let unit = std::fs::read_to_string(deploy("edge/petrel-edge-agent.service")).unwrap();
+    assert_eq!(
+        read("etc/systemd/system/petrel-edge-agent.service"),
+        unit.as_bytes()
+    );
+    assert_eq!(
+        first["etc/systemd/system/multi-user.target.wants/petrel-edge-agent.service"].content,
+        "/etc/systemd/system/petrel-edge-agent.service"
+    );
+    assert_eq!(
+        String::from_utf8(read("etc/petrel/agent.toml")).unwrap(),
+        format!(
+            "# Written by install.sh (Petrel edge agent); rerun it to change this file.\n\
+             # Keys are the long flags of `petrel-edge-agent run` (see its --help).\n\
+             node-name = \"edge-a1\"\nservers = [\"{server}\"]\n\
+             state-dir = \"/var/lib/petrel/agent\"\nadmin-addr = \"127.0.0.1:9471\"\n"
+        )
+    );
+    check_unit(&unit);
+
+    // Idempotent: the same command again changes nothing and joins nothing. `join` rewrites
+    // endpoints.json with the same content (so the identity directory's mtime moves); every
+    // file the script itself writes keeps its inode and mtime.
+    let out = install_sh(&args(&install));
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for what in [
+        "the binary unchanged",
+        "the config unchanged",
+        "the unit unchanged",
+    ] {
+        assert!(stdout.contains(what), "{what}: {}", text(&out));
+    }
+    assert!(stdout.contains("already enrolled"), "{}", text(&out));
+    assert!(!stdout.contains("installed "), "{}", text(&out));
+    assert_eq!(enrolment_attempts(&hub), attempts_before + 1.0);
+    let second = snapshot(&root);
+    assert_eq!(
+        first.keys().collect::<Vec<_>>(),
+        second.keys().collect::<Vec<_>>()
+    );
+    for (path, a) in &first {
+        let b = &second[path];
+        if path.starts_with("var/lib/petrel/agent") {
+            assert_eq!(
+                (a.kind, a.mode, &a.content),
+                (b.kind, b.mode, &b.content),
+                "{path} changed"
+            );
+        } else {
+            assert_eq!(a, b, "{path} changed");
+        }
+    }
+
+    // The same device under another node name is refused, and nothing changes.
+    let (token2, _) = hub.token("edge-a2", &[]).unwrap();
+    let out = install_sh(&args(&base(&root, &token2, "edge-a2")));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--rejoin"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(enrolment_attempts(&hub), attempts_before + 1.0);
+    let third = snapshot(&root);
+    for (path, a) in &first {
+        assert_eq!(
+            (a.kind, a.mode, &a.content),
+            (third[path].kind, third[path].mode, &third[path].content),
+            "{path} changed by a refused install"
+        );
+    }
+
+    // What was installed works: the installed binary with the installed config (which names
+    // the hub) and identity connects. Only the state directory is redirected into the root;
+    // --hooks none because the test has no Flannel device and is not root.
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut run_agent = Command::new(root.join("usr/local/bin/petrel-edge-agent"));
+    run_agent
+        .arg("--config")
+        .arg(root.join("etc/petrel/agent.toml"))
+        .arg("run")
+        .arg("--state-dir")
+        .arg(root.join("var/lib/petrel/agent"))
+        .args(["--hooks", "none", "--admin-addr", &admin]);
+    let mut agent = Proc::spawn("installed-agent", run_agent).unwrap();
+    wait_until(Duration::from_secs(10), "edge-a1 connected", || {
+        hub.agent("edge-a1")
+    })
+    .unwrap();
+    agent.kill();
+
+    // Uninstall keeps the identity; --purge removes it; the root is empty; both are idempotent.
+    let root_arg = root.to_str().unwrap();
+    let out = install_sh(&["--uninstall", "--root", root_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    println!("uninstall:\n{}", text(&out));
+    let left: Vec<String> = snapshot(&root).into_keys().collect();
+    assert_eq!(
+        left,
+        [
+            "var",
+            "var/lib",
+            "var/lib/petrel",
+            "var/lib/petrel/agent",
+            "var/lib/petrel/agent/ca.crt",
+            "var/lib/petrel/agent/endpoints.json",
+            "var/lib/petrel/agent/node.pem",
+        ]
+    );
+    let out = install_sh(&["--uninstall", "--purge", "--root", root_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        snapshot(&root).is_empty(),
+        "left behind: {:?}",
+        snapshot(&root).keys()
+    );
+    let out = install_sh(&["--uninstall", "--purge", "--root", root_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(snapshot(&root).is_empty());
+}
+
+/// The hardening the unit promises (see its comments and docs/operations.md).
+fn check_unit(unit: &str) {
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    for (key, want) in [
+        (
+            "ExecStart",
+            "/usr/local/bin/petrel-edge-agent --config /etc/petrel/agent.toml run",
+        ),
+        ("Restart", "always"),
+        ("RestartPreventExitStatus", "64"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("StateDirectory", "petrel/agent"),
+        ("StateDirectoryMode", "0700"),
+        ("RuntimeDirectory", "petrel"),
+        (
+            "RestrictAddressFamilies",
+            "AF_INET AF_INET6 AF_NETLINK AF_UNIX",
+        ),
+        ("SystemCallArchitectures", "native"),
+        ("DeviceAllow", "/dev/net/tun rw"),
+        ("WantedBy", "multi-user.target"),
+    ] {
+        assert_eq!(values(key), [want], "{key}");
+    }
+    let allowed = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"];
+    for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {
+        let caps: Vec<String> = values(key)
+            .iter()
+            .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        assert!(
+            caps.contains(&"CAP_NET_ADMIN".to_string())
+                && caps.iter().all(|c| allowed.contains(&c.as_str())),
+            "{key}: {caps:?}"
+        );
+    }
+    assert!(values("User").is_empty() || values("User") == ["root"]);
+    assert!(
+        values("PrivateDevices").is_empty(),
+        "would hide /dev/net/tun"
+    );
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = which("systemd-analyze") else {
+        println!("SKIPPED: systemd-analyze is not installed (apt package `systemd`)");
+        return;
+    };
+    let tmp = short_tmp();
+    // verify checks that ExecStart's binary exists: point it at the built agent, nothing else
+    // changes. The file keeps the unit's name (verify takes the unit name from it).
+    let unit = std::fs::read_to_string(deploy("edge/petrel-edge-agent.service")).unwrap();
+    let exec = "ExecStart=/usr/local/bin/petrel-edge-agent ";
+    assert_eq!(unit.matches(exec).count(), 1);
+    let agent = bin("petrel-edge-agent").unwrap();
+    let copy = tmp.path().join("petrel-edge-agent.service");
+    std::fs::write(
+        &copy,
+        unit.replace(exec, &format!("ExecStart={} ", agent.display())),
+    )
+    .unwrap();
+    let mut c = Command::new(&analyze);
+    c.arg("verify").arg(&copy);
+    let out = run(c, Duration::from_secs(60)).unwrap();
+    println!("systemd-analyze verify:\n{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
+    // verify exits 0 on unknown keys and bad values ("ignoring"): any line about the unit
+    // file is a mistake in it.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_unit: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("petrel-edge-agent.service"))
+        .collect();
+    assert!(about_unit.is_empty(), "{}", about_unit.join("\n"));
+
+    // The exposure score, where this systemd can rate a unit file offline (v250+).
+    let mut c = Command::new(&analyze);
+    c.args(["security", "--offline=true", "--no-pager"])
+        .arg(&copy);
+    let out = run(c, Duration::from_secs(60)).unwrap();
+    let all = String::from_utf8_lossy(&out.stdout).into_owned();
+    match all
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .and_then(|l| l.rsplit(": ").next())
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        Some(score) => {
+            println!("systemd-analyze security: exposure {score} (0 = locked down, 10 = unsafe)");
+            assert!(score <= 3.0, "exposure {score} > 3.0:\n{all}");
+        }
+        None => println!(
+            "systemd-analyze security --offline is not supported here; exposure not checked:\n{}",
+            text(&out)
+        ),
+    }
+}
+
+#[test]
+fn install_script_is_shellcheck_clean() {
+    let Some(shellcheck) = which("shellcheck") else {
+        println!("SKIPPED: shellcheck is not installed (apt package `shellcheck`)");
+        return;
+    };
+    let mut c = Command::new(shellcheck);
+    c.arg(deploy("edge/install.sh"));
+    let out = run(c, Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
