@@ -85,27 +85,7 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r.iter()) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut l = cells
-            .iter()
-            .zip(widths.iter())
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        l.truncate(l.trim_end().len());
-        l.push('\n');
-        l
-    };
-    out.push_str(&line(&header.map(String::from)));
-    for r in &rows {
-        out.push_str(&line(r));
-    }
+    out.push_str(&petrel_transport::admin::render_table(&header, &rows));
     if rows.is_empty() {
         out.push_str("(no agents connected)\n");
     }

@@ -101,6 +101,32 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// Renders rows under a header as left-aligned columns two spaces apart (what the `status`
+/// subcommands print).
+pub fn render_table<R: AsRef<[String]>>(header: &[&str], rows: &[R]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r.as_ref()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = cells
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line(&mut header.iter().copied());
+    for r in rows {
+        out.push_str(&line(&mut r.as_ref().iter().map(String::as_str)));
+    }
+    out
+}
+
 /// Why the admin client failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminClientError {
@@ -169,6 +195,15 @@ mod tests {
         fn metrics(&self) -> String {
             "# EOF\n".into()
         }
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = render_table(
+            &["A", "LONGER"],
+            &[vec!["xxxx".to_string(), "y".to_string()]],
+        );
+        assert_eq!(t, "A     LONGER\nxxxx  y\n");
     }
 
     #[tokio::test]
