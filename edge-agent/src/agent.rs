@@ -30,6 +30,11 @@ pub struct LinkStatus {
     pub attempts: u32,
 }
 
+type PendingView = (
+    Vec<(String, quinn::Connection)>,
+    Option<petrel_proto::HubView>,
+);
+
 /// State shared by the supervisor, the links and the admin server.
 #[derive(Debug)]
 pub struct AgentShared {
@@ -42,7 +47,8 @@ pub struct AgentShared {
     pub renewing: AtomicBool,
     /// The data plane, once the node's Flannel device is there (unset with `--hooks none`).
     pub dataplane: std::sync::OnceLock<Arc<crate::dataplane::AgentDataplane>>,
-    pending_view: Mutex<Option<(quinn::Connection, petrel_proto::HubView)>>,
+    /// Tunnels (by hub) and the latest view, for a data plane that is not open yet.
+    pending_view: Mutex<PendingView>,
     /// Proxied streams: the hub's latest egress policy, pending-dial bound, metrics.
     pub proxy: crate::proxy::ProxyState,
     new_endpoints: mpsc::UnboundedSender<String>,
@@ -76,15 +82,21 @@ impl AgentShared {
         }
     }
 
-    /// Remembers the latest hub view for a data plane that is not open yet.
-    pub fn remember_view(&self, conn: &quinn::Connection, view: &petrel_proto::HubView) {
+    /// Remembers the tunnel to `hub` and the latest hub view for a data plane that is not
+    /// open yet.
+    pub fn remember_view(&self, hub: &str, conn: &quinn::Connection, view: &petrel_proto::HubView) {
         if let Ok(mut p) = self.pending_view.lock() {
-            *p = Some((conn.clone(), view.clone()));
+            p.0.retain(|(h, _)| h != hub);
+            p.0.push((hub.to_string(), conn.clone()));
+            p.1 = Some(view.clone());
         }
     }
 
-    fn take_pending_view(&self) -> Option<(quinn::Connection, petrel_proto::HubView)> {
-        self.pending_view.lock().ok()?.take()
+    fn take_pending_view(&self) -> PendingView {
+        self.pending_view
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
     }
 
     /// Links, other than `except`, connected to hub `hub`.
@@ -184,7 +196,7 @@ impl Agent {
             metrics: AgentMetrics::new(),
             renewing: AtomicBool::new(false),
             dataplane: std::sync::OnceLock::new(),
-            pending_view: Mutex::new(None),
+            pending_view: Mutex::new(PendingView::default()),
             proxy: crate::proxy::ProxyState::new(),
             new_endpoints: tx,
             config,
@@ -268,8 +280,11 @@ async fn open_dataplane(
     info!(hooks = %dp.mode(), vtep_mac = %petrel_datapath::format_mac(&dp.vtep_mac()), "data plane ready");
     let _ = shared.dataplane.set(dp.clone());
     // A link that connected before the data plane was ready left its view here.
-    if let Some((conn, view)) = shared.take_pending_view() {
-        dp.set_active(&conn);
+    let (tunnels, view) = shared.take_pending_view();
+    for (hub, conn) in tunnels {
+        dp.set_active(&hub, &conn);
+    }
+    if let Some(view) = view {
         dp.on_view(&view).await;
     }
     let capture = tokio::spawn(dp.clone().run_capture(shutdown.clone()));

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use petrel_datapath::{
     Datapath, DatapathConfig, DesiredState, HookMode, Injector, PeerRoute, Relay,
 };
@@ -22,6 +23,9 @@ use tracing::{debug, info, warn};
 
 /// Kind byte + VXLAN header + inner Ethernet header.
 pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
+
+/// Datagrams [`AgentDataplane::deliver`] takes from the tunnel in one call.
+const DRAIN_BATCH: usize = 64;
 
 /// What `status` shows about the data plane.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -34,12 +38,40 @@ pub struct DataplaneStatus {
     pub dropped: BTreeMap<String, u64>,
 }
 
+/// The tunnels captured frames may go to, by hub name: the one the hubs' views mark active
+/// (Kubernetes mode: the Lease holder), else the most recently connected one.
+#[derive(Default)]
+struct Tunnels {
+    by_hub: BTreeMap<String, quinn::Connection>,
+    preferred: Option<String>,
+    last: Option<String>,
+}
+
+impl Tunnels {
+    fn pick(&self) -> Option<quinn::Connection> {
+        let open = |h: &Option<String>| {
+            h.as_ref()
+                .and_then(|h| self.by_hub.get(h))
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        open(&self.preferred)
+            .or_else(|| open(&self.last))
+            .or_else(|| {
+                self.by_hub
+                    .values()
+                    .find(|c| c.close_reason().is_none())
+                    .cloned()
+            })
+    }
+}
+
 pub struct AgentDataplane {
     datapath: tokio::sync::Mutex<Datapath>,
     injector: Injector,
     mode: HookMode,
     vtep_mac: [u8; 6],
-    active: RwLock<Option<quinn::Connection>>,
+    active: RwLock<Tunnels>,
     view: Mutex<Option<HubView>>,
     applied: Mutex<Option<DesiredState>>,
     frames_to_hub: AtomicU64,
@@ -64,7 +96,7 @@ impl AgentDataplane {
             vtep_mac: dp.vtep_mac(),
             datapath: tokio::sync::Mutex::new(dp),
             injector,
-            active: RwLock::new(None),
+            active: RwLock::new(Tunnels::default()),
             view: Mutex::new(None),
             applied: Mutex::new(None),
             frames_to_hub: AtomicU64::new(0),
@@ -113,31 +145,33 @@ impl AgentDataplane {
         }
     }
 
-    /// Makes `conn` the tunnel captured frames go to.
-    pub fn set_active(&self, conn: &quinn::Connection) {
+    /// Registers `conn`, the tunnel to hub `hub`; frames go to it unless the hubs mark another
+    /// hub active.
+    pub fn set_active(&self, hub: &str, conn: &quinn::Connection) {
         if let Ok(mut a) = self.active.write() {
-            *a = Some(conn.clone());
+            a.by_hub.insert(hub.to_string(), conn.clone());
+            a.last = Some(hub.to_string());
         }
     }
 
-    /// Forgets `conn` if it is the active tunnel.
+    /// Forgets `conn`.
     pub fn clear_active(&self, conn: &quinn::Connection) {
         if let Ok(mut a) = self.active.write() {
-            if a.as_ref()
-                .is_some_and(|c| c.stable_id() == conn.stable_id())
-            {
-                *a = None;
+            a.by_hub.retain(|_, c| c.stable_id() != conn.stable_id());
+            if a.last.as_ref().is_some_and(|l| !a.by_hub.contains_key(l)) {
+                a.last = None;
             }
         }
+    }
+
+    fn active_conn(&self) -> Option<quinn::Connection> {
+        self.active.read().ok()?.pick()
     }
 
     fn desired(&self) -> Option<DesiredState> {
         let view = self.view.lock().ok()?.clone()?;
         let fit = self
-            .active
-            .read()
-            .ok()?
-            .as_ref()
+            .active_conn()
             .and_then(|c| c.max_datagram_size())
             .map(|m| m.saturating_sub(DATAGRAM_IP_OVERHEAD))
             .unwrap_or(usize::from(view.site_mtu));
@@ -171,6 +205,14 @@ impl AgentDataplane {
         if let Ok(mut v) = self.view.lock() {
             *v = Some(view.clone());
         }
+        if let Some(active) = view.gateways.iter().find(|g| g.active) {
+            if let Ok(mut a) = self.active.write() {
+                if a.preferred.as_deref() != Some(active.name.as_str()) {
+                    info!(hub = %active.name, "frames go to the active hub");
+                    a.preferred = Some(active.name.clone());
+                }
+            }
+        }
         self.reconcile(true).await;
     }
 
@@ -200,8 +242,24 @@ impl AgentDataplane {
         }
     }
 
-    /// A datagram from the hub: into flannel.1 if it is for this node.
+    /// A datagram from the hub: into flannel.1 if it is for this node. Datagrams already
+    /// waiting on the active tunnel are delivered in the same call (up to a bound), instead of one
+    /// per turn of the link's event loop.
     pub async fn deliver(&self, datagram: Bytes) {
+        self.deliver_one(datagram).await;
+        let conn = self.active_conn();
+        if let Some(conn) = conn {
+            for _ in 0..DRAIN_BATCH {
+                match conn.read_datagram().now_or_never() {
+                    Some(Ok(d)) => self.deliver_one(d).await,
+                    // Nothing ready, or the connection ended: the link loop sees it next.
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    async fn deliver_one(&self, datagram: Bytes) {
         let frame = match petrel_proto::parse_datagram(&datagram) {
             Ok(f) => f,
             Err(e) => return self.drop_frame(e.reason()),
@@ -244,7 +302,7 @@ impl AgentDataplane {
                 },
             };
             let Some(frame) = buf.get(..n) else { continue };
-            let conn = self.active.read().ok().and_then(|a| a.clone());
+            let conn = self.active_conn();
             let Some(conn) = conn else {
                 self.drop_frame("no_hub");
                 continue;

@@ -122,13 +122,22 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         );
         match shared.dataplane.get() {
             Some(dp) => {
-                dp.set_active(&conn);
+                dp.set_active(&welcome.hub_id, &conn);
                 dp.on_view(&welcome.view).await;
             }
-            None => shared.remember_view(&conn, &welcome.view),
+            None => shared.remember_view(&welcome.hub_id, &conn, &welcome.view),
         }
         let hub_id = welcome.hub_id.clone();
-        let end = session(&shared, &endpoint, &conn, reader, writer, &shutdown).await;
+        let end = session(
+            &shared,
+            &endpoint,
+            &welcome.hub_id,
+            &conn,
+            reader,
+            writer,
+            &shutdown,
+        )
+        .await;
         if let Some(dp) = shared.dataplane.get() {
             dp.clear_active(&conn);
         }
@@ -275,6 +284,7 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
 async fn session(
     shared: &Arc<AgentShared>,
     endpoint: &str,
+    hub_id: &str,
     conn: &quinn::Connection,
     mut reader: ControlReader,
     mut writer: ControlWriter,
@@ -307,7 +317,7 @@ async fn session(
                         debug!(routes = view.routes.len(), gateways = view.gateways.len(), "hub pushed an update");
                         match shared.dataplane.get() {
                             Some(dp) => dp.on_view(&view).await,
-                            None => shared.remember_view(conn, &view),
+                            None => shared.remember_view(hub_id, conn, &view),
                         }
                         shared.proxy.set_policy(&view.egress);
                         shared.learn_endpoints(view.gateways.iter().map(|g| format!("{}:{}", g.host, g.port)));

@@ -98,7 +98,8 @@ pub struct NodeArgs {
     /// Inventory file (TOML). Without it the embedded lab inventory is used.
     #[arg(long, env = "PETREL_INVENTORY")]
     pub inventory: Option<PathBuf>,
-    /// Underlay IPv4 address of the active hub (default: the inventory's gateway node).
+    /// Underlay IPv4 address of the active hub (default: the inventory's gateway node; in
+    /// Kubernetes mode the node holding the hub Lease).
     #[arg(long, env = "PETREL_HUB_ADDRESS")]
     pub hub_address: Option<std::net::Ipv4Addr>,
     /// Inner MTU toward public sites (what fits a QUIC datagram on the path).
@@ -106,6 +107,8 @@ pub struct NodeArgs {
     pub site_mtu: u16,
     #[command(flatten)]
     pub datapath: DatapathArgs,
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -163,6 +166,9 @@ pub struct RunArgs {
     /// The API server's egress proxy (CONNECT over a Unix socket or mTLS TCP, SNI passthrough).
     #[command(flatten)]
     pub egress: crate::egress::EgressArgs,
+    /// Kubernetes mode: Nodes, the hub Lease, the CA and tokens in Secrets.
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +176,7 @@ pub enum TokenCommand {
     /// Create a join token bound to a node name and print the join command.
     Create(TokenCreateArgs),
     /// List tokens (ids, nodes, expiry, use; never secrets).
-    List(StateArgs),
+    List(StoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -189,12 +195,23 @@ pub struct TokenCreateArgs {
     pub server: Option<String>,
     #[command(flatten)]
     pub state: StateArgs,
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct StateArgs {
     #[arg(long, env = "PETREL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+/// Where the CA and tokens are: the state directory, or (Kubernetes mode) Secrets.
+#[derive(Debug, Args, Clone, Default)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -209,7 +226,7 @@ pub struct StatusArgs {
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Print the CA's SHA-256 fingerprint (what `join --ca-sha256` pins).
-    Fingerprint(StateArgs),
+    Fingerprint(StoreArgs),
 }
 
 /// The optional config file. Unknown keys are errors: a typo must not silently fall back to a
@@ -249,6 +266,11 @@ pub struct FileConfig {
     pub flannel_port: Option<u16>,
     #[serde(default)]
     pub egress: crate::egress::EgressFileConfig,
+    /// `file` or `kubernetes`.
+    #[serde(alias = "inventory_source")]
+    pub inventory_source: Option<String>,
+    #[serde(default)]
+    pub kubernetes: crate::k8s::KubeFileConfig,
 }
 
 /// A configuration value that cannot be used.
@@ -275,6 +297,9 @@ pub struct HubConfig {
     pub state_dir: PathBuf,
     pub inventory: Option<PathBuf>,
     pub advertise: Vec<(String, u16)>,
+    /// `advertise` was configured (not derived from `listen`). In Kubernetes mode an unset
+    /// advertise list means: this Node's ExternalIP (else InternalIP) with the listen port.
+    pub advertise_given: bool,
     pub hub_name: String,
     pub agent_cert_ttl: Duration,
     pub keepalive: Duration,
@@ -290,6 +315,8 @@ pub struct HubConfig {
     /// Egress settings as given; `egress::run` validates them.
     pub egress: crate::egress::EgressArgs,
     pub egress_file: crate::egress::EgressFileConfig,
+    /// `Some`: Kubernetes mode (`node_name` is set and `hub_name` equals it).
+    pub kube: Option<crate::k8s::KubeSettings>,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -389,6 +416,7 @@ impl HubConfig {
             .iter()
             .map(|a| parse_host_port("advertise", a))
             .collect::<Result<Vec<_>, _>>()?;
+        let advertise_given = !advertise.is_empty();
         if advertise.is_empty() {
             let host = if listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -397,11 +425,41 @@ impl HubConfig {
             };
             advertise.push((host, listen.port()));
         }
-        let hub_name = args.hub_name.or(file.hub_name).unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "hub".into())
-        });
+        let kube = args
+            .kube
+            .resolve(file.inventory_source.as_deref(), &file.kubernetes)?;
+        let node_name = args.node_name.or(file.node_name);
+        let hub_name_arg = args.hub_name.or(file.hub_name);
+        if kube.is_some() {
+            let Some(node) = node_name.as_deref() else {
+                return Err(ConfigError::Invalid {
+                    field: "node-name",
+                    value: String::new(),
+                    allowed: "required with --inventory-source kubernetes: the Node this hub runs on (set PETREL_NODE_NAME from spec.nodeName)".into(),
+                });
+            };
+            if !crate::inventory::valid_node_name(node) {
+                return Err(ConfigError::Invalid {
+                    field: "node-name",
+                    value: node.into(),
+                    allowed: "a Kubernetes node name".into(),
+                });
+            }
+            if let Some(h) = hub_name_arg.as_deref().filter(|h| *h != node) {
+                return Err(ConfigError::Invalid {
+                    field: "hub-name",
+                    value: h.into(),
+                    allowed: format!("in Kubernetes mode the hub is named after its node ({node}); leave hub-name unset"),
+                });
+            }
+        }
+        let hub_name = hub_name_arg
+            .or_else(|| kube.as_ref().and(node_name.clone()))
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "hub".into())
+            });
         let dur = |field, a: Option<String>, f: Option<String>, d: &str| {
             parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()))
         };
@@ -459,8 +517,8 @@ impl HubConfig {
             });
         }
         let flannel_port = args.flannel_port.or(file.flannel_port).unwrap_or(8472);
-        let node_name = args.node_name.or(file.node_name);
         Ok(Self {
+            kube,
             relay_listen,
             node_name,
             vni,
@@ -470,6 +528,7 @@ impl HubConfig {
             state_dir,
             inventory,
             advertise,
+            advertise_given,
             hub_name,
             agent_cert_ttl,
             keepalive,

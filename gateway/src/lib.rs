@@ -8,6 +8,7 @@ pub mod config;
 pub mod egress;
 pub mod hub;
 pub mod inventory;
+pub mod k8s;
 pub mod metrics;
 pub mod node_role;
 pub mod pki_store;

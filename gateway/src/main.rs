@@ -7,11 +7,13 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use clap::Parser as _;
 use petrel_gateway::config::{
-    self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, TokenCommand,
+    self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, StoreArgs, TokenCommand,
 };
 use petrel_gateway::hub::Hub;
 use petrel_gateway::inventory::Inventory;
-use petrel_gateway::pki_store::{CaStore, StateDir, TokenStore};
+use petrel_gateway::k8s::pki::KubeStore;
+use petrel_gateway::k8s::KubeSettings;
+use petrel_gateway::pki_store::{CaStore, HubStore, StateDir, TokenRecord, TokenStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -43,7 +45,7 @@ fn main() -> ExitCode {
             Err(e) => return config_error(&e),
         },
         Command::Token(TokenCommand::Create(args)) => token_create(args, &file),
-        Command::Token(TokenCommand::List(args)) => token_list(&state_dir(&args, &file)),
+        Command::Token(TokenCommand::List(args)) => token_list(&args, &file),
         Command::Status(args) => status(args.admin_addr.or(file.admin_addr.clone()), args.json),
         Command::Node(args) => node(args),
         Command::Cleanup(args) => match args.to_config() {
@@ -58,10 +60,7 @@ fn main() -> ExitCode {
                 .map(|()| println!("removed Petrel's routes, rules and devices from this node")),
             Err(e) => return config_error(&e),
         },
-        Command::Ca(CaCommand::Fingerprint(args)) => StateDir::new(state_dir(&args, &file))
-            .load_or_create(SystemTime::now())
-            .map(|ca| println!("{}", ca.fingerprint()))
-            .map_err(Into::into),
+        Command::Ca(CaCommand::Fingerprint(args)) => ca_fingerprint(&args, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,13 +108,39 @@ fn load_inventory(path: Option<&std::path::Path>) -> anyhow::Result<Inventory> {
     })
 }
 
+/// Kubernetes mode of a one-shot command: its settings, if any.
+fn kube_settings(
+    args: &petrel_gateway::k8s::KubeArgs,
+    file: &config::FileConfig,
+) -> anyhow::Result<Option<KubeSettings>> {
+    Ok(args.resolve(file.inventory_source.as_deref(), &file.kubernetes)?)
+}
+
+/// A client and the Secret store, with the CA loaded (created on first use).
+async fn kube_store(
+    settings: &KubeSettings,
+) -> anyhow::Result<(
+    kube::Client,
+    KubeStore,
+    petrel_transport::pki::CertificateAuthority,
+)> {
+    let client = petrel_gateway::k8s::client(settings).await?;
+    let store = KubeStore::new(client.clone(), &settings.namespace, &settings.ca_secret);
+    let ca = store.load_or_create_ca(SystemTime::now()).await?;
+    Ok((client, store, ca))
+}
+
 fn run(cfg: HubConfig) -> anyhow::Result<()> {
-    let inventory = match load_inventory(cfg.inventory.as_deref()) {
-        Ok(i) => i,
-        Err(e) => {
-            // A broken inventory file is a configuration error, not a crash.
-            eprintln!("petrel-gateway: configuration error: {e:#}");
-            std::process::exit(i32::from(EXIT_CONFIG));
+    let inventory = if cfg.kube.is_some() {
+        Inventory::default()
+    } else {
+        match load_inventory(cfg.inventory.as_deref()) {
+            Ok(i) => i,
+            Err(e) => {
+                // A broken inventory file is a configuration error, not a crash.
+                eprintln!("petrel-gateway: configuration error: {e:#}");
+                std::process::exit(i32::from(EXIT_CONFIG));
+            }
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -127,21 +152,60 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot bind admin address {admin_addr}"))?;
         let admin_addr = admin.local_addr().unwrap_or(admin_addr);
-        let hub = Hub::bind(cfg, inventory)?;
-        let ctx = hub.context();
         let shutdown = CancellationToken::new();
-        let admin_task = tokio::spawn(petrel_transport::admin::serve(
-            admin,
-            ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>,
-            shutdown.clone(),
-        ));
-        info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let signals = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             info!("signal received; shutting down");
             signals.cancel();
         });
+        let kube = cfg.kube.clone();
+        let node_name = cfg.node_name.clone().unwrap_or_default();
+        let (hub, kube_client) = match &kube {
+            None => (Hub::bind(cfg, inventory)?, None),
+            Some(settings) => {
+                // The CA lives in a Secret: wait for the API server (a hub without it has no
+                // inventory either).
+                let mut last = String::new();
+                let (client, store) = loop {
+                    match kube_store(settings).await {
+                        Ok((client, store, _)) => break (client, store),
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            if msg != last {
+                                error!(error = %msg, "cannot load the hub CA from the API server; retrying");
+                                last = msg;
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    }
+                };
+                (
+                    Hub::bind_with(cfg, inventory, HubStore::Kube(Box::new(store)))?,
+                    Some(client),
+                )
+            }
+        };
+        let ctx = hub.context();
+        let kube_task = match (kube, kube_client) {
+            (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::k8s::hub::run(
+                ctx.clone(),
+                client,
+                settings,
+                node_name,
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
+        let admin_task = tokio::spawn(petrel_transport::admin::serve(
+            admin,
+            ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>,
+            shutdown.clone(),
+        ));
+        info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let egress = tokio::spawn(petrel_gateway::egress::run(ctx.clone(), shutdown.clone()));
         hub.run(shutdown.clone()).await;
         shutdown.cancel();
@@ -151,6 +215,10 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
         }
         shutdown.cancel();
+        if let Some(t) = kube_task {
+            // Releases the hub Lease; bounded: the API server may be gone.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
         let _ = admin_task.await;
         Ok(())
     })
@@ -182,18 +250,37 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
         }
         .into());
     }
+    let kube = args.kube.resolve(None, &Default::default())?;
+    let cfg = petrel_gateway::node_role::NodeRoleConfig {
+        node_name: args.node_name,
+        hub_address: args.hub_address,
+        hub_node: None,
+        site_mtu: args.site_mtu,
+        datapath,
+    };
+    if let Some(settings) = kube {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(async move {
+            let shutdown = CancellationToken::new();
+            let signals = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                info!("signal received; removing the node's routes");
+                signals.cancel();
+            });
+            let client = petrel_gateway::k8s::client(&settings).await?;
+            petrel_gateway::k8s::node::run(client, settings, cfg, shutdown).await?;
+            Ok(())
+        });
+    }
     let inventory = match load_inventory(args.inventory.as_deref()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("petrel-gateway: configuration error: {e:#}");
             std::process::exit(i32::from(EXIT_CONFIG));
         }
-    };
-    let cfg = petrel_gateway::node_role::NodeRoleConfig {
-        node_name: args.node_name,
-        hub_address: args.hub_address,
-        site_mtu: args.site_mtu,
-        datapath,
     };
     if let Err(e) = petrel_gateway::node_role::desired_state(&inventory, &cfg) {
         eprintln!("petrel-gateway: configuration error: {e}");
@@ -225,15 +312,44 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
         }
         .into());
     }
-    let inventory = load_inventory(file.inventory.as_deref())?;
-    if let Err(e) = inventory.admit_agent(&args.node) {
-        eprintln!("warning: {e}; the hub will refuse this node until the inventory lists it as an edge node in a public site");
+    let kube = kube_settings(&args.kube, file)?;
+    if kube.is_none() {
+        let inventory = load_inventory(file.inventory.as_deref())?;
+        if let Err(e) = inventory.admit_agent(&args.node) {
+            eprintln!("warning: {e}; the hub will refuse this node until the inventory lists it as an edge node in a public site");
+        }
     }
-    let server = match args
+    let mut server_hint = args
         .server
         .clone()
-        .or_else(|| file.advertise.first().cloned())
-    {
+        .or_else(|| file.advertise.first().cloned());
+    let (ca, token) = match &kube {
+        None => {
+            let store = StateDir::new(state_dir(&args.state, file));
+            let ca = store.load_or_create(SystemTime::now())?;
+            let token = store.create(&args.node, ttl, !args.reusable, SystemTime::now())?;
+            (ca, token)
+        }
+        Some(settings) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let (client, store, ca) = kube_store(settings).await?;
+                if let Some(w) =
+                    petrel_gateway::k8s::admission_warning(&client, settings, &args.node).await
+                {
+                    eprintln!("warning: {w}");
+                }
+                if server_hint.is_none() {
+                    server_hint = petrel_gateway::k8s::active_endpoint(&client, settings).await;
+                }
+                let token = store
+                    .create_token(&args.node, ttl, !args.reusable, SystemTime::now())
+                    .await?;
+                anyhow::Ok((ca, token))
+            })?,
+    };
+    let server = match server_hint {
         Some(s) => {
             config::parse_host_port("server", &s)?;
             s
@@ -243,9 +359,6 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
             config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")
         ),
     };
-    let store = StateDir::new(state_dir(&args.state, file));
-    let ca = store.load_or_create(SystemTime::now())?;
-    let token = store.create(&args.node, ttl, !args.reusable, SystemTime::now())?;
     println!(
         "# join token for node {} (expires {}, {})",
         token.node,
@@ -265,8 +378,31 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
     Ok(())
 }
 
-fn token_list(dir: &std::path::Path) -> anyhow::Result<()> {
-    let tokens = StateDir::new(dir).list()?;
+fn ca_fingerprint(args: &StoreArgs, file: &config::FileConfig) -> anyhow::Result<()> {
+    let ca = match kube_settings(&args.kube, file)? {
+        None => StateDir::new(state_dir(&args.state, file)).load_or_create(SystemTime::now())?,
+        Some(settings) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async { anyhow::Ok(kube_store(&settings).await?.2) })?,
+    };
+    println!("{}", ca.fingerprint());
+    Ok(())
+}
+
+fn token_list(args: &StoreArgs, file: &config::FileConfig) -> anyhow::Result<()> {
+    let tokens: std::collections::BTreeMap<String, TokenRecord> =
+        match kube_settings(&args.kube, file)? {
+            None => StateDir::new(state_dir(&args.state, file)).list()?,
+            Some(settings) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let client = petrel_gateway::k8s::client(&settings).await?;
+                    let store = KubeStore::new(client, &settings.namespace, &settings.ca_secret);
+                    anyhow::Ok(store.list_tokens().await?)
+                })?,
+        };
     println!(
         "{:<8} {:<24} {:<22} {:<10} USED",
         "ID", "NODE", "EXPIRES", "USE"

@@ -8,10 +8,12 @@
 //! the hub node's underlay address.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use petrel_datapath::{Datapath, DatapathConfig, DesiredState, HookMode, PeerRoute, Relay};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -35,6 +37,9 @@ pub struct NodeRoleConfig {
     pub node_name: String,
     /// The active hub's underlay address (IPv4).
     pub hub_address: Option<Ipv4Addr>,
+    /// The active hub's node (Kubernetes mode: the Lease holder); default: the inventory's
+    /// first gateway. Ignored when `hub_address` is set (except to recognise this node).
+    pub hub_node: Option<String>,
     pub site_mtu: u16,
     pub datapath: DatapathConfig,
 }
@@ -54,7 +59,10 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
         None => return Err(NodeRoleError::UnknownNode(cfg.node_name.clone())),
         _ => {}
     }
-    let hub_node = inv.gateways().next();
+    let hub_node = match &cfg.hub_node {
+        Some(name) => inv.node(name),
+        None => inv.gateways().next(),
+    };
     let relay = match (cfg.hub_address, hub_node) {
         (_, Some(h)) if h.name == me.name => Relay::Local,
         (Some(ip), _) => Relay::Remote(ip),
@@ -83,6 +91,14 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
     Ok(DesiredState { peers, relay })
 }
 
+fn relay_target(relay: &Relay, port: u16) -> SocketAddr {
+    let ip = match relay {
+        Relay::Local => Ipv4Addr::LOCALHOST,
+        Relay::Remote(ip) => *ip,
+    };
+    SocketAddr::from((ip, port))
+}
+
 /// Runs the node role until `shutdown`, then removes what it added.
 pub async fn run(
     inv: Inventory,
@@ -90,35 +106,47 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NodeRoleError> {
     let desired = desired_state(&inv, &cfg)?;
+    let (_keep, rx) = watch::channel(desired);
+    run_desired(cfg, rx, shutdown).await
+}
+
+/// Runs the node role with a desired state that changes (Kubernetes mode: Nodes come and go,
+/// the active hub moves) until `shutdown`, then removes what it added.
+pub async fn run_desired(
+    cfg: NodeRoleConfig,
+    mut desired_rx: watch::Receiver<DesiredState>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeRoleError> {
+    let mut desired = desired_rx.borrow_and_update().clone();
     let mut dp = Datapath::open(cfg.datapath.clone()).await?;
     let mode = dp.mode();
     info!(node = %cfg.node_name, hooks = %mode, relay = ?desired.relay, peers = desired.peers.len(), "node role starting");
     let report = dp.apply(&desired).await?;
     debug!(?report, "initial apply");
     // In portable mode userspace carries the frames from the TUN device to the relay.
+    let target = Arc::new(RwLock::new(relay_target(
+        &desired.relay,
+        cfg.datapath.relay_port,
+    )));
     let pump = if mode == HookMode::Portable {
-        let relay_ip = match desired.relay {
-            Relay::Local => Ipv4Addr::LOCALHOST,
-            Relay::Remote(ip) => ip,
-        };
-        let to = SocketAddr::from((relay_ip, cfg.datapath.relay_port));
+        let to = target.clone();
         let mut source = dp.frame_source()?;
-        let sock = tokio::net::UdpSocket::bind(if relay_ip.is_loopback() {
-            "127.0.0.1:0"
-        } else {
-            "0.0.0.0:0"
-        })
-        .await
-        .map_err(|e| {
-            petrel_datapath::DatapathError::Config(format!("cannot open the relay socket: {e}"))
-        })?;
+        // Unbound: the relay may move between this node (loopback) and another hub's address.
+        let sock = tokio::net::UdpSocket::bind("0.0.0.0:0")
+            .await
+            .map_err(|e| {
+                petrel_datapath::DatapathError::Config(format!("cannot open the relay socket: {e}"))
+            })?;
         Some(tokio::spawn(async move {
             let mut buf = vec![0u8; petrel_datapath::FRAME_BUF_LEN];
             loop {
                 match source.recv(&mut buf).await {
                     Ok(n) => {
                         if let Some(frame) = buf.get(..n) {
-                            let _ = sock.send_to(frame, to).await;
+                            let dest = to.read().map(|t| *t).ok();
+                            if let Some(dest) = dest {
+                                let _ = sock.send_to(frame, dest).await;
+                            }
                         }
                     }
                     Err(e) => {
@@ -138,6 +166,18 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = events.changed() => {}
             _ = tick.tick() => {}
+            r = desired_rx.changed(), if !desired_rx.is_closed() => {
+                if r.is_ok() {
+                    let next = desired_rx.borrow_and_update().clone();
+                    if next.relay != desired.relay {
+                        info!(relay = ?next.relay, "the active hub moved; pointing the relay at it");
+                    }
+                    desired = next;
+                    if let Ok(mut t) = target.write() {
+                        *t = relay_target(&desired.relay, cfg.datapath.relay_port);
+                    }
+                }
+            }
         }
         match dp.apply(&desired).await {
             Ok(r) if r.changed() => info!(report = ?r, "repaired the node's routes"),
@@ -162,6 +202,7 @@ mod tests {
         NodeRoleConfig {
             node_name: node.into(),
             hub_address: None,
+            hub_node: None,
             site_mtu: 1380,
             datapath: DatapathConfig::default(),
         }

@@ -39,6 +39,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("Kubernetes: {0}")]
+    Kube(String),
 }
 
 /// Why a join token was refused. Each maps to an enrolment error code the agent prints.
@@ -363,6 +365,58 @@ impl TokenStore for StateDir {
 
     fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
         self.with_token_lock(Self::read_tokens)
+    }
+}
+
+/// Where a hub keeps its CA and join tokens: the state directory, or Secrets in the cluster.
+#[derive(Debug, Clone)]
+pub enum HubStore {
+    Dir(StateDir),
+    /// The CA must have been loaded with [`crate::k8s::pki::KubeStore::load_or_create_ca`].
+    Kube(Box<crate::k8s::pki::KubeStore>),
+}
+
+impl CaStore for HubStore {
+    fn load_or_create(&self, now: SystemTime) -> Result<CertificateAuthority, StoreError> {
+        match self {
+            HubStore::Dir(d) => d.load_or_create(now),
+            HubStore::Kube(k) => k.loaded_ca(),
+        }
+    }
+}
+
+impl TokenStore for HubStore {
+    fn create(
+        &self,
+        node: &str,
+        ttl: Duration,
+        single_use: bool,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        match self {
+            HubStore::Dir(d) => d.create(node, ttl, single_use, now),
+            HubStore::Kube(k) => k.create_blocking(node, ttl, single_use, now),
+        }
+    }
+
+    fn redeem<T, E: From<TokenError> + From<StoreError>>(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+        issue: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        match self {
+            HubStore::Dir(d) => d.redeem(token, node, now, issue),
+            HubStore::Kube(k) => k.redeem_blocking(token, node, now, issue),
+        }
+    }
+
+    fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+        match self {
+            HubStore::Dir(d) => d.list(),
+            HubStore::Kube(k) => k.list_blocking(),
+        }
     }
 }
 

@@ -8,12 +8,15 @@ pub mod enrol;
 pub mod registry;
 pub mod session;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
-use petrel_proto::{GatewayEndpoint, GoingAway, GoingAwayReason, ALPN_ENROL, ALPN_TUNNEL};
+use petrel_proto::{
+    ControlMessage, GatewayEndpoint, GoingAway, GoingAwayReason, HubView, ALPN_ENROL, ALPN_TUNNEL,
+};
 use petrel_transport::admin::AdminState;
 use petrel_transport::pki::CertificateAuthority;
 use petrel_transport::quic::TransportTuning;
@@ -24,8 +27,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::HubConfig;
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
-use crate::pki_store::{CaStore, StateDir, StoreError};
-use registry::{AgentRegistry, SessionCommand};
+use crate::pki_store::{CaStore, HubStore, StateDir, StoreError};
+use registry::{AgentEntry, AgentRegistry, SessionCommand};
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,23 +46,186 @@ pub enum HubError {
     },
 }
 
+/// Told when tunnels come and go (Kubernetes mode writes it onto the Nodes).
+pub trait TunnelObserver: Send + Sync + std::fmt::Debug {
+    fn connected(&self, entry: &AgentEntry);
+    fn disconnected(&self, node: &str, reason: &str);
+}
+
 /// Shared state of a running hub.
 #[derive(Debug)]
 pub struct HubContext {
     pub config: HubConfig,
     pub ca: CertificateAuthority,
-    pub state: StateDir,
+    /// Join tokens (and, in file mode, where the CA came from).
+    pub state: HubStore,
     pub inventory: RwLock<Inventory>,
     pub registry: AgentRegistry,
     pub metrics: HubMetrics,
     pub listening: AtomicBool,
     pub local_addr: SocketAddr,
     pub dataplane: Option<dataplane::Dataplane>,
+    /// `Err(why)`: new tunnels and enrolments are refused (Kubernetes mode: this node is not a
+    /// cloud gateway, or the node list has not arrived yet).
+    serving: RwLock<Result<(), String>>,
+    /// Kubernetes mode: every candidate's endpoints, the active hub's marked active.
+    gateways: RwLock<Option<Vec<GatewayEndpoint>>>,
+    /// The last view each session (by registry id) was sent, so updates go only where they
+    /// change something.
+    pushed: Mutex<HashMap<u64, HubView>>,
+    pub observer: OnceLock<Arc<dyn TunnelObserver>>,
+    /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
+    pub cluster_status: RwLock<Option<serde_json::Value>>,
 }
 
 impl HubContext {
-    /// The endpoints agents should dial. In file mode, this hub's advertised addresses.
+    /// Whether new tunnels are accepted (`Err` says why not).
+    pub fn serving(&self) -> Result<(), String> {
+        self.serving
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| Err("hub state lock poisoned".into()))
+    }
+
+    /// Starts or stops serving. Stopping tells every connected agent to go away.
+    pub fn set_serving(&self, serving: Result<(), String>) {
+        let was = self.serving();
+        if let Ok(mut s) = self.serving.write() {
+            *s = serving.clone();
+        }
+        match (&was, &serving) {
+            (Ok(()), Err(why)) => {
+                if self.registry.is_empty() {
+                    info!(reason = %why, "hub not serving");
+                } else {
+                    warn!(reason = %why, "hub stops serving; telling agents to go away");
+                }
+                let retry_after_ms =
+                    u32::try_from(self.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
+                for agent in self.registry.all() {
+                    let leave = GoingAway {
+                        reason: GoingAwayReason::Shutdown,
+                        retry_after_ms,
+                        message: why.clone(),
+                    };
+                    if agent
+                        .commands
+                        .try_send(SessionCommand::Leave(leave))
+                        .is_err()
+                    {
+                        agent
+                            .connection
+                            .close(close_code::GOING_AWAY.into(), why.as_bytes());
+                    }
+                }
+            }
+            (Err(_), Ok(())) => info!("hub serving"),
+            _ => {}
+        }
+    }
+
+    /// Replaces the endpoint list pushed to agents (Kubernetes mode) and pushes it.
+    pub fn set_gateways(&self, gateways: Option<Vec<GatewayEndpoint>>) {
+        let changed = match self.gateways.write() {
+            Ok(mut g) if *g != gateways => {
+                *g = gateways;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.refresh_agents();
+        }
+    }
+
+    /// Replaces the inventory (Kubernetes mode: after every Node change), then refreshes the
+    /// switch table and every connected agent.
+    pub fn replace_inventory(&self, inventory: Inventory) {
+        if let Ok(mut inv) = self.inventory.write() {
+            *inv = inventory;
+        }
+        self.refresh_agents();
+    }
+
+    /// After an inventory or endpoint change: rebuilds the switch table, sends `GoingAway
+    /// NodeRemoved` to agents whose node is gone or no longer a public-site edge node, and
+    /// pushes an `Update` to every agent whose view changed.
+    pub fn refresh_agents(&self) {
+        if let (Some(dp), Ok(inv)) = (self.dataplane.as_ref(), self.inventory.read()) {
+            dp.refresh(&inv);
+        }
+        for agent in self.registry.all() {
+            self.refresh_agent(&agent);
+        }
+    }
+
+    /// Checks one connected agent against the current inventory and view: disconnects it if
+    /// its node is no longer admitted, pushes an `Update` if its view changed.
+    pub fn refresh_agent(&self, agent: &AgentEntry) {
+        let admitted = self
+            .inventory
+            .read()
+            .map(|inv| {
+                inv.admit_agent(&agent.node)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or(Ok(()));
+        if let Err(why) = admitted {
+            info!(node = %agent.node, reason = %why, "node no longer admitted; disconnecting its agent");
+            let leave = GoingAway {
+                reason: GoingAwayReason::NodeRemoved,
+                retry_after_ms: 0,
+                message: why.clone(),
+            };
+            if agent
+                .commands
+                .try_send(SessionCommand::Leave(leave))
+                .is_err()
+            {
+                agent
+                    .connection
+                    .close(close_code::UNAUTHORIZED.into(), why.as_bytes());
+            }
+            return;
+        }
+        let view = self.hub_view(&agent.node);
+        let stale = self
+            .pushed
+            .lock()
+            .map(|p| p.get(&agent.id) != Some(&view))
+            .unwrap_or(true);
+        if stale {
+            debug!(node = %agent.node, routes = view.routes.len(), "pushing an update");
+            if agent
+                .commands
+                .try_send(SessionCommand::Send(ControlMessage::Update(view.clone())))
+                .is_ok()
+            {
+                self.record_pushed(agent.id, view);
+            }
+        }
+    }
+
+    /// Remembers what session `id` was last sent.
+    pub fn record_pushed(&self, id: u64, view: HubView) {
+        if let Ok(mut p) = self.pushed.lock() {
+            p.insert(id, view);
+        }
+    }
+
+    pub fn forget_pushed(&self, id: u64) {
+        if let Ok(mut p) = self.pushed.lock() {
+            p.remove(&id);
+        }
+    }
+
+    /// The endpoints agents should dial. In file mode, this hub's advertised addresses; in
+    /// Kubernetes mode every candidate's, with the Lease holder's marked active.
     pub fn gateway_endpoints(&self) -> Vec<GatewayEndpoint> {
+        if let Some(g) = self.gateways.read().ok().and_then(|g| g.clone()) {
+            return g;
+        }
         self.config
             .advertise
             .iter()
@@ -83,14 +249,26 @@ pub struct Hub {
 impl Hub {
     /// Loads or creates the CA, issues this hub's certificate and binds the UDP port.
     pub fn bind(config: HubConfig, inventory: Inventory) -> Result<Self, HubError> {
-        let state = StateDir::new(&config.state_dir);
+        let store = HubStore::Dir(StateDir::new(&config.state_dir));
+        Self::bind_with(config, inventory, store)
+    }
+
+    /// [`Hub::bind`] with the CA and tokens in `store` (Kubernetes mode: Secrets). The hub
+    /// secret (QUIC stateless resets) always stays in the local state directory.
+    pub fn bind_with(
+        config: HubConfig,
+        inventory: Inventory,
+        store: HubStore,
+    ) -> Result<Self, HubError> {
+        let local = StateDir::new(&config.state_dir);
         let state_err = |source| HubError::State {
             dir: config.state_dir.display().to_string(),
             source,
         };
         let now = SystemTime::now();
-        let ca = state.load_or_create(now).map_err(state_err)?;
-        let secret = state.hub_secret().map_err(state_err)?;
+        let ca = store.load_or_create(now).map_err(state_err)?;
+        let secret = local.hub_secret().map_err(state_err)?;
+        let state = store;
         let hosts: Vec<String> = config.advertise.iter().map(|(h, _)| h.clone()).collect();
         let (chain, key) =
             ca.issue_hub_certificate(&hosts, now, Duration::from_secs(90 * 86400))?;
@@ -150,6 +328,11 @@ impl Hub {
             listening: AtomicBool::new(true),
             local_addr,
             dataplane,
+            serving: RwLock::new(Ok(())),
+            gateways: RwLock::new(None),
+            pushed: Mutex::new(HashMap::new()),
+            observer: OnceLock::new(),
+            cluster_status: RwLock::new(None),
         });
         Ok(Self { ctx, endpoint })
     }
@@ -234,6 +417,15 @@ async fn handle_incoming(ctx: Arc<HubContext>, incoming: quinn::Incoming) {
             return;
         }
     };
+    if let Err(why) = ctx.serving() {
+        debug!(remote = %conn.remote_address(), reason = %why, "connection refused: hub not serving");
+        HubMetrics::inc_reason(&ctx.metrics.agent_refusals, "not_serving");
+        conn.close(
+            close_code::GOING_AWAY.into(),
+            format!("this hub is not serving: {why}").as_bytes(),
+        );
+        return;
+    }
     match tls::negotiated_alpn(&conn).as_deref() {
         Some(ALPN_ENROL) => enrol::serve(ctx, conn).await,
         Some(ALPN_TUNNEL) => session::serve(ctx, conn).await,
@@ -279,10 +471,26 @@ impl AdminState for HubContext {
                 "ca_sha256": self.ca.fingerprint(),
                 "inventory_generation": generation,
                 "ready": self.ready().is_ok(),
+                "serving": self.serving().is_ok(),
+                "not_serving_reason": self.serving().err(),
                 "endpoints": self.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
             "agents": self.registry.status(),
+            "kubernetes": self.cluster_status.read().ok().and_then(|s| s.clone()),
             "dataplane": self.dataplane.as_ref().map(|d| d.stats.to_json()),
+            "switch_table": self.dataplane.as_ref().map(|d| {
+                let table = d.table();
+                let nodes: std::collections::BTreeMap<String, String> = self
+                    .inventory
+                    .read()
+                    .map(|inv| {
+                        inv.nodes()
+                            .filter_map(|n| Some((n.name.clone(), table.mac_of(&n.name)?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                serde_json::json!({ "generation": table.generation(), "vtep_macs": nodes })
+            }),
         })
     }
 

@@ -117,13 +117,14 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         refuse(&ctx, &conn, reason, message);
         return;
     }
+    let view = ctx.hub_view(&node);
     let welcome = Welcome {
         protocol_version: petrel_proto::PROTOCOL_VERSION,
         hub_id: ctx.config.hub_name.clone(),
         node_name: node.clone(),
         site: site.clone(),
         keepalive_interval_ms: u32::try_from(keepalive_every.as_millis()).unwrap_or(u32::MAX),
-        view: ctx.hub_view(&node),
+        view: view.clone(),
     };
     if let Err(e) = writer.send(&ControlMessage::Welcome(welcome)).await {
         debug!(node = %node, error = %e, "agent left before the welcome");
@@ -161,13 +162,23 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     }
     ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
+    // The inventory may have changed between the welcome and the registration: check again.
+    ctx.record_pushed(entry.id, view);
+    ctx.refresh_agent(&entry);
+    if let Some(o) = ctx.observer.get() {
+        o.connected(&entry);
+    }
     let pump = tokio::spawn(super::dataplane::pump_agent(ctx.clone(), entry.clone()));
 
     let reason = control_loop(&ctx, &entry, &mut reader, &mut writer, &mut command_rx).await;
     pump.abort();
+    ctx.forget_pushed(entry.id);
     if ctx.registry.remove(&node, entry.id) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
         info!(node = %node, reason = %reason, "agent disconnected");
+        if let Some(o) = ctx.observer.get() {
+            o.disconnected(&node, &reason);
+        }
     } else {
         debug!(node = %node, reason = %reason, "replaced tunnel closed");
     }

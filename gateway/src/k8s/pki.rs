@@ -1,0 +1,397 @@
+//! The hub's trust in the cluster: the CA in a Secret (`kubernetes.io/tls`, `tls.crt` and
+//! `tls.key`; every hub candidate shares it, the first to start creates it), and join tokens as
+//! Secrets like bootstrap tokens: `petrel-token-<id>` of type `petrel.io/join-token`, bound to a
+//! node name, with an expiry, single-use unless created reusable. Only the secret's SHA-256 is
+//! stored. A single-use token is consumed with a resourceVersion precondition, so two hubs
+//! redeeming it at once cannot both succeed.
+//!
+//! The [`crate::pki_store`] traits are synchronous (enrolment runs them on a blocking thread);
+//! this store runs its API calls on the runtime it was created on. The CA is loaded (or
+//! created) asynchronously before the hub binds, with [`KubeStore::load_or_create_ca`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use petrel_transport::pki::CertificateAuthority;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::{bounded, keys, KubeError};
+use crate::pki_store::{NewToken, StoreError, TokenError, TokenRecord, CA_VALIDITY};
+
+const CALL: Duration = Duration::from_secs(10);
+/// Expired tokens are kept this long so that a late `join` is told "expired", not "invalid".
+const EXPIRED_TOKEN_RETENTION: Duration = Duration::from_secs(86400);
+
+/// CA and join tokens in Secrets of one namespace.
+#[derive(Clone)]
+pub struct KubeStore {
+    secrets: kube::Api<Secret>,
+    namespace: String,
+    ca_secret: String,
+    ca_pem: Arc<Mutex<Option<(String, String)>>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("namespace", &self.namespace)
+            .field("ca_secret", &self.ca_secret)
+            .finish()
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn data_str(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
+fn random_part(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn split_token(token: &str) -> Option<(&str, &str)> {
+    let (id, secret) = token.trim().split_once('.')?;
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn kube_err(e: KubeError) -> StoreError {
+    StoreError::Kube(e.to_string())
+}
+
+/// Reads a token Secret into the record the file backend keeps.
+fn record_of(s: &Secret) -> Option<TokenRecord> {
+    let expires = data_str(s, "expiration")?;
+    let expires = humantime::parse_rfc3339(expires.trim()).ok()?;
+    Some(TokenRecord {
+        node: data_str(s, "node-name")?,
+        secret_sha256: data_str(s, "token-secret-sha256")?,
+        expires_unix: unix(expires),
+        single_use: data_str(s, "usage").as_deref() != Some("reusable"),
+        used_unix: data_str(s, "used-at")
+            .and_then(|u| humantime::parse_rfc3339(u.trim()).ok())
+            .map(unix),
+    })
+}
+
+impl KubeStore {
+    /// Must be called inside a tokio runtime (its handle runs the synchronous trait methods).
+    pub fn new(client: kube::Client, namespace: &str, ca_secret: &str) -> Self {
+        Self {
+            secrets: kube::Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+            ca_secret: ca_secret.into(),
+            ca_pem: Arc::new(Mutex::new(None)),
+            handle: tokio::runtime::Handle::current(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Reads the CA Secret, creating it (and the CA) if it does not exist. Two hubs starting at
+    /// once agree: the second one's create fails with AlreadyExists and it reads the first's.
+    pub async fn load_or_create_ca(
+        &self,
+        now: SystemTime,
+    ) -> Result<CertificateAuthority, StoreError> {
+        let name = self.ca_secret.as_str();
+        for _ in 0..3 {
+            if let Some(s) = bounded(CALL, self.secrets.get_opt(name))
+                .await
+                .map_err(kube_err)?
+            {
+                let crt = data_str(&s, "tls.crt");
+                let key = data_str(&s, "tls.key");
+                let (Some(crt), Some(key)) = (crt, key) else {
+                    return Err(StoreError::Kube(format!(
+                        "Secret {}/{name} has no tls.crt and tls.key",
+                        self.namespace
+                    )));
+                };
+                let ca = CertificateAuthority::from_pem(&crt, &key)?;
+                if let Ok(mut c) = self.ca_pem.lock() {
+                    *c = Some((crt, key));
+                }
+                return Ok(ca);
+            }
+            let ca = CertificateAuthority::generate("petrel-ca", now, CA_VALIDITY)?;
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some(self.namespace.clone()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/name".to_string(),
+                        "petrel".to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/tls".into()),
+                data: Some(BTreeMap::from([
+                    (
+                        "tls.crt".to_string(),
+                        ByteString(ca.cert_pem().into_bytes()),
+                    ),
+                    ("tls.key".to_string(), ByteString(ca.key_pem().into_bytes())),
+                ])),
+                ..Default::default()
+            };
+            match bounded(CALL, self.secrets.create(&PostParams::default(), &secret)).await {
+                Ok(_) => {
+                    info!(secret = %format!("{}/{name}", self.namespace), ca_sha256 = %ca.fingerprint(), "created the hub CA");
+                    if let Ok(mut c) = self.ca_pem.lock() {
+                        *c = Some((ca.cert_pem(), ca.key_pem()));
+                    }
+                    return Ok(ca);
+                }
+                Err(e) if e.status() == Some(409) => continue,
+                Err(e) => return Err(kube_err(e)),
+            }
+        }
+        Err(StoreError::Kube(format!(
+            "Secret {}/{name} keeps appearing and disappearing",
+            self.namespace
+        )))
+    }
+
+    /// The CA loaded by [`Self::load_or_create_ca`].
+    pub fn loaded_ca(&self) -> Result<CertificateAuthority, StoreError> {
+        let pem = self.ca_pem.lock().ok().and_then(|c| c.clone());
+        match pem {
+            Some((crt, key)) => Ok(CertificateAuthority::from_pem(&crt, &key)?),
+            None => Err(StoreError::Kube(
+                "the CA Secret has not been loaded yet".into(),
+            )),
+        }
+    }
+
+    fn token_name(id: &str) -> String {
+        format!("{}{id}", keys::TOKEN_SECRET_PREFIX)
+    }
+
+    pub async fn create_token(
+        &self,
+        node: &str,
+        ttl: Duration,
+        single_use: bool,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        self.prune_expired(now).await;
+        for _ in 0..5 {
+            let id = random_part(6);
+            let secret = random_part(16);
+            let expires = now + ttl;
+            let mut data = BTreeMap::from([
+                ("token-id".to_string(), id.clone()),
+                ("token-secret-sha256".to_string(), sha256_hex(&secret)),
+                ("node-name".to_string(), node.to_string()),
+                ("expiration".to_string(), super::rfc3339(expires)),
+                (
+                    "usage".to_string(),
+                    if single_use { "single-use" } else { "reusable" }.to_string(),
+                ),
+            ]);
+            let obj = Secret {
+                metadata: ObjectMeta {
+                    name: Some(Self::token_name(&id)),
+                    namespace: Some(self.namespace.clone()),
+                    labels: Some(BTreeMap::from([
+                        (keys::TOKEN_LABEL.to_string(), "true".to_string()),
+                        ("app.kubernetes.io/name".to_string(), "petrel".to_string()),
+                    ])),
+                    ..Default::default()
+                },
+                type_: Some(keys::TOKEN_SECRET_TYPE.into()),
+                data: Some(
+                    std::mem::take(&mut data)
+                        .into_iter()
+                        .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            match bounded(CALL, self.secrets.create(&PostParams::default(), &obj)).await {
+                Ok(_) => {
+                    return Ok(NewToken {
+                        token: format!("{id}.{secret}"),
+                        node: node.to_string(),
+                        expires,
+                        single_use,
+                    })
+                }
+                Err(e) if e.status() == Some(409) => continue,
+                Err(e) => return Err(kube_err(e)),
+            }
+        }
+        Err(StoreError::Kube("could not find a free token id".into()))
+    }
+
+    /// Deletes tokens that expired more than a day ago.
+    async fn prune_expired(&self, now: SystemTime) {
+        let Ok(list) = self.list_token_secrets().await else {
+            return;
+        };
+        for s in list {
+            let Some(rec) = record_of(&s) else { continue };
+            if rec.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() <= unix(now) {
+                if let Some(name) = s.metadata.name.as_deref() {
+                    let _ =
+                        bounded(CALL, self.secrets.delete(name, &DeleteParams::default())).await;
+                }
+            }
+        }
+    }
+
+    async fn list_token_secrets(&self) -> Result<Vec<Secret>, StoreError> {
+        let lp = ListParams::default().labels(&format!("{}=true", keys::TOKEN_LABEL));
+        Ok(bounded(CALL, self.secrets.list(&lp))
+            .await
+            .map_err(kube_err)?
+            .items)
+    }
+
+    pub async fn list_tokens(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+        Ok(self
+            .list_token_secrets()
+            .await?
+            .iter()
+            .filter_map(|s| Some((data_str(s, "token-id")?, record_of(s)?)))
+            .collect())
+    }
+
+    /// Checks a token; on success returns its Secret (for the consume step).
+    async fn check(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+    ) -> Result<Result<Secret, TokenError>, StoreError> {
+        let Some((id, secret)) = split_token(token) else {
+            return Ok(Err(TokenError::Invalid));
+        };
+        let Some(s) = bounded(CALL, self.secrets.get_opt(&Self::token_name(id)))
+            .await
+            .map_err(kube_err)?
+        else {
+            return Ok(Err(TokenError::Invalid));
+        };
+        let Some(rec) = record_of(&s) else {
+            warn!(secret = ?s.metadata.name, "malformed join-token Secret");
+            return Ok(Err(TokenError::Invalid));
+        };
+        if !ct_eq(&rec.secret_sha256, &sha256_hex(secret)) {
+            return Ok(Err(TokenError::Invalid));
+        }
+        if rec.node != node {
+            return Ok(Err(TokenError::WrongNode {
+                bound: rec.node,
+                asked: node.to_string(),
+            }));
+        }
+        if unix(now) >= rec.expires_unix {
+            return Ok(Err(TokenError::Expired(super::rfc3339(
+                UNIX_EPOCH + Duration::from_secs(rec.expires_unix),
+            ))));
+        }
+        if rec.single_use && rec.used_unix.is_some() {
+            return Ok(Err(TokenError::AlreadyUsed));
+        }
+        Ok(Ok(s))
+    }
+
+    /// Marks a single-use token used. A concurrent use (the Secret changed since it was read)
+    /// fails with [`TokenError::AlreadyUsed`].
+    async fn consume(
+        &self,
+        mut s: Secret,
+        now: SystemTime,
+    ) -> Result<Result<(), TokenError>, StoreError> {
+        let Some(name) = s.metadata.name.clone() else {
+            return Ok(Err(TokenError::Invalid));
+        };
+        s.data.get_or_insert_with(BTreeMap::new).insert(
+            "used-at".into(),
+            ByteString(super::rfc3339(now).into_bytes()),
+        );
+        match bounded(
+            CALL,
+            self.secrets.replace(&name, &PostParams::default(), &s),
+        )
+        .await
+        {
+            Ok(_) => Ok(Ok(())),
+            Err(e) if e.status() == Some(409) => Ok(Err(TokenError::AlreadyUsed)),
+            Err(e) => Err(kube_err(e)),
+        }
+    }
+
+    /// The synchronous redeem of [`crate::pki_store::TokenStore`]: call from a blocking thread
+    /// (`spawn_blocking`), never from async code.
+    pub fn redeem_blocking<T, E: From<TokenError> + From<StoreError>>(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+        issue: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let secret = self.handle.block_on(self.check(token, node, now))??;
+        let single_use = record_of(&secret).is_none_or(|r| r.single_use);
+        let issued = issue()?;
+        if single_use {
+            self.handle.block_on(self.consume(secret, now))??;
+        }
+        Ok(issued)
+    }
+
+    pub fn create_blocking(
+        &self,
+        node: &str,
+        ttl: Duration,
+        single_use: bool,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        self.handle
+            .block_on(self.create_token(node, ttl, single_use, now))
+    }
+
+    pub fn list_blocking(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
+        self.handle.block_on(self.list_tokens())
+    }
+}
