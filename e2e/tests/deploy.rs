@@ -116,6 +116,8 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
             "clusterrolebinding.rbac.authorization.k8s.io/petrel-gateway",
             "role.rbac.authorization.k8s.io/petrel-gateway",
             "rolebinding.rbac.authorization.k8s.io/petrel-gateway",
+            "role.rbac.authorization.k8s.io/petrel-gateway-node-events",
+            "rolebinding.rbac.authorization.k8s.io/petrel-gateway-node-events",
             "configmap/petrel-gateway-config-",
             "daemonset.apps/petrel-gateway",
         ] {
@@ -134,7 +136,7 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
     let again = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        again.lines().count() == 8 && again.lines().all(|l| l.ends_with(" unchanged")),
+        again.lines().count() == 10 && again.lines().all(|l| l.ends_with(" unchanged")),
         "second apply changed something:\n{again}"
     );
 
@@ -341,9 +343,9 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
         ("list", "secrets", "default", false),
         ("get", "configmaps", "petrel-system", false),
         ("get", "configmaps", "kube-system", false),
-        ("create", "events", "petrel-system", true),
-        ("patch", "events", "petrel-system", false),
-        ("create", "events", "default", false),
+        ("create", "events", "default", true),
+        ("patch", "events", "default", false),
+        ("create", "events", "petrel-system", false),
         ("create", "events", "kube-system", false),
         ("list", "events", "petrel-system", false),
         ("list", "pods", "petrel-system", false),
