@@ -254,45 +254,23 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
 }
 
 pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value).map_err(|e| ConfigError::Invalid {
+    petrel_transport::setting_values::duration(value).map_err(|b| ConfigError::Invalid {
         field,
-        value: value.into(),
-        allowed: format!("a duration such as 500ms, 10s, 5m ({e})"),
+        value: b.value,
+        allowed: b.allowed,
     })
 }
 
 pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    let bad = || ConfigError::Invalid {
+    petrel_transport::setting_values::host_port(value).map_err(|b| ConfigError::Invalid {
         field,
-        value: value.into(),
-        allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into(),
-    };
-    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || port == 0 {
-        return Err(bad());
-    }
-    Ok((host.to_string(), port))
+        value: b.value,
+        allowed: b.allowed,
+    })
 }
 
 pub fn default_state_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
-        if let Some(first) = d.split(':').next() {
-            return PathBuf::from(first);
-        }
-    }
-    let is_root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if is_root {
-        return PathBuf::from("/var/lib/petrel/agent");
-    }
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("petrel").join("agent")
+    petrel_transport::setting_values::default_state_dir("agent")
 }
 
 fn hostname() -> Option<String> {

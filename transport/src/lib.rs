@@ -12,6 +12,7 @@ pub mod control_stream;
 pub mod pki;
 pub mod private_files;
 pub mod quic;
+pub mod setting_values;
 pub mod splice;
 pub mod tls;
 

@@ -1,0 +1,79 @@
+//! Parsing of the setting values both binaries accept (durations, `HOST:PORT` endpoints) and the
+//! default state directory. Each binary wraps a [`BadValue`] into its own configuration error with
+//! the field's name, so the message an operator sees names the flag and what is allowed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A value that does not parse, and what would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadValue {
+    pub value: String,
+    pub allowed: String,
+}
+
+/// `500ms`, `10s`, `5m`, `1h`, `30d`.
+pub fn duration(value: &str) -> Result<Duration, BadValue> {
+    humantime::parse_duration(value).map_err(|e| BadValue {
+        value: value.into(),
+        allowed: format!("a duration such as 500ms, 10s, 5m, 1h, 30d ({e})"),
+    })
+}
+
+/// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
+pub fn host_port(value: &str) -> Result<(String, u16), BadValue> {
+    let bad = || BadValue {
+        value: value.into(),
+        allowed: "HOST:PORT, e.g. gw.example.com:7443 or 203.0.113.1:7443".into(),
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Where state lives when nobody says: systemd's `StateDirectory`, `/var/lib/petrel/<component>`
+/// for root, else the user's state directory (so a developer can try Petrel without root).
+pub fn default_state_dir(component: &str) -> PathBuf {
+    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
+        if let Some(first) = d.split(':').next() {
+            return PathBuf::from(first);
+        }
+    }
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from(format!("/var/lib/petrel/{component}"));
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("petrel").join(component)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        assert_eq!(duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(duration("5 parsecs").is_err());
+        assert_eq!(
+            host_port("gw.example.com:7443"),
+            Ok(("gw.example.com".into(), 7443))
+        );
+        assert_eq!(
+            host_port("[2001:db8::1]:7443"),
+            Ok(("2001:db8::1".into(), 7443))
+        );
+        for bad in ["host", ":7443", "host:0", "host:99999"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
+    }
+}
