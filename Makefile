@@ -4,13 +4,19 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: demo test build unit-and-e2e fuzz-smoke lint clean-labs
+.PHONY: demo test build bench unit-and-e2e fuzz-smoke lint clean-labs
 
 build:
 	$(CARGO) build --workspace --bins
 
 demo: build
 	$(CARGO) run -q -p petrel-e2e --bin petrel-demo
+
+# The full benchmark (as root, several minutes): Petrel beside kernel VXLAN and boringtun, streams,
+# WAN, failover and hub scale; prints a table and writes JSON. See docs/performance.md.
+bench:
+	$(CARGO) build --release --workspace --bins
+	target/release/petrel-bench
 
 # Every test: unit, property, end-to-end (network namespaces need root), and a bounded fuzz run.
 test: build unit-and-e2e fuzz-smoke

@@ -114,7 +114,8 @@ pub use datapath::{cleanup_all, ApplyReport, Datapath};
 pub use error::DatapathError;
 pub use events::{ChangeEvents, ChangeSet};
 pub use frames::{
-    FrameSource, FrameStats, Injector, ETH_HDR_LEN, FRAME_BUF_LEN, VXLAN_HDR_LEN, VXLAN_OVERHEAD,
+    Flushed, FrameSource, FrameStats, Injector, UdpBatch, ETH_HDR_LEN, FRAME_BUF_LEN,
+    VXLAN_HDR_LEN, VXLAN_OVERHEAD,
 };
 pub use probe::detect_fast_support;
 

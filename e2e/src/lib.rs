@@ -2,6 +2,7 @@
 //! tears everything down again, even when a test fails.
 
 pub mod apiserver;
+pub mod bench;
 pub mod k8s_lab;
 pub mod lab;
 pub mod lab_petrel;

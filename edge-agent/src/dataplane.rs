@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use petrel_datapath::{
-    Datapath, DatapathConfig, DesiredState, HookMode, Injector, PeerRoute, Relay,
+    Datapath, DatapathConfig, DesiredState, HookMode, Injector, PeerRoute, Relay, UdpBatch,
 };
 use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
 use serde::Serialize;
@@ -77,6 +77,8 @@ pub struct AgentDataplane {
     frames_to_hub: AtomicU64,
     frames_from_hub: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+    /// The injection batch, kept between calls for its buffer.
+    inject_batch: Mutex<Option<UdpBatch>>,
 }
 
 impl std::fmt::Debug for AgentDataplane {
@@ -102,6 +104,7 @@ impl AgentDataplane {
             frames_to_hub: AtomicU64::new(0),
             frames_from_hub: AtomicU64::new(0),
             dropped: Mutex::new(BTreeMap::new()),
+            inject_batch: Mutex::new(None),
         }))
     }
 
@@ -244,22 +247,34 @@ impl AgentDataplane {
 
     /// A datagram from the hub: into flannel.1 if it is for this node. Datagrams already
     /// waiting on the active tunnel are delivered in the same call (up to a bound), instead of one
-    /// per turn of the link's event loop.
+    /// per turn of the link's event loop, and go to the kernel in as few sends as UDP GSO allows.
     pub async fn deliver(&self, datagram: Bytes) {
-        self.deliver_one(datagram).await;
+        let mut batch = self
+            .inject_batch
+            .lock()
+            .ok()
+            .and_then(|mut b| b.take())
+            .unwrap_or_default();
+        self.stage(datagram, &mut batch).await;
         let conn = self.active_conn();
         if let Some(conn) = conn {
             for _ in 0..DRAIN_BATCH {
                 match conn.read_datagram().now_or_never() {
-                    Some(Ok(d)) => self.deliver_one(d).await,
+                    Some(Ok(d)) => self.stage(d, &mut batch).await,
                     // Nothing ready, or the connection ended: the link loop sees it next.
                     _ => break,
                 }
             }
         }
+        self.flush(&mut batch).await;
+        if let Ok(mut b) = self.inject_batch.lock() {
+            *b = Some(batch);
+        }
     }
 
-    async fn deliver_one(&self, datagram: Bytes) {
+    /// Checks one datagram and adds its frame to `batch` (sending what is there first if it
+    /// cannot join).
+    async fn stage(&self, datagram: Bytes, batch: &mut UdpBatch) {
         let frame = match petrel_proto::parse_datagram(&datagram) {
             Ok(f) => f,
             Err(e) => return self.drop_frame(e.reason()),
@@ -267,13 +282,27 @@ impl AgentDataplane {
         if frame.dst_mac().0 != self.vtep_mac {
             return self.drop_frame("not_for_this_node");
         }
-        match self.injector.send(frame.vxlan_bytes()).await {
-            Ok(()) => {
-                self.frames_from_hub.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
+        let payload = frame.vxlan_bytes();
+        if let Err(e) = self.injector.validate(payload) {
+            debug!(error = %e, "inject failed");
+            return self.drop_frame("inject_failed");
+        }
+        if !batch.accepts(payload.len(), None) {
+            self.flush(batch).await;
+        }
+        batch.push(payload, None);
+    }
+
+    async fn flush(&self, batch: &mut UdpBatch) {
+        let f = self.injector.send_batch(batch).await;
+        self.frames_from_hub
+            .fetch_add(f.sent as u64, Ordering::Relaxed);
+        if f.failed > 0 {
+            if let Some(e) = &f.error {
                 debug!(error = %e, "inject failed");
-                self.drop_frame("inject_failed");
+            }
+            if let Ok(mut d) = self.dropped.lock() {
+                *d.entry("inject_failed").or_default() += f.failed as u64;
             }
         }
     }

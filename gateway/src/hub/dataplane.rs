@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
+use petrel_datapath::UdpBatch;
 use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -223,11 +224,15 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
         return;
     };
     let mut forwarded = Forwarded::default();
+    // Frames for VTEPs, sent together (UDP GSO) when the next datagram is not ready at once or
+    // cannot join.
+    let mut batch = UdpBatch::new();
     loop {
-        // Take what is ready without yielding; count and wait only when nothing is.
+        // Take what is ready without yielding; send, count and wait only when nothing is.
         let next = match entry.connection.read_datagram().now_or_never() {
             Some(r) => r,
             None => {
+                flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
                 forwarded.flush(&ctx);
                 entry.connection.read_datagram().await
             }
@@ -235,6 +240,7 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
         let datagram: Bytes = match next {
             Ok(d) => d,
             Err(e) => {
+                flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
                 forwarded.flush(&ctx);
                 debug!(node = %entry.node, error = %e, "datagram pump stopped");
                 return;
@@ -266,21 +272,39 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
                     &mut forwarded,
                 );
             }
-            Verdict::ToVtep(addr) => match dp.socket.try_send_to(frame.vxlan_bytes(), addr) {
-                Ok(_) => forwarded.count(ctx.as_ref(), "agent_to_vtep"),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if dp.socket.send_to(frame.vxlan_bytes(), addr).await.is_ok() {
-                        forwarded.count(ctx.as_ref(), "agent_to_vtep");
-                    } else {
-                        count_drop(&ctx, Some(&entry), DropReason::SendFailed);
-                    }
+            Verdict::ToVtep(addr) => {
+                let payload = frame.vxlan_bytes();
+                if !batch.accepts(payload.len(), Some(addr)) {
+                    flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
                 }
-                Err(e) => {
-                    debug!(%addr, error = %e, "cannot send a frame to a VTEP");
-                    count_drop(&ctx, Some(&entry), DropReason::SendFailed);
-                }
-            },
+                batch.push(payload, Some(addr));
+            }
             Verdict::Drop(reason) => count_drop(&ctx, Some(&entry), reason),
+        }
+    }
+}
+
+/// Sends the frames waiting for a VTEP and counts them.
+async fn flush_vtep_batch(
+    ctx: &HubContext,
+    dp: &Dataplane,
+    entry: &AgentEntry,
+    batch: &mut UdpBatch,
+    forwarded: &mut Forwarded,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let f = batch.flush(&dp.socket).await;
+    for _ in 0..f.sent {
+        forwarded.count(ctx, "agent_to_vtep");
+    }
+    if f.failed > 0 {
+        if let Some(e) = &f.error {
+            debug!(error = %e, "cannot send a frame to a VTEP");
+        }
+        for _ in 0..f.failed {
+            count_drop(ctx, Some(entry), DropReason::SendFailed);
         }
     }
 }

@@ -1,0 +1,1046 @@
+//! `petrel-bench`: Petrel beside kernel VXLAN and userspace WireGuard (boringtun) in one run, in
+//! the network-namespace lab, plus the egress proxy's streams, a WAN with delay and loss, hub
+//! scale with simulated agents, and failover after `kill -9` of the hub.
+//!
+//! Every section is measured independently: a failure becomes an `error` in its row (and in the
+//! table), never a missing row, so the JSON always has the same shape ([`Report::row_ids`]).
+
+pub mod loadgen;
+pub mod scale;
+pub mod streams;
+pub mod util;
+pub mod wan;
+pub mod wg;
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use serde::Serialize;
+
+use crate::lab::{spawn_in_netns, Lab, LabSpec};
+use crate::lab_petrel::PetrelLab;
+use util::{IperfRun, Latency, Stat, StopFlag};
+
+/// What to measure and for how long.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchConfig {
+    /// Seconds per iperf3 run.
+    pub secs: u32,
+    /// iperf3 repetitions per figure.
+    pub reps: u32,
+    /// Request/response round trips per path.
+    pub rr_n: usize,
+    /// CONNECT setups measured.
+    pub setup_n: usize,
+    /// Seconds per stream throughput figure.
+    pub stream_secs: f64,
+    /// Concurrent-stream counts.
+    pub concurrent: Vec<usize>,
+    /// Simulated-agent counts.
+    pub scale: Vec<usize>,
+    /// Seconds the hub idles with all agents connected (CPU at idle).
+    pub scale_idle_secs: u64,
+    /// WAN emulation: RTT, loss and seconds per figure.
+    pub wan_rtt_ms: u64,
+    pub wan_loss_pct: u32,
+    pub wan_secs: f64,
+    /// Hub kill/restart samples.
+    pub failover_samples: usize,
+    /// Petrel's kernel hooks.
+    pub hooks: String,
+    /// boringtun's --threads.
+    pub boringtun_threads: u32,
+    /// Sections to skip: `paths`, `boringtun`, `streams`, `wan`, `failover`, `scale`.
+    pub skip: Vec<String>,
+}
+
+impl BenchConfig {
+    /// The full run `make bench` does.
+    pub fn full() -> Self {
+        BenchConfig {
+            secs: 5,
+            reps: 3,
+            rr_n: 2000,
+            setup_n: 200,
+            stream_secs: 4.0,
+            concurrent: vec![1000, 10_000],
+            scale: vec![1000, 10_000],
+            scale_idle_secs: 10,
+            wan_rtt_ms: 100,
+            wan_loss_pct: 1,
+            wan_secs: 10.0,
+            failover_samples: 3,
+            hooks: "fast".into(),
+            boringtun_threads: 4,
+            skip: Vec::new(),
+        }
+    }
+
+    /// Seconds instead of minutes: every code path, tiny numbers (CI's smoke run).
+    pub fn smoke() -> Self {
+        BenchConfig {
+            secs: 1,
+            reps: 1,
+            rr_n: 50,
+            setup_n: 10,
+            stream_secs: 0.5,
+            concurrent: vec![50, 200],
+            scale: vec![10, 20],
+            scale_idle_secs: 1,
+            wan_rtt_ms: 100,
+            wan_loss_pct: 1,
+            wan_secs: 1.5,
+            failover_samples: 1,
+            hooks: "fast".into(),
+            boringtun_threads: 2,
+            skip: Vec::new(),
+        }
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        !self.skip.iter().any(|s| s == section)
+    }
+}
+
+/// The machine the numbers come from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub build_profile: String,
+    pub iperf3: String,
+    pub boringtun: String,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0);
+    let version = |p: &str, a: &str| {
+        std::process::Command::new(p)
+            .arg(a)
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_else(|| "not installed".into())
+    };
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model: cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
+        build_profile: if cfg!(debug_assertions) {
+            "debug".into()
+        } else {
+            "release".into()
+        },
+        iperf3: version("iperf3", "--version"),
+        boringtun: version("boringtun-cli", "--version"),
+    }
+}
+
+/// One packet path.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PathRow {
+    pub id: String,
+    pub label: String,
+    pub from: String,
+    pub to: String,
+    /// iperf3, one TCP flow, Gbit/s.
+    pub single_gbit: Option<Stat>,
+    /// iperf3, four TCP flows, Gbit/s.
+    pub multi_gbit: Option<Stat>,
+    pub retransmits_single: Option<Stat>,
+    pub retransmits_multi: Option<Stat>,
+    /// 64-byte TCP request/response.
+    pub rr: Option<Latency>,
+    /// CPU seconds of the tunnel processes per Gbit carried (single-flow runs).
+    pub tunnel_cpu_s_per_gbit: Option<f64>,
+    /// Busy CPU seconds of the whole machine per Gbit (single-flow runs; includes iperf3).
+    pub machine_cpu_s_per_gbit: Option<f64>,
+    /// Which processes `tunnel_cpu_s_per_gbit` counts.
+    pub tunnel_processes: String,
+    pub single_vs_kernel: Option<f64>,
+    pub single_vs_boringtun: Option<f64>,
+    pub cpu_per_gbit_vs_boringtun: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// The egress proxy's streams.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StreamsReport {
+    pub setup: Option<streams::Setup>,
+    pub single_stream: Option<streams::SingleStream>,
+    pub concurrent: Vec<streams::Concurrent>,
+    pub head_of_line: Option<streams::HeadOfLine>,
+    pub errors: Vec<String>,
+}
+
+/// 100 ms RTT, 1 % loss on the WAN.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WanReport {
+    pub impairment: String,
+    /// RTT edge node -> hub WAN address seen by ping.
+    pub ping_rtt_ms: Option<f64>,
+    /// Proxied stream target (edge pod) -> agent -> hub -> client, Mbit/s at the client.
+    pub stream_mbit: Option<f64>,
+    /// Direct TCP edge node -> gw-1's WAN address over the same links, Mbit/s at gw-1.
+    pub direct_tcp_mbit: Option<f64>,
+    pub stream_vs_direct: Option<f64>,
+    /// Pod TCP through the packet path (edge pod -> cloud pod), one flow, Mbit/s.
+    pub packet_path_mbit: Option<f64>,
+    pub packet_path_retransmits: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Failover: `kill -9` of the hub, restarted at once (no Kubernetes standby yet).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FailoverReport {
+    pub method: String,
+    /// Kill to traffic flowing again in both directions, seconds.
+    pub samples_s: Vec<f64>,
+    pub median_s: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub config: BenchConfig,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    /// /proc/loadavg before and after: other work on the machine makes every figure noisier.
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+    pub paths: Vec<PathRow>,
+    pub streams: StreamsReport,
+    pub wan: WanReport,
+    pub scale: Vec<scale::ScaleRow>,
+    pub failover: FailoverReport,
+}
+
+/// Ids of the packet-path rows, in table order.
+pub const PATH_IDS: [&str; 4] = [
+    "kernel-vxlan",
+    "petrel-site-to-cloud",
+    "petrel-site-to-site",
+    "boringtun",
+];
+
+impl Report {
+    /// Every row id the report carries (for the smoke test).
+    pub fn row_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.paths.iter().map(|p| p.id.clone()).collect();
+        v.extend(
+            self.streams
+                .concurrent
+                .iter()
+                .map(|c| format!("streams-{}", c.streams)),
+        );
+        v.extend(self.scale.iter().map(|s| format!("scale-{}", s.agents)));
+        v
+    }
+}
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn stat(s: &Option<Stat>, digits: usize) -> String {
+    s.as_ref().map_or_else(
+        || "-".into(),
+        |s| {
+            if s.samples.len() > 1 {
+                format!("{:.d$} ({:.d$}-{:.d$})", s.median, s.min, s.max, d = digits)
+            } else {
+                format!("{:.digits$}", s.median)
+            }
+        },
+    )
+}
+
+/// The human table (the same numbers as the JSON).
+pub fn render(r: &Report) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "petrel-bench: {} vCPU ({}), kernel {}, {:.0} GiB, {} build, {}, {}; {:.0} s",
+        m.cpus,
+        m.cpu_model,
+        m.kernel,
+        m.memory_gib,
+        m.build_profile,
+        m.iperf3,
+        m.boringtun,
+        r.duration_s
+    );
+    let _ = writeln!(
+        s,
+        "load average at start {} / at end {}",
+        r.loadavg_start, r.loadavg_end
+    );
+    let _ = writeln!(
+        s,
+        "\nPacket path (iperf3 TCP, {} s x {} reps: median (min-max); RR = 64-byte TCP request/response)",
+        r.config.secs, r.config.reps
+    );
+    let header = [
+        "path",
+        "1 flow Gbit/s",
+        "4 flows Gbit/s",
+        "retr 1/4",
+        "RR p50/p99 us",
+        "tunnel CPU s/Gbit",
+        "machine CPU s/Gbit",
+        "x kernel",
+        "x boringtun",
+        "CPU/Gbit x bt",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for p in &r.paths {
+        if let Some(e) = &p.error {
+            if p.single_gbit.is_none() {
+                rows.push(vec![p.id.clone(), format!("ERROR: {e}")]);
+                continue;
+            }
+        }
+        rows.push(vec![
+            p.id.clone(),
+            stat(&p.single_gbit, 2),
+            stat(&p.multi_gbit, 2),
+            format!(
+                "{}/{}",
+                p.retransmits_single
+                    .as_ref()
+                    .map_or("-".into(), |s| format!("{:.0}", s.median)),
+                p.retransmits_multi
+                    .as_ref()
+                    .map_or("-".into(), |s| format!("{:.0}", s.median))
+            ),
+            p.rr.as_ref()
+                .map_or("-".into(), |l| format!("{:.0}/{:.0}", l.p50_us, l.p99_us)),
+            f(p.tunnel_cpu_s_per_gbit, 2),
+            f(p.machine_cpu_s_per_gbit, 2),
+            f(p.single_vs_kernel, 3),
+            f(p.single_vs_boringtun, 2),
+            f(p.cpu_per_gbit_vs_boringtun, 2),
+        ]);
+    }
+    s.push_str(&columns(&rows));
+    for p in &r.paths {
+        let _ = writeln!(
+            s,
+            "  {}: {} ({} -> {}); tunnel CPU = {}",
+            p.id, p.label, p.from, p.to, p.tunnel_processes
+        );
+    }
+
+    let st = &r.streams;
+    let _ = writeln!(
+        s,
+        "\nStreams (CONNECT over the hub's Unix socket -> QUIC stream -> agent -> edge pod)"
+    );
+    if let Some(x) = &st.setup {
+        let _ = writeln!(
+            s,
+            "  setup to first byte: CONNECT p50 {:.0} us p99 {:.0} us; direct TCP from {} p50 {:.0} us p99 {:.0} us (n={})",
+            x.connect_via_proxy.p50_us,
+            x.connect_via_proxy.p99_us,
+            x.direct_from,
+            x.direct_tcp.p50_us,
+            x.direct_tcp.p99_us,
+            x.connect_via_proxy.n
+        );
+    }
+    if let Some(x) = &st.single_stream {
+        let _ = writeln!(
+            s,
+            "  one stream: to target {:.0} Mbit/s, from target {:.0} Mbit/s",
+            x.to_target_mbit, x.from_target_mbit
+        );
+    }
+    for c in &st.concurrent {
+        let _ = writeln!(
+            s,
+            "  {} concurrent streams on one agent: {} established, {} echoed ({:.1}%), opened in {:.1} s; agent +{} KiB ({:.1} KiB/stream), hub +{} KiB ({:.1} KiB/stream){}",
+            c.streams,
+            c.established,
+            c.echoed,
+            c.success_rate * 100.0,
+            c.open_all_s,
+            c.agent_rss_delta_kib,
+            c.agent_kib_per_stream,
+            c.hub_rss_delta_kib,
+            c.hub_kib_per_stream,
+            c.first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("; first error: {e}"))
+        );
+    }
+    if let Some(h) = &st.head_of_line {
+        let _ = writeln!(
+            s,
+            "  head-of-line: bulk alone {:.0} Mbit/s, beside a stalled reader {:.0} Mbit/s ({:.2}x)",
+            h.bulk_alone_mbit, h.bulk_with_stalled_mbit, h.ratio
+        );
+    }
+    for e in &st.errors {
+        let _ = writeln!(s, "  ERROR: {e}");
+    }
+
+    let w = &r.wan;
+    let _ = writeln!(s, "\nWAN emulation: {}", w.impairment);
+    let _ = writeln!(
+        s,
+        "  ping RTT edge -> hub {} ms; proxied stream {} Mbit/s vs direct TCP {} Mbit/s ({}x); pod TCP through the packet path {} Mbit/s ({} retransmits)",
+        f(w.ping_rtt_ms, 1),
+        f(w.stream_mbit, 1),
+        f(w.direct_tcp_mbit, 1),
+        f(w.stream_vs_direct, 2),
+        f(w.packet_path_mbit, 1),
+        w.packet_path_retransmits.map_or("-".into(), |v| v.to_string())
+    );
+    if let Some(e) = &w.error {
+        let _ = writeln!(s, "  ERROR: {e}");
+    }
+
+    let _ = writeln!(
+        s,
+        "\nScale (petrel-loadgen: simulated agents with real certificates, one UDP socket each, one hub on loopback)"
+    );
+    let mut rows: Vec<Vec<String>> = vec![[
+        "agents",
+        "connect all s",
+        "hub RSS MiB",
+        "KiB/agent",
+        "hub CPU idle %",
+        "reconnect all s",
+        "error",
+    ]
+    .iter()
+    .map(|h| h.to_string())
+    .collect()];
+    for x in &r.scale {
+        rows.push(vec![
+            x.agents.to_string(),
+            f(x.connect_all_s, 1),
+            f(x.hub_rss_kib.map(|k| k as f64 / 1024.0), 1),
+            f(x.kib_per_agent, 1),
+            f(x.hub_cpu_idle_pct, 1),
+            f(x.reconnect_all_s, 1),
+            x.error.clone().unwrap_or_default(),
+        ]);
+    }
+    s.push_str(&columns(&rows));
+
+    let fo = &r.failover;
+    let _ = writeln!(s, "\nFailover: {}", fo.method);
+    let _ = writeln!(
+        s,
+        "  kill -9 -> traffic both ways: median {} s, samples {:?}{}",
+        f(fo.median_s, 2),
+        fo.samples_s
+            .iter()
+            .map(|v| (v * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        fo.error
+            .as_ref()
+            .map_or(String::new(), |e| format!("; ERROR: {e}"))
+    );
+    s
+}
+
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter(|r| r.len() == n)
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut s = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if r.len() == n {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    c.clone()
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "  {}", line.join("  ").trim_end());
+    }
+    s
+}
+
+// ---- packet paths ------------------------------------------------------------------------------
+
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7001;
+
+fn measure_path(
+    lab: &Lab,
+    cfg: &BenchConfig,
+    row: &mut PathRow,
+    to_ip: Ipv4Addr,
+    pids: &[u32],
+) -> Result<()> {
+    let mut single: Vec<IperfRun> = Vec::new();
+    let mut multi: Vec<IperfRun> = Vec::new();
+    // Warm-up (PMTU discovery, ARP, tunnel handshakes).
+    let _ = util::iperf_client(lab, &row.from, to_ip, IPERF_PORT, 1, 1, pids);
+    for _ in 0..cfg.reps {
+        single.push(util::iperf_client(
+            lab, &row.from, to_ip, IPERF_PORT, 1, cfg.secs, pids,
+        )?);
+        multi.push(util::iperf_client(
+            lab, &row.from, to_ip, IPERF_PORT, 4, cfg.secs, pids,
+        )?);
+    }
+    let gbit = |v: &[IperfRun]| Stat::of(v.iter().map(|r| r.gbit_per_s).collect());
+    let retr = |v: &[IperfRun]| Stat::of(v.iter().map(|r| r.retransmits as f64).collect());
+    row.single_gbit = Some(gbit(&single));
+    row.multi_gbit = Some(gbit(&multi));
+    row.retransmits_single = Some(retr(&single));
+    row.retransmits_multi = Some(retr(&multi));
+    let carried: f64 = single.iter().map(|r| r.gbit).sum();
+    if carried > 0.0 {
+        if !pids.is_empty() {
+            row.tunnel_cpu_s_per_gbit =
+                Some(single.iter().map(|r| r.tunnel_cpu_s).sum::<f64>() / carried);
+        }
+        row.machine_cpu_s_per_gbit =
+            Some(single.iter().map(|r| r.machine_cpu_s).sum::<f64>() / carried);
+    }
+    let ns = lab.endpoint_ns(&row.from)?;
+    row.rr = Some(util::rr_client(
+        &ns,
+        SocketAddr::V4(SocketAddrV4::new(to_ip, RR_PORT)),
+        cfg.rr_n,
+    )?);
+    Ok(())
+}
+
+fn path_row(id: &str, label: &str, from: &str, to: &str, procs: &str) -> PathRow {
+    PathRow {
+        id: id.into(),
+        label: label.into(),
+        from: from.into(),
+        to: to.into(),
+        tunnel_processes: procs.into(),
+        ..Default::default()
+    }
+}
+
+/// Servers (iperf3 + RR echo) in the pods of `nodes`.
+struct PodServers {
+    _iperf: Vec<crate::lab::ChildGuard>,
+    _rr: Vec<StopFlag>,
+}
+
+fn pod_servers(lab: &Lab, nodes: &[&str]) -> Result<PodServers> {
+    let mut iperf = Vec::new();
+    let mut rr = Vec::new();
+    for n in nodes {
+        iperf.push(util::iperf_server(lab, n, IPERF_PORT)?);
+        rr.push(util::rr_server(&lab.endpoint_ns(n)?, RR_PORT)?);
+    }
+    Ok(PodServers {
+        _iperf: iperf,
+        _rr: rr,
+    })
+}
+
+fn run_row(lab: &Lab, cfg: &BenchConfig, mut row: PathRow, pids: &[u32]) -> PathRow {
+    eprintln!("petrel-bench: measuring {} ...", row.id);
+    let to_ip = lab.node(&row.to).pod_ip;
+    if let Err(e) = measure_path(lab, cfg, &mut row, to_ip, pids) {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}
+
+fn add_ratios(paths: &mut [PathRow]) {
+    let single = |id: &str| {
+        paths
+            .iter()
+            .find(|p| p.id == id)
+            .and_then(|p| p.single_gbit.as_ref().map(|s| s.median))
+    };
+    let cpu = |id: &str| {
+        paths
+            .iter()
+            .find(|p| p.id == id)
+            .and_then(|p| p.tunnel_cpu_s_per_gbit)
+    };
+    let (k, b, bc) = (
+        single("kernel-vxlan"),
+        single("boringtun"),
+        cpu("boringtun"),
+    );
+    for p in paths.iter_mut() {
+        let mine = p.single_gbit.as_ref().map(|s| s.median);
+        p.single_vs_kernel = mine.zip(k).map(|(a, b)| a / b);
+        p.single_vs_boringtun = mine.zip(b).map(|(a, b)| a / b);
+        p.cpu_per_gbit_vs_boringtun = p.tunnel_cpu_s_per_gbit.zip(bc).map(|(a, b)| a / b);
+    }
+}
+
+// ---- failover ---------------------------------------------------------------------------------
+
+/// Bidirectional UDP probes between two pods every 10 ms; records when each side last heard.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    heard: Arc<Mutex<[Vec<Instant>; 2]>>,
+    tasks: Vec<crate::lab::NetnsTask<()>>,
+}
+
+const PROBE_PORT: u16 = 7301;
+
+impl Probe {
+    fn start(lab: &Lab, a: &str, b: &str) -> Result<Probe> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let heard: Arc<Mutex<[Vec<Instant>; 2]>> = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
+        let ends = [
+            (lab.endpoint_ns(a)?, lab.node(a).pod_ip, lab.node(b).pod_ip),
+            (lab.endpoint_ns(b)?, lab.node(b).pod_ip, lab.node(a).pod_ip),
+        ];
+        let mut tasks = Vec::new();
+        for (i, (ns, me, peer)) in ends.into_iter().enumerate() {
+            let (stop, heard) = (stop.clone(), heard.clone());
+            let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+            tasks.push(spawn_in_netns(&ns, "failover probe", move || {
+                let s = match UdpSocket::bind(SocketAddrV4::new(me, PROBE_PORT)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return Ok(());
+                    }
+                };
+                s.set_read_timeout(Some(Duration::from_millis(10)))?;
+                let _ = tx.send(Ok(()));
+                let to = SocketAddrV4::new(peer, PROBE_PORT);
+                let mut b = [0u8; 64];
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if Instant::now() >= next {
+                        let _ = s.send_to(b"probe", to);
+                        next += Duration::from_millis(10);
+                    }
+                    if s.recv_from(&mut b).is_ok() {
+                        if let Ok(mut h) = heard.lock() {
+                            h[i].push(Instant::now());
+                        }
+                    }
+                }
+                Ok(())
+            })?);
+            rx.recv_timeout(Duration::from_secs(5))
+                .map_err(|_| anyhow!("probe did not start"))?
+                .map_err(|e| anyhow!("probe: {e}"))?;
+        }
+        Ok(Probe { stop, heard, tasks })
+    }
+
+    /// The first instant at or after `t` by which both sides have heard the other.
+    fn both_heard_after(&self, t: Instant) -> Option<Instant> {
+        let h = self.heard.lock().ok()?;
+        let a = h[0].iter().find(|x| **x > t)?;
+        let b = h[1].iter().find(|x| **x > t)?;
+        Some(*a.max(b))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Their sockets must be closed before the next sample binds the same port.
+        for t in self.tasks.drain(..) {
+            let _ = t.wait(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Kills `guard`'s process with SIGKILL and starts the same command line again at once (its
+/// description is `ip netns exec NS BIN ARGS...`; no argument of ours contains spaces).
+pub fn kill_and_respawn(lab: &Lab, guard: &mut crate::lab::ChildGuard, label: &str) -> Result<()> {
+    let argv: Vec<String> = guard
+        .description()
+        .split_whitespace()
+        .map(|w| w.trim_matches('\'').to_string())
+        .collect();
+    let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    guard.kill()?;
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args);
+    *guard = lab.spawn_command(label, cmd)?;
+    Ok(())
+}
+
+/// Kills the hub with SIGKILL and starts it again at once with the same command; returns the
+/// seconds until traffic flows both ways between a cloud pod and an edge pod.
+pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Result<f64> {
+    let lab = petrel.lab;
+    let probe = Probe::start(lab, cloud, edge)?;
+    crate::lab::wait_until(
+        "probes flowing before the kill",
+        Duration::from_secs(5),
+        || {
+            Ok(probe
+                .both_heard_after(Instant::now() - Duration::from_millis(50))
+                .is_some())
+        },
+    )?;
+    let t0 = Instant::now();
+    kill_and_respawn(lab, &mut petrel.hub, "hub-restarted")?;
+    let mut flowing = None;
+    crate::lab::wait_until(
+        "traffic both ways after the hub restart",
+        Duration::from_secs(60),
+        || {
+            flowing = probe.both_heard_after(t0 + Duration::from_millis(20));
+            Ok(flowing.is_some())
+        },
+    )
+    .with_context(|| format!("hub log:\n{}", petrel.hub.log_tail(20)))?;
+    let at = flowing.ok_or_else(|| anyhow!("no traffic"))?;
+    // Let every agent come back before the next sample.
+    let names: Vec<String> = petrel.agents.iter().map(|(n, _)| n.clone()).collect();
+    crate::lab::wait_until("all agents back", Duration::from_secs(30), || {
+        Ok(petrel
+            .hub_status()
+            .ok()
+            .and_then(|s| s["agents"].as_array().map(|a| a.len()))
+            == Some(names.len()))
+    })?;
+    Ok(at.duration_since(t0).as_secs_f64())
+}
+
+// ---- the run ----------------------------------------------------------------------------------
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs everything `cfg` asks for; `work` holds state directories and the egress socket.
+pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
+    crate::lab::require_root()?;
+    Lab::cleanup_stale()?;
+    let started = Instant::now();
+    // 10,000 streams: client and target sockets here, streams in the agent and the hub (which
+    // inherit this limit).
+    util::raise_nofile(262_144)?;
+    let uds = work.join("egress.sock");
+    // The hub reads its egress socket from the environment (no extra flag on PetrelLab).
+    std::env::set_var("PETREL_EGRESS_UDS", &uds);
+    let mut report = Report {
+        machine: machine(),
+        config: cfg.clone(),
+        started_unix: now_unix(),
+        duration_s: 0.0,
+        loadavg_start: loadavg(),
+        loadavg_end: String::new(),
+        paths: Vec::new(),
+        streams: StreamsReport::default(),
+        wan: WanReport::default(),
+        scale: Vec::new(),
+        failover: FailoverReport {
+            method: "kill -9 of the single hub, restarted at once with the same state; UDP probes every 10 ms both ways between the pods of cloud-1 and edge-a1 (the Kubernetes standby path is not built yet)".into(),
+            ..Default::default()
+        },
+    };
+    let labs_result = run_lab_sections(cfg, work, &uds, &mut report);
+    if let Err(e) = labs_result {
+        // Rows not measured carry the error.
+        let msg = format!("{e:#}");
+        for id in PATH_IDS {
+            if !report.paths.iter().any(|p| p.id == id) {
+                report.paths.push(PathRow {
+                    id: id.into(),
+                    error: Some(msg.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        report.streams.errors.push(msg.clone());
+        report.wan.error.get_or_insert(msg.clone());
+        report.failover.error.get_or_insert(msg);
+    }
+    if cfg.runs("scale") {
+        for &n in &cfg.scale {
+            eprintln!("petrel-bench: scale with {n} simulated agents ...");
+            report.scale.push(scale::run(
+                n,
+                cfg.scale_idle_secs,
+                &work.join(format!("scale-{n}")),
+            ));
+        }
+    }
+    report.duration_s = started.elapsed().as_secs_f64();
+    report.loadavg_end = loadavg();
+    Ok(report)
+}
+
+fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Report) -> Result<()> {
+    let lab = Lab::build(LabSpec::default())?;
+    let _servers = pod_servers(&lab, &["x1", "cloud-1", "edge-b1"])?;
+
+    // (1) the ceiling: plain Flannel VXLAN between two directly connected nodes.
+    if cfg.runs("paths") {
+        report.paths.push(run_row(
+            &lab,
+            cfg,
+            path_row(
+                "kernel-vxlan",
+                "pod to pod over kernel VXLAN (Flannel), no Petrel on the path",
+                "cloud-1",
+                "x1",
+                "none (kernel softirq; see machine CPU)",
+            ),
+            &[],
+        ));
+    }
+
+    let petrel_dir = work.join("petrel");
+    std::fs::create_dir_all(&petrel_dir)?;
+    let mut petrel = PetrelLab::start(&lab, &cfg.hooks, &petrel_dir)?;
+    let mut pids = vec![petrel.hub.pid()];
+    pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
+
+    // (2) Petrel through the hub.
+    if cfg.runs("paths") {
+        report.paths.push(run_row(
+            &lab,
+            cfg,
+            path_row(
+                "petrel-site-to-cloud",
+                "public-site pod to cloud pod through the hub",
+                "edge-a1",
+                "cloud-1",
+                "hub + agents",
+            ),
+            &pids,
+        ));
+        report.paths.push(run_row(
+            &lab,
+            cfg,
+            path_row(
+                "petrel-site-to-site",
+                "public-site pod to public-site pod through the hub",
+                "edge-a1",
+                "edge-b1",
+                "hub + agents",
+            ),
+            &pids,
+        ));
+    }
+
+    // (3) boringtun between the same namespaces.
+    if cfg.runs("paths") && cfg.runs("boringtun") {
+        let row = path_row(
+            "boringtun",
+            "public-site pod to cloud pod over boringtun (edge-a1 <-> gw-1, then Flannel VXLAN)",
+            "edge-a1",
+            "cloud-1",
+            "both boringtun-cli processes",
+        );
+        let row = match wg::start(&lab, "edge-a1", "cloud-1", cfg.boringtun_threads) {
+            Ok(w) => {
+                let r = run_row(&lab, cfg, row, &w.pids());
+                drop(w);
+                r
+            }
+            Err(e) => PathRow {
+                error: Some(format!("{e:#}")),
+                ..row
+            },
+        };
+        report.paths.push(row);
+    }
+    add_ratios(&mut report.paths);
+
+    // Streams.
+    let edge_ip = lab.node("edge-a1").pod_ip;
+    let targets = streams::target_servers(&lab, "edge-a1")?;
+    let agent_pid = petrel
+        .agents
+        .iter()
+        .find(|(n, _)| n == "edge-a1")
+        .map(|(_, g)| g.pid())
+        .ok_or_else(|| anyhow!("no agent on edge-a1"))?;
+    if cfg.runs("streams") {
+        eprintln!("petrel-bench: streams ...");
+        let st = &mut report.streams;
+        let hello = SocketAddrV4::new(edge_ip, streams::PORT_HELLO);
+        let cloud_pod = lab.endpoint_ns("cloud-1")?;
+        match streams::setup_via_proxy(uds, hello, cfg.setup_n).and_then(|via| {
+            Ok(streams::Setup {
+                connect_via_proxy: via,
+                direct_tcp: streams::setup_direct(&cloud_pod, hello, cfg.setup_n)?,
+                direct_from: "cloud-1's pod over the packet path".into(),
+            })
+        }) {
+            Ok(s) => st.setup = Some(s),
+            Err(e) => st.errors.push(format!("setup: {e:#}")),
+        }
+        match streams::single_stream(uds, edge_ip, cfg.stream_secs) {
+            Ok(s) => st.single_stream = Some(s),
+            Err(e) => st.errors.push(format!("single stream: {e:#}")),
+        }
+        for &n in &cfg.concurrent {
+            eprintln!("petrel-bench: {n} concurrent streams ...");
+            match streams::concurrent(uds, hello, n, 32, agent_pid, petrel.hub.pid()) {
+                Ok(c) => st.concurrent.push(c),
+                Err(e) => st.concurrent.push(streams::Concurrent {
+                    streams: n,
+                    first_error: Some(format!("{e:#}")),
+                    ..Default::default()
+                }),
+            }
+            // Let the closes settle.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match streams::head_of_line(uds, edge_ip, cfg.stream_secs) {
+            Ok(h) => st.head_of_line = Some(h),
+            Err(e) => st.errors.push(format!("head of line: {e:#}")),
+        }
+    }
+
+    // WAN emulation.
+    if cfg.runs("wan") {
+        eprintln!("petrel-bench: WAN emulation ...");
+        if let Err(e) = wan_section(&lab, cfg, uds, edge_ip, &pids, &mut report.wan) {
+            report.wan.error = Some(format!("{e:#}"));
+        }
+    }
+
+    // Failover.
+    if cfg.runs("failover") {
+        eprintln!("petrel-bench: failover ...");
+        for _ in 0..cfg.failover_samples {
+            match failover_once(&mut petrel, "cloud-1", "edge-a1") {
+                Ok(s) => report.failover.samples_s.push(s),
+                Err(e) => {
+                    report.failover.error = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        if !report.failover.samples_s.is_empty() {
+            report.failover.median_s = Some(Stat::of(report.failover.samples_s.clone()).median);
+        }
+    }
+    let _ = petrel.stop();
+    drop(targets);
+    drop(_servers);
+    lab.teardown()?;
+    Ok(())
+}
+
+fn wan_section(
+    lab: &Lab,
+    cfg: &BenchConfig,
+    uds: &Path,
+    edge_ip: Ipv4Addr,
+    pids: &[u32],
+    w: &mut WanReport,
+) -> Result<()> {
+    let imp = wan::Impairment::start(lab, Duration::from_millis(cfg.wan_rtt_ms), cfg.wan_loss_pct)?;
+    w.impairment = imp.description.clone();
+    let gw_wan = lab.gateway_public_ip();
+    // From the edge node (the pod's address is not masqueraded by the site router).
+    let ping = lab.ping_with(
+        &lab.node("edge-a1").ns,
+        gw_wan,
+        &crate::lab::PingOpts {
+            count: 5,
+            interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )?;
+    w.ping_rtt_ms = ping.rtt_avg_ms;
+    let secs = cfg.wan_secs;
+    let uds2 = uds.to_path_buf();
+    // Edge -> hub for both (the direction a direct TCP connection out of the NAT'd site can
+    // carry), counted by the receiver over the same window.
+    w.stream_mbit = Some(streams::rt()?.block_on(async move {
+        let s =
+            streams::connect_via(&uds2, SocketAddrV4::new(edge_ip, streams::PORT_SOURCE)).await?;
+        streams::stream_throughput(s, false, secs).await
+    })?);
+    w.direct_tcp_mbit = Some(streams::direct_tcp_upload(
+        &lab.gateway().ns,
+        SocketAddrV4::new(gw_wan, 7401),
+        &lab.node("edge-a1").ns,
+        secs,
+    )?);
+    w.stream_vs_direct =
+        w.stream_mbit
+            .zip(w.direct_tcp_mbit)
+            .map(|(a, b)| if b > 0.0 { a / b } else { 0.0 });
+    let r = util::iperf_client(
+        lab,
+        "edge-a1",
+        lab.node("cloud-1").pod_ip,
+        IPERF_PORT,
+        1,
+        secs.ceil() as u32,
+        pids,
+    )?;
+    w.packet_path_mbit = Some(r.gbit_per_s * 1000.0);
+    w.packet_path_retransmits = Some(r.retransmits);
+    drop(imp);
+    Ok(())
+}
+
+/// Where the JSON goes by default.
+pub fn default_json_path() -> PathBuf {
+    PathBuf::from("target/petrel-bench.json")
+}

@@ -1,0 +1,191 @@
+//! Hub scale: one real hub on loopback, `petrel-loadgen` with N simulated agents against it.
+//! Measures the time for all N to connect, the hub's memory per idle agent (RSS delta / N), its
+//! CPU at idle (keepalives only), and the time for all N to be back after `kill -9` of the hub
+//! and an immediate restart with the same state.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+
+use super::loadgen;
+use super::util::{proc_cpu_secs, proc_rss_kib};
+use crate::procs::{bin, free_port, Hub, Proc};
+
+/// One scale run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScaleRow {
+    pub agents: usize,
+    /// From the loadgen's first connect attempt to all N connected.
+    pub connect_all_s: Option<f64>,
+    pub hub_rss_base_kib: Option<u64>,
+    pub hub_rss_kib: Option<u64>,
+    /// (RSS with N idle agents - RSS before) / N.
+    pub kib_per_agent: Option<f64>,
+    /// Hub CPU over the idle window, % of one core.
+    pub hub_cpu_idle_pct: Option<f64>,
+    pub idle_window_s: u64,
+    /// From `kill -9` of the hub (restarted at once) to all N connected again. Includes the time
+    /// agents need to notice (their next packet: keepalive every 5 s, or traffic).
+    pub reconnect_all_s: Option<f64>,
+    pub loadgen_rss_kib: Option<u64>,
+    pub failures: Option<u64>,
+    pub error: Option<String>,
+}
+
+fn last_line(p: &Proc) -> Option<serde_json::Value> {
+    p.log()
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+}
+
+fn field(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// MemAvailable in KiB.
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Below this the run stops rather than push the machine into the OOM killer.
+const MIN_AVAILABLE_KIB: u64 = 2 << 20;
+
+/// Polls the loadgen's last status line until `pred` holds, watching the machine's memory.
+fn wait_line(
+    lg: &Proc,
+    hub_pid: u32,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = last_line(lg) {
+            if pred(&l) {
+                return Ok(l);
+            }
+        }
+        let avail = mem_available_kib();
+        if avail < MIN_AVAILABLE_KIB {
+            bail!(
+                "stopped waiting for {what}: only {} MiB of memory left (hub RSS {} MiB, loadgen RSS {} MiB)",
+                avail / 1024,
+                proc_rss_kib(hub_pid) / 1024,
+                proc_rss_kib(lg.pid()) / 1024
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}; loadgen: {:?}",
+                last_line(lg)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Runs one scale measurement with `n` agents; errors end up in the row.
+pub fn run(n: usize, idle_secs: u64, dir: &Path) -> ScaleRow {
+    let mut row = ScaleRow {
+        agents: n,
+        idle_window_s: idle_secs,
+        ..Default::default()
+    };
+    if let Err(e) = measure(n, idle_secs, dir, &mut row) {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}
+
+fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let state = dir.join("hub");
+    let inv = dir.join("inventory.toml");
+    std::fs::write(&inv, loadgen::inventory_toml("load", n))?;
+    let inv_s = inv.display().to_string();
+    let extra = ["--inventory", inv_s.as_str()];
+    let (port, admin) = (free_port(), free_port());
+    let mut hub = Hub::start_on(&state, port, admin, &extra)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let base = proc_rss_kib(hub.proc.pid());
+    row.hub_rss_base_kib = Some(base);
+    let mut cmd = Command::new(bin("petrel-loadgen")?);
+    cmd.args([
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--hub-state",
+        &state.display().to_string(),
+        "--count",
+        &n.to_string(),
+        "--report-every-ms",
+        "100",
+    ]);
+    let lg = Proc::spawn("loadgen", cmd)?;
+    let connect_budget = Duration::from_secs(60 + n as u64 / 50);
+    let connected = wait_line(
+        &lg,
+        hub.proc.pid(),
+        connect_budget,
+        "all simulated agents connected",
+        |l| field(l, "connected") == n as u64,
+    )
+    .map_err(|e| {
+        anyhow!(
+            "{e}; hub log tail: {}",
+            hub.proc
+                .log()
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    })?;
+    row.connect_all_s = connected["t_s"].as_f64();
+    // Idle: let allocations settle, then measure memory and CPU over the window.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = hub.proc.pid();
+    let rss = proc_rss_kib(pid);
+    row.hub_rss_kib = Some(rss);
+    row.kib_per_agent = Some((rss as f64 - base as f64) / n as f64);
+    let c0 = proc_cpu_secs(pid);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    row.hub_cpu_idle_pct = Some((proc_cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0);
+    row.loadgen_rss_kib = Some(proc_rss_kib(lg.pid()));
+    let before = last_line(&lg).ok_or_else(|| anyhow!("loadgen printed nothing"))?;
+    if field(&before, "connected") != n as u64 {
+        bail!("agents dropped while idle: {before}");
+    }
+    let connects0 = field(&before, "connects");
+    // kill -9 and restart at once.
+    let t_kill = Instant::now();
+    hub.proc.kill();
+    drop(hub);
+    let hub = Hub::start_on(&state, port, admin, &extra)?;
+    wait_line(
+        &lg,
+        hub.proc.pid(),
+        Duration::from_secs(120 + n as u64 / 50),
+        "all simulated agents back after the hub restart",
+        |l| field(l, "connected") == n as u64 && field(l, "connects") >= connects0 + n as u64,
+    )?;
+    row.reconnect_all_s = Some(t_kill.elapsed().as_secs_f64());
+    row.failures = last_line(&lg).map(|l| field(&l, "failures"));
+    drop(lg);
+    drop(hub);
+    Ok(())
+}

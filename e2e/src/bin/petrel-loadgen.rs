@@ -1,0 +1,80 @@
+//! `petrel-loadgen`: N simulated agents (real QUIC connections, real node certificates signed
+//! with the hub's CA, one UDP socket each) against one hub, in one process. Prints one JSON line
+//! per report interval: `{"t_s","connected","connects","failures","last_error"}`.
+//!
+//! ```text
+//! petrel-loadgen --server 127.0.0.1:7443 --hub-state /var/lib/petrel --count 10000
+//!     [--prefix load] [--parallel 256] [--report-every-ms 1000] [--run-for-s N] [--bind 127.0.0.1:0]
+//! ```
+//! `petrel-loadgen targets --ip IP` instead serves the bench's stream targets (hello/echo on
+//! 7101, sink on 7102, source on 7103) until killed; run it inside a pod's namespace.
+//!
+//! The hub's inventory must know the node names `<prefix>-00000`.. as public-site nodes
+//! (`petrel_e2e::bench::loadgen::inventory_toml` writes one).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use petrel_e2e::bench::loadgen::{self, LoadgenOpts};
+
+fn main() -> Result<()> {
+    let mut opts = LoadgenOpts {
+        server: "127.0.0.1:7443".parse()?,
+        hub_state: PathBuf::from("/var/lib/petrel"),
+        count: 1000,
+        prefix: "load".into(),
+        parallel: 256,
+        report_every: Duration::from_secs(1),
+        run_for: None,
+        bind: "127.0.0.1:0".parse()?,
+        cert_not_before_offset: Duration::ZERO,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("targets") {
+        return targets(&args[1..]);
+    }
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--server" => opts.server = val()?.parse()?,
+            "--hub-state" => opts.hub_state = PathBuf::from(val()?),
+            "--count" => opts.count = val()?.parse()?,
+            "--prefix" => opts.prefix = val()?,
+            "--parallel" => opts.parallel = val()?.parse()?,
+            "--report-every-ms" => opts.report_every = Duration::from_millis(val()?.parse()?),
+            "--run-for-s" => opts.run_for = Some(Duration::from_secs(val()?.parse()?)),
+            "--bind" => opts.bind = val()?.parse()?,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    // One socket per simulated agent.
+    petrel_e2e::bench::util::raise_nofile(opts.count as u64 + 1024)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(loadgen::run(opts, |l| {
+        if let Ok(s) = serde_json::to_string(l) {
+            println!("{s}");
+        }
+    }))
+}
+
+fn targets(args: &[String]) -> Result<()> {
+    let ip = match args {
+        [flag, ip] if flag == "--ip" => ip.parse()?,
+        _ => bail!("usage: petrel-loadgen targets --ip IP"),
+    };
+    petrel_e2e::bench::util::raise_nofile(65536)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    rt.block_on(petrel_e2e::bench::streams::serve_targets(ip, stop))
+}

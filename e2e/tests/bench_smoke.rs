@@ -1,0 +1,124 @@
+//! A seconds-long run of `petrel-bench` (the smoke configuration: one 1-second iperf3 run per
+//! figure, 50/200 streams, 20/50 simulated agents, one failover sample): every code path of the
+//! bench runs and the report has every row without errors. It checks shape, not performance; the
+//! full bench (`make bench`) is run by hand and its numbers go to docs/performance.md.
+//!
+//! Needs what the bench needs: iperf3, ethtool, wireguard-tools (`wg`) and `boringtun-cli`
+//! (`cargo install boringtun-cli`). Without boringtun-cli its row carries an error and the test
+//! says so instead of failing, so the rest still runs on a machine without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use petrel_e2e::bench::{self, util::have, BenchConfig, PATH_IDS};
+
+#[test]
+fn bench_smoke_has_every_row() {
+    petrel_e2e::lab::require_root().unwrap();
+    for tool in ["iperf3", "ethtool"] {
+        assert!(
+            have(tool),
+            "{tool} is not installed (apt-get install {tool})"
+        );
+    }
+    let boringtun = have("boringtun-cli") && have("wg");
+    let mut cfg = BenchConfig::smoke();
+    if !boringtun {
+        eprintln!("boringtun-cli or wg missing: the boringtun row is expected to carry an error");
+    }
+    cfg.failover_samples = 1;
+    let work = tempfile::tempdir().unwrap();
+    let report = bench::run(&cfg, work.path()).unwrap();
+    eprintln!("{}", bench::render(&report));
+    let json = serde_json::to_value(&report).unwrap();
+
+    // Every packet-path row, in order, with every figure.
+    let ids: Vec<&str> = report.paths.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, PATH_IDS, "path rows");
+    for p in &report.paths {
+        if p.id == "boringtun" && !boringtun {
+            assert!(p.error.is_some());
+            continue;
+        }
+        assert!(p.error.is_none(), "{}: {:?}", p.id, p.error);
+        let single = p.single_gbit.as_ref().expect("single-flow figure");
+        assert!(single.median > 0.0, "{}: no throughput", p.id);
+        assert!(
+            p.multi_gbit.as_ref().is_some_and(|m| m.median > 0.0),
+            "{}",
+            p.id
+        );
+        assert!(p.retransmits_single.is_some() && p.retransmits_multi.is_some());
+        let rr = p.rr.as_ref().expect("latency");
+        assert!(
+            rr.n == cfg.rr_n && rr.p50_us > 0.0 && rr.p99_us >= rr.p50_us,
+            "{}",
+            p.id
+        );
+        assert!(p.machine_cpu_s_per_gbit.is_some(), "{}", p.id);
+        assert!(p.single_vs_kernel.is_some(), "{}", p.id);
+        if p.id != "kernel-vxlan" {
+            assert!(p.tunnel_cpu_s_per_gbit.is_some_and(|c| c > 0.0), "{}", p.id);
+        }
+        if boringtun {
+            assert!(p.single_vs_boringtun.is_some(), "{}", p.id);
+        }
+    }
+
+    // Streams.
+    let st = &report.streams;
+    assert!(st.errors.is_empty(), "stream errors: {:?}", st.errors);
+    let setup = st.setup.as_ref().expect("setup row");
+    assert_eq!(setup.connect_via_proxy.n, cfg.setup_n);
+    assert_eq!(setup.direct_tcp.n, cfg.setup_n);
+    let one = st.single_stream.as_ref().expect("single stream row");
+    assert!(one.to_target_mbit > 0.0 && one.from_target_mbit > 0.0);
+    let counts: Vec<usize> = st.concurrent.iter().map(|c| c.streams).collect();
+    assert_eq!(counts, cfg.concurrent);
+    for c in &st.concurrent {
+        assert_eq!(
+            c.echoed, c.streams,
+            "{} streams: {:?}",
+            c.streams, c.first_error
+        );
+    }
+    let hol = st.head_of_line.as_ref().expect("head-of-line row");
+    assert!(hol.bulk_alone_mbit > 0.0 && hol.bulk_with_stalled_mbit > 0.0);
+
+    // WAN, scale, failover.
+    let w = &report.wan;
+    assert!(w.error.is_none(), "wan: {:?}", w.error);
+    assert!(
+        w.ping_rtt_ms.is_some_and(|r| r >= 90.0),
+        "RTT {:?}",
+        w.ping_rtt_ms
+    );
+    assert!(w.stream_mbit.is_some() && w.direct_tcp_mbit.is_some() && w.packet_path_mbit.is_some());
+    let scale: Vec<usize> = report.scale.iter().map(|s| s.agents).collect();
+    assert_eq!(scale, cfg.scale);
+    for s in &report.scale {
+        assert!(s.error.is_none(), "scale {}: {:?}", s.agents, s.error);
+        assert!(s.connect_all_s.is_some() && s.kib_per_agent.is_some());
+        assert!(s.hub_cpu_idle_pct.is_some() && s.reconnect_all_s.is_some());
+    }
+    let fo = &report.failover;
+    assert!(fo.error.is_none(), "failover: {:?}", fo.error);
+    assert_eq!(fo.samples_s.len(), cfg.failover_samples);
+
+    // The JSON has the same rows.
+    for key in [
+        "machine", "config", "paths", "streams", "wan", "scale", "failover",
+    ] {
+        assert!(json.get(key).is_some(), "JSON lacks {key}");
+    }
+    assert_eq!(json["paths"].as_array().map(Vec::len), Some(PATH_IDS.len()));
+    let table = bench::render(&report);
+    for id in report.row_ids() {
+        assert!(
+            table.contains(
+                id.trim_start_matches("streams-")
+                    .trim_start_matches("scale-")
+            ),
+            "table lacks {id}"
+        );
+    }
+}
