@@ -77,6 +77,29 @@ pub struct TokenRecord {
     pub used_unix: Option<u64>,
 }
 
+impl TokenRecord {
+    /// Whether `secret` redeems this token for `node` at `now`. Both backends (state directory
+    /// and Kubernetes Secrets) decide with this one function.
+    pub fn admit(&self, secret: &str, node: &str, now: SystemTime) -> Result<(), TokenError> {
+        if !ct_eq(&self.secret_sha256, &sha256_hex(secret)) {
+            return Err(TokenError::Invalid);
+        }
+        if self.node != node {
+            return Err(TokenError::WrongNode {
+                bound: self.node.clone(),
+                asked: node.to_string(),
+            });
+        }
+        if unix(now) >= self.expires_unix {
+            return Err(TokenError::Expired(fmt_unix(self.expires_unix)));
+        }
+        if self.single_use && self.used_unix.is_some() {
+            return Err(TokenError::AlreadyUsed);
+        }
+        Ok(())
+    }
+}
+
 /// Storage for the CA.
 pub trait CaStore: Send + Sync {
     /// Returns the CA, creating and persisting one on first use.
@@ -236,7 +259,7 @@ impl CaStore for StateDir {
     }
 }
 
-fn random_token_part(len: usize) -> String {
+pub(crate) fn random_token_part(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     (0..len)
@@ -244,7 +267,8 @@ fn random_token_part(len: usize) -> String {
         .collect()
 }
 
-fn split_token(token: &str) -> Option<(&str, &str)> {
+/// `(id, secret)` of a well-formed token (`abcdef.0123456789abcdef`).
+pub(crate) fn split_token(token: &str) -> Option<(&str, &str)> {
     let (id, secret) = token.trim().split_once('.')?;
     let ok = |s: &str, n: usize| {
         s.len() == n
@@ -254,7 +278,7 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
     (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
@@ -317,23 +341,11 @@ impl TokenStore for StateDir {
             let mut tokens = Self::read_tokens(path)?;
             let check = (|| {
                 let (id, secret) = split_token(token).ok_or(TokenError::Invalid)?;
-                let rec = tokens.get(id).ok_or(TokenError::Invalid)?;
-                if !ct_eq(&rec.secret_sha256, &sha256_hex(secret)) {
-                    return Err(TokenError::Invalid);
-                }
-                if rec.node != node {
-                    return Err(TokenError::WrongNode {
-                        bound: rec.node.clone(),
-                        asked: node.to_string(),
-                    });
-                }
-                if unix(now) >= rec.expires_unix {
-                    return Err(TokenError::Expired(fmt_unix(rec.expires_unix)));
-                }
-                if rec.single_use && rec.used_unix.is_some() {
-                    return Err(TokenError::AlreadyUsed);
-                }
-                Ok(id.to_string())
+                tokens
+                    .get(id)
+                    .ok_or(TokenError::Invalid)?
+                    .admit(secret, node, now)?;
+                Ok::<_, TokenError>(id.to_string())
             })();
             let id = match check {
                 Ok(id) => id,

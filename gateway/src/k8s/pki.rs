@@ -18,12 +18,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use petrel_transport::pki::CertificateAuthority;
-use rand::Rng;
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::{bounded, keys, KubeError};
-use crate::pki_store::{NewToken, StoreError, TokenError, TokenRecord, CA_VALIDITY};
+use crate::pki_store::{
+    random_token_part, sha256_hex, split_token, NewToken, StoreError, TokenError, TokenRecord,
+    CA_VALIDITY,
+};
 
 const CALL: Duration = Duration::from_secs(10);
 /// Expired tokens are kept this long so that a late `join` is told "expired", not "invalid".
@@ -59,36 +60,6 @@ fn data_str(s: &Secret, key: &str) -> Option<String> {
         .as_ref()?
         .get(key)
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
-}
-
-fn random_part(len: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
-}
-
-fn split_token(token: &str) -> Option<(&str, &str)> {
-    let (id, secret) = token.trim().split_once('.')?;
-    let ok = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    };
-    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
-}
-
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
-fn ct_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 fn kube_err(e: KubeError) -> StoreError {
@@ -215,8 +186,8 @@ impl KubeStore {
     ) -> Result<NewToken, StoreError> {
         self.prune_expired(now).await;
         for _ in 0..5 {
-            let id = random_part(6);
-            let secret = random_part(16);
+            let id = random_token_part(6);
+            let secret = random_token_part(16);
             let expires = now + ttl;
             let mut data = BTreeMap::from([
                 ("token-id".to_string(), id.clone()),
@@ -316,22 +287,8 @@ impl KubeStore {
             warn!(secret = ?s.metadata.name, "malformed join-token Secret");
             return Ok(Err(TokenError::Invalid));
         };
-        if !ct_eq(&rec.secret_sha256, &sha256_hex(secret)) {
-            return Ok(Err(TokenError::Invalid));
-        }
-        if rec.node != node {
-            return Ok(Err(TokenError::WrongNode {
-                bound: rec.node,
-                asked: node.to_string(),
-            }));
-        }
-        if unix(now) >= rec.expires_unix {
-            return Ok(Err(TokenError::Expired(super::rfc3339(
-                UNIX_EPOCH + Duration::from_secs(rec.expires_unix),
-            ))));
-        }
-        if rec.single_use && rec.used_unix.is_some() {
-            return Ok(Err(TokenError::AlreadyUsed));
+        if let Err(e) = rec.admit(secret, node, now) {
+            return Ok(Err(e));
         }
         Ok(Ok(s))
     }
