@@ -204,7 +204,9 @@ fn agent_killed_and_restarted() {
             s["agents"].as_array().and_then(|a| {
                 a.iter()
                     .find(|a| a["node"] == "edge-a1")
-                    .map(|a| a["connected_since_unix"].clone())
+                    // Seconds are too coarse to tell sessions apart (a restart can land in the
+                    // same second); the restarted agent's new socket gives a new remote port.
+                    .map(|a| (a["connected_since_unix"].clone(), a["remote"].clone()))
             })
         })
     };
