@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use petrel_transport::quic::CongestionControl;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -84,6 +85,10 @@ pub struct RunArgs {
     /// Timeout of one connection attempt.
     #[arg(long, env = "PETREL_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
+    /// Congestion controller for traffic the agent sends to the hub: cubic (default), newreno
+    /// or bbr (keeps its rate on WANs with random loss; quinn marks it experimental).
+    #[arg(long, env = "PETREL_CONGESTION")]
+    pub congestion: Option<String>,
     #[command(flatten)]
     pub datapath: DatapathArgs,
 }
@@ -184,6 +189,7 @@ pub struct FileConfig {
     pub backoff_max: Option<String>,
     #[serde(alias = "connect_timeout")]
     pub connect_timeout: Option<String>,
+    pub congestion: Option<String>,
     pub log: Option<String>,
     pub hooks: Option<String>,
     #[serde(alias = "relay_port")]
@@ -235,6 +241,7 @@ pub struct AgentConfig {
     pub dead_after: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    pub congestion: CongestionControl,
     /// `None`: no data plane.
     pub datapath: Option<petrel_datapath::DatapathConfig>,
 }
@@ -380,6 +387,14 @@ impl AgentConfig {
                 ),
             });
         }
+        let congestion = match args.congestion.or(file.congestion) {
+            None => CongestionControl::default(),
+            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                field: "congestion",
+                value: v.clone(),
+                allowed: CongestionControl::NAMES.join(", "),
+            })?,
+        };
         if backoff_max < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
                 field: "backoff-max",
@@ -398,6 +413,7 @@ impl AgentConfig {
             dead_after,
             backoff_max,
             connect_timeout,
+            congestion,
             datapath,
         })
     }
@@ -453,6 +469,25 @@ mod tests {
     fn run_defaults_and_bad_values() {
         let c = AgentConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
         assert!(c.dead_after > c.ping_interval);
+        assert_eq!(c.congestion, CongestionControl::Cubic);
+        let e = AgentConfig::from_args(
+            RunArgs {
+                congestion: Some("westwood".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("congestion"), "{e}");
+        let c = AgentConfig::from_args(
+            RunArgs {
+                congestion: Some("bbr".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(c.congestion, CongestionControl::Bbr);
         let e = AgentConfig::from_args(
             RunArgs {
                 dead_after: Some("1s".into()),

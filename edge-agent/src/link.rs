@@ -217,7 +217,10 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
         ALPN_TUNNEL,
     )
     .map_err(|e| e.to_string())?;
-    let tuning = TransportTuning::default();
+    let tuning = TransportTuning {
+        congestion: shared.config.congestion,
+        ..TransportTuning::default()
+    };
     let client = quic::client_config(tls_cfg, &tuning).map_err(|e| e.to_string())?;
     let bind = if addr.is_ipv4() {
         "0.0.0.0:0"

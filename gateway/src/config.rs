@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use petrel_transport::quic::CongestionControl;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -140,6 +141,10 @@ pub struct RunArgs {
     /// QUIC idle timeout.
     #[arg(long, env = "PETREL_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Congestion controller for traffic the hub sends to agents: cubic (default), newreno or
+    /// bbr (keeps its rate on WANs with random loss; quinn marks it experimental).
+    #[arg(long, env = "PETREL_CONGESTION")]
+    pub congestion: Option<String>,
     /// On shutdown, how long to wait for agents to leave before closing.
     #[arg(long, env = "PETREL_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
@@ -250,6 +255,7 @@ pub struct FileConfig {
     pub keepalive: Option<String>,
     #[serde(alias = "idle_timeout")]
     pub idle_timeout: Option<String>,
+    pub congestion: Option<String>,
     #[serde(alias = "drain_timeout")]
     pub drain_timeout: Option<String>,
     #[serde(alias = "restart_hint")]
@@ -304,6 +310,7 @@ pub struct HubConfig {
     pub agent_cert_ttl: Duration,
     pub keepalive: Duration,
     pub idle_timeout: Duration,
+    pub congestion: CongestionControl,
     pub drain_timeout: Duration,
     pub restart_hint: Duration,
     pub site_mtu: u16,
@@ -472,6 +479,14 @@ impl HubConfig {
                 ),
             });
         }
+        let congestion = match args.congestion.or(file.congestion) {
+            None => CongestionControl::default(),
+            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                field: "congestion",
+                value: v.clone(),
+                allowed: CongestionControl::NAMES.join(", "),
+            })?,
+        };
         let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1380);
         if !(576..=1450).contains(&site_mtu) {
             return Err(ConfigError::Invalid {
@@ -510,6 +525,7 @@ impl HubConfig {
             agent_cert_ttl,
             keepalive,
             idle_timeout,
+            congestion,
             drain_timeout,
             restart_hint,
             site_mtu,
@@ -572,6 +588,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("advertise"), "{e}");
+        let e = HubConfig::from_args(
+            RunArgs {
+                congestion: Some("vegas".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("congestion") && e.to_string().contains("bbr"),
+            "{e}"
+        );
+        let file: FileConfig = toml::from_str("congestion = 'BBR'\n").unwrap();
+        let c = HubConfig::from_args(RunArgs::default(), file).unwrap();
+        assert_eq!(c.congestion, CongestionControl::Bbr);
     }
 
     #[test]

@@ -6,7 +6,47 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{EndpointConfig, TransportConfig, VarInt};
+
+/// Which congestion controller quinn runs on a tunnel connection. Cubic (quinn's default, like
+/// Linux TCP) backs off on every loss; on a WAN with random loss that is not congestion (radio
+/// links, lossy transit) BBR keeps its rate by modelling bandwidth and RTT instead. quinn marks
+/// its BBR experimental, hence opt-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CongestionControl {
+    #[default]
+    Cubic,
+    NewReno,
+    Bbr,
+}
+
+impl CongestionControl {
+    pub const NAMES: &'static [&'static str] = &["cubic", "newreno", "bbr"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cubic => "cubic",
+            Self::NewReno => "newreno",
+            Self::Bbr => "bbr",
+        }
+    }
+}
+
+impl std::str::FromStr for CongestionControl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Self::Cubic),
+            "newreno" | "reno" => Ok(Self::NewReno),
+            "bbr" => Ok(Self::Bbr),
+            other => Err(format!(
+                "unknown congestion controller {other:?} (one of: {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
 
 /// Timers and windows of a Petrel QUIC connection.
 #[derive(Debug, Clone)]
@@ -24,6 +64,7 @@ pub struct TransportTuning {
     pub connection_receive_window: u32,
     pub max_concurrent_bidi_streams: u32,
     pub datagram_buffer: usize,
+    pub congestion: CongestionControl,
 }
 
 impl Default for TransportTuning {
@@ -36,6 +77,7 @@ impl Default for TransportTuning {
             connection_receive_window: 64 << 20,
             max_concurrent_bidi_streams: 16_384,
             datagram_buffer: 8 << 20,
+            congestion: CongestionControl::Cubic,
         }
     }
 }
@@ -56,6 +98,17 @@ impl TransportTuning {
         t.max_concurrent_uni_streams(VarInt::from_u32(16));
         t.datagram_receive_buffer_size(Some(self.datagram_buffer));
         t.datagram_send_buffer_size(self.datagram_buffer);
+        match self.congestion {
+            CongestionControl::Cubic => {
+                t.congestion_controller_factory(Arc::new(CubicConfig::default()));
+            }
+            CongestionControl::NewReno => {
+                t.congestion_controller_factory(Arc::new(NewRenoConfig::default()));
+            }
+            CongestionControl::Bbr => {
+                t.congestion_controller_factory(Arc::new(BbrConfig::default()));
+            }
+        }
         Arc::new(t)
     }
 }
@@ -99,6 +152,7 @@ pub fn server_endpoint(
     secret: &[u8],
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
+    size_socket_buffers(&socket, HUB_SOCKET_BUFFER);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let cid_key = {
         let tag = ring::hmac::sign(&reset_key, b"petrel connection id key");
@@ -115,7 +169,52 @@ pub fn server_endpoint(
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
 }
 
-/// A client-only endpoint.
+/// Kernel buffer the hub asks for on its QUIC socket, each direction. The default (208 KiB on
+/// most distributions) holds ~150 full datagrams: a burst of reconnecting agents after a hub
+/// restart, or one agent's GSO train while the hub's thread is busy, overflows it and every
+/// dropped Initial costs that agent a retransmit timeout.
+pub const HUB_SOCKET_BUFFER: usize = 8 << 20;
+/// An agent carries one connection; 2 MiB absorbs a few milliseconds at line rate.
+pub const AGENT_SOCKET_BUFFER: usize = 2 << 20;
+
+/// Asks for `bytes` of kernel buffer in each direction: SO_RCVBUFFORCE/SO_SNDBUFFORCE where the
+/// process has CAP_NET_ADMIN, else the plain options, which the kernel caps at
+/// `net.core.rmem_max`/`wmem_max`. Best effort: a smaller buffer is a performance problem, not
+/// an error, and what was granted is logged (the kernel reports twice the usable size).
+pub fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let s = socket2::SockRef::from(socket);
+    let want = bytes;
+    if setsockopt(socket, sockopt::RcvBufForce, &want).is_err() {
+        let _ = s.set_recv_buffer_size(want);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &want).is_err() {
+        let _ = s.set_send_buffer_size(want);
+    }
+    let rcv = s.recv_buffer_size().unwrap_or(0);
+    let snd = s.send_buffer_size().unwrap_or(0);
+    if rcv < want {
+        tracing::warn!(
+            wanted = want,
+            granted = rcv / 2,
+            "UDP receive buffer smaller than asked (raise net.core.rmem_max or grant CAP_NET_ADMIN)"
+        );
+    } else {
+        tracing::debug!(rcv, snd, "UDP socket buffers");
+    }
+}
+
+/// The socket an agent's endpoint uses: bound to `bind`, buffers sized for one tunnel.
+pub fn client_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    size_socket_buffers(&socket, AGENT_SOCKET_BUFFER);
+    Ok(socket)
+}
+
+/// A client-only endpoint with agent-sized socket buffers.
 pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::client(bind)
+    let socket = client_socket(bind)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(EndpointConfig::default(), None, socket, runtime)
 }

@@ -275,6 +275,7 @@ impl Hub {
         let tuning = TransportTuning {
             keep_alive: config.keepalive,
             idle_timeout: config.idle_timeout,
+            congestion: config.congestion,
             // Agents open only their control stream (and enrolment one); the hub opens the
             // proxied streams, whose limit the agent sets. quinn pre-allocates per stream the
             // peer may open, so 16 instead of 16,384 saves ~1.3 MiB per connected agent.
