@@ -23,6 +23,9 @@ pub struct PetrelLab<'a> {
     pub hub: ChildGuard,
     pub node_roles: Vec<(String, ChildGuard)>,
     pub agents: Vec<(String, ChildGuard)>,
+    /// The commands the hub and the agents were started with, for [`PetrelLab::restart_with`].
+    hub_argv: Vec<String>,
+    agent_argv: Vec<Vec<String>>,
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -73,6 +76,7 @@ impl<'a> PetrelLab<'a> {
             &advertise,
         ];
         hub_cmd.extend_from_slice(hub_args);
+        let hub_argv: Vec<String> = hub_cmd.iter().map(|s| s.to_string()).collect();
         let mut hub = lab.spawn(&gw_node, &hub_cmd)?;
         hub.wait_for_log("hub listening", Duration::from_secs(10))?;
         let mut node_roles = Vec::new();
@@ -99,6 +103,7 @@ impl<'a> PetrelLab<'a> {
             node_roles.push((n.name.clone(), g));
         }
         let mut agents = Vec::new();
+        let mut agent_argv = Vec::new();
         for n in lab
             .nodes()
             .iter()
@@ -137,19 +142,18 @@ impl<'a> PetrelLab<'a> {
             cmd.extend(args.iter().map(String::as_str));
             lab.exec(&n.name, &cmd)
                 .with_context(|| format!("join on {}", n.name))?;
-            let g = lab.spawn(
-                &n.name,
-                &[
-                    &agent_s,
-                    "run",
-                    "--state-dir",
-                    path_str(&state)?,
-                    "--admin-addr",
-                    AGENT_ADMIN,
-                    "--hooks",
-                    hooks,
-                ],
-            )?;
+            let argv = [
+                &agent_s,
+                "run",
+                "--state-dir",
+                path_str(&state)?,
+                "--admin-addr",
+                AGENT_ADMIN,
+                "--hooks",
+                hooks,
+            ];
+            let g = lab.spawn(&n.name, &argv)?;
+            agent_argv.push(argv.iter().map(|s| s.to_string()).collect());
             agents.push((n.name.clone(), g));
         }
         let me = Self {
@@ -159,16 +163,24 @@ impl<'a> PetrelLab<'a> {
             hub,
             node_roles,
             agents,
+            hub_argv,
+            agent_argv,
         };
-        let names: Vec<String> = me.agents.iter().map(|(n, _)| n.clone()).collect();
+        me.wait_ready()?;
+        Ok(me)
+    }
+
+    /// Waits until every agent is connected and has applied its routes at the full site MTU.
+    pub fn wait_ready(&self) -> Result<()> {
+        let names: Vec<String> = self.agents.iter().map(|(n, _)| n.clone()).collect();
         wait_until(
             Duration::from_secs(15),
             "every agent connected with routes at the site MTU",
             || {
-                let hub = me.hub_status().ok()?;
+                let hub = self.hub_status().ok()?;
                 let connected = hub["agents"].as_array()?.len() == names.len();
                 let routed = names.iter().all(|n| {
-                    me.agent_status(n).ok().is_some_and(|s| {
+                    self.agent_status(n).ok().is_some_and(|s| {
                         s["dataplane"]["peers"].as_u64().unwrap_or(0) > 0
                             && s["dataplane"]["mtu"].as_u64() == Some(1380)
                     })
@@ -179,15 +191,34 @@ impl<'a> PetrelLab<'a> {
         .map_err(|e| {
             anyhow!(
                 "{e}\nhub log:\n{}\n{}",
-                me.hub.log_tail(30),
-                me.agents
+                self.hub.log_tail(30),
+                self.agents
                     .iter()
                     .map(|(n, g)| format!("{n}:\n{}", g.log_tail(15)))
                     .collect::<Vec<_>>()
                     .join("\n")
             )
-        })?;
-        Ok(me)
+        })
+    }
+
+    /// Stops the hub and the agents (gracefully) and starts them again with the commands they
+    /// were started with plus `hub_extra` / `agent_extra` (for instance `--congestion bbr`;
+    /// empty slices restore the original commands); waits until the lab is ready again.
+    pub fn restart_with(&mut self, hub_extra: &[&str], agent_extra: &[&str]) -> Result<()> {
+        for ((name, g), argv) in self.agents.iter_mut().zip(&self.agent_argv) {
+            g.terminate(Duration::from_secs(15))
+                .with_context(|| format!("stopping the agent on {name}"))?;
+            let mut cmd: Vec<&str> = argv.iter().map(String::as_str).collect();
+            cmd.extend_from_slice(agent_extra);
+            *g = self.lab.spawn(name, &cmd)?;
+        }
+        self.hub.terminate(Duration::from_secs(15))?;
+        let mut cmd: Vec<&str> = self.hub_argv.iter().map(String::as_str).collect();
+        cmd.extend_from_slice(hub_extra);
+        self.hub = self.lab.spawn(&self.lab.gateway().name, &cmd)?;
+        self.hub
+            .wait_for_log("hub listening", Duration::from_secs(10))?;
+        self.wait_ready()
     }
 
     fn json(&self, node: &str, bin_name: &str, admin: &str) -> Result<serde_json::Value> {

@@ -85,8 +85,8 @@ pub struct RunArgs {
     /// Timeout of one connection attempt.
     #[arg(long, env = "PETREL_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<String>,
-    /// Congestion controller for traffic the agent sends to the hub: cubic (default), newreno
-    /// or bbr (keeps its rate on WANs with random loss; quinn marks it experimental).
+    /// Congestion controller for traffic the agent sends to the hub: bbr (default; keeps its
+    /// rate on WANs with random loss), cubic or newreno.
     #[arg(long, env = "PETREL_CONGESTION")]
     pub congestion: Option<String>,
     #[command(flatten)]
@@ -469,7 +469,7 @@ mod tests {
     fn run_defaults_and_bad_values() {
         let c = AgentConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
         assert!(c.dead_after > c.ping_interval);
-        assert_eq!(c.congestion, CongestionControl::Cubic);
+        assert_eq!(c.congestion, CongestionControl::Bbr);
         let e = AgentConfig::from_args(
             RunArgs {
                 congestion: Some("westwood".into()),
@@ -481,13 +481,13 @@ mod tests {
         assert!(e.to_string().contains("congestion"), "{e}");
         let c = AgentConfig::from_args(
             RunArgs {
-                congestion: Some("bbr".into()),
+                congestion: Some("cubic".into()),
                 ..Default::default()
             },
             FileConfig::default(),
         )
         .unwrap();
-        assert_eq!(c.congestion, CongestionControl::Bbr);
+        assert_eq!(c.congestion, CongestionControl::Cubic);
         let e = AgentConfig::from_args(
             RunArgs {
                 dead_after: Some("1s".into()),

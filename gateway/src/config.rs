@@ -141,8 +141,8 @@ pub struct RunArgs {
     /// QUIC idle timeout.
     #[arg(long, env = "PETREL_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
-    /// Congestion controller for traffic the hub sends to agents: cubic (default), newreno or
-    /// bbr (keeps its rate on WANs with random loss; quinn marks it experimental).
+    /// Congestion controller for traffic the hub sends to agents: bbr (default; keeps its rate
+    /// on WANs with random loss), cubic or newreno.
     #[arg(long, env = "PETREL_CONGESTION")]
     pub congestion: Option<String>,
     /// On shutdown, how long to wait for agents to leave before closing.
@@ -600,9 +600,11 @@ mod tests {
             e.to_string().contains("congestion") && e.to_string().contains("bbr"),
             "{e}"
         );
-        let file: FileConfig = toml::from_str("congestion = 'BBR'\n").unwrap();
-        let c = HubConfig::from_args(RunArgs::default(), file).unwrap();
+        let c = HubConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
         assert_eq!(c.congestion, CongestionControl::Bbr);
+        let file: FileConfig = toml::from_str("congestion = 'Cubic'\n").unwrap();
+        let c = HubConfig::from_args(RunArgs::default(), file).unwrap();
+        assert_eq!(c.congestion, CongestionControl::Cubic);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct BenchConfig {
     pub hooks: String,
     /// boringtun's --threads.
     pub boringtun_threads: u32,
+    /// QUIC congestion controller for hub and agents (`--congestion`); `None`: Petrel's default.
+    pub congestion: Option<String>,
     /// Sections to skip: `paths`, `boringtun`, `streams`, `wan`, `failover`, `scale`.
     pub skip: Vec<String>,
 }
@@ -77,6 +79,7 @@ impl BenchConfig {
             failover_samples: 3,
             hooks: "fast".into(),
             boringtun_threads: 4,
+            congestion: None,
             skip: Vec::new(),
         }
     }
@@ -98,6 +101,7 @@ impl BenchConfig {
             failover_samples: 1,
             hooks: "fast".into(),
             boringtun_threads: 2,
+            congestion: None,
             skip: Vec::new(),
         }
     }
@@ -211,10 +215,21 @@ pub struct WanReport {
     pub impairment: String,
     /// RTT edge node -> hub WAN address seen by ping.
     pub ping_rtt_ms: Option<f64>,
-    /// Proxied stream target (edge pod) -> agent -> hub -> client, Mbit/s at the client.
-    pub stream_mbit: Option<f64>,
+    /// The kernel's TCP congestion control in the lab (what the direct TCP baseline uses).
+    pub kernel_tcp_congestion: String,
     /// Direct TCP edge node -> gw-1's WAN address over the same links, Mbit/s at gw-1.
     pub direct_tcp_mbit: Option<f64>,
+    /// One entry per QUIC congestion controller Petrel was run with (hub and agents).
+    pub variants: Vec<WanVariant>,
+    pub error: Option<String>,
+}
+
+/// Petrel over the impaired WAN with one congestion controller.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WanVariant {
+    pub congestion: String,
+    /// Proxied stream target (edge pod) -> agent -> hub -> client, Mbit/s at the client.
+    pub stream_mbit: Option<f64>,
     pub stream_vs_direct: Option<f64>,
     /// Pod TCP through the packet path (edge pod -> cloud pod), one flow, Mbit/s.
     pub packet_path_mbit: Option<f64>,
@@ -312,8 +327,11 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "\nPacket path (iperf3 TCP, {} s x {} reps: median (min-max); RR = 64-byte TCP request/response)",
-        r.config.secs, r.config.reps
+        "\nPacket path (iperf3 TCP, {} s x {} reps: median (min-max); RR = 64-byte TCP request/response; Petrel: {} hook, QUIC congestion control {})",
+        r.config.secs,
+        r.config.reps,
+        r.config.hooks,
+        r.config.congestion.as_deref().unwrap_or("default")
     );
     let header = [
         "path",
@@ -423,14 +441,27 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(s, "\nWAN emulation: {}", w.impairment);
     let _ = writeln!(
         s,
-        "  ping RTT edge -> hub {} ms; proxied stream {} Mbit/s vs direct TCP {} Mbit/s ({}x); pod TCP through the packet path {} Mbit/s ({} retransmits)",
+        "  ping RTT edge -> hub {} ms; direct TCP edge -> hub (kernel, {}) {} Mbit/s",
         f(w.ping_rtt_ms, 1),
-        f(w.stream_mbit, 1),
+        if w.kernel_tcp_congestion.is_empty() {
+            "-"
+        } else {
+            &w.kernel_tcp_congestion
+        },
         f(w.direct_tcp_mbit, 1),
-        f(w.stream_vs_direct, 2),
-        f(w.packet_path_mbit, 1),
-        w.packet_path_retransmits.map_or("-".into(), |v| v.to_string())
     );
+    for v in &w.variants {
+        let _ = writeln!(
+            s,
+            "  Petrel with QUIC {:<7}: proxied stream {} Mbit/s ({}x direct TCP); pod TCP through the packet path {} Mbit/s ({} retransmits){}",
+            v.congestion,
+            f(v.stream_mbit, 1),
+            f(v.stream_vs_direct, 2),
+            f(v.packet_path_mbit, 1),
+            v.packet_path_retransmits.map_or("-".into(), |r| r.to_string()),
+            v.error.as_deref().map_or(String::new(), |e| format!("; ERROR: {e}"))
+        );
+    }
     if let Some(e) = &w.error {
         let _ = writeln!(s, "  ERROR: {e}");
     }
@@ -851,6 +882,13 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
     let petrel_dir = work.join("petrel");
     std::fs::create_dir_all(&petrel_dir)?;
     let mut petrel = PetrelLab::start(&lab, &cfg.hooks, &petrel_dir)?;
+    let cc_args: Vec<&str> = match &cfg.congestion {
+        Some(cc) => vec!["--congestion", cc],
+        None => Vec::new(),
+    };
+    if !cc_args.is_empty() {
+        petrel.restart_with(&cc_args, &cc_args)?;
+    }
     let mut pids = vec![petrel.hub.pid()];
     pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
 
@@ -956,7 +994,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
     // WAN emulation.
     if cfg.runs("wan") {
         eprintln!("petrel-bench: WAN emulation ...");
-        if let Err(e) = wan_section(&lab, cfg, uds, edge_ip, &pids, &mut report.wan) {
+        if let Err(e) = wan_section(&lab, cfg, uds, edge_ip, &mut petrel, &mut report.wan) {
             report.wan.error = Some(format!("{e:#}"));
         }
     }
@@ -989,7 +1027,7 @@ fn wan_section(
     cfg: &BenchConfig,
     uds: &Path,
     edge_ip: Ipv4Addr,
-    pids: &[u32],
+    petrel: &mut PetrelLab<'_>,
     w: &mut WanReport,
 ) -> Result<()> {
     let imp = wan::Impairment::start(lab, Duration::from_millis(cfg.wan_rtt_ms), cfg.wan_loss_pct)?;
@@ -1006,25 +1044,68 @@ fn wan_section(
         },
     )?;
     w.ping_rtt_ms = ping.rtt_avg_ms;
-    let secs = cfg.wan_secs;
-    let uds2 = uds.to_path_buf();
-    // Edge -> hub for both (the direction a direct TCP connection out of the NAT'd site can
-    // carry), counted by the receiver over the same window.
-    w.stream_mbit = Some(streams::rt()?.block_on(async move {
-        let s =
-            streams::connect_via(&uds2, SocketAddrV4::new(edge_ip, streams::PORT_SOURCE)).await?;
-        streams::stream_throughput(s, false, secs).await
-    })?);
+    w.kernel_tcp_congestion = lab
+        .exec(
+            "edge-a1",
+            &["sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+        )
+        .map(|o| o.stdout.trim().to_string())
+        .unwrap_or_default();
     w.direct_tcp_mbit = Some(streams::direct_tcp_upload(
         &lab.gateway().ns,
         SocketAddrV4::new(gw_wan, 7401),
         &lab.node("edge-a1").ns,
-        secs,
+        cfg.wan_secs,
     )?);
-    w.stream_vs_direct =
-        w.stream_mbit
+    // Hub and agents restarted with each controller, then back to the run's configuration for
+    // the sections that follow.
+    for cc in ["cubic", "bbr"] {
+        let mut v = WanVariant {
+            congestion: cc.to_string(),
+            ..Default::default()
+        };
+        let extra = ["--congestion", cc];
+        if let Err(e) = petrel
+            .restart_with(&extra, &extra)
+            .and_then(|()| wan_variant(lab, cfg, uds, edge_ip, petrel, w, &mut v))
+        {
+            v.error = Some(format!("{e:#}"));
+        }
+        w.variants.push(v);
+    }
+    drop(imp);
+    let restore: Vec<&str> = match &cfg.congestion {
+        Some(cc) => vec!["--congestion", cc],
+        None => Vec::new(),
+    };
+    petrel.restart_with(&restore, &restore)?;
+    Ok(())
+}
+
+fn wan_variant(
+    lab: &Lab,
+    cfg: &BenchConfig,
+    uds: &Path,
+    edge_ip: Ipv4Addr,
+    petrel: &PetrelLab<'_>,
+    w: &WanReport,
+    v: &mut WanVariant,
+) -> Result<()> {
+    let secs = cfg.wan_secs;
+    let uds2 = uds.to_path_buf();
+    // Edge -> hub, the direction a direct TCP connection out of the NAT'd site can carry,
+    // counted by the receiver over the same window.
+    v.stream_mbit = Some(streams::rt()?.block_on(async move {
+        let s =
+            streams::connect_via(&uds2, SocketAddrV4::new(edge_ip, streams::PORT_SOURCE)).await?;
+        streams::stream_throughput(s, false, secs).await
+    })?);
+    v.stream_vs_direct =
+        v.stream_mbit
             .zip(w.direct_tcp_mbit)
             .map(|(a, b)| if b > 0.0 { a / b } else { 0.0 });
+    let mut pids = vec![petrel.hub.pid()];
+    pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
     let r = util::iperf_client(
         lab,
         "edge-a1",
@@ -1032,11 +1113,10 @@ fn wan_section(
         IPERF_PORT,
         1,
         secs.ceil() as u32,
-        pids,
+        &pids,
     )?;
-    w.packet_path_mbit = Some(r.gbit_per_s * 1000.0);
-    w.packet_path_retransmits = Some(r.retransmits);
-    drop(imp);
+    v.packet_path_mbit = Some(r.gbit_per_s * 1000.0);
+    v.packet_path_retransmits = Some(r.retransmits);
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 //! cargo build --release --workspace --bins
 //! target/release/petrel-bench [--smoke] [--json PATH] [--secs N] [--reps N]
 //!     [--skip paths,boringtun,streams,wan,failover,scale] [--concurrent 1000,10000]
-//!     [--scale 1000,10000] [--hooks fast|portable]
+//!     [--scale 1000,10000] [--hooks fast|portable] [--congestion cubic|newreno|bbr]
 //! ```
 //!
 //! Needs iperf3, ethtool, `wg` (wireguard-tools) and `boringtun-cli` (cargo install
@@ -53,6 +53,7 @@ fn main() -> Result<()> {
             "--concurrent" => cfg.concurrent = list(&val()?)?,
             "--scale" => cfg.scale = list(&val()?)?,
             "--hooks" => cfg.hooks = val()?,
+            "--congestion" => cfg.congestion = Some(val()?),
             "--boringtun-threads" => cfg.boringtun_threads = val()?.parse()?,
             "--failover-samples" => cfg.failover_samples = val()?.parse()?,
             "-h" | "--help" => {
