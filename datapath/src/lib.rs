@@ -114,7 +114,7 @@ pub use datapath::{cleanup_all, ApplyReport, Datapath};
 pub use error::DatapathError;
 pub use events::{ChangeEvents, ChangeSet};
 pub use frames::{
-    Flushed, FrameSource, FrameStats, Injector, UdpBatch, ETH_HDR_LEN, FRAME_BUF_LEN,
+    Flushed, FrameBatch, FrameSource, FrameStats, Injector, UdpBatch, ETH_HDR_LEN, FRAME_BUF_LEN,
     VXLAN_HDR_LEN, VXLAN_OVERHEAD,
 };
 pub use probe::detect_fast_support;

@@ -14,7 +14,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use petrel_datapath::{
-    Datapath, DatapathConfig, DesiredState, HookMode, Injector, PeerRoute, Relay, UdpBatch,
+    Datapath, DatapathConfig, DesiredState, FrameBatch, HookMode, Injector, PeerRoute, Relay,
+    UdpBatch,
 };
 use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
 use serde::Serialize;
@@ -26,6 +27,13 @@ pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
 
 /// Datagrams [`AgentDataplane::deliver`] takes from the tunnel in one call.
 const DRAIN_BATCH: usize = 64;
+
+/// Captured frames taken with one system call.
+const CAPTURE_BATCH: usize = 64;
+/// Room per captured frame: above any QUIC datagram (quinn's path MTU discovery stops at 1452
+/// bytes of UDP payload), so a frame that does not fit could not be sent anyway and is dropped
+/// as oversize, as `send_datagram` would.
+const CAPTURE_SLOT: usize = 4096;
 
 /// What `status` shows about the data plane.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -125,8 +133,12 @@ impl AgentDataplane {
     }
 
     fn drop_frame(&self, reason: &'static str) {
+        self.drop_frames(reason, 1);
+    }
+
+    fn drop_frames(&self, reason: &'static str, n: u64) {
         if let Ok(mut d) = self.dropped.lock() {
-            *d.entry(reason).or_default() += 1;
+            *d.entry(reason).or_default() += n;
         }
     }
 
@@ -317,34 +329,46 @@ impl AgentDataplane {
                 return;
             }
         };
-        let mut buf = vec![0u8; petrel_datapath::FRAME_BUF_LEN];
+        let mut batch = FrameBatch::new(CAPTURE_BATCH, CAPTURE_SLOT);
         loop {
-            let n = tokio::select! {
+            let r = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = source.recv(&mut buf) => match r {
-                    Ok(n) => n,
-                    Err(e) => {
-                        warn!(error = %e, "frame capture failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+                r = source.recv_batch(&mut batch) => r,
             };
-            let Some(frame) = buf.get(..n) else { continue };
-            let conn = self.active_conn();
-            let Some(conn) = conn else {
-                self.drop_frame("no_hub");
+            if let Err(e) = r {
+                warn!(error = %e, "frame capture failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            if batch.oversize() > 0 {
+                self.drop_frames("oversize", batch.oversize() as u64);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            // One tunnel lookup and one allocation per batch: every datagram is a slice of the
+            // same buffer.
+            let Some(conn) = self.active_conn() else {
+                self.drop_frames("no_hub", batch.len() as u64);
                 continue;
             };
-            let mut b = BytesMut::with_capacity(n + 1);
-            b.put_u8(DATAGRAM_KIND_VXLAN);
-            b.extend_from_slice(frame);
-            match conn.send_datagram(b.freeze()) {
-                Ok(()) => {
-                    self.frames_to_hub.fetch_add(1, Ordering::Relaxed);
+            let mut out = BytesMut::with_capacity(batch.bytes() + batch.len());
+            let (mut sent, mut oversize, mut down) = (0u64, 0u64, 0u64);
+            for frame in batch.frames() {
+                out.put_u8(DATAGRAM_KIND_VXLAN);
+                out.extend_from_slice(frame);
+                match conn.send_datagram(out.split().freeze()) {
+                    Ok(()) => sent += 1,
+                    Err(quinn::SendDatagramError::TooLarge) => oversize += 1,
+                    Err(_) => down += 1,
                 }
-                Err(quinn::SendDatagramError::TooLarge) => self.drop_frame("oversize"),
-                Err(_) => self.drop_frame("tunnel_down"),
+            }
+            self.frames_to_hub.fetch_add(sent, Ordering::Relaxed);
+            if oversize > 0 {
+                self.drop_frames("oversize", oversize);
+            }
+            if down > 0 {
+                self.drop_frames("tunnel_down", down);
             }
         }
     }
