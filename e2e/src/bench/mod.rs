@@ -265,11 +265,12 @@ pub struct Report {
 }
 
 /// Ids of the packet-path rows, in table order.
-pub const PATH_IDS: [&str; 4] = [
+pub const PATH_IDS: [&str; 5] = [
     "kernel-vxlan",
     "petrel-site-to-cloud",
     "petrel-site-to-site",
     "boringtun",
+    "boringtun-site-to-site",
 ];
 
 impl Report {
@@ -642,12 +643,19 @@ fn add_ratios(paths: &mut [PathRow]) {
             .find(|p| p.id == id)
             .and_then(|p| p.tunnel_cpu_s_per_gbit)
     };
-    let (k, b, bc) = (
-        single("kernel-vxlan"),
-        single("boringtun"),
-        cpu("boringtun"),
-    );
-    for p in paths.iter_mut() {
+    let k = single("kernel-vxlan");
+    // Site-to-site rows (two tunnel hops through the hub) compare with boringtun's two hops
+    // through the same gateway; every other row with boringtun's one hop to the cloud.
+    let anchor = |id: &str| {
+        let a = if id.ends_with("site-to-site") {
+            "boringtun-site-to-site"
+        } else {
+            "boringtun"
+        };
+        (single(a), cpu(a))
+    };
+    let anchors: Vec<_> = paths.iter().map(|p| anchor(&p.id)).collect();
+    for (p, (b, bc)) in paths.iter_mut().zip(anchors) {
         let mine = p.single_gbit.as_ref().map(|s| s.median);
         p.single_vs_kernel = mine.zip(k).map(|(a, b)| a / b);
         p.single_vs_boringtun = mine.zip(b).map(|(a, b)| a / b);
@@ -920,27 +928,45 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
         ));
     }
 
-    // (3) boringtun between the same namespaces.
+    // (3) boringtun between the same namespaces, hub-and-spoke through gw-1 like Petrel.
     if cfg.runs("paths") && cfg.runs("boringtun") {
-        let row = path_row(
-            "boringtun",
-            "public-site pod to cloud pod over boringtun (edge-a1 <-> gw-1, then Flannel VXLAN)",
-            "edge-a1",
+        let rows = [
+            path_row(
+                "boringtun",
+                "public-site pod to cloud pod over boringtun (edge-a1 <-> gw-1, then Flannel VXLAN)",
+                "edge-a1",
+                "cloud-1",
+                "the boringtun-cli processes",
+            ),
+            path_row(
+                "boringtun-site-to-site",
+                "public-site pod to public-site pod over boringtun through gw-1 (two WireGuard hops; the anchor of Petrel's site-to-site row)",
+                "edge-a1",
+                "edge-b1",
+                "the boringtun-cli processes",
+            ),
+        ];
+        match wg::start(
+            &lab,
+            &["edge-a1", "edge-b1"],
             "cloud-1",
-            "both boringtun-cli processes",
-        );
-        let row = match wg::start(&lab, "edge-a1", "cloud-1", cfg.boringtun_threads) {
+            cfg.boringtun_threads,
+        ) {
             Ok(w) => {
-                let r = run_row(&lab, cfg, row, &w.pids());
+                for row in rows {
+                    report.paths.push(run_row(&lab, cfg, row, &w.pids()));
+                }
                 drop(w);
-                r
             }
-            Err(e) => PathRow {
-                error: Some(format!("{e:#}")),
-                ..row
-            },
-        };
-        report.paths.push(row);
+            Err(e) => {
+                for row in rows {
+                    report.paths.push(PathRow {
+                        error: Some(format!("{e:#}")),
+                        ..row
+                    });
+                }
+            }
+        }
     }
     add_ratios(&mut report.paths);
 

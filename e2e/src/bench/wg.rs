@@ -1,8 +1,11 @@
-//! The WireGuard anchor: boringtun (userspace WireGuard over TUN, configured with `wg`) between
-//! a public-site node and the gateway node, carrying the same pod-to-pod traffic Petrel carries:
+//! The WireGuard anchor: boringtun (userspace WireGuard over TUN, configured with `wg`) in a
+//! hub-and-spoke like Raven's: one instance on each public-site node and one on the gateway
+//! node, carrying the same pod-to-pod traffic Petrel carries:
 //! `edge pod -> edge node -> boringtun -> WAN (NAT) -> boringtun on gw-1 -> Flannel VXLAN ->
-//! cloud pod`. Policy rules at preference 50 (before Petrel's 100) send the pod CIDRs through
-//! the WireGuard devices while they exist; everything is removed on drop.
+//! cloud pod`, and site to site `edge pod -> boringtun -> gw-1's boringtun (decrypt, route,
+//! encrypt) -> boringtun on the other edge -> edge pod`. Policy rules at preference 50 (before
+//! Petrel's 100) send the pod CIDRs through the WireGuard devices while they exist; everything
+//! is removed on drop.
 
 use std::time::Duration;
 
@@ -13,22 +16,19 @@ use crate::lab::{ChildGuard, Lab};
 const TABLE: &str = "51820";
 const PREF: &str = "50";
 
-/// boringtun on `edge` and on the gateway, with routes for `edge pod <-> cloud pod`.
+/// boringtun on each edge node and on the gateway, with routes for `edge pod <-> cloud pod` and
+/// between the edges' pods.
 pub struct WireGuard<'a> {
     lab: &'a Lab,
-    pub edge_proc: ChildGuard,
-    pub gw_proc: ChildGuard,
-    edge: String,
-    cloud: String,
-    edge_dev: String,
-    gw_dev: String,
+    /// (node, device, process), the gateway's last.
+    procs: Vec<(String, String, ChildGuard)>,
     rules: Vec<(String, Vec<String>)>,
 }
 
 impl WireGuard<'_> {
-    /// Process ids of both boringtun instances.
+    /// Process ids of every boringtun instance.
     pub fn pids(&self) -> Vec<u32> {
-        vec![self.edge_proc.pid(), self.gw_proc.pid()]
+        self.procs.iter().map(|(_, _, p)| p.pid()).collect()
     }
 }
 
@@ -53,28 +53,41 @@ fn keypair() -> Result<(String, String)> {
     Ok((private, public))
 }
 
-/// Starts boringtun on node `edge` (a public-site node) and on the gateway, for traffic between
-/// the pods of `edge` and `cloud` (a cloud node other than the gateway). `threads`: boringtun's
-/// `--threads` (its default is 4).
-pub fn start<'a>(lab: &'a Lab, edge: &str, cloud: &str, threads: u32) -> Result<WireGuard<'a>> {
+/// Starts boringtun on each of `edges` (public-site nodes) and on the gateway, for traffic
+/// between the pods of the edges and of `cloud` (a cloud node other than the gateway), and
+/// between the edges' pods through the gateway. `threads`: boringtun's `--threads` (its default
+/// is 4).
+pub fn start<'a>(lab: &'a Lab, edges: &[&str], cloud: &str, threads: u32) -> Result<WireGuard<'a>> {
     let gw = lab.gateway().name.clone();
-    let (e, c) = (lab.try_node(edge)?.clone(), lab.try_node(cloud)?.clone());
+    let c = lab.try_node(cloud)?.clone();
     let g = lab.gateway().clone();
-    // Interface names are per lab (boringtun's UAPI sockets live in /var/run/wireguard, shared
-    // by all network namespaces).
-    let edge_dev = format!("{}e", lab.prefix());
-    let gw_dev = format!("{}g", lab.prefix());
     let dir = lab.workdir().join("wg");
     std::fs::create_dir_all(&dir)?;
-    let (e_priv, e_pub) = keypair()?;
-    let (g_priv, g_pub) = keypair()?;
-    let (e_key, g_key) = (dir.join("edge.key"), dir.join("gw.key"));
-    std::fs::write(&e_key, format!("{e_priv}\n"))?;
-    std::fs::write(&g_key, format!("{g_priv}\n"))?;
-    let spawn = |node: &str, dev: &str| -> Result<ChildGuard> {
+    let gw_wan = g
+        .wan_ip
+        .ok_or_else(|| anyhow!("the gateway has no WAN address"))?;
+    let mut me = WireGuard {
+        lab,
+        procs: Vec::new(),
+        rules: Vec::new(),
+    };
+    // Interface names are per lab (boringtun's UAPI sockets live in /var/run/wireguard, shared
+    // by all network namespaces).
+    let mut nodes: Vec<(String, String)> = edges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.to_string(), format!("{}e{i}", lab.prefix())))
+        .collect();
+    nodes.push((gw.clone(), format!("{}g", lab.prefix())));
+    let mut keys = Vec::new();
+    for (node, dev) in &nodes {
+        let (private, public) = keypair()?;
+        let key = dir.join(format!("{dev}.key"));
+        std::fs::write(&key, format!("{private}\n"))?;
+        keys.push((key.display().to_string(), public));
         let mut cmd = lab.command(node, "boringtun-cli")?;
         cmd.args([
-            dev,
+            dev.as_str(),
             "--foreground",
             "--disable-drop-privileges",
             "--threads",
@@ -82,40 +95,54 @@ pub fn start<'a>(lab: &'a Lab, edge: &str, cloud: &str, threads: u32) -> Result<
             "--log",
             "/dev/null",
         ]);
-        lab.spawn_command(&format!("boringtun-{node}"), cmd)
-    };
-    let edge_proc = spawn(edge, &edge_dev)?;
-    let gw_proc = spawn(&gw, &gw_dev)?;
+        let p = lab.spawn_command(&format!("boringtun-{node}"), cmd)?;
+        me.procs.push((node.clone(), dev.clone(), p));
+    }
     let sock = |dev: &str| format!("/var/run/wireguard/{dev}.sock");
     crate::lab::wait_until("boringtun UAPI sockets", Duration::from_secs(10), || {
-        Ok(std::path::Path::new(&sock(&edge_dev)).exists()
-            && std::path::Path::new(&sock(&gw_dev)).exists())
+        Ok(nodes
+            .iter()
+            .all(|(_, dev)| std::path::Path::new(&sock(dev)).exists()))
     })
     .context("boringtun-cli did not start (cargo install boringtun-cli)")?;
-    let gw_wan = g
-        .wan_ip
-        .ok_or_else(|| anyhow!("the gateway has no WAN address"))?;
-    let s = |p: &std::path::Path| p.display().to_string();
-    lab.exec(
-        edge,
-        &[
-            "wg",
-            "set",
-            &edge_dev,
-            "private-key",
-            &s(&e_key),
-            "listen-port",
-            "51820",
-            "peer",
-            &g_pub,
-            "endpoint",
-            &format!("{gw_wan}:51821"),
-            "allowed-ips",
-            &c.pod_cidr.to_string(),
-            "persistent-keepalive",
-            "1",
-        ],
-    )?;
+    let gw_dev = nodes[nodes.len() - 1].1.clone();
+    let (gw_key, gw_pub) = keys[keys.len() - 1].clone();
+    let edge_cidrs: Vec<String> = edges
+        .iter()
+        .map(|e| lab.try_node(e).map(|n| n.pod_cidr.to_string()))
+        .collect::<Result<_>>()?;
+    // Each edge: one peer (the gateway) that owns the cloud pod CIDR and the other edges'.
+    for (i, (node, dev)) in nodes[..edges.len()].iter().enumerate() {
+        let mut allowed = vec![c.pod_cidr.to_string()];
+        allowed.extend(
+            edge_cidrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, c)| c.clone()),
+        );
+        lab.exec(
+            node,
+            &[
+                "wg",
+                "set",
+                dev,
+                "private-key",
+                &keys[i].0,
+                "listen-port",
+                "51820",
+                "peer",
+                &gw_pub,
+                "endpoint",
+                &format!("{gw_wan}:51821"),
+                "allowed-ips",
+                &allowed.join(","),
+                "persistent-keepalive",
+                "1",
+            ],
+        )?;
+    }
+    // The gateway: one peer per edge, owning that edge's pod CIDR.
     lab.exec(
         &gw,
         &[
@@ -123,27 +150,27 @@ pub fn start<'a>(lab: &'a Lab, edge: &str, cloud: &str, threads: u32) -> Result<
             "set",
             &gw_dev,
             "private-key",
-            &s(&g_key),
+            &gw_key,
             "listen-port",
             "51821",
-            "peer",
-            &e_pub,
-            "allowed-ips",
-            &e.pod_cidr.to_string(),
         ],
     )?;
-    let mut me = WireGuard {
-        lab,
-        edge_proc,
-        gw_proc,
-        edge: edge.to_string(),
-        cloud: cloud.to_string(),
-        edge_dev: edge_dev.clone(),
-        gw_dev: gw_dev.clone(),
-        rules: Vec::new(),
-    };
+    for (i, cidr) in edge_cidrs.iter().enumerate() {
+        lab.exec(
+            &gw,
+            &[
+                "wg",
+                "set",
+                &gw_dev,
+                "peer",
+                &keys[i].1,
+                "allowed-ips",
+                cidr,
+            ],
+        )?;
+    }
     // wg-quick's default MTU.
-    for (node, dev) in [(edge, &edge_dev), (gw.as_str(), &gw_dev)] {
+    for (node, dev) in &nodes {
         lab.exec(node, &["ip", "link", "set", dev, "mtu", "1420", "up"])?;
     }
     let add = |me: &mut WireGuard, node: &str, to: String, route: Vec<String>| -> Result<()> {
@@ -166,49 +193,65 @@ pub fn start<'a>(lab: &'a Lab, edge: &str, cloud: &str, threads: u32) -> Result<
         me.rules.push((node.to_string(), vec![to]));
         Ok(())
     };
-    add(
-        &mut me,
-        edge,
-        c.pod_cidr.to_string(),
-        vec!["dev".into(), edge_dev.clone()],
-    )?;
-    add(
-        &mut me,
-        &gw,
-        e.pod_cidr.to_string(),
-        vec!["dev".into(), gw_dev.clone()],
-    )?;
-    // The cloud node sends the edge pod CIDR to the gateway over Flannel's VXLAN.
-    add(
-        &mut me,
-        cloud,
-        e.pod_cidr.to_string(),
-        vec![
-            "via".into(),
-            g.vtep_ip.to_string(),
-            "dev".into(),
-            "flannel.1".into(),
-            "onlink".into(),
-        ],
-    )?;
-    // The handshake (edge first: it is behind NAT), then a ping across.
-    crate::lab::wait_until(
-        "a ping across the WireGuard path",
-        Duration::from_secs(10),
-        || {
-            lab.ping_with(
-                edge,
-                c.pod_ip,
-                &crate::lab::PingOpts {
-                    count: 1,
-                    reply_timeout: Duration::from_millis(500),
-                    ..Default::default()
-                },
-            )
-            .map(|r| r.reachable())
-        },
-    )
-    .with_context(|| format!("boringtun path {} pod -> {} pod", me.edge, me.cloud))?;
+    for (i, (node, dev)) in nodes[..edges.len()].iter().enumerate() {
+        add(
+            &mut me,
+            node,
+            c.pod_cidr.to_string(),
+            vec!["dev".into(), dev.clone()],
+        )?;
+        for (j, cidr) in edge_cidrs.iter().enumerate() {
+            if j != i {
+                add(&mut me, node, cidr.clone(), vec!["dev".into(), dev.clone()])?;
+            }
+        }
+    }
+    for cidr in &edge_cidrs {
+        add(
+            &mut me,
+            &gw,
+            cidr.clone(),
+            vec!["dev".into(), gw_dev.clone()],
+        )?;
+        // The cloud node sends the edge pod CIDRs to the gateway over Flannel's VXLAN.
+        add(
+            &mut me,
+            cloud,
+            cidr.clone(),
+            vec![
+                "via".into(),
+                g.vtep_ip.to_string(),
+                "dev".into(),
+                "flannel.1".into(),
+                "onlink".into(),
+            ],
+        )?;
+    }
+    // The handshakes (edges first: they are behind NAT), then a ping across each path.
+    let mut targets: Vec<(String, std::net::Ipv4Addr)> =
+        edges.iter().map(|e| (e.to_string(), c.pod_ip)).collect();
+    if edges.len() > 1 {
+        targets.push((edges[0].to_string(), lab.try_node(edges[1])?.pod_ip));
+    }
+    for (from, to) in targets {
+        crate::lab::wait_until(
+            "a ping across the WireGuard path",
+            Duration::from_secs(10),
+            || {
+                lab.ping_with(
+                    &from,
+                    to,
+                    &crate::lab::PingOpts {
+                        count: 1,
+                        reply_timeout: Duration::from_millis(500),
+                        ..Default::default()
+                    },
+                )
+                .map(|r| r.reachable())
+            },
+        )
+        .with_context(|| format!("boringtun path {from} pod -> {to}"))?;
+    }
     Ok(me)
 }
 
@@ -225,9 +268,8 @@ impl Drop for WireGuard<'_> {
                 .lab
                 .exec(node, &["ip", "route", "flush", "table", TABLE]);
         }
-        let _ = self.edge_proc.kill();
-        let _ = self.gw_proc.kill();
-        for dev in [&self.edge_dev, &self.gw_dev] {
+        for (_, dev, p) in &mut self.procs {
+            let _ = p.kill();
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
         }
     }
