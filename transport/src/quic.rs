@@ -168,6 +168,13 @@ pub fn server_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    // quinn sends at most one stateless reset per 20 ms (per pass of its endpoint driver, which
+    // reads a whole batch of datagrams at one `now`): after a restart, 10,000 agents would learn
+    // of it at 50 per second, and most would sit out their idle timeout instead. The limit guards
+    // against reflecting garbage; here only packets whose connection ID carries this hub's keyed
+    // signature (`validate`, 40 bits) get a reset at all, and a reset is always smaller than the
+    // packet that provoked it (no amplification, and no reset loop between two endpoints).
+    endpoint_config.min_reset_interval(Duration::ZERO);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)

@@ -1,8 +1,10 @@
 //! `petrel-loadgen`: N simulated agents in one process against one hub. Each has its own UDP
 //! socket and quinn endpoint, its own key and a real node certificate signed with the hub's CA
-//! (read from the hub's state directory), says hello on the control stream like the real agent,
-//! answers the hub's pings, and reconnects with jittered backoff when its connection is lost
-//! (a restarted hub answers the old connection IDs with a stateless reset, so that is at once).
+//! (read from the hub's state directory), and runs the real agent's link loop without a
+//! dataplane: a fresh socket per connect attempt with a 3 s timeout, hello, then pings every 2 s,
+//! answers to the hub's pings, the hub declared dead after 5 s of silence, and jittered
+//! exponential backoff (100 ms to 2 s) between attempts. A restarted hub answers the old
+//! connection IDs with a stateless reset, so agents notice on their next packet.
 //!
 //! It prints one JSON line per `report_every` on stdout:
 //! `{"t_s":..,"connected":..,"connects":..,"failures":..,"last_error":..}`.
@@ -14,11 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
-use petrel_proto::{ControlMessage, ALPN_TUNNEL};
+use petrel_proto::{
+    Backoff, BackoffPolicy, ControlMessage, Keepalive, KeepaliveAction, ALPN_TUNNEL,
+};
 use petrel_transport::control_stream::{ControlReader, ControlWriter};
 use petrel_transport::pki::{CertificateAuthority, NodeKey};
 use petrel_transport::quic::TransportTuning;
-use petrel_transport::{quic, tls, HUB_SERVER_NAME};
+use petrel_transport::{close_code, quic, tls, HUB_SERVER_NAME};
 use serde::Serialize;
 
 /// What to run.
@@ -112,22 +116,39 @@ fn mint(ca: &CertificateAuthority, node: &str, offset: Duration) -> Result<Ident
 }
 
 fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint> {
-    let socket = std::net::UdpSocket::bind(bind)?;
+    // The agent's socket (`quic::client_socket`: bound, kernel buffers asked for like the agent;
+    // a buffer size is a limit, not an allocation).
+    let socket = quic::client_socket(bind)?;
     let mut cfg = quinn::EndpointConfig::default();
-    // Small receive buffers: one endpoint per simulated agent.
+    // Small userspace receive buffers: one endpoint per simulated agent.
     cfg.max_udp_payload_size(1500)?;
     let runtime = quinn::default_runtime().context("no async runtime")?;
     Ok(quinn::Endpoint::new(cfg, None, socket, runtime)?)
 }
 
-/// One session: connect, hello, serve pings until the connection ends.
-async fn session(
-    ep: &quinn::Endpoint,
-    id: &Identity,
-    server: SocketAddr,
-    counters: &Counters,
-    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
-) -> Result<(), String> {
+/// The real agent's link settings (`petrel-edge-agent` defaults, `edge-agent/src/link.rs`):
+/// application ping every 2 s, hub declared dead after 5 s of silence, a connect attempt (QUIC
+/// handshake to Welcome) gives up after 3 s, reconnect backoff 100 ms doubling to 2 s with
+/// jitter (half the base plus up to the other half), reset after a session of 10 s.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn backoff_policy() -> BackoffPolicy {
+    BackoffPolicy {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+        multiplier: 2,
+        stable_after: Duration::from_secs(10),
+    }
+}
+
+type Connected = (quinn::Connection, ControlWriter, ControlReader);
+
+/// One connect attempt like the agent's: a fresh socket and endpoint, the handshake, hello,
+/// welcome.
+async fn connect(bind: SocketAddr, id: &Identity, server: SocketAddr) -> Result<Connected, String> {
+    let ep = endpoint(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     let conn = ep
         .connect_with(id.client.clone(), server, HUB_SERVER_NAME)
         .map_err(|e| e.to_string())?
@@ -141,52 +162,168 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     match reader.next().await {
-        Ok(Some(ControlMessage::Welcome(_))) => {}
-        Ok(Some(other)) => {
-            return Err(format!(
-                "expected welcome, got {}; close reason: {:?}",
-                other.name(),
-                conn.close_reason().map(|r| r.to_string())
-            ))
-        }
-        Ok(None) => return Err("hub finished the control stream".into()),
-        Err(e) => {
-            return Err(format!(
-                "{e}; close reason: {:?}",
-                conn.close_reason().map(|r| r.to_string())
-            ))
-        }
+        Ok(Some(ControlMessage::Welcome(_))) => Ok((conn, writer, reader)),
+        Ok(Some(other)) => Err(format!(
+            "expected welcome, got {}; close reason: {:?}",
+            other.name(),
+            conn.close_reason().map(|r| r.to_string())
+        )),
+        Ok(None) => Err("hub finished the control stream".into()),
+        Err(e) => Err(format!(
+            "{e}; close reason: {:?}",
+            conn.close_reason().map(|r| r.to_string())
+        )),
     }
-    drop(handshake);
-    counters.connected.fetch_add(1, Ordering::Relaxed);
-    counters.connects.fetch_add(1, Ordering::Relaxed);
-    let end = loop {
-        match reader.next().await {
-            Ok(Some(ControlMessage::Ping(p))) => {
-                if let Err(e) = writer.send(&ControlMessage::Pong(p.pong())).await {
-                    break e.to_string();
-                }
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => break "hub finished the control stream".into(),
-            Err(e) => {
-                break conn
-                    .close_reason()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|| e.to_string())
-            }
-        }
-    };
-    counters.connected.fetch_sub(1, Ordering::Relaxed);
-    Err(end)
 }
 
-fn jitter(max_ms: u64) -> Duration {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    Duration::from_millis(u64::from(n) % max_ms.max(1))
+/// How a session ended: lost, or the hub said when to come back.
+enum End {
+    Lost(String),
+    GoingAway { retry_after: Duration, why: String },
+}
+
+/// The agent's session loop: answer pings, ping the hub, give up on silence.
+async fn session(
+    conn: &quinn::Connection,
+    writer: &mut ControlWriter,
+    reader: &mut ControlReader,
+) -> End {
+    let mut keepalive = Keepalive::new(PING_INTERVAL, DEAD_AFTER, Instant::now());
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = reader.next() => {
+                keepalive.on_receive(Instant::now());
+                match msg {
+                    Ok(Some(ControlMessage::Ping(p))) => {
+                        if let Err(e) = writer.send(&ControlMessage::Pong(p.pong())).await {
+                            return End::Lost(e.to_string());
+                        }
+                    }
+                    Ok(Some(ControlMessage::Pong(p))) => {
+                        keepalive.on_pong(&p, Instant::now());
+                    }
+                    Ok(Some(ControlMessage::GoingAway(ga))) => {
+                        return End::GoingAway {
+                            retry_after: Duration::from_millis(u64::from(ga.retry_after_ms)),
+                            why: ga.message,
+                        };
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return End::Lost("hub finished the control stream".into()),
+                    Err(e) => {
+                        return End::Lost(
+                            conn.close_reason()
+                                .map(|r| r.to_string())
+                                .unwrap_or_else(|| e.to_string()),
+                        )
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
+                KeepaliveAction::SendPing(ping) => {
+                    if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await {
+                        return End::Lost(e.to_string());
+                    }
+                    deadline = tokio::time::Instant::now();
+                }
+                KeepaliveAction::TimedOut => {
+                    conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"hub unresponsive");
+                    return End::Lost(format!("hub silent for {DEAD_AFTER:?}"));
+                }
+                KeepaliveAction::Wait(at) => {
+                    deadline = tokio::time::Instant::from_std(at)
+                        .min(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            },
+            closed = conn.closed() => return End::Lost(closed.to_string()),
+        }
+    }
+}
+
+/// A small per-agent PRNG for backoff jitter (splitmix64): independent streams per agent, so a
+/// fleet that lost its hub at the same instant does not come back in lockstep.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(i: usize) -> Self {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Jitter(t ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn fraction(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn record_failure(counters: &Counters, e: String) {
+    counters.failures.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut l) = counters.last_error.lock() {
+        *l = Some(e);
+    }
+}
+
+/// One simulated agent, forever: the real agent's `link::run` without a dataplane.
+async fn agent(
+    i: usize,
+    id: Identity,
+    bind: SocketAddr,
+    server: SocketAddr,
+    counters: Arc<Counters>,
+    first: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let mut first = first;
+    let mut backoff = Backoff::new(backoff_policy());
+    let mut rng = Jitter::new(i);
+    let mut delay = Duration::ZERO;
+    loop {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect(bind, &id, server)).await;
+        let attempt = match attempt {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        };
+        drop(first.take());
+        let (conn, mut writer, mut reader) = match attempt {
+            Ok(v) => v,
+            Err(e) => {
+                record_failure(&counters, e);
+                delay = backoff.next_delay(rng.next());
+                continue;
+            }
+        };
+        backoff.on_connected(Instant::now());
+        counters.connected.fetch_add(1, Ordering::Relaxed);
+        counters.connects.fetch_add(1, Ordering::Relaxed);
+        let end = session(&conn, &mut writer, &mut reader).await;
+        counters.connected.fetch_sub(1, Ordering::Relaxed);
+        backoff.on_disconnected(Instant::now());
+        match end {
+            End::Lost(why) => {
+                record_failure(&counters, why);
+                delay = backoff.next_delay(rng.next());
+            }
+            End::GoingAway { retry_after, why } => {
+                record_failure(&counters, format!("hub going away: {why}"));
+                let spread = (retry_after / 4).max(Duration::from_millis(100));
+                delay = retry_after + spread.mul_f64(rng.fraction());
+            }
+        }
+        conn.close(close_code::NORMAL.into(), b"reconnecting");
+    }
 }
 
 /// Runs the simulated agents, printing status lines, until `run_for` passes.
@@ -220,33 +357,12 @@ pub async fn run(opts: LoadgenOpts, mut out: impl FnMut(&Line)) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel.max(1)));
     let start = Instant::now();
-    for id in ids {
-        let ep = endpoint(opts.bind)?;
-        let (counters, sem, server) = (counters.clone(), sem.clone(), opts.server);
+    for (i, id) in ids.into_iter().enumerate() {
+        let (counters, sem, server, bind) = (counters.clone(), sem.clone(), opts.server, opts.bind);
         tokio::spawn(async move {
-            let mut first = true;
-            let mut backoff = 100u64;
-            loop {
-                let permit = if first {
-                    sem.clone().acquire_owned().await.ok()
-                } else {
-                    None
-                };
-                first = false;
-                let t = Instant::now();
-                if let Err(e) = session(&ep, &id, server, &counters, permit).await {
-                    counters.failures.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut l) = counters.last_error.lock() {
-                        *l = Some(e);
-                    }
-                }
-                // A session that lasted resets the backoff (the real agent does the same).
-                if t.elapsed() > Duration::from_secs(10) {
-                    backoff = 100;
-                }
-                tokio::time::sleep(Duration::from_millis(backoff / 2) + jitter(backoff)).await;
-                backoff = (backoff * 2).min(2000);
-            }
+            // The first connect waits for a slot (the bench's ramp); reconnects do not.
+            let permit = sem.acquire_owned().await.ok();
+            agent(i, id, bind, server, counters, permit).await;
         });
     }
     loop {

@@ -353,14 +353,24 @@ impl Hub {
     /// Accepts connections until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
         let relay = tokio::spawn(dataplane::run_relay(self.ctx.clone(), shutdown.clone()));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
+            // Admission control: a handshake the hub cannot finish before the agent gives up
+            // (3 s) is wasted work, and after a restart a whole fleet arrives at once. Beyond
+            // the cap an Initial is ignored, not refused: the agent retransmits it after its
+            // probe timeout and gets in once a slot is free, within the same attempt.
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "deferred");
+                incoming.ignore();
+                continue;
+            };
             let ctx = self.ctx.clone();
             let span = tracing::info_span!("conn", remote = %incoming.remote_address());
-            tokio::spawn(handle_incoming(ctx, incoming).instrument(span));
+            tokio::spawn(handle_incoming(ctx, incoming, slot).instrument(span));
         }
         self.drain().await;
         relay.abort();
@@ -411,10 +421,39 @@ impl Hub {
     }
 }
 
-async fn handle_incoming(ctx: Arc<HubContext>, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
-        Ok(c) => c,
+/// QUIC handshakes the hub runs at once. Enough to keep both cores busy across WAN round trips
+/// (about 850 handshakes per second at 300 ms each), few enough that each finishes well inside
+/// an agent's 3 s connect timeout when the hub is saturated.
+const MAX_HANDSHAKES_IN_FLIGHT: usize = 256;
+
+/// A handshake still open after this long is abandoned: the agent gave up after its connect
+/// timeout (3 s by default) and will come back on a new socket, and the slot is needed. Without
+/// it a half-open handshake would hold its slot until the idle timeout.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+async fn handle_incoming(
+    ctx: Arc<HubContext>,
+    incoming: quinn::Incoming,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let handshake = match incoming.accept() {
+        Ok(h) => h,
         Err(e) => {
+            debug!(error = %e, "cannot accept the connection");
+            HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, handshake_outcome(&e));
+            return;
+        }
+    };
+    let done = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake).await;
+    drop(slot);
+    let conn = match done {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            debug!("handshake abandoned after {HANDSHAKE_DEADLINE:?}");
+            HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "timeout");
+            return;
+        }
+        Ok(Err(e)) => {
             // Foreign or expired certificates, wrong fingerprints and broken handshakes all end
             // here with the TLS alert that explains them.
             info!(error = %e, "handshake failed");
