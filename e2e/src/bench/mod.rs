@@ -831,7 +831,7 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
         wan: WanReport::default(),
         scale: Vec::new(),
         failover: FailoverReport {
-            method: "kill -9 of the single hub, restarted at once with the same state; UDP probes every 10 ms both ways between the pods of cloud-1 and edge-a1 (the Kubernetes standby path is not built yet)".into(),
+            method: "kill -9 of the single hub, restarted at once with the same state; UDP probes every 10 ms both ways between the pods of cloud-1 and edge-a1 (the Kubernetes standby hub is measured by e2e/tests/k8s_election.rs)".into(),
             ..Default::default()
         },
     };
