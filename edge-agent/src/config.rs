@@ -276,6 +276,17 @@ pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16)
     })
 }
 
+pub fn parse_congestion(
+    field: &'static str,
+    value: &str,
+) -> Result<CongestionControl, ConfigError> {
+    petrel_transport::setting_values::congestion(value).map_err(|b| ConfigError::Invalid {
+        field,
+        value: b.value,
+        allowed: b.allowed,
+    })
+}
+
 pub fn default_state_dir() -> PathBuf {
     petrel_transport::setting_values::default_state_dir("agent")
 }
@@ -388,12 +399,8 @@ impl AgentConfig {
             });
         }
         let congestion = match args.congestion.or(file.congestion) {
+            Some(v) => parse_congestion("congestion", &v)?,
             None => CongestionControl::default(),
-            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                field: "congestion",
-                value: v.clone(),
-                allowed: CongestionControl::NAMES.join(", "),
-            })?,
         };
         if backoff_max < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {

@@ -365,6 +365,17 @@ pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16)
     })
 }
 
+pub fn parse_congestion(
+    field: &'static str,
+    value: &str,
+) -> Result<CongestionControl, ConfigError> {
+    petrel_transport::setting_values::congestion(value).map_err(|b| ConfigError::Invalid {
+        field,
+        value: b.value,
+        allowed: b.allowed,
+    })
+}
+
 /// See [`petrel_transport::setting_values::default_state_dir`].
 pub fn default_state_dir(component: &str) -> PathBuf {
     petrel_transport::setting_values::default_state_dir(component)
@@ -480,12 +491,8 @@ impl HubConfig {
             });
         }
         let congestion = match args.congestion.or(file.congestion) {
+            Some(v) => parse_congestion("congestion", &v)?,
             None => CongestionControl::default(),
-            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                field: "congestion",
-                value: v.clone(),
-                allowed: CongestionControl::NAMES.join(", "),
-            })?,
         };
         let site_mtu = args.site_mtu.or(file.site_mtu).unwrap_or(1380);
         if !(576..=1450).contains(&site_mtu) {

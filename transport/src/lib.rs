@@ -13,6 +13,7 @@ pub mod pki;
 pub mod private_files;
 pub mod quic;
 pub mod setting_values;
+pub mod socket_buffers;
 pub mod splice;
 pub mod tls;
 

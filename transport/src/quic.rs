@@ -25,33 +25,6 @@ pub enum CongestionControl {
     Bbr,
 }
 
-impl CongestionControl {
-    pub const NAMES: &'static [&'static str] = &["cubic", "newreno", "bbr"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cubic => "cubic",
-            Self::NewReno => "newreno",
-            Self::Bbr => "bbr",
-        }
-    }
-}
-
-impl std::str::FromStr for CongestionControl {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "cubic" => Ok(Self::Cubic),
-            "newreno" | "reno" => Ok(Self::NewReno),
-            "bbr" => Ok(Self::Bbr),
-            other => Err(format!(
-                "unknown congestion controller {other:?} (one of: {})",
-                Self::NAMES.join(", ")
-            )),
-        }
-    }
-}
-
 /// Timers and windows of a Petrel QUIC connection.
 #[derive(Debug, Clone)]
 pub struct TransportTuning {
@@ -156,7 +129,7 @@ pub fn server_endpoint(
     secret: &[u8],
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
-    size_socket_buffers(&socket, HUB_SOCKET_BUFFER);
+    crate::socket_buffers::request(&socket, HUB_SOCKET_BUFFER);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let cid_key = {
         let tag = ring::hmac::sign(&reset_key, b"petrel connection id key");
@@ -188,37 +161,10 @@ pub const HUB_SOCKET_BUFFER: usize = 8 << 20;
 /// An agent carries one connection; 2 MiB absorbs a few milliseconds at line rate.
 pub const AGENT_SOCKET_BUFFER: usize = 2 << 20;
 
-/// Asks for `bytes` of kernel buffer in each direction: SO_RCVBUFFORCE/SO_SNDBUFFORCE where the
-/// process has CAP_NET_ADMIN, else the plain options, which the kernel caps at
-/// `net.core.rmem_max`/`wmem_max`. Best effort: a smaller buffer is a performance problem, not
-/// an error, and what was granted is logged (the kernel reports twice the usable size).
-pub fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    let s = socket2::SockRef::from(socket);
-    let want = bytes;
-    if setsockopt(socket, sockopt::RcvBufForce, &want).is_err() {
-        let _ = s.set_recv_buffer_size(want);
-    }
-    if setsockopt(socket, sockopt::SndBufForce, &want).is_err() {
-        let _ = s.set_send_buffer_size(want);
-    }
-    let rcv = s.recv_buffer_size().unwrap_or(0);
-    let snd = s.send_buffer_size().unwrap_or(0);
-    if rcv < want {
-        tracing::warn!(
-            wanted = want,
-            granted = rcv / 2,
-            "UDP receive buffer smaller than asked (raise net.core.rmem_max or grant CAP_NET_ADMIN)"
-        );
-    } else {
-        tracing::debug!(rcv, snd, "UDP socket buffers");
-    }
-}
-
 /// The socket an agent's endpoint uses: bound to `bind`, buffers sized for one tunnel.
 pub fn client_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(bind)?;
-    size_socket_buffers(&socket, AGENT_SOCKET_BUFFER);
+    crate::socket_buffers::request(&socket, AGENT_SOCKET_BUFFER);
     Ok(socket)
 }
 

@@ -1,9 +1,12 @@
-//! Parsing of the setting values both binaries accept (durations, `HOST:PORT` endpoints) and the
+//! Parsing of the setting values both binaries accept (durations, `HOST:PORT` endpoints, the
+//! congestion controller) and the
 //! default state directory. Each binary wraps a [`BadValue`] into its own configuration error with
 //! the field's name, so the message an operator sees names the flag and what is allowed.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::quic::CongestionControl;
 
 /// A value that does not parse, and what would.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +36,19 @@ pub fn host_port(value: &str) -> Result<(String, u16), BadValue> {
         return Err(bad());
     }
     Ok((host.to_string(), port))
+}
+
+/// `bbr`, `cubic` or `newreno` (case-insensitive; `reno` for NewReno).
+pub fn congestion(value: &str) -> Result<CongestionControl, BadValue> {
+    match value.to_ascii_lowercase().as_str() {
+        "bbr" => Ok(CongestionControl::Bbr),
+        "cubic" => Ok(CongestionControl::Cubic),
+        "newreno" | "reno" => Ok(CongestionControl::NewReno),
+        _ => Err(BadValue {
+            value: value.into(),
+            allowed: "bbr, cubic or newreno".into(),
+        }),
+    }
 }
 
 /// Where state lives when nobody says: systemd's `StateDirectory`, `/var/lib/petrel/<component>`
@@ -75,5 +91,8 @@ mod tests {
         for bad in ["host", ":7443", "host:0", "host:99999"] {
             assert!(host_port(bad).is_err(), "{bad}");
         }
+        assert_eq!(congestion("BBR"), Ok(CongestionControl::Bbr));
+        assert_eq!(congestion("reno"), Ok(CongestionControl::NewReno));
+        assert!(congestion("vegas").is_err_and(|b| b.allowed.contains("cubic")));
     }
 }
