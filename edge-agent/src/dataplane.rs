@@ -313,9 +313,7 @@ impl AgentDataplane {
             if let Some(e) = &f.error {
                 debug!(error = %e, "inject failed");
             }
-            if let Ok(mut d) = self.dropped.lock() {
-                *d.entry("inject_failed").or_default() += f.failed as u64;
-            }
+            self.drop_frames("inject_failed", f.failed as u64);
         }
     }
 
