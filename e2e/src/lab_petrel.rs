@@ -23,9 +23,12 @@ pub struct PetrelLab<'a> {
     pub hub: ChildGuard,
     pub node_roles: Vec<(String, ChildGuard)>,
     pub agents: Vec<(String, ChildGuard)>,
-    /// The commands the hub and the agents were started with, for [`PetrelLab::restart_with`].
+    /// The commands the hub and the agents were started with, and the arguments the last
+    /// [`PetrelLab::restart_with`] added: every respawn runs the same command again.
     hub_argv: Vec<String>,
     agent_argv: Vec<Vec<String>>,
+    hub_extra: Vec<String>,
+    agent_extra: Vec<String>,
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -165,6 +168,8 @@ impl<'a> PetrelLab<'a> {
             agents,
             hub_argv,
             agent_argv,
+            hub_extra: Vec::new(),
+            agent_extra: Vec::new(),
         };
         me.wait_ready()?;
         Ok(me)
@@ -201,24 +206,71 @@ impl<'a> PetrelLab<'a> {
         })
     }
 
-    /// Stops the hub and the agents (gracefully) and starts them again with the commands they
+    /// Stops the agents and the hub (gracefully) and starts them again with the commands they
     /// were started with plus `hub_extra` / `agent_extra` (for instance `--congestion bbr`;
-    /// empty slices restore the original commands); waits until the lab is ready again.
+    /// empty slices restore the original commands); waits until the lab is ready again. The hub
+    /// comes back first, so each agent connects once, and to the new hub.
     pub fn restart_with(&mut self, hub_extra: &[&str], agent_extra: &[&str]) -> Result<()> {
-        for ((name, g), argv) in self.agents.iter_mut().zip(&self.agent_argv) {
+        for (name, g) in &mut self.agents {
             g.terminate(Duration::from_secs(15))
                 .with_context(|| format!("stopping the agent on {name}"))?;
-            let mut cmd: Vec<&str> = argv.iter().map(String::as_str).collect();
-            cmd.extend_from_slice(agent_extra);
-            *g = self.lab.spawn(name, &cmd)?;
         }
         self.hub.terminate(Duration::from_secs(15))?;
-        let mut cmd: Vec<&str> = self.hub_argv.iter().map(String::as_str).collect();
-        cmd.extend_from_slice(hub_extra);
-        self.hub = self.lab.spawn(&self.lab.gateway().name, &cmd)?;
+        self.hub_extra = hub_extra.iter().map(|s| s.to_string()).collect();
+        self.agent_extra = agent_extra.iter().map(|s| s.to_string()).collect();
+        self.hub = self.spawn_hub("hub-restarted")?;
         self.hub
             .wait_for_log("hub listening", Duration::from_secs(10))?;
+        for i in 0..self.agents.len() {
+            self.agents[i].1 = self.spawn_agent(i, "agent-restarted")?;
+        }
         self.wait_ready()
+    }
+
+    /// `kill -9` of the hub, started again at once with the same command (does not wait for it).
+    pub fn kill_hub_and_respawn(&mut self) -> Result<()> {
+        self.hub.kill()?;
+        self.hub = self.spawn_hub("hub-restarted")?;
+        Ok(())
+    }
+
+    /// `kill -9` of `node`'s agent, started again at once with the same command.
+    pub fn kill_agent_and_respawn(&mut self, node: &str) -> Result<()> {
+        let i = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == node)
+            .ok_or_else(|| anyhow!("no agent on {node}"))?;
+        self.agents[i].1.kill()?;
+        self.agents[i].1 = self.spawn_agent(i, &format!("agent-{node}-restarted"))?;
+        Ok(())
+    }
+
+    fn spawn_hub(&self, label: &str) -> Result<ChildGuard> {
+        self.spawn_argv(
+            &self.lab.gateway().name,
+            &self.hub_argv,
+            &self.hub_extra,
+            label,
+        )
+    }
+
+    fn spawn_agent(&self, i: usize, label: &str) -> Result<ChildGuard> {
+        let (name, argv) = (&self.agents[i].0, &self.agent_argv[i]);
+        self.spawn_argv(name, argv, &self.agent_extra, label)
+    }
+
+    fn spawn_argv(
+        &self,
+        node: &str,
+        argv: &[String],
+        extra: &[String],
+        label: &str,
+    ) -> Result<ChildGuard> {
+        let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
+        let mut cmd = self.lab.command(node, prog)?;
+        cmd.args(args).args(extra);
+        self.lab.spawn_command(label, cmd)
     }
 
     fn json(&self, node: &str, bin_name: &str, admin: &str) -> Result<serde_json::Value> {

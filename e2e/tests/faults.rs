@@ -5,18 +5,18 @@
 //! NAT rebinding mid-transfer is covered by `dataplane_lab.rs` (both hooks: a 40 MiB transfer
 //! across a rebinding completes and the agent never reconnects); it is not repeated here.
 //!
-//! The lab tests run one at a time (a lock): they share the 2 cores, and the hub takes its egress
-//! socket from `PETREL_EGRESS_UDS`, which is process-wide.
+//! The lab tests run one at a time (a lock): they share the 2 cores and the lab's namespaces
+//! (each starts with `Lab::cleanup_stale`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddrV4;
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use petrel_e2e::bench::{self, streams, wan};
+use petrel_e2e::bench::{streams, wan};
 use petrel_e2e::lab::{self, Lab, LabSpec, PingOpts, TransferOpts};
 use petrel_e2e::lab_petrel::PetrelLab;
 use petrel_e2e::procs::{bin, join, Agent, Hub};
@@ -29,13 +29,20 @@ fn lab_lock() -> MutexGuard<'static, ()> {
     LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A lab with Petrel running and the egress proxy on `dir/egress.sock`.
-fn petrel_lab(dir: &Path) -> (Lab, std::path::PathBuf) {
+/// A fresh lab (the caller holds [`lab_lock`]).
+fn new_lab() -> Lab {
     lab::require_root().unwrap();
     Lab::cleanup_stale().unwrap();
+    Lab::build(LabSpec::default()).unwrap()
+}
+
+/// Petrel running in `lab` with the hub's egress proxy on `dir/egress.sock` (a flag, not the
+/// process-wide `PETREL_EGRESS_UDS`, which the hubs of the other tests would inherit).
+fn start_petrel<'a>(lab: &'a Lab, dir: &Path) -> (PetrelLab<'a>, PathBuf) {
     let uds = dir.join("egress.sock");
-    std::env::set_var("PETREL_EGRESS_UDS", &uds);
-    (Lab::build(LabSpec::default()).unwrap(), uds)
+    let petrel =
+        PetrelLab::start_with(lab, "fast", dir, &["--egress-uds", uds.to_str().unwrap()]).unwrap();
+    (petrel, uds)
 }
 
 fn agents_connected(p: &PetrelLab) -> usize {
@@ -45,12 +52,54 @@ fn agents_connected(p: &PetrelLab) -> usize {
         .unwrap_or(0)
 }
 
+/// The hub's status entry for the agent of `node`, if it is connected.
+fn hub_agent(p: &PetrelLab, node: &str) -> Option<serde_json::Value> {
+    p.hub_status().ok()?["agents"]
+        .as_array()?
+        .iter()
+        .find(|a| a["node"] == node)
+        .cloned()
+}
+
+/// Throughput (Mbit/s) of one proxied stream to `edge_ip` for `secs`: an upload to its sink or
+/// a download from its source.
+async fn proxied(uds: PathBuf, edge_ip: Ipv4Addr, upload: bool, secs: f64) -> anyhow::Result<f64> {
+    let port = if upload {
+        streams::PORT_SINK
+    } else {
+        streams::PORT_SOURCE
+    };
+    let s = streams::connect_via(&uds, SocketAddrV4::new(edge_ip, port)).await?;
+    streams::stream_throughput(s, upload, secs).await
+}
+
+/// Waits (10 s at most) until a ping from `from`'s pod to `to` gets a reply.
+fn wait_reachable(lab: &Lab, from: &str, to: Ipv4Addr) {
+    lab::wait_until(
+        &format!("{from} reaches {to} again"),
+        Duration::from_secs(10),
+        || {
+            lab.ping_with(
+                from,
+                to,
+                &PingOpts {
+                    count: 1,
+                    reply_timeout: Duration::from_millis(300),
+                    ..Default::default()
+                },
+            )
+            .map(|r| r.reachable())
+        },
+    )
+    .unwrap();
+}
+
 #[test]
 fn lossy_slow_wan_transfers_complete() {
     let _l = lab_lock();
     let tmp = tempfile::tempdir().unwrap();
-    let (lab, uds) = petrel_lab(tmp.path());
-    let petrel = PetrelLab::start(&lab, "fast", tmp.path()).unwrap();
+    let lab = new_lab();
+    let (petrel, uds) = start_petrel(&lab, tmp.path());
     let edge_ip = lab.node("edge-a1").pod_ip;
     let _targets = streams::target_servers(&lab, "edge-a1").unwrap();
 
@@ -92,11 +141,7 @@ fn lossy_slow_wan_transfers_complete() {
     let t = Instant::now();
     let mbit = streams::rt()
         .unwrap()
-        .block_on(async {
-            let s = streams::connect_via(&uds, SocketAddrV4::new(edge_ip, streams::PORT_SOURCE))
-                .await?;
-            streams::stream_throughput(s, false, 3.0).await
-        })
+        .block_on(proxied(uds, edge_ip, false, 3.0))
         .unwrap();
     assert!(mbit > 0.05, "stream moved {mbit} Mbit/s");
     eprintln!(
@@ -118,19 +163,33 @@ fn lossy_slow_wan_transfers_complete() {
 fn hub_killed_mid_transfer() {
     let _l = lab_lock();
     let tmp = tempfile::tempdir().unwrap();
-    let (lab, uds) = petrel_lab(tmp.path());
-    let mut petrel = PetrelLab::start(&lab, "fast", tmp.path()).unwrap();
+    let lab = new_lab();
+    let (mut petrel, uds) = start_petrel(&lab, tmp.path());
     let edge_ip = lab.node("edge-a1").pod_ip;
     let _targets = streams::target_servers(&lab, "edge-a1").unwrap();
 
-    // A proxied upload that would run for a minute; the hub dies under it.
+    // A proxied upload that would run for a minute; the hub dies under it, once the stream is
+    // open and has carried a MiB through the hub.
+    let to_edge = |p: &PetrelLab| {
+        hub_agent(p, "edge-a1").map_or((0, 0), |a| {
+            (
+                a["open_streams"].as_u64().unwrap_or(0),
+                a["bytes_out"].as_u64().unwrap_or(0),
+            )
+        })
+    };
+    let (_, sent_before) = to_edge(&petrel);
     let rt = streams::rt().unwrap();
-    let uds2 = uds.clone();
-    let upload = rt.spawn(async move {
-        let s = streams::connect_via(&uds2, SocketAddrV4::new(edge_ip, streams::PORT_SINK)).await?;
-        streams::stream_throughput(s, true, 60.0).await
-    });
-    std::thread::sleep(Duration::from_millis(700));
+    let upload = rt.spawn(proxied(uds.clone(), edge_ip, true, 60.0));
+    lab::wait_until("the upload under way", Duration::from_secs(10), || {
+        assert!(
+            !upload.is_finished(),
+            "the upload ended before the hub was killed"
+        );
+        let (open, sent) = to_edge(&petrel);
+        Ok(open >= 1 && sent >= sent_before + (1 << 20))
+    })
+    .unwrap();
     let killed = Instant::now();
     petrel.hub.kill().unwrap();
     let outcome = rt
@@ -145,7 +204,7 @@ fn hub_killed_mid_transfer() {
 
     // Restart the hub (same command, same state): agents come back, new transfers work.
     let restarted = Instant::now();
-    bench::kill_and_respawn(&lab, &mut petrel.hub, "hub-restarted").unwrap();
+    petrel.kill_hub_and_respawn().unwrap();
     lab::wait_until("all agents back", Duration::from_secs(20), || {
         Ok(agents_connected(&petrel) == 3)
     })
@@ -154,32 +213,10 @@ fn hub_killed_mid_transfer() {
         "all agents back {:?} after the restart",
         restarted.elapsed()
     );
-    lab::wait_until(
-        "cloud-1 reaches edge-a1 again",
-        Duration::from_secs(10),
-        || {
-            lab.ping_with(
-                "cloud-1",
-                edge_ip,
-                &PingOpts {
-                    count: 1,
-                    reply_timeout: Duration::from_millis(300),
-                    ..Default::default()
-                },
-            )
-            .map(|r| r.reachable())
-        },
-    )
-    .unwrap();
+    wait_reachable(&lab, "cloud-1", edge_ip);
     let r = lab.tcp_transfer("cloud-1", "edge-a1", 4 << 20).unwrap();
     assert_eq!(r.bytes_received, 4 << 20);
-    let mbit = rt
-        .block_on(async {
-            let s =
-                streams::connect_via(&uds, SocketAddrV4::new(edge_ip, streams::PORT_SINK)).await?;
-            streams::stream_throughput(s, true, 0.5).await
-        })
-        .unwrap();
+    let mbit = rt.block_on(proxied(uds, edge_ip, true, 0.5)).unwrap();
     assert!(
         mbit > 1.0,
         "new proxied transfer after the restart: {mbit} Mbit/s"
@@ -191,31 +228,17 @@ fn hub_killed_mid_transfer() {
 fn agent_killed_and_restarted() {
     let _l = lab_lock();
     let tmp = tempfile::tempdir().unwrap();
-    let (lab, _uds) = petrel_lab(tmp.path());
-    let mut petrel = PetrelLab::start(&lab, "fast", tmp.path()).unwrap();
+    let lab = new_lab();
+    let (mut petrel, _uds) = start_petrel(&lab, tmp.path());
     let edge_ip = lab.node("edge-a1").pod_ip;
-    let idx = petrel
-        .agents
-        .iter()
-        .position(|(n, _)| n == "edge-a1")
-        .unwrap();
+    // Seconds are too coarse to tell sessions apart (a restart can land in the same second);
+    // the restarted agent's new socket gives a new remote port.
     let since = |p: &PetrelLab| {
-        p.hub_status().ok().and_then(|s| {
-            s["agents"].as_array().and_then(|a| {
-                a.iter()
-                    .find(|a| a["node"] == "edge-a1")
-                    // Seconds are too coarse to tell sessions apart (a restart can land in the
-                    // same second); the restarted agent's new socket gives a new remote port.
-                    .map(|a| (a["connected_since_unix"].clone(), a["remote"].clone()))
-            })
-        })
+        hub_agent(p, "edge-a1").map(|a| (a["connected_since_unix"].clone(), a["remote"].clone()))
     };
     let before = since(&petrel).expect("edge-a1 connected");
     let t = Instant::now();
-    {
-        let (_, guard) = &mut petrel.agents[idx];
-        bench::kill_and_respawn(&lab, guard, "agent-edge-a1-restarted").unwrap();
-    }
+    petrel.kill_agent_and_respawn("edge-a1").unwrap();
     // The new session replaces the old one on the hub at once (no wait for the idle timeout).
     lab::wait_until(
         "the restarted agent's session",
@@ -223,23 +246,7 @@ fn agent_killed_and_restarted() {
         || Ok(since(&petrel).is_some_and(|s| s != before)),
     )
     .unwrap();
-    lab::wait_until(
-        "cloud-1 reaches edge-a1 again",
-        Duration::from_secs(10),
-        || {
-            lab.ping_with(
-                "cloud-1",
-                edge_ip,
-                &PingOpts {
-                    count: 1,
-                    reply_timeout: Duration::from_millis(300),
-                    ..Default::default()
-                },
-            )
-            .map(|r| r.reachable())
-        },
-    )
-    .unwrap();
+    wait_reachable(&lab, "cloud-1", edge_ip);
     eprintln!(
         "edge-a1 back and reachable {:?} after kill -9 of its agent",
         t.elapsed()
@@ -286,6 +293,16 @@ fn gateway(args: &[&str], state: &Path) -> std::process::Output {
     petrel_e2e::procs::run(c, Duration::from_secs(20)).unwrap()
 }
 
+/// [`gateway`], which must succeed.
+fn gateway_ok(args: &[&str], state: &Path) {
+    let out = gateway(args, state);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn state_dir_read_only_is_a_clear_error() {
     lab::require_root().unwrap();
@@ -326,21 +343,25 @@ fn state_dir_full_leaves_tokens_intact() {
     let _m = Mount::tmpfs(&full, "size=256k");
     let state = full.join("state");
     // A working state directory with one token.
-    let out = gateway(&["token", "create", "--node", "edge-a1"], &state);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gateway_ok(&["token", "create", "--node", "edge-a1"], &state);
     let tokens = state.join("tokens.json");
     let before = std::fs::read(&tokens).unwrap();
     serde_json::from_slice::<serde_json::Value>(&before).unwrap();
     // Fill the file system.
     let filler = full.join("filler");
-    let _ = Command::new("dd")
+    // (dd itself fails: the file system fills before it has written 4 MB.)
+    let dd = Command::new("dd")
         .args(["if=/dev/zero", "bs=4k", "count=1000"])
         .arg(format!("of={}", filler.display()))
-        .output();
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&dd.stderr)
+            .to_lowercase()
+            .contains("no space"),
+        "the file system did not fill: {}",
+        String::from_utf8_lossy(&dd.stderr)
+    );
     let out = gateway(&["token", "create", "--node", "edge-a2"], &state);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("token create on a full disk: {}\n{stderr}", out.status);
@@ -358,25 +379,17 @@ fn state_dir_full_leaves_tokens_intact() {
     );
     let after = std::fs::read(&tokens).unwrap();
     assert_eq!(before, after, "tokens.json must be untouched");
-    serde_json::from_slice::<serde_json::Value>(&after).unwrap();
-    // With space again, it works and the old token is still there.
+    // With space again, it works and the old token is still there (tokens.json maps token ids
+    // to records).
     std::fs::remove_file(&filler).unwrap();
-    let out = gateway(&["token", "create", "--node", "edge-a2"], &state);
+    gateway_ok(&["token", "create", "--node", "edge-a2"], &state);
+    let old: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&before).unwrap();
+    let now: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&tokens).unwrap()).unwrap();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        old.len() == 1 && now.len() == 2 && old.keys().all(|k| now.contains_key(k)),
+        "both tokens kept: before {old:?}, after {now:?}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&tokens).unwrap()).unwrap();
-    let n = v
-        .as_object()
-        .map(|o| {
-            o.get("tokens")
-                .and_then(|t| t.as_object().map(|t| t.len()))
-                .unwrap_or(o.len())
-        })
-        .unwrap_or(0);
-    assert!(n >= 2, "both tokens kept: {v}");
 }
 
 /// The hub's CA, from its state directory.
@@ -463,8 +476,13 @@ fn clock_skew_beyond_certificate_validity() {
         .proc
         .wait_for_log("node certificate has expired", Duration::from_secs(10))
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(hub.agent("edge-a1").is_none(), "the hub must not admit it");
+    lab::never_within("the hub admits edge-a1", Duration::from_secs(1), || {
+        let s = hub.status()?;
+        Ok(s["agents"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["node"] == "edge-a1")))
+    })
+    .unwrap();
     for l in agent
         .proc
         .log()

@@ -125,15 +125,7 @@ pub struct Machine {
 
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0);
+    let mem_kib = util::meminfo_kib("MemTotal:").unwrap_or(0) as f64;
     let version = |p: &str, a: &str| {
         std::process::Command::new(p)
             .arg(a)
@@ -591,6 +583,21 @@ fn measure_path(
     Ok(())
 }
 
+/// `--congestion CC` for hub and agents when the run asks for one (else Petrel's default).
+fn congestion_args(cfg: &BenchConfig) -> Vec<&str> {
+    match &cfg.congestion {
+        Some(cc) => vec!["--congestion", cc],
+        None => Vec::new(),
+    }
+}
+
+/// The tunnel processes whose CPU the Petrel rows count: the hub and every agent.
+fn petrel_pids(petrel: &PetrelLab<'_>) -> Vec<u32> {
+    let mut pids = vec![petrel.hub.pid()];
+    pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
+    pids
+}
+
 fn path_row(id: &str, label: &str, from: &str, to: &str, procs: &str) -> PathRow {
     PathRow {
         id: id.into(),
@@ -682,7 +689,13 @@ impl Probe {
             (lab.endpoint_ns(a)?, lab.node(a).pod_ip, lab.node(b).pod_ip),
             (lab.endpoint_ns(b)?, lab.node(b).pod_ip, lab.node(a).pod_ip),
         ];
-        let mut tasks = Vec::new();
+        // Built first: if the second end fails to start, dropping the probe stops the first.
+        let mut probe = Probe {
+            stop,
+            heard,
+            tasks: Vec::new(),
+        };
+        let Probe { stop, heard, tasks } = &mut probe;
         for (i, (ns, me, peer)) in ends.into_iter().enumerate() {
             let (stop, heard) = (stop.clone(), heard.clone());
             let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -716,7 +729,7 @@ impl Probe {
                 .map_err(|_| anyhow!("probe did not start"))?
                 .map_err(|e| anyhow!("probe: {e}"))?;
         }
-        Ok(Probe { stop, heard, tasks })
+        Ok(probe)
     }
 
     /// The first instant at or after `t` by which both sides have heard the other.
@@ -738,22 +751,6 @@ impl Drop for Probe {
     }
 }
 
-/// Kills `guard`'s process with SIGKILL and starts the same command line again at once (its
-/// description is `ip netns exec NS BIN ARGS...`; no argument of ours contains spaces).
-pub fn kill_and_respawn(lab: &Lab, guard: &mut crate::lab::ChildGuard, label: &str) -> Result<()> {
-    let argv: Vec<String> = guard
-        .description()
-        .split_whitespace()
-        .map(|w| w.trim_matches('\'').to_string())
-        .collect();
-    let (prog, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-    guard.kill()?;
-    let mut cmd = std::process::Command::new(prog);
-    cmd.args(args);
-    *guard = lab.spawn_command(label, cmd)?;
-    Ok(())
-}
-
 /// Kills the hub with SIGKILL and starts it again at once with the same command; returns the
 /// seconds until traffic flows both ways between a cloud pod and an edge pod.
 pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Result<f64> {
@@ -769,7 +766,7 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
         },
     )?;
     let t0 = Instant::now();
-    kill_and_respawn(lab, &mut petrel.hub, "hub-restarted")?;
+    petrel.kill_hub_and_respawn()?;
     let mut flowing = None;
     crate::lab::wait_until(
         "traffic both ways after the hub restart",
@@ -817,8 +814,6 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
     // inherit this limit).
     util::raise_nofile(262_144)?;
     let uds = work.join("egress.sock");
-    // The hub reads its egress socket from the environment (no extra flag on PetrelLab).
-    std::env::set_var("PETREL_EGRESS_UDS", &uds);
     let mut report = Report {
         machine: machine(),
         config: cfg.clone(),
@@ -889,16 +884,16 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
 
     let petrel_dir = work.join("petrel");
     std::fs::create_dir_all(&petrel_dir)?;
-    let mut petrel = PetrelLab::start(&lab, &cfg.hooks, &petrel_dir)?;
-    let cc_args: Vec<&str> = match &cfg.congestion {
-        Some(cc) => vec!["--congestion", cc],
-        None => Vec::new(),
-    };
+    let uds_arg = uds
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", uds.display()))?;
+    let mut petrel =
+        PetrelLab::start_with(&lab, &cfg.hooks, &petrel_dir, &["--egress-uds", uds_arg])?;
+    let cc_args = congestion_args(cfg);
     if !cc_args.is_empty() {
         petrel.restart_with(&cc_args, &cc_args)?;
     }
-    let mut pids = vec![petrel.hub.pid()];
-    pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
+    let pids = petrel_pids(&petrel);
 
     // (2) Petrel through the hub.
     if cfg.runs("paths") {
@@ -1008,8 +1003,19 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
                     ..Default::default()
                 }),
             }
-            // Let the closes settle.
-            std::thread::sleep(Duration::from_secs(1));
+            // Let the closes settle: the hub counts no open stream any more (best effort; the
+            // next figure still runs if it does not get there).
+            let _ = crate::lab::wait_until(
+                "the streams closed on the hub",
+                Duration::from_secs(30),
+                || {
+                    Ok(petrel.hub_status().ok().is_some_and(|s| {
+                        s["agents"].as_array().is_some_and(|a| {
+                            a.iter().all(|a| a["open_streams"].as_u64() == Some(0))
+                        })
+                    }))
+                },
+            );
         }
         match streams::head_of_line(uds, edge_ip, cfg.stream_secs) {
             Ok(h) => st.head_of_line = Some(h),
@@ -1100,10 +1106,7 @@ fn wan_section(
         w.variants.push(v);
     }
     drop(imp);
-    let restore: Vec<&str> = match &cfg.congestion {
-        Some(cc) => vec!["--congestion", cc],
-        None => Vec::new(),
-    };
+    let restore = congestion_args(cfg);
     petrel.restart_with(&restore, &restore)?;
     Ok(())
 }
@@ -1130,8 +1133,7 @@ fn wan_variant(
         v.stream_mbit
             .zip(w.direct_tcp_mbit)
             .map(|(a, b)| if b > 0.0 { a / b } else { 0.0 });
-    let mut pids = vec![petrel.hub.pid()];
-    pids.extend(petrel.agents.iter().map(|(_, g)| g.pid()));
+    let pids = petrel_pids(petrel);
     let r = util::iperf_client(
         lab,
         "edge-a1",

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 
 use super::loadgen;
-use super::util::{proc_cpu_secs, proc_rss_kib};
+use super::util::{meminfo_kib, proc_cpu_secs, proc_rss_kib};
 use crate::procs::{bin, free_port, Hub, Proc};
 
 /// One scale run.
@@ -47,25 +47,18 @@ fn field(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
-/// MemAvailable in KiB.
+/// MemAvailable in KiB (unknown: no limit).
 fn mem_available_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(u64::MAX)
+    meminfo_kib("MemAvailable:").unwrap_or(u64::MAX)
 }
 
 /// Below this the run stops rather than push the machine into the OOM killer.
 const MIN_AVAILABLE_KIB: u64 = 2 << 20;
 
-/// Polls the loadgen's last status line until `pred` holds, watching the machine's memory.
+/// Polls the loadgen's last status line until `pred` holds, watching the machine's memory and
+/// the loadgen itself (one that died is not waited for until the timeout).
 fn wait_line(
-    lg: &Proc,
+    lg: &mut Proc,
     hub_pid: u32,
     timeout: Duration,
     what: &str,
@@ -77,6 +70,17 @@ fn wait_line(
             if pred(&l) {
                 return Ok(l);
             }
+        }
+        if let Some(status) = lg.try_wait() {
+            bail!(
+                "the loadgen exited ({status}) while waiting for {what}: {}",
+                lg.log()
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
         }
         let avail = mem_available_kib();
         if avail < MIN_AVAILABLE_KIB {
@@ -119,6 +123,8 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
     let extra = ["--inventory", inv_s.as_str()];
     let (port, admin) = (free_port(), free_port());
     let mut hub = Hub::start_on(&state, port, admin, &extra)?;
+    // The hub listens (start_on waited for that); let its start-up allocations settle before
+    // the baseline RSS.
     std::thread::sleep(Duration::from_millis(500));
     let base = proc_rss_kib(hub.proc.pid());
     row.hub_rss_base_kib = Some(base);
@@ -133,10 +139,10 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         "--report-every-ms",
         "100",
     ]);
-    let lg = Proc::spawn("loadgen", cmd)?;
+    let mut lg = Proc::spawn("loadgen", cmd)?;
     let connect_budget = Duration::from_secs(60 + n as u64 / 50);
     let connected = wait_line(
-        &lg,
+        &mut lg,
         hub.proc.pid(),
         connect_budget,
         "all simulated agents connected",
@@ -177,7 +183,7 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
     drop(hub);
     let hub = Hub::start_on(&state, port, admin, &extra)?;
     wait_line(
-        &lg,
+        &mut lg,
         hub.proc.pid(),
         Duration::from_secs(120 + n as u64 / 50),
         "all simulated agents back after the hub restart",

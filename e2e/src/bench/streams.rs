@@ -22,10 +22,10 @@ pub const PORT_HELLO: u16 = 7101; // writes "H" on accept, then echoes
 pub const PORT_SINK: u16 = 7102; // reads to EOF, then writes the byte count (u64 BE)
 pub const PORT_SOURCE: u16 = 7103; // writes until the peer goes away
 
-/// Serves the three targets on `ip` until `stop` (run by `petrel-loadgen targets` inside a pod's
-/// namespace: 10,000 streams need 10,000 sockets there, more than one process may hold beside
-/// the clients' under this sandbox's open-file limit).
-pub async fn serve_targets(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Result<()> {
+/// Serves the three targets on `ip` until the process is killed (run by `petrel-loadgen targets`
+/// inside a pod's namespace: 10,000 streams need 10,000 sockets there, more than one process may
+/// hold beside the clients' under this sandbox's open-file limit).
+pub async fn serve_targets(ip: Ipv4Addr) -> Result<()> {
     let bind = |p| TcpListener::bind(SocketAddrV4::new(ip, p));
     let (h, k, s) = (
         bind(PORT_HELLO).await?,
@@ -34,9 +34,6 @@ pub async fn serve_targets(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Result<()> {
     );
     println!("targets listening on {ip}");
     loop {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         tokio::select! {
             r = h.accept() => if let Ok((mut c, _)) = r {
                 let _ = c.set_nodelay(true);
@@ -72,7 +69,6 @@ pub async fn serve_targets(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Result<()> {
                     while c.write_all(&b).await.is_ok() {}
                 });
             },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
 }
@@ -96,8 +92,14 @@ pub fn target_servers(lab: &crate::lab::Lab, node: &str) -> Result<crate::lab::C
 }
 
 /// Opens a CONNECT tunnel to `target` through the hub's Unix socket; returns the stream after
-/// the `200` (and nothing of what follows).
+/// the `200` (and nothing of what follows). Gives up after 30 s.
 pub async fn connect_via(uds: &Path, target: SocketAddrV4) -> Result<UnixStream> {
+    tokio::time::timeout(Duration::from_secs(30), connect_via_inner(uds, target))
+        .await
+        .map_err(|_| anyhow!("CONNECT {target}: no answer within 30 s"))?
+}
+
+async fn connect_via_inner(uds: &Path, target: SocketAddrV4) -> Result<UnixStream> {
     let mut s = UnixStream::connect(uds)
         .await
         .with_context(|| format!("connecting to {}", uds.display()))?;
@@ -202,10 +204,15 @@ pub async fn stream_throughput<S: AsyncRead + AsyncWrite + Unpin>(
     let deadline = Duration::from_secs_f64(secs);
     if to_target {
         let b = vec![0xa5u8; 256 * 1024];
+        let stalled = || anyhow!("sink stalled for 30 s");
         while t.elapsed() < deadline {
-            s.write_all(&b).await?;
+            tokio::time::timeout(Duration::from_secs(30), s.write_all(&b))
+                .await
+                .map_err(|_| stalled())??;
         }
-        s.shutdown().await?;
+        tokio::time::timeout(Duration::from_secs(30), s.shutdown())
+            .await
+            .map_err(|_| stalled())??;
         let mut n = [0u8; 8];
         tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut n))
             .await

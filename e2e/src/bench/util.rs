@@ -36,16 +36,16 @@ pub fn pids_cpu_secs(pids: &[u32]) -> f64 {
 }
 
 /// Resident set size of `pid` in KiB (0 if it is gone).
-pub fn proc_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+pub use crate::apiserver::rss_kib as proc_rss_kib;
+
+/// A `/proc/meminfo` field (`key` with its colon, e.g. `"MemAvailable:"`) in KiB.
+pub fn meminfo_kib(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// Busy CPU seconds of the whole machine (all cores: user, nice, system, irq, softirq, steal).
@@ -321,16 +321,6 @@ pub fn have(program: &str) -> bool {
     })
 }
 
-/// Runs `ip netns exec ns cmd...` and returns stdout (error on failure).
-pub fn sh(lab: &Lab, ns: &str, cmd: &[&str]) -> Result<String> {
-    Ok(lab.exec(ns, cmd)?.stdout)
-}
-
-/// `ip netns exec ns sh -c script`.
-pub fn sh_script(lab: &Lab, ns: &str, script: &str) -> Result<String> {
-    Ok(lab.exec(ns, &["sh", "-ec", script])?.stdout)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -346,5 +336,6 @@ mod tests {
         assert!(proc_cpu_secs(std::process::id()) >= 0.0);
         assert!(proc_rss_kib(std::process::id()) > 0);
         assert!(machine_cpu_secs() > 0.0);
+        assert!(meminfo_kib("MemAvailable:").is_some_and(|k| k > 0));
     }
 }

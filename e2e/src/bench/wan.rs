@@ -29,7 +29,7 @@ use rustix::net::{
     SocketFlags, SocketType,
 };
 
-use crate::lab::{spawn_in_netns, Lab};
+use crate::lab::{spawn_in_netns, Lab, NetnsTask};
 
 const LOSS_TABLE: &str = "petrel_bench_loss";
 
@@ -154,6 +154,8 @@ fn pump(
 pub struct Impairment<'a> {
     lab: &'a Lab,
     stop: Arc<AtomicBool>,
+    /// The two forwarder threads (joined on drop, before their devices are removed).
+    pumps: Vec<NetnsTask<()>>,
     delayed: bool,
     lossy: bool,
     /// Frames forwarded by the delay link.
@@ -172,6 +174,7 @@ impl<'a> Impairment<'a> {
         let mut me = Impairment {
             lab,
             stop: Arc::new(AtomicBool::new(false)),
+            pumps: Vec::new(),
             delayed: false,
             lossy: false,
             counters: Arc::new(LinkCounters::default()),
@@ -216,7 +219,7 @@ impl<'a> Impairment<'a> {
             for (from, to, name) in [(a, b, "gw->wan"), (b, a, "wan->gw")] {
                 let (stop, counters) = (me.stop.clone(), me.counters.clone());
                 let (tx_ready, rx_ready) = std::sync::mpsc::channel();
-                spawn_in_netns(&wan, &format!("delay link {name}"), move || {
+                let task = spawn_in_netns(&wan, &format!("delay link {name}"), move || {
                     let socks = (|| -> Result<_> {
                         Ok((
                             [packet_socket(from, 0x0800)?, packet_socket(from, 0x0806)?],
@@ -235,6 +238,7 @@ impl<'a> Impairment<'a> {
                         }
                     }
                 })?;
+                me.pumps.push(task);
                 rx_ready
                     .recv_timeout(Duration::from_secs(5))
                     .map_err(|_| anyhow!("delay link {name} did not start"))?
@@ -277,8 +281,11 @@ impl Drop for Impairment<'_> {
                 .lab
                 .exec(&gw, &["nft", "delete", "table", "ip", LOSS_TABLE]);
         }
+        // The forwarders see `stop` within one poll (at most 50 ms).
+        for t in self.pumps.drain(..) {
+            let _ = t.wait(Duration::from_secs(2));
+        }
         if self.delayed {
-            std::thread::sleep(Duration::from_millis(100));
             let port = format!("p-{gw}");
             let _ = self.lab.exec(&wan, &["ip", "link", "del", "dly0"]);
             let _ = self

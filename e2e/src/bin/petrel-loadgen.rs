@@ -88,6 +88,5 @@ fn targets(args: &[String]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    rt.block_on(petrel_e2e::bench::streams::serve_targets(ip, stop))
+    rt.block_on(petrel_e2e::bench::streams::serve_targets(ip))
 }
