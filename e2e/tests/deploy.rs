@@ -345,6 +345,7 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
         ("get", "configmaps", "kube-system", false),
         ("create", "events", "default", true),
         ("patch", "events", "default", false),
+        ("list", "events", "default", false),
         ("create", "events", "petrel-system", false),
         ("create", "events", "kube-system", false),
         ("list", "events", "petrel-system", false),
