@@ -43,18 +43,8 @@ enum SessionEnd {
     Shutdown,
 }
 
-/// Agent-side reconnect policy.
-pub fn backoff_policy(max: Duration) -> BackoffPolicy {
-    BackoffPolicy {
-        initial: Duration::from_millis(100),
-        max,
-        multiplier: 2,
-        stable_after: Duration::from_secs(10),
-    }
-}
-
 pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: CancellationToken) {
-    let mut backoff = Backoff::new(backoff_policy(shared.config.backoff_max));
+    let mut backoff = Backoff::new(BackoffPolicy::agent_reconnect(shared.config.backoff_max));
     let mut delay = Duration::ZERO;
     let mut last_logged_error: Option<String> = None;
     loop {

@@ -30,6 +30,19 @@ impl Default for BackoffPolicy {
     }
 }
 
+impl BackoffPolicy {
+    /// The edge agent's reconnect policy (and the load generator's, which models it): first retry
+    /// after 100 ms, doubling up to `max`; a session of 10 s counts as healthy.
+    pub fn agent_reconnect(max: Duration) -> Self {
+        BackoffPolicy {
+            initial: Duration::from_millis(100),
+            max,
+            multiplier: 2,
+            stable_after: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
     policy: BackoffPolicy,

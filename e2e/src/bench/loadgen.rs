@@ -134,15 +134,6 @@ const PING_INTERVAL: Duration = Duration::from_secs(2);
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn backoff_policy() -> BackoffPolicy {
-    BackoffPolicy {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(2),
-        multiplier: 2,
-        stable_after: Duration::from_secs(10),
-    }
-}
-
 type Connected = (quinn::Connection, ControlWriter, ControlReader);
 
 /// One connect attempt like the agent's: a fresh socket and endpoint, the handshake, hello,
@@ -283,7 +274,7 @@ async fn agent(
     counters: Arc<Counters>,
     mut first: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
-    let mut backoff = Backoff::new(backoff_policy());
+    let mut backoff = Backoff::new(BackoffPolicy::agent_reconnect(Duration::from_secs(2)));
     let mut rng = Jitter::new(i);
     let mut delay = Duration::ZERO;
     loop {
