@@ -8,6 +8,7 @@ use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use ipnet::Ipv4Net;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -616,11 +617,16 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// made, after routing, filtering and bridging them once instead of once per payload. Where GSO
 /// is unavailable (`EIO` without checksum offload on the route's device, old kernels) the batch
 /// falls back to one send per payload, for good.
+///
+/// The batch holds the payloads themselves (reference-counted slices of the tunnel datagrams),
+/// not a copy: the GSO send gathers them with one iovec each. A hub keeps one batch per agent, so
+/// an idle one must cost next to nothing; a 64 KiB copy buffer each was most of the hub's memory
+/// at 10,000 agents.
 #[derive(Debug)]
 pub struct UdpBatch {
-    buf: Vec<u8>,
+    payloads: Vec<Bytes>,
+    bytes: usize,
     seg: usize,
-    count: usize,
     dest: Option<SocketAddr>,
     /// A shorter payload ended the batch.
     closed: bool,
@@ -641,9 +647,9 @@ pub struct Flushed {
 impl Default for UdpBatch {
     fn default() -> Self {
         UdpBatch {
-            buf: Vec::with_capacity(GSO_MAX_BYTES),
+            payloads: Vec::new(),
+            bytes: 0,
             seg: 0,
-            count: 0,
             dest: None,
             closed: false,
             gso: true,
@@ -658,53 +664,53 @@ impl UdpBatch {
 
     /// Payloads waiting.
     pub fn len(&self) -> usize {
-        self.count
+        self.payloads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.payloads.is_empty()
     }
 
     /// Whether a payload of `len` bytes to `dest` (`None`: a connected socket) can join.
     pub fn accepts(&self, len: usize, dest: Option<SocketAddr>) -> bool {
-        self.count == 0
+        self.payloads.is_empty()
             || (!self.closed
                 && dest == self.dest
                 && len <= self.seg
                 && len > 0
-                && self.count < GSO_MAX_SEGMENTS
-                && self.buf.len() + len <= GSO_MAX_BYTES)
+                && self.payloads.len() < GSO_MAX_SEGMENTS
+                && self.bytes + len <= GSO_MAX_BYTES)
     }
 
     /// Adds a payload; the caller checked [`UdpBatch::accepts`] (otherwise it flushes first).
-    pub fn push(&mut self, payload: &[u8], dest: Option<SocketAddr>) {
-        if self.count == 0 {
+    pub fn push(&mut self, payload: Bytes, dest: Option<SocketAddr>) {
+        if self.payloads.is_empty() {
             self.seg = payload.len();
             self.dest = dest;
             self.closed = false;
         } else if payload.len() < self.seg {
             self.closed = true;
         }
-        self.buf.extend_from_slice(payload);
-        self.count += 1;
+        self.bytes += payload.len();
+        self.payloads.push(payload);
     }
 
     fn clear(&mut self) {
-        self.buf.clear();
-        self.count = 0;
+        self.payloads.clear();
+        self.bytes = 0;
         self.closed = false;
     }
 
     /// Sends everything waiting on `sock` and empties the batch.
     pub async fn flush(&mut self, sock: &UdpSocket) -> Flushed {
         let mut out = Flushed::default();
-        if self.count == 0 {
+        if self.payloads.is_empty() {
             return out;
         }
-        if self.count > 1 && self.gso {
-            match send_gso(sock, &self.buf, self.seg, self.dest).await {
+        if self.payloads.len() > 1 && self.gso {
+            match send_gso(sock, &self.payloads, self.seg, self.dest).await {
                 Ok(()) => {
-                    out.sent = self.count;
+                    out.sent = self.payloads.len();
                     self.clear();
                     return out;
                 }
@@ -721,10 +727,10 @@ impl UdpBatch {
                 }
             }
         }
-        for chunk in self.buf.chunks(self.seg.max(1)) {
+        for payload in &self.payloads {
             let r = match self.dest {
-                Some(d) => sock.send_to(chunk, d).await,
-                None => sock.send(chunk).await,
+                Some(d) => sock.send_to(payload, d).await,
+                None => sock.send(payload).await,
             };
             match r {
                 Ok(_) => out.sent += 1,
@@ -741,20 +747,30 @@ impl UdpBatch {
 
 async fn send_gso(
     sock: &UdpSocket,
-    buf: &[u8],
+    payloads: &[Bytes],
     seg: usize,
     dest: Option<SocketAddr>,
 ) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd;
     let seg = u16::try_from(seg).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if payloads.len() > GSO_MAX_SEGMENTS {
+        // Only a push past `accepts` gets here; the caller then sends one by one.
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let dest = dest.map(SockaddrStorage::from);
-    let iov = [io::IoSlice::new(buf)];
     sock.async_io(tokio::io::Interest::WRITABLE, || {
+        // One datagram for the kernel, gathered from the payloads in place. The iovecs live on
+        // this stack frame only, not in the (per-agent, long-lived) future that awaits the send.
+        let mut iov = [io::IoSlice::new(&[]); GSO_MAX_SEGMENTS];
+        for (slot, p) in iov.iter_mut().zip(payloads) {
+            *slot = io::IoSlice::new(p);
+        }
+        let iov = iov.get(..payloads.len()).unwrap_or_default();
         let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
         sendmsg(
             sock.as_raw_fd(),
-            &iov,
+            iov,
             &cmsg,
             MsgFlags::empty(),
             dest.as_ref(),
@@ -834,7 +850,7 @@ mod tests {
             .collect();
         for p in &payloads {
             assert!(b.accepts(p.len(), Some(to)));
-            b.push(p, Some(to));
+            b.push(Bytes::copy_from_slice(p), Some(to));
         }
         // A shorter payload closed the batch; another destination never joins.
         assert!(!b.accepts(100, Some(to)));

@@ -302,7 +302,9 @@ impl AgentDataplane {
         if !batch.accepts(payload.len(), None) {
             self.flush(batch).await;
         }
-        batch.push(payload, None);
+        // The VXLAN payload is the datagram after its kind byte (it parsed, so it is longer
+        // than that): a slice of the same buffer, not a copy.
+        batch.push(datagram.slice(petrel_proto::DATAGRAM_OVERHEAD..), None);
     }
 
     async fn flush(&self, batch: &mut UdpBatch) {

@@ -122,7 +122,7 @@ pub struct Welcome {
     pub view: HubView,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HubView {
     pub gateways: Vec<GatewayEndpoint>,
     pub routes: Vec<Route>,

@@ -130,7 +130,7 @@ pub use control::{
 };
 pub use datagram::{
     encode_vxlan_header, parse_datagram, write_vxlan_datagram, DatagramError, VxlanFrame,
-    DATAGRAM_KIND_VXLAN, VXLAN_HEADER_LEN,
+    DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD, VXLAN_HEADER_LEN,
 };
 pub use enrol::{
     decode_enrol_request, decode_enrol_response, encode_enrol_request, encode_enrol_response,

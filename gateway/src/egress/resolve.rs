@@ -223,20 +223,20 @@ pub fn policy_for(
     let Some(me) = inv.node(node) else {
         return EgressPolicy::default();
     };
-    let mut site_nodes: Vec<&crate::inventory::Node> =
-        inv.nodes().filter(|n| n.site == me.site).collect();
     // Its own node first, so it survives the caps.
-    site_nodes.sort_by_key(|n| n.name != me.name);
+    let site_nodes =
+        std::iter::once(me).chain(inv.site_nodes(&me.site).filter(|n| n.name != me.name));
     let mut policy = EgressPolicy {
         node_ports: ports.node_ports.clone(),
         pod_ports: ports.pod_ports.clone(),
         ..Default::default()
     };
+    // Addresses repeat across a site's nodes rarely, but a linear `contains` per address made a
+    // large site quadratic.
+    let mut seen = std::collections::HashSet::new();
     for n in site_nodes {
         for ip in &n.addresses {
-            if policy.node_addresses.len() < MAX_EGRESS_TARGETS
-                && !policy.node_addresses.contains(ip)
-            {
+            if policy.node_addresses.len() < MAX_EGRESS_TARGETS && seen.insert(*ip) {
                 policy.node_addresses.push(*ip);
             }
         }

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use petrel_datapath::UdpBatch;
-use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN};
+use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -279,11 +279,13 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
                 );
             }
             Verdict::ToVtep(addr) => {
-                let payload = frame.vxlan_bytes();
-                if !batch.accepts(payload.len(), Some(addr)) {
+                let len = frame.vxlan_bytes().len();
+                if !batch.accepts(len, Some(addr)) {
                     flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
                 }
-                batch.push(payload, Some(addr));
+                // The VXLAN payload is the datagram after its kind byte (it parsed, so it is
+                // longer than that): a slice of the same buffer, not a copy.
+                batch.push(datagram.slice(DATAGRAM_OVERHEAD..), Some(addr));
             }
             Verdict::Drop(reason) => count_drop(&ctx, Some(&entry), reason),
         }

@@ -70,9 +70,10 @@ pub struct HubContext {
     serving: RwLock<Result<(), String>>,
     /// Kubernetes mode: every candidate's endpoints, the active hub's marked active.
     gateways: RwLock<Option<Vec<GatewayEndpoint>>>,
-    /// The last view each session (by registry id) was sent, so updates go only where they
-    /// change something.
-    pushed: Mutex<HashMap<u64, HubView>>,
+    /// A digest of the last view each session (by registry id) was sent, so updates go only
+    /// where they change something. A digest, not the view: a view lists a route per node, so
+    /// keeping one per agent would grow with agents times nodes.
+    pushed: Mutex<HashMap<u64, u64>>,
     pub observer: OnceLock<Arc<dyn TunnelObserver>>,
     /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
     pub cluster_status: RwLock<Option<serde_json::Value>>,
@@ -193,24 +194,26 @@ impl HubContext {
         let stale = self
             .pushed
             .lock()
-            .map(|p| p.get(&agent.id) != Some(&view))
+            .map(|p| p.get(&agent.id) != Some(&view_digest(&view)))
             .unwrap_or(true);
         if stale {
             debug!(node = %agent.node, routes = view.routes.len(), "pushing an update");
             if agent
                 .commands
-                .try_send(SessionCommand::Send(ControlMessage::Update(view.clone())))
+                .try_send(SessionCommand::Send(Box::new(ControlMessage::Update(
+                    view.clone(),
+                ))))
                 .is_ok()
             {
-                self.record_pushed(agent.id, view);
+                self.record_pushed(agent.id, &view);
             }
         }
     }
 
     /// Remembers what session `id` was last sent.
-    pub fn record_pushed(&self, id: u64, view: HubView) {
+    pub fn record_pushed(&self, id: u64, view: &HubView) {
         if let Ok(mut p) = self.pushed.lock() {
-            p.insert(id, view);
+            p.insert(id, view_digest(view));
         }
     }
 
@@ -237,6 +240,13 @@ impl HubContext {
             })
             .collect()
     }
+}
+
+/// What [`HubContext::pushed`] keeps of a view. Equal views give equal digests; a collision
+/// (one in 2^64 per change) would only skip one push until the next change.
+fn view_digest(view: &HubView) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(view)
 }
 
 /// A bound hub, ready to run.

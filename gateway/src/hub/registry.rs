@@ -20,8 +20,9 @@ use tokio::sync::mpsc;
 pub enum SessionCommand {
     /// Send going-away and close.
     Leave(GoingAway),
-    /// Push a control message (an inventory update).
-    Send(petrel_proto::ControlMessage),
+    /// Push a control message (an inventory update). Boxed: every agent's command channel
+    /// allocates its first block of slots up front, at the size of this enum.
+    Send(Box<petrel_proto::ControlMessage>),
 }
 
 /// Counters a session updates and `status` reads.

@@ -163,7 +163,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
     // The inventory may have changed between the welcome and the registration: check again.
-    ctx.record_pushed(entry.id, view);
+    ctx.record_pushed(entry.id, &view);
     ctx.refresh_agent(&entry);
     if let Some(o) = ctx.observer.get() {
         o.connected(&entry);
