@@ -63,10 +63,8 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         });
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(shared.config.connect_timeout, connect(&shared, &endpoint)) => match r {
-                Ok(r) => r,
-                Err(_) => Err(format!("no answer within {:?}", shared.config.connect_timeout)),
-            },
+            // connect() bounds itself: connect_timeout for an answer, then ADMITTED_GRACE.
+            r = connect(&shared, &endpoint) => r,
         };
         let (conn, reader, writer, welcome) = match attempt {
             Ok(v) => v,
@@ -195,8 +193,10 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
         .parse()
         .map_err(|_| format!("bad port in {endpoint}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addr = tokio::net::lookup_host((host, port))
+    let within = shared.config.connect_timeout;
+    let addr = tokio::time::timeout(within, tokio::net::lookup_host((host, port)))
         .await
+        .map_err(|_| format!("cannot resolve {endpoint} within {within:?}"))?
         .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
         .next()
         .ok_or_else(|| format!("{endpoint} resolves to nothing"))?;
@@ -221,9 +221,28 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
     // what a stuck mapping needs.
     let ep = quic::client_endpoint(bind.parse().map_err(|_| "bad bind address".to_string())?)
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    let conn = ep
+    let mut connecting = ep
         .connect_with(client, addr, HUB_SERVER_NAME)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    quic::await_answer(&mut connecting, within)
+        .await
+        .map_err(|e| match e {
+            quic::DialError::Connection(e) => describe_connection_error(&e),
+            other => other.to_string(),
+        })?;
+    tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, &id))
+        .await
+        .map_err(|_| {
+            format!(
+                "hub answered but did not welcome us within {:?}",
+                quic::ADMITTED_GRACE
+            )
+        })?
+}
+
+/// The rest of a connect once the hub answered: the handshake, our hello, its welcome.
+async fn welcome(connecting: quinn::Connecting, id: &Identity) -> Result<Connected, String> {
+    let conn = connecting
         .await
         .map_err(|e| describe_connection_error(&e))?;
     let (send, recv) = conn

@@ -175,3 +175,33 @@ pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     quinn::Endpoint::new(EndpointConfig::default(), None, socket, runtime)
 }
+
+/// How long an agent gives the rest of the handshake, its hello and the hub's welcome once the
+/// hub has answered its Initial (see [`await_answer`]).
+pub const ADMITTED_GRACE: Duration = Duration::from_secs(10);
+
+/// Why [`await_answer`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+/// Waits up to `within` for the hub's first flight (its TLS ServerHello and certificate). A hub
+/// that sent it has admitted the attempt and done the costly half of the handshake, so the
+/// caller then gives the rest [`ADMITTED_GRACE`] rather than what is left of `within`. With one
+/// bound for the whole exchange, agents of a fleet reconnecting at once (a hub restart) gave up
+/// on handshakes the busy hub had already started, and the hub spent half its work on
+/// connections nobody waited for.
+pub async fn await_answer(
+    connecting: &mut quinn::Connecting,
+    within: Duration,
+) -> Result<(), DialError> {
+    match tokio::time::timeout(within, connecting.handshake_data()).await {
+        Err(_) => Err(DialError::NoAnswer(within)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) => Ok(()),
+    }
+}

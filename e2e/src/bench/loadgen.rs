@@ -140,11 +140,20 @@ type Connected = (quinn::Connection, ControlWriter, ControlReader);
 /// welcome.
 async fn connect(bind: SocketAddr, id: &Identity, server: SocketAddr) -> Result<Connected, String> {
     let ep = endpoint(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    let conn = ep
+    let mut connecting = ep
         .connect_with(id.client.clone(), server, HUB_SERVER_NAME)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    // The agent's two bounds: an answer within CONNECT_TIMEOUT, then ADMITTED_GRACE.
+    quic::await_answer(&mut connecting, CONNECT_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
+    tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, id))
+        .await
+        .map_err(|_| format!("no welcome within {:?} of the answer", quic::ADMITTED_GRACE))?
+}
+
+async fn welcome(connecting: quinn::Connecting, id: &Identity) -> Result<Connected, String> {
+    let conn = connecting.await.map_err(|e| e.to_string())?;
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
@@ -281,11 +290,7 @@ async fn agent(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect(bind, &id, server)).await;
-        let attempt = match attempt {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-        };
+        let attempt = connect(bind, &id, server).await;
         drop(first.take());
         let (conn, mut writer, mut reader) = match attempt {
             Ok(v) => v,

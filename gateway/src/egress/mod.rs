@@ -61,14 +61,37 @@ pub enum EgressError {
 }
 
 /// The policy sent to the agent on `node` in its view: its own site's targets and the ports.
+/// Every agent of a site gets the same policy (unless caps cut it), and after a hub restart a
+/// whole site connects at once: the site's policy is computed once per inventory generation.
 pub fn policy_for(ctx: &HubContext, node: &str) -> EgressPolicy {
     let ports = EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file)
         .map(|c| c.ports)
         .unwrap_or_default();
-    ctx.inventory
-        .read()
-        .map(|inv| resolve::policy_for(&inv, node, &ports))
-        .unwrap_or_default()
+    let Ok(inv) = ctx.inventory.read() else {
+        return EgressPolicy::default();
+    };
+    let Some(site) = inv.node(node).map(|n| n.site.clone()) else {
+        return EgressPolicy::default();
+    };
+    let cached = ctx.egress_policies.lock().ok().and_then(|mut c| {
+        if c.generation != inv.generation() {
+            c.generation = inv.generation();
+            c.sites.clear();
+        }
+        let entry = c
+            .sites
+            .entry(site.clone())
+            .or_insert_with(|| resolve::site_policy(&inv, &site, &ports));
+        entry.complete.then(|| entry.policy.clone())
+    });
+    cached.unwrap_or_else(|| resolve::policy_for(&inv, node, &ports))
+}
+
+/// Per-site egress policies for one inventory generation (see [`policy_for`]).
+#[derive(Debug, Default)]
+pub struct SitePolicies {
+    generation: u64,
+    sites: std::collections::HashMap<String, resolve::SitePolicy>,
 }
 
 /// A refusal: status code, metric outcome, reason.

@@ -214,30 +214,62 @@ pub fn resolve(
 
 /// The egress policy an agent on `node` is sent: the addresses and pod CIDRs of every node of
 /// its site, the node ports (configured plus each site node's kubelet port), the pod ports.
+/// Where a cap cuts the lists, the agent's own node comes first so that it survives them.
 pub fn policy_for(
     inv: &Inventory,
     node: &str,
     ports: &PortPolicy,
 ) -> petrel_proto::control::EgressPolicy {
-    use petrel_proto::control::{EgressPolicy, MAX_EGRESS_PORTS, MAX_EGRESS_TARGETS};
     let Some(me) = inv.node(node) else {
-        return EgressPolicy::default();
+        return Default::default();
     };
-    // Its own node first, so it survives the caps.
-    let site_nodes =
-        std::iter::once(me).chain(inv.site_nodes(&me.site).filter(|n| n.name != me.name));
+    let site = site_policy(inv, &me.site, ports);
+    if site.complete {
+        return site.policy;
+    }
+    build_policy(
+        std::iter::once(me).chain(inv.site_nodes(&me.site).filter(|n| n.name != me.name)),
+        ports,
+    )
+    .policy
+}
+
+/// What every agent of one site is sent, unless a cap cut it (then each agent's own node must
+/// come first; see [`policy_for`]).
+#[derive(Debug, Clone)]
+pub struct SitePolicy {
+    pub policy: petrel_proto::control::EgressPolicy,
+    /// No cap cut anything, so the policy holds every node of the site.
+    pub complete: bool,
+}
+
+/// The policy of a whole site, its nodes in name order.
+pub fn site_policy(inv: &Inventory, site: &str, ports: &PortPolicy) -> SitePolicy {
+    build_policy(inv.site_nodes(site), ports)
+}
+
+fn build_policy<'a>(
+    nodes: impl Iterator<Item = &'a crate::inventory::Node>,
+    ports: &PortPolicy,
+) -> SitePolicy {
+    use petrel_proto::control::{EgressPolicy, MAX_EGRESS_PORTS, MAX_EGRESS_TARGETS};
     let mut policy = EgressPolicy {
         node_ports: ports.node_ports.clone(),
         pod_ports: ports.pod_ports.clone(),
         ..Default::default()
     };
+    let mut complete = true;
     // Addresses repeat across a site's nodes rarely, but a linear `contains` per address made a
     // large site quadratic.
     let mut seen = std::collections::HashSet::new();
-    for n in site_nodes {
+    for n in nodes {
         for ip in &n.addresses {
-            if policy.node_addresses.len() < MAX_EGRESS_TARGETS && seen.insert(*ip) {
-                policy.node_addresses.push(*ip);
+            if seen.insert(*ip) {
+                if policy.node_addresses.len() < MAX_EGRESS_TARGETS {
+                    policy.node_addresses.push(*ip);
+                } else {
+                    complete = false;
+                }
             }
         }
         for c in &n.pod_cidrs {
@@ -245,6 +277,8 @@ pub fn policy_for(
                 if let Ok(c) = petrel_proto::IpCidr::new(c.network(), c.prefix_len()) {
                     policy.pod_cidrs.push(c);
                 }
+            } else {
+                complete = false;
             }
         }
         if n.kubelet_port != 0 && !policy.node_ports.contains(&n.kubelet_port) {
@@ -252,12 +286,15 @@ pub fn policy_for(
         }
     }
     policy.node_ports.retain(|p| *p != 0);
-    policy.node_ports.truncate(MAX_EGRESS_PORTS);
+    if policy.node_ports.len() > MAX_EGRESS_PORTS {
+        policy.node_ports.truncate(MAX_EGRESS_PORTS);
+        complete = false;
+    }
     if let Some(p) = policy.pod_ports.as_mut() {
         p.retain(|p| *p != 0);
         p.truncate(MAX_EGRESS_PORTS);
     }
-    policy
+    SitePolicy { policy, complete }
 }
 
 #[cfg(test)]
@@ -339,7 +376,7 @@ mod tests {
     fn agent_policy_covers_its_site_only() {
         let inv = inv();
         let pol = policy_for(&inv, "edge-a1", &PortPolicy::default());
-        assert_eq!(pol.node_addresses[0], "10.0.1.2".parse::<IpAddr>().unwrap());
+        assert!(pol.allows("10.0.1.2".parse().unwrap(), 10250));
         assert!(pol.allows("10.0.1.3".parse().unwrap(), 10250));
         assert!(pol.allows("10.244.4.7".parse().unwrap(), 9000));
         assert!(!pol.allows("10.0.2.2".parse().unwrap(), 10250));
@@ -349,5 +386,38 @@ mod tests {
             policy_for(&inv, "ghost", &PortPolicy::default()),
             Default::default()
         );
+    }
+
+    /// A site larger than the caps: every agent's own node survives them, and the policy says
+    /// the same whether it comes from the site's cached policy or not.
+    #[test]
+    fn own_node_survives_the_caps_of_a_large_site() {
+        use petrel_proto::control::MAX_EGRESS_TARGETS;
+        let mut inv = Inventory::embedded_default().unwrap();
+        let template = inv.node("edge-a1").unwrap().clone();
+        let n = MAX_EGRESS_TARGETS + 10;
+        for i in 0..n {
+            let mut node = template.clone();
+            node.name = format!("big-{i:05}");
+            node.addresses = vec![IpAddr::from([10, 9, (i / 256) as u8, (i % 256) as u8])];
+            node.pod_cidrs = vec![];
+            node.vtep_mac = None;
+            inv.apply_node(node).unwrap();
+        }
+        let ports = PortPolicy::default();
+        let site = site_policy(&inv, &template.site, &ports);
+        assert!(!site.complete);
+        assert_eq!(site.policy.node_addresses.len(), MAX_EGRESS_TARGETS);
+        let last = format!("big-{:05}", n - 1);
+        let last_ip = inv.node(&last).unwrap().addresses[0];
+        assert!(!site.policy.node_addresses.contains(&last_ip));
+        let pol = policy_for(&inv, &last, &ports);
+        assert_eq!(pol.node_addresses.len(), MAX_EGRESS_TARGETS);
+        assert_eq!(pol.node_addresses[0], last_ip);
+        assert!(pol.allows(last_ip, 10250));
+        // A small site is complete, and every agent of it gets the site's policy.
+        let small = site_policy(&inv, "site-b", &ports);
+        assert!(small.complete);
+        assert_eq!(policy_for(&inv, "edge-b1", &ports), small.policy);
     }
 }

@@ -74,6 +74,11 @@ pub struct HubContext {
     /// where they change something. A digest, not the view: a view lists a route per node, so
     /// keeping one per agent would grow with agents times nodes.
     pushed: Mutex<HashMap<u64, u64>>,
+    /// Bumped by every inventory or endpoint change, before the agents are refreshed: a session
+    /// that computed its welcome under another epoch refreshes itself once registered.
+    view_epoch: std::sync::atomic::AtomicU64,
+    /// Egress policies per site, for the current inventory generation.
+    pub(crate) egress_policies: Mutex<crate::egress::SitePolicies>,
     pub observer: OnceLock<Arc<dyn TunnelObserver>>,
     /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
     pub cluster_status: RwLock<Option<serde_json::Value>>,
@@ -152,6 +157,8 @@ impl HubContext {
     /// NodeRemoved` to agents whose node is gone or no longer a public-site edge node, and
     /// pushes an `Update` to every agent whose view changed.
     pub fn refresh_agents(&self) {
+        self.view_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let (Some(dp), Ok(inv)) = (self.dataplane.as_ref(), self.inventory.read()) {
             dp.refresh(&inv);
         }
@@ -208,6 +215,11 @@ impl HubContext {
                 self.record_pushed(agent.id, &view);
             }
         }
+    }
+
+    /// Changes whenever views may have changed (see `view_epoch`).
+    pub fn view_epoch(&self) -> u64 {
+        self.view_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Remembers what session `id` was last sent.
@@ -346,6 +358,8 @@ impl Hub {
             serving: RwLock::new(Ok(())),
             gateways: RwLock::new(None),
             pushed: Mutex::new(HashMap::new()),
+            view_epoch: Default::default(),
+            egress_policies: Default::default(),
             observer: OnceLock::new(),
             cluster_status: RwLock::new(None),
         });

@@ -117,6 +117,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         refuse(&ctx, &conn, reason, message);
         return;
     }
+    let epoch = ctx.view_epoch();
     let view = ctx.hub_view(&node);
     let welcome = Welcome {
         protocol_version: petrel_proto::PROTOCOL_VERSION,
@@ -162,9 +163,12 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     }
     ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
-    // The inventory may have changed between the welcome and the registration: check again.
+    // The inventory or the endpoints may have changed between the welcome and the
+    // registration, and the refresh that followed did not see this session yet: do its part.
     ctx.record_pushed(entry.id, &view);
-    ctx.refresh_agent(&entry);
+    if ctx.view_epoch() != epoch {
+        ctx.refresh_agent(&entry);
+    }
     if let Some(o) = ctx.observer.get() {
         o.connected(&entry);
     }
