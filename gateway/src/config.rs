@@ -135,7 +135,9 @@ pub struct RunArgs {
     /// Lifetime of node certificates (renewed over the tunnel at two thirds of it).
     #[arg(long, env = "PETREL_AGENT_CERT_TTL")]
     pub agent_cert_ttl: Option<String>,
-    /// QUIC keepalive interval.
+    /// Keepalive interval: the hub pings an agent that sent nothing for this long (agents
+    /// ping every 2 s by default, so a healthy agent is never pinged), and tells agents this
+    /// interval in the welcome.
     #[arg(long, env = "PETREL_KEEPALIVE")]
     pub keepalive: Option<String>,
     /// QUIC idle timeout.

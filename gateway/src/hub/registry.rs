@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use petrel_proto::GoingAway;
 use serde::Serialize;
@@ -28,7 +28,6 @@ pub enum SessionCommand {
 /// Counters a session updates and `status` reads.
 #[derive(Debug, Default)]
 pub struct AgentCounters {
-    pub rtt_micros: AtomicU64,
     pub open_streams: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -76,17 +75,10 @@ pub struct AgentStatus {
 }
 
 impl AgentEntry {
-    pub fn rtt(&self) -> Option<Duration> {
-        match self.counters.rtt_micros.load(Ordering::Relaxed) {
-            0 => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
     pub fn status(&self) -> AgentStatus {
         let stats = self.connection.stats();
-        // Before the first application-level pong, quinn's own estimate is a fine RTT.
-        let rtt = self.rtt().unwrap_or_else(|| self.connection.rtt());
+        // quinn's smoothed RTT: current whoever pings (the hub pings only quiet agents).
+        let rtt = self.connection.rtt();
         AgentStatus {
             node: self.node.clone(),
             site: self.site.clone(),

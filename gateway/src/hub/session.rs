@@ -5,7 +5,6 @@
 //! Identity comes only from the verified client certificate; what the Hello says about the node
 //! is compared with it and with the inventory, and a mismatch is refused, not believed.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -215,7 +214,9 @@ async fn control_loop(
 ) -> String {
     let conn = &entry.connection;
     let interval = ctx.config.keepalive;
-    let mut keepalive = Keepalive::new(interval, ctx.config.idle_timeout, Instant::now());
+    // Agents ping every couple of seconds; the hub probes only a quiet one. Its RTT comes from
+    // the first ping's pong, and from quinn's estimate (status falls back to it) after that.
+    let mut keepalive = Keepalive::when_quiet(interval, ctx.config.idle_timeout, Instant::now());
     let mut deadline = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -276,15 +277,7 @@ async fn on_message(
             .await
             .map_err(|e| e.to_string()),
         ControlMessage::Pong(p) => {
-            if let Some(rtt) = keepalive.on_pong(&p, Instant::now()) {
-                let smoothed = keepalive.rtt().unwrap_or(rtt);
-                entry.counters.rtt_micros.store(
-                    u64::try_from(smoothed.as_micros())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                    Ordering::Relaxed,
-                );
-            }
+            keepalive.on_pong(&p, Instant::now());
             Ok(())
         }
         ControlMessage::RenewRequest(req) => {
