@@ -261,6 +261,9 @@ fn view_digest(view: &HubView) -> u64 {
     std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(view)
 }
 
+/// Receive and send buffer asked for the relay socket (4 MiB, as for the data plane's).
+const RELAY_SOCKET_BUFFER: usize = 4 << 20;
+
 /// A bound hub, ready to run.
 #[derive(Debug)]
 pub struct Hub {
@@ -320,6 +323,9 @@ impl Hub {
             Some(addr) => {
                 let std_sock = std::net::UdpSocket::bind(addr)
                     .map_err(|source| HubError::Bind { addr, source })?;
+                // Every cloud and Express Connect VTEP sends here, for every agent: room for
+                // their bursts, like the agents' capture sockets.
+                petrel_transport::socket_buffers::request(&std_sock, RELAY_SOCKET_BUFFER);
                 std_sock
                     .set_nonblocking(true)
                     .map_err(|source| HubError::Bind { addr, source })?;
