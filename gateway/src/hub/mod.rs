@@ -198,21 +198,20 @@ impl HubContext {
             return;
         }
         let view = self.hub_view(&agent.node);
+        let digest = view_digest(&view);
         let stale = self
             .pushed
             .lock()
-            .map(|p| p.get(&agent.id) != Some(&view_digest(&view)))
+            .map(|p| p.get(&agent.id) != Some(&digest))
             .unwrap_or(true);
         if stale {
             debug!(node = %agent.node, routes = view.routes.len(), "pushing an update");
             if agent
                 .commands
-                .try_send(SessionCommand::Send(Box::new(ControlMessage::Update(
-                    view.clone(),
-                ))))
+                .try_send(SessionCommand::Send(Box::new(ControlMessage::Update(view))))
                 .is_ok()
             {
-                self.record_pushed(agent.id, &view);
+                self.record_pushed(agent.id, digest);
             }
         }
     }
@@ -222,10 +221,10 @@ impl HubContext {
         self.view_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Remembers what session `id` was last sent.
-    pub fn record_pushed(&self, id: u64, view: &HubView) {
+    /// Remembers what session `id` was last sent ([`view_digest`] of it).
+    pub fn record_pushed(&self, id: u64, digest: u64) {
         if let Ok(mut p) = self.pushed.lock() {
-            p.insert(id, view_digest(view));
+            p.insert(id, digest);
         }
     }
 
@@ -256,7 +255,7 @@ impl HubContext {
 
 /// What [`HubContext::pushed`] keeps of a view. Equal views give equal digests; a collision
 /// (one in 2^64 per change) would only skip one push until the next change.
-fn view_digest(view: &HubView) -> u64 {
+pub(crate) fn view_digest(view: &HubView) -> u64 {
     use std::hash::BuildHasher;
     std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(view)
 }

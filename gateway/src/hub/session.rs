@@ -118,13 +118,14 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     }
     let epoch = ctx.view_epoch();
     let view = ctx.hub_view(&node);
+    let digest = super::view_digest(&view);
     let welcome = Welcome {
         protocol_version: petrel_proto::PROTOCOL_VERSION,
         hub_id: ctx.config.hub_name.clone(),
         node_name: node.clone(),
         site: site.clone(),
         keepalive_interval_ms: u32::try_from(keepalive_every.as_millis()).unwrap_or(u32::MAX),
-        view: view.clone(),
+        view,
     };
     if let Err(e) = writer.send(&ControlMessage::Welcome(welcome)).await {
         debug!(node = %node, error = %e, "agent left before the welcome");
@@ -164,7 +165,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
     // The inventory or the endpoints may have changed between the welcome and the
     // registration, and the refresh that followed did not see this session yet: do its part.
-    ctx.record_pushed(entry.id, &view);
+    ctx.record_pushed(entry.id, digest);
     if ctx.view_epoch() != epoch {
         ctx.refresh_agent(&entry);
     }
@@ -214,8 +215,8 @@ async fn control_loop(
 ) -> String {
     let conn = &entry.connection;
     let interval = ctx.config.keepalive;
-    // Agents ping every couple of seconds; the hub probes only a quiet one. Its RTT comes from
-    // the first ping's pong, and from quinn's estimate (status falls back to it) after that.
+    // Agents ping every couple of seconds; the hub probes only a quiet one (and each new one
+    // once). `status` shows quinn's RTT, which is current whoever pings.
     let mut keepalive = Keepalive::when_quiet(interval, ctx.config.idle_timeout, Instant::now());
     let mut deadline = tokio::time::Instant::now();
     loop {
