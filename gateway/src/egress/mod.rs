@@ -62,35 +62,43 @@ pub enum EgressError {
 
 /// The policy sent to the agent on `node` in its view: its own site's targets and the ports.
 /// Every agent of a site gets the same policy (unless caps cut it), and after a hub restart a
-/// whole site connects at once: the site's policy is computed once per inventory generation.
+/// whole site connects at once: the site's policy is computed once per view epoch (which every
+/// inventory replacement bumps; an inventory's own generation is not unique across
+/// replacements).
 pub fn policy_for(ctx: &HubContext, node: &str) -> EgressPolicy {
-    let ports = EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file)
-        .map(|c| c.ports)
-        .unwrap_or_default();
+    // Read before the inventory: a replacement writes the inventory, then bumps the epoch, so
+    // a policy can only be cached under an epoch older than the inventory it came from, never
+    // the reverse.
+    let epoch = ctx.view_epoch();
+    let ports = || {
+        EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file)
+            .map(|c| c.ports)
+            .unwrap_or_default()
+    };
     let Ok(inv) = ctx.inventory.read() else {
         return EgressPolicy::default();
     };
-    let Some(site) = inv.node(node).map(|n| n.site.clone()) else {
+    let Some(me) = inv.node(node) else {
         return EgressPolicy::default();
     };
     let cached = ctx.egress_policies.lock().ok().and_then(|mut c| {
-        if c.generation != inv.generation() {
-            c.generation = inv.generation();
+        if c.epoch != epoch {
+            c.epoch = epoch;
             c.sites.clear();
         }
         let entry = c
             .sites
-            .entry(site.clone())
-            .or_insert_with(|| resolve::site_policy(&inv, &site, &ports));
+            .entry(me.site.clone())
+            .or_insert_with(|| resolve::site_policy(&inv, &me.site, &ports()));
         entry.complete.then(|| entry.policy.clone())
     });
-    cached.unwrap_or_else(|| resolve::policy_for(&inv, node, &ports))
+    cached.unwrap_or_else(|| resolve::own_node_first(&inv, me, &ports()))
 }
 
-/// Per-site egress policies for one inventory generation (see [`policy_for`]).
+/// Per-site egress policies for one view epoch (see [`policy_for`]).
 #[derive(Debug, Default)]
 pub struct SitePolicies {
-    generation: u64,
+    epoch: u64,
     sites: std::collections::HashMap<String, resolve::SitePolicy>,
 }
 
@@ -596,4 +604,48 @@ fn log_refusal(listener: &'static str, r: &Refusal) {
         "egress refused: {}",
         r.message
     );
+}
+
+#[cfg(test)]
+mod policy_cache_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::{FileConfig, HubConfig, RunArgs};
+    use crate::hub::Hub;
+    use crate::inventory::Inventory;
+
+    /// The per-site cache must follow every inventory replacement, even one whose inventory
+    /// counts the same generation as the one it replaces (each index counts its own).
+    #[tokio::test]
+    async fn site_policies_follow_inventory_replacements() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = HubConfig::from_args(
+            RunArgs {
+                listen: Some("127.0.0.1:0".into()),
+                relay_listen: Some("off".into()),
+                state_dir: Some(dir.path().to_path_buf()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let inv = Inventory::embedded_default().unwrap();
+        let hub = Hub::bind(config, inv.clone()).unwrap();
+        let ctx = hub.context();
+        let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
+        assert!(policy_for(&ctx, "edge-a1").allows(a2, 10250));
+
+        // Same generation, different content: edge-a2 moved out of site-a.
+        let mut moved = inv.clone();
+        let mut node = moved.node("edge-a2").unwrap().clone();
+        node.site = "site-b".into();
+        moved.apply_node(node).unwrap();
+        let mut replacement = Inventory::default();
+        let file = moved.to_file();
+        replacement.reset(file.sites, file.nodes).unwrap();
+        assert_eq!(replacement.generation(), inv.generation());
+        ctx.replace_inventory(replacement);
+        assert!(!policy_for(&ctx, "edge-a1").allows(a2, 10250));
+        assert!(policy_for(&ctx, "edge-b1").allows(a2, 10250));
+    }
 }

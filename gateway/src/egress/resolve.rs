@@ -227,6 +227,15 @@ pub fn policy_for(
     if site.complete {
         return site.policy;
     }
+    own_node_first(inv, me, ports)
+}
+
+/// The policy of `me`'s site with `me` first, for a site whose policy the caps cut.
+pub fn own_node_first(
+    inv: &Inventory,
+    me: &crate::inventory::Node,
+    ports: &PortPolicy,
+) -> petrel_proto::control::EgressPolicy {
     build_policy(
         std::iter::once(me).chain(inv.site_nodes(&me.site).filter(|n| n.name != me.name)),
         ports,
