@@ -350,32 +350,32 @@ pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr,
     })
 }
 
-pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    petrel_transport::setting_values::duration(value).map_err(|b| ConfigError::Invalid {
+/// The wrappers below share one mapping from the transport's setting parsers to this config's
+/// error, naming the field.
+fn bad_value(
+    field: &'static str,
+) -> impl FnOnce(petrel_transport::setting_values::BadValue) -> ConfigError {
+    move |b| ConfigError::Invalid {
         field,
         value: b.value,
         allowed: b.allowed,
-    })
+    }
+}
+
+pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    petrel_transport::setting_values::duration(value).map_err(bad_value(field))
 }
 
 /// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
 pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    petrel_transport::setting_values::host_port(value).map_err(|b| ConfigError::Invalid {
-        field,
-        value: b.value,
-        allowed: b.allowed,
-    })
+    petrel_transport::setting_values::host_port(value).map_err(bad_value(field))
 }
 
 pub fn parse_congestion(
     field: &'static str,
     value: &str,
 ) -> Result<CongestionControl, ConfigError> {
-    petrel_transport::setting_values::congestion(value).map_err(|b| ConfigError::Invalid {
-        field,
-        value: b.value,
-        allowed: b.allowed,
-    })
+    petrel_transport::setting_values::congestion(value).map_err(bad_value(field))
 }
 
 /// See [`petrel_transport::setting_values::default_state_dir`].
