@@ -138,23 +138,9 @@ fn run_matrix(hooks: &str) {
     // Reconcile: flanneld re-programs edge-a1 everywhere; and someone deletes one of our rules.
     lab.reapply_flannel("edge-a1").unwrap();
     let t0 = Instant::now();
-    lab::wait_until(
-        "cloud-1 -> edge-a1 after flannel re-programmed it",
-        Duration::from_secs(1),
-        || {
-            lab.ping_with(
-                "cloud-1",
-                ip("edge-a1"),
-                &PingOpts {
-                    count: 1,
-                    reply_timeout: Duration::from_millis(300),
-                    ..PingOpts::default()
-                },
-            )
-            .map(|r| r.reachable())
-        },
-    )
-    .unwrap();
+    // cloud-1 -> edge-a1 after flannel re-programmed it
+    lab.wait_reachable("cloud-1", ip("edge-a1"), Duration::from_secs(1))
+        .unwrap();
     let cidr = lab.node("edge-a1").pod_cidr.to_string();
     lab.exec(
         "cloud-1",

@@ -73,27 +73,6 @@ async fn proxied(uds: PathBuf, edge_ip: Ipv4Addr, upload: bool, secs: f64) -> an
     streams::stream_throughput(s, upload, secs).await
 }
 
-/// Waits (10 s at most) until a ping from `from`'s pod to `to` gets a reply.
-fn wait_reachable(lab: &Lab, from: &str, to: Ipv4Addr) {
-    lab::wait_until(
-        &format!("{from} reaches {to} again"),
-        Duration::from_secs(10),
-        || {
-            lab.ping_with(
-                from,
-                to,
-                &PingOpts {
-                    count: 1,
-                    reply_timeout: Duration::from_millis(300),
-                    ..Default::default()
-                },
-            )
-            .map(|r| r.reachable())
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn lossy_slow_wan_transfers_complete() {
     let _l = lab_lock();
@@ -213,7 +192,8 @@ fn hub_killed_mid_transfer() {
         "all agents back {:?} after the restart",
         restarted.elapsed()
     );
-    wait_reachable(&lab, "cloud-1", edge_ip);
+    lab.wait_reachable("cloud-1", edge_ip, Duration::from_secs(10))
+        .unwrap();
     let r = lab.tcp_transfer("cloud-1", "edge-a1", 4 << 20).unwrap();
     assert_eq!(r.bytes_received, 4 << 20);
     let mbit = rt.block_on(proxied(uds, edge_ip, true, 0.5)).unwrap();
@@ -246,7 +226,8 @@ fn agent_killed_and_restarted() {
         || Ok(since(&petrel).is_some_and(|s| s != before)),
     )
     .unwrap();
-    wait_reachable(&lab, "cloud-1", edge_ip);
+    lab.wait_reachable("cloud-1", edge_ip, Duration::from_secs(10))
+        .unwrap();
     eprintln!(
         "edge-a1 back and reachable {:?} after kill -9 of its agent",
         t.elapsed()

@@ -442,6 +442,19 @@ impl Lab {
         }
     }
 
+    /// Waits up to `within` until one ping from `from`'s pod to `to` gets a reply (300 ms per
+    /// try), for paths coming back after a fault or a re-programming.
+    pub fn wait_reachable(&self, from: &str, to: Ipv4Addr, within: Duration) -> Result<()> {
+        let opts = PingOpts {
+            count: 1,
+            reply_timeout: Duration::from_millis(300),
+            ..PingOpts::default()
+        };
+        wait_until(&format!("{from} reaches {to}"), within, || {
+            self.ping_with(from, to, &opts).map(|r| r.reachable())
+        })
+    }
+
     /// `ping` with options, returning counts, RTT and the raw output.
     pub fn ping_with(&self, from: &str, to: Ipv4Addr, opts: &PingOpts) -> Result<PingReport> {
         traffic::ping(&self.endpoint_ns(from)?, to, opts)
