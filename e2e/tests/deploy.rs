@@ -370,6 +370,174 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
     assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
 }
 
+/// kubectl 1.20 from `e2e/k8s` when it has been built on this machine (its cache), else None.
+fn cached_kubectl_1_20() -> Option<PathBuf> {
+    let cache = std::env::var_os("PETREL_K8S_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/petrel-k8s")))?;
+    let k = cache.join("bin/kubectl");
+    k.is_file().then_some(k)
+}
+
+fn kustomize(kubectl: &Path, dir: &Path) -> (Output, Vec<serde_json::Value>) {
+    let mut c = Command::new(kubectl);
+    c.arg("kustomize").arg(dir);
+    let out = run(c, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success(),
+        "kustomize {}: {}",
+        dir.display(),
+        text(&out)
+    );
+    // The rendered stream as JSON without a YAML parser or a server: a local no-op label
+    // removal prints each object as kubectl read it.
+    let mut c = Command::new(kubectl);
+    let rendered = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(rendered.path(), &out.stdout).unwrap();
+    c.args(["label", "--local", "-o", "json", "-f"])
+        .arg(rendered.path())
+        .arg("petrel.test/none-")
+        .env("KUBECONFIG", "/dev/null");
+    let json = run(c, Duration::from_secs(60)).unwrap();
+    assert!(json.status.success(), "{}", text(&json));
+    // One JSON object per document, concatenated.
+    let objects: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&json.stdout)
+        .into_iter::<serde_json::Value>()
+        .map(Result::unwrap)
+        .flat_map(|v| {
+            if v["kind"] == "List" {
+                v["items"].as_array().unwrap().clone()
+            } else {
+                vec![v]
+            }
+        })
+        .collect();
+    (out, objects)
+}
+
+fn images_of(objects: &[serde_json::Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter_map(|o| o["spec"]["template"]["spec"]["containers"].as_array())
+        .flatten()
+        .map(|c| c["image"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `kubectl kustomize deploy/` with this machine's kubectl prints no warning (no deprecated
+/// fields), also with the opt-in privileged patch enabled; the namespace carries Pod Security
+/// labels that admit the DaemonSet (hostNetwork and NET_ADMIN are beyond `baseline`); and the
+/// one `images:` entry names the image of every container, so one edit moves the install.
+#[test]
+fn kustomize_renders_without_warnings_with_pod_security_and_one_image_name() {
+    let Some(kubectl) = which("kubectl") else {
+        println!("SKIPPED: no kubectl on PATH");
+        return;
+    };
+    let mut kubectls = vec![("system kubectl", kubectl.clone())];
+    if let Some(k) = cached_kubectl_1_20() {
+        kubectls.push(("kubectl 1.20", k));
+    } else {
+        println!(
+            "kubectl 1.20 not built yet (e2e/k8s/build-kube-apiserver.sh): system kubectl only"
+        );
+    }
+    for (name, k) in &kubectls {
+        let (out, objects) = kustomize(k, &repo().join("deploy"));
+        assert!(
+            out.stderr.is_empty(),
+            "{name}: kubectl kustomize deploy/ warned:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = objects
+            .iter()
+            .find(|o| o["kind"] == "Namespace")
+            .expect("no Namespace");
+        let labels = &ns["metadata"]["labels"];
+        // The pod needs hostNetwork and NET_ADMIN: only `privileged` admits that.
+        let ds = objects
+            .iter()
+            .find(|o| o["kind"] == "DaemonSet")
+            .expect("no DaemonSet");
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true);
+        for mode in ["enforce", "warn", "audit"] {
+            assert_eq!(
+                labels[format!("pod-security.kubernetes.io/{mode}")],
+                "privileged",
+                "{name}: {mode}: {labels}"
+            );
+            assert_eq!(
+                labels[format!("pod-security.kubernetes.io/{mode}-version")],
+                "latest",
+                "{name}: {labels}"
+            );
+        }
+        let images = images_of(&objects);
+        assert_eq!(images.len(), 2, "{images:?}");
+        assert!(
+            images.iter().all(|i| i
+                == &format!(
+                    "localhost/petrel/petrel-gateway:{}",
+                    env!("CARGO_PKG_VERSION")
+                )),
+            "{name}: the images are not the one `make image` builds: {images:?}"
+        );
+    }
+
+    // A copy of deploy/ with the one `images:` entry changed, and with the opt-in patch
+    // enabled: still no warning (system kubectl: `patches:` is kustomize >= 3), every
+    // container moves to the new name, the node role is privileged.
+    let tmp = short_tmp();
+    let copy = tmp.path().join("deploy");
+    let mut c = Command::new("cp");
+    c.arg("-r").arg(repo().join("deploy")).arg(&copy);
+    assert!(run(c, Duration::from_secs(10)).unwrap().status.success());
+    let kfile = copy.join("kustomization.yaml");
+    let k = std::fs::read_to_string(&kfile).unwrap();
+    let edited = k
+        .replace(
+            "newName: localhost/petrel/petrel-gateway",
+            "newName: registry.example.com/team/petrel-gateway",
+        )
+        .replace(
+            "# patches:\n# - path: optional/privileged.yaml",
+            "patches:\n- path: optional/privileged.yaml",
+        );
+    assert_ne!(
+        edited.matches("registry.example.com/team").count(),
+        0,
+        "images entry not found"
+    );
+    assert!(
+        edited.contains("\npatches:\n- path:"),
+        "commented patch not found:\n{k}"
+    );
+    std::fs::write(&kfile, edited).unwrap();
+    let (out, objects) = kustomize(&kubectl, &copy);
+    assert!(
+        out.stderr.is_empty(),
+        "with the privileged patch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = images_of(&objects);
+    assert_eq!(images.len(), 2, "{images:?}");
+    assert!(
+        images
+            .iter()
+            .all(|i| i.starts_with("registry.example.com/team/petrel-gateway:")),
+        "{images:?}"
+    );
+    let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let node_role = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "node-role")
+        .unwrap();
+    assert_eq!(node_role["securityContext"]["privileged"], true);
+}
+
 // ---- the gateway's config file -----------------------------------------------------------------
 
 #[test]
