@@ -603,3 +603,7 @@ mod tests {
         assert_eq!(inv.nodes().count(), 0);
     }
 }
+
+#[cfg(test)]
+#[path = "inventory_tests.rs"]
+mod mutant_tests;

@@ -430,3 +430,7 @@ mod tests {
         assert_eq!(policy_for(&inv, "edge-b1", &ports), small.policy);
     }
 }
+
+#[cfg(test)]
+#[path = "resolve_tests.rs"]
+mod mutant_tests;

@@ -107,3 +107,7 @@ mod tests {
         assert!(frag_needed(&VxlanFrame::from_vxlan_payload(&f).unwrap(), 1380).is_none());
     }
 }
+
+#[cfg(test)]
+#[path = "icmp_tests.rs"]
+mod mutant_tests;

@@ -389,3 +389,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "switch_tests.rs"]
+mod mutant_tests;
