@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod egress;
+pub mod fd_limit;
 pub mod hub;
 pub mod inventory;
 pub mod k8s;

@@ -240,6 +240,63 @@ impl NodeKey {
     }
 }
 
+/// The names a client certificate carries, for authorisation by name (the egress listener's
+/// allowlist). Only a verified certificate's names mean anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CertNames {
+    pub common_name: Option<String>,
+    pub dns_names: Vec<String>,
+    /// Subject O values (Kubernetes groups: a kubelet's certificate says `system:nodes`).
+    pub organizations: Vec<String>,
+}
+
+impl CertNames {
+    pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let dns_names = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::DNSName(d) => Some(d.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        let organizations = cert
+            .subject()
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok().map(str::to_string))
+            .collect();
+        Ok(Self {
+            common_name,
+            dns_names,
+            organizations,
+        })
+    }
+
+    /// How the certificate is named in logs: its CN, else its first DNS name.
+    pub fn display(&self) -> String {
+        self.common_name
+            .clone()
+            .or_else(|| self.dns_names.first().cloned())
+            .unwrap_or_else(|| "(unnamed)".into())
+    }
+}
+
 /// What Petrel needs to know about a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {

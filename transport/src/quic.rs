@@ -39,7 +39,10 @@ pub struct TransportTuning {
     pub initial_rtt: Duration,
     pub stream_receive_window: u32,
     pub connection_receive_window: u32,
+    /// Most unacknowledged data this end has in flight on the connection.
+    pub send_window: u64,
     pub max_concurrent_bidi_streams: u32,
+    pub max_concurrent_uni_streams: u32,
     pub datagram_buffer: usize,
     pub congestion: CongestionControl,
 }
@@ -52,14 +55,76 @@ impl Default for TransportTuning {
             initial_rtt: Duration::from_millis(100),
             stream_receive_window: 4 << 20,
             connection_receive_window: 64 << 20,
+            send_window: 64 << 20,
             max_concurrent_bidi_streams: 16_384,
+            max_concurrent_uni_streams: 16,
             datagram_buffer: 8 << 20,
             congestion: CongestionControl::default(),
         }
     }
 }
 
+/// What a hub connection gets before it has proved anything. Transport parameters are fixed
+/// when quinn accepts a handshake, before the ALPN (tunnel or enrolment) or any token is known,
+/// so every connection starts with these; a tunnel is raised to [`AuthenticatedLimits`] once its
+/// node is admitted. Memory a peer can make the hub hold for it is bounded by the connection
+/// receive window (stream data, in order or not) and by the datagrams the hub has not read yet,
+/// which the hub drains and discards on connections that are not tunnels.
+#[derive(Debug, Clone, Copy)]
+pub struct PreAuthLimits {
+    /// Connection-level flow-control window: the most stream data a peer may send that the hub
+    /// has not read. An enrolment request (token, node name, CSR) is read as it arrives, so
+    /// this bounds buffering, not the request's size.
+    pub connection_receive_window: u32,
+    /// Bidirectional streams the peer may open (the control or enrolment stream).
+    pub bidi_streams: u32,
+}
+
+impl Default for PreAuthLimits {
+    fn default() -> Self {
+        Self {
+            connection_receive_window: 16 << 10,
+            bidi_streams: 1,
+        }
+    }
+}
+
+/// What an admitted tunnel gets: windows sized for what it carries (proxied streams from the
+/// agent, over WAN round trips).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthenticatedLimits {
+    pub connection_receive_window: u32,
+    pub bidi_streams: u32,
+}
+
+impl Default for AuthenticatedLimits {
+    fn default() -> Self {
+        Self {
+            connection_receive_window: 64 << 20,
+            // The agent opens its control stream; the hub opens proxied streams (limited by
+            // the agent). A few spare for a control stream reopened by a future agent.
+            bidi_streams: 4,
+        }
+    }
+}
+
+impl AuthenticatedLimits {
+    /// Raises a connection that proved its identity from the pre-authentication limits.
+    pub fn apply(&self, conn: &quinn::Connection) {
+        conn.set_receive_window(VarInt::from_u32(self.connection_receive_window));
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.bidi_streams));
+    }
+}
+
 impl TransportTuning {
+    /// The hub's handshake-time parameters: this tuning with the pre-authentication limits.
+    pub fn pre_auth(mut self, limits: PreAuthLimits) -> Self {
+        self.connection_receive_window = limits.connection_receive_window;
+        self.max_concurrent_bidi_streams = limits.bidi_streams;
+        self.max_concurrent_uni_streams = 0;
+        self
+    }
+
     pub fn transport_config(&self) -> Arc<TransportConfig> {
         let mut t = TransportConfig::default();
         t.keep_alive_interval(Some(self.keep_alive));
@@ -70,9 +135,9 @@ impl TransportTuning {
         t.initial_rtt(self.initial_rtt);
         t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
         t.receive_window(VarInt::from_u32(self.connection_receive_window));
-        t.send_window(u64::from(self.connection_receive_window));
+        t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams));
-        t.max_concurrent_uni_streams(VarInt::from_u32(16));
+        t.max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
         t.datagram_receive_buffer_size(Some(self.datagram_buffer));
         t.datagram_send_buffer_size(self.datagram_buffer);
         match self.congestion {

@@ -54,6 +54,18 @@ pub struct EgressArgs {
         env = "PETREL_EGRESS_CLIENT_CA"
     )]
     pub client_ca: Option<PathBuf>,
+    /// Client identities admitted on the mutual-TLS listener, comma-separated: a certificate is
+    /// accepted only if its subject CN or one of its DNS names is on the list (default
+    /// kube-apiserver,kube-apiserver-kubelet-client,kube-apiserver-proxy-client,
+    /// kube-apiserver-egress). The client CA is usually the cluster CA, which also signs every
+    /// kubelet's certificate: kubelet identities (`system:node:*`, group `system:nodes`) and
+    /// Petrel's own node certificates are refused whatever this says.
+    #[arg(
+        id = "egress-client-names",
+        long = "egress-client-names",
+        env = "PETREL_EGRESS_CLIENT_NAMES"
+    )]
+    pub client_names: Option<String>,
     /// TCP address of the TLS passthrough listener that routes by SNI (node name) to the node's
     /// kubelet port, e.g. 0.0.0.0:10250.
     #[arg(
@@ -128,6 +140,23 @@ pub struct EgressArgs {
         env = "PETREL_EGRESS_MAX_CONNECTIONS"
     )]
     pub max_connections: Option<usize>,
+    /// Connections the unauthenticated listeners (SNI passthrough, Host-routed HTTP) handle at
+    /// once (default 1024), counted apart from the API server's, so a flood on them never
+    /// takes a slot the API server's CONNECTs need.
+    #[arg(
+        id = "egress-max-unauthenticated",
+        long = "egress-max-unauthenticated",
+        env = "PETREL_EGRESS_MAX_UNAUTHENTICATED"
+    )]
+    pub max_unauthenticated: Option<usize>,
+    /// Mutual-TLS handshakes in progress at once (default 256); the TLS listener's connections
+    /// count against egress-max-connections only once their client is authenticated.
+    #[arg(
+        id = "egress-max-tls-handshakes",
+        long = "egress-max-tls-handshakes",
+        env = "PETREL_EGRESS_MAX_TLS_HANDSHAKES"
+    )]
+    pub max_tls_handshakes: Option<usize>,
 }
 
 /// Ports in the config file: a list, or a string ("any" or "80,443").
@@ -148,6 +177,7 @@ pub struct EgressFileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    pub client_names: Option<NamesValue>,
     pub sni_listen: Option<String>,
     pub http_listen: Option<String>,
     pub http_port: Option<u16>,
@@ -158,7 +188,26 @@ pub struct EgressFileConfig {
     pub max_pending_per_agent: Option<usize>,
     pub max_pending: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_unauthenticated: Option<usize>,
+    pub max_tls_handshakes: Option<usize>,
 }
+
+/// Names in the config file: a list, or a comma-separated string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum NamesValue {
+    List(Vec<String>),
+    Text(String),
+}
+
+/// What a kube-apiserver presents for egress in the common setups: kubeadm's kubelet-client
+/// certificate, and the names the egress guides give a dedicated proxy-client certificate.
+pub const DEFAULT_CLIENT_NAMES: [&str; 4] = [
+    "kube-apiserver",
+    "kube-apiserver-kubelet-client",
+    "kube-apiserver-proxy-client",
+    "kube-apiserver-egress",
+];
 
 /// The mutual-TLS CONNECT listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +216,26 @@ pub struct TlsListener {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Client identities admitted (subject CN or DNS SAN).
+    pub client_names: Vec<String>,
+}
+
+fn parse_client_names(text: &str) -> Result<Vec<String>, ConfigError> {
+    let names: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .collect();
+    let kubelet = |n: &String| n.starts_with("system:node:") || n == "system:nodes";
+    if names.is_empty() || names.len() > 64 || names.iter().any(|n| n.len() > 253 || kubelet(n)) {
+        return Err(invalid(
+            "egress-client-names",
+            text,
+            "a comma-separated list of certificate names (CN or DNS SAN), at most 64; kubelet identities (system:node:*) are never allowed",
+        ));
+    }
+    Ok(names)
 }
 
 /// Validated egress configuration.
@@ -183,7 +252,12 @@ pub struct EgressConfig {
     pub request_timeout: Duration,
     pub max_pending_per_agent: usize,
     pub max_pending: usize,
+    /// Connections of the API server's listeners (Unix socket, mutual TLS once authenticated).
     pub max_connections: usize,
+    /// Connections of the SNI and Host-routed listeners.
+    pub max_unauthenticated: usize,
+    /// Mutual-TLS handshakes in progress.
+    pub max_tls_handshakes: usize,
 }
 
 impl Default for EgressConfig {
@@ -201,6 +275,8 @@ impl Default for EgressConfig {
             max_pending_per_agent: 64,
             max_pending: 1024,
             max_connections: 16384,
+            max_unauthenticated: 1024,
+            max_tls_handshakes: 256,
         }
     }
 }
@@ -277,11 +353,18 @@ impl EgressConfig {
                         )
                     })
                 };
+                let client_names = match (&args.client_names, &file.client_names) {
+                    (Some(a), _) => parse_client_names(a)?,
+                    (None, Some(NamesValue::Text(t))) => parse_client_names(t)?,
+                    (None, Some(NamesValue::List(l))) => parse_client_names(&l.join(","))?,
+                    (None, None) => DEFAULT_CLIENT_NAMES.iter().map(|s| s.to_string()).collect(),
+                };
                 Some(TlsListener {
                     listen,
                     cert: need("egress-tls-cert", &args.tls_cert, &file.tls_cert)?,
                     key: need("egress-tls-key", &args.tls_key, &file.tls_key)?,
                     client_ca: need("egress-client-ca", &args.client_ca, &file.client_ca)?,
+                    client_names,
                 })
             }
         };
@@ -371,7 +454,46 @@ impl EgressConfig {
                 d.max_connections,
                 1 << 20,
             )?,
+            max_unauthenticated: count(
+                "egress-max-unauthenticated",
+                args.max_unauthenticated,
+                file.max_unauthenticated,
+                d.max_unauthenticated,
+                1 << 20,
+            )?,
+            max_tls_handshakes: count(
+                "egress-max-tls-handshakes",
+                args.max_tls_handshakes,
+                file.max_tls_handshakes,
+                d.max_tls_handshakes,
+                1 << 16,
+            )?,
         })
+    }
+
+    /// File descriptors the listeners may hold at once when every cap is full: each connection
+    /// holds its client socket, and a direct dial (cloud targets) one more.
+    pub fn descriptors_needed(&self) -> u64 {
+        let conns = self.max_connections + self.max_unauthenticated + self.max_tls_handshakes;
+        (conns as u64).saturating_mul(2)
+    }
+
+    /// Scales the connection caps down so that [`descriptors_needed`](Self::descriptors_needed)
+    /// fits in `budget`, keeping their proportions (each at least 1). Returns whether anything
+    /// changed.
+    pub fn fit_descriptors(&mut self, budget: u64) -> bool {
+        let need = self.descriptors_needed();
+        if need <= budget {
+            return false;
+        }
+        let scale = |v: usize| {
+            let scaled = (v as u128 * u128::from(budget) / u128::from(need.max(1))) as usize;
+            scaled.max(1)
+        };
+        self.max_connections = scale(self.max_connections);
+        self.max_unauthenticated = scale(self.max_unauthenticated);
+        self.max_tls_handshakes = scale(self.max_tls_handshakes);
+        true
     }
 
     /// Whether any listener is configured.
@@ -460,5 +582,53 @@ mod tests {
             "egress-connect-timeout",
         );
         assert!(toml::from_str::<EgressFileConfig>("udss = 'x'\n").is_err());
+        bad(
+            EgressArgs {
+                listen: Some("127.0.0.1:1".into()),
+                tls_cert: Some("c".into()),
+                tls_key: Some("k".into()),
+                client_ca: Some("ca".into()),
+                client_names: Some("kube-apiserver,system:node:edge-a1".into()),
+                ..Default::default()
+            },
+            "egress-client-names",
+        );
+    }
+
+    #[test]
+    fn client_names_default_and_configured() {
+        let tls_args = |names: Option<&str>| EgressArgs {
+            listen: Some("127.0.0.1:1".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            client_ca: Some("ca".into()),
+            client_names: names.map(String::from),
+            ..Default::default()
+        };
+        let c = EgressConfig::from_parts(&tls_args(None), &EgressFileConfig::default()).unwrap();
+        assert_eq!(
+            c.tls.unwrap().client_names,
+            DEFAULT_CLIENT_NAMES.map(String::from).to_vec()
+        );
+        let c = EgressConfig::from_parts(&tls_args(Some(" a , b ")), &EgressFileConfig::default())
+            .unwrap();
+        assert_eq!(c.tls.unwrap().client_names, vec!["a", "b"]);
+        let file: EgressFileConfig = toml::from_str("client-names = ['x', 'y']\n").unwrap();
+        let mut args = tls_args(None);
+        args.client_names = None;
+        let c = EgressConfig::from_parts(&args, &file).unwrap();
+        assert_eq!(c.tls.unwrap().client_names, vec!["x", "y"]);
+    }
+
+    #[test]
+    fn caps_fit_the_descriptor_budget() {
+        let mut c = EgressConfig::default();
+        assert_eq!(c.descriptors_needed(), 2 * (16384 + 1024 + 256));
+        assert!(!c.fit_descriptors(u64::MAX));
+        assert!(c.fit_descriptors(1000));
+        assert!(c.descriptors_needed() <= 1000, "{}", c.descriptors_needed());
+        // Proportions kept: the API server's pool stays the largest, every cap at least 1.
+        assert!(c.max_connections > c.max_unauthenticated);
+        assert!(c.max_tls_handshakes >= 1);
     }
 }

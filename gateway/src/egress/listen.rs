@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::http::{self, HeadError};
+use super::identity;
 use super::sni::{self, SniError};
 use super::{log_refusal, Egress, EgressError, Refusal};
 
@@ -34,9 +35,17 @@ pub(super) async fn serve(eg: Arc<Egress>, shutdown: CancellationToken) -> Resul
     }
     if let Some(tls) = &cfg.tls {
         let acceptor = tls_acceptor(&tls.cert, &tls.key, &tls.client_ca)?;
+        let petrel = identity::PetrelIssued::new(eg.ctx.ca.cert_der())
+            .map_err(|e| EgressError::Tls(format!("Petrel CA: {e}")))?;
         let listener = bind_tcp("egress-listen", tls.listen).await?;
-        info!(listen = %local(&listener), client_ca = %tls.client_ca.display(), "egress CONNECT listening with mutual TLS");
-        tasks.spawn(accept_tls(eg.clone(), listener, acceptor, shutdown.clone()));
+        info!(listen = %local(&listener), client_ca = %tls.client_ca.display(), clients = ?tls.client_names, "egress CONNECT listening with mutual TLS");
+        tasks.spawn(accept_tls(
+            eg.clone(),
+            listener,
+            acceptor,
+            Arc::new(petrel),
+            shutdown.clone(),
+        ));
     }
     if let Some(addr) = cfg.sni_listen {
         let listener = bind_tcp("egress-sni-listen", addr).await?;
@@ -167,35 +176,96 @@ fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// A connection slot, or `None` when the listeners are at `egress-max-connections`.
-fn slot(eg: &Egress, listener: &'static str) -> Option<OwnedSemaphorePermit> {
-    match eg.connections.clone().try_acquire_owned() {
+/// Which connection budget a listener draws from. The API server's listeners (Unix socket, and
+/// mutual TLS once the client is authenticated) never share one with listeners anyone can
+/// reach, so a flood there cannot lock the API server out.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// Unix socket and authenticated mutual-TLS connections (egress-max-connections).
+    Api,
+    /// Mutual-TLS handshakes in progress (egress-max-tls-handshakes).
+    TlsHandshake,
+    /// SNI passthrough and Host-routed HTTP (egress-max-unauthenticated).
+    Unauthenticated,
+}
+
+/// A connection slot from `pool`, or `None` when it is full (counted, and logged within the
+/// log budget: anyone can fill the unauthenticated pools).
+fn slot(eg: &Egress, listener: &'static str, pool: Pool) -> Option<OwnedSemaphorePermit> {
+    let (sem, flag, max) = match pool {
+        Pool::Api => (
+            &eg.connections,
+            "egress-max-connections",
+            eg.cfg.max_connections,
+        ),
+        Pool::TlsHandshake => (
+            &eg.tls_handshakes,
+            "egress-max-tls-handshakes",
+            eg.cfg.max_tls_handshakes,
+        ),
+        Pool::Unauthenticated => (
+            &eg.unauthenticated,
+            "egress-max-unauthenticated",
+            eg.cfg.max_unauthenticated,
+        ),
+    };
+    match sem.clone().try_acquire_owned() {
         Ok(p) => Some(p),
         Err(_) => {
             eg.ctx
                 .metrics
                 .egress
                 .request(listener, "too_many_connections");
-            warn!(
-                listener,
-                max = eg.cfg.max_connections,
-                "egress connection refused: too many connections (egress-max-connections)"
-            );
+            if eg.ctx.log_budget.allow("egress connection refused") {
+                warn!(
+                    listener,
+                    max, "egress connection refused: too many connections ({flag})"
+                );
+            }
             None
         }
     }
 }
 
+/// Waits after a failed `accept` (typically out of file descriptors), doubling from 50 ms up
+/// to 2 s while failures repeat, so a listener neither spins nor floods the log.
+struct AcceptBackoff {
+    next: std::time::Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    async fn failed(&mut self, eg: &Egress, listener: &'static str, e: &std::io::Error) {
+        eg.ctx.metrics.egress.request(listener, "accept_failed");
+        if eg.ctx.log_budget.allow("egress accept failed") {
+            warn!(listener, error = %e, retry_in = ?self.next, "egress accept failed");
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+
+    fn succeeded(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 async fn accept_uds(eg: Arc<Egress>, listener: UnixListener, shutdown: CancellationToken) {
+    let mut backoff = AcceptBackoff::new();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => { warn!(error = %e, "egress unix accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+                Ok((s, _)) => { backoff.succeeded(); s }
+                Err(e) => { backoff.failed(&eg, "uds", &e).await; continue; }
             },
         };
-        let Some(permit) = slot(&eg, "uds") else {
+        let Some(permit) = slot(&eg, "uds", Pool::Api) else {
             drop(stream);
             continue;
         };
@@ -218,19 +288,16 @@ async fn accept_uds(eg: Arc<Egress>, listener: UnixListener, shutdown: Cancellat
     }
 }
 
-/// Classifies a failed TLS handshake for the log and the metric.
+/// Classifies a failed TLS handshake for the log and the metric, on rustls's error variants
+/// (tokio-rustls wraps them in the `io::Error`).
 fn tls_failure(e: &std::io::Error) -> &'static str {
-    let text = e.to_string();
-    if text.contains("NoCertificatesPresented") || text.contains("peer sent no certificates") {
-        "tls_no_client_cert"
-    } else if text.contains("UnknownIssuer")
-        || text.contains("invalid peer certificate")
-        || text.contains("BadSignature")
-        || text.contains("Expired")
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        "tls_bad_client_cert"
-    } else {
-        "tls_error"
+        Some(rustls::Error::NoCertificatesPresented) => "tls_no_client_cert",
+        Some(rustls::Error::InvalidCertificate(_)) => "tls_bad_client_cert",
+        _ => "tls_error",
     }
 }
 
@@ -238,30 +305,72 @@ async fn accept_tls(
     eg: Arc<Egress>,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    petrel: Arc<identity::PetrelIssued>,
     shutdown: CancellationToken,
 ) {
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => { warn!(error = %e, "egress accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+                Ok(v) => { backoff.succeeded(); v }
+                Err(e) => { backoff.failed(&eg, "tcp", &e).await; continue; }
             },
         };
-        let Some(permit) = slot(&eg, "tcp") else {
+        // Until its certificate is verified and its name allowed, a TLS client holds a
+        // handshake slot, not one of the API server's.
+        let Some(handshake_slot) = slot(&eg, "tcp", Pool::TlsHandshake) else {
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let id = eg.next_id();
-        let span = tracing::info_span!("egress", id, listener = "tcp", peer = %peer);
+        let span = tracing::info_span!("egress", id, listener = "tcp", peer = %peer, client = tracing::field::Empty);
         let eg = eg.clone();
         let acceptor = acceptor.clone();
+        let petrel = petrel.clone();
         tokio::spawn(
             async move {
                 let timeout = eg.cfg.request_timeout;
                 match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => handle_connect(&eg, tls, "tcp").await,
+                    Ok(Ok(mut tls)) => {
+                        drop(handshake_slot);
+                        let allowed = eg
+                            .cfg
+                            .tls
+                            .as_ref()
+                            .map(|t| t.client_names.as_slice())
+                            .unwrap_or_default();
+                        let chain = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(<[_]>::to_vec)
+                            .unwrap_or_default();
+                        match identity::check_client(&chain, allowed, Some(&petrel)) {
+                            Ok(client) => {
+                                tracing::Span::current().record("client", client.as_str());
+                                let Some(permit) = slot(&eg, "tcp", Pool::Api) else {
+                                    let r = super::Refusal::new(
+                                        503,
+                                        "too_many_connections",
+                                        "too many egress connections (egress-max-connections)",
+                                    );
+                                    return reply_error(&mut tls, "tcp", &eg, &r).await;
+                                };
+                                handle_connect(&eg, tls, "tcp").await;
+                                drop(permit);
+                            }
+                            Err(refusal) => {
+                                let r = super::Refusal::new(
+                                    403,
+                                    refusal.outcome(),
+                                    refusal.to_string(),
+                                );
+                                reply_error(&mut tls, "tcp", &eg, &r).await;
+                            }
+                        }
+                    }
                     Ok(Err(e)) => {
                         let outcome = tls_failure(&e);
                         eg.ctx.metrics.egress.request("tcp", outcome);
@@ -272,7 +381,6 @@ async fn accept_tls(
                         info!("egress TLS handshake not finished within {timeout:?}");
                     }
                 }
-                drop(permit);
             }
             .instrument(span),
         );
@@ -295,15 +403,16 @@ async fn accept_tcp(
         Kind::Sni => "sni",
         Kind::Http => "http",
     };
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => { warn!(error = %e, "egress accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+                Ok(v) => { backoff.succeeded(); v }
+                Err(e) => { backoff.failed(&eg, name, &e).await; continue; }
             },
         };
-        let Some(permit) = slot(&eg, name) else {
+        let Some(permit) = slot(&eg, name, Pool::Unauthenticated) else {
             drop(tcp);
             continue;
         };

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod http;
+pub mod identity;
 mod listen;
 pub mod metrics;
 pub mod resolve;
@@ -139,7 +140,12 @@ pub struct Egress {
     cfg: EgressConfig,
     pending_total: Arc<Semaphore>,
     pending_by_agent: Mutex<HashMap<String, usize>>,
+    /// The API server's listeners (Unix socket, authenticated mutual TLS).
     connections: Arc<Semaphore>,
+    /// Mutual-TLS handshakes in progress.
+    tls_handshakes: Arc<Semaphore>,
+    /// SNI passthrough and Host-routed HTTP.
+    unauthenticated: Arc<Semaphore>,
     next_id: AtomicU64,
 }
 
@@ -260,6 +266,8 @@ impl Egress {
         Self {
             pending_total: Arc::new(Semaphore::new(cfg.max_pending)),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            tls_handshakes: Arc::new(Semaphore::new(cfg.max_tls_handshakes)),
+            unauthenticated: Arc::new(Semaphore::new(cfg.max_unauthenticated)),
             pending_by_agent: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             ctx,
@@ -376,7 +384,12 @@ impl Egress {
                 self.open_stream(agent, target, display).await?
             }
             Path::Direct => {
-                let _slot = self.agent_slot(&format!("direct:{}", target.site))?;
+                // Per target, not per site: hung dials to one dead node must not refuse dials
+                // to the site's other nodes.
+                let _slot = self.agent_slot(&format!(
+                    "direct:{}",
+                    std::net::SocketAddr::new(target.ip, target.port)
+                ))?;
                 let _pending = PendingGauge::new(&self.ctx.metrics.egress.pending_dials);
                 let addr = std::net::SocketAddr::new(target.ip, target.port);
                 let tcp =
@@ -570,7 +583,7 @@ impl Egress {
 /// that cannot bind exits it with 1, because the hub is started by `main` before this task runs
 /// and would otherwise keep running without the egress it was asked for.
 pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<(), EgressError> {
-    let cfg = match EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file) {
+    let mut cfg = match EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("petrel-gateway: configuration error: {e}");
@@ -582,6 +595,7 @@ pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<()
         shutdown.cancelled().await;
         return Ok(());
     }
+    fit_caps_to_descriptors(&mut cfg);
     let eg = Arc::new(Egress::new(ctx, cfg));
     match listen::serve(eg, shutdown).await {
         Ok(()) => Ok(()),
@@ -593,6 +607,35 @@ pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<()
                 EgressError::Config(_) | EgressError::Tls(_) => 64,
             });
         }
+    }
+}
+
+/// Descriptors kept out of the egress budget: the admin endpoint (health probes must answer
+/// when every egress cap is full), the Kubernetes client, state files, the hub's sockets.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// Checks the egress caps against the process's open-file limit (raising the soft limit to the
+/// hard one first) and lowers them, with a warning that names the numbers, if they would not
+/// fit: past the limit `accept` fails, and so would the health endpoint and the state files.
+fn fit_caps_to_descriptors(cfg: &mut EgressConfig) {
+    let limit = crate::fd_limit::raise_to_hard();
+    let budget = limit.saturating_sub(RESERVED_DESCRIPTORS);
+    let need = cfg.descriptors_needed();
+    if cfg.fit_descriptors(budget) {
+        tracing::warn!(
+            open_file_limit = limit,
+            needed = need,
+            max_connections = cfg.max_connections,
+            max_unauthenticated = cfg.max_unauthenticated,
+            max_tls_handshakes = cfg.max_tls_handshakes,
+            "egress caps lowered to fit the open-file limit (raise LimitNOFILE / ulimit -n to keep them)"
+        );
+    } else {
+        info!(
+            open_file_limit = limit,
+            needed = need,
+            "egress caps fit the open-file limit"
+        );
     }
 }
 

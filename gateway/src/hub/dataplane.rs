@@ -126,6 +126,9 @@ struct Forwarded {
     since_flush: u32,
 }
 
+/// Frames a data-plane loop handles before it yields to the scheduler.
+const YIELD_EVERY: usize = 64;
+
 const PATHS: [&str; 3] = ["agent_to_agent", "vtep_to_agent", "agent_to_vtep"];
 const FLUSH_EVERY: u32 = 256;
 
@@ -233,7 +236,15 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
     // Frames for VTEPs, sent together (UDP GSO) when the next datagram is not ready at once or
     // cannot join.
     let mut batch = UdpBatch::new();
+    let mut since_yield = 0usize;
     loop {
+        // Fairness, as in the relay: one busy tunnel must not hold a worker.
+        since_yield += 1;
+        if since_yield >= YIELD_EVERY {
+            since_yield = 0;
+            flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
+            tokio::task::yield_now().await;
+        }
         // Take what is ready without yielding; send, count and wait only when nothing is.
         let next = match entry.connection.read_datagram().now_or_never() {
             Some(r) => r,
@@ -323,10 +334,20 @@ pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken)
     };
     let mut buf = vec![0u8; 65536];
     let mut forwarded = Forwarded::default();
+    let mut since_yield = 0usize;
     loop {
         if shutdown.is_cancelled() {
             forwarded.flush(&ctx);
             return;
+        }
+        // Fairness: while frames keep arriving this loop never waits, and a worker that never
+        // returns to the scheduler starves what is queued behind it (the QUIC endpoint driver,
+        // every tunnel's keepalives). Give way every batch.
+        since_yield += 1;
+        if since_yield >= YIELD_EVERY {
+            since_yield = 0;
+            forwarded.flush(&ctx);
+            tokio::task::yield_now().await;
         }
         // Take what is ready without yielding; count and wait only when nothing is.
         let ready = match dp.socket.try_recv_from(&mut buf) {

@@ -17,8 +17,6 @@ use super::HubContext;
 use crate::metrics::HubMetrics;
 use crate::pki_store::{StoreError, TokenError, TokenStore};
 
-const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Failure inside the token-redeem closure, mapped onto the wire code.
 #[derive(Debug)]
 struct Refusal(EnrolErrorCode, String);
@@ -57,17 +55,45 @@ fn outcome_label(code: EnrolErrorCode) -> &'static str {
 
 pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     let remote = conn.remote_address();
+    // Nothing on this connection is authenticated until the token is: it gets one stream and a
+    // tiny window (transport), a slot among few (here), a per-address attempt budget, and a
+    // short deadline. Datagrams it sends are read and discarded, so they cannot pile up.
+    let _slot = match ctx.pre_auth.enrol_slots.clone().try_acquire_owned() {
+        Ok(s) => s,
+        Err(_) => {
+            HubMetrics::inc_outcome(&ctx.metrics.enrolments, "busy");
+            conn.close(
+                close_code::GOING_AWAY.into(),
+                b"the hub is serving too many enrolments; retry in a few seconds",
+            );
+            return;
+        }
+    };
+    if let Err(r) = ctx.pre_auth.spend_enrolment(remote.ip()) {
+        HubMetrics::inc_outcome(&ctx.metrics.enrolments, r.label());
+        conn.close(
+            close_code::GOING_AWAY.into(),
+            b"too many enrolment attempts from this address; retry later",
+        );
+        return;
+    }
+    let deadline = ctx.pre_auth.budget.enrol_deadline;
     let exchange = async {
         let (send, mut recv) = conn.accept_bi().await?;
         let msg = read_enrol_message(&mut recv).await;
         Ok::<_, quinn::ConnectionError>((send, msg))
     };
-    let Ok(Ok((mut send, msg))) = tokio::time::timeout(ENROL_TIMEOUT, exchange).await else {
+    let discard = super::discard_datagrams(&ctx, &conn);
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(deadline, exchange) => r,
+        _ = discard => Ok(Err(quinn::ConnectionError::LocallyClosed)),
+    };
+    let Ok(Ok((mut send, msg))) = outcome else {
         debug!(%remote, "enrolment connection sent no request in time");
         HubMetrics::inc_outcome(&ctx.metrics.enrolments, "no_request");
         conn.close(
             close_code::PROTOCOL_ERROR.into(),
-            b"no enrolment request within 10s",
+            format!("no enrolment request within {deadline:?}").as_bytes(),
         );
         return;
     };
@@ -79,7 +105,9 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             } else {
                 "an incomplete request"
             };
-            warn!(%remote, "enrolment refused: peer sent {what}");
+            if ctx.log_budget.allow("enrolment refused") {
+                warn!(%remote, "enrolment refused: peer sent {what}");
+            }
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
             conn.close(
                 close_code::PROTOCOL_ERROR.into(),
@@ -88,7 +116,9 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             return;
         }
         Err(e) => {
-            warn!(%remote, error = %e, "enrolment refused: malformed request");
+            if ctx.log_budget.allow("enrolment refused") {
+                warn!(%remote, error = %e, "enrolment refused: malformed request");
+            }
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, "malformed");
             conn.close(
                 close_code::PROTOCOL_ERROR.into(),
@@ -114,7 +144,11 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             EnrolResponse { result: Ok(bundle) }
         }
         Err(Refusal(code, message)) => {
-            warn!(%remote, node = %node, reason = %message, "enrolment refused");
+            // Counted always; logged at most a few times a second, so a stream of wrong
+            // tokens costs a counter, not the log.
+            if ctx.log_budget.allow("enrolment refused") {
+                warn!(%remote, node = %node, reason = %message, "enrolment refused");
+            }
             HubMetrics::inc_outcome(&ctx.metrics.enrolments, outcome_label(code));
             EnrolResponse {
                 result: Err(EnrolError { code, message }),
@@ -135,19 +169,22 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     conn.close(close_code::ENROL_DONE.into(), b"enrolment finished");
 }
 
+/// The token is checked before anything about the node: a caller without a valid token learns
+/// nothing about which nodes exist or where they are. The token is consumed only if the node is
+/// admitted and a certificate is issued.
 fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
     petrel_proto::check_protocol_version(req.protocol_version)
         .map_err(|e| Refusal(EnrolErrorCode::UnsupportedVersion, e.to_string()))?;
-    {
-        let inv = ctx
-            .inventory
-            .read()
-            .map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
-        inv.admit_agent(&req.node_name)
-            .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
-    }
     let now = SystemTime::now();
     ctx.state.redeem(&req.token, &req.node_name, now, || {
+        {
+            let inv = ctx
+                .inventory
+                .read()
+                .map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
+            inv.admit_agent(&req.node_name)
+                .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
+        }
         let cert = ctx
             .ca
             .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)

@@ -3,6 +3,7 @@
 //! enrolment or tunnel session in its own task and tracing span, and on shutdown tells every
 //! agent to go away (and when to come back), then drains under a deadline.
 
+pub mod admission;
 pub mod dataplane;
 pub mod enrol;
 pub mod registry;
@@ -82,6 +83,56 @@ pub struct HubContext {
     pub observer: OnceLock<Arc<dyn TunnelObserver>>,
     /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
     pub cluster_status: RwLock<Option<serde_json::Value>>,
+    /// Budgets for connections that have not authenticated yet.
+    pub pre_auth: PreAuthState,
+    /// Log lines about refusals anyone can provoke (the metrics count each one).
+    pub log_budget: admission::LogBudget,
+}
+
+/// The pre-authentication budgets and their live counters (see [`admission`]).
+#[derive(Debug)]
+pub struct PreAuthState {
+    pub budget: admission::PreAuthBudget,
+    pub handshakes: Mutex<admission::SourceRateLimit>,
+    pub enrolments: Mutex<admission::SourceRateLimit>,
+    pub enrol_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl PreAuthState {
+    pub fn new(budget: admission::PreAuthBudget) -> Self {
+        Self {
+            handshakes: Mutex::new(admission::SourceRateLimit::new(
+                budget.handshake_burst,
+                budget.handshakes_per_second,
+                budget.max_sources,
+            )),
+            enrolments: Mutex::new(admission::SourceRateLimit::new(
+                budget.enrol_burst,
+                budget.enrolments_per_second,
+                budget.max_sources,
+            )),
+            enrol_slots: Arc::new(tokio::sync::Semaphore::new(budget.max_enrolments)),
+            budget,
+        }
+    }
+
+    fn spend(
+        limiter: &Mutex<admission::SourceRateLimit>,
+        ip: std::net::IpAddr,
+    ) -> Result<(), admission::RateRefusal> {
+        match limiter.lock() {
+            Ok(mut l) => l.check(ip, std::time::Instant::now()),
+            Err(_) => Err(admission::RateRefusal::TableFull),
+        }
+    }
+
+    pub fn spend_handshake(&self, ip: std::net::IpAddr) -> Result<(), admission::RateRefusal> {
+        Self::spend(&self.handshakes, ip)
+    }
+
+    pub fn spend_enrolment(&self, ip: std::net::IpAddr) -> Result<(), admission::RateRefusal> {
+        Self::spend(&self.enrolments, ip)
+    }
 }
 
 impl HubContext {
@@ -300,12 +351,12 @@ impl Hub {
             keep_alive: config.keepalive,
             idle_timeout: config.idle_timeout,
             congestion: config.congestion,
-            // Agents open only their control stream (and enrolment one); the hub opens the
-            // proxied streams, whose limit the agent sets. quinn pre-allocates per stream the
-            // peer may open, so 16 instead of 16,384 saves ~1.3 MiB per connected agent.
-            max_concurrent_bidi_streams: 16,
             ..Default::default()
-        };
+        }
+        // Every connection starts with the pre-authentication budget (one stream, a tiny
+        // window); an admitted tunnel is raised by `AuthenticatedLimits` (hub/session.rs).
+        // quinn also pre-allocates per stream the peer may open, so few streams save memory.
+        .pre_auth(quic::PreAuthLimits::default());
         let tls_cfg = tls::hub_server_tls(ca.cert_der(), chain, key, &[ALPN_TUNNEL, ALPN_ENROL])?;
         let server = quic::server_config(tls_cfg, &tuning)?;
         let endpoint = quic::server_endpoint(config.listen, server, &secret).map_err(|source| {
@@ -367,6 +418,8 @@ impl Hub {
             egress_policies: Default::default(),
             observer: OnceLock::new(),
             cluster_status: RwLock::new(None),
+            pre_auth: PreAuthState::new(admission::PreAuthBudget::default()),
+            log_budget: admission::LogBudget::default(),
         });
         Ok(Self { ctx, endpoint })
     }
@@ -391,7 +444,35 @@ impl Hub {
             // Admission control: a handshake the hub cannot finish before the agent gives up
             // (3 s) is wasted work, and after a restart a whole fleet arrives at once. Beyond
             // the cap an Initial is ignored, not refused: the agent retransmits it after its
-            // probe timeout and gets in once a slot is free, within the same attempt.
+            // probe timeout and gets in once a slot is free, within the same attempt. Once
+            // handshakes pile up, a source must first prove it receives at its address (QUIC
+            // Retry, stateless): spoofed Initials then cost one small packet and no slot.
+            let in_flight = MAX_HANDSHAKES_IN_FLIGHT - handshakes.available_permits();
+            let remote_ip = incoming.remote_address().ip();
+            let verdict = admission::decide_handshake(
+                &self.ctx.pre_auth.budget,
+                in_flight,
+                MAX_HANDSHAKES_IN_FLIGHT,
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                || self.ctx.pre_auth.spend_handshake(remote_ip),
+            );
+            match verdict {
+                admission::HandshakeVerdict::Accept => {}
+                admission::HandshakeVerdict::Retry => {
+                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "retry_sent");
+                    if let Err(e) = incoming.retry() {
+                        // Only if the source already answered a Retry (`may_retry` was false).
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+                admission::HandshakeVerdict::Ignore(why) => {
+                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, why);
+                    incoming.ignore();
+                    continue;
+                }
+            }
             let Ok(slot) = handshakes.clone().try_acquire_owned() else {
                 HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "deferred");
                 incoming.ignore();
@@ -506,6 +587,15 @@ async fn handle_incoming(
             debug!(alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN");
             conn.close(close_code::PROTOCOL_ERROR.into(), b"unsupported ALPN");
         }
+    }
+}
+
+/// Reads and discards the datagrams of a connection that may not send any (enrolment, or a
+/// tunnel before admission), counting them, so they never wait in quinn's receive buffer.
+/// Returns when the connection closes.
+pub(crate) async fn discard_datagrams(ctx: &HubContext, conn: &quinn::Connection) {
+    while conn.read_datagram().await.is_ok() {
+        HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, "not_admitted");
     }
 }
 

@@ -15,7 +15,7 @@ use petrel_proto::{
 use petrel_transport::close_code;
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::registry::{AgentCounters, AgentEntry, SessionCommand};
 use super::HubContext;
@@ -52,6 +52,9 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             }
         }
     };
+    // The certificate is verified and its node admitted: from here on the tunnel gets windows
+    // sized for what it carries instead of the pre-authentication budget.
+    petrel_transport::quic::AuthenticatedLimits::default().apply(&conn);
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, recv) = conn.accept_bi().await?;
         let mut reader = ControlReader::new(recv);
@@ -128,7 +131,17 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         view,
     };
     if let Err(e) = writer.send(&ControlMessage::Welcome(welcome)).await {
-        debug!(node = %node, error = %e, "agent left before the welcome");
+        match e {
+            // The view does not fit a control frame: a hub-side limit, not the agent's doing.
+            // Both sides must see why, or the agent retries forever against an empty reason.
+            StreamError::Encode(e) => {
+                let message = format!("the hub cannot send this node's view: {e}");
+                error!(node = %node, "{message}");
+                HubMetrics::inc_reason(&ctx.metrics.agent_refusals, "view_too_large");
+                conn.close(close_code::PROTOCOL_ERROR.into(), message.as_bytes());
+            }
+            e => debug!(node = %node, error = %e, "agent left before the welcome"),
+        }
         return;
     }
 
@@ -137,8 +150,8 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         id: ctx.registry.next_id(),
         node: node.clone(),
         site: site.clone(),
-        agent_version: hello.agent_version.clone(),
-        datapath: hello.self_view.datapath.clone(),
+        agent_version: printable(&hello.agent_version),
+        datapath: printable(&hello.self_view.datapath),
         since: SystemTime::now(),
         connection: conn.clone(),
         commands,
@@ -159,7 +172,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
             );
         }
     } else {
-        info!(node = %node, site = %site, remote = %conn.remote_address(), agent_version = %hello.agent_version, "agent connected");
+        info!(node = %node, site = %site, remote = %conn.remote_address(), agent_version = %entry.agent_version, "agent connected");
     }
     ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
@@ -186,6 +199,20 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     } else {
         debug!(node = %node, reason = %reason, "replaced tunnel closed");
     }
+}
+
+/// An agent-supplied string as it may appear in logs and status: printable ASCII only (others
+/// become `?`), so newlines or terminal escape codes cannot forge log lines.
+pub(crate) fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 fn check_hello(hello: &Hello, cert_node: &str) -> Result<(), String> {
@@ -218,13 +245,14 @@ async fn control_loop(
     // Agents ping every couple of seconds; the hub probes only a quiet one (and each new one
     // once). `status` shows quinn's RTT, which is current whoever pings.
     let mut keepalive = Keepalive::when_quiet(interval, ctx.config.idle_timeout, Instant::now());
+    let mut renewals = RenewalBudget::new(ctx.config.agent_cert_ttl);
     let mut deadline = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = reader.next() => {
                 keepalive.on_receive(Instant::now());
                 match msg {
-                    Ok(Some(msg)) => if let Err(reason) = on_message(ctx, entry, &mut keepalive, writer, msg).await { return reason },
+                    Ok(Some(msg)) => if let Err(reason) = on_message(ctx, entry, &mut keepalive, &mut renewals, writer, msg).await { return reason },
                     Ok(None) => return "agent finished its control stream".into(),
                     Err(StreamError::Read(e)) => return format!("{e}"),
                     Err(e) => {
@@ -265,10 +293,41 @@ async fn control_loop(
     }
 }
 
+/// How often one tunnel may have its certificate renewed: an agent renews once per certificate
+/// life (at two thirds of it), so more than one renewal per quarter of the TTL (at most a
+/// minute apart) is a client spending the hub's signing work, and is refused with a reason.
+#[derive(Debug)]
+struct RenewalBudget {
+    min_interval: Duration,
+    last: Option<Instant>,
+}
+
+impl RenewalBudget {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            min_interval: (ttl / 4).min(Duration::from_secs(60)),
+            last: None,
+        }
+    }
+
+    /// Spends a renewal at `now`, or says how long until the next one is allowed.
+    fn spend(&mut self, now: Instant) -> Result<(), Duration> {
+        if let Some(last) = self.last {
+            let since = now.saturating_duration_since(last);
+            if since < self.min_interval {
+                return Err(self.min_interval - since);
+            }
+        }
+        self.last = Some(now);
+        Ok(())
+    }
+}
+
 async fn on_message(
     ctx: &HubContext,
     entry: &AgentEntry,
     keepalive: &mut Keepalive,
+    renewals: &mut RenewalBudget,
     writer: &mut ControlWriter,
     msg: ControlMessage,
 ) -> Result<(), String> {
@@ -280,6 +339,19 @@ async fn on_message(
         ControlMessage::Pong(p) => {
             keepalive.on_pong(&p, Instant::now());
             Ok(())
+        }
+        ControlMessage::RenewRequest(_) if renewals.spend(Instant::now()).is_err() => {
+            HubMetrics::inc_outcome(&ctx.metrics.renewals, "rate_limited");
+            let message = format!(
+                "renewal refused: this tunnel renewed less than {:?} ago",
+                renewals.min_interval
+            );
+            writer
+                .send(&ControlMessage::RenewResponse(RenewResponse {
+                    result: Err(petrel_proto::ErrorInfo { code: 2, message }),
+                }))
+                .await
+                .map_err(|e| e.to_string())
         }
         ControlMessage::RenewRequest(req) => {
             let result = ctx
@@ -304,7 +376,9 @@ async fn on_message(
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "ok");
                 }
                 Err(e) => {
-                    warn!(node = %entry.node, error = %e.message, "certificate renewal refused");
+                    if ctx.log_budget.allow("certificate renewal refused") {
+                        warn!(node = %entry.node, error = %e.message, "certificate renewal refused");
+                    }
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
                 }
             }
@@ -350,5 +424,36 @@ impl HubContext {
             site_mtu: self.config.site_mtu,
             egress: crate::egress::policy_for(self, node),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_replaces_control_and_non_ascii() {
+        assert_eq!(printable("0.1.0"), "0.1.0");
+        assert_eq!(
+            printable("1.0\nlevel=ERROR forged\x1b[31m"),
+            "1.0?level=ERROR forged?[31m"
+        );
+        assert_eq!(printable("v\u{e9}"), "v?");
+    }
+
+    #[test]
+    fn renewals_are_limited_per_tunnel() {
+        let t0 = Instant::now();
+        let mut b = RenewalBudget::new(Duration::from_secs(12));
+        assert_eq!(b.min_interval, Duration::from_secs(3));
+        assert_eq!(b.spend(t0), Ok(()));
+        assert_eq!(
+            b.spend(t0 + Duration::from_secs(1)),
+            Err(Duration::from_secs(2))
+        );
+        assert_eq!(b.spend(t0 + Duration::from_secs(3)), Ok(()));
+        // A long TTL caps the interval at a minute.
+        let b = RenewalBudget::new(Duration::from_secs(90 * 86400));
+        assert_eq!(b.min_interval, Duration::from_secs(60));
     }
 }

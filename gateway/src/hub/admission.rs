@@ -1,0 +1,367 @@
+//! Pre-authentication admission: what an address that has not proved a token or a certificate
+//! may cost the hub. The hub's UDP port faces the internet, so every path before authentication
+//! has a count budget here (per source address and in total) on top of the memory budget the
+//! transport sets (`petrel_transport::quic::PreAuthLimits`) and the deadlines of each phase.
+//!
+//! Pure logic, sans-IO: callers pass `now`; nothing here reads a clock or a socket, so the
+//! buckets are tested with a simulated clock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A token bucket per source address, with a bounded table. Each address may spend `burst`
+/// attempts at once and gets `per_second` back over time. When the table is full, entries that
+/// are full again (idle long enough to have refilled) are forgotten first; if none are, the
+/// attempt is refused: an attacker spraying spoofed sources fills the table and is then refused
+/// as a whole, while the memory stays at `max_sources` entries.
+#[derive(Debug)]
+pub struct SourceRateLimit {
+    burst: f64,
+    per_second: f64,
+    max_sources: usize,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Why an attempt was not allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateRefusal {
+    /// This address spent its budget.
+    SourceOverBudget,
+    /// Too many distinct addresses are over budget or recently active at once.
+    TableFull,
+}
+
+impl RateRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            RateRefusal::SourceOverBudget => "source_rate_limited",
+            RateRefusal::TableFull => "rate_table_full",
+        }
+    }
+}
+
+impl SourceRateLimit {
+    pub fn new(burst: u32, per_second: u32, max_sources: usize) -> Self {
+        Self {
+            burst: f64::from(burst.max(1)),
+            per_second: f64::from(per_second),
+            max_sources: max_sources.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Spends one attempt for `ip` at `now`, or says why not.
+    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), RateRefusal> {
+        let ip = canonical(ip);
+        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_sources {
+            self.forget_refilled(now);
+            if self.buckets.len() >= self.max_sources {
+                return Err(RateRefusal::TableFull);
+            }
+        }
+        let (burst, rate) = (self.burst, self.per_second);
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(RateRefusal::SourceOverBudget)
+        }
+    }
+
+    /// Addresses currently remembered.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    fn forget_refilled(&mut self, now: Instant) {
+        let (burst, rate) = (self.burst, self.per_second);
+        self.buckets.retain(|_, b| {
+            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens + elapsed * rate < burst
+        });
+    }
+}
+
+/// IPv4-mapped IPv6 sources count as their IPv4 address (a dual-stack socket reports both).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Limits before authentication, with their defaults (docs/security.md explains each).
+#[derive(Debug, Clone)]
+pub struct PreAuthBudget {
+    /// Handshakes per source address: burst, then per second. A NAT'd site's agents share one
+    /// public address and all come back at once after a hub restart, so the burst is generous.
+    pub handshake_burst: u32,
+    pub handshakes_per_second: u32,
+    /// Enrolment attempts per source address.
+    pub enrol_burst: u32,
+    pub enrolments_per_second: u32,
+    /// Addresses remembered by each limiter.
+    pub max_sources: usize,
+    /// Enrolment connections served at once; more are closed with a reason.
+    pub max_enrolments: usize,
+    /// Handshakes in flight above which unvalidated sources must first answer a QUIC Retry.
+    pub retry_above: usize,
+    /// An enrolment connection must deliver its request within this.
+    pub enrol_deadline: Duration,
+}
+
+impl Default for PreAuthBudget {
+    fn default() -> Self {
+        Self {
+            handshake_burst: 256,
+            handshakes_per_second: 64,
+            enrol_burst: 16,
+            enrolments_per_second: 2,
+            max_sources: 16_384,
+            max_enrolments: 32,
+            retry_above: 16,
+            enrol_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What to do with an incoming handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeVerdict {
+    Accept,
+    /// Ask the source to prove it receives at its address (QUIC Retry): costs the hub one
+    /// stateless packet and no slot.
+    Retry,
+    /// Drop silently: the agent retransmits its Initial and gets in once there is room.
+    Ignore(&'static str),
+}
+
+/// Decides an incoming handshake from what is known before any state is created. `rate` spends
+/// the source's budget; it is called only for a handshake that is not sent a Retry first, so a
+/// spoofed source (which never answers the Retry) spends nobody's budget.
+pub fn decide_handshake(
+    budget: &PreAuthBudget,
+    in_flight: usize,
+    max_in_flight: usize,
+    address_validated: bool,
+    may_retry: bool,
+    rate: impl FnOnce() -> Result<(), RateRefusal>,
+) -> HandshakeVerdict {
+    if !address_validated && may_retry && in_flight >= budget.retry_above {
+        return HandshakeVerdict::Retry;
+    }
+    if let Err(r) = rate() {
+        return HandshakeVerdict::Ignore(r.label());
+    }
+    if in_flight >= max_in_flight {
+        return HandshakeVerdict::Ignore("deferred");
+    }
+    HandshakeVerdict::Accept
+}
+
+/// Log lines about refusals anyone on the internet can provoke: at most `per_window` per
+/// window, and a line saying how many were left out when the next window opens. The counters in
+/// the metrics count every refusal; the log only has to show that they happen.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_window: u32,
+    window: Duration,
+    state: std::sync::Mutex<LogWindow>,
+}
+
+#[derive(Debug)]
+struct LogWindow {
+    started: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub fn new(per_window: u32, window: Duration) -> Self {
+        Self {
+            per_window,
+            window,
+            state: std::sync::Mutex::new(LogWindow {
+                started: None,
+                used: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether a line about `what` may be logged now.
+    pub fn allow(&self, what: &str) -> bool {
+        let (ok, suppressed) = self.allow_at(Instant::now());
+        if suppressed > 0 {
+            tracing::warn!(
+                suppressed,
+                "{what}: {suppressed} similar log lines left out in the last window (see the metrics)"
+            );
+        }
+        ok
+    }
+
+    /// Pure core of [`allow`](Self::allow): whether to log, and how many lines the window that
+    /// just closed left out (reported once).
+    pub fn allow_at(&self, now: Instant) -> (bool, u64) {
+        let Ok(mut s) = self.state.lock() else {
+            return (false, 0);
+        };
+        let mut reported = 0;
+        let expired = s
+            .started
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.window);
+        if expired {
+            reported = std::mem::take(&mut s.suppressed);
+            s.started = Some(now);
+            s.used = 0;
+        }
+        if s.used < self.per_window {
+            s.used += 1;
+            (true, reported)
+        } else {
+            s.suppressed += 1;
+            (false, reported)
+        }
+    }
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new(5, Duration::from_secs(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, n))
+    }
+
+    #[test]
+    fn bucket_allows_burst_then_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut rl = SourceRateLimit::new(3, 2, 16);
+        for _ in 0..3 {
+            assert_eq!(rl.check(ip(1), t0), Ok(()));
+        }
+        assert_eq!(rl.check(ip(1), t0), Err(RateRefusal::SourceOverBudget));
+        // Another source has its own bucket.
+        assert_eq!(rl.check(ip(2), t0), Ok(()));
+        // 2 per second: after 499 ms not yet one token (refusals spend nothing), after 600 ms one.
+        assert_eq!(
+            rl.check(ip(1), t0 + Duration::from_millis(499)),
+            Err(RateRefusal::SourceOverBudget)
+        );
+        assert_eq!(rl.check(ip(1), t0 + Duration::from_millis(600)), Ok(()));
+        assert_eq!(
+            rl.check(ip(1), t0 + Duration::from_millis(600)),
+            Err(RateRefusal::SourceOverBudget)
+        );
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(rl.check(ip(1), later), Ok(()));
+        }
+        assert_eq!(rl.check(ip(1), later), Err(RateRefusal::SourceOverBudget));
+    }
+
+    #[test]
+    fn table_is_bounded_and_forgets_refilled_sources_first() {
+        let t0 = Instant::now();
+        let mut rl = SourceRateLimit::new(2, 1, 2);
+        assert_eq!(rl.check(ip(1), t0), Ok(()));
+        assert_eq!(rl.check(ip(2), t0), Ok(()));
+        // Full, nobody refilled: a third source is refused, the table does not grow.
+        assert_eq!(rl.check(ip(3), t0), Err(RateRefusal::TableFull));
+        assert_eq!(rl.len(), 2);
+        // After a second both have refilled to the burst and may be forgotten.
+        assert_eq!(rl.check(ip(3), t0 + Duration::from_secs(1)), Ok(()));
+        assert!(rl.len() <= 2);
+    }
+
+    #[test]
+    fn mapped_ipv6_counts_as_its_ipv4_address() {
+        let t0 = Instant::now();
+        let mut rl = SourceRateLimit::new(1, 0, 16);
+        assert_eq!(rl.check(ip(7), t0), Ok(()));
+        let mapped = IpAddr::V6(Ipv4Addr::new(203, 0, 113, 7).to_ipv6_mapped());
+        assert_eq!(rl.check(mapped, t0), Err(RateRefusal::SourceOverBudget));
+        let other = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(rl.check(other, t0), Ok(()));
+    }
+
+    #[test]
+    fn log_budget_limits_lines_and_reports_what_it_left_out() {
+        let t0 = Instant::now();
+        let lb = LogBudget::new(2, Duration::from_secs(1));
+        assert_eq!(lb.allow_at(t0), (true, 0));
+        assert_eq!(lb.allow_at(t0), (true, 0));
+        assert_eq!(lb.allow_at(t0), (false, 0));
+        assert_eq!(lb.allow_at(t0 + Duration::from_millis(999)), (false, 0));
+        // Next window: allowed again, and the two left out are reported once.
+        assert_eq!(lb.allow_at(t0 + Duration::from_secs(1)), (true, 2));
+        assert_eq!(lb.allow_at(t0 + Duration::from_secs(1)), (true, 0));
+    }
+
+    #[test]
+    fn handshake_verdicts() {
+        let b = PreAuthBudget {
+            retry_above: 4,
+            ..Default::default()
+        };
+        // Quiet hub: accept without a Retry round trip.
+        assert_eq!(
+            decide_handshake(&b, 3, 256, false, true, || Ok(())),
+            HandshakeVerdict::Accept
+        );
+        // Busy: unvalidated sources must answer a Retry first...
+        assert_eq!(
+            decide_handshake(&b, 4, 256, false, true, || panic!(
+                "a Retry spends no budget"
+            )),
+            HandshakeVerdict::Retry
+        );
+        // ...validated ones (they came back with the token) are admitted.
+        assert_eq!(
+            decide_handshake(&b, 4, 256, true, false, || Ok(())),
+            HandshakeVerdict::Accept
+        );
+        // Full: validated sources wait for a slot.
+        assert_eq!(
+            decide_handshake(&b, 256, 256, true, false, || Ok(())),
+            HandshakeVerdict::Ignore("deferred")
+        );
+        // Over its own budget: ignored with the reason, whatever the load.
+        assert_eq!(
+            decide_handshake(&b, 0, 256, true, false, || Err(
+                RateRefusal::SourceOverBudget
+            )),
+            HandshakeVerdict::Ignore("source_rate_limited")
+        );
+    }
+}
