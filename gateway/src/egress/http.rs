@@ -188,28 +188,40 @@ pub fn parse_authority(target: &str) -> Result<Connect, HeadError> {
         let (h, p) = target
             .rsplit_once(':')
             .ok_or(HeadError::BadTarget("expected host:port"))?;
-        let valid = !h.is_empty()
-            && h.len() <= 253
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-        if !valid {
+        if !is_host_name(h) {
             return Err(HeadError::BadTarget("bad host name"));
         }
         (h, p)
     };
-    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(HeadError::BadTarget("bad port"));
-    }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| HeadError::BadTarget("port out of range"))?;
-    if port == 0 {
-        return Err(HeadError::BadTarget("port 0"));
-    }
+    let port = parse_port(port)?;
     Ok(Connect {
         host: host.to_ascii_lowercase(),
         port,
     })
+}
+
+/// A DNS name (or IPv4 literal) as a target: 1-253 of `[A-Za-z0-9._-]`.
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// A port in plain decimal, 1-65535: no sign, no leading zero (`+443`, `010250` and `0443`
+/// are refused rather than guessed at).
+fn parse_port(port: &str) -> Result<u16, HeadError> {
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HeadError::BadTarget("bad port"));
+    }
+    if port == "0" {
+        return Err(HeadError::BadTarget("port 0"));
+    }
+    if port.starts_with('0') {
+        return Err(HeadError::BadTarget("bad port"));
+    }
+    port.parse()
+        .map_err(|_| HeadError::BadTarget("port out of range"))
 }
 
 /// Parses a CONNECT request head at the start of `buf`; `Ok(None)` until it is complete. The
@@ -260,15 +272,34 @@ pub fn parse_host(buf: &[u8]) -> Result<Option<(String, usize)>, HeadError> {
         }
     }
     let host = host.ok_or(HeadError::NoHost)?;
-    let name = if host.starts_with('[') {
-        host.split_once(']')
-            .map(|(h, _)| h.trim_start_matches('['))
-            .ok_or(HeadError::BadTarget("bad IPv6 literal"))?
+    // `host [":" port]`, the host a DNS name, an IPv4 literal or a bracketed IPv6 literal.
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or(HeadError::BadTarget("bad IPv6 literal"))?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(HeadError::BadTarget("bad IPv6 literal"));
+        }
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or(HeadError::BadTarget("bad IPv6 literal"))?,
+            ),
+        };
+        (h, port)
     } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
     };
+    if let Some(port) = port {
+        parse_port(port)?;
+    }
     let name = name.trim_end_matches('.');
-    if name.is_empty() || name.len() > 253 {
+    if !host.starts_with('[') && !is_host_name(name) {
         return Err(HeadError::BadTarget("bad host name"));
     }
     Ok(Some((name.to_ascii_lowercase(), used)))
@@ -423,3 +454,7 @@ mod tests {
         assert!(r.contains("Connection: close"));
     }
 }
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod mutant_tests;
