@@ -4,6 +4,7 @@
 #   install.sh --binary PATH --server HOST:PORT --token TOKEN --ca-sha256 FP [--node-name NAME]
 #              [--server HOST:PORT ...] [--hooks auto|fast|portable|none] [--admin-addr IP:PORT]
 #              [--unit FILE] [--rejoin] [--root DIR]
+#   install.sh --binary PATH [options]          # upgrade an enrolled device: no token needed
 #   install.sh --uninstall [--purge] [--root DIR]
 #
 # Install (idempotent: a second run with the same arguments changes nothing and joins nothing):
@@ -19,6 +20,13 @@
 #      enables it (the multi-user.target.wants symlink) and starts nothing.
 #   The first --server is the one `join` dials; all of them go to the config. The token may also
 #   come from the environment (PETREL_JOIN_TOKEN), which keeps it out of `ps`.
+#
+# Upgrade (a device already enrolled, i.e. /var/lib/petrel/agent holds node.pem and ca.crt):
+#   --token and --ca-sha256 are not needed (and without --rejoin not used). Every setting not
+#   given again is kept from the existing /etc/petrel/agent.toml: the servers, the node name,
+#   --hooks and --admin-addr; the script says what it kept and what it changed. Giving --server
+#   replaces the configured list, and the script names the servers it dropped. A --node-name
+#   other than the one the device is enrolled as is refused (that needs --rejoin and a token).
 #
 # Uninstall: stops and disables the unit, runs `petrel-edge-agent cleanup` (removes the routes,
 # rules and devices the agent added), removes the binary, the config and the unit. The identity
@@ -63,6 +71,8 @@ ca_sha256=
 node_name=
 hooks=
 admin_addr=$DEFAULT_ADMIN
+hooks_given=0
+admin_given=0
 unit_src=
 rejoin=0
 uninstall=0
@@ -95,8 +105,14 @@ while [[ $# -gt 0 ]]; do
   --token) token=$val ;;
   --ca-sha256) ca_sha256=$val ;;
   --node-name) node_name=$val ;;
-  --hooks) hooks=$val ;;
-  --admin-addr) admin_addr=$val ;;
+  --hooks)
+    hooks=$val
+    hooks_given=1
+    ;;
+  --admin-addr)
+    admin_addr=$val
+    admin_given=1
+    ;;
   --unit) unit_src=$val ;;
   --root) root=$val ;;
   --rejoin) rejoin=1 ;;
@@ -193,6 +209,53 @@ fi
 ((purge)) && usage "--purge goes with --uninstall"
 
 # ---- install: check everything before writing anything -------------------------------------
+enrolled=0
+[[ -f $R$STATE_DIR/node.pem && -f $R$STATE_DIR/ca.crt ]] && enrolled=1
+upgrade=0
+((enrolled && !rejoin)) && [[ -z $token ]] && upgrade=1
+
+# The settings of an earlier install (the config this script wrote): kept unless given again.
+conf_value() { # KEY: the quoted value of `KEY = "..."` in the existing config, unquoted
+  [[ -f $R$CONF_PATH ]] || return 0
+  sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" -- "$R$CONF_PATH" | head -n 1
+}
+old_servers=()
+if [[ -f $R$CONF_PATH ]]; then
+  line=$(sed -n 's/^servers = \[\(.*\)\]$/\1/p' -- "$R$CONF_PATH" | head -n 1)
+  while [[ $line =~ \"([^\"]*)\" ]]; do
+    old_servers+=("${BASH_REMATCH[1]}")
+    line=${line#*\""${BASH_REMATCH[1]}"\"}
+  done
+fi
+old_node=$(conf_value node-name)
+old_hooks=$(conf_value hooks)
+old_admin=$(conf_value admin-addr)
+if [[ ${#servers[@]} -eq 0 && ${#old_servers[@]} -gt 0 ]]; then
+  servers=("${old_servers[@]}")
+  log "servers: keeping the configured ${servers[*]} (--server replaces them)"
+elif [[ ${#old_servers[@]} -gt 0 ]]; then
+  dropped=()
+  for o in "${old_servers[@]}"; do
+    keep=0
+    for s in "${servers[@]}"; do [[ $s == "$o" ]] && keep=1; done
+    ((keep)) || dropped+=("$o")
+  done
+  if [[ ${#dropped[@]} -gt 0 ]]; then
+    log "servers: now ${servers[*]}; dropping the configured ${dropped[*]} (give it with --server to keep it)"
+  fi
+fi
+if [[ -z $node_name && -n $old_node ]]; then
+  node_name=$old_node
+  log "node name: keeping the configured $node_name"
+fi
+if ! ((hooks_given)) && [[ -n $old_hooks ]]; then
+  hooks=$old_hooks
+  log "hooks: keeping the configured $hooks"
+fi
+if ! ((admin_given)) && [[ -n $old_admin ]]; then
+  admin_addr=$old_admin
+fi
+
 valid_host_port() {
   [[ $1 =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$ || $1 =~ ^\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}$ ]]
 }
@@ -223,10 +286,19 @@ if [[ -z $unit_src ]]; then
   unit_src=$(dirname -- "${BASH_SOURCE[0]}")/$UNIT_NAME
 fi
 [[ -f $unit_src ]] || die "no unit file at $unit_src (copy $UNIT_NAME next to install.sh, or pass --unit FILE)"
-[[ -n $token ]] || usage "--token is required (from \`petrel-gateway token create\`)"
-[[ -n $ca_sha256 ]] || usage "--ca-sha256 is required (from \`petrel-gateway token create\`)"
-enrolled=0
-[[ -f $R$STATE_DIR/node.pem && -f $R$STATE_DIR/ca.crt ]] && enrolled=1
+if ((upgrade)); then
+  # An enrolled device: `join` below only checks that it is enrolled as this node (it does
+  # not dial the hub), against the CA it already pins; the token is never sent anywhere.
+  [[ -z $ca_sha256 ]] || log "--ca-sha256 ignored: the device already pins its CA"
+  ca_sha256=$(sed -n '/-----BEGIN CERTIFICATE-----/,/-----END CERTIFICATE-----/p' -- "$R$STATE_DIR/ca.crt" |
+    sed -e '1d' -e '$d' | base64 -d | sha256sum | cut -d ' ' -f 1) ||
+    die "cannot read the CA of this device's identity ($R$STATE_DIR/ca.crt)"
+  token=unused-device-already-enrolled
+  log "upgrading an enrolled device (no token needed)"
+else
+  [[ -n $token ]] || usage "--token is required (from \`petrel-gateway token create\`)"
+  [[ -n $ca_sha256 ]] || usage "--ca-sha256 is required (from \`petrel-gateway token create\`)"
+fi
 
 # ---- install: enrol first, so a refused join leaves nothing half-installed -----------------
 # `join` itself refuses a device enrolled as another node (or under another CA), and does

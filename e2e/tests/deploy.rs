@@ -908,6 +908,143 @@ fn edge_install_is_idempotent_and_uninstall_leaves_nothing() {
     assert!(snapshot(&root).is_empty());
 }
 
+/// An enrolled device is upgraded with `--binary` alone: no token, no `--server`; every setting
+/// of the earlier install (servers, node name, hooks, admin address) is kept and the script says
+/// so; a new `--server` list replaces the old one and names what it dropped; a node name other
+/// than the enrolled one is refused without touching anything. Nothing dials the hub.
+#[test]
+fn edge_install_upgrades_an_enrolled_device_without_a_token_and_keeps_its_servers() {
+    let tmp = short_tmp();
+    let hub = Hub::start(&tmp.path().join("hub"), &[]).unwrap();
+    let agent_bin = bin("petrel-edge-agent").unwrap();
+    let agent_s = agent_bin.to_str().unwrap();
+    let server = hub.server();
+    let spare = "hub-b.example.com:7443";
+    let (token, fp) = hub.token("edge-a1", &[]).unwrap();
+    let root = tmp.path().join("root");
+    let root_s = root.to_str().unwrap();
+    let out = install_sh(&[
+        "--binary",
+        agent_s,
+        "--server",
+        &server,
+        "--server",
+        spare,
+        "--token",
+        &token,
+        "--ca-sha256",
+        &fp,
+        "--node-name",
+        "edge-a1",
+        "--hooks",
+        "none",
+        "--admin-addr",
+        "127.0.0.1:19471",
+        "--root",
+        root_s,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = || std::fs::read_to_string(root.join("etc/petrel/agent.toml")).unwrap();
+    let installed = config();
+    assert!(
+        installed.contains(&format!("servers = [\"{server}\", \"{spare}\"]"))
+            && installed.contains("hooks = \"none\"")
+            && installed.contains("admin-addr = \"127.0.0.1:19471\""),
+        "{installed}"
+    );
+    let attempts = enrolment_attempts(&hub);
+
+    // A new build of the agent (any different bytes will do: an ELF runs with a trailer).
+    let new_bin = tmp.path().join("petrel-edge-agent");
+    let mut bytes = std::fs::read(&agent_bin).unwrap();
+    bytes.extend_from_slice(b"petrel-upgrade-test");
+    std::fs::write(&new_bin, &bytes).unwrap();
+    std::fs::set_permissions(&new_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let new_s = new_bin.to_str().unwrap();
+
+    // Upgrade: the binary alone.
+    let out = install_sh(&["--binary", new_s, "--root", root_s]);
+    assert!(
+        out.status.success(),
+        "upgrade without a token: {}",
+        text(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for what in [
+        "upgrading an enrolled device",
+        &format!("servers: keeping the configured {server} {spare}"),
+        "node name: keeping the configured edge-a1",
+        "hooks: keeping the configured none",
+        "installed the binary",
+        "the config unchanged",
+    ] {
+        assert!(stdout.contains(what), "{what:?} missing: {}", text(&out));
+    }
+    assert_eq!(config(), installed, "the upgrade rewrote the config");
+    assert_eq!(
+        std::fs::read(root.join("usr/local/bin/petrel-edge-agent")).unwrap(),
+        bytes
+    );
+    assert_eq!(
+        enrolment_attempts(&hub),
+        attempts,
+        "the upgrade dialled the hub"
+    );
+
+    // A new server list replaces the old one, and the script names what it drops.
+    let out = install_sh(&["--binary", new_s, "--server", &server, "--root", root_s]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("dropping the configured {spare}")),
+        "{}",
+        text(&out)
+    );
+    let now = config();
+    assert!(
+        now.contains(&format!("servers = [\"{server}\"]\n")) && now.contains("hooks = \"none\""),
+        "{now}"
+    );
+
+    // Another node name needs a token and --rejoin: refused, nothing changes.
+    let before = snapshot(&root);
+    let out = install_sh(&[
+        "--binary",
+        new_s,
+        "--node-name",
+        "edge-a2",
+        "--root",
+        root_s,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--rejoin"),
+        "{}",
+        text(&out)
+    );
+    let after = snapshot(&root);
+    for (path, a) in &before {
+        assert_eq!(
+            (a.kind, a.mode, &a.content),
+            (after[path].kind, after[path].mode, &after[path].content),
+            "{path} changed by a refused upgrade"
+        );
+    }
+    assert_eq!(enrolment_attempts(&hub), attempts);
+
+    // A device that is not enrolled still needs the token.
+    let fresh = tmp.path().join("fresh");
+    let out = install_sh(&[
+        "--binary",
+        agent_s,
+        "--server",
+        &server,
+        "--root",
+        fresh.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+}
+
 /// The hardening the unit promises (see its comments and docs/operations.md).
 fn check_unit(unit: &str) {
     let values = |key: &str| -> Vec<String> {
