@@ -764,6 +764,9 @@ fn a_scraper_with_https_proxy_reaches_an_edge_kubelet() {
             &key,
             "--egress-client-ca",
             &ca,
+            // A scraper is not the API server: it is admitted by name.
+            "--egress-client-names",
+            "kube-apiserver,prometheus",
         ],
         &[("edge-a1", kubelet.port())],
         &["edge-a1"],
