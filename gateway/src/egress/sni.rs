@@ -238,3 +238,7 @@ mod tests {
         assert!(peek_server_name(&endless).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "sni_tests.rs"]
+mod mutant_tests;
