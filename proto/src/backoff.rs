@@ -218,3 +218,7 @@ mod tests {
         b.on_connected(Instant::now());
     }
 }
+
+#[cfg(test)]
+#[path = "backoff_tests.rs"]
+mod mutant_tests;

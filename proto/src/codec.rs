@@ -777,3 +777,7 @@ mod tests {
         assert_eq!(fb.buffered(), 0);
     }
 }
+
+#[cfg(test)]
+#[path = "codec_tests.rs"]
+mod mutant_tests;
