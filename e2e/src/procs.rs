@@ -379,6 +379,14 @@ impl Agent {
             .arg("--state-dir")
             .arg(state_dir)
             .args(extra);
+        // Outside a lab there is no Flannel device: without a data plane unless the test asks
+        // for one (an agent whose data plane cannot open is not ready).
+        if !extra
+            .iter()
+            .any(|a| *a == "--hooks" || a.starts_with("--hooks="))
+        {
+            cmd.args(["--hooks", "none"]);
+        }
         for s in servers {
             cmd.args(["--server", s]);
         }

@@ -47,6 +47,10 @@ pub struct AgentShared {
     pub renewing: AtomicBool,
     /// The data plane, once the node's Flannel device is there (unset with `--hooks none`).
     pub dataplane: std::sync::OnceLock<Arc<crate::dataplane::AgentDataplane>>,
+    /// Why the data plane could not be opened yet (e.g. `flannel.1` missing).
+    pub dataplane_error: Mutex<Option<String>>,
+    /// Open tunnels by endpoint: (hub, connection), for quinn's path statistics.
+    pub tunnels: Mutex<BTreeMap<String, (String, quinn::Connection)>>,
     /// Tunnels (by hub) and the latest view, for a data plane that is not open yet.
     pending_view: Mutex<PendingView>,
     /// Proxied streams: the hub's latest egress policy, pending-dial bound, metrics.
@@ -99,6 +103,36 @@ impl AgentShared {
             .unwrap_or_default()
     }
 
+    /// Records (or with `None` forgets) the open tunnel of `endpoint`.
+    pub fn track_tunnel(&self, endpoint: &str, tunnel: Option<(&str, &quinn::Connection)>) {
+        if let Ok(mut t) = self.tunnels.lock() {
+            match tunnel {
+                Some((hub, conn)) => {
+                    t.insert(endpoint.to_string(), (hub.to_string(), conn.clone()));
+                }
+                None => {
+                    t.remove(endpoint);
+                }
+            }
+        }
+    }
+
+    /// Why the data plane is not doing its job, when one was asked for (not `--hooks none`).
+    pub fn dataplane_problem(&self) -> Option<String> {
+        self.config.datapath.as_ref()?;
+        match self.dataplane.get() {
+            Some(dp) => dp.apply_error(),
+            None => Some(format!(
+                "data plane not ready: {}",
+                self.dataplane_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_else(|| "still opening".into())
+            )),
+        }
+    }
+
     /// Links, other than `except`, connected to hub `hub`.
     pub fn other_link_on_hub(&self, hub: &str, except: &str) -> Option<String> {
         let links = self.links.lock().ok()?;
@@ -138,6 +172,10 @@ impl AdminState for AgentShared {
             .links
             .lock()
             .map_err(|_| "state lock poisoned".to_string())?;
+        // Connected is not enough: the data plane must be programmed too (unless --hooks none).
+        if let Some(why) = self.dataplane_problem() {
+            return Err(why);
+        }
         if links.values().any(|l| l.state == "connected") {
             Ok(())
         } else {
@@ -164,8 +202,18 @@ impl AdminState for AgentShared {
             .lock()
             .map(|l| l.values().cloned().collect())
             .unwrap_or_default();
+        let dataplane = match (self.dataplane.get(), &self.config.datapath) {
+            (Some(d), _) => serde_json::to_value(d.status()).unwrap_or_default(),
+            // Asked for but not open: say why (status shows it, /readyz refuses).
+            (None, Some(cfg)) => serde_json::json!({
+                "hooks": cfg.hook.to_string(),
+                "ready": false,
+                "error": self.dataplane_problem(),
+            }),
+            (None, None) => serde_json::Value::Null,
+        };
         serde_json::json!({
-            "dataplane": self.dataplane.get().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
+            "dataplane": dataplane,
             "node": id.node_name(),
             "certificate_not_after_unix": id.info.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "links": links,
@@ -173,7 +221,12 @@ impl AdminState for AgentShared {
     }
 
     fn metrics(&self) -> String {
-        crate::proxy::merge_metrics(self.metrics.encode(), &self.proxy)
+        let text = crate::proxy::merge_metrics(self.metrics.encode(), &self.proxy);
+        let extra = crate::metrics::render_live(self);
+        match text.strip_suffix("# EOF\n") {
+            Some(head) => format!("{head}{extra}# EOF\n"),
+            None => format!("{text}{extra}"),
+        }
     }
 }
 
@@ -196,6 +249,8 @@ impl Agent {
             metrics: AgentMetrics::new(),
             renewing: AtomicBool::new(false),
             dataplane: std::sync::OnceLock::new(),
+            dataplane_error: Mutex::new(None),
+            tunnels: Mutex::new(BTreeMap::new()),
             pending_view: Mutex::new(PendingView::default()),
             proxy: crate::proxy::ProxyState::new(),
             new_endpoints: tx,
@@ -268,6 +323,9 @@ async fn open_dataplane(
                 let msg = e.to_string();
                 if msg != last_error {
                     warn!(error = %msg, "data plane not ready; retrying every 2s");
+                    if let Ok(mut e) = shared.dataplane_error.lock() {
+                        *e = Some(msg.clone());
+                    }
                     last_error = msg;
                 }
             }
@@ -279,6 +337,9 @@ async fn open_dataplane(
     };
     info!(hooks = %dp.mode(), vtep_mac = %petrel_datapath::format_mac(&dp.vtep_mac()), "data plane ready");
     let _ = shared.dataplane.set(dp.clone());
+    if let Ok(mut e) = shared.dataplane_error.lock() {
+        *e = None;
+    }
     // A link that connected before the data plane was ready left its view here.
     let (tunnels, view) = shared.take_pending_view();
     for (hub, conn) in tunnels {

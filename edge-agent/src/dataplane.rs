@@ -43,7 +43,16 @@ pub struct DataplaneStatus {
     pub mtu: Option<u16>,
     pub frames_to_hub: u64,
     pub frames_from_hub: u64,
+    /// VXLAN payload bytes sent to the hub, and received from it for this node.
+    pub bytes_to_hub: u64,
+    pub bytes_from_hub: u64,
     pub dropped: BTreeMap<String, u64>,
+    /// Whether the last application of the routes succeeded.
+    pub ready: bool,
+    /// Why the last application failed.
+    pub error: Option<String>,
+    /// The route MTU toward each site reached through the hub.
+    pub site_mtu: BTreeMap<String, u16>,
 }
 
 /// The tunnels captured frames may go to, by hub name: the one the hubs' views mark active
@@ -84,7 +93,11 @@ pub struct AgentDataplane {
     applied: Mutex<Option<DesiredState>>,
     frames_to_hub: AtomicU64,
     frames_from_hub: AtomicU64,
+    bytes_to_hub: AtomicU64,
+    bytes_from_hub: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+    /// Why the last `apply` failed; `None` after a success.
+    apply_error: Mutex<Option<String>>,
     /// The injection batch, kept between calls for its buffer.
     inject_batch: Mutex<Option<UdpBatch>>,
 }
@@ -111,7 +124,10 @@ impl AgentDataplane {
             applied: Mutex::new(None),
             frames_to_hub: AtomicU64::new(0),
             frames_from_hub: AtomicU64::new(0),
+            bytes_to_hub: AtomicU64::new(0),
+            bytes_from_hub: AtomicU64::new(0),
             dropped: Mutex::new(BTreeMap::new()),
+            apply_error: Mutex::new(None),
             inject_batch: Mutex::new(None),
         }))
     }
@@ -142,14 +158,35 @@ impl AgentDataplane {
         }
     }
 
+    /// Why the data plane is not programmed as the hub's view asks, if it is not.
+    pub fn apply_error(&self) -> Option<String> {
+        self.apply_error.lock().ok().and_then(|e| e.clone())
+    }
+
     pub fn status(&self) -> DataplaneStatus {
         let applied = self.applied.lock().ok().and_then(|a| a.clone());
+        let error = self.apply_error();
+        let mtu = applied
+            .as_ref()
+            .and_then(|a| a.peers.first().map(|p| p.mtu));
+        let site_mtu = match (mtu, self.view.lock().ok().and_then(|v| v.clone())) {
+            (Some(mtu), Some(view)) => view
+                .routes
+                .iter()
+                .filter(|r| r.path == RoutePath::ViaHub)
+                .map(|r| (r.site.clone(), mtu))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
         DataplaneStatus {
+            bytes_to_hub: self.bytes_to_hub.load(Ordering::Relaxed),
+            bytes_from_hub: self.bytes_from_hub.load(Ordering::Relaxed),
+            ready: error.is_none(),
+            error,
+            site_mtu,
             hooks: self.mode.to_string(),
             peers: applied.as_ref().map(|a| a.peers.len()).unwrap_or(0),
-            mtu: applied
-                .as_ref()
-                .and_then(|a| a.peers.first().map(|p| p.mtu)),
+            mtu,
             frames_to_hub: self.frames_to_hub.load(Ordering::Relaxed),
             frames_from_hub: self.frames_from_hub.load(Ordering::Relaxed),
             dropped: self
@@ -252,8 +289,16 @@ impl AgentDataplane {
                 if let Ok(mut a) = self.applied.lock() {
                     *a = Some(desired);
                 }
+                if let Ok(mut err) = self.apply_error.lock() {
+                    *err = None;
+                }
             }
-            Err(e) => warn!(error = %e, "cannot apply routes to the hub; retrying"),
+            Err(e) => {
+                warn!(error = %e, "cannot apply routes to the hub; retrying");
+                if let Ok(mut err) = self.apply_error.lock() {
+                    *err = Some(format!("cannot apply the routes to the hub: {e}"));
+                }
+            }
         }
     }
 
@@ -302,6 +347,8 @@ impl AgentDataplane {
         if !batch.accepts(payload.len(), None) {
             self.flush(batch).await;
         }
+        self.bytes_from_hub
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
         // The VXLAN payload is the datagram after its kind byte (it parsed, so it is longer
         // than that): a slice of the same buffer, not a copy.
         batch.push(datagram.slice(petrel_proto::DATAGRAM_OVERHEAD..), None);
@@ -353,17 +400,21 @@ impl AgentDataplane {
                 continue;
             };
             let mut out = BytesMut::with_capacity(batch.bytes() + batch.len());
-            let (mut sent, mut oversize, mut down) = (0u64, 0u64, 0u64);
+            let (mut sent, mut sent_bytes, mut oversize, mut down) = (0u64, 0u64, 0u64, 0u64);
             for frame in batch.frames() {
                 out.put_u8(DATAGRAM_KIND_VXLAN);
                 out.extend_from_slice(frame);
                 match conn.send_datagram(out.split().freeze()) {
-                    Ok(()) => sent += 1,
+                    Ok(()) => {
+                        sent += 1;
+                        sent_bytes += frame.len() as u64;
+                    }
                     Err(quinn::SendDatagramError::TooLarge) => oversize += 1,
                     Err(_) => down += 1,
                 }
             }
             self.frames_to_hub.fetch_add(sent, Ordering::Relaxed);
+            self.bytes_to_hub.fetch_add(sent_bytes, Ordering::Relaxed);
             if oversize > 0 {
                 self.drop_frames("oversize", oversize);
             }

@@ -100,6 +100,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             l.last_error = None;
         });
+        shared.track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
         shared.proxy.set_policy(&welcome.view.egress);
         shared.learn_endpoints(
             welcome
@@ -126,6 +127,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             &shutdown,
         )
         .await;
+        shared.track_tunnel(&endpoint, None);
         if let Some(dp) = shared.dataplane.get() {
             dp.clear_active(&conn);
         }

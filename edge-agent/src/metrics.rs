@@ -76,3 +76,167 @@ impl Default for AgentMetrics {
         Self::new()
     }
 }
+
+/// One family of the text exposition: `# HELP`, `# TYPE` and its samples. Counters get the
+/// `_total` suffix on their samples (OpenMetrics).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    let sample = if kind == "counter" {
+        format!("{name}_total")
+    } else {
+        name.to_string()
+    };
+    for (labels, v) in samples {
+        out.push_str(&format!("{sample}{labels} {v}\n"));
+    }
+}
+
+fn label(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// Metrics read at scrape time from the agent's live state: the data plane (readiness, frames
+/// and bytes each way, drops by reason, peers, route MTU per site), each tunnel's path as quinn
+/// measures it (RTT, packets sent and lost), and the certificate's remaining lifetime.
+pub fn render_live(shared: &crate::agent::AgentShared) -> String {
+    let mut out = String::new();
+    if shared.config.datapath.is_some() {
+        let ready = shared.dataplane_problem().is_none();
+        let hooks = shared
+            .dataplane
+            .get()
+            .map(|d| d.hooks_name())
+            .unwrap_or("none");
+        family(
+            &mut out,
+            "petrel_agent_dataplane_ready",
+            "gauge",
+            "1 when the data plane is programmed as the hub's view asks (hooks: the kernel hook in use; none while not open)",
+            &[(label(&[("hooks", hooks)]), f64::from(u8::from(ready)))],
+        );
+    }
+    if let Some(dp) = shared.dataplane.get() {
+        let st = dp.status();
+        let dirs = |a: u64, b: u64| {
+            vec![
+                (label(&[("direction", "to_hub")]), a as f64),
+                (label(&[("direction", "from_hub")]), b as f64),
+            ]
+        };
+        family(
+            &mut out,
+            "petrel_agent_dataplane_frames",
+            "counter",
+            "VXLAN frames carried through the tunnel, by direction",
+            &dirs(st.frames_to_hub, st.frames_from_hub),
+        );
+        family(
+            &mut out,
+            "petrel_agent_dataplane_bytes",
+            "counter",
+            "VXLAN payload bytes carried through the tunnel, by direction",
+            &dirs(st.bytes_to_hub, st.bytes_from_hub),
+        );
+        let drops: Vec<(String, f64)> = st
+            .dropped
+            .iter()
+            .map(|(r, n)| (label(&[("reason", r)]), *n as f64))
+            .collect();
+        family(
+            &mut out,
+            "petrel_agent_dataplane_dropped",
+            "counter",
+            "Frames the agent dropped, by reason (no_hub, tunnel_down, oversize, not_for_this_node, inject_failed, ...)",
+            &drops,
+        );
+        family(
+            &mut out,
+            "petrel_agent_dataplane_peers",
+            "gauge",
+            "Pod CIDRs routed through the hub",
+            &[(String::new(), st.peers as f64)],
+        );
+        let mtus: Vec<(String, f64)> = st
+            .site_mtu
+            .iter()
+            .map(|(site, m)| (label(&[("site", site)]), f64::from(*m)))
+            .collect();
+        family(
+            &mut out,
+            "petrel_agent_route_mtu_bytes",
+            "gauge",
+            "Inner MTU of the routes toward each site reached through the hub",
+            &mtus,
+        );
+    }
+    let tunnels: Vec<(String, String, quinn::ConnectionStats)> = shared
+        .tunnels
+        .lock()
+        .map(|t| {
+            t.iter()
+                .map(|(ep, (hub, c))| (ep.clone(), hub.clone(), c.stats()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let per = |f: &dyn Fn(&quinn::ConnectionStats) -> f64| -> Vec<(String, f64)> {
+        tunnels
+            .iter()
+            .map(|(ep, hub, s)| (label(&[("endpoint", ep), ("hub", hub)]), f(s)))
+            .collect()
+    };
+    family(
+        &mut out,
+        "petrel_agent_tunnel_rtt_seconds",
+        "gauge",
+        "Round-trip time of each open tunnel as quinn estimates it",
+        &per(&|s| s.path.rtt.as_secs_f64()),
+    );
+    family(
+        &mut out,
+        "petrel_agent_tunnel_sent_packets",
+        "counter",
+        "UDP packets sent on each open tunnel (since it connected)",
+        &per(&|s| s.path.sent_packets as f64),
+    );
+    family(
+        &mut out,
+        "petrel_agent_tunnel_lost_packets",
+        "counter",
+        "Packets quinn declared lost on each open tunnel (since it connected)",
+        &per(&|s| s.path.lost_packets as f64),
+    );
+    family(
+        &mut out,
+        "petrel_agent_tunnel_congestion_events",
+        "counter",
+        "Congestion events on each open tunnel (since it connected)",
+        &per(&|s| s.path.congestion_events as f64),
+    );
+    let not_after = shared.identity().info.not_after;
+    let now = std::time::SystemTime::now();
+    let left = match not_after.duration_since(now) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    family(
+        &mut out,
+        "petrel_agent_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until this node's certificate expires (negative: expired); renewed at two thirds of its lifetime",
+        &[(String::new(), left)],
+    );
+    out
+}

@@ -15,6 +15,30 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
         "node {node}, certificate valid until {}\n",
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(not_after))
     ));
+    let dp = &status["dataplane"];
+    if dp.is_object() {
+        let hooks = dp["hooks"].as_str().unwrap_or("?");
+        if dp["ready"].as_bool() == Some(false) {
+            out.push_str(&format!(
+                "data plane ({hooks} hooks) NOT READY: {}\n",
+                dp["error"].as_str().unwrap_or("unknown reason")
+            ));
+        } else {
+            let dropped: u64 = dp["dropped"]
+                .as_object()
+                .map(|d| d.values().filter_map(serde_json::Value::as_u64).sum())
+                .unwrap_or(0);
+            out.push_str(&format!(
+                "data plane ({hooks} hooks) ready: {} peers, MTU {}, frames to hub {}, from hub {}, dropped {dropped}\n",
+                dp["peers"].as_u64().unwrap_or(0),
+                dp["mtu"].as_u64().map_or_else(|| "-".to_string(), |m| m.to_string()),
+                dp["frames_to_hub"].as_u64().unwrap_or(0),
+                dp["frames_from_hub"].as_u64().unwrap_or(0),
+            ));
+        }
+    } else {
+        out.push_str("data plane: none (--hooks none)\n");
+    }
     let links: Vec<LinkStatus> = status
         .get("links")
         .cloned()
@@ -67,11 +91,32 @@ mod tests {
             {"endpoint": "127.0.0.1:7443", "state": "connected", "hub": "gw-1", "remote": "127.0.0.1:7443",
              "connected_since_unix": 0, "rtt_ms": 0.5, "last_error": null, "attempts": 1}]});
         let text = render(&doc, UNIX_EPOCH + Duration::from_secs(61));
+        assert!(text.contains("data plane: none"), "{text}");
         assert!(
             text.contains("edge-a1")
                 && text.contains("connected")
                 && text.contains("1m 1s")
                 && text.contains("0.5ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failed_data_plane_is_shown_with_its_reason() {
+        let doc = serde_json::json!({"node": "edge-a1", "certificate_not_after_unix": 0, "links": [],
+            "dataplane": {"hooks": "auto", "ready": false,
+                          "error": "data plane not ready: flannel.1 not found"}});
+        let text = render(&doc, UNIX_EPOCH);
+        assert!(
+            text.contains("NOT READY: data plane not ready: flannel.1 not found"),
+            "{text}"
+        );
+        let doc = serde_json::json!({"node": "edge-a1", "certificate_not_after_unix": 0, "links": [],
+            "dataplane": {"hooks": "fast", "ready": true, "peers": 3, "mtu": 1380,
+                          "frames_to_hub": 5, "frames_from_hub": 7, "dropped": {"no_hub": 2}}});
+        let text = render(&doc, UNIX_EPOCH);
+        assert!(
+            text.contains("(fast hooks) ready: 3 peers, MTU 1380") && text.contains("dropped 2"),
             "{text}"
         );
     }

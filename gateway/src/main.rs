@@ -21,6 +21,12 @@ use tracing::{error, info};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    petrel_transport::process::set_build_info(petrel_transport::process::BuildInfo {
+        binary: "petrel-gateway",
+        version: env!("CARGO_PKG_VERSION"),
+        // Set by `make image` and release builds (git rev-parse HEAD); empty otherwise.
+        revision: option_env!("PETREL_GIT_REVISION").unwrap_or(""),
+    });
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

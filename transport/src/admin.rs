@@ -74,7 +74,9 @@ fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
             ),
         },
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics())));
+            // Every admin server also exports build_info and the process_* families.
+            let body = crate::process::append_to(state.metrics());
+            let mut r = Response::new(Full::new(Bytes::from(body)));
             if let Ok(v) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
                 r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
             }

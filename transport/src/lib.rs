@@ -11,6 +11,7 @@ pub mod admin;
 pub mod control_stream;
 pub mod pki;
 pub mod private_files;
+pub mod process;
 pub mod quic;
 pub mod setting_values;
 pub mod socket_buffers;
