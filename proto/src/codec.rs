@@ -577,6 +577,9 @@ impl FrameBuffer {
             self.buf.drain(..self.start);
             self.start = 0;
         }
+        // Exactly what is needed, never past the capacity: a peer that sends a frame to the
+        // cap and stops must not make the buffer round up to twice its size.
+        self.buf.reserve_exact(data.len());
         self.buf.extend_from_slice(data);
         // Fail fast on an oversized header instead of waiting for bytes that will never fit.
         split_frame(&self.buf, self.max_body).map(|_| ())

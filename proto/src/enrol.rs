@@ -27,6 +27,13 @@ const CONTEXT: &str = "an enrolment stream";
 /// frames plus the message), so a driver accumulating a buffer for them stays bounded.
 pub const MAX_ENROL_PREAMBLE: usize = 2 * (MAX_CONTROL_FRAME + FRAME_HEADER_LEN);
 
+/// The largest body an enrolment request can have: its version and each field at its cap
+/// (4-byte length prefixes, the widest the codec uses). The hub reads requests with a decoder
+/// capped here ([`EnrolDecoder::for_requests`]) instead of at the generic 64 KiB frame cap: an
+/// enrolment connection is unauthenticated, so what it may make the hub buffer stays small.
+pub const MAX_ENROL_REQUEST_BODY: usize =
+    2 + (4 + MAX_TOKEN_LEN) + (4 + MAX_NODE_NAME_LEN) + (4 + MAX_CSR_LEN);
+
 /// Agent → hub: "here is my join token and CSR, sign it for this node".
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnrolRequest {
@@ -272,6 +279,19 @@ impl EnrolDecoder {
         }
     }
 
+    /// The hub's decoder: frames up to [`MAX_ENROL_REQUEST_BODY`], so at most about twice that
+    /// is ever buffered for one unauthenticated stream.
+    pub fn for_requests() -> Self {
+        EnrolDecoder {
+            frames: FrameBuffer::new(MAX_ENROL_REQUEST_BODY),
+        }
+    }
+
+    /// The most unread bytes this decoder will hold.
+    pub fn capacity(&self) -> usize {
+        self.frames.capacity()
+    }
+
     pub fn push(&mut self, data: &[u8]) -> Result<(), DecodeError> {
         self.frames.push(data)
     }
@@ -293,6 +313,46 @@ mod tests {
             node_name: "edge-1".into(),
             csr_der: vec![0x30, 0x82, 1, 2],
         }
+    }
+
+    #[test]
+    fn a_request_at_every_cap_fits_the_request_decoder_and_one_byte_more_does_not() {
+        let big = EnrolRequest {
+            protocol_version: 1,
+            token: "t".repeat(MAX_TOKEN_LEN),
+            node_name: format!(
+                "{}.{}.{}.{}",
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(61)
+            ),
+            csr_der: vec![0x30; MAX_CSR_LEN],
+        };
+        let mut out = Vec::new();
+        encode_enrol_request(&big, &mut out).unwrap();
+        assert!(out.len() - FRAME_HEADER_LEN <= MAX_ENROL_REQUEST_BODY);
+        let mut dec = EnrolDecoder::for_requests();
+        assert_eq!(
+            dec.capacity(),
+            2 * (MAX_ENROL_REQUEST_BODY + FRAME_HEADER_LEN)
+        );
+        dec.push(&out).unwrap();
+        assert_eq!(
+            dec.next_message().unwrap(),
+            Some(EnrolMessage::Request(big))
+        );
+        // A frame header announcing one byte more than the cap is refused at once.
+        let mut header = vec![msg_type::ENROL_REQUEST];
+        header.extend_from_slice(
+            &u32::try_from(MAX_ENROL_REQUEST_BODY + 1)
+                .unwrap()
+                .to_be_bytes(),
+        );
+        assert!(EnrolDecoder::for_requests().push(&header).is_err());
+        let mut header = vec![msg_type::ENROL_REQUEST];
+        header.extend_from_slice(&u32::try_from(MAX_ENROL_REQUEST_BODY).unwrap().to_be_bytes());
+        assert!(EnrolDecoder::for_requests().push(&header).is_ok());
     }
 
     #[test]

@@ -84,7 +84,21 @@ impl ControlWriter {
 pub async fn read_enrol_message(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<EnrolMessage>, StreamError> {
-    let mut decoder = EnrolDecoder::new();
+    read_with(recv, EnrolDecoder::new()).await
+}
+
+/// The hub's side: like [`read_enrol_message`], with the decoder capped at the largest
+/// possible request, because the peer is not authenticated yet.
+pub async fn read_enrol_request(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<EnrolMessage>, StreamError> {
+    read_with(recv, EnrolDecoder::for_requests()).await
+}
+
+async fn read_with(
+    recv: &mut quinn::RecvStream,
+    mut decoder: EnrolDecoder,
+) -> Result<Option<EnrolMessage>, StreamError> {
     loop {
         match decoder.next_message()? {
             // Optional messages this build does not know are skipped, per the version rules.
@@ -92,7 +106,7 @@ pub async fn read_enrol_message(
             Some(msg) => return Ok(Some(msg)),
             None => {}
         }
-        match recv.read_chunk(16 * 1024, true).await? {
+        match recv.read_chunk(4 * 1024, true).await? {
             Some(chunk) => decoder.push(&chunk.bytes)?,
             None => return Ok(None),
         }

@@ -362,6 +362,9 @@ async fn accept_tls(
                                 drop(permit);
                             }
                             Err(refusal) => {
+                                // Take the request first (bounded like any head), so the client
+                                // reads the 403 and its reason instead of a reset.
+                                let _ = read_head(&mut tls, timeout, http::parse_connect).await;
                                 let r = super::Refusal::new(
                                     403,
                                     refusal.outcome(),

@@ -10,7 +10,7 @@ use petrel_proto::{
     CertBundle, EnrolError, EnrolErrorCode, EnrolMessage, EnrolRequest, EnrolResponse,
 };
 use petrel_transport::close_code;
-use petrel_transport::control_stream::read_enrol_message;
+use petrel_transport::control_stream::read_enrol_request;
 use tracing::{debug, info, warn};
 
 use super::HubContext;
@@ -80,7 +80,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     let deadline = ctx.pre_auth.budget.enrol_deadline;
     let exchange = async {
         let (send, mut recv) = conn.accept_bi().await?;
-        let msg = read_enrol_message(&mut recv).await;
+        let msg = read_enrol_request(&mut recv).await;
         Ok::<_, quinn::ConnectionError>((send, msg))
     };
     let discard = super::discard_datagrams(&ctx, &conn);
