@@ -25,6 +25,8 @@ pub enum PrivateFileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("state directory {path} is a symbolic link; give its real path (Petrel tightens the directory's mode and will not do that to whatever a link points at)")]
+    Symlink { path: PathBuf },
 }
 
 /// Creates `dir` (and parents) with mode 0700, and tightens it to 0700 if it already exists.
@@ -33,6 +35,11 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), PrivateFileError> {
         path: dir.to_path_buf(),
         source,
     };
+    if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(PrivateFileError::Symlink {
+            path: dir.to_path_buf(),
+        });
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -90,6 +97,22 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, PrivateFileError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_symlinked_state_directory_is_refused_and_its_target_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        fs::create_dir(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = tmp.path().join("state");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            ensure_private_dir(&link),
+            Err(PrivateFileError::Symlink { .. })
+        ));
+        let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+    }
 
     #[test]
     fn writes_with_private_modes() {

@@ -15,12 +15,24 @@ pub struct BadValue {
     pub allowed: String,
 }
 
-/// `500ms`, `10s`, `5m`, `1h`, `30d`.
+/// The longest duration any setting takes (ten years). Longer values are refused here, with the
+/// field named by the caller, rather than accepted and then overflowing a clock computation
+/// (a certificate's not-after) at the first enrolment.
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// `500ms`, `10s`, `5m`, `1h`, `30d`; at most [`MAX_SETTING_DURATION`].
 pub fn duration(value: &str) -> Result<Duration, BadValue> {
-    humantime::parse_duration(value).map_err(|e| BadValue {
+    let d = humantime::parse_duration(value).map_err(|e| BadValue {
         value: value.into(),
         allowed: format!("a duration such as 500ms, 10s, 5m, 1h, 30d ({e})"),
-    })
+    })?;
+    if d > MAX_SETTING_DURATION {
+        return Err(BadValue {
+            value: value.into(),
+            allowed: "a duration of at most 10 years (3650d)".into(),
+        });
+    }
+    Ok(d)
 }
 
 /// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
@@ -80,6 +92,9 @@ mod tests {
     fn parses_and_refuses() {
         assert_eq!(duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(duration("5 parsecs").is_err());
+        assert_eq!(duration("3650d"), Ok(MAX_SETTING_DURATION));
+        assert!(duration("3650d 1s").is_err_and(|b| b.allowed.contains("10 years")));
+        assert!(duration("500000000y").is_err());
         assert_eq!(
             host_port("gw.example.com:7443"),
             Ok(("gw.example.com".into(), 7443))
