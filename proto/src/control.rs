@@ -167,6 +167,11 @@ impl EgressPolicy {
         if self.node_addresses.contains(&ip) && self.node_ports.contains(&port) {
             return true;
         }
+        // A CIDR's network address and first host are the node's own interfaces (flannel.1,
+        // cni0): the node's ports apply there, not the pods'.
+        if self.pod_cidrs.iter().any(|c| c.node_host_address(ip)) {
+            return self.node_ports.contains(&port);
+        }
         self.pod_cidrs.iter().any(|c| c.contains(ip))
             && self.pod_ports.as_ref().is_none_or(|p| p.contains(&port))
     }

@@ -160,6 +160,20 @@ impl IpCidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
     }
+
+    /// Whether `ip` is this node pod CIDR's network address or first host, which a Flannel
+    /// node gives its own interfaces (flannel.1 `.0`, cni0 `.1`). Only for CIDRs with room for
+    /// pods besides them (IPv4 /30 or wider, IPv6 /126 or wider).
+    pub fn node_host_address(&self, ip: IpAddr) -> bool {
+        if self.prefix + 2 > max_prefix(self.addr) || !self.contains(ip) {
+            return false;
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => u32::from(ip) - u32::from(net) <= 1,
+            (IpAddr::V6(net), IpAddr::V6(ip)) => u128::from(ip) - u128::from(net) <= 1,
+            _ => false,
+        }
+    }
 }
 
 fn max_prefix(addr: IpAddr) -> u8 {
@@ -214,6 +228,27 @@ impl FromStr for IpCidr {
         }
         let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
         IpCidr::new(addr, prefix)
+    }
+}
+
+#[cfg(test)]
+mod node_host_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn network_and_first_host_are_the_node() {
+        let c = IpCidr::new("10.244.3.0".parse().unwrap(), 24).unwrap();
+        assert!(c.node_host_address("10.244.3.0".parse().unwrap()));
+        assert!(c.node_host_address("10.244.3.1".parse().unwrap()));
+        assert!(!c.node_host_address("10.244.3.2".parse().unwrap()));
+        assert!(!c.node_host_address("10.244.4.1".parse().unwrap()));
+        let c = IpCidr::new("10.244.3.4".parse().unwrap(), 31).unwrap();
+        assert!(!c.node_host_address("10.244.3.4".parse().unwrap()));
+        let c6 = IpCidr::new("fd00:1::".parse().unwrap(), 64).unwrap();
+        assert!(c6.node_host_address("fd00:1::1".parse().unwrap()));
+        assert!(!c6.node_host_address("fd00:1::2".parse().unwrap()));
+        assert!(!c6.node_host_address("10.244.3.1".parse().unwrap()));
     }
 }
 

@@ -913,9 +913,13 @@ fn egress_policy_fails_closed() {
     assert!(p.allows(ip("192.168.1.5"), 10250));
     assert!(!p.allows(ip("192.168.1.5"), 8080));
     assert!(!p.allows(ip("192.168.1.6"), 10250));
-    assert!(p.allows(ip("10.244.5.1"), 8080));
-    assert!(!p.allows(ip("10.244.5.1"), 10250));
-    assert!(!p.allows(ip("10.244.6.1"), 8080));
+    assert!(p.allows(ip("10.244.5.7"), 8080));
+    assert!(!p.allows(ip("10.244.5.7"), 10250));
+    assert!(!p.allows(ip("10.244.6.7"), 8080));
+    // The CIDR's .0 and .1 are the node's own interfaces: node ports only.
+    assert!(!p.allows(ip("10.244.5.1"), 8080));
+    assert!(p.allows(ip("10.244.5.1"), 10250));
+    assert!(!p.allows(ip("10.244.5.0"), 8080));
     // A node address inside the pod CIDR with a node port: allowed through either rule.
     let q = EgressPolicy {
         node_addresses: vec![ip("10.244.5.1")],
@@ -928,8 +932,8 @@ fn egress_policy_fails_closed() {
         pod_ports: None,
         ..p
     };
-    assert!(any.allows(ip("10.244.5.1"), 1));
-    assert!(!any.allows(ip("10.244.5.1"), 0));
+    assert!(any.allows(ip("10.244.5.7"), 1));
+    assert!(!any.allows(ip("10.244.5.7"), 0));
     assert!(!any.allows(ip("192.168.1.5"), 0));
 }
 

@@ -148,6 +148,13 @@ fn node_target(
     })
 }
 
+/// Whether `ip` is the network address or the first host of `cidr`: on a Flannel node those
+/// are its own interfaces (flannel.1 takes `.0`, the cni0 bridge `.1`), not pods.
+pub fn is_node_host_address(cidr: &ipnet::IpNet, ip: IpAddr) -> bool {
+    petrel_proto::IpCidr::new(cidr.network(), cidr.prefix_len())
+        .is_ok_and(|c| c.node_host_address(ip))
+}
+
 /// Resolves `host:port`. `host` is lowercase, without brackets.
 pub fn resolve(
     inv: &Inventory,
@@ -175,6 +182,11 @@ pub fn resolve(
             return node_target(inv, first, ip, port, ports);
         }
         if let Some(node) = inv.node_by_pod_ip(ip) {
+            // A pod CIDR's network address and first host are the node itself (flannel.1 and
+            // cni0 carry them): they get the node's port allowlist, not the pods'.
+            if node.pod_cidrs.iter().any(|c| is_node_host_address(c, ip)) {
+                return node_target(inv, node, ip, port, ports);
+            }
             if !ports.pod_port_allowed(port) {
                 return Err(ResolveError::PodPort {
                     ip,
@@ -321,6 +333,31 @@ mod tests {
         b2.vtep_mac = None;
         inv.apply_node(b2).unwrap();
         inv
+    }
+
+    #[test]
+    fn a_pod_cidrs_node_addresses_get_the_node_port_allowlist() {
+        let inv = inv();
+        let cidr = inv.node("edge-a1").unwrap().pod_cidrs[0];
+        let net = cidr.network();
+        let IpAddr::V4(v4) = net else {
+            panic!("IPv4 lab")
+        };
+        let first = IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) + 1));
+        let pod = IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) + 7));
+        let p = PortPolicy::default();
+        for node_ip in [net, first] {
+            // Port 22 is fine on a pod (any pod port by default) but not on the node itself.
+            let e = resolve(&inv, &node_ip.to_string(), 22, &p).unwrap_err();
+            assert!(
+                matches!(e, ResolveError::NodePort { .. }),
+                "{node_ip}: {e:?}"
+            );
+            let r = resolve(&inv, &node_ip.to_string(), 10250, &p).unwrap();
+            assert_eq!((r.node.as_str(), r.kind), ("edge-a1", "node"));
+        }
+        let r = resolve(&inv, &pod.to_string(), 22, &p).unwrap();
+        assert_eq!(r.kind, "pod");
     }
 
     #[test]

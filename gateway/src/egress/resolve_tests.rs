@@ -208,7 +208,7 @@ fn pod_cidr_cap_is_exact_and_own_node_comes_first() {
     let past = site_policy(&i, "site-b", &PortPolicy::default());
     assert!(!past.complete);
     assert_eq!(past.policy.pod_cidrs.len(), MAX_EGRESS_TARGETS);
-    let b2_last: IpAddr = ip("12.0.6.1");
+    let b2_last: IpAddr = ip("12.0.6.7");
     assert!(!past.policy.allows(b2_last, 80));
     let own = policy_for(&i, "b2", &PortPolicy::default());
     assert_eq!(own.pod_cidrs.len(), MAX_EGRESS_TARGETS);
