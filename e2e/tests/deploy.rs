@@ -212,6 +212,13 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
     assert_eq!(hub["readinessProbe"]["httpGet"]["port"], 9470);
     assert_eq!(hub["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(hub["livenessProbe"]["httpGet"]["port"], 9470);
+    // The node role has its own admin port with probes.
+    let node_role = container("node-role");
+    assert_eq!(node_role["ports"][0]["containerPort"], 9472, "{node_role}");
+    assert_eq!(node_role["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(node_role["readinessProbe"]["httpGet"]["port"], 9472);
+    assert_eq!(node_role["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(node_role["livenessProbe"]["httpGet"]["port"], 9472);
     // Every PETREL_* variable is one the binary reads for that container's subcommand, and the
     // node name comes from the downward API.
     for name in ["hub", "node-role"] {
@@ -536,6 +543,45 @@ fn kustomize_renders_without_warnings_with_pod_security_and_one_image_name() {
         .find(|c| c["name"] == "node-role")
         .unwrap();
     assert_eq!(node_role["securityContext"]["privileged"], true);
+
+    // The monitoring overlay renders too, without a warning, with the objects it promises;
+    // its Service selects the DaemonSet's pods and names the two admin ports it exposes.
+    let (out, objects) = kustomize(&kubectl, &repo().join("deploy/monitoring"));
+    assert!(
+        out.stderr.is_empty(),
+        "deploy/monitoring: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for kind in ["Service", "ServiceMonitor", "PrometheusRule", "ConfigMap"] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let (_, base) = kustomize(&kubectl, &repo().join("deploy"));
+    let ds = base.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let svc = objects.iter().find(|o| o["kind"] == "Service").unwrap();
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &ds["spec"]["template"]["metadata"]["labels"][k], v,
+            "selector {k}"
+        );
+    }
+    let container_ports: Vec<u64> = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["containerPort"].as_u64())
+        .collect();
+    for p in svc["spec"]["ports"].as_array().unwrap() {
+        assert!(
+            container_ports.contains(&p["targetPort"].as_u64().unwrap()),
+            "{p} is no container port of the DaemonSet: {container_ports:?}"
+        );
+    }
+    let cm = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(cm["data"]["petrel.json"].as_str().unwrap()).unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() > 10);
 }
 
 // ---- the gateway's config file -----------------------------------------------------------------

@@ -47,6 +47,12 @@ impl AgentMetrics {
             "Certificate renewals, by outcome",
             renewals.clone(),
         );
+        // Series that alerts rate() over exist from the start (at 0).
+        for family in [&connect_attempts, &renewals] {
+            let _ = family.get_or_create(&Outcome {
+                outcome: "ok".to_string(),
+            });
+        }
         Self {
             registry,
             hubs_connected,

@@ -106,6 +106,9 @@ pub struct NodeArgs {
     /// Inner MTU toward public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU", default_value_t = 1380)]
     pub site_mtu: u16,
+    /// TCP address of the node role's admin server (/metrics, /healthz, /readyz, /status).
+    #[arg(long, env = "PETREL_NODE_ADMIN_ADDR", default_value = DEFAULT_NODE_ADMIN)]
+    pub admin_addr: String,
     #[command(flatten)]
     pub datapath: DatapathArgs,
     #[command(flatten)]
@@ -296,6 +299,8 @@ pub enum ConfigError {
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";
+/// The node role's admin server (`petrel-gateway node`).
+pub const DEFAULT_NODE_ADMIN: &str = "127.0.0.1:9472";
 
 /// Validated hub configuration.
 #[derive(Debug, Clone)]

@@ -149,6 +149,8 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             }
         }
     };
+    let file_mode_expected =
+        (cfg.kube.is_none()).then(|| petrel_gateway::metrics::public_site_nodes(&inventory));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -196,6 +198,13 @@ fn run(cfg: HubConfig) -> anyhow::Result<()> {
             }
         };
         let ctx = hub.context();
+        if kube.is_none() {
+            // File mode: one hub, always the active one; its inventory does not change.
+            ctx.metrics.active.set(1);
+            if let Some(n) = file_mode_expected {
+                ctx.metrics.agents_expected.set(n);
+            }
+        }
         let kube_task = match (kube, kube_client) {
             (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::k8s::hub::run(
                 ctx.clone(),
@@ -257,12 +266,28 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
         .into());
     }
     let kube = args.kube.resolve(None, &Default::default())?;
+    let admin_addr = config::parse_socket_addr("admin-addr", &args.admin_addr)?;
+    let status = petrel_gateway::node_role::NodeRoleStatus::new(&args.node_name);
     let cfg = petrel_gateway::node_role::NodeRoleConfig {
         node_name: args.node_name,
         hub_address: args.hub_address,
         hub_node: None,
         site_mtu: args.site_mtu,
         datapath,
+        status: status.clone(),
+    };
+    // The admin server (probes, metrics) runs for the whole life of the node role.
+    let serve_admin = move |shutdown: CancellationToken| async move {
+        let listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot bind admin address {admin_addr}"))?;
+        info!(admin = %listener.local_addr().unwrap_or(admin_addr), "admin endpoint serving /metrics /healthz /readyz /status");
+        tokio::spawn(petrel_transport::admin::serve(
+            listener,
+            status as Arc<dyn petrel_transport::admin::AdminState>,
+            shutdown,
+        ));
+        anyhow::Ok(())
     };
     if let Some(settings) = kube {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -276,6 +301,7 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
                 info!("signal received; removing the node's routes");
                 signals.cancel();
             });
+            serve_admin(shutdown.clone()).await?;
             let client = petrel_gateway::k8s::client(&settings).await?;
             petrel_gateway::k8s::node::run(client, settings, cfg, shutdown).await?;
             Ok(())
@@ -303,6 +329,7 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
             info!("signal received; removing the node's routes");
             signals.cancel();
         });
+        serve_admin(shutdown.clone()).await?;
         petrel_gateway::node_role::run(inventory, cfg, shutdown).await?;
         Ok(())
     })

@@ -29,6 +29,11 @@ pub struct HubMetrics {
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
+    /// 1 when this hub is the active one (the Lease holder in Kubernetes mode; always in file
+    /// mode), else 0.
+    pub active: Gauge,
+    /// Nodes of public-network sites in the inventory: the agents this hub expects.
+    pub agents_expected: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: crate::egress::metrics::EgressMetrics,
 }
@@ -46,6 +51,8 @@ impl HubMetrics {
             datagrams_dropped: Family::default(),
             frames_forwarded: Family::default(),
             going_away_sent: Counter::default(),
+            active: Gauge::default(),
+            agents_expected: Gauge::default(),
             egress: Default::default(),
             registry: Registry::default(),
         };
@@ -94,8 +101,33 @@ impl HubMetrics {
             "VXLAN frames switched by the hub, by path",
             m.frames_forwarded.clone(),
         );
+        registry.register(
+            "active",
+            "1 when this hub is the active one (Lease holder; always in file mode)",
+            m.active.clone(),
+        );
+        registry.register(
+            "agents_expected",
+            "Nodes of public-network sites in the inventory (agents expected to connect)",
+            m.agents_expected.clone(),
+        );
         m.egress
             .register(registry.sub_registry_with_prefix("egress"));
+        // Series that alerts and dashboards rate() over exist from the start (at 0), so an
+        // increase from nothing is seen and the families are visible before the first event.
+        for outcome in ["ok"] {
+            for family in [&m.tunnel_handshakes, &m.enrolments, &m.renewals] {
+                let _ = family.get_or_create(&Outcome {
+                    outcome: outcome.to_string(),
+                });
+            }
+        }
+        let _ = m.agent_refusals.get_or_create(&Reason {
+            reason: "not_admitted".to_string(),
+        });
+        let _ = m.datagrams_dropped.get_or_create(&Reason {
+            reason: "spoofed_source".to_string(),
+        });
         Self { registry, ..m }
     }
 
@@ -126,4 +158,14 @@ impl Default for HubMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Nodes of public-network sites in `inv`: the agents a hub expects
+/// ([`HubMetrics::agents_expected`]).
+pub fn public_site_nodes(inv: &crate::inventory::Inventory) -> i64 {
+    let n = inv
+        .nodes()
+        .filter(|n| inv.site_kind_of(n) == Some(crate::inventory::SiteKind::Public))
+        .count();
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

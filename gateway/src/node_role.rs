@@ -8,7 +8,8 @@
 //! the hub node's underlay address.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -42,6 +43,140 @@ pub struct NodeRoleConfig {
     pub hub_node: Option<String>,
     pub site_mtu: u16,
     pub datapath: DatapathConfig,
+    /// What the admin endpoint shows (`/readyz`, `/status`, `/metrics`).
+    pub status: Arc<NodeRoleStatus>,
+}
+
+/// The node role's state for its admin endpoint: ready once the routes the inventory asks for
+/// are applied, and not while they cannot be.
+#[derive(Debug, Default)]
+pub struct NodeRoleStatus {
+    inner: Mutex<StatusInner>,
+    repairs: AtomicU64,
+    apply_errors: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    node: String,
+    hooks: Option<String>,
+    relay: Option<String>,
+    peers: usize,
+    /// `None` once applied; otherwise why the node's routes are not (yet) what they should be.
+    problem: Option<String>,
+    applied_once: bool,
+}
+
+impl NodeRoleStatus {
+    pub fn new(node: &str) -> Arc<Self> {
+        let s = Self::default();
+        if let Ok(mut i) = s.inner.lock() {
+            i.node = node.to_string();
+            i.problem = Some("starting".into());
+        }
+        Arc::new(s)
+    }
+
+    /// Not applied yet, and why (e.g. waiting for the cluster's Nodes or the hub Lease).
+    pub fn set_waiting(&self, why: &str) {
+        if let Ok(mut i) = self.inner.lock() {
+            if !i.applied_once {
+                i.problem = Some(why.to_string());
+            }
+        }
+    }
+
+    fn opened(&self, hooks: &str) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.hooks = Some(hooks.to_string());
+        }
+    }
+
+    fn applied(&self, desired: &DesiredState, result: Result<bool, String>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.relay = Some(match desired.relay {
+                Relay::Local => "local".to_string(),
+                Relay::Remote(ip) => ip.to_string(),
+            });
+            i.peers = desired.peers.len();
+            match result {
+                Ok(changed) => {
+                    if changed && i.applied_once {
+                        self.repairs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i.applied_once = true;
+                    i.problem = None;
+                }
+                Err(e) => {
+                    self.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    i.problem = Some(format!("cannot apply the node's routes: {e}"));
+                }
+            }
+        }
+    }
+}
+
+impl petrel_transport::admin::AdminState for NodeRoleStatus {
+    fn ready(&self) -> Result<(), String> {
+        let i = self
+            .inner
+            .lock()
+            .map_err(|_| "state lock poisoned".to_string())?;
+        match &i.problem {
+            None => Ok(()),
+            Some(p) => Err(p.clone()),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let i = self.inner.lock();
+        let Ok(i) = i else {
+            return serde_json::Value::Null;
+        };
+        serde_json::json!({
+            "role": "node",
+            "node": i.node,
+            "hooks": i.hooks,
+            "relay": i.relay,
+            "peers": i.peers,
+            "ready": i.problem.is_none(),
+            "not_ready_reason": i.problem,
+            "repairs": self.repairs.load(Ordering::Relaxed),
+            "apply_errors": self.apply_errors.load(Ordering::Relaxed),
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let (ready, peers, hooks) = self
+            .inner
+            .lock()
+            .map(|i| {
+                (
+                    i.problem.is_none(),
+                    i.peers,
+                    i.hooks.clone().unwrap_or_else(|| "none".into()),
+                )
+            })
+            .unwrap_or((false, 0, "none".into()));
+        format!(
+            "# HELP petrel_node_role_ready 1 when this node's routes to the hub are applied (hooks: the kernel hook in use)\n\
+             # TYPE petrel_node_role_ready gauge\n\
+             petrel_node_role_ready{{hooks=\"{hooks}\"}} {}\n\
+             # HELP petrel_node_role_peers Public-site pod CIDRs routed to the hub\n\
+             # TYPE petrel_node_role_peers gauge\n\
+             petrel_node_role_peers {peers}\n\
+             # HELP petrel_node_role_repairs Times the node's routes had to be re-applied after something changed them\n\
+             # TYPE petrel_node_role_repairs counter\n\
+             petrel_node_role_repairs_total {}\n\
+             # HELP petrel_node_role_apply_errors Failed applications of the node's routes\n\
+             # TYPE petrel_node_role_apply_errors counter\n\
+             petrel_node_role_apply_errors_total {}\n\
+             # EOF\n",
+            u8::from(ready),
+            self.repairs.load(Ordering::Relaxed),
+            self.apply_errors.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The routes this node needs: every public-site node's pod CIDRs through the hub.
@@ -118,10 +253,27 @@ pub async fn run_desired(
     shutdown: CancellationToken,
 ) -> Result<(), NodeRoleError> {
     let mut desired = desired_rx.borrow_and_update().clone();
-    let mut dp = Datapath::open(cfg.datapath.clone()).await?;
+    let mut dp = match Datapath::open(cfg.datapath.clone()).await {
+        Ok(dp) => dp,
+        Err(e) => {
+            cfg.status.set_waiting(&format!("data plane: {e}"));
+            return Err(e.into());
+        }
+    };
     let mode = dp.mode();
+    cfg.status.opened(match mode {
+        HookMode::Fast => "fast",
+        HookMode::Portable => "portable",
+    });
     info!(node = %cfg.node_name, hooks = %mode, relay = ?desired.relay, peers = desired.peers.len(), "node role starting");
-    let report = dp.apply(&desired).await?;
+    let report = match dp.apply(&desired).await {
+        Ok(r) => r,
+        Err(e) => {
+            cfg.status.applied(&desired, Err(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    cfg.status.applied(&desired, Ok(false));
     debug!(?report, "initial apply");
     // In portable mode userspace carries the frames from the TUN device to the relay.
     let target = Arc::new(RwLock::new(relay_target(
@@ -180,9 +332,15 @@ pub async fn run_desired(
             }
         }
         match dp.apply(&desired).await {
-            Ok(r) if r.changed() => info!(report = ?r, "repaired the node's routes"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot apply the node's routes; retrying"),
+            Ok(r) if r.changed() => {
+                info!(report = ?r, "repaired the node's routes");
+                cfg.status.applied(&desired, Ok(true));
+            }
+            Ok(_) => cfg.status.applied(&desired, Ok(false)),
+            Err(e) => {
+                warn!(error = %e, "cannot apply the node's routes; retrying");
+                cfg.status.applied(&desired, Err(e.to_string()));
+            }
         }
     }
     if let Some(p) = pump {
@@ -205,6 +363,7 @@ mod tests {
             hub_node: None,
             site_mtu: 1380,
             datapath: DatapathConfig::default(),
+            status: NodeRoleStatus::new(node),
         }
     }
 
@@ -233,5 +392,35 @@ mod tests {
             desired_state(&inv, &cfg("nope")),
             Err(NodeRoleError::UnknownNode(_))
         ));
+    }
+
+    #[test]
+    fn status_is_ready_only_after_an_apply_and_counts_repairs_and_errors() {
+        use petrel_transport::admin::AdminState as _;
+        let st = NodeRoleStatus::new("cloud-1");
+        assert_eq!(st.ready(), Err("starting".to_string()));
+        st.set_waiting("no hub yet");
+        assert_eq!(st.ready(), Err("no hub yet".to_string()));
+        let inv = Inventory::embedded_default().unwrap();
+        let d = desired_state(&inv, &cfg("cloud-1")).unwrap();
+        st.applied(&d, Ok(false));
+        assert_eq!(st.ready(), Ok(()));
+        st.set_waiting("ignored once applied");
+        assert_eq!(st.ready(), Ok(()));
+        st.applied(&d, Ok(true));
+        st.applied(&d, Err("EPERM".into()));
+        assert_eq!(
+            st.ready(),
+            Err("cannot apply the node's routes: EPERM".to_string())
+        );
+        let m = st.metrics();
+        assert!(
+            m.contains("petrel_node_role_ready{hooks=\"none\"} 0"),
+            "{m}"
+        );
+        assert!(m.contains("petrel_node_role_peers 3"), "{m}");
+        assert!(m.contains("petrel_node_role_repairs_total 1"), "{m}");
+        assert!(m.contains("petrel_node_role_apply_errors_total 1"), "{m}");
+        assert_eq!(st.status()["relay"], "192.168.0.12");
     }
 }

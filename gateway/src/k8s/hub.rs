@@ -188,6 +188,12 @@ pub async fn run(
             election.holder.as_deref(),
         )));
         ctx.set_serving(serving_for(election.role, &node, &settings.keys.gateway));
+        ctx.metrics
+            .active
+            .set(i64::from(election.role == Role::Active && view.synced));
+        ctx.metrics
+            .agents_expected
+            .set(crate::metrics::public_site_nodes(&view.inventory));
         was_active = election.role == Role::Active && view.synced;
         if published_role != Some(election.role) && election.role != Role::Starting {
             annotator.set(&node, keys::HUB_ROLE, Some(election.role.as_str().into()));

@@ -42,6 +42,9 @@ pub async fn run(
     let first: DesiredState = loop {
         let view = view_rx.borrow_and_update().clone();
         let holder = holder_rx.borrow_and_update().clone();
+        if !view.synced {
+            cfg.status.set_waiting("waiting for the list of Nodes");
+        }
         if view.synced {
             match compute(&cfg, &view, &holder) {
                 Ok(d) => break d,
@@ -49,6 +52,8 @@ pub async fn run(
                     let msg = e.to_string();
                     if msg != last_error {
                         warn!(error = %msg, "node role waiting for the cluster");
+                        cfg.status
+                            .set_waiting(&format!("waiting for the cluster: {msg}"));
                         last_error = msg;
                     }
                 }
