@@ -170,7 +170,8 @@ fn enrolment_refusals_are_clear_store_nothing_and_leave_the_hub_serving() {
         "CA fingerprint mismatch",
         None,
     );
-    let (not_inventory, _) = hub.token("ghost-1", &[]).unwrap();
+    // `token create` refuses such nodes; --force makes the tokens so the hub's refusal is tested.
+    let (not_inventory, _) = hub.token("ghost-1", &["--force"]).unwrap();
     check(
         "unknown-node",
         &not_inventory,
@@ -179,7 +180,7 @@ fn enrolment_refusals_are_clear_store_nothing_and_leave_the_hub_serving() {
         "not in the inventory",
         Some("not in the inventory"),
     );
-    let (cloud, _) = hub.token("cloud-1", &[]).unwrap();
+    let (cloud, _) = hub.token("cloud-1", &["--force"]).unwrap();
     check(
         "cloud-node",
         &cloud,

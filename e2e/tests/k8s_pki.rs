@@ -221,11 +221,21 @@ fn ca_and_tokens_live_in_secrets() {
         let a = join(&server1, "edge-a2", &t3, &fp, &tmp.path().join(d)).unwrap();
         assert!(a.success, "{}", a.stderr);
     }
-    // A token for a node that is not an edge node: created, with a warning.
-    let (_, _, warning) = token(&kc, "gw-2", &server1, &[]);
-    assert!(warning.contains("cloud node"), "{warning}");
-    let (_, _, warning) = token(&kc, "nope", &server1, &[]);
-    assert!(warning.contains("does not exist"), "{warning}");
+    // A token for a node the hub would refuse (a cloud node, a Node that does not exist) is
+    // refused, non-zero, with the reason; --force creates it with a warning.
+    for (node, why) in [("gw-2", "cloud node"), ("nope", "does not exist")] {
+        let (ok, _, stdout, stderr) = out(gw(
+            &kc,
+            &["token", "create", "--node", node, "--server", &server1],
+        ));
+        assert!(!ok, "{node}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(why) && stderr.contains("--force") && !stdout.contains("join"),
+            "{node}: {stdout}{stderr}"
+        );
+        let (_, _, warning) = token(&kc, node, &server1, &["--force"]);
+        assert!(warning.contains(why), "{warning}");
+    }
     let (ok, _, list, _) = out(gw(&kc, &["token", "list"]));
     assert!(ok);
     let used: Vec<&str> = list.lines().filter(|l| l.contains("edge-a1")).collect();

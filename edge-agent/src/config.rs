@@ -58,7 +58,8 @@ pub struct JoinArgs {
     /// Enrol again even if this device already holds a certificate.
     #[arg(long)]
     pub force: bool,
-    /// How long to wait for the hub.
+    /// Bound of the whole enrolment; the hub's first answer must come within 3s (else: no
+    /// answer, which means a closed port, a firewall or a wrong address).
     #[arg(long, default_value = "15s")]
     pub timeout: String,
 }

@@ -38,6 +38,10 @@ pub enum JoinError {
     Tls(#[from] petrel_transport::tls::TlsConfigError),
 }
 
+/// How long `join` waits for the hub's first answer (the agent's default connect timeout);
+/// `--timeout` bounds the whole exchange once the hub has answered.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+
 /// What a successful join produced.
 #[derive(Debug)]
 pub struct Joined {
@@ -124,11 +128,15 @@ async fn exchange(
     };
     let endpoint = quic::client_endpoint(bind.parse().map_err(|_| connect_err("bad bind".into()))?)
         .map_err(|e| connect_err(e.to_string()))?;
-    let conn = endpoint
+    let mut connecting = endpoint
         .connect_with(client, addr, HUB_SERVER_NAME)
-        .map_err(|e| connect_err(e.to_string()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+    // A hub that is there answers its first flight at once; nothing within ANSWER_WITHIN means
+    // a closed port, a firewall or a wrong address, so say so then instead of at --timeout.
+    quic::await_answer(&mut connecting, ANSWER_WITHIN.min(cfg.timeout))
         .await
         .map_err(|e| connect_err(e.to_string()))?;
+    let conn = connecting.await.map_err(|e| connect_err(e.to_string()))?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await

@@ -203,6 +203,14 @@ pub struct TokenCreateArgs {
     /// Hub address to put in the printed join command (default: the first advertised endpoint).
     #[arg(long, env = "PETREL_JOIN_SERVER")]
     pub server: Option<String>,
+    /// Inventory file (TOML) the node is checked against, the hub's (default: `inventory` of
+    /// --config; without either, the embedded demo inventory).
+    #[arg(long, env = "PETREL_INVENTORY")]
+    pub inventory: Option<PathBuf>,
+    /// Create the token even if the inventory says the hub would refuse the node (unknown, or
+    /// not in a public-network site).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub state: StateArgs,
     #[command(flatten)]

@@ -46,14 +46,17 @@ fn main() -> ExitCode {
     init_logging(cli.log.as_deref().or(file.log.as_deref()));
     petrel_transport::tls::install_default_provider();
     let result = match cli.command {
-        Command::Run(args) => match HubConfig::from_args(*args, file) {
-            Ok(cfg) => run(cfg),
-            Err(e) => return config_error(&e),
-        },
+        Command::Run(args) => {
+            let state_given = args.state_dir.is_some() || file.state_dir.is_some();
+            match HubConfig::from_args(*args, file) {
+                Ok(cfg) => run(cfg, state_given),
+                Err(e) => return config_error(&e),
+            }
+        }
         Command::Token(TokenCommand::Create(args)) => token_create(args, &file),
         Command::Token(TokenCommand::List(args)) => token_list(&args, &file),
         Command::Status(args) => status(args.admin_addr.or(file.admin_addr.clone()), args.json),
-        Command::Node(args) => node(args),
+        Command::Node(args) => node(args, &file),
         Command::Cleanup(args) => match args.to_config() {
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -114,6 +117,36 @@ fn load_inventory(path: Option<&std::path::Path>) -> anyhow::Result<Inventory> {
     })
 }
 
+/// The warning every command prints when it falls back to the embedded demo inventory.
+const DEMO_INVENTORY_WARNING: &str = "no inventory given (--inventory, PETREL_INVENTORY, `inventory` in --config, or --inventory-source kubernetes): using the EMBEDDED DEMO INVENTORY (the lab's nodes gw-1, cloud-1, edge-a1, ...); real nodes are unknown to it";
+
+/// How an inventory source is named in logs.
+fn inventory_source(kube: Option<&KubeSettings>, path: Option<&std::path::Path>) -> String {
+    match (kube, path) {
+        (Some(k), _) => format!(
+            "kubernetes (Node objects; Lease and Secrets in namespace {})",
+            k.namespace
+        ),
+        (None, Some(p)) => format!("file {}", p.display()),
+        (None, None) => "embedded demo inventory".into(),
+    }
+}
+
+/// Where the state directory came from, for the start-up log.
+fn state_dir_origin(given: bool) -> &'static str {
+    if given {
+        "configured"
+    } else if std::env::var_os("STATE_DIRECTORY").is_some() {
+        "default: systemd StateDirectory"
+    } else if petrel_transport::setting_values::default_state_dir("x")
+        .starts_with("/var/lib/petrel")
+    {
+        "default for root (HOME and XDG_STATE_HOME are not used)"
+    } else {
+        "default for a non-root user (XDG_STATE_HOME or ~/.local/state)"
+    }
+}
+
 /// Kubernetes mode of a one-shot command: its settings, if any.
 fn kube_settings(
     args: &petrel_gateway::k8s::KubeArgs,
@@ -136,7 +169,25 @@ async fn kube_store(
     Ok((client, store, ca))
 }
 
-fn run(cfg: HubConfig) -> anyhow::Result<()> {
+fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
+    // Every setting is checked before any port is bound: a bad egress value is a configuration
+    // error (64), never hidden behind a bind error.
+    if let Err(e) = petrel_gateway::egress::EgressConfig::from_parts(&cfg.egress, &cfg.egress_file)
+    {
+        eprintln!("petrel-gateway: configuration error: {e}");
+        std::process::exit(i32::from(EXIT_CONFIG));
+    }
+    if cfg.kube.is_none() && cfg.inventory.is_none() {
+        tracing::warn!("{DEMO_INVENTORY_WARNING}");
+    }
+    info!(
+        inventory = %inventory_source(cfg.kube.as_ref(), cfg.inventory.as_deref()),
+        state_dir = %cfg.state_dir.display(),
+        state_dir_from = state_dir_origin(state_given),
+        node = cfg.node_name.as_deref().unwrap_or("(none: the host name, if the inventory knows it)"),
+        relay = %cfg.relay_listen.map_or_else(|| "off (no data plane)".to_string(), |a| a.to_string()),
+        "hub configuration"
+    );
     let inventory = if cfg.kube.is_some() {
         Inventory::default()
     } else {
@@ -255,7 +306,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn node(args: config::NodeArgs) -> anyhow::Result<()> {
+fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()> {
     let datapath = args.datapath.to_config()?;
     if !(576..=1450).contains(&args.site_mtu) {
         return Err(ConfigError::Invalid {
@@ -265,8 +316,22 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
         }
         .into());
     }
-    let kube = args.kube.resolve(None, &Default::default())?;
+    // The config file's inventory settings apply to the node role as to the hub.
+    let kube = args
+        .kube
+        .resolve(file.inventory_source.as_deref(), &file.kubernetes)?;
+    let inventory_path = args.inventory.clone().or(file.inventory.clone());
     let admin_addr = config::parse_socket_addr("admin-addr", &args.admin_addr)?;
+    if kube.is_none() && inventory_path.is_none() {
+        tracing::warn!("{DEMO_INVENTORY_WARNING}");
+    }
+    info!(
+        node = %args.node_name,
+        inventory = %inventory_source(kube.as_ref(), inventory_path.as_deref()),
+        hooks = %args.datapath.hooks,
+        admin = %admin_addr,
+        "node role configuration"
+    );
     let status = petrel_gateway::node_role::NodeRoleStatus::new(&args.node_name);
     let cfg = petrel_gateway::node_role::NodeRoleConfig {
         node_name: args.node_name,
@@ -307,7 +372,7 @@ fn node(args: config::NodeArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let inventory = match load_inventory(args.inventory.as_deref()) {
+    let inventory = match load_inventory(inventory_path.as_deref()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("petrel-gateway: configuration error: {e:#}");
@@ -346,10 +411,27 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
         .into());
     }
     let kube = kube_settings(&args.kube, file)?;
+    // A token for a node the hub would refuse is a mistake (a typo, the wrong inventory):
+    // refused unless --force.
+    let refuse = |why: String| -> anyhow::Result<()> {
+        if args.force {
+            eprintln!("warning: {why}; creating the token anyway (--force)");
+            Ok(())
+        } else {
+            anyhow::bail!("{why}. No token created; pass --force to create it anyway")
+        }
+    };
     if kube.is_none() {
-        let inventory = load_inventory(file.inventory.as_deref())?;
+        let path = args.inventory.clone().or(file.inventory.clone());
+        let inventory = load_inventory(path.as_deref())?;
         if let Err(e) = inventory.admit_agent(&args.node) {
-            eprintln!("warning: {e}; the hub will refuse this node until the inventory lists it as an edge node in a public site");
+            let source = match &path {
+                Some(p) => format!("the inventory {}", p.display()),
+                None => "the EMBEDDED DEMO INVENTORY (no --inventory given; pass the hub's inventory file)".into(),
+            };
+            refuse(format!(
+                "the hub would refuse this node: {e} (checked against {source})"
+            ))?;
         }
     }
     let mut server_hint = args
@@ -371,7 +453,7 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
                 if let Some(w) =
                     petrel_gateway::k8s::admission_warning(&client, settings, &args.node).await
                 {
-                    eprintln!("warning: {w}");
+                    refuse(w)?;
                 }
                 if server_hint.is_none() {
                     server_hint = petrel_gateway::k8s::active_endpoint(&client, settings).await;
@@ -387,10 +469,16 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
             config::parse_host_port("server", &s)?;
             s
         }
-        None => format!(
-            "127.0.0.1:{}",
-            config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")
-        ),
+        None => {
+            let local = format!(
+                "127.0.0.1:{}",
+                config::DEFAULT_LISTEN.rsplit(':').next().unwrap_or("7443")
+            );
+            eprintln!(
+                "note: no --server given and no `advertise` configured: the join command names {local}, which reaches a hub on this machine only; pass --server HOST:PORT (the address devices reach the hub at)"
+            );
+            local
+        }
     };
     println!(
         "# join token for node {} (expires {}, {})",

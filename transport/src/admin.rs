@@ -132,10 +132,12 @@ pub fn render_table<R: AsRef<[String]>>(header: &[&str], rows: &[R]) -> String {
 /// Why the admin client failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminClientError {
-    #[error("cannot reach the admin endpoint at {addr}: {source} (is the process running, and is --admin-addr right?)")]
+    // `error` is part of the message and deliberately not a `#[source]`: printed with its
+    // chain (`{:#}`), a source would repeat it.
+    #[error("cannot reach the admin endpoint at {addr}: {error} (is the process running, and is --admin-addr right?)")]
     Connect {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("admin request to {addr} failed: {message}")]
     Http { addr: SocketAddr, message: String },
@@ -148,7 +150,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), A
     let fut = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|source| AdminClientError::Connect { addr, source })?;
+            .map_err(|error| AdminClientError::Connect { addr, error })?;
         let http = |e: hyper::Error| AdminClientError::Http {
             addr,
             message: e.to_string(),
