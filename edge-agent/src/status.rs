@@ -20,7 +20,7 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
         let hooks = dp["hooks"].as_str().unwrap_or("?");
         if dp["ready"].as_bool() == Some(false) {
             out.push_str(&format!(
-                "data plane ({hooks} hooks) NOT READY: {}\n",
+                "data plane NOT READY (hooks: {hooks}): {}\n",
                 dp["error"].as_str().unwrap_or("unknown reason")
             ));
         } else {
@@ -29,7 +29,7 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
                 .map(|d| d.values().filter_map(serde_json::Value::as_u64).sum())
                 .unwrap_or(0);
             out.push_str(&format!(
-                "data plane ({hooks} hooks) ready: {} peers, MTU {}, frames to hub {}, from hub {}, dropped {dropped}\n",
+                "data plane ready (hooks: {hooks}): {} peers, MTU {}, frames to hub {}, from hub {}, dropped {dropped}\n",
                 dp["peers"].as_u64().unwrap_or(0),
                 dp["mtu"].as_u64().map_or_else(|| "-".to_string(), |m| m.to_string()),
                 dp["frames_to_hub"].as_u64().unwrap_or(0),
@@ -108,7 +108,7 @@ mod tests {
                           "error": "data plane not ready: flannel.1 not found"}});
         let text = render(&doc, UNIX_EPOCH);
         assert!(
-            text.contains("NOT READY: data plane not ready: flannel.1 not found"),
+            text.contains("NOT READY (hooks: auto): data plane not ready: flannel.1 not found"),
             "{text}"
         );
         let doc = serde_json::json!({"node": "edge-a1", "certificate_not_after_unix": 0, "links": [],
@@ -116,7 +116,7 @@ mod tests {
                           "frames_to_hub": 5, "frames_from_hub": 7, "dropped": {"no_hub": 2}}});
         let text = render(&doc, UNIX_EPOCH);
         assert!(
-            text.contains("(fast hooks) ready: 3 peers, MTU 1380") && text.contains("dropped 2"),
+            text.contains("ready (hooks: fast): 3 peers, MTU 1380") && text.contains("dropped 2"),
             "{text}"
         );
     }
