@@ -29,6 +29,7 @@ pub fn hello(node: &str) -> Hello {
             datapath: "none".into(),
             capabilities: 0,
         },
+        routes_digest: None,
     }
 }
 
@@ -41,6 +42,17 @@ pub async fn session_as(
     cert: &[u8],
     key: &NodeKey,
     node: &str,
+) -> Result<RawSession, String> {
+    session_with_hello(server, ca, cert, key, hello(node)).await
+}
+
+/// [`session_as`] with a hello of the test's own (a route digest, say).
+pub async fn session_with_hello(
+    server: &str,
+    ca: &[u8],
+    cert: &[u8],
+    key: &NodeKey,
+    hello: Hello,
 ) -> Result<RawSession, String> {
     let cfg = tls::agent_client_tls(
         &ca.to_vec().into(),
@@ -75,7 +87,7 @@ pub async fn session_as(
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
     writer
-        .send(&ControlMessage::Hello(hello(node)))
+        .send(&ControlMessage::Hello(hello))
         .await
         .map_err(|e| why(e.to_string(), &conn))?;
     let first = match reader.next().await {

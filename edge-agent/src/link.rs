@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use petrel_proto::{
-    AgentSelfView, Backoff, BackoffPolicy, ControlMessage, GoingAwayReason, Hello, Keepalive,
-    KeepaliveAction, RenewRequest, Welcome, ALPN_TUNNEL,
+    AgentSelfView, Backoff, BackoffPolicy, ControlMessage, GoingAwayReason, Hello, HubView,
+    Keepalive, KeepaliveAction, RenewRequest, RouteTable, Welcome, ALPN_TUNNEL,
 };
 use petrel_transport::control_stream::{ControlReader, ControlWriter};
 use petrel_transport::pki::{CertInfo, NodeKey};
@@ -47,6 +47,9 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
     let mut backoff = Backoff::new(BackoffPolicy::agent_reconnect(shared.config.backoff_max));
     let mut delay = Duration::ZERO;
     let mut last_logged_error: Option<String> = None;
+    // The cluster route table as this link last synced it; kept across reconnects, so a hub
+    // that still has the same table sends nothing (see petrel_proto::routes).
+    let mut routes = RouteTable::new();
     loop {
         if !delay.is_zero() {
             tokio::select! {
@@ -64,7 +67,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             // connect() bounds itself: connect_timeout for an answer, then ADMITTED_GRACE.
-            r = connect(&shared, &endpoint) => r,
+            r = connect(&shared, &endpoint, routes.digest()) => r,
         };
         let (conn, reader, writer, welcome) = match attempt {
             Ok(v) => v,
@@ -109,12 +112,17 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 .iter()
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
+        let me = Me {
+            node: welcome.node_name.clone(),
+            site: welcome.site.clone(),
+        };
+        let view = effective_view(&welcome.view, &routes, &me);
         match shared.dataplane.get() {
             Some(dp) => {
                 dp.set_active(&welcome.hub_id, &conn);
-                dp.on_view(&welcome.view).await;
+                dp.on_view(&view).await;
             }
-            None => shared.remember_view(&welcome.hub_id, &conn, &welcome.view),
+            None => shared.remember_view(&welcome.hub_id, &conn, &view),
         }
         let hub_id = welcome.hub_id.clone();
         let end = session(
@@ -125,6 +133,11 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             reader,
             writer,
             &shutdown,
+            RouteState {
+                table: &mut routes,
+                me: &me,
+                base: welcome.view,
+            },
         )
         .await;
         shared.track_tunnel(&endpoint, None);
@@ -182,7 +195,37 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
 
 type Connected = (quinn::Connection, ControlReader, ControlWriter, Welcome);
 
-async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, String> {
+/// Who this agent is, as the hub's welcome said.
+struct Me {
+    node: String,
+    site: String,
+}
+
+/// A session's route-sync state: the link's table, and the last view (welcome or update) that
+/// the table's routes complete.
+struct RouteState<'a> {
+    table: &'a mut RouteTable,
+    me: &'a Me,
+    base: HubView,
+}
+
+/// The view the data plane applies: a hub that sends routes in its views (an older hub) is
+/// taken as it is; otherwise the routes come from the synced table.
+fn effective_view(view: &HubView, table: &RouteTable, me: &Me) -> HubView {
+    if !view.routes.is_empty() || table.is_empty() {
+        return view.clone();
+    }
+    HubView {
+        routes: table.routes_for(&me.node, &me.site),
+        ..view.clone()
+    }
+}
+
+async fn connect(
+    shared: &AgentShared,
+    endpoint: &str,
+    routes_digest: u64,
+) -> Result<Connected, String> {
     let id = shared.identity();
     if id.is_expired(SystemTime::now()) {
         // Still try: the clock may be wrong rather than the certificate; the hub's answer will say.
@@ -232,18 +275,25 @@ async fn connect(shared: &AgentShared, endpoint: &str) -> Result<Connected, Stri
             quic::DialError::Connection(e) => describe_connection_error(&e),
             other => other.to_string(),
         })?;
-    tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, &id))
-        .await
-        .map_err(|_| {
-            format!(
-                "hub answered but did not welcome us within {:?}",
-                quic::ADMITTED_GRACE
-            )
-        })?
+    tokio::time::timeout(
+        quic::ADMITTED_GRACE,
+        welcome(connecting, &id, routes_digest),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "hub answered but did not welcome us within {:?}",
+            quic::ADMITTED_GRACE
+        )
+    })?
 }
 
 /// The rest of a connect once the hub answered: the handshake, our hello, its welcome.
-async fn welcome(connecting: quinn::Connecting, id: &Identity) -> Result<Connected, String> {
+async fn welcome(
+    connecting: quinn::Connecting,
+    id: &Identity,
+    routes_digest: u64,
+) -> Result<Connected, String> {
     let conn = connecting
         .await
         .map_err(|e| describe_connection_error(&e))?;
@@ -265,6 +315,7 @@ async fn welcome(connecting: quinn::Connecting, id: &Identity) -> Result<Connect
             datapath: "none".into(),
             capabilities: 0,
         },
+        routes_digest: Some(routes_digest),
     };
     writer
         .send(&ControlMessage::Hello(hello))
@@ -295,6 +346,8 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
+// The session's inputs; the sans-IO rework (issue 13) turns them into one state machine.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     shared: &Arc<AgentShared>,
     endpoint: &str,
@@ -303,6 +356,7 @@ async fn session(
     mut reader: ControlReader,
     mut writer: ControlWriter,
     shutdown: &CancellationToken,
+    mut routes: RouteState<'_>,
 ) -> SessionEnd {
     let interval = shared.config.ping_interval;
     let mut keepalive = Keepalive::new(interval, shared.config.dead_after, Instant::now());
@@ -327,14 +381,33 @@ async fn session(
                             shared.update_link(endpoint, |l| l.rtt_ms = rtt.map(|r| r.as_secs_f64() * 1000.0));
                         }
                     }
-                    Ok(Some(ControlMessage::Update(view))) => {
-                        debug!(routes = view.routes.len(), gateways = view.gateways.len(), "hub pushed an update");
+                    Ok(Some(ControlMessage::Update(update))) => {
+                        debug!(routes = update.routes.len(), gateways = update.gateways.len(), "hub pushed an update");
+                        let view = effective_view(&update, routes.table, routes.me);
                         match shared.dataplane.get() {
                             Some(dp) => dp.on_view(&view).await,
                             None => shared.remember_view(hub_id, conn, &view),
                         }
                         shared.proxy.set_policy(&view.egress);
                         shared.learn_endpoints(view.gateways.iter().map(|g| format!("{}:{}", g.host, g.port)));
+                        routes.base = update;
+                    }
+                    Ok(Some(ControlMessage::Routes(chunk))) => {
+                        routes.table.apply(&chunk);
+                        if let Some(expected) = chunk.digest {
+                            if routes.table.digest() != expected {
+                                // Something was lost or misapplied: start over with a snapshot.
+                                *routes.table = RouteTable::new();
+                                conn.close(close_code::PROTOCOL_ERROR.into(), b"route table digest mismatch");
+                                return SessionEnd::Lost("route table digest mismatch; reconnecting for a fresh table".into());
+                            }
+                            debug!(nodes = routes.table.len(), "route table synced");
+                            let view = effective_view(&routes.base, routes.table, routes.me);
+                            match shared.dataplane.get() {
+                                Some(dp) => dp.on_view(&view).await,
+                                None => shared.remember_view(hub_id, conn, &view),
+                            }
+                        }
                     }
                     Ok(Some(ControlMessage::GoingAway(ga))) => {
                         return SessionEnd::GoingAway { reason: ga.reason, retry_after: Duration::from_millis(u64::from(ga.retry_after_ms)), message: ga.message };

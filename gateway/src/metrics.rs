@@ -34,6 +34,12 @@ pub struct HubMetrics {
     pub active: Gauge,
     /// Nodes of public-network sites in the inventory: the agents this hub expects.
     pub agents_expected: Gauge,
+    /// Route-sync batches sent to agents, by kind (current, delta, snapshot).
+    pub route_sync_batches: Family<Outcome, Counter>,
+    /// Bytes of route-sync messages sent to agents, by kind.
+    pub route_sync_bytes: Family<Outcome, Counter>,
+    /// Routable nodes in the cluster route table.
+    pub route_table_entries: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: crate::egress::metrics::EgressMetrics,
 }
@@ -53,6 +59,9 @@ impl HubMetrics {
             going_away_sent: Counter::default(),
             active: Gauge::default(),
             agents_expected: Gauge::default(),
+            route_sync_batches: Family::default(),
+            route_sync_bytes: Family::default(),
+            route_table_entries: Gauge::default(),
             egress: Default::default(),
             registry: Registry::default(),
         };
@@ -110,6 +119,21 @@ impl HubMetrics {
             "agents_expected",
             "Nodes of public-network sites in the inventory (agents expected to connect)",
             m.agents_expected.clone(),
+        );
+        registry.register(
+            "route_sync_batches",
+            "Route-sync batches sent to agents, by kind (current, delta, snapshot)",
+            m.route_sync_batches.clone(),
+        );
+        registry.register(
+            "route_sync_bytes",
+            "Bytes of route-sync messages sent to agents, by kind",
+            m.route_sync_bytes.clone(),
+        );
+        registry.register(
+            "route_table_entries",
+            "Routable nodes in the cluster route table",
+            m.route_table_entries.clone(),
         );
         m.egress
             .register(registry.sub_registry_with_prefix("egress"));

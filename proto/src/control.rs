@@ -28,6 +28,8 @@ pub mod msg_type {
     pub const GOING_AWAY: u8 = 0x06;
     pub const RENEW_REQUEST: u8 = 0x07;
     pub const RENEW_RESPONSE: u8 = 0x08;
+    /// Hub → agent: a chunk of the cluster route table ([`crate::routes`]).
+    pub const ROUTES: u8 = 0x09;
 }
 
 /// Smallest MTU a hub may announce; below the IPv4 minimum datagram size nothing works.
@@ -49,6 +51,9 @@ pub enum ControlMessage {
     /// Agent → hub: certificate rotation over the tunnel.
     RenewRequest(RenewRequest),
     RenewResponse(RenewResponse),
+    /// Hub → agent: a chunk of the route table, for agents whose `Hello` said which table they
+    /// hold (see [`crate::routes`]); their views then carry no routes.
+    Routes(crate::routes::RouteSync),
     /// An optional (>= 0x80) message type this build does not know; the frame was skipped.
     /// Encoding it writes an empty-bodied frame of that type, which is useful for testing.
     Unknown {
@@ -68,6 +73,7 @@ impl ControlMessage {
             ControlMessage::GoingAway(_) => msg_type::GOING_AWAY,
             ControlMessage::RenewRequest(_) => msg_type::RENEW_REQUEST,
             ControlMessage::RenewResponse(_) => msg_type::RENEW_RESPONSE,
+            ControlMessage::Routes(_) => msg_type::ROUTES,
             ControlMessage::Unknown { msg_type } => *msg_type,
         }
     }
@@ -83,6 +89,7 @@ impl ControlMessage {
             ControlMessage::GoingAway(_) => "going_away",
             ControlMessage::RenewRequest(_) => "renew_request",
             ControlMessage::RenewResponse(_) => "renew_response",
+            ControlMessage::Routes(_) => "routes",
             ControlMessage::Unknown { .. } => "unknown",
         }
     }
@@ -95,6 +102,11 @@ pub struct Hello {
     pub node_name: String,
     pub agent_version: String,
     pub self_view: AgentSelfView,
+    /// Trailing field: the digest of the route table the agent holds
+    /// ([`crate::routes::RouteTable::digest`]). `Some` means the agent takes its routes by
+    /// route sync (`Routes` messages) instead of in every view; `None` (a hello that ends
+    /// before it) is an agent that expects the routes in its views.
+    pub routes_digest: Option<u64>,
 }
 
 /// What the agent believes about itself. The hub trusts its certificate and inventory over
@@ -345,6 +357,7 @@ pub fn encode(msg: &ControlMessage, out: &mut Vec<u8>) -> Result<(), EncodeError
                 w.string("ErrorInfo.message", &e.message, MAX_MESSAGE_LEN)
             }
         },
+        ControlMessage::Routes(m) => crate::routes::write_route_sync(w, m),
         ControlMessage::Unknown { .. } => Ok(()),
     })
 }
@@ -357,7 +370,7 @@ pub fn encode_to_vec(msg: &ControlMessage) -> Result<Vec<u8>, EncodeError> {
 }
 
 fn is_known(t: u8) -> bool {
-    (msg_type::HELLO..=msg_type::RENEW_RESPONSE).contains(&t)
+    (msg_type::HELLO..=msg_type::ROUTES).contains(&t)
 }
 
 /// Decodes the first frame of `buf`. `Ok(None)` when the frame is incomplete; otherwise the
@@ -404,6 +417,7 @@ pub fn decode_body(frame: RawFrame<'_>) -> Result<ControlMessage, DecodeError> {
             };
             ControlMessage::RenewResponse(RenewResponse { result })
         }
+        msg_type::ROUTES => ControlMessage::Routes(crate::routes::read_route_sync(r)?),
         t if is_critical(t) => return Err(DecodeError::UnknownCriticalType(t)),
         t => ControlMessage::Unknown { msg_type: t },
     })
@@ -445,6 +459,9 @@ fn write_hello(w: &mut Writer<'_>, m: &Hello) -> Result<(), EncodeError> {
     }
     w.string("AgentSelfView.datapath", &v.datapath, MAX_DATAPATH_LEN)?;
     w.u64(v.capabilities);
+    if let Some(d) = m.routes_digest {
+        w.u64(d);
+    }
     Ok(())
 }
 
@@ -475,6 +492,12 @@ fn read_hello(r: &mut Reader<'_>) -> Result<Hello, DecodeError> {
     }
     let datapath = r.string("AgentSelfView.datapath", MAX_DATAPATH_LEN)?;
     let capabilities = r.u64("AgentSelfView.capabilities")?;
+    // Fields appended later follow it; fewer than 8 bytes cannot be one.
+    let routes_digest = if r.remaining() < 8 {
+        None
+    } else {
+        Some(r.u64("Hello.routes_digest")?)
+    };
     Ok(Hello {
         protocol_version,
         alpn,
@@ -487,6 +510,7 @@ fn read_hello(r: &mut Reader<'_>) -> Result<Hello, DecodeError> {
             datapath,
             capabilities,
         },
+        routes_digest,
     })
 }
 
@@ -850,6 +874,7 @@ mod tests {
                 datapath: "fdb".into(),
                 capabilities: 3,
             },
+            routes_digest: None,
         }
     }
 

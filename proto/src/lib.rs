@@ -109,6 +109,7 @@ pub mod control;
 pub mod datagram;
 pub mod enrol;
 pub mod keepalive;
+pub mod routes;
 pub mod stream;
 pub mod types;
 
@@ -137,6 +138,7 @@ pub use enrol::{
     EnrolError, EnrolErrorCode, EnrolMessage, EnrolRequest, EnrolResponse,
 };
 pub use keepalive::{Keepalive, KeepaliveAction};
+pub use routes::{RouteEntry, RouteSync, RouteTable};
 pub use stream::{
     decode_stream_open, decode_stream_result, encode_stream_open, encode_stream_result, DialError,
     DialErrorCode, StreamOpen, StreamResult, StreamTarget,

@@ -304,6 +304,7 @@ fn hello() -> Hello {
         node_name: "edge-1".into(),
         agent_version: "0.1.0".into(),
         self_view: AgentSelfView::default(),
+        routes_digest: None,
     }
 }
 

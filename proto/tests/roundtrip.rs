@@ -74,15 +74,24 @@ fn self_view() -> impl Strategy<Value = AgentSelfView> {
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
-    (any::<u16>(), text(8), node_name(), text(32), self_view()).prop_map(
-        |(protocol_version, alpn, node_name, agent_version, self_view)| Hello {
-            protocol_version,
-            alpn,
-            node_name,
-            agent_version,
-            self_view,
-        },
+    (
+        any::<u16>(),
+        text(8),
+        node_name(),
+        text(32),
+        self_view(),
+        proptest::option::of(any::<u64>()),
     )
+        .prop_map(
+            |(protocol_version, alpn, node_name, agent_version, self_view, routes_digest)| Hello {
+                protocol_version,
+                alpn,
+                node_name,
+                agent_version,
+                self_view,
+                routes_digest,
+            },
+        )
 }
 
 fn route() -> impl Strategy<Value = Route> {
@@ -100,6 +109,42 @@ fn route() -> impl Strategy<Value = Route> {
             },
         },
     )
+}
+
+fn route_entry() -> impl Strategy<Value = RouteEntry> {
+    (
+        node_name(),
+        site(),
+        vec(cidr(), 0..4),
+        mac(),
+        ip(),
+        any::<u16>(),
+    )
+        .prop_map(
+            |(node_name, site, pod_cidrs, vtep_mac, underlay, mtu)| RouteEntry {
+                node_name,
+                site,
+                pod_cidrs,
+                vtep_mac,
+                underlay,
+                mtu,
+            },
+        )
+}
+
+fn route_sync() -> impl Strategy<Value = RouteSync> {
+    (
+        any::<bool>(),
+        vec(route_entry(), 0..12),
+        vec(node_name(), 0..6),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(|(reset, upserts, removals, digest)| RouteSync {
+            reset,
+            upserts,
+            removals,
+            digest,
+        })
 }
 
 fn gateway() -> impl Strategy<Value = GatewayEndpoint> {
@@ -136,6 +181,8 @@ fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
     match &mut m {
         ControlMessage::Update(v) => v.egress = Default::default(),
         ControlMessage::Welcome(w) => w.view.egress = Default::default(),
+        // Likewise a hello cut before (or inside) its trailing route digest: an older agent's.
+        ControlMessage::Hello(h) => h.routes_digest = None,
         _ => {}
     }
     m
@@ -211,6 +258,7 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
             (any::<u16>(), text(100)).prop_map(|(code, message)| Err(ErrorInfo { code, message })),
         ]
         .prop_map(|result| ControlMessage::RenewResponse(RenewResponse { result })),
+        route_sync().prop_map(ControlMessage::Routes),
         (0x80u8..=0xff).prop_map(|msg_type| ControlMessage::Unknown { msg_type }),
     ]
 }
@@ -323,7 +371,15 @@ proptest! {
         let mut body = bytes[FRAME_HEADER_LEN..].to_vec();
         body.extend_from_slice(&extra);
         let framed = reframe(bytes[0], &body);
-        prop_assert_eq!(decode_frame(&framed).unwrap(), Some((msg, framed.len())));
+        // A hello without a route digest reads the next 8 bytes as one: that is what a newer
+        // agent's appended field is.
+        let mut expected = msg;
+        if let ControlMessage::Hello(h) = &mut expected {
+            if h.routes_digest.is_none() && extra.len() >= 8 {
+                h.routes_digest = Some(u64::from_be_bytes(extra[..8].try_into().unwrap()));
+            }
+        }
+        prop_assert_eq!(decode_frame(&framed).unwrap(), Some((expected, framed.len())));
     }
 
     #[test]

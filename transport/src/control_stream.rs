@@ -67,10 +67,15 @@ impl ControlWriter {
     }
 
     pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), StreamError> {
+        self.send_counted(msg).await.map(|_| ())
+    }
+
+    /// [`send`](Self::send), returning the bytes written (for metrics).
+    pub async fn send_counted(&mut self, msg: &ControlMessage) -> Result<usize, StreamError> {
         self.buf.clear();
         petrel_proto::encode(msg, &mut self.buf)?;
         self.send.write_all(&self.buf).await?;
-        Ok(())
+        Ok(self.buf.len())
     }
 
     /// Finishes the stream (the peer's reader sees a clean end).

@@ -138,7 +138,12 @@ type Connected = (quinn::Connection, ControlWriter, ControlReader);
 
 /// One connect attempt like the agent's: a fresh socket and endpoint, the handshake, hello,
 /// welcome.
-async fn connect(bind: SocketAddr, id: &Identity, server: SocketAddr) -> Result<Connected, String> {
+async fn connect(
+    bind: SocketAddr,
+    id: &Identity,
+    server: SocketAddr,
+    routes_digest: u64,
+) -> Result<Connected, String> {
     let ep = endpoint(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     let mut connecting = ep
         .connect_with(id.client.clone(), server, HUB_SERVER_NAME)
@@ -147,18 +152,28 @@ async fn connect(bind: SocketAddr, id: &Identity, server: SocketAddr) -> Result<
     quic::await_answer(&mut connecting, CONNECT_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, id))
+    tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, id, routes_digest))
         .await
         .map_err(|_| format!("no welcome within {:?} of the answer", quic::ADMITTED_GRACE))?
 }
 
-async fn welcome(connecting: quinn::Connecting, id: &Identity) -> Result<Connected, String> {
+async fn welcome(
+    connecting: quinn::Connecting,
+    id: &Identity,
+    routes_digest: u64,
+) -> Result<Connected, String> {
     let conn = connecting.await.map_err(|e| e.to_string())?;
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
+    // Route sync like the real agent; a simulated agent keeps only the digest the hub
+    // confirms (not 10,000 tables in one process), which is what it presents next time.
+    let hello = petrel_proto::Hello {
+        routes_digest: Some(routes_digest),
+        ..crate::raw_agent::hello(&id.node)
+    };
     writer
-        .send(&ControlMessage::Hello(crate::raw_agent::hello(&id.node)))
+        .send(&ControlMessage::Hello(hello))
         .await
         .map_err(|e| e.to_string())?;
     match reader.next().await {
@@ -187,6 +202,7 @@ async fn session(
     conn: &quinn::Connection,
     writer: &mut ControlWriter,
     reader: &mut ControlReader,
+    routes_digest: &mut u64,
 ) -> End {
     let mut keepalive = Keepalive::new(PING_INTERVAL, DEAD_AFTER, Instant::now());
     let mut deadline = tokio::time::Instant::now();
@@ -202,6 +218,11 @@ async fn session(
                     }
                     Ok(Some(ControlMessage::Pong(p))) => {
                         keepalive.on_pong(&p, Instant::now());
+                    }
+                    Ok(Some(ControlMessage::Routes(chunk))) => {
+                        if let Some(d) = chunk.digest {
+                            *routes_digest = d;
+                        }
                     }
                     Ok(Some(ControlMessage::GoingAway(ga))) => {
                         return End::GoingAway {
@@ -286,11 +307,12 @@ async fn agent(
     let mut backoff = Backoff::new(BackoffPolicy::agent_reconnect(Duration::from_secs(2)));
     let mut rng = Jitter::new(i);
     let mut delay = Duration::ZERO;
+    let mut routes_digest = petrel_proto::RouteTable::new().digest();
     loop {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let attempt = connect(bind, &id, server).await;
+        let attempt = connect(bind, &id, server, routes_digest).await;
         drop(first.take());
         let (conn, mut writer, mut reader) = match attempt {
             Ok(v) => v,
@@ -303,7 +325,7 @@ async fn agent(
         backoff.on_connected(Instant::now());
         counters.connected.fetch_add(1, Ordering::Relaxed);
         counters.connects.fetch_add(1, Ordering::Relaxed);
-        let end = session(&conn, &mut writer, &mut reader).await;
+        let end = session(&conn, &mut writer, &mut reader, &mut routes_digest).await;
         counters.connected.fetch_sub(1, Ordering::Relaxed);
         backoff.on_disconnected(Instant::now());
         match end {

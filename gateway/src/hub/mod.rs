@@ -7,6 +7,7 @@ pub mod admission;
 pub mod dataplane;
 pub mod enrol;
 pub mod registry;
+pub mod route_sync;
 pub mod session;
 
 use std::collections::HashMap;
@@ -87,6 +88,10 @@ pub struct HubContext {
     pub pre_auth: PreAuthState,
     /// Log lines about refusals anyone can provoke (the metrics count each one).
     pub log_budget: admission::LogBudget,
+    /// The cluster route table for route-sync agents, with recent changes.
+    pub routes: RwLock<route_sync::RouteHistory>,
+    /// The current table's digest; sessions watch it and send what changed.
+    pub routes_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// The pre-authentication budgets and their live counters (see [`admission`]).
@@ -213,8 +218,26 @@ impl HubContext {
         if let (Some(dp), Ok(inv)) = (self.dataplane.as_ref(), self.inventory.read()) {
             dp.refresh(&inv);
         }
+        self.refresh_routes();
         for agent in self.registry.all() {
             self.refresh_agent(&agent);
+        }
+    }
+
+    /// Rebuilds the cluster route table from the inventory (once per change, not per agent);
+    /// if it changed, every route-sync session sends its agent what changed.
+    fn refresh_routes(&self) {
+        let entries = match self.inventory.read() {
+            Ok(inv) => inv.route_entries(),
+            Err(_) => return,
+        };
+        let changed = self.routes.write().map(|mut r| {
+            let changed = r.replace(entries);
+            self.metrics.route_table_entries.set(r.len() as i64);
+            changed.then(|| r.digest())
+        });
+        if let Ok(Some(digest)) = changed {
+            self.routes_changed.send_replace(digest);
         }
     }
 
@@ -248,7 +271,7 @@ impl HubContext {
             }
             return;
         }
-        let view = self.hub_view(&agent.node);
+        let view = self.hub_view(&agent.node, agent.route_sync);
         let digest = view_digest(&view);
         let stale = self
             .pushed
@@ -401,13 +424,17 @@ impl Hub {
             None => None,
         };
         info!(listen = %local_addr, ca_sha256 = %ca.fingerprint(), hub = %config.hub_name, "hub listening");
+        let routes = route_sync::RouteHistory::new(inventory.route_entries());
+        let (routes_changed, _) = tokio::sync::watch::channel(routes.digest());
+        let metrics = HubMetrics::new();
+        metrics.route_table_entries.set(routes.len() as i64);
         let ctx = Arc::new(HubContext {
             config,
             ca,
             state,
             inventory: RwLock::new(inventory),
             registry: AgentRegistry::new(),
-            metrics: HubMetrics::new(),
+            metrics,
             listening: AtomicBool::new(true),
             local_addr,
             dataplane,
@@ -420,6 +447,8 @@ impl Hub {
             cluster_status: RwLock::new(None),
             pre_auth: PreAuthState::new(admission::PreAuthBudget::default()),
             log_budget: admission::LogBudget::default(),
+            routes: RwLock::new(routes),
+            routes_changed,
         });
         Ok(Self { ctx, endpoint })
     }
@@ -435,6 +464,14 @@ impl Hub {
     /// Accepts connections until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
         let relay = tokio::spawn(dataplane::run_relay(self.ctx.clone(), shutdown.clone()));
+        let inventory_file = match (&self.ctx.config.inventory, &self.ctx.config.kube) {
+            (Some(path), None) => Some(tokio::spawn(watch_inventory_file(
+                self.ctx.clone(),
+                path.clone(),
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
         loop {
             let incoming = tokio::select! {
@@ -484,6 +521,9 @@ impl Hub {
         }
         self.drain().await;
         relay.abort();
+        if let Some(t) = inventory_file {
+            t.abort();
+        }
     }
 
     async fn drain(self) {
@@ -528,6 +568,50 @@ impl Hub {
             .close(close_code::GOING_AWAY.into(), b"hub shut down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("hub stopped");
+    }
+}
+
+/// How often a file inventory is checked for changes.
+const INVENTORY_POLL: Duration = Duration::from_secs(2);
+
+/// File-inventory mode: re-reads the inventory when the file changes (its modification time or
+/// size), so adding a node or a site needs no hub restart; agents get what changed, as in
+/// Kubernetes mode. A file that does not parse is logged and the hub keeps the inventory it has.
+async fn watch_inventory_file(
+    ctx: Arc<HubContext>,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(INVENTORY_POLL) => {}
+        }
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                Inventory::from_toml(&text, &path.display().to_string()).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(inv) => {
+                info!(path = %path.display(), nodes = inv.nodes().count(), "inventory file changed; applying it");
+                ctx.replace_inventory(inv);
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "inventory file changed but cannot be used; keeping the current inventory");
+            }
+        }
     }
 }
 

@@ -56,6 +56,8 @@ pub struct AgentEntry {
     pub connection: quinn::Connection,
     pub commands: mpsc::Sender<SessionCommand>,
     pub counters: AgentCounters,
+    /// The agent takes its routes by route sync; its views carry none.
+    pub route_sync: bool,
 }
 
 /// A row of `petrel-gateway status`.

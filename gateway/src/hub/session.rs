@@ -120,7 +120,8 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         return;
     }
     let epoch = ctx.view_epoch();
-    let view = ctx.hub_view(&node);
+    let route_sync = hello.routes_digest.is_some();
+    let view = ctx.hub_view(&node, route_sync);
     let digest = super::view_digest(&view);
     let welcome = Welcome {
         protocol_version: petrel_proto::PROTOCOL_VERSION,
@@ -156,6 +157,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         connection: conn.clone(),
         commands,
         counters: AgentCounters::default(),
+        route_sync,
     });
     if let Some(old) = ctx.registry.insert(entry.clone()) {
         info!(node = %node, old_remote = %old.remote(), new_remote = %conn.remote_address(), "agent reconnected; replacing its previous tunnel");
@@ -187,7 +189,19 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     }
     let pump = tokio::spawn(super::dataplane::pump_agent(ctx.clone(), entry.clone()));
 
-    let reason = control_loop(&ctx, &entry, &mut reader, &mut writer, &mut command_rx).await;
+    let routes = hello.routes_digest.map(|held| RouteSyncState {
+        held,
+        changed: ctx.routes_changed.subscribe(),
+    });
+    let reason = control_loop(
+        &ctx,
+        &entry,
+        &mut reader,
+        &mut writer,
+        &mut command_rx,
+        routes,
+    )
+    .await;
     pump.abort();
     ctx.forget_pushed(entry.id);
     if ctx.registry.remove(&node, entry.id) {
@@ -233,14 +247,69 @@ fn check_hello(hello: &Hello, cert_node: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A route-sync session's state: the digest of the table its agent holds (what it said in its
+/// hello, then what it was last sent) and the hub's change signal.
+struct RouteSyncState {
+    held: u64,
+    changed: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Sends the agent what it lacks of the route table (see [`super::route_sync`]) and returns
+/// the digest it then holds.
+async fn sync_routes(
+    ctx: &HubContext,
+    writer: &mut ControlWriter,
+    held: u64,
+) -> Result<u64, String> {
+    let planned = ctx
+        .routes
+        .read()
+        .map_err(|_| "route table lock poisoned".to_string())
+        .and_then(|r| r.plan(held).map_err(|e| e.to_string()));
+    let (kind, chunks) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error = %e, "cannot build the route sync");
+            return Err(format!("cannot build the route sync: {e}"));
+        }
+    };
+    let mut bytes = 0;
+    let mut now_held = held;
+    for chunk in chunks {
+        if let Some(d) = chunk.digest {
+            now_held = d;
+        }
+        bytes += writer
+            .send_counted(&ControlMessage::Routes(chunk))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    HubMetrics::inc_outcome(&ctx.metrics.route_sync_batches, kind.label());
+    ctx.metrics
+        .route_sync_bytes
+        .get_or_create(&crate::metrics::Outcome {
+            outcome: kind.label().to_string(),
+        })
+        .inc_by(bytes as u64);
+    Ok(now_held)
+}
+
 async fn control_loop(
     ctx: &HubContext,
     entry: &AgentEntry,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
     commands: &mut mpsc::Receiver<SessionCommand>,
+    mut routes: Option<RouteSyncState>,
 ) -> String {
     let conn = &entry.connection;
+    if let Some(r) = routes.as_mut() {
+        r.changed.borrow_and_update();
+        match sync_routes(ctx, writer, r.held).await {
+            Ok(held) => r.held = held,
+            Err(e) => return e,
+        }
+    }
     let interval = ctx.config.keepalive;
     // Agents ping every couple of seconds; the hub probes only a quiet one (and each new one
     // once). `status` shows quinn's RTT, which is current whoever pings.
@@ -287,6 +356,20 @@ async fn control_loop(
                     return "keepalive timeout".into();
                 }
                 KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
+            },
+            Ok(()) = async {
+                match routes.as_mut() {
+                    Some(r) => r.changed.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(r) = routes.as_mut() {
+                    r.changed.borrow_and_update();
+                    match sync_routes(ctx, writer, r.held).await {
+                        Ok(held) => r.held = held,
+                        Err(e) => return e,
+                    }
+                }
             },
             closed = conn.closed() => return closed.to_string(),
         }
@@ -397,6 +480,7 @@ async fn on_message(
         other @ (ControlMessage::Hello(_)
         | ControlMessage::Welcome(_)
         | ControlMessage::Update(_)
+        | ControlMessage::Routes(_)
         | ControlMessage::RenewResponse(_)) => {
             entry.connection.close(
                 close_code::PROTOCOL_ERROR.into(),
@@ -411,13 +495,17 @@ async fn on_message(
 }
 
 impl HubContext {
-    /// What an agent on `node` is told: the gateways to dial, its routes, its site's MTU.
-    pub fn hub_view(&self, node: &str) -> HubView {
-        let routes = self
-            .inventory
-            .read()
-            .map(|inv| inv.routes_for(node))
-            .unwrap_or_default();
+    /// What an agent on `node` is told: the gateways to dial, its routes (none for a
+    /// route-sync agent: it derives them from the route table), its site's MTU.
+    pub fn hub_view(&self, node: &str, route_sync: bool) -> HubView {
+        let routes = if route_sync {
+            Vec::new()
+        } else {
+            self.inventory
+                .read()
+                .map(|inv| inv.routes_for(node))
+                .unwrap_or_default()
+        };
         HubView {
             gateways: self.gateway_endpoints(),
             routes,
