@@ -378,3 +378,42 @@ fn a_bad_egress_setting_exits_64_before_any_port_is_bound() {
     );
     drop(taken);
 }
+
+/// The join command names `petrel-edge-agent`: when it is not on PATH here, `token create` says
+/// where the agent binary is (next to the gateway in a build tree); when it is, nothing.
+#[test]
+fn token_create_says_where_the_agent_is_when_it_is_not_on_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let create = |path: &str| {
+        let mut c = Command::new(bin("petrel-gateway").unwrap());
+        c.args([
+            "token",
+            "create",
+            "--node",
+            "edge-a1",
+            "--server",
+            "127.0.0.1:7443",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("PATH", path)
+        .env_remove("PETREL_INVENTORY");
+        run(c, Duration::from_secs(30)).unwrap()
+    };
+    let agent = bin("petrel-edge-agent").unwrap();
+    let out = create("/usr/bin:/bin");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("not on this machine's PATH")
+            && stderr(&out).contains(&agent.display().to_string()),
+        "{}",
+        text(&out)
+    );
+    let out = create(&format!(
+        "{}:/usr/bin:/bin",
+        agent.parent().unwrap().display()
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!stderr(&out).contains("PATH"), "{}", text(&out));
+}

@@ -490,6 +490,9 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
             "reusable until it expires"
         }
     );
+    if let Some(note) = agent_not_on_path_note() {
+        eprintln!("{note}");
+    }
     println!(
         "petrel-edge-agent join --server {server} --node-name {} --token {} --ca-sha256 {}",
         token.node,
@@ -497,6 +500,27 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
         ca.fingerprint()
     );
     Ok(())
+}
+
+/// The printed join command names `petrel-edge-agent`; when this machine has none on its PATH
+/// (a build tree, a hub host), say where one is, or that the command is for the device.
+fn agent_not_on_path_note() -> Option<String> {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("petrel-edge-agent").is_file()));
+    if on_path {
+        return None;
+    }
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("petrel-edge-agent")))
+        .filter(|p| p.is_file());
+    Some(match sibling {
+        Some(p) => format!(
+            "note: petrel-edge-agent is not on this machine's PATH; here it is {} (run the command below with that path, or on the device where the agent is installed)",
+            p.display()
+        ),
+        None => "note: petrel-edge-agent is not on this machine's PATH: run the command below on the edge device, where deploy/edge/install.sh puts it in /usr/local/bin".into(),
+    })
 }
 
 fn ca_fingerprint(args: &StoreArgs, file: &config::FileConfig) -> anyhow::Result<()> {

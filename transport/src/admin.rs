@@ -43,10 +43,13 @@ pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: 
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let same_host = stream
+            .local_addr()
+            .is_ok_and(|local| same_host(peer.ip(), local.ip()));
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&*state, &req)) }
+                async move { Ok::<_, Infallible>(route(&*state, &req, same_host)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -60,7 +63,28 @@ pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: 
     }
 }
 
-fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Whether a client at `peer` that connected to `local` runs on this host: it came from the
+/// address it connected to (a host's connection to its own address) or from 127.0.0.1 / ::1.
+/// Only such clients get `/status`, which names nodes, addresses and VTEP MACs; `/metrics` and
+/// the probes answer anyone who can reach the port.
+pub fn same_host(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
+    let canonical = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let (peer, local) = (canonical(peer), canonical(local));
+    peer == local
+        || peer == std::net::IpAddr::from([127, 0, 0, 1])
+        || peer == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+}
+
+fn route(
+    state: &dyn AdminState,
+    req: &Request<Incoming>,
+    same_host: bool,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
@@ -82,6 +106,10 @@ fn route(state: &dyn AdminState, req: &Request<Incoming>) -> Response<Full<Bytes
             }
             r
         }
+        "/status" if !same_host => text(
+            StatusCode::FORBIDDEN,
+            "/status answers only clients on this host (it names nodes and addresses); /metrics, /healthz and /readyz answer anyone\n".into(),
+        ),
         "/status" => {
             let body = serde_json::to_vec_pretty(&state.status()).unwrap_or_default();
             let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -224,9 +252,54 @@ mod tests {
         state.0.store(true, Ordering::SeqCst);
         assert_eq!(get(addr, "/readyz").await.unwrap().0, StatusCode::OK);
         assert!(get(addr, "/status").await.unwrap().1.contains("agents"));
-        assert_eq!(get(addr, "/metrics").await.unwrap().1, "# EOF\n");
+        // The state's exposition, then build_info and process metrics, one end marker.
+        let metrics = get(addr, "/metrics").await.unwrap().1;
+        assert!(
+            metrics.ends_with("# EOF\n") && metrics.contains("process_resident_memory_bytes"),
+            "{metrics}"
+        );
+        assert_eq!(metrics.matches("# EOF").count(), 1);
         assert_eq!(get(addr, "/nope").await.unwrap().0, StatusCode::NOT_FOUND);
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// A raw GET from `from` (a local address to bind) to `to`.
+    async fn get_from(from: &str, to: SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(to).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn status_answers_only_clients_on_this_host() {
+        // 127.0.0.2 plays the node's address; 127.0.0.3 another host.
+        let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State(AtomicBool::new(true)));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, state, stop.clone()));
+        assert_eq!(get_from("127.0.0.3", addr, "/status").await, 403);
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert_eq!(get_from("127.0.0.3", addr, path).await, 200, "{path}");
+        }
+        assert_eq!(get_from("127.0.0.2", addr, "/status").await, 200);
+        assert_eq!(get_from("127.0.0.1", addr, "/status").await, 200);
+        stop.cancel();
+        task.await.unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(same_host(ip("::ffff:10.0.0.5"), ip("10.0.0.5")));
+        assert!(same_host(ip("::1"), ip("10.0.0.5")));
+        assert!(!same_host(ip("10.0.0.6"), ip("10.0.0.5")));
     }
 }
