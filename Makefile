@@ -41,3 +41,26 @@ clean-labs: build
 .PHONY: mutants
 mutants:
 	bash .ci/mutants
+
+# OCI image archives of both binaries, offline (no base image; the binary and exactly the shared
+# libraries it loads): target/image/petrel-{gateway,edge-agent}-<version>.oci.tar, named
+# localhost/petrel/<binary>:<version> (deploy/kustomization.yaml points at the gateway's), then
+# a smoke test that runs each from its own unpacked root file system (root: chroot).
+# See docs/operations.md, "Images".
+IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+IMAGE_REPO ?= localhost/petrel
+.PHONY: image image-test
+image:
+	PETREL_GIT_REVISION=$$(git rev-parse HEAD 2>/dev/null) $(CARGO) build --release -p petrel-gateway -p petrel-edge-agent --bins
+	bash deploy/image/build-oci.sh --binary target/release/petrel-gateway --name $(IMAGE_REPO)/petrel-gateway \
+	  --tag $(IMAGE_VERSION) --user 65532:65532 --revision "$$(git rev-parse HEAD 2>/dev/null)" \
+	  --out target/image/petrel-gateway-$(IMAGE_VERSION).oci.tar
+	bash deploy/image/build-oci.sh --binary target/release/petrel-edge-agent --name $(IMAGE_REPO)/petrel-edge-agent \
+	  --tag $(IMAGE_VERSION) --user 0:0 --revision "$$(git rev-parse HEAD 2>/dev/null)" \
+	  --out target/image/petrel-edge-agent-$(IMAGE_VERSION).oci.tar
+	bash deploy/image/smoke.sh target/image/petrel-gateway-$(IMAGE_VERSION).oci.tar \
+	  target/image/petrel-edge-agent-$(IMAGE_VERSION).oci.tar
+
+image-test:
+	bash deploy/image/smoke.sh target/image/petrel-gateway-$(IMAGE_VERSION).oci.tar \
+	  target/image/petrel-edge-agent-$(IMAGE_VERSION).oci.tar

@@ -1210,3 +1210,126 @@ fn install_script_is_shellcheck_clean() {
     let out = run(c, Duration::from_secs(60)).unwrap();
     assert!(out.status.success(), "{}", text(&out));
 }
+
+// ---- the images -----------------------------------------------------------------------------
+
+fn build_image(binary: &str, user: &str, out: &Path) -> Output {
+    let mut c = Command::new("bash");
+    c.arg(deploy("image/build-oci.sh"))
+        .arg("--binary")
+        .arg(bin(binary).unwrap())
+        .args([
+            "--name",
+            &format!("localhost/petrel/{binary}"),
+            "--tag",
+            env!("CARGO_PKG_VERSION"),
+            "--user",
+            user,
+            "--revision",
+            "0123abcd",
+        ])
+        .arg("--out")
+        .arg(out);
+    run(c, Duration::from_secs(300)).unwrap()
+}
+
+/// `deploy/image/build-oci.sh` (what `make image` runs on the release binaries) builds an OCI
+/// archive per binary, byte for byte the same twice, with the name containerd imports it under,
+/// OCI labels (version, revision), the gateway as a non-root user and the agent as root; and
+/// `deploy/image/smoke.sh` runs both from their own unpacked root file systems: `--version`, a
+/// hub from the gateway image, an agent from the agent image that enrols and connects.
+#[test]
+fn oci_images_build_reproducibly_and_run_from_their_own_root_filesystems() {
+    if !petrel_e2e::lab::is_root() {
+        println!("SKIPPED: the image smoke test chroots (needs root)");
+        return;
+    }
+    let tmp = short_tmp();
+    let gw = tmp.path().join("gw.oci.tar");
+    let agent = tmp.path().join("agent.oci.tar");
+    for (binary, user, out) in [
+        ("petrel-gateway", "65532:65532", &gw),
+        ("petrel-edge-agent", "0:0", &agent),
+    ] {
+        let o = build_image(binary, user, out);
+        assert!(o.status.success(), "{binary}: {}", text(&o));
+        println!("{}", String::from_utf8_lossy(&o.stdout).trim());
+    }
+    // Reproducible.
+    let again = tmp.path().join("gw2.oci.tar");
+    let o = build_image("petrel-gateway", "65532:65532", &again);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        Sha256::digest(std::fs::read(&gw).unwrap()),
+        Sha256::digest(std::fs::read(&again).unwrap()),
+        "two builds of the same binary differ"
+    );
+    // What a registry and a runtime read.
+    let x = tmp.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    let mut c = Command::new("tar");
+    c.arg("-xf").arg(&gw).arg("-C").arg(&x);
+    assert!(run(c, Duration::from_secs(60)).unwrap().status.success());
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let blob = |d: &serde_json::Value| {
+        x.join("blobs/sha256")
+            .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+    };
+    let index = json(&x.join("index.json"));
+    let m = &index["manifests"][0];
+    assert_eq!(
+        m["annotations"]["io.containerd.image.name"],
+        format!(
+            "localhost/petrel/petrel-gateway:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.ref.name"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let manifest = json(&blob(&m["digest"]));
+    let config = json(&blob(&manifest["config"]["digest"]));
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/petrel-gateway"])
+    );
+    let labels = &config["config"]["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(labels["org.opencontainers.image.revision"], "0123abcd");
+    let layer = blob(&manifest["layers"][0]["digest"]);
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(std::fs::read(&layer).unwrap()))
+        ),
+        manifest["layers"][0]["digest"].as_str().unwrap()
+    );
+    // Run them.
+    let mut c = Command::new("bash");
+    c.arg(deploy("image/smoke.sh")).arg(&gw).arg(&agent);
+    let o = run(c, Duration::from_secs(120)).unwrap();
+    println!("{}", text(&o));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("smoke.sh: OK"));
+}
+
+#[test]
+fn image_scripts_are_shellcheck_clean() {
+    let Some(shellcheck) = which("shellcheck") else {
+        println!("SKIPPED: shellcheck is not installed (apt package `shellcheck`)");
+        return;
+    };
+    for script in ["image/build-oci.sh", "image/smoke.sh"] {
+        let mut c = Command::new(&shellcheck);
+        c.arg(deploy(script));
+        let out = run(c, Duration::from_secs(60)).unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out));
+    }
+}
