@@ -200,8 +200,6 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
             }
         }
     };
-    let file_mode_expected =
-        (cfg.kube.is_none()).then(|| petrel_gateway::metrics::public_site_nodes(&inventory));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -250,11 +248,23 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         };
         let ctx = hub.context();
         if kube.is_none() {
-            // File mode: one hub, always the active one; its inventory does not change.
+            // File mode: one hub, always the active one. The hub re-reads a changed inventory
+            // file, so the expected agents are counted again every few seconds.
             ctx.metrics.active.set(1);
-            if let Some(n) = file_mode_expected {
-                ctx.metrics.agents_expected.set(n);
-            }
+            let (c, stop) = (ctx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(inv) = c.inventory.read() {
+                        c.metrics
+                            .agents_expected
+                            .set(petrel_gateway::metrics::public_site_nodes(&inv));
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    }
+                }
+            });
         }
         let kube_task = match (kube, kube_client) {
             (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::k8s::hub::run(
