@@ -37,7 +37,7 @@ clean-labs: build
 
 # Mutation testing (cargo-mutants) of the protocol and the gateway's pure modules: a table of
 # caught/missed mutants per file; fails on a missed mutant not in mutants-accepted.txt. Slow
-# (hours on 2 cores, see docs/testing.md); MUTANTS_JOBS, MUTANTS_ARGS="-f FILE" narrow it.
+# (hours on 2 cores, see docs/testing.md); MUTANTS_FILES="path ..." narrows it.
 .PHONY: mutants
 mutants:
 	bash .ci/mutants
