@@ -333,3 +333,21 @@ fn names_in_finds_metric_names_only() {
     assert!(exports("petrel_b{x=\"1\"} 2\n", "petrel_b"));
     assert!(!exports("petrel_bc 2\n", "petrel_b"));
 }
+
+/// An agent whose hub does not answer counts the failed attempts by reason.
+#[test]
+fn an_agent_counts_handshake_failures_by_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&tmp.path().join("hub"), &[]).unwrap();
+    let state = enrolled(&hub, "edge-a1", tmp.path());
+    drop(hub);
+    let silent = format!("127.0.0.1:{}", petrel_e2e::procs::free_port());
+    let agent = Agent::start("agent", &state, &[silent], &["--connect-timeout", "1s"]).unwrap();
+    let m = wait_until(Duration::from_secs(15), "a no_answer failure", || {
+        let m = http_get(agent.admin, "/metrics").ok()?;
+        m.contains("petrel_agent_handshake_failures_total{reason=\"no_answer\"}")
+            .then_some(m)
+    })
+    .unwrap();
+    assert!(!m.contains("reason=\"other\""), "{m}");
+}

@@ -73,6 +73,13 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             Ok(v) => v,
             Err(e) => {
                 AgentMetrics::inc(&shared.metrics.connect_attempts, "failed");
+                shared
+                    .metrics
+                    .handshake_failures
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: crate::metrics::handshake_failure_reason(&e).to_string(),
+                    })
+                    .inc();
                 if last_logged_error.as_deref() != Some(e.as_str()) {
                     warn!(error = %e, "cannot connect to hub; retrying with backoff");
                     last_logged_error = Some(e.clone());
