@@ -231,6 +231,12 @@ impl AgentDataplane {
             .unwrap_or(u16::MAX)
             .min(view.site_mtu)
             .max(petrel_proto::control::MIN_SITE_MTU);
+        // A destination site with a smaller WAN path than ours is routed at its MTU.
+        let site_mtus: std::collections::HashMap<&str, u16> = view
+            .site_mtus
+            .iter()
+            .map(|m| (m.site.as_str(), m.mtu))
+            .collect();
         let peers =
             view.routes
                 .iter()
@@ -241,7 +247,10 @@ impl AgentDataplane {
                         .map(|cidr| PeerRoute {
                             cidr,
                             vtep_mac: r.vtep_mac.0,
-                            mtu,
+                            mtu: site_mtus
+                                .get(r.site.as_str())
+                                .map_or(mtu, |m| (*m).min(mtu))
+                                .max(petrel_proto::control::MIN_SITE_MTU),
                         }),
                     std::net::IpAddr::V6(_) => None,
                 })

@@ -39,6 +39,11 @@ impl SiteKind {
 pub struct Site {
     pub name: String,
     pub kind: SiteKind,
+    /// The inner MTU of traffic toward this site's pods, when its WAN path is smaller than the
+    /// hub's `--site-mtu` (a site behind a 1400-byte link or double NAT). Agents and node roles
+    /// route the site's CIDRs at the smaller of their own MTU and this. Public sites only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +130,29 @@ pub enum InventoryError {
     },
     #[error("site {0:?} still has nodes")]
     SiteInUse(String),
+    #[error("site {site:?}: mtu {mtu} is outside {min}..={max}")]
+    BadSiteMtu {
+        site: String,
+        mtu: u16,
+        min: u16,
+        max: u16,
+    },
+}
+
+/// The range a site's `mtu` may take: the IPv4 minimum up to a jumbo underlay's inner MTU.
+pub const SITE_MTU_RANGE: std::ops::RangeInclusive<u16> =
+    petrel_proto::control::MIN_SITE_MTU..=8950;
+
+fn check_site(site: &Site) -> Result<(), InventoryError> {
+    match site.mtu {
+        Some(mtu) if !SITE_MTU_RANGE.contains(&mtu) => Err(InventoryError::BadSiteMtu {
+            site: site.name.clone(),
+            mtu,
+            min: *SITE_MTU_RANGE.start(),
+            max: *SITE_MTU_RANGE.end(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Why a node may not hold a tunnel.
@@ -238,6 +266,7 @@ impl Inventory {
             ..Default::default()
         };
         for s in sites {
+            check_site(&s)?;
             if next.sites.contains_key(&s.name) {
                 return Err(InventoryError::Duplicate {
                     what: "site",
@@ -516,6 +545,20 @@ impl Inventory {
             .collect()
     }
 
+    /// Sites whose traffic needs a smaller MTU than the hub's default (see [`Site::mtu`]), for
+    /// agents' views.
+    pub fn site_mtus(&self) -> Vec<petrel_proto::control::SiteMtu> {
+        self.sites
+            .values()
+            .filter_map(|s| {
+                Some(petrel_proto::control::SiteMtu {
+                    site: s.name.clone(),
+                    mtu: s.mtu?,
+                })
+            })
+            .collect()
+    }
+
     /// Serializes back to the file shape (for `inventory show` and tests).
     pub fn to_file(&self) -> InventoryFile {
         InventoryFile {
@@ -529,6 +572,29 @@ impl Inventory {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn site_mtu_is_read_checked_and_listed() {
+        let text = "[[sites]]\nname = \"vpc\"\nkind = \"cloud\"\n\n[[sites]]\nname = \"small\"\nkind = \"public\"\nmtu = 1296\n";
+        let inv = Inventory::from_toml(text, "t").unwrap();
+        assert_eq!(inv.site("small").unwrap().mtu, Some(1296));
+        assert_eq!(
+            inv.site_mtus(),
+            vec![petrel_proto::control::SiteMtu {
+                site: "small".into(),
+                mtu: 1296
+            }]
+        );
+        for bad in ["575", "8951"] {
+            let t = text.replace("1296", bad);
+            assert!(matches!(
+                Inventory::from_toml(&t, "t"),
+                Err(InventoryError::BadSiteMtu { .. })
+            ));
+        }
+        assert!(Inventory::from_toml(&text.replace("1296", "576"), "t").is_ok());
+        assert!(Inventory::from_toml(&text.replace("1296", "8950"), "t").is_ok());
+    }
 
     #[test]
     fn cidr_and_mac_indexes_follow_replacements_and_deletions() {

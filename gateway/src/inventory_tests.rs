@@ -10,6 +10,7 @@ fn site(name: &str, kind: SiteKind) -> Site {
     Site {
         name: name.into(),
         kind,
+        mtu: None,
     }
 }
 

@@ -213,12 +213,17 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
         .filter(|n| inv.site_kind_of(n) == Some(SiteKind::Public))
     {
         let Some(mac) = n.vtep_mac else { continue };
+        // A site whose WAN path is smaller than the tunnel's default gets its own MTU.
+        let mtu = inv
+            .site(&n.site)
+            .and_then(|s| s.mtu)
+            .map_or(cfg.site_mtu, |m| m.min(cfg.site_mtu));
         for cidr in &n.pod_cidrs {
             if let IpNet::V4(v4) = cidr {
                 peers.push(PeerRoute {
                     cidr: *v4,
                     vtep_mac: mac.0,
-                    mtu: cfg.site_mtu,
+                    mtu,
                 });
             }
         }

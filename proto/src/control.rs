@@ -144,6 +144,21 @@ pub struct HubView {
     /// dial for the hub's proxied streams. A view that ends before it decodes as the empty
     /// policy, which allows nothing.
     pub egress: EgressPolicy,
+    /// Trailing field (after `egress`): sites whose traffic needs a smaller inner MTU than
+    /// `site_mtu` (a smaller WAN path); the agent routes their CIDRs at the smaller of its own
+    /// MTU and this. A view that ends before it lists none. At most [`MAX_SITE_MTUS`].
+    pub site_mtus: Vec<SiteMtu>,
+}
+
+/// Most entries of [`HubView::site_mtus`].
+pub const MAX_SITE_MTUS: usize = 4096;
+
+/// The inner MTU toward one site.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SiteMtu {
+    pub site: String,
+    /// At least [`MIN_SITE_MTU`].
+    pub mtu: u16,
 }
 
 /// Most node addresses, and most pod CIDRs, in an [`EgressPolicy`].
@@ -614,7 +629,24 @@ fn write_view(w: &mut Writer<'_>, v: &HubView) -> Result<(), EncodeError> {
         });
     }
     w.u16(v.site_mtu);
-    write_egress_policy(w, &v.egress)
+    write_egress_policy(w, &v.egress)?;
+    w.count("HubView.site_mtus", v.site_mtus.len(), MAX_SITE_MTUS)?;
+    for m in &v.site_mtus {
+        w.checked_string(
+            "SiteMtu.site",
+            &m.site,
+            MAX_SITE_LEN,
+            codec::check_site_name,
+        )?;
+        if m.mtu < MIN_SITE_MTU {
+            return Err(EncodeError::InvalidValue {
+                field: "SiteMtu.mtu",
+                reason: format!("{} is below the minimum of {MIN_SITE_MTU}", m.mtu),
+            });
+        }
+        w.u16(m.mtu);
+    }
+    Ok(())
 }
 
 fn write_ports(w: &mut Writer<'_>, field: &'static str, ports: &[u16]) -> Result<(), EncodeError> {
@@ -771,11 +803,28 @@ fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
         });
     }
     let egress = read_egress_policy(r)?;
+    let mut site_mtus = Vec::new();
+    if r.remaining() > 0 {
+        let n = r.count("HubView.site_mtus", MAX_SITE_MTUS, MIN_STRING_LEN + 2)?;
+        site_mtus.reserve(n);
+        for _ in 0..n {
+            let site = r.checked_string("SiteMtu.site", MAX_SITE_LEN, codec::check_site_name)?;
+            let mtu = r.u16("SiteMtu.mtu")?;
+            if mtu < MIN_SITE_MTU {
+                return Err(DecodeError::InvalidValue {
+                    field: "SiteMtu.mtu",
+                    reason: format!("{mtu} is below the minimum of {MIN_SITE_MTU}"),
+                });
+            }
+            site_mtus.push(SiteMtu { site, mtu });
+        }
+    }
     Ok(HubView {
         gateways,
         routes,
         site_mtu,
         egress,
+        site_mtus,
     })
 }
 
@@ -858,6 +907,7 @@ mod tests {
                 node_ports: vec![10250, 10255],
                 pod_ports: None,
             },
+            site_mtus: vec![],
         }
     }
 
@@ -1128,8 +1178,8 @@ mod tests {
             ..view()
         };
         let mut bytes = encode_to_vec(&ControlMessage::Update(v)).unwrap();
-        // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1).
-        let path_pos = bytes.len() - 3 - 7;
+        // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1), no site MTUs (2).
+        let path_pos = bytes.len() - 3 - 7 - 2;
         bytes[path_pos] = 9;
         assert!(matches!(
             decode_frame(&bytes),
@@ -1171,7 +1221,8 @@ mod tests {
         })
         .unwrap();
         let policy_len = policy.len() - 5;
-        let body_len = full.len() - 5 - policy_len;
+        // ... then the (empty) site MTU list: a two-byte count.
+        let body_len = full.len() - 5 - policy_len - 2;
         let old = frame(msg_type::UPDATE, &full[5..5 + body_len]);
         match decode_frame(&old).unwrap() {
             Some((ControlMessage::Update(got), _)) => {
@@ -1180,6 +1231,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A hub from before site MTUs: the view ends after the policy.
+        let old = frame(msg_type::UPDATE, &full[5..full.len() - 2]);
+        match decode_frame(&old).unwrap() {
+            Some((ControlMessage::Update(got), _)) => assert_eq!(got, v),
+            other => panic!("{other:?}"),
+        }
+        // Site MTUs round-trip; one below the minimum is refused both ways.
+        let mut v3 = view();
+        v3.site_mtus = vec![SiteMtu {
+            site: "site-small".into(),
+            mtu: 1296,
+        }];
+        let bytes = encode_to_vec(&ControlMessage::Update(v3.clone())).unwrap();
+        assert_eq!(
+            decode_frame(&bytes).unwrap(),
+            Some((ControlMessage::Update(v3.clone()), bytes.len()))
+        );
+        v3.site_mtus[0].mtu = MIN_SITE_MTU - 1;
+        assert!(encode_to_vec(&ControlMessage::Update(v3)).is_err());
+        let mut raw = bytes.clone();
+        let n = raw.len();
+        raw[n - 2..].copy_from_slice(&(MIN_SITE_MTU - 1).to_be_bytes());
+        assert!(matches!(
+            decode_frame(&raw),
+            Err(DecodeError::InvalidValue {
+                field: "SiteMtu.mtu",
+                ..
+            })
+        ));
         // Present: round-trips, including an explicit pod port list.
         let mut v2 = view();
         v2.egress.pod_ports = Some(vec![8080]);
@@ -1227,9 +1307,10 @@ mod tests {
         ));
         // A port 0 on the wire is refused, and a huge count is refused before allocating.
         let mut bytes = encode_to_vec(&ControlMessage::Update(view())).unwrap();
-        let n = bytes.len();
+        // The empty site MTU list (a two-byte count) follows the policy.
+        let n = bytes.len() - 2;
         // ... node_ports: count 2, 10250, 10255; pod_ports: tag 0.
-        assert_eq!(&bytes[n - 7..], &[0, 2, 0x28, 0x0a, 0x28, 0x0f, 0]);
+        assert_eq!(&bytes[n - 7..n], &[0, 2, 0x28, 0x0a, 0x28, 0x0f, 0]);
         bytes[n - 5] = 0;
         bytes[n - 4] = 0;
         assert!(matches!(

@@ -179,10 +179,27 @@ fn egress_policy() -> impl Strategy<Value = petrel_proto::control::EgressPolicy>
 fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
     let mut m = msg.clone();
     match &mut m {
-        ControlMessage::Update(v) => v.egress = Default::default(),
-        ControlMessage::Welcome(w) => w.view.egress = Default::default(),
+        ControlMessage::Update(v) => {
+            v.egress = Default::default();
+            v.site_mtus.clear();
+        }
+        ControlMessage::Welcome(w) => {
+            w.view.egress = Default::default();
+            w.view.site_mtus.clear();
+        }
         // Likewise a hello cut before (or inside) its trailing route digest: an older agent's.
         ControlMessage::Hello(h) => h.routes_digest = None,
+        _ => {}
+    }
+    m
+}
+
+/// `msg` as a hub from before per-site MTUs would have sent it.
+fn without_site_mtus(msg: &ControlMessage) -> ControlMessage {
+    let mut m = msg.clone();
+    match &mut m {
+        ControlMessage::Update(v) => v.site_mtus.clear(),
+        ControlMessage::Welcome(w) => w.view.site_mtus.clear(),
         _ => {}
     }
     m
@@ -194,12 +211,17 @@ fn view() -> impl Strategy<Value = HubView> {
         vec(route(), 0..24),
         576..=u16::MAX,
         egress_policy(),
+        vec((site(), 576..=u16::MAX), 0..4),
     )
-        .prop_map(|(gateways, routes, site_mtu, egress)| HubView {
+        .prop_map(|(gateways, routes, site_mtu, egress, mtus)| HubView {
             gateways,
             routes,
             site_mtu,
             egress,
+            site_mtus: mtus
+                .into_iter()
+                .map(|(site, mtu)| petrel_proto::control::SiteMtu { site, mtu })
+                .collect(),
         })
 }
 
@@ -356,7 +378,8 @@ proptest! {
                 // A view's trailing egress policy is optional: a body cut exactly before it is
                 // what an older hub sends, and decodes with the empty policy (which is the
                 // message itself when its policy was empty already).
-                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg));
+                // Likewise a body cut exactly before the site MTUs (a hub from before them).
+                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg));
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated { .. })) || older,
                     "cut {} of {}: {:?}", cut, body.len(), got

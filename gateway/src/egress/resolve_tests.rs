@@ -33,10 +33,12 @@ fn inv() -> Inventory {
             Site {
                 name: "site-a".into(),
                 kind: SiteKind::Public,
+                mtu: None,
             },
             Site {
                 name: "vpc".into(),
                 kind: SiteKind::Cloud,
+                mtu: None,
             },
         ],
         vec![
@@ -145,6 +147,7 @@ fn custom_kubelet_ports_are_node_ports() {
         routes: vec![],
         site_mtu: 1400,
         egress: pol,
+        site_mtus: vec![],
     };
     assert!(
         petrel_proto::control::encode_to_vec(&petrel_proto::ControlMessage::Update(view)).is_ok()
@@ -191,6 +194,7 @@ fn pod_cidr_cap_is_exact_and_own_node_comes_first() {
     i.apply_site(Site {
         name: "site-b".into(),
         kind: SiteKind::Public,
+        mtu: None,
     });
     let mut big = node("b1", "site-b", &["10.9.0.1"], &[], 10250);
     big.pod_cidrs = cidrs(0x0b00_0000, 4090);

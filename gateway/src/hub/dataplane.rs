@@ -195,8 +195,28 @@ fn to_agent(
         let mtu = u16::try_from(max.saturating_sub(DATAGRAM_IP_OVERHEAD))
             .unwrap_or(u16::MAX)
             .max(576);
-        if let (Some(icmp), Some(to)) = (icmp::frag_needed(frame, mtu), reply_to) {
-            let _ = dp.socket.try_send_to(&icmp, to);
+        // Answer like a router on the path, whoever sent it: a VTEP gets the ICMP on UDP, an
+        // agent in its own tunnel (its agent injects it into flannel.1 like any frame). The
+        // sending pod's kernel lowers its path MTU to that destination and TCP adapts.
+        if let Some(icmp) = icmp::frag_needed(frame, mtu) {
+            let sent = match (reply_to, from_agent) {
+                (Some(to), _) => dp.socket.try_send_to(&icmp, to).is_ok(),
+                (None, Some(sender)) => {
+                    let mut b = BytesMut::with_capacity(icmp.len() + 1);
+                    b.put_u8(DATAGRAM_KIND_VXLAN);
+                    b.extend_from_slice(&icmp);
+                    sender.connection.send_datagram(b.freeze()).is_ok()
+                }
+                (None, None) => false,
+            };
+            if sent {
+                ctx.metrics
+                    .frames_forwarded
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: "icmp_frag_needed".to_string(),
+                    })
+                    .inc();
+            }
         }
         return;
     }
@@ -276,8 +296,8 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
         });
         match verdict {
             Verdict::ToAgent(node) => {
-                // ICMP for an agent-to-agent frame goes back into the sender's tunnel: not worth
-                // it for a case the agents' route MTU already prevents; it is counted.
+                // An oversize frame is answered with ICMP frag-needed into the sender's tunnel
+                // (a destination site with a smaller path MTU than the sender's).
                 to_agent(
                     &ctx,
                     dp,

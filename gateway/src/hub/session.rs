@@ -511,6 +511,11 @@ impl HubContext {
             routes,
             site_mtu: self.config.site_mtu,
             egress: crate::egress::policy_for(self, node),
+            site_mtus: self
+                .inventory
+                .read()
+                .map(|inv| inv.site_mtus())
+                .unwrap_or_default(),
         }
     }
 }

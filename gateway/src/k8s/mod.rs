@@ -67,6 +67,9 @@ pub mod keys {
     /// The Flannel annotations.
     pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
     pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+    /// On an edge Node (label or annotation): the inner MTU toward its site when its WAN path
+    /// is smaller than the hub's `--site-mtu`; the smallest its nodes declare wins.
+    pub const SITE_MTU: &str = "petrel.io/site-mtu";
 }
 
 /// Errors talking to the API server.

@@ -44,6 +44,8 @@ pub enum TranslateError {
         keys::FLANNEL_PUBLIC_IP
     )]
     BadPublicIp { value: String },
+    #[error("{}={value:?} is not an MTU in {}..={}", keys::SITE_MTU, crate::inventory::SITE_MTU_RANGE.start(), crate::inventory::SITE_MTU_RANGE.end())]
+    BadSiteMtu { value: String },
     #[error("edge node pool {pool:?} has the name of the cloud site; rename the pool or set --cloud-site")]
     PoolIsCloudSite { pool: String },
     #[error("{0}")]
@@ -58,6 +60,8 @@ pub struct Translated {
     pub edge: bool,
     /// The site network type this Node declares (edge nodes only).
     pub declared_kind: Option<SiteKind>,
+    /// The site MTU this Node declares (edge nodes only, `petrel.io/site-mtu`).
+    pub declared_mtu: Option<u16>,
     /// The gateway endpoints a hub on this node published (`petrel.io/gateway-endpoints`).
     pub endpoints: Vec<(String, u16)>,
     /// Carries the cloud-gateway label (also on an edge node, where it is ignored).
@@ -210,6 +214,21 @@ pub fn translate(kn: &KubeNode, keys: &LabelKeys) -> Result<Translated, Translat
         .get(keys::GATEWAY_ENDPOINTS)
         .map(|v| parse_endpoints(v))
         .unwrap_or_default();
+    let declared_mtu = if edge {
+        labels
+            .get(keys::SITE_MTU)
+            .or_else(|| annotations.get(keys::SITE_MTU))
+            .map(|v| {
+                v.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|m| crate::inventory::SITE_MTU_RANGE.contains(m))
+                    .ok_or_else(|| TranslateError::BadSiteMtu { value: v.clone() })
+            })
+            .transpose()?
+    } else {
+        None
+    };
 
     Ok(Translated {
         node: Node {
@@ -224,6 +243,7 @@ pub fn translate(kn: &KubeNode, keys: &LabelKeys) -> Result<Translated, Translat
         },
         edge,
         declared_kind,
+        declared_mtu,
         endpoints,
         gateway_label,
         public_first,
@@ -328,6 +348,16 @@ impl ClusterIndex {
             .unwrap_or(SiteKind::Public)
     }
 
+    /// The MTU of `site` from its nodes: the smallest any of them declares.
+    fn site_mtu(&self, site: &str) -> Option<u16> {
+        self.seen
+            .values()
+            .filter_map(|t| t.as_ref().ok())
+            .filter(|t| t.node.site == site)
+            .filter_map(|t| t.declared_mtu)
+            .min()
+    }
+
     /// Adds or replaces a Node. Returns whether the inventory changed.
     pub fn apply(&mut self, kn: &KubeNode) -> bool {
         let Some(name) = kn.metadata.name.clone() else {
@@ -378,6 +408,7 @@ impl ClusterIndex {
             let site = Site {
                 name: t.node.site.clone(),
                 kind: self.site_kind(&t.node.site),
+                mtu: self.site_mtu(&t.node.site),
             };
             if scratch.site(&site.name).is_none() {
                 scratch.apply_site(site.clone());
@@ -419,11 +450,13 @@ impl ClusterIndex {
             }
             Some(Ok(t)) => {
                 let kind = self.site_kind(&t.node.site);
-                let site_now = self.inventory.site(&t.node.site).map(|s| s.kind);
-                if site_now != Some(kind) {
+                let mtu = self.site_mtu(&t.node.site);
+                let site_now = self.inventory.site(&t.node.site).map(|s| (s.kind, s.mtu));
+                if site_now != Some((kind, mtu)) {
                     self.inventory.apply_site(Site {
                         name: t.node.site.clone(),
                         kind,
+                        mtu,
                     });
                 }
                 if self.inventory.node(name) != Some(&t.node) {
@@ -448,6 +481,12 @@ impl ClusterIndex {
             let still_used = self.inventory.nodes().any(|n| n.site == old);
             if !still_used && self.inventory.site(&old).is_some() {
                 let _ = self.inventory.delete_site(&old);
+            } else if let Some(site) = self.inventory.site(&old).cloned() {
+                // The node that left may have been the one declaring the site's MTU.
+                let mtu = self.site_mtu(&old);
+                if site.mtu != mtu {
+                    self.inventory.apply_site(Site { mtu, ..site });
+                }
             }
         }
     }
@@ -463,6 +502,42 @@ impl ClusterIndex {
         for n in retry {
             self.sync(&n);
         }
+    }
+}
+
+#[cfg(test)]
+mod site_mtu_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn edge(name: &str, mtu: Option<&str>) -> KubeNode {
+        let mut labels =
+            json!({"openyurt.io/is-edge-worker": "true", "apps.openyurt.io/nodepool": "small"});
+        if let Some(m) = mtu {
+            labels["petrel.io/site-mtu"] = json!(m);
+        }
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+    }
+
+    #[test]
+    fn the_smallest_declared_mtu_is_the_sites_and_follows_its_nodes() {
+        let keys = LabelKeys::default();
+        let mut idx = ClusterIndex::new(keys.clone());
+        idx.apply(&edge("a", Some("1400")));
+        idx.apply(&edge("b", Some("1296")));
+        idx.apply(&edge("c", None));
+        assert_eq!(idx.inventory().site("small").unwrap().mtu, Some(1296));
+        idx.delete("b");
+        assert_eq!(idx.inventory().site("small").unwrap().mtu, Some(1400));
+        assert!(matches!(
+            translate(&edge("d", Some("9000")), &keys),
+            Err(TranslateError::BadSiteMtu { .. })
+        ));
+        assert!(matches!(
+            translate(&edge("d", Some("abc")), &keys),
+            Err(TranslateError::BadSiteMtu { .. })
+        ));
     }
 }
 

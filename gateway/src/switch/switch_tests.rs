@@ -245,6 +245,7 @@ fn table_metadata() {
     inv.apply_site(crate::inventory::Site {
         name: "site-z".into(),
         kind: SiteKind::Public,
+        mtu: None,
     });
     let t = SwitchTable::from_inventory(&inv, None, 7, 4789);
     assert_eq!(t.generation(), inv.generation());
