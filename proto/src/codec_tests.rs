@@ -2,6 +2,8 @@
 //! more are appended, so the backing buffer stays bounded by the capacity even when a partial
 //! frame is always pending; and list counts are bounded by the smallest element encodings.
 
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 
 #[test]
