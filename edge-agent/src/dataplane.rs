@@ -169,15 +169,28 @@ impl AgentDataplane {
         let mtu = applied
             .as_ref()
             .and_then(|a| a.peers.first().map(|p| p.mtu));
-        let site_mtu = match (mtu, self.view.lock().ok().and_then(|v| v.clone())) {
-            (Some(mtu), Some(view)) => view
-                .routes
-                .iter()
-                .filter(|r| r.path == RoutePath::ViaHub)
-                .map(|r| (r.site.clone(), mtu))
-                .collect(),
-            _ => BTreeMap::new(),
-        };
+        // The MTU each site's routes were applied with (sites may declare a smaller one).
+        let mut site_mtu: BTreeMap<String, u16> = BTreeMap::new();
+        if let (Some(applied), Some(view)) = (
+            applied.as_ref(),
+            self.view.lock().ok().and_then(|v| v.clone()),
+        ) {
+            let by_cidr: std::collections::HashMap<ipnet::Ipv4Net, u16> =
+                applied.peers.iter().map(|p| (p.cidr, p.mtu)).collect();
+            for r in view.routes.iter().filter(|r| r.path == RoutePath::ViaHub) {
+                let std::net::IpAddr::V4(a) = r.pod_cidr.addr() else {
+                    continue;
+                };
+                let Some(m) = ipnet::Ipv4Net::new(a, r.pod_cidr.prefix())
+                    .ok()
+                    .and_then(|c| by_cidr.get(&c))
+                else {
+                    continue;
+                };
+                let e = site_mtu.entry(r.site.clone()).or_insert(*m);
+                *e = (*e).min(*m);
+            }
+        }
         DataplaneStatus {
             bytes_to_hub: self.bytes_to_hub.load(Ordering::Relaxed),
             bytes_from_hub: self.bytes_from_hub.load(Ordering::Relaxed),
