@@ -182,8 +182,9 @@ impl SwitchTable {
             },
             Ingress::Vtep(addr) => match (self.vtep_by_underlay.get(&addr), self.local_node) {
                 (Some(m), _) => *m,
-                // The hub node's own kernel sends to the relay over loopback.
-                (None, Some(m)) if addr.is_loopback() => m,
+                // The hub node's own kernel sends to the relay over loopback, from 127.0.0.1
+                // (its FDB entry's destination); no other loopback address speaks for it.
+                (None, Some(m)) if addr == std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST) => m,
                 _ => return Verdict::Drop(DropReason::UnknownSender),
             },
         };

@@ -1,6 +1,6 @@
 //! The switch's rules that only a mutation run showed to be untested: IPv6 frames (source
 //! authority and destination checks on the IPv6 arm), a wrong source MAC with an in-range source
-//! IP, loopback only with a local node, a destination without an underlay, and the labels.
+//! IP, loopback (127.0.0.1 only) only with a local node, a destination without an underlay, and the labels.
 
 #![allow(clippy::unwrap_used)]
 
@@ -202,13 +202,20 @@ fn loopback_is_the_local_node_only_when_there_is_one() {
         decide(&t, vtep("127.0.0.1"), &f),
         Verdict::Drop(DropReason::UnknownSender)
     );
-    // cloud-1 local: its own frames arrive from loopback (v4 and v6).
+    // cloud-1 local: its own frames arrive from 127.0.0.1 (where its FDB entry points), and
+    // from no other loopback address.
     let t = table(Some("cloud-1"));
     assert_eq!(
         decide(&t, vtep("127.0.0.1"), &f),
         Verdict::ToAgent("edge-a1")
     );
-    assert_eq!(decide(&t, vtep("::1"), &f), Verdict::ToAgent("edge-a1"));
+    for other in ["127.0.0.2", "127.1.2.3", "::1"] {
+        assert_eq!(
+            decide(&t, vtep(other), &f),
+            Verdict::Drop(DropReason::UnknownSender),
+            "{other}"
+        );
+    }
     // A non-loopback stranger is still unknown with a local node.
     assert_eq!(
         decide(&t, vtep("192.0.2.1"), &f),
