@@ -425,3 +425,161 @@ fn enrolment_attempts_are_limited_per_address_and_in_total() {
     // Another address is not affected.
     let _agent = start_agent(&hub, "edge-a1", tmp.path()).unwrap();
 }
+
+/// Sends every datagram that arrives on `front` to `hub`, each from the next of `sources`
+/// (sockets on their own loopback addresses), and never forwards an answer back: to the hub,
+/// every Initial comes from a different address that then stays silent, as spoofed ones do.
+fn spoofing_forwarder(
+    front: std::net::UdpSocket,
+    sources: Vec<std::net::UdpSocket>,
+    hub: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        front
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let mut sent = 0u64;
+        let mut i = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, _)) = front.recv_from(&mut buf) {
+                let s = &sources[i % sources.len()];
+                i += 1;
+                if s.send_to(&buf[..n], hub).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn real_agents_get_in_during_a_flood_of_spoofed_initials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = start_hub(tmp.path(), &loopback_inventory(&[]), &[]).unwrap();
+    let server: SocketAddr = hub.server().parse().unwrap();
+    let ca = petrel_e2e::raw_agent::hub_ca(&hub).unwrap();
+    let (cert, key) = petrel_e2e::raw_agent::node_identity(&ca, "edge-a1").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // 256 silent source addresses (127.0.8.x / 127.0.9.x) behind one forwarder.
+    let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let sources: Vec<_> = (0..256u32)
+        .map(|i| {
+            std::net::UdpSocket::bind(format!("127.0.{}.{}:0", 8 + i / 200, 1 + i % 200)).unwrap()
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forwarder = spoofing_forwarder(front, sources, server, stop.clone());
+    let (ok, total, flood) = rt.block_on(async {
+        // The flood: Initials of handshakes nobody will finish, ~1,000 per second for 6 s.
+        let flooder =
+            petrel_transport::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let enrol_cfg = petrel_transport::quic::client_config(
+            petrel_transport::tls::enrol_client_tls(&ca.fingerprint(), petrel_proto::ALPN_ENROL)
+                .unwrap(),
+            &petrel_transport::quic::TransportTuning::default(),
+        )
+        .unwrap();
+        let flood_task = tokio::spawn({
+            let flooder = flooder.clone();
+            async move {
+                let mut pending = Vec::new();
+                let mut n = 0u64;
+                let start = tokio::time::Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while start.elapsed() < Duration::from_secs(6) {
+                    tick.tick().await;
+                    for _ in 0..10 {
+                        match flooder.connect_with(
+                            enrol_cfg.clone(),
+                            front_addr,
+                            petrel_transport::HUB_SERVER_NAME,
+                        ) {
+                            Ok(c) => {
+                                pending.push(c);
+                                n += 1;
+                            }
+                            Err(e) => panic!("flood connect: {e}"),
+                        }
+                    }
+                }
+                drop(pending);
+                n
+            }
+        });
+        // Let the flood build up, then real agents connect, several at a time, like a site
+        // coming back: each must finish its handshake within the agent's 3 s.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let agent_cfg = petrel_transport::quic::client_config(
+            petrel_transport::tls::agent_client_tls(
+                &ca.cert_der().to_vec().into(),
+                vec![cert.clone().into()],
+                key.private_key_der(),
+                petrel_proto::ALPN_TUNNEL,
+            )
+            .unwrap(),
+            &petrel_transport::quic::TransportTuning::default(),
+        )
+        .unwrap();
+        let mut ok = 0usize;
+        let mut total = 0usize;
+        for _round in 0..8 {
+            let mut tries = Vec::new();
+            for _ in 0..5 {
+                let ep = petrel_transport::quic::client_endpoint("127.0.0.1:0".parse().unwrap())
+                    .unwrap();
+                let connecting = ep
+                    .connect_with(agent_cfg.clone(), server, petrel_transport::HUB_SERVER_NAME)
+                    .unwrap();
+                tries.push(tokio::spawn(async move {
+                    let r = tokio::time::timeout(Duration::from_secs(3), connecting).await;
+                    let done = matches!(r, Ok(Ok(_)));
+                    if let Ok(Ok(c)) = r {
+                        c.close(0u32.into(), b"done");
+                    }
+                    drop(ep);
+                    done
+                }));
+            }
+            for t in tries {
+                total += 1;
+                if t.await.unwrap() {
+                    ok += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let flood = flood_task.await.unwrap();
+        (ok, total, flood)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let forwarded = forwarder.join().unwrap();
+    let m = hub.metrics().unwrap();
+    let retries = metric(
+        &m,
+        "petrel_hub_tunnel_handshakes_total{outcome=\"retry_sent\"}",
+    );
+    eprintln!(
+        "{ok}/{total} real handshakes within 3 s during a flood of {flood} abandoned handshakes \
+         ({forwarded} datagrams from 256 silent addresses); {retries} Retry packets sent"
+    );
+    // A debug build makes ~90 abandoned handshakes a second here (each costs the test a TLS
+    // ClientHello); the issue's 2,000/s belongs in a release-build bench row (not built yet).
+    assert!(flood >= 300, "the flood was too small: {flood}");
+    // Under load the hub asks unvalidated sources for a Retry first: the silent ones never
+    // answer, so they never take a handshake slot (the landed hub sent none and gave each a
+    // slot for 5 s).
+    assert!(retries > 0.0, "the hub never asked for address validation");
+    // The issue's bar: at least 95% of real handshakes within 3 s.
+    assert!(
+        ok * 100 >= total * 95,
+        "{ok}/{total} real handshakes within 3 s"
+    );
+}
