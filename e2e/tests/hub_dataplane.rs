@@ -220,3 +220,139 @@ fn the_hub_switches_via_hub_paths_and_drops_what_it_must() {
     );
     drop((a1, b1));
 }
+
+/// Pings the hub on a raw session's control stream every 250 ms for `for_`; returns the worst
+/// round trip and how many pings got no pong within 2 s.
+async fn ping_hub(s: &mut RawSession, for_: Duration) -> (Duration, usize) {
+    let start = std::time::Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut lost = 0;
+    let mut nonce = 0u64;
+    while start.elapsed() < for_ {
+        nonce += 1;
+        let sent = std::time::Instant::now();
+        s.writer
+            .send(&ControlMessage::Ping(petrel_proto::Ping {
+                nonce,
+                sent_at_micros: 0,
+            }))
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match s.reader.next().await {
+                    Ok(Some(ControlMessage::Pong(p))) if p.nonce == nonce => return true,
+                    Ok(Some(ControlMessage::Ping(p))) => {
+                        let _ = s.writer.send(&ControlMessage::Pong(p.pong())).await;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if answered {
+            worst = worst.max(sent.elapsed());
+        } else {
+            lost += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (worst, lost)
+}
+
+#[test]
+fn a_relay_flood_never_starves_the_tunnels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flannel_port = free_port();
+    let relay_port = free_port();
+    let inv_path = tmp.path().join("inventory.toml");
+    std::fs::write(&inv_path, inventory()).unwrap();
+    let hub = Hub::start(
+        &tmp.path().join("hub"),
+        &[
+            "--inventory",
+            inv_path.to_str().unwrap(),
+            "--relay-listen",
+            &format!("127.0.0.1:{relay_port}"),
+            "--flannel-port",
+            &flannel_port.to_string(),
+            "--node-name",
+            "gw-1",
+        ],
+    )
+    .unwrap();
+    hub.proc
+        .wait_for_log("VXLAN relay listening", Duration::from_secs(5))
+        .unwrap();
+    let ca = hub_ca(&hub).unwrap();
+    let relay = format!("127.0.0.1:{relay_port}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (a1_cert, a1_key) = node_identity(&ca, "edge-a1").unwrap();
+    let (b1_cert, b1_key) = node_identity(&ca, "edge-b1").unwrap();
+    let (mut a1, mut b1) = rt.block_on(async {
+        (
+            session_as(&hub.server(), ca.cert_der(), &a1_cert, &a1_key, "edge-a1")
+                .await
+                .unwrap(),
+            session_as(&hub.server(), ca.cert_der(), &b1_cert, &b1_key, "edge-b1")
+                .await
+                .unwrap(),
+        )
+    });
+    // A cloud pod sending valid frames to edge-a1's pod as fast as two threads can: more than
+    // the hub forwards, for longer than an agent waits before declaring the hub dead (5 s).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floods: Vec<_> = (0..2)
+        .map(|i| {
+            let (stop, relay) = (stop.clone(), relay.clone());
+            std::thread::spawn(move || {
+                let s = UdpSocket::bind(("127.0.0.11", 0)).unwrap();
+                let f = frame(CLOUD1, A1, "10.244.1.2", "10.244.3.2", 64 + i);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if s.send_to(&f, &relay).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let ((a_worst, a_lost), (b_worst, b_lost)) = rt.block_on(async {
+        let (a, b) = tokio::join!(
+            ping_hub(&mut a1, Duration::from_secs(7)),
+            ping_hub(&mut b1, Duration::from_secs(7))
+        );
+        (a, b)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: u64 = floods.into_iter().map(|t| t.join().unwrap()).sum();
+    let forwarded = metric_value(
+        &hub.metrics().unwrap(),
+        "petrel_hub_frames_forwarded_total{reason=\"vtep_to_agent\"}",
+    );
+    eprintln!(
+        "relay flood: {sent} frames sent in 7 s, {forwarded} forwarded; pings: edge-a1 worst \
+         {a_worst:?} ({a_lost} lost), edge-b1 worst {b_worst:?} ({b_lost} lost)"
+    );
+    assert!(sent > 100_000, "the flood was too small: {sent}");
+    // Every tunnel stayed up and answered: the one the flood was for, and one it was not.
+    assert_eq!((a_lost, b_lost), (0, 0));
+    assert!(hub.agent("edge-a1").is_some() && hub.agent("edge-b1").is_some());
+    assert!(
+        b_worst < Duration::from_secs(1),
+        "edge-b1 worst RTT {b_worst:?}"
+    );
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
