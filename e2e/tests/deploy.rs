@@ -1213,14 +1213,24 @@ fn install_script_is_shellcheck_clean() {
 
 // ---- the images -----------------------------------------------------------------------------
 
-fn build_image(binary: &str, user: &str, out: &Path) -> Output {
+/// A private copy of a built binary (another build may replace target/debug's meanwhile).
+fn copy_binary(binary: &str, dir: &Path) -> PathBuf {
+    let copy = dir.join(binary);
+    if !copy.exists() {
+        std::fs::copy(bin(binary).unwrap(), &copy).unwrap();
+    }
+    copy
+}
+
+fn build_image(binary: &Path, user: &str, out: &Path) -> Output {
+    let name = binary.file_name().unwrap().to_str().unwrap();
     let mut c = Command::new("bash");
     c.arg(deploy("image/build-oci.sh"))
         .arg("--binary")
-        .arg(bin(binary).unwrap())
+        .arg(binary)
         .args([
             "--name",
-            &format!("localhost/petrel/{binary}"),
+            &format!("localhost/petrel/{name}"),
             "--tag",
             env!("CARGO_PKG_VERSION"),
             "--user",
@@ -1251,13 +1261,17 @@ fn oci_images_build_reproducibly_and_run_from_their_own_root_filesystems() {
         ("petrel-gateway", "65532:65532", &gw),
         ("petrel-edge-agent", "0:0", &agent),
     ] {
-        let o = build_image(binary, user, out);
+        let o = build_image(&copy_binary(binary, tmp.path()), user, out);
         assert!(o.status.success(), "{binary}: {}", text(&o));
         println!("{}", String::from_utf8_lossy(&o.stdout).trim());
     }
     // Reproducible.
     let again = tmp.path().join("gw2.oci.tar");
-    let o = build_image("petrel-gateway", "65532:65532", &again);
+    let o = build_image(
+        &copy_binary("petrel-gateway", tmp.path()),
+        "65532:65532",
+        &again,
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         Sha256::digest(std::fs::read(&gw).unwrap()),
