@@ -24,6 +24,27 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("edge-a1", "edge-a2", "flannel"),
 ];
 
+/// Waits until the hub on `node` exports `series` with `value` (petrel_hub_active and
+/// petrel_hub_agents_expected follow the election and the Node list).
+fn hub_metric_is(k: &K8sLab, node: &str, series: &str, value: f64) {
+    let ns = k.lab.ns(node).unwrap();
+    let addr: std::net::SocketAddr = petrel_e2e::k8s_lab::HUB_ADMIN.parse().unwrap();
+    let mut last = f64::NAN;
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{node}: {series} {value}"),
+        || {
+            let text = lab::in_netns(&ns, Duration::from_secs(5), move || {
+                petrel_e2e::procs::http_get(addr, "/metrics")
+            })
+            .ok()?;
+            last = petrel_e2e::apiserver::metric(&text, series);
+            (last == value).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e} (last {last})"));
+}
+
 fn role_is(k: &K8sLab, node: &str, role: &str, within: Duration) -> Duration {
     let t = Instant::now();
     wait_until(within, &format!("{node} {role}"), || {
@@ -95,6 +116,10 @@ fn cloud_gateway_label_elects_the_hub_and_a_standby_takes_over() {
     role_is(&k, "gw-1", "active", Duration::from_secs(3));
     eprintln!("gw-1 active {:?} after `kubectl label`", t.elapsed());
     assert_eq!(k.hub_role("cloud-1").as_deref(), Some("not-serving"));
+    // The monitoring overlay's "no active hub" and "agents disconnected" alerts read these.
+    hub_metric_is(&k, "gw-1", "petrel_hub_active", 1.0);
+    hub_metric_is(&k, "cloud-1", "petrel_hub_active", 0.0);
+    hub_metric_is(&k, "gw-1", "petrel_hub_agents_expected", 3.0);
     k.start_agents("gw-1").unwrap();
     matrix(&k, "gw-1");
 
@@ -188,6 +213,7 @@ fn cloud_gateway_label_elects_the_hub_and_a_standby_takes_over() {
         "traffic must go through the standby"
     );
     role_is(&k, "cloud-1", "active", Duration::from_secs(1));
+    hub_metric_is(&k, "cloud-1", "petrel_hub_active", 1.0);
     assert!(lab.ping("edge-a1", lab.node("edge-b1").pod_ip));
 
     // gw-1's gateway comes back: a standby; the agents return to it.
