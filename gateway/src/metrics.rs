@@ -40,6 +40,8 @@ pub struct HubMetrics {
     pub route_sync_bytes: Family<Outcome, Counter>,
     /// Routable nodes in the cluster route table.
     pub route_table_entries: Gauge,
+    /// Encoded size of the last Welcome sent.
+    pub welcome_bytes: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: crate::egress::metrics::EgressMetrics,
 }
@@ -62,6 +64,7 @@ impl HubMetrics {
             route_sync_batches: Family::default(),
             route_sync_bytes: Family::default(),
             route_table_entries: Gauge::default(),
+            welcome_bytes: Gauge::default(),
             egress: Default::default(),
             registry: Registry::default(),
         };
@@ -129,6 +132,11 @@ impl HubMetrics {
             "route_sync_bytes",
             "Bytes of route-sync messages sent to agents, by kind",
             m.route_sync_bytes.clone(),
+        );
+        registry.register(
+            "welcome_bytes",
+            "Encoded size of the last Welcome sent to an agent",
+            m.welcome_bytes.clone(),
         );
         registry.register(
             "route_table_entries",

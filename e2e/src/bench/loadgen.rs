@@ -74,15 +74,40 @@ pub fn node_name(prefix: &str, i: usize) -> String {
 /// An inventory with `count` public nodes named like [`node_name`] in one site (no pod CIDRs, no
 /// addresses: the hub's view for each stays small), plus whatever `base` holds.
 pub fn inventory_toml(prefix: &str, count: usize) -> String {
-    let mut s = format!("[[sites]]\nname = \"{prefix}-site\"\nkind = \"public\"\n");
-    for i in 0..count {
+    inventory_toml_with(prefix, count, None)
+}
+
+/// The inventory of `count` simulated agents, each a real Flannel node (a pod CIDR, a VtepMAC
+/// and a public IP), so the hub's cluster route table has one entry per node. `moved` gives
+/// that node another public IP (an inventory change that touches one node).
+pub fn inventory_toml_with(prefix: &str, count: usize, moved: Option<usize>) -> String {
+    // Sites of 100 nodes, as edge clusters have many small sites: each agent's view carries
+    // its own site's egress policy.
+    let mut s = String::new();
+    for site in 0..count.div_ceil(SITE_SIZE) {
         s.push_str(&format!(
-            "\n[[nodes]]\nname = \"{}\"\nsite = \"{prefix}-site\"\n",
-            node_name(prefix, i)
+            "[[sites]]\nname = \"{prefix}-site-{site}\"\nkind = \"public\"\n\n"
+        ));
+    }
+    for i in 0..count {
+        let (hi, lo) = ((i >> 8) & 0xff, i & 0xff);
+        let public = if moved == Some(i) {
+            "198.51.100.7".to_string()
+        } else {
+            format!("100.64.{hi}.{lo}")
+        };
+        s.push_str(&format!(
+            "\n[[nodes]]\nname = \"{}\"\nsite = \"{prefix}-site-{}\"\npod_cidrs = [\"10.{hi}.{lo}.0/24\"]\n\
+             vtep_mac = \"02:cc:00:{hi:02x}:{lo:02x}:01\"\npublic_ip = \"{public}\"\n",
+            node_name(prefix, i),
+            i / SITE_SIZE
         ));
     }
     s
 }
+
+/// Simulated agents per site.
+const SITE_SIZE: usize = 100;
 
 struct Identity {
     node: String,

@@ -470,6 +470,10 @@ pub fn render(r: &Report) -> String {
         "KiB/agent",
         "hub CPU idle %",
         "reconnect all s",
+        "welcome B",
+        "routes B/agent: first",
+        "1-node change",
+        "reconnect",
         "error",
     ]
     .iter()
@@ -483,6 +487,11 @@ pub fn render(r: &Report) -> String {
             f(x.kib_per_agent, 1),
             f(x.hub_cpu_idle_pct, 1),
             f(x.reconnect_all_s, 1),
+            x.welcome_bytes
+                .map_or_else(|| "-".into(), |b| b.to_string()),
+            f(x.snapshot_bytes_per_agent, 0),
+            f(x.change_bytes_per_agent, 0),
+            f(x.reconnect_bytes_per_agent, 0),
             x.error.clone().unwrap_or_default(),
         ]);
     }

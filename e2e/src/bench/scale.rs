@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::loadgen;
 use super::util::{meminfo_kib, proc_cpu_secs, proc_rss_kib};
+use crate::apiserver::metric;
 use crate::procs::{bin, free_port, Hub, Proc};
 
 /// One scale run.
@@ -31,6 +32,16 @@ pub struct ScaleRow {
     /// agents need to notice (their next packet: keepalive every 5 s, or traffic).
     pub reconnect_all_s: Option<f64>,
     pub loadgen_rss_kib: Option<u64>,
+    /// Every simulated agent is a routable node of the inventory: the route table has N entries.
+    /// Encoded size of a Welcome (the view, without routes).
+    pub welcome_bytes: Option<u64>,
+    /// Route-table bytes each agent was sent on its first connect (the snapshot).
+    pub snapshot_bytes_per_agent: Option<f64>,
+    /// Route-table bytes each agent was sent for an inventory change touching one node.
+    pub change_bytes_per_agent: Option<f64>,
+    /// Route-table bytes each agent was sent on its reconnect after the hub restart (it holds
+    /// the current table: the digest only).
+    pub reconnect_bytes_per_agent: Option<f64>,
     pub failures: Option<u64>,
     pub error: Option<String>,
 }
@@ -172,6 +183,35 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
     std::thread::sleep(Duration::from_secs(idle_secs));
     row.hub_cpu_idle_pct = Some((proc_cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0);
     row.loadgen_rss_kib = Some(proc_rss_kib(lg.pid()));
+    let m = hub.metrics()?;
+    row.welcome_bytes = Some(metric(&m, "petrel_hub_welcome_bytes") as u64);
+    row.snapshot_bytes_per_agent = Some(
+        metric(
+            &m,
+            "petrel_hub_route_sync_bytes_total{outcome=\"snapshot\"}",
+        ) / n as f64,
+    );
+    // One node's public IP changes: every agent is sent that node's entry.
+    let delta0 = metric(&m, "petrel_hub_route_sync_bytes_total{outcome=\"delta\"}");
+    let batches0 = metric(&m, "petrel_hub_route_sync_batches_total{outcome=\"delta\"}");
+    std::fs::write(&inv, loadgen::inventory_toml_with("load", n, Some(0)))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = hub.metrics()?;
+        if metric(&m, "petrel_hub_route_sync_batches_total{outcome=\"delta\"}")
+            >= batches0 + n as f64
+        {
+            row.change_bytes_per_agent = Some(
+                (metric(&m, "petrel_hub_route_sync_bytes_total{outcome=\"delta\"}") - delta0)
+                    / n as f64,
+            );
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the inventory change did not reach every agent within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = last_line(&lg).ok_or_else(|| anyhow!("loadgen printed nothing"))?;
     if field(&before, "connected") != n as u64 {
         bail!("agents dropped while idle: {before}");
@@ -190,6 +230,16 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         |l| field(l, "connected") == n as u64 && field(l, "connects") >= connects0 + n as u64,
     )?;
     row.reconnect_all_s = Some(t_kill.elapsed().as_secs_f64());
+    let m = hub.metrics()?;
+    row.reconnect_bytes_per_agent = Some(
+        (metric(&m, "petrel_hub_route_sync_bytes_total{outcome=\"current\"}")
+            + metric(
+                &m,
+                "petrel_hub_route_sync_bytes_total{outcome=\"snapshot\"}",
+            )
+            + metric(&m, "petrel_hub_route_sync_bytes_total{outcome=\"delta\"}"))
+            / n as f64,
+    );
     row.failures = last_line(&lg).map(|l| field(&l, "failures"));
     drop(lg);
     drop(hub);

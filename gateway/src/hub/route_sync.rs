@@ -7,6 +7,7 @@
 //! Pure: the inventory's entries in, chunks out.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, OnceLock};
 
 use petrel_proto::routes::{self, RouteEntry, RouteSync, RouteTable};
 use petrel_proto::EncodeError;
@@ -49,6 +50,9 @@ pub struct RouteHistory {
     table: RouteTable,
     digest: u64,
     steps: VecDeque<Step>,
+    /// The current table's snapshot chunks, built once and shared: a fleet connecting for the
+    /// first time all get the same chunks.
+    snapshot: OnceLock<Arc<Vec<RouteSync>>>,
 }
 
 impl RouteHistory {
@@ -58,6 +62,7 @@ impl RouteHistory {
             digest: table.digest(),
             table,
             steps: VecDeque::new(),
+            snapshot: OnceLock::new(),
         }
     }
 
@@ -91,15 +96,16 @@ impl RouteHistory {
         }
         self.table = new;
         self.digest = digest;
+        self.snapshot = OnceLock::new();
         true
     }
 
     /// What to send an agent that holds the table with digest `held`.
-    pub fn plan(&self, held: u64) -> Result<(PlanKind, Vec<RouteSync>), EncodeError> {
+    pub fn plan(&self, held: u64) -> Result<(PlanKind, Arc<Vec<RouteSync>>), EncodeError> {
         if held == self.digest {
             return Ok((
                 PlanKind::Current,
-                routes::delta(vec![], vec![], self.digest)?,
+                Arc::new(routes::delta(vec![], vec![], self.digest)?),
             ));
         }
         // The most recent step that starts from what the agent holds (a table can recur).
@@ -123,10 +129,17 @@ impl RouteHistory {
             }
             return Ok((
                 PlanKind::Delta,
-                routes::delta(upserts, removals, self.digest)?,
+                Arc::new(routes::delta(upserts, removals, self.digest)?),
             ));
         }
-        Ok((PlanKind::Snapshot, self.table.snapshot()?))
+        if let Some(s) = self.snapshot.get() {
+            return Ok((PlanKind::Snapshot, s.clone()));
+        }
+        let built = Arc::new(self.table.snapshot()?);
+        Ok((
+            PlanKind::Snapshot,
+            self.snapshot.get_or_init(|| built).clone(),
+        ))
     }
 }
 

@@ -131,7 +131,11 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         keepalive_interval_ms: u32::try_from(keepalive_every.as_millis()).unwrap_or(u32::MAX),
         view,
     };
-    if let Err(e) = writer.send(&ControlMessage::Welcome(welcome)).await {
+    let sent = writer.send_counted(&ControlMessage::Welcome(welcome)).await;
+    if let Ok(n) = sent {
+        ctx.metrics.welcome_bytes.set(n as i64);
+    }
+    if let Err(e) = sent {
         match e {
             // The view does not fit a control frame: a hub-side limit, not the agent's doing.
             // Both sides must see why, or the agent retries forever against an empty reason.
@@ -275,12 +279,12 @@ async fn sync_routes(
     };
     let mut bytes = 0;
     let mut now_held = held;
-    for chunk in chunks {
+    for chunk in chunks.iter() {
         if let Some(d) = chunk.digest {
             now_held = d;
         }
         bytes += writer
-            .send_counted(&ControlMessage::Routes(chunk))
+            .send_counted(&ControlMessage::Routes(chunk.clone()))
             .await
             .map_err(|e| e.to_string())?;
     }
