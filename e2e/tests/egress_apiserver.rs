@@ -2,8 +2,12 @@
 //! kubectl and the stand-in kubelet: API server -> hub -> QUIC stream -> agent -> kubelet, with
 //! the API server's `EgressSelectorConfiguration` (selection `cluster`, HTTPConnect) over the Unix
 //! socket and over mutual TLS, and through the SNI passthrough listener (node names resolving
-//! to the hub, no egress configuration). Everything runs on loopback: the edge node's address is
-//! 127.0.1.1 and its pod CIDR 127.1.1.0/24.
+//! to the hub, no egress configuration). Everything runs on this host. For the egress-selector
+//! variants the edge Node looks like a real cluster's: its InternalIP is a global-unicast
+//! address (`edge_a1_address`, on `lo`) where the stand-in kubelet listens, and its name
+//! resolves to it from the API server's host (a private /etc/hosts in the API server's mount
+//! namespace), as Kubernetes 1.34+ requires before node proxy dials through the egress selector
+//! (1.20, which these tests run, does not check). The SNI test still uses loopback addresses.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,6 +51,33 @@ fn pod_server(addr: &str) {
     });
 }
 
+/// edge-a1's InternalIP in the egress-selector tests: global unicast (not loopback, link-local
+/// or unspecified), from the benchmarking range 198.18.0.0/15, added to `lo` for the test; one
+/// per variant, as the tests run side by side.
+fn edge_a1_address(variant: Variant) -> &'static str {
+    match variant {
+        Variant::Uds => "198.18.0.11",
+        Variant::Tls => "198.18.0.12",
+    }
+}
+
+/// A command prefix that runs the API server in its own mount namespace with `hosts` bound
+/// over /etc/hosts.
+fn with_hosts(hosts: &std::path::Path) -> Vec<String> {
+    vec![
+        "unshare".to_string(),
+        "-m".into(),
+        "--propagation".into(),
+        "private".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+            hosts.display()
+        ),
+    ]
+}
+
 fn agent_metric(agent: &Agent, series: &str) -> f64 {
     metric(
         &petrel_e2e::procs::http_get(agent.admin, "/metrics").unwrap_or_default(),
@@ -60,6 +91,7 @@ struct Cluster {
     hub: Hub,
     agent: Agent,
     dir: std::path::PathBuf,
+    _node_address: LoopbackAlias,
     _tmp: tempfile::TempDir,
 }
 
@@ -92,20 +124,27 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
         ),
     )
     .unwrap();
+    // The Node's name resolves on the API server's host, to its InternalIP.
+    let edge_a1 = edge_a1_address(variant);
+    let node_address = LoopbackAlias::add(edge_a1).unwrap();
+    let hosts = dir.join("hosts");
+    let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    text.push_str(&format!("\n{edge_a1} edge-a1\n"));
+    std::fs::write(&hosts, text).unwrap();
     let cp = ControlPlane::up(
         &cp_dir,
         &[
             ("EGRESS_SELECTOR_CONFIG", egress.display().to_string()),
-            ("KUBELET_SERVING_SANS", "DNS:edge-a1,IP:127.0.1.1".into()),
+            ("KUBELET_SERVING_SANS", format!("DNS:edge-a1,IP:{edge_a1}")),
             ("PROXY_SERVING_SANS", "IP:127.0.0.1".into()),
         ],
-        None,
+        Some(with_hosts(&hosts)),
     )
     .unwrap();
     for f in ["ca.crt", "proxy-client.crt", "proxy-client.key"] {
         assert!(pki.join(f).exists(), "control plane has no {f}");
     }
-    let standin = Standin::start(&cp, "127.0.1.1").unwrap();
+    let standin = Standin::start(&cp, edge_a1).unwrap();
     let kport = standin.https.port();
     let sock_s = sock.display().to_string();
     let tls_listen = format!("127.0.0.1:{tls_port}");
@@ -129,14 +168,15 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
     };
     let hub = start_hub(
         &dir.join("h"),
-        &loopback_inventory(&[("edge-a1", kport)]),
+        &loopback_inventory(&[("edge-a1", kport)])
+            .replace("\"127.0.1.1\"", &format!("\"{edge_a1}\"")),
         &args,
     )
     .unwrap();
     let agent = start_agent(&hub, "edge-a1", dir).unwrap();
     cp.create_node_and_pod(
         "edge-a1",
-        &[("Hostname", "edge-a1"), ("InternalIP", "127.0.1.1")],
+        &[("Hostname", "edge-a1"), ("InternalIP", edge_a1)],
         kport,
         "p1",
         pod_ip,
@@ -148,6 +188,7 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
         hub,
         agent,
         dir: dir.to_path_buf(),
+        _node_address: node_address,
         _tmp: tmp,
     }
 }
@@ -395,18 +436,7 @@ fn kubectl_through_sni_passthrough() {
     let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
     text.push_str("\n127.0.0.3 edge-a1\n");
     std::fs::write(&hosts, text).unwrap();
-    let wrap = vec![
-        "unshare".to_string(),
-        "-m".into(),
-        "--propagation".into(),
-        "private".into(),
-        "sh".into(),
-        "-c".into(),
-        format!(
-            "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
-            hosts.display()
-        ),
-    ];
+    let wrap = with_hosts(&hosts);
     let cp = ControlPlane::up(
         &dir.join("cp"),
         &[
