@@ -7,7 +7,8 @@
 //! address (`edge_a1_address`, on `lo`) where the stand-in kubelet listens, and its name
 //! resolves to it from the API server's host (a private /etc/hosts in the API server's mount
 //! namespace), as Kubernetes 1.34+ requires before node proxy dials through the egress selector
-//! (1.20, which these tests run, does not check). The SNI test still uses loopback addresses.
+//! (1.20, which these tests run, does not check). In the SNI test the name resolves to the
+//! hub's (global-unicast) address instead, where its SNI listener is.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -432,9 +433,13 @@ fn kubectl_through_sni_passthrough() {
         .unwrap();
     let dir = tmp.path();
     let sni_port = free_port();
+    // Node names resolve to the hub's node address: global unicast, as a real one (and 1.34+
+    // node proxy) needs; the SNI listener is there.
+    let hub_address = "198.18.0.13";
+    let _hub_address = LoopbackAlias::add(hub_address).unwrap();
     let hosts = dir.join("hosts");
     let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-    text.push_str("\n127.0.0.3 edge-a1\n");
+    text.push_str(&format!("\n{hub_address} edge-a1\n"));
     std::fs::write(&hosts, text).unwrap();
     let wrap = with_hosts(&hosts);
     let cp = ControlPlane::up(
@@ -450,7 +455,7 @@ fn kubectl_through_sni_passthrough() {
     )
     .unwrap();
     let standin = Standin::start(&cp, "127.0.1.1").unwrap();
-    let sni = format!("127.0.0.3:{sni_port}");
+    let sni = format!("{hub_address}:{sni_port}");
     let hub = start_hub(
         &dir.join("h"),
         &loopback_inventory(&[("edge-a1", standin.https.port())]),
