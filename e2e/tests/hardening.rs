@@ -583,3 +583,38 @@ fn real_agents_get_in_during_a_flood_of_spoofed_initials() {
         "{ok}/{total} real handshakes within 3 s"
     );
 }
+
+#[test]
+fn over_its_memory_budget_the_hub_refuses_new_handshakes_and_counts_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A budget below what any hub holds: over it from the first check.
+    let hub = start_hub(
+        tmp.path(),
+        &loopback_inventory(&[]),
+        &["--memory-budget", "16MiB"],
+    )
+    .unwrap();
+    hub.proc
+        .wait_for_log("memory budget reached", Duration::from_secs(5))
+        .unwrap();
+    // New handshakes are refused statelessly (QUIC CONNECTION_REFUSED), counted; the admin
+    // endpoint still answers.
+    let (token, fp) = hub.token("edge-a2", &[]).unwrap();
+    let out = petrel_e2e::procs::join(
+        &hub.server(),
+        "edge-a2",
+        &token,
+        &fp,
+        &tmp.path().join("agent-edge-a2"),
+    )
+    .unwrap();
+    assert!(!out.success, "join must fail: {}", out.stdout);
+    within(Duration::from_secs(3), "refusals counted", || {
+        hub_metric(
+            &hub,
+            "petrel_hub_tunnel_handshakes_total{outcome=\"memory_budget\"}",
+        ) >= 1.0
+    })
+    .unwrap();
+    assert_eq!(http_status(hub.admin, "/healthz").unwrap(), 200);
+}

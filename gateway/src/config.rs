@@ -159,6 +159,11 @@ pub struct RunArgs {
     /// Inner MTU announced to public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU")]
     pub site_mtu: Option<u16>,
+    /// Above this resident memory the hub refuses new handshakes and enrolments (connected
+    /// agents are kept): `auto` (default: 85% of the cgroup's memory limit, none without one),
+    /// `off`, or a size such as 400MiB or 2GiB.
+    #[arg(long, env = "PETREL_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
     /// UDP address where cloud and Express Connect nodes send VXLAN frames for public sites
     /// (their `petrel.1` FDB points here); `off` disables the data plane.
     #[arg(long, env = "PETREL_RELAY_LISTEN")]
@@ -275,6 +280,8 @@ pub struct FileConfig {
     pub restart_hint: Option<String>,
     #[serde(alias = "site_mtu")]
     pub site_mtu: Option<u16>,
+    #[serde(alias = "memory_budget")]
+    pub memory_budget: Option<String>,
     pub log: Option<String>,
     #[serde(alias = "relay_listen")]
     pub relay_listen: Option<String>,
@@ -329,6 +336,8 @@ pub struct HubConfig {
     pub drain_timeout: Duration,
     pub restart_hint: Duration,
     pub site_mtu: u16,
+    /// `None`: automatic (85% of the cgroup limit); `Some(0)`: no budget; else bytes.
+    pub memory_budget: Option<u64>,
     /// `None`: no data plane.
     pub relay_listen: Option<SocketAddr>,
     pub node_name: Option<String>,
@@ -339,6 +348,22 @@ pub struct HubConfig {
     pub egress_file: crate::egress::EgressFileConfig,
     /// `Some`: Kubernetes mode (`node_name` is set and `hub_name` equals it).
     pub kube: Option<crate::k8s::KubeSettings>,
+}
+
+/// `400MiB`, `2GiB`, `512M`, `1G` or plain bytes.
+fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -531,7 +556,19 @@ impl HubConfig {
             });
         }
         let flannel_port = args.flannel_port.or(file.flannel_port).unwrap_or(8472);
+        let memory_budget = match args.memory_budget.or(file.memory_budget).as_deref() {
+            None | Some("auto") => None,
+            Some("off") => Some(0),
+            Some(v) => Some(parse_size(v).filter(|b| *b >= 16 << 20).ok_or_else(|| {
+                ConfigError::Invalid {
+                    field: "memory-budget",
+                    value: v.to_string(),
+                    allowed: "auto, off, or a size of at least 16MiB such as 400MiB or 2GiB".into(),
+                }
+            })?),
+        };
         Ok(Self {
+            memory_budget,
             kube,
             relay_listen,
             node_name,
@@ -561,6 +598,27 @@ impl HubConfig {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn memory_budget_values() {
+        let with = |v: &str| {
+            HubConfig::from_args(
+                RunArgs {
+                    memory_budget: Some(v.into()),
+                    ..Default::default()
+                },
+                FileConfig::default(),
+            )
+        };
+        assert_eq!(with("auto").unwrap().memory_budget, None);
+        assert_eq!(with("off").unwrap().memory_budget, Some(0));
+        assert_eq!(with("400MiB").unwrap().memory_budget, Some(400 << 20));
+        assert_eq!(with("2G").unwrap().memory_budget, Some(2 << 30));
+        for bad in ["12MiB", "lots", "5TiB", "-1"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("memory-budget"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

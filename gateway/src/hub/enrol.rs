@@ -58,6 +58,14 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     // Nothing on this connection is authenticated until the token is: it gets one stream and a
     // tiny window (transport), a slot among few (here), a per-address attempt budget, and a
     // short deadline. Datagrams it sends are read and discarded, so they cannot pile up.
+    if ctx.memory.is_over() {
+        HubMetrics::inc_outcome(&ctx.metrics.enrolments, "memory_budget");
+        conn.close(
+            close_code::GOING_AWAY.into(),
+            b"the hub is over its memory budget; retry later",
+        );
+        return;
+    }
     let _slot = match ctx.pre_auth.enrol_slots.clone().try_acquire_owned() {
         Ok(s) => s,
         Err(_) => {

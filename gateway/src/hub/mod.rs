@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod dataplane;
 pub mod enrol;
+pub mod memory;
 pub mod registry;
 pub mod route_sync;
 pub mod session;
@@ -92,6 +93,8 @@ pub struct HubContext {
     pub routes: RwLock<route_sync::RouteHistory>,
     /// The current table's digest; sessions watch it and send what changed.
     pub routes_changed: tokio::sync::watch::Sender<u64>,
+    /// Set while the hub is over its memory budget (see [`memory`]).
+    pub memory: Arc<memory::MemoryGate>,
 }
 
 /// The pre-authentication budgets and their live counters (see [`admission`]).
@@ -449,6 +452,7 @@ impl Hub {
             log_budget: admission::LogBudget::default(),
             routes: RwLock::new(routes),
             routes_changed,
+            memory: Arc::default(),
         });
         Ok(Self { ctx, endpoint })
     }
@@ -472,6 +476,20 @@ impl Hub {
             ))),
             _ => None,
         };
+        let memory_watch = match memory::resolve(self.ctx.config.memory_budget) {
+            Some(budget) => {
+                info!(budget_mib = budget.limit >> 20, "memory budget");
+                Some(tokio::spawn(memory::watch(
+                    self.ctx.memory.clone(),
+                    budget,
+                    shutdown.clone(),
+                )))
+            }
+            None => {
+                info!("no memory budget (no cgroup limit and none configured)");
+                None
+            }
+        };
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
         loop {
             let incoming = tokio::select! {
@@ -484,6 +502,12 @@ impl Hub {
             // probe timeout and gets in once a slot is free, within the same attempt. Once
             // handshakes pile up, a source must first prove it receives at its address (QUIC
             // Retry, stateless): spoofed Initials then cost one small packet and no slot.
+            if self.ctx.memory.is_over() {
+                // Stateless: CONNECTION_REFUSED, no state kept. Connected agents stay.
+                HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "memory_budget");
+                incoming.refuse();
+                continue;
+            }
             let in_flight = MAX_HANDSHAKES_IN_FLIGHT - handshakes.available_permits();
             let remote_ip = incoming.remote_address().ip();
             let verdict = admission::decide_handshake(
@@ -522,6 +546,9 @@ impl Hub {
         self.drain().await;
         relay.abort();
         if let Some(t) = inventory_file {
+            t.abort();
+        }
+        if let Some(t) = memory_watch {
             t.abort();
         }
     }

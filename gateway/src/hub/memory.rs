@@ -1,0 +1,205 @@
+//! The hub's memory budget: above it the hub takes no new work (handshakes are refused with
+//! QUIC's CONNECTION_REFUSED, enrolments closed with a reason) until it is back under, so a
+//! surge ends in refusals the operator can see in a counter instead of the kernel's OOM killer
+//! taking every tunnel down. Connected agents are never cut for it.
+//!
+//! The budget is given (`--memory-budget`) or, by default, 85% of the cgroup's memory limit
+//! (v2 `memory.max`, v1 `memory.limit_in_bytes`), none without a limit. The decision is pure
+//! (`MemoryBudget::over`, with hysteresis); reading RSS and the cgroup files is a thin shell.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A budget in bytes and where the hub resumes (90% of it, so it does not flap at the line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub limit: u64,
+    pub resume_below: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            resume_below: limit / 10 * 9,
+        }
+    }
+
+    /// The default: 85% of the cgroup limit.
+    pub fn from_cgroup_limit(cgroup_limit: u64) -> Self {
+        Self::new(cgroup_limit / 100 * 85)
+    }
+
+    /// Whether the hub is over budget at `rss`, given whether it was before.
+    pub fn over(&self, rss: u64, was_over: bool) -> bool {
+        if was_over {
+            rss >= self.resume_below
+        } else {
+            rss >= self.limit
+        }
+    }
+}
+
+/// The memory limit of the cgroup named in `proc_self_cgroup` (the text of
+/// `/proc/self/cgroup`), read through `read` (a path under `/sys/fs/cgroup` to its contents).
+/// `None` when there is no limit.
+pub fn cgroup_limit(proc_self_cgroup: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u64> {
+    let parse = |s: String| {
+        let v = s.trim();
+        if v == "max" {
+            return None;
+        }
+        // v1 reports "no limit" as a huge page-aligned number.
+        v.parse::<u64>().ok().filter(|n| *n < (1u64 << 60))
+    };
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            // cgroup v2: the unified hierarchy.
+            let p = PathBuf::from("/sys/fs/cgroup").join(rel).join("memory.max");
+            if let Some(limit) = read(&p).and_then(parse) {
+                return Some(limit);
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let p = PathBuf::from("/sys/fs/cgroup/memory")
+                .join(rel)
+                .join("memory.limit_in_bytes");
+            if let Some(limit) = read(&p).and_then(parse) {
+                return Some(limit);
+            }
+        }
+    }
+    None
+}
+
+/// This process's resident set, in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The budget in force: the configured one (`Some(0)` means none), else the cgroup default.
+pub fn resolve(configured: Option<u64>) -> Option<MemoryBudget> {
+    match configured {
+        Some(0) => None,
+        Some(limit) => Some(MemoryBudget::new(limit)),
+        None => {
+            let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+            cgroup_limit(&cg, |p| std::fs::read_to_string(p).ok())
+                .map(MemoryBudget::from_cgroup_limit)
+        }
+    }
+}
+
+/// Shared "over budget" flag, set by [`watch`] and read on every admission.
+#[derive(Debug, Default)]
+pub struct MemoryGate {
+    over: AtomicBool,
+}
+
+impl MemoryGate {
+    pub fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, over: bool) {
+        self.over.store(over, Ordering::Relaxed);
+    }
+}
+
+/// Checks RSS against `budget` every half second until `shutdown`, logging each crossing.
+pub async fn watch(
+    gate: std::sync::Arc<MemoryGate>,
+    budget: MemoryBudget,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+        let Some(rss) = rss_bytes() else { continue };
+        let was = gate.is_over();
+        let now = budget.over(rss, was);
+        if now != was {
+            if now {
+                tracing::warn!(
+                    rss_mib = rss >> 20,
+                    budget_mib = budget.limit >> 20,
+                    "memory budget reached: refusing new handshakes and enrolments until below {} MiB",
+                    budget.resume_below >> 20
+                );
+            } else {
+                tracing::info!(
+                    rss_mib = rss >> 20,
+                    "back under the memory budget; accepting new work"
+                );
+            }
+            gate.set(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hysteresis() {
+        let b = MemoryBudget::new(1000);
+        assert!(!b.over(999, false));
+        assert!(b.over(1000, false));
+        assert!(b.over(950, true), "stays over until under 90%");
+        assert!(!b.over(899, true));
+        assert_eq!(
+            MemoryBudget::from_cgroup_limit(512 << 20).limit,
+            (512 << 20) / 100 * 85
+        );
+    }
+
+    #[test]
+    fn cgroup_limits_v1_and_v2() {
+        let files = |p: &Path| -> Option<String> {
+            match p.to_str()? {
+                "/sys/fs/cgroup/kubepods/pod1/memory.max" => Some("536870912\n".into()),
+                "/sys/fs/cgroup/unlimited/memory.max" => Some("max\n".into()),
+                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes" => {
+                    Some("167772160\n".into())
+                }
+                "/sys/fs/cgroup/memory/free/memory.limit_in_bytes" => {
+                    Some("9223372036854771712\n".into())
+                }
+                _ => None,
+            }
+        };
+        assert_eq!(
+            cgroup_limit("0::/kubepods/pod1\n", files),
+            Some(536_870_912)
+        );
+        assert_eq!(cgroup_limit("0::/unlimited\n", files), None);
+        assert_eq!(
+            cgroup_limit("4:memory:/docker/abc\n1:cpu:/\n0::/\n", files),
+            Some(167_772_160)
+        );
+        assert_eq!(cgroup_limit("4:memory:/free\n0::/\n", files), None);
+        assert_eq!(cgroup_limit("garbage", files), None);
+    }
+
+    #[test]
+    fn rss_is_readable_here() {
+        assert!(rss_bytes().is_some_and(|b| b > 0));
+    }
+}
