@@ -17,6 +17,15 @@ use super::HubContext;
 use crate::metrics::HubMetrics;
 use crate::pki_store::{StoreError, TokenError, TokenStore};
 
+/// Aborts a task when dropped (on every return path of the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Failure inside the token-redeem closure, mapped onto the wire code.
 #[derive(Debug)]
 struct Refusal(EnrolErrorCode, String);
@@ -91,11 +100,14 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         let msg = read_enrol_request(&mut recv).await;
         Ok::<_, quinn::ConnectionError>((send, msg))
     };
-    let discard = super::discard_datagrams(&ctx, &conn);
-    let outcome = tokio::select! {
-        r = tokio::time::timeout(deadline, exchange) => r,
-        _ = discard => Ok(Err(quinn::ConnectionError::LocallyClosed)),
-    };
+    // For the whole life of the connection, not only while the request is read: the answer
+    // and the wait for the peer's close come after.
+    let discard = tokio::spawn({
+        let (ctx, conn) = (ctx.clone(), conn.clone());
+        async move { super::discard_datagrams(&ctx, &conn).await }
+    });
+    let _discard = AbortOnDrop(discard);
+    let outcome = tokio::time::timeout(deadline, exchange).await;
     let Ok(Ok((mut send, msg))) = outcome else {
         debug!(%remote, "enrolment connection sent no request in time");
         HubMetrics::inc_outcome(&ctx.metrics.enrolments, "no_request");
