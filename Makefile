@@ -49,14 +49,15 @@ mutants:
 # See docs/operations.md, "Images".
 IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= localhost/petrel
+IMAGE_SOURCE ?= $(shell sed -n 's/^repository = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 .PHONY: image image-test
 image:
 	PETREL_GIT_REVISION=$$(git rev-parse HEAD 2>/dev/null) $(CARGO) build --release -p petrel-gateway -p petrel-edge-agent --bins
 	bash deploy/image/build-oci.sh --binary target/release/petrel-gateway --name $(IMAGE_REPO)/petrel-gateway \
-	  --tag $(IMAGE_VERSION) --user 65532:65532 --revision "$$(git rev-parse HEAD 2>/dev/null)" \
+	  --tag $(IMAGE_VERSION) --user 65532:65532 --revision "$$(git rev-parse HEAD 2>/dev/null)" --source "$(IMAGE_SOURCE)" \
 	  --out target/image/petrel-gateway-$(IMAGE_VERSION).oci.tar
 	bash deploy/image/build-oci.sh --binary target/release/petrel-edge-agent --name $(IMAGE_REPO)/petrel-edge-agent \
-	  --tag $(IMAGE_VERSION) --user 0:0 --revision "$$(git rev-parse HEAD 2>/dev/null)" \
+	  --tag $(IMAGE_VERSION) --user 0:0 --revision "$$(git rev-parse HEAD 2>/dev/null)" --source "$(IMAGE_SOURCE)" \
 	  --out target/image/petrel-edge-agent-$(IMAGE_VERSION).oci.tar
 	bash deploy/image/smoke.sh target/image/petrel-gateway-$(IMAGE_VERSION).oci.tar \
 	  target/image/petrel-edge-agent-$(IMAGE_VERSION).oci.tar

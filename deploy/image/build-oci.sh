@@ -29,7 +29,7 @@ usage() {
   exit 64
 }
 
-binary='' name='' tag='' out='' user=0:0 revision='' source=https://github.com/petrel/petrel
+binary='' name='' tag='' out='' user=0:0 revision='' source=''
 while [[ $# -gt 0 ]]; do
   case $1 in
   --binary | --name | --tag | --out | --user | --revision | --source)

@@ -8,7 +8,10 @@
 # Checks: `--version` of both; a hub from the gateway image, as the image's user; a join token
 # from it; an agent from the agent image enrols and connects (`--hooks none`: no Flannel here);
 # the hub's status lists it; the hub's /metrics carries petrel_build_info. Prints each image's
-# size. Needs root (chroot, unshare), util-linux, GNU tar, gzip. Cleans up on any exit.
+# size. Where Debian's `umoci` and `skopeo` are installed (CI installs them) the OCI tools read
+# the archives: `skopeo inspect` checks each one, `umoci unpack` makes the root file systems;
+# otherwise this script's own reader does. Needs root (chroot, unshare), util-linux, GNU tar,
+# gzip. Cleans up on any exit.
 set -euo pipefail
 
 die() {
@@ -34,15 +37,27 @@ trap cleanup EXIT
 
 # unpack TAR DIR: the image's root file system (its single layer) into DIR; prints the user.
 unpack() {
-  local tar=$1 dir=$2 oci=$work/oci.$RANDOM manifest layer config
-  mkdir -p "$oci" "$dir"
+  local tar=$1 dir=$2 oci=$work/oci.$RANDOM manifest layer config tag bundle
+  mkdir -p "$oci"
   tar -xf "$tar" -C "$oci"
+  if command -v umoci >/dev/null; then
+    tag=$(grep -o '"org.opencontainers.image.ref.name":"[^"]*"' "$oci/index.json" | cut -d '"' -f 4)
+    bundle=$work/bundle.$RANDOM
+    umoci --log error unpack --image "$oci:$tag" "$bundle" >/dev/null ||
+      die "$tar: umoci cannot unpack it"
+    mv "$bundle/rootfs" "$dir"
+    rm -rf -- "$bundle"
+    printf 'smoke.sh: %s: unpacked by umoci\n' "$(basename -- "$tar")" >&2
+  fi
+  mkdir -p "$dir"
   manifest=$(grep -o '"digest":"sha256:[0-9a-f]*"' "$oci/index.json" | head -n 1 | cut -d : -f 3 | tr -d '"')
   [[ -n $manifest ]] || die "$tar: no manifest in index.json"
   config=$(grep -o '"digest":"sha256:[0-9a-f]*"' "$oci/blobs/sha256/$manifest" | sed -n 1p | cut -d : -f 3 | tr -d '"')
   layer=$(grep -o '"digest":"sha256:[0-9a-f]*"' "$oci/blobs/sha256/$manifest" | sed -n 2p | cut -d : -f 3 | tr -d '"')
   [[ $(sha256sum "$oci/blobs/sha256/$layer" | cut -d ' ' -f 1) == "$layer" ]] || die "$tar: layer digest mismatch"
-  tar -xzf "$oci/blobs/sha256/$layer" -C "$dir"
+  if [[ ! -e $dir/usr/local/bin ]]; then
+    tar -xzf "$oci/blobs/sha256/$layer" -C "$dir"
+  fi
   grep -o '"User":"[0-9:]*"' "$oci/blobs/sha256/$config" | cut -d '"' -f 4
   rm -rf -- "$oci"
 }
@@ -72,6 +87,14 @@ free_port() {
 
 for t in "$gw_tar" "$agent_tar"; do
   printf 'smoke.sh: %s: %s bytes (%s)\n' "$(basename -- "$t")" "$(stat -c %s "$t")" "$(du -h -- "$t" | cut -f 1)"
+  if command -v skopeo >/dev/null; then
+    # skopeo reads the archive the way a push to a registry would.
+    ref=$(tar -xOf "$t" index.json | grep -o '"org.opencontainers.image.ref.name":"[^"]*"' | cut -d '"' -f 4)
+    info=$(skopeo inspect "oci-archive:$t:$ref") || die "skopeo cannot read $t"
+    grep -q '"org.opencontainers.image.version"' <<<"$info" || die "$t: no version label: $info"
+    printf 'smoke.sh: %s: skopeo inspect: %s\n' "$(basename -- "$t")" \
+      "$(grep -o '"Digest": "[^"]*"' <<<"$info" | head -n 1)"
+  fi
 done
 gw=$work/gateway
 agent=$work/agent
