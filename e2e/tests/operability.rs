@@ -220,6 +220,23 @@ fn every_metric_the_monitoring_overlay_queries_is_exported() {
     assert_eq!(st["node"], "cloud-1", "{st}");
     assert_eq!(st["peers"], 3, "{st}");
     assert_eq!(st["relay"], "192.168.0.12", "{st}");
+    // `petrel-gateway status` renders a node role's admin port too.
+    let gw = bin("petrel-gateway").unwrap();
+    let out = lab
+        .exec(
+            "cloud-1",
+            &[gw.to_str().unwrap(), "status", "--admin-addr", node_admin],
+        )
+        .unwrap();
+    assert!(
+        out.stdout.contains("node role on cloud-1")
+            && out.stdout.contains("): ready")
+            && out
+                .stdout
+                .contains("relay 192.168.0.12, 3 public-site pod CIDRs"),
+        "{}",
+        out.stdout
+    );
 
     // The hub counts a proxied connection's bytes when it ends.
     let hub = wait_until(Duration::from_secs(5), "egress bytes counted", || {

@@ -512,6 +512,25 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
     Ok(())
 }
 
+/// `petrel-gateway status` against a node role's admin port.
+fn render_node_role(doc: &serde_json::Value) -> String {
+    let s = |k: &str| doc[k].as_str().unwrap_or("-").to_string();
+    let n = |k: &str| doc[k].as_u64().unwrap_or(0);
+    let state = match doc["not_ready_reason"].as_str() {
+        None => "ready".to_string(),
+        Some(why) => format!("NOT READY: {why}"),
+    };
+    format!(
+        "node role on {} (hooks: {}): {state}\nrelay {}, {} public-site pod CIDRs routed, {} repairs, {} failed applies\n",
+        s("node"),
+        s("hooks"),
+        s("relay"),
+        n("peers"),
+        n("repairs"),
+        n("apply_errors"),
+    )
+}
+
 /// The printed join command names `petrel-edge-agent`; when this machine has none on its PATH
 /// (a build tree, a hub host), say where one is, or that the command is for the device.
 fn agent_not_on_path_note() -> Option<String> {
@@ -594,10 +613,15 @@ fn status(admin_addr: Option<String>, json: bool) -> anyhow::Result<()> {
     } else {
         let doc: serde_json::Value =
             serde_json::from_str(&body).context("hub /status is not JSON")?;
-        print!(
-            "{}",
-            petrel_gateway::status::render(&doc, SystemTime::now())
-        );
+        if doc["role"] == "node" {
+            // A node role's admin port (petrel-gateway node, 9472).
+            print!("{}", render_node_role(&doc));
+        } else {
+            print!(
+                "{}",
+                petrel_gateway::status::render(&doc, SystemTime::now())
+            );
+        }
     }
     Ok(())
 }
