@@ -1347,3 +1347,48 @@ fn image_scripts_are_shellcheck_clean() {
         assert!(out.status.success(), "{script}: {}", text(&out));
     }
 }
+
+/// The alert rules are valid PromQL (`promtool check rules`) and fire when they should, and only
+/// then (`promtool test rules` with deploy/monitoring/rules-test.yaml), where promtool is
+/// available: on PATH or at `PETREL_PROMTOOL` (`.ci/run` unpacks it from Debian's `prometheus`
+/// package).
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let Some(promtool) = std::env::var_os("PETREL_PROMTOOL")
+        .map(PathBuf::from)
+        .or_else(|| which("promtool"))
+    else {
+        println!("SKIPPED: no promtool (PATH or PETREL_PROMTOOL; Debian package `prometheus`)");
+        return;
+    };
+    let tmp = short_tmp();
+    // The PrometheusRule's spec is a plain rules file, indented by two.
+    let rule = std::fs::read_to_string(deploy("monitoring/prometheusrule.yaml")).unwrap();
+    let spec: Vec<&str> = rule.lines().skip_while(|l| *l != "spec:").skip(1).collect();
+    assert!(!spec.is_empty() && spec.iter().all(|l| l.is_empty() || l.starts_with("  ")));
+    let rules: String = spec
+        .iter()
+        .map(|l| format!("{}\n", l.get(2..).unwrap_or("")))
+        .collect();
+    std::fs::write(tmp.path().join("rules.yaml"), rules).unwrap();
+    std::fs::copy(
+        deploy("monitoring/rules-test.yaml"),
+        tmp.path().join("rules-test.yaml"),
+    )
+    .unwrap();
+    for args in [
+        ["check", "rules", "rules.yaml"],
+        ["test", "rules", "rules-test.yaml"],
+    ] {
+        let mut c = Command::new(&promtool);
+        c.args(args).current_dir(tmp.path());
+        let out = run(c, Duration::from_secs(60)).unwrap();
+        println!("promtool {}:\n{}", args.join(" "), text(&out));
+        assert!(
+            out.status.success(),
+            "promtool {}: {}",
+            args.join(" "),
+            text(&out)
+        );
+    }
+}
