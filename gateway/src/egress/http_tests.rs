@@ -195,6 +195,20 @@ fn odd_ports_are_refused() {
         parse_authority("edge-a1:0"),
         Err(HeadError::BadTarget("port 0"))
     );
+    // Each check on its own: empty, more than five digits, not digits, a leading zero.
+    for bad in [
+        "edge-a1:",
+        "edge-a1:123456",
+        "edge-a1:+443",
+        "edge-a1:0443",
+        "[fd00::1]:",
+    ] {
+        assert_eq!(
+            parse_authority(bad),
+            Err(HeadError::BadTarget("bad port")),
+            "{bad}"
+        );
+    }
     assert_eq!(
         parse_authority("edge-a1:65536"),
         Err(HeadError::BadTarget("port out of range"))
