@@ -600,6 +600,11 @@ impl FrameBuffer {
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            // Drained after a large frame: do not keep its capacity for a session that mostly
+            // carries pings.
+            if self.buf.capacity() > 4096 {
+                self.buf = Vec::new();
+            }
         }
         Ok(Some(value))
     }

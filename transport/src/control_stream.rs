@@ -51,6 +51,9 @@ impl ControlReader {
     }
 }
 
+/// What a writer keeps of its encoding buffer between messages.
+const KEEP_CAPACITY: usize = 1024;
+
 /// Writes control messages to a stream.
 #[derive(Debug)]
 pub struct ControlWriter {
@@ -75,7 +78,22 @@ impl ControlWriter {
         self.buf.clear();
         petrel_proto::encode(msg, &mut self.buf)?;
         self.send.write_all(&self.buf).await?;
-        Ok(self.buf.len())
+        let n = self.buf.len();
+        // A session lives for days and sends mostly pings: a large message (a view, a route
+        // chunk) must not leave its 64 KiB behind in every session.
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = Vec::with_capacity(KEEP_CAPACITY);
+        }
+        Ok(n)
+    }
+
+    /// Writes frames that are already encoded (shared by many sessions: quinn keeps a
+    /// reference, not a copy, until they are acknowledged). Returns the bytes written.
+    pub async fn send_encoded(&mut self, frames: &[bytes::Bytes]) -> Result<usize, StreamError> {
+        let mut chunks: Vec<bytes::Bytes> = frames.to_vec();
+        let n = chunks.iter().map(bytes::Bytes::len).sum();
+        self.send.write_all_chunks(&mut chunks).await?;
+        Ok(n)
     }
 
     /// Finishes the stream (the peer's reader sees a clean end).

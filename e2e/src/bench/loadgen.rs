@@ -140,6 +140,19 @@ fn mint(ca: &CertificateAuthority, node: &str, offset: Duration) -> Result<Ident
     })
 }
 
+/// Where simulated agent `i` binds: on loopback each gets its own address (127.100.x.y), as
+/// edge devices each behind their own NAT do, so the hub's per-address budgets see a fleet and
+/// not one source; any other bind address is used as given.
+fn agent_bind(bind: SocketAddr, i: usize) -> SocketAddr {
+    match bind.ip() {
+        std::net::IpAddr::V4(v4) if v4 == std::net::Ipv4Addr::LOCALHOST => SocketAddr::from((
+            [127, 100, ((i / 250) & 0xff) as u8, (1 + i % 250) as u8],
+            bind.port(),
+        )),
+        _ => bind,
+    }
+}
+
 fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint> {
     // The agent's socket (`quic::client_socket`: bound, kernel buffers asked for like the agent;
     // a buffer size is a limit, not an allocation).
@@ -394,7 +407,8 @@ pub async fn run(opts: LoadgenOpts, mut out: impl FnMut(&Line)) -> Result<()> {
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel.max(1)));
     let start = Instant::now();
     for (i, id) in ids.into_iter().enumerate() {
-        let (counters, sem, server, bind) = (counters.clone(), sem.clone(), opts.server, opts.bind);
+        let (counters, sem, server) = (counters.clone(), sem.clone(), opts.server);
+        let bind = agent_bind(opts.bind, i);
         tokio::spawn(async move {
             // The first connect waits for a slot (the bench's ramp); reconnects do not.
             let permit = sem.acquire_owned().await.ok();

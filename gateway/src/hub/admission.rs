@@ -134,8 +134,8 @@ pub struct PreAuthBudget {
 impl Default for PreAuthBudget {
     fn default() -> Self {
         Self {
-            handshake_burst: 256,
-            handshakes_per_second: 64,
+            handshake_burst: 512,
+            handshakes_per_second: 128,
             enrol_burst: 16,
             enrolments_per_second: 2,
             max_sources: 16_384,

@@ -53,6 +53,20 @@ pub struct RouteHistory {
     /// The current table's snapshot chunks, built once and shared: a fleet connecting for the
     /// first time all get the same chunks.
     snapshot: OnceLock<Arc<Vec<RouteSync>>>,
+    /// The same, encoded: every session writes these very bytes (quinn holds a reference per
+    /// connection until acknowledged, not a copy).
+    snapshot_wire: OnceLock<Arc<Vec<bytes::Bytes>>>,
+}
+
+/// Encodes chunks as control frames.
+pub fn encode_chunks(chunks: &[RouteSync]) -> Result<Vec<bytes::Bytes>, EncodeError> {
+    chunks
+        .iter()
+        .map(|c| {
+            petrel_proto::control::encode_to_vec(&petrel_proto::ControlMessage::Routes(c.clone()))
+                .map(bytes::Bytes::from)
+        })
+        .collect()
 }
 
 impl RouteHistory {
@@ -63,6 +77,7 @@ impl RouteHistory {
             table,
             steps: VecDeque::new(),
             snapshot: OnceLock::new(),
+            snapshot_wire: OnceLock::new(),
         }
     }
 
@@ -97,7 +112,27 @@ impl RouteHistory {
         self.table = new;
         self.digest = digest;
         self.snapshot = OnceLock::new();
+        self.snapshot_wire = OnceLock::new();
         true
+    }
+
+    /// [`plan`](Self::plan), encoded, with the digest the agent holds afterwards.
+    pub fn plan_wire(
+        &self,
+        held: u64,
+    ) -> Result<(PlanKind, Arc<Vec<bytes::Bytes>>, u64), EncodeError> {
+        let (kind, chunks) = self.plan(held)?;
+        let wire = match kind {
+            PlanKind::Snapshot => match self.snapshot_wire.get() {
+                Some(w) => w.clone(),
+                None => {
+                    let built = Arc::new(encode_chunks(&chunks)?);
+                    self.snapshot_wire.get_or_init(|| built).clone()
+                }
+            },
+            PlanKind::Current | PlanKind::Delta => Arc::new(encode_chunks(&chunks)?),
+        };
+        Ok((kind, wire, self.digest))
     }
 
     /// What to send an agent that holds the table with digest `held`.

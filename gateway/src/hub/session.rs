@@ -269,25 +269,18 @@ async fn sync_routes(
         .routes
         .read()
         .map_err(|_| "route table lock poisoned".to_string())
-        .and_then(|r| r.plan(held).map_err(|e| e.to_string()));
-    let (kind, chunks) = match planned {
+        .and_then(|r| r.plan_wire(held).map_err(|e| e.to_string()));
+    let (kind, frames, now_held) = match planned {
         Ok(p) => p,
         Err(e) => {
             error!(error = %e, "cannot build the route sync");
             return Err(format!("cannot build the route sync: {e}"));
         }
     };
-    let mut bytes = 0;
-    let mut now_held = held;
-    for chunk in chunks.iter() {
-        if let Some(d) = chunk.digest {
-            now_held = d;
-        }
-        bytes += writer
-            .send_counted(&ControlMessage::Routes(chunk.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    let bytes = writer
+        .send_encoded(&frames)
+        .await
+        .map_err(|e| e.to_string())?;
     HubMetrics::inc_outcome(&ctx.metrics.route_sync_batches, kind.label());
     ctx.metrics
         .route_sync_bytes
