@@ -398,3 +398,37 @@ fn file_defaults_and_mac_syntax() {
     .unwrap_err();
     assert!(err.to_string().contains("invalid MAC address"), "{err}");
 }
+
+#[test]
+fn a_node_may_widen_its_own_cidr_but_not_overlap_itself() {
+    // Replacing its own /24 with the /16 around it is not an overlap with itself.
+    let mut inv = two_sites();
+    inv.apply_node(node("n1", "a", &["10.244.3.0/24"])).unwrap();
+    inv.apply_node(node("n1", "a", &["10.244.0.0/16"])).unwrap();
+    assert_eq!(
+        inv.node("n1").unwrap().pod_cidrs,
+        vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+    );
+    // And back to a narrower one inside it.
+    inv.apply_node(node("n1", "a", &["10.244.7.0/24"])).unwrap();
+    // Another node still cannot take the old range.
+    inv.apply_node(node("n2", "a", &["10.244.0.0/24"])).unwrap();
+    assert!(inv.apply_node(node("n3", "a", &["10.244.0.0/16"])).is_err());
+    // A node's own CIDRs must not overlap each other, in either order.
+    for cidrs in [
+        ["10.9.0.0/16", "10.9.1.0/24"],
+        ["10.9.1.0/24", "10.9.0.0/16"],
+        ["fd00::/48", "fd00:0:0:1::/64"],
+    ] {
+        let err = inv.apply_node(node("n4", "a", &cidrs)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                InventoryError::OverlappingPodCidr { node, other, .. } if node == "n4" && other == "n4"
+            ),
+            "{err:?}"
+        );
+    }
+    inv.apply_node(node("n4", "a", &["10.9.0.0/24", "10.9.1.0/24"]))
+        .unwrap();
+}
