@@ -854,3 +854,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "translate_tests.rs"]
+mod mutant_tests;
