@@ -90,6 +90,12 @@ fn index_reports_tunnel_states_and_public_addresses() {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.99"}]}
         })),
     ]);
+    assert!(matches!(idx.translated("e1"), Some(Ok(t)) if t.edge));
+    assert!(matches!(
+        idx.translated("bad"),
+        Some(Err(TranslateError::BadPodCidr { .. }))
+    ));
+    assert!(idx.translated("ghost").is_none());
     let states = idx.tunnel_states();
     assert_eq!(states.len(), 1, "{states:?}");
     assert_eq!(
