@@ -309,6 +309,38 @@ fn routes_need_a_cidr_a_vtep_and_an_underlay() {
     assert_eq!(routes[2].vtep_mac, MacAddr([2, 0, 0, 0, 0, 2]));
     assert_eq!(routes[2].site, "a");
     assert!(inv.routes_for("ghost").is_empty());
+    // The cluster table for route sync: every routable node, the asking one included.
+    let table: Vec<(String, Vec<String>, String)> = inv
+        .route_entries()
+        .into_iter()
+        .map(|e| {
+            (
+                e.node_name,
+                e.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+                e.underlay.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        table,
+        vec![
+            (
+                "far".to_string(),
+                vec!["10.3.0.0/24".to_string(), "fd00:3::/64".to_string()],
+                "203.0.113.3".to_string()
+            ),
+            (
+                "me".to_string(),
+                vec!["10.1.0.0/24".to_string()],
+                "192.0.2.1".to_string()
+            ),
+            (
+                "peer".to_string(),
+                vec!["10.2.0.0/24".to_string()],
+                "192.0.2.2".to_string()
+            ),
+        ]
+    );
 }
 
 #[test]
