@@ -498,3 +498,7 @@ mod tests {
         assert!(encode(&ControlMessage::Routes(m), &mut Vec::new()).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "routes_tests.rs"]
+mod edge_tests;
