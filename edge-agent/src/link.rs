@@ -401,6 +401,11 @@ async fn session(
                     }
                     Ok(Some(ControlMessage::Routes(chunk))) => {
                         routes.table.apply(&chunk);
+                        if routes.table.len() > petrel_proto::routes::MAX_ROUTE_TABLE {
+                            *routes.table = RouteTable::new();
+                            conn.close(close_code::PROTOCOL_ERROR.into(), b"route table too large");
+                            return SessionEnd::Lost(format!("the hub sent more than {} routes", petrel_proto::routes::MAX_ROUTE_TABLE));
+                        }
                         if let Some(expected) = chunk.digest {
                             if routes.table.digest() != expected {
                                 // Something was lost or misapplied: start over with a snapshot.

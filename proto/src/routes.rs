@@ -33,6 +33,10 @@ use crate::MAX_CONTROL_FRAME;
 /// real names, this bounds what a decoder pre-allocates.
 pub const MAX_ROUTE_SYNC_ITEMS: usize = 8192;
 
+/// Most nodes an agent's route table holds. Far above any cluster Kubernetes supports; a hub
+/// that sends more is refused rather than letting an agent's memory grow without bound.
+pub const MAX_ROUTE_TABLE: usize = 100_000;
+
 /// Room left in a frame for a chunk's own fields (flags, counts, digest).
 const CHUNK_OVERHEAD: usize = 64;
 
