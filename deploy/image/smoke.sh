@@ -28,8 +28,15 @@ agent_tar=$(realpath -- "$2")
 
 work=$(mktemp -d /tmp/petrel-smoke.XXXXXX)
 pids=()
+# A background job is a subshell whose child (unshare, exec'd into chroot, exec'd into the
+# binary) is the process to stop: killing the subshell alone left the hub and the agent running.
+kill_tree() {
+  local p=$1 c
+  for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do kill_tree "$c"; done
+  kill "$p" 2>/dev/null || true
+}
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill_tree "$p"; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf -- "$work"
 }
