@@ -319,37 +319,47 @@ pub fn delta(
 /// Splits upserts and removals into chunks whose encoding fits one control frame. Always at
 /// least one chunk.
 fn chunk(upserts: Vec<RouteEntry>, removals: Vec<String>) -> Result<Vec<RouteSync>, EncodeError> {
-    let budget = MAX_CONTROL_FRAME - CHUNK_OVERHEAD;
-    let mut msgs = vec![RouteSync::default()];
-    let mut used = 0usize;
-    let mut items = 0usize;
+    let mut c = Chunker {
+        msgs: vec![RouteSync::default()],
+        used: 0,
+        items: 0,
+    };
     for e in upserts {
         let len = encoded_entry_len(&e)?;
-        if used + len > budget || items == MAX_ROUTE_SYNC_ITEMS {
-            msgs.push(RouteSync::default());
-            used = 0;
-            items = 0;
-        }
-        used += len;
-        items += 1;
-        if let Some(m) = msgs.last_mut() {
-            m.upserts.push(e);
-        }
+        c.room(len).upserts.push(e);
     }
     for n in removals {
         let len = encoded_name_len(&n);
-        if used + len > budget || items == MAX_ROUTE_SYNC_ITEMS {
-            msgs.push(RouteSync::default());
-            used = 0;
-            items = 0;
-        }
-        used += len;
-        items += 1;
-        if let Some(m) = msgs.last_mut() {
-            m.removals.push(n);
-        }
+        c.room(len).removals.push(n);
     }
-    Ok(msgs)
+    Ok(c.msgs)
+}
+
+/// The chunks being filled and what the last one holds.
+struct Chunker {
+    msgs: Vec<RouteSync>,
+    used: usize,
+    items: usize,
+}
+
+impl Chunker {
+    /// The chunk an item of `len` encoded bytes goes into: the last one, or a new one when the
+    /// frame budget or the item cap would be passed.
+    fn room(&mut self, len: usize) -> &mut RouteSync {
+        let budget = MAX_CONTROL_FRAME - CHUNK_OVERHEAD;
+        if self.used + len > budget || self.items == MAX_ROUTE_SYNC_ITEMS {
+            self.msgs.push(RouteSync::default());
+            self.used = 0;
+            self.items = 0;
+        }
+        self.used += len;
+        self.items += 1;
+        if self.msgs.is_empty() {
+            self.msgs.push(RouteSync::default());
+        }
+        let last = self.msgs.len() - 1;
+        &mut self.msgs[last]
+    }
 }
 
 #[cfg(test)]
