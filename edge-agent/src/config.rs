@@ -90,6 +90,18 @@ pub struct RunArgs {
     /// rate on WANs with random loss), cubic or newreno.
     #[arg(long, env = "PETREL_CONGESTION")]
     pub congestion: Option<String>,
+    /// Zero-touch enrolment: the node's kubelet kubeconfig (e.g. /etc/kubernetes/kubelet.conf
+    /// or /var/lib/kubelet/kubeconfig). When this device holds no valid certificate, the agent
+    /// asks for one with a CertificateSigningRequest made with these credentials, signed by
+    /// the active hub (signer petrel.io/edge-tunnel); no join token is needed.
+    #[arg(long, env = "PETREL_KUBELET_KUBECONFIG")]
+    pub kubelet_kubeconfig: Option<PathBuf>,
+    /// This node's name (zero-touch enrolment; default: the host name, as the kubelet uses).
+    #[arg(long, env = "PETREL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How long zero-touch enrolment waits for the hub to sign.
+    #[arg(long, env = "PETREL_ENROL_TIMEOUT")]
+    pub enrol_timeout: Option<String>,
     #[command(flatten)]
     pub datapath: DatapathArgs,
 }
@@ -201,6 +213,10 @@ pub struct FileConfig {
     pub route_table: Option<u32>,
     #[serde(alias = "rule_pref")]
     pub rule_pref: Option<u32>,
+    #[serde(alias = "kubelet_kubeconfig")]
+    pub kubelet_kubeconfig: Option<PathBuf>,
+    #[serde(alias = "enrol_timeout")]
+    pub enrol_timeout: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +261,16 @@ pub struct AgentConfig {
     pub congestion: CongestionControl,
     /// `None`: no data plane.
     pub datapath: Option<petrel_datapath::DatapathConfig>,
+    /// Zero-touch enrolment from the node's kubelet credentials, if configured.
+    pub kube_enrol: Option<KubeEnrolConfig>,
+}
+
+/// Zero-touch enrolment settings (see [`crate::kube_enrol`]).
+#[derive(Debug, Clone)]
+pub struct KubeEnrolConfig {
+    pub kubeconfig: PathBuf,
+    pub node_name: String,
+    pub timeout: Duration,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -410,7 +436,47 @@ impl AgentConfig {
                 allowed: "at least 100ms".into(),
             });
         }
+        let kube_enrol = match args.kubelet_kubeconfig.or(file.kubelet_kubeconfig) {
+            None => None,
+            Some(kubeconfig) => {
+                let node_name = args
+                    .node_name
+                    .or_else(|| file.node_name.clone())
+                    .or_else(hostname)
+                    .ok_or(ConfigError::Missing {
+                        field: "node-name",
+                        hint: "pass --node-name (zero-touch enrolment needs this node's name)",
+                    })?;
+                if !petrel_proto::codec::is_valid_node_name(&node_name) {
+                    return Err(ConfigError::Invalid {
+                        field: "node-name",
+                        value: node_name,
+                        allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')"
+                            .into(),
+                    });
+                }
+                let timeout = dur(
+                    "enrol-timeout",
+                    args.enrol_timeout,
+                    file.enrol_timeout,
+                    "10m",
+                )?;
+                if timeout < Duration::from_secs(1) {
+                    return Err(ConfigError::Invalid {
+                        field: "enrol-timeout",
+                        value: humantime::format_duration(timeout).to_string(),
+                        allowed: "at least 1s".into(),
+                    });
+                }
+                Some(KubeEnrolConfig {
+                    kubeconfig,
+                    node_name,
+                    timeout,
+                })
+            }
+        };
         Ok(Self {
+            kube_enrol,
             servers,
             state_dir: args
                 .state_dir

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataplane;
 pub mod identity;
 pub mod join;
+pub mod kube_enrol;
 pub mod link;
 pub mod metrics;
 pub mod proxy;

@@ -122,6 +122,16 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    if let Some(k) = &cfg.kube_enrol {
+        // Zero-touch: a device with no valid certificate asks the cluster for one. A restart
+        // with a valid identity on the host does not enrol again.
+        let state = petrel_edge_agent::identity::AgentState::new(&cfg.state_dir);
+        if petrel_edge_agent::kube_enrol::needs_enrolment(&state, &k.node_name, SystemTime::now())?
+        {
+            let not_after = petrel_edge_agent::kube_enrol::enrol(k, &state).await?;
+            info!(node = %k.node_name, valid_until = %humantime::format_rfc3339_seconds(not_after), "enrolled");
+        }
+    }
     let admin_addr = cfg.admin_addr;
     let agent = Agent::new(cfg)?;
     let admin = tokio::net::TcpListener::bind(admin_addr)

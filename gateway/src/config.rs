@@ -45,6 +45,9 @@ pub enum Command {
     Node(NodeArgs),
     /// Remove every route, rule and device Petrel added to this node (also after a crash).
     Cleanup(DatapathArgs),
+    /// Revoke a node's certificates (hubs close its tunnel and refuse it), lift a revocation,
+    /// or list them.
+    Revoke(crate::revocation::RevokeArgs),
 }
 
 /// Kernel-hook settings shared by `node` and `cleanup`.
@@ -197,8 +200,15 @@ pub enum TokenCommand {
 #[derive(Debug, Args)]
 pub struct TokenCreateArgs {
     /// Node name the token is bound to.
+    #[arg(long, required_unless_present = "pool", conflicts_with = "pool")]
+    pub node: Option<String>,
+    /// A fleet token instead: any edge node of this node pool (site) may enrol with it, each
+    /// node once, up to --max-uses nodes, until it expires.
     #[arg(long)]
-    pub node: String,
+    pub pool: Option<String>,
+    /// How many nodes a fleet token may enrol.
+    #[arg(long, requires = "pool", default_value_t = 100)]
+    pub max_uses: u32,
     /// Lifetime, e.g. 30m, 1h, 2d.
     #[arg(long, default_value = "1h")]
     pub ttl: String,

@@ -13,5 +13,6 @@ pub mod k8s;
 pub mod metrics;
 pub mod node_role;
 pub mod pki_store;
+pub mod revocation;
 pub mod status;
 pub mod switch;

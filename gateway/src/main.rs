@@ -70,6 +70,7 @@ fn main() -> ExitCode {
             Err(e) => return config_error(&e),
         },
         Command::Ca(CaCommand::Fingerprint(args)) => ca_fingerprint(&args, &file),
+        Command::Revoke(args) => revoke(&args, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -247,6 +248,11 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
             }
         };
         let ctx = hub.context();
+        // Follows `petrel-gateway revoke` (another process) and closes revoked tunnels.
+        tokio::spawn(petrel_gateway::revocation::watch(
+            ctx.clone(),
+            shutdown.clone(),
+        ));
         if kube.is_none() {
             // File mode: one hub, always the active one. The hub re-reads a changed inventory
             // file, so the expected agents are counted again every few seconds.
@@ -412,14 +418,22 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
 
 fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> anyhow::Result<()> {
     let ttl = config::parse_duration("ttl", &args.ttl)?;
-    if !petrel_gateway::inventory::valid_node_name(&args.node) {
+    if let Some(pool) = &args.pool {
+        return fleet_token_create(&args, pool, ttl, file);
+    }
+    let node = args.node.clone().unwrap_or_default();
+    if !petrel_gateway::inventory::valid_node_name(&node) {
         return Err(ConfigError::Invalid {
             field: "node",
-            value: args.node,
+            value: node,
             allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
         }
         .into());
     }
+    let args = config::TokenCreateArgs {
+        node: Some(node.clone()),
+        ..args
+    };
     let kube = kube_settings(&args.kube, file)?;
     // A token for a node the hub would refuse is a mistake (a typo, the wrong inventory):
     // refused unless --force.
@@ -434,7 +448,7 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
     if kube.is_none() {
         let path = args.inventory.clone().or(file.inventory.clone());
         let inventory = load_inventory(path.as_deref())?;
-        if let Err(e) = inventory.admit_agent(&args.node) {
+        if let Err(e) = inventory.admit_agent(&node) {
             let source = match &path {
                 Some(p) => format!("the inventory {}", p.display()),
                 None => "the EMBEDDED DEMO INVENTORY (no --inventory given; pass the hub's inventory file)".into(),
@@ -452,7 +466,7 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
         None => {
             let store = StateDir::new(state_dir(&args.state, file));
             let ca = store.load_or_create(SystemTime::now())?;
-            let token = store.create(&args.node, ttl, !args.reusable, SystemTime::now())?;
+            let token = store.create(&node, ttl, !args.reusable, SystemTime::now())?;
             (ca, token)
         }
         Some(settings) => tokio::runtime::Builder::new_current_thread()
@@ -461,7 +475,7 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
             .block_on(async {
                 let (client, store, ca) = kube_store(settings).await?;
                 if let Some(w) =
-                    petrel_gateway::k8s::admission_warning(&client, settings, &args.node).await
+                    petrel_gateway::k8s::admission_warning(&client, settings, &node).await
                 {
                     refuse(w)?;
                 }
@@ -469,12 +483,39 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
                     server_hint = petrel_gateway::k8s::active_endpoint(&client, settings).await;
                 }
                 let token = store
-                    .create_token(&args.node, ttl, !args.reusable, SystemTime::now())
+                    .create_token(&node, ttl, !args.reusable, SystemTime::now())
                     .await?;
                 anyhow::Ok((ca, token))
             })?,
     };
-    let server = match server_hint {
+    let server = join_server(server_hint)?;
+    println!(
+        "# join token for node {} (expires {}, {})",
+        token.node,
+        humantime::format_rfc3339_seconds(token.expires),
+        if token.single_use {
+            "single use"
+        } else {
+            "reusable until it expires"
+        }
+    );
+    if let Some(note) = agent_not_on_path_note() {
+        eprintln!("{note}");
+    }
+    // The token goes into the environment, not the command line, where `ps` and the audit log
+    // of every process on the device would show it.
+    println!("export PETREL_JOIN_TOKEN={}", token.token);
+    println!(
+        "petrel-edge-agent join --server {server} --node-name {} --ca-sha256 {}",
+        token.node,
+        ca.fingerprint()
+    );
+    Ok(())
+}
+
+/// The hub address the printed join command names.
+fn join_server(server_hint: Option<String>) -> anyhow::Result<String> {
+    Ok(match server_hint {
         Some(s) => {
             config::parse_host_port("server", &s)?;
             s
@@ -489,26 +530,146 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
             );
             local
         }
-    };
-    println!(
-        "# join token for node {} (expires {}, {})",
-        token.node,
-        humantime::format_rfc3339_seconds(token.expires),
-        if token.single_use {
-            "single use"
-        } else {
-            "reusable until it expires"
+    })
+}
+
+/// `token create --pool`: a fleet token for any edge node of one node pool (site).
+fn fleet_token_create(
+    args: &config::TokenCreateArgs,
+    pool: &str,
+    ttl: std::time::Duration,
+    file: &config::FileConfig,
+) -> anyhow::Result<()> {
+    if !petrel_gateway::inventory::valid_node_name(pool) {
+        return Err(ConfigError::Invalid {
+            field: "pool",
+            value: pool.into(),
+            allowed: "a node pool (site) name (lowercase letters, digits, '-', '.')".into(),
         }
-    );
-    if let Some(note) = agent_not_on_path_note() {
-        eprintln!("{note}");
+        .into());
     }
+    if !(1..=petrel_gateway::k8s::pki::MAX_FLEET_USES).contains(&args.max_uses) {
+        return Err(ConfigError::Invalid {
+            field: "max-uses",
+            value: args.max_uses.to_string(),
+            allowed: format!("1 to {}", petrel_gateway::k8s::pki::MAX_FLEET_USES),
+        }
+        .into());
+    }
+    let kube = kube_settings(&args.kube, file)?;
+    let mut server_hint = args
+        .server
+        .clone()
+        .or_else(|| file.advertise.first().cloned());
+    let (ca, token) = match &kube {
+        None => {
+            let path = args.inventory.clone().or(file.inventory.clone());
+            let inventory = load_inventory(path.as_deref())?;
+            let public = inventory
+                .site(pool)
+                .is_some_and(|s| s.kind == petrel_gateway::inventory::SiteKind::Public);
+            if !public && !args.force {
+                anyhow::bail!("the inventory has no public site {pool:?}; no token created (pass --force to create it anyway)");
+            }
+            let store = StateDir::new(state_dir(&args.state, file));
+            let ca = store.load_or_create(SystemTime::now())?;
+            let token = store.create_fleet(pool, ttl, args.max_uses, SystemTime::now())?;
+            (ca, token)
+        }
+        Some(settings) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let (client, store, ca) = kube_store(settings).await?;
+                if server_hint.is_none() {
+                    server_hint = petrel_gateway::k8s::active_endpoint(&client, settings).await;
+                }
+                let token = store
+                    .create_fleet_token(pool, ttl, args.max_uses, SystemTime::now())
+                    .await?;
+                anyhow::Ok((ca, token))
+            })?,
+    };
+    let server = join_server(server_hint)?;
     println!(
-        "petrel-edge-agent join --server {server} --node-name {} --token {} --ca-sha256 {}",
-        token.node,
-        token.token,
+        "# fleet token for node pool {pool} (expires {}; enrols up to {} edge nodes of the pool, each once)",
+        humantime::format_rfc3339_seconds(token.expires),
+        args.max_uses
+    );
+    println!("export PETREL_JOIN_TOKEN={}", token.token);
+    println!(
+        "petrel-edge-agent join --server {server} --ca-sha256 {}   # --node-name defaults to the host name",
         ca.fingerprint()
     );
+    Ok(())
+}
+
+/// `petrel-gateway revoke`: changes the stored list; every hub applies it within a second.
+fn revoke(
+    args: &petrel_gateway::revocation::RevokeArgs,
+    file: &config::FileConfig,
+) -> anyhow::Result<()> {
+    use petrel_gateway::revocation;
+    if let Some(node) = &args.node {
+        if !petrel_gateway::inventory::valid_node_name(node) {
+            return Err(ConfigError::Invalid {
+                field: "node",
+                value: node.clone(),
+                allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
+            }
+            .into());
+        }
+    } else if !args.list {
+        return Err(ConfigError::Invalid {
+            field: "node",
+            value: String::new(),
+            allowed: "a node name: pass --node NAME (or --list)".into(),
+        }
+        .into());
+    }
+    let now = SystemTime::now();
+    let change = |list: &mut revocation::RevocationList| -> bool {
+        match (&args.node, args.lift) {
+            (Some(node), false) => {
+                revocation::revoke(list, node, &args.reason, now);
+                true
+            }
+            (Some(node), true) => revocation::lift(list, node, now),
+            (None, _) => true,
+        }
+    };
+    let (changed, list) = match kube_settings(&args.store.kube, file)? {
+        None => {
+            let store = revocation::FileRevocations::new(state_dir(&args.store.state, file));
+            if args.list {
+                (true, store.load()?)
+            } else {
+                store.update(change)?
+            }
+        }
+        Some(settings) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let client = petrel_gateway::k8s::client(&settings).await?;
+                let store = KubeStore::new(client, &settings.namespace, &settings.ca_secret);
+                anyhow::Ok(if args.list {
+                    (true, store.load_revocations().await?)
+                } else {
+                    store.update_revocations(change).await?
+                })
+            })?,
+    };
+    match (&args.node, args.lift) {
+        (Some(node), false) => println!(
+            "revoked node {node}: hubs close its tunnel and refuse its certificates within a second, and refuse to enrol it until `petrel-gateway revoke --node {node} --lift`"
+        ),
+        (Some(node), true) if changed => println!(
+            "lifted the revocation of node {node}: it may enrol again (a new token or CSR); certificates issued before the revocation stay refused"
+        ),
+        (Some(node), true) => anyhow::bail!("node {node} is not revoked"),
+        (None, _) => print!("{}", revocation::describe(&list)),
+    }
     Ok(())
 }
 

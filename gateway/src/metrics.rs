@@ -26,6 +26,8 @@ pub struct HubMetrics {
     pub agents_replaced: Counter,
     pub enrolments: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
+    /// CertificateSigningRequests of Petrel's signer, by outcome (signed, denied_<reason>).
+    pub csrs: Family<Outcome, Counter>,
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
@@ -56,6 +58,7 @@ impl HubMetrics {
             agents_replaced: Counter::default(),
             enrolments: Family::default(),
             renewals: Family::default(),
+            csrs: Family::default(),
             datagrams_dropped: Family::default(),
             frames_forwarded: Family::default(),
             going_away_sent: Counter::default(),
@@ -97,6 +100,11 @@ impl HubMetrics {
             "renewals",
             "Certificate renewals over the tunnel, by outcome",
             m.renewals.clone(),
+        );
+        registry.register(
+            "csrs",
+            "CertificateSigningRequests of the petrel.io/edge-tunnel signer, by outcome",
+            m.csrs.clone(),
         );
         registry.register(
             "datagrams_dropped",

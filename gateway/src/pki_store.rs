@@ -4,7 +4,9 @@
 //!
 //! Join tokens look like Kubernetes bootstrap tokens (`abcdef.0123456789abcdef`): a public id and
 //! a secret. Only the secret's SHA-256 is stored. A token is bound to one node name, expires, and
-//! is single-use unless created reusable. `token create` runs in another process than the hub, so
+//! is single-use unless created reusable. A **fleet token** is bound to a node pool (a site)
+//! instead: any edge node of that pool may enrol with it, each node once, up to a use limit,
+//! until it expires; the nodes it enrolled are recorded with it. `token create` runs in another process than the hub, so
 //! every read-modify-write of the token file happens under an exclusive file lock.
 
 use std::collections::BTreeMap;
@@ -56,15 +58,28 @@ pub enum TokenError {
     AlreadyUsed,
     #[error("the join token is bound to node {bound:?}, not {asked:?}")]
     WrongNode { bound: String, asked: String },
+    #[error("the fleet token is for node pool {pool:?}; node {node:?} is {}", site.as_ref().map_or_else(|| "not a node the hub knows".to_string(), |s| format!("in pool {s:?}")))]
+    WrongPool {
+        pool: String,
+        node: String,
+        site: Option<String>,
+    },
+    #[error("the fleet token already enrolled node {0:?} (each node once; make a node token with `petrel-gateway token create --node` to enrol it again)")]
+    NodeAlreadyEnrolled(String),
+    #[error("the fleet token reached its limit of {0} nodes")]
+    UsedUp(u32),
 }
 
 /// A freshly created token (the only time its secret is visible).
 #[derive(Debug, Clone)]
 pub struct NewToken {
     pub token: String,
+    /// Empty for a fleet token.
     pub node: String,
     pub expires: SystemTime,
     pub single_use: bool,
+    /// A fleet token's pool and use limit.
+    pub fleet: Option<(String, u32)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -75,14 +90,79 @@ pub struct TokenRecord {
     pub single_use: bool,
     #[serde(default)]
     pub used_unix: Option<u64>,
+    /// A fleet token: the node pool (site) it enrols, instead of `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// A fleet token's limit of nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// The nodes a fleet token enrolled (each once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
 }
 
 impl TokenRecord {
-    /// Whether `secret` redeems this token for `node` at `now`. Both backends (state directory
-    /// and Kubernetes Secrets) decide with this one function.
-    pub fn admit(&self, secret: &str, node: &str, now: SystemTime) -> Result<(), TokenError> {
+    /// A node token bound to `node`.
+    pub fn for_node(node: &str, secret: &str, expires: SystemTime, single_use: bool) -> Self {
+        Self {
+            node: node.into(),
+            secret_sha256: sha256_hex(secret),
+            expires_unix: unix(expires),
+            single_use,
+            used_unix: None,
+            pool: None,
+            max_uses: None,
+            used_by: Vec::new(),
+        }
+    }
+
+    /// A fleet token for node pool `pool`.
+    pub fn for_pool(pool: &str, secret: &str, expires: SystemTime, max_uses: u32) -> Self {
+        Self {
+            node: String::new(),
+            secret_sha256: sha256_hex(secret),
+            expires_unix: unix(expires),
+            single_use: false,
+            used_unix: None,
+            pool: Some(pool.into()),
+            max_uses: Some(max_uses),
+            used_by: Vec::new(),
+        }
+    }
+
+    /// Whether `secret` redeems this token for `node` (whose site the inventory says is
+    /// `site`) at `now`. Both backends (state directory and Kubernetes Secrets) decide with
+    /// this one function. The secret is checked first: without it nothing about the node or
+    /// the token's scope is revealed.
+    pub fn admit(
+        &self,
+        secret: &str,
+        node: &str,
+        site: Option<&str>,
+        now: SystemTime,
+    ) -> Result<(), TokenError> {
         if !ct_eq(&self.secret_sha256, &sha256_hex(secret)) {
             return Err(TokenError::Invalid);
+        }
+        if let Some(pool) = &self.pool {
+            if unix(now) >= self.expires_unix {
+                return Err(TokenError::Expired(fmt_unix(self.expires_unix)));
+            }
+            if site != Some(pool.as_str()) {
+                return Err(TokenError::WrongPool {
+                    pool: pool.clone(),
+                    node: node.to_string(),
+                    site: site.map(str::to_string),
+                });
+            }
+            if self.used_by.iter().any(|n| n == node) {
+                return Err(TokenError::NodeAlreadyEnrolled(node.to_string()));
+            }
+            let max = self.max_uses.unwrap_or(0);
+            if self.used_by.len() >= max as usize {
+                return Err(TokenError::UsedUp(max));
+            }
+            return Ok(());
         }
         if self.node != node {
             return Err(TokenError::WrongNode {
@@ -97,6 +177,19 @@ impl TokenRecord {
             return Err(TokenError::AlreadyUsed);
         }
         Ok(())
+    }
+
+    /// Records a use by `node` (after [`Self::admit`] and a successful issuance).
+    pub fn consume(&mut self, node: &str, now: SystemTime) {
+        self.used_unix = Some(unix(now));
+        if self.pool.is_some() && !self.used_by.iter().any(|n| n == node) {
+            self.used_by.push(node.to_string());
+        }
+    }
+
+    /// Whether redeeming this token changes what is stored.
+    pub fn consumed_by_use(&self) -> bool {
+        self.single_use || self.pool.is_some()
     }
 }
 
@@ -115,13 +208,22 @@ pub trait TokenStore: Send + Sync {
         single_use: bool,
         now: SystemTime,
     ) -> Result<NewToken, StoreError>;
-    /// Checks `token` for `node`, runs `issue` (signing), and consumes a single-use token only if
-    /// `issue` succeeded, all under one lock: a failed enrolment never burns the token and two
-    /// concurrent enrolments can never both use it.
+    /// A fleet token for node pool `pool`, for at most `max_uses` nodes.
+    fn create_fleet(
+        &self,
+        pool: &str,
+        ttl: Duration,
+        max_uses: u32,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError>;
+    /// Checks `token` for `node` (in site `site`), runs `issue` (signing), and consumes the
+    /// token only if `issue` succeeded, all under one lock: a failed enrolment never burns the
+    /// token and two concurrent enrolments can never both use it.
     fn redeem<T, E: From<TokenError> + From<StoreError>>(
         &self,
         token: &str,
         node: &str,
+        site: Option<&str>,
         now: SystemTime,
         issue: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E>
@@ -311,13 +413,7 @@ impl TokenStore for StateDir {
             let expires = now + ttl;
             tokens.insert(
                 id.clone(),
-                TokenRecord {
-                    node: node.to_string(),
-                    secret_sha256: sha256_hex(&secret),
-                    expires_unix: unix(expires),
-                    single_use,
-                    used_unix: None,
-                },
+                TokenRecord::for_node(node, &secret, expires, single_use),
             );
             Self::write_tokens(path, &tokens)?;
             Ok(NewToken {
@@ -325,6 +421,39 @@ impl TokenStore for StateDir {
                 node: node.to_string(),
                 expires,
                 single_use,
+                fleet: None,
+            })
+        })
+    }
+
+    fn create_fleet(
+        &self,
+        pool: &str,
+        ttl: Duration,
+        max_uses: u32,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        self.with_token_lock(|path| {
+            let mut tokens = Self::read_tokens(path)?;
+            let now_s = unix(now);
+            tokens.retain(|_, t| t.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() > now_s);
+            let mut id = random_token_part(6);
+            while tokens.contains_key(&id) {
+                id = random_token_part(6);
+            }
+            let secret = random_token_part(16);
+            let expires = now + ttl;
+            tokens.insert(
+                id.clone(),
+                TokenRecord::for_pool(pool, &secret, expires, max_uses),
+            );
+            Self::write_tokens(path, &tokens)?;
+            Ok(NewToken {
+                token: format!("{id}.{secret}"),
+                node: String::new(),
+                expires,
+                single_use: false,
+                fleet: Some((pool.to_string(), max_uses)),
             })
         })
     }
@@ -333,6 +462,7 @@ impl TokenStore for StateDir {
         &self,
         token: &str,
         node: &str,
+        site: Option<&str>,
         now: SystemTime,
         issue: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
@@ -344,7 +474,7 @@ impl TokenStore for StateDir {
                 tokens
                     .get(id)
                     .ok_or(TokenError::Invalid)?
-                    .admit(secret, node, now)?;
+                    .admit(secret, node, site, now)?;
                 Ok::<_, TokenError>(id.to_string())
             })();
             let id = match check {
@@ -357,7 +487,7 @@ impl TokenStore for StateDir {
             let issued = issue();
             if issued.is_ok() {
                 if let Some(rec) = tokens.get_mut(&id) {
-                    rec.used_unix = Some(unix(now));
+                    rec.consume(node, now);
                 }
                 Self::write_tokens(path, &tokens)?;
             }
@@ -411,16 +541,32 @@ impl TokenStore for HubStore {
         }
     }
 
+    fn create_fleet(
+        &self,
+        pool: &str,
+        ttl: Duration,
+        max_uses: u32,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        match self {
+            HubStore::Dir(d) => d.create_fleet(pool, ttl, max_uses, now),
+            HubStore::Kube(k) => k
+                .handle()
+                .block_on(k.create_fleet_token(pool, ttl, max_uses, now)),
+        }
+    }
+
     fn redeem<T, E: From<TokenError> + From<StoreError>>(
         &self,
         token: &str,
         node: &str,
+        site: Option<&str>,
         now: SystemTime,
         issue: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         match self {
-            HubStore::Dir(d) => d.redeem(token, node, now, issue),
-            HubStore::Kube(k) => k.redeem_blocking(token, node, now, issue),
+            HubStore::Dir(d) => d.redeem(token, node, site, now, issue),
+            HubStore::Kube(k) => k.redeem_blocking(token, node, site, now, issue),
         }
     }
 
@@ -464,45 +610,121 @@ mod tests {
             .unwrap();
         let ok = || Ok::<_, Err>(42);
         assert_eq!(
-            store.redeem("zzzzzz.0000000000000000", "edge-a1", now, ok),
+            store.redeem(
+                "zzzzzz.0000000000000000",
+                "edge-a1",
+                Some("site-a"),
+                now,
+                ok
+            ),
             Err(Err::Token(TokenError::Invalid))
         );
         assert_eq!(
-            store.redeem("garbage", "edge-a1", now, ok),
+            store.redeem("garbage", "edge-a1", Some("site-a"), now, ok),
             Err(Err::Token(TokenError::Invalid))
         );
         let wrong_secret = format!("{}.0000000000000000", &t.token[..6]);
         assert_eq!(
-            store.redeem(&wrong_secret, "edge-a1", now, ok),
+            store.redeem(&wrong_secret, "edge-a1", Some("site-a"), now, ok),
             Err(Err::Token(TokenError::Invalid))
         );
         assert!(matches!(
-            store.redeem(&t.token, "edge-b1", now, ok),
+            store.redeem(&t.token, "edge-b1", Some("site-a"), now, ok),
             Err(Err::Token(TokenError::WrongNode { .. }))
         ));
         assert!(matches!(
-            store.redeem(&t.token, "edge-a1", now + Duration::from_secs(3601), ok),
+            store.redeem(
+                &t.token,
+                "edge-a1",
+                Some("site-a"),
+                now + Duration::from_secs(3601),
+                ok
+            ),
             Err(Err::Token(TokenError::Expired(_)))
         ));
         // A failed issuance does not burn the token.
         assert_eq!(
-            store.redeem(&t.token, "edge-a1", now, || Err::<i32, _>(Err::Sign)),
+            store.redeem(&t.token, "edge-a1", Some("site-a"), now, || Err::<i32, _>(
+                Err::Sign
+            )),
             Err(Err::Sign)
         );
-        assert_eq!(store.redeem(&t.token, "edge-a1", now, ok), Ok(42));
         assert_eq!(
-            store.redeem(&t.token, "edge-a1", now, ok),
+            store.redeem(&t.token, "edge-a1", Some("site-a"), now, ok),
+            Ok(42)
+        );
+        assert_eq!(
+            store.redeem(&t.token, "edge-a1", Some("site-a"), now, ok),
             Err(Err::Token(TokenError::AlreadyUsed))
         );
 
         let r = store
             .create("edge-a2", Duration::from_secs(60), false, now)
             .unwrap();
-        assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
-        assert_eq!(store.redeem(&r.token, "edge-a2", now, ok), Ok(42));
+        assert_eq!(
+            store.redeem(&r.token, "edge-a2", Some("site-a"), now, ok),
+            Ok(42)
+        );
+        assert_eq!(
+            store.redeem(&r.token, "edge-a2", Some("site-a"), now, ok),
+            Ok(42)
+        );
         // secrets are not stored
         let raw = std::fs::read_to_string(tmp.path().join("state/tokens.json")).unwrap();
         assert!(!raw.contains(&t.token[7..]));
+    }
+
+    #[test]
+    fn fleet_tokens_enrol_each_node_of_their_pool_once_up_to_a_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path().join("state"));
+        let now = SystemTime::now();
+        let t = store
+            .create_fleet("site-a", Duration::from_secs(3600), 2, now)
+            .unwrap();
+        assert_eq!(t.fleet, Some(("site-a".to_string(), 2)));
+        let ok = || Ok::<_, Err>(1);
+        let a = Some("site-a");
+        // Another pool, or a node the inventory does not know.
+        assert!(matches!(
+            store.redeem(&t.token, "edge-b1", Some("site-b"), now, ok),
+            Err(Err::Token(TokenError::WrongPool { .. }))
+        ));
+        assert!(matches!(
+            store.redeem(&t.token, "ghost", None, now, ok),
+            Err(Err::Token(TokenError::WrongPool { site: None, .. }))
+        ));
+        // A wrong secret says nothing about pools.
+        let wrong = format!("{}.0000000000000000", &t.token[..6]);
+        assert_eq!(
+            store.redeem(&wrong, "edge-b1", Some("site-b"), now, ok),
+            Err(Err::Token(TokenError::Invalid))
+        );
+        // A failed issuance does not count as a use.
+        assert_eq!(
+            store.redeem(&t.token, "edge-a1", a, now, || Err::<i32, _>(Err::Sign)),
+            Err(Err::Sign)
+        );
+        assert_eq!(store.redeem(&t.token, "edge-a1", a, now, ok), Ok(1));
+        assert_eq!(
+            store.redeem(&t.token, "edge-a1", a, now, ok),
+            Err(Err::Token(TokenError::NodeAlreadyEnrolled(
+                "edge-a1".into()
+            )))
+        );
+        assert_eq!(store.redeem(&t.token, "edge-a2", a, now, ok), Ok(1));
+        assert_eq!(
+            store.redeem(&t.token, "edge-a3", a, now, ok),
+            Err(Err::Token(TokenError::UsedUp(2)))
+        );
+        assert!(matches!(
+            store.redeem(&t.token, "edge-a3", a, now + Duration::from_secs(3601), ok),
+            Err(Err::Token(TokenError::Expired(_)))
+        ));
+        let listed = store.list().unwrap();
+        let rec = listed.get(&t.token[..6]).unwrap();
+        assert_eq!(rec.used_by, vec!["edge-a1", "edge-a2"]);
+        assert_eq!(rec.pool.as_deref(), Some("site-a"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 /// Allowance for clocks that run a little behind the hub's: certificates start this long before
 /// they were signed.
-const BACKDATE: Duration = Duration::from_secs(5 * 60);
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +294,53 @@ impl CertNames {
             .clone()
             .or_else(|| self.dns_names.first().cloned())
             .unwrap_or_else(|| "(unnamed)".into())
+    }
+}
+
+/// What a certificate signing request asks for, read only after its signature verified (proof
+/// that the requester holds the key).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CsrRequest {
+    pub common_name: Option<String>,
+    pub organizations: Vec<String>,
+    pub dns_names: Vec<String>,
+    /// SANs other than DNS names (IP addresses, e-mail, URIs, ...).
+    pub other_sans: usize,
+}
+
+impl CsrRequest {
+    pub fn parse(der: &[u8]) -> Result<Self, PkiError> {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        use x509_parser::prelude::FromDer;
+        // rcgen checks the signature; x509-parser reads the names.
+        CertificateSigningRequestParams::from_der(&der.to_vec().into())
+            .map_err(PkiError::BadCsr)?;
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        let subject = &csr.certification_request_info.subject;
+        let mut out = Self {
+            common_name: subject
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_string),
+            organizations: subject
+                .iter_organization()
+                .filter_map(|o| o.as_str().ok().map(str::to_string))
+                .collect(),
+            ..Default::default()
+        };
+        for ext in csr.requested_extensions().into_iter().flatten() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::DNSName(d) => out.dns_names.push(d.to_string()),
+                        _ => out.other_sans += 1,
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -36,7 +36,12 @@ impl From<TokenError> for Refusal {
             TokenError::Invalid => EnrolErrorCode::InvalidToken,
             TokenError::Expired(_) => EnrolErrorCode::ExpiredToken,
             TokenError::AlreadyUsed => EnrolErrorCode::TokenAlreadyUsed,
-            TokenError::WrongNode { .. } => EnrolErrorCode::WrongNode,
+            TokenError::WrongNode { .. } | TokenError::WrongPool { .. } => {
+                EnrolErrorCode::WrongNode
+            }
+            TokenError::NodeAlreadyEnrolled(_) | TokenError::UsedUp(_) => {
+                EnrolErrorCode::TokenAlreadyUsed
+            }
         };
         Refusal(code, e.to_string())
     }
@@ -196,22 +201,33 @@ fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
     petrel_proto::check_protocol_version(req.protocol_version)
         .map_err(|e| Refusal(EnrolErrorCode::UnsupportedVersion, e.to_string()))?;
     let now = SystemTime::now();
-    ctx.state.redeem(&req.token, &req.node_name, now, || {
-        {
-            let inv = ctx
-                .inventory
-                .read()
-                .map_err(|_| Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into()))?;
-            inv.admit_agent(&req.node_name)
+    // A fleet token admits nodes of its pool: the node's site, read before the token is checked
+    // but only used once the token's secret matched, so it reveals nothing to a caller without
+    // one.
+    let site = ctx
+        .inventory
+        .read()
+        .ok()
+        .and_then(|inv| inv.node(&req.node_name).map(|n| n.site.clone()));
+    ctx.state
+        .redeem(&req.token, &req.node_name, site.as_deref(), now, || {
+            ctx.revocations
+                .check_enrolment(&req.node_name)
                 .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
-        }
-        let cert = ctx
-            .ca
-            .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)
-            .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))?;
-        Ok(CertBundle {
-            cert_der: cert.to_vec(),
-            ca_der: ctx.ca.cert_der().to_vec(),
+            {
+                let inv = ctx.inventory.read().map_err(|_| {
+                    Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into())
+                })?;
+                inv.admit_agent(&req.node_name)
+                    .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
+            }
+            let cert = ctx
+                .ca
+                .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)
+                .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))?;
+            Ok(CertBundle {
+                cert_der: cert.to_vec(),
+                ca_der: ctx.ca.cert_der().to_vec(),
+            })
         })
-    })
 }

@@ -95,6 +95,8 @@ pub struct HubContext {
     pub routes_changed: tokio::sync::watch::Sender<u64>,
     /// Set while the hub is over its memory budget (see [`memory`]).
     pub memory: Arc<memory::MemoryGate>,
+    /// Revoked node certificates (see [`crate::revocation`]).
+    pub revocations: crate::revocation::Revocations,
 }
 
 /// The pre-authentication budgets and their live counters (see [`admission`]).
@@ -370,6 +372,16 @@ impl Hub {
         let ca = store.load_or_create(now).map_err(state_err)?;
         let secret = local.hub_secret().map_err(state_err)?;
         let state = store;
+        // File mode reads the revocation list before the port opens; Kubernetes mode refuses
+        // tunnels until `revocation::watch` has read it from the Secret.
+        let revocations = match &state {
+            HubStore::Dir(d) => crate::revocation::Revocations::loaded(
+                crate::revocation::FileRevocations::new(d.path())
+                    .load()
+                    .map_err(state_err)?,
+            ),
+            HubStore::Kube(_) => crate::revocation::Revocations::default(),
+        };
         let hosts: Vec<String> = config.advertise.iter().map(|(h, _)| h.clone()).collect();
         let (chain, key) =
             ca.issue_hub_certificate(&hosts, now, Duration::from_secs(90 * 86400))?;
@@ -453,6 +465,7 @@ impl Hub {
             routes: RwLock::new(routes),
             routes_changed,
             memory: Arc::default(),
+            revocations,
         });
         Ok(Self { ctx, endpoint })
     }

@@ -34,6 +34,9 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         refuse(&ctx, &conn, "no_client_certificate", "a client certificate from the Petrel CA is required for petrel/1; run `petrel-edge-agent join` first".into());
         return;
     };
+    if !crate::revocation::admit_tunnel(&ctx, &conn, &node) {
+        return;
+    }
     let (site, keepalive_every) = {
         let Ok(inv) = ctx.inventory.read() else {
             return;

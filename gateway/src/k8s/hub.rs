@@ -102,6 +102,13 @@ pub async fn run(
         candidate_rx,
         elector_stop.clone(),
     );
+    // The active hub signs (or denies) edge nodes' CertificateSigningRequests.
+    tokio::spawn(super::csr::run(
+        ctx.clone(),
+        client.clone(),
+        election_rx.clone(),
+        shutdown.clone(),
+    ));
     let annotator = Annotator::spawn(client.clone(), shutdown.clone());
     let _ = ctx.observer.set(Arc::new(TunnelAnnotations {
         annotator: annotator.clone(),

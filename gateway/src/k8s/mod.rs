@@ -7,7 +7,10 @@
 //! * [`nodes`]: the kube-runtime watcher (with backoff) feeding that index.
 //! * [`election`]: the `coordination.k8s.io/v1` Lease that picks the active hub among the nodes
 //!   labelled cloud-gateway, and the read-only follower the node role uses.
-//! * [`pki`]: the CA in a Secret, join tokens as Secrets (like bootstrap tokens).
+//! * [`pki`]: the CA in a Secret, join tokens as Secrets (like bootstrap tokens), the revocation
+//!   list in a Secret.
+//! * [`csr`]: the signer `petrel.io/edge-tunnel`: zero-touch enrolment of edge nodes from their
+//!   kubelet credentials (CertificateSigningRequests).
 //! * [`status`]: annotations on Nodes (tunnel state, gateway endpoints, hub role) and Events.
 //! * [`hub`]: the glue that runs all of it beside a [`crate::hub::Hub`].
 //! * [`node`]: the glue for the node role.
@@ -15,6 +18,7 @@
 //! When the API server cannot be reached nothing changes: the last inventory, the last known
 //! active hub and the connected agents stay as they are; watchers retry with backoff.
 
+pub mod csr;
 pub mod election;
 pub mod hub;
 pub mod node;

@@ -66,18 +66,43 @@ fn kube_err(e: KubeError) -> StoreError {
     StoreError::Kube(e.to_string())
 }
 
-/// Reads a token Secret into the record the file backend keeps.
+/// Most nodes a fleet token records (its `used-by`); a larger limit is refused at creation.
+pub const MAX_FLEET_USES: u32 = 10_000;
+
+/// Reads a token Secret into the record the file backend keeps. A fleet token has `node-pool`,
+/// `usage: fleet`, `max-uses` and `used-by` (the nodes it enrolled, comma-separated) instead of
+/// `node-name`.
 fn record_of(s: &Secret) -> Option<TokenRecord> {
     let expires = data_str(s, "expiration")?;
     let expires = humantime::parse_rfc3339(expires.trim()).ok()?;
+    let pool = data_str(s, "node-pool");
+    let used_by: Vec<String> = data_str(s, "used-by")
+        .map(|u| {
+            u.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .take(MAX_FLEET_USES as usize)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
     Some(TokenRecord {
-        node: data_str(s, "node-name")?,
+        node: match &pool {
+            Some(_) => data_str(s, "node-name").unwrap_or_default(),
+            None => data_str(s, "node-name")?,
+        },
         secret_sha256: data_str(s, "token-secret-sha256")?,
         expires_unix: unix(expires),
-        single_use: data_str(s, "usage").as_deref() != Some("reusable"),
+        single_use: pool.is_none() && data_str(s, "usage").as_deref() != Some("reusable"),
         used_unix: data_str(s, "used-at")
             .and_then(|u| humantime::parse_rfc3339(u.trim()).ok())
             .map(unix),
+        max_uses: match &pool {
+            Some(_) => Some(data_str(s, "max-uses")?.trim().parse().ok()?),
+            None => None,
+        },
+        pool,
+        used_by,
     })
 }
 
@@ -95,6 +120,11 @@ impl KubeStore {
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The runtime the synchronous trait methods block on.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 
     /// Reads the CA Secret, creating it (and the CA) if it does not exist. Two hubs starting at
@@ -184,6 +214,47 @@ impl KubeStore {
         single_use: bool,
         now: SystemTime,
     ) -> Result<NewToken, StoreError> {
+        self.create_token_secret(
+            TokenKind::Node {
+                node: node.into(),
+                single_use,
+            },
+            ttl,
+            now,
+        )
+        .await
+    }
+
+    /// A fleet token for node pool `pool` (see [`crate::pki_store`]).
+    pub async fn create_fleet_token(
+        &self,
+        pool: &str,
+        ttl: Duration,
+        max_uses: u32,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        if max_uses == 0 || max_uses > MAX_FLEET_USES {
+            return Err(StoreError::Kube(format!(
+                "a fleet token enrols 1 to {MAX_FLEET_USES} nodes, not {max_uses}"
+            )));
+        }
+        self.create_token_secret(
+            TokenKind::Fleet {
+                pool: pool.into(),
+                max_uses,
+            },
+            ttl,
+            now,
+        )
+        .await
+    }
+
+    async fn create_token_secret(
+        &self,
+        kind: TokenKind,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
         self.prune_expired(now).await;
         for _ in 0..5 {
             let id = random_token_part(6);
@@ -192,13 +263,27 @@ impl KubeStore {
             let mut data = BTreeMap::from([
                 ("token-id".to_string(), id.clone()),
                 ("token-secret-sha256".to_string(), sha256_hex(&secret)),
-                ("node-name".to_string(), node.to_string()),
                 ("expiration".to_string(), super::rfc3339(expires)),
-                (
-                    "usage".to_string(),
-                    if single_use { "single-use" } else { "reusable" }.to_string(),
-                ),
             ]);
+            match &kind {
+                TokenKind::Node { node, single_use } => {
+                    data.insert("node-name".into(), node.clone());
+                    data.insert(
+                        "usage".into(),
+                        if *single_use {
+                            "single-use"
+                        } else {
+                            "reusable"
+                        }
+                        .into(),
+                    );
+                }
+                TokenKind::Fleet { pool, max_uses } => {
+                    data.insert("node-pool".into(), pool.clone());
+                    data.insert("usage".into(), "fleet".into());
+                    data.insert("max-uses".into(), max_uses.to_string());
+                }
+            }
             let obj = Secret {
                 metadata: ObjectMeta {
                     name: Some(Self::token_name(&id)),
@@ -220,11 +305,21 @@ impl KubeStore {
             };
             match bounded(CALL, self.secrets.create(&PostParams::default(), &obj)).await {
                 Ok(_) => {
-                    return Ok(NewToken {
-                        token: format!("{id}.{secret}"),
-                        node: node.to_string(),
-                        expires,
-                        single_use,
+                    return Ok(match &kind {
+                        TokenKind::Node { node, single_use } => NewToken {
+                            token: format!("{id}.{secret}"),
+                            node: node.clone(),
+                            expires,
+                            single_use: *single_use,
+                            fleet: None,
+                        },
+                        TokenKind::Fleet { pool, max_uses } => NewToken {
+                            token: format!("{id}.{secret}"),
+                            node: String::new(),
+                            expires,
+                            single_use: false,
+                            fleet: Some((pool.clone(), *max_uses)),
+                        },
                     })
                 }
                 Err(e) if e.status() == Some(409) => continue,
@@ -272,6 +367,7 @@ impl KubeStore {
         &self,
         token: &str,
         node: &str,
+        site: Option<&str>,
         now: SystemTime,
     ) -> Result<Result<Secret, TokenError>, StoreError> {
         let Some((id, secret)) = split_token(token) else {
@@ -287,26 +383,35 @@ impl KubeStore {
             warn!(secret = ?s.metadata.name, "malformed join-token Secret");
             return Ok(Err(TokenError::Invalid));
         };
-        if let Err(e) = rec.admit(secret, node, now) {
+        if let Err(e) = rec.admit(secret, node, site, now) {
             return Ok(Err(e));
         }
         Ok(Ok(s))
     }
 
-    /// Marks a single-use token used. A concurrent use (the Secret changed since it was read)
-    /// fails with [`TokenError::AlreadyUsed`].
+    /// Marks a single-use token used, or adds `node` to a fleet token's nodes. A concurrent use
+    /// (the Secret changed since it was read) fails with [`TokenError::AlreadyUsed`].
     async fn consume(
         &self,
         mut s: Secret,
+        node: &str,
         now: SystemTime,
     ) -> Result<Result<(), TokenError>, StoreError> {
         let Some(name) = s.metadata.name.clone() else {
             return Ok(Err(TokenError::Invalid));
         };
-        s.data.get_or_insert_with(BTreeMap::new).insert(
+        let used_by = record_of(&s).filter(|r| r.pool.is_some()).map(|mut r| {
+            r.consume(node, now);
+            r.used_by.join(",")
+        });
+        let data = s.data.get_or_insert_with(BTreeMap::new);
+        data.insert(
             "used-at".into(),
             ByteString(super::rfc3339(now).into_bytes()),
         );
+        if let Some(u) = used_by {
+            data.insert("used-by".into(), ByteString(u.into_bytes()));
+        }
         match bounded(
             CALL,
             self.secrets.replace(&name, &PostParams::default(), &s),
@@ -325,14 +430,29 @@ impl KubeStore {
         &self,
         token: &str,
         node: &str,
+        site: Option<&str>,
         now: SystemTime,
         issue: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
-        let secret = self.handle.block_on(self.check(token, node, now))??;
-        let single_use = record_of(&secret).is_none_or(|r| r.single_use);
+        let secret = self.handle.block_on(self.check(token, node, site, now))??;
+        let record = record_of(&secret);
+        let consumed = record.as_ref().is_none_or(|r| r.consumed_by_use());
+        let fleet = record.as_ref().is_some_and(|r| r.pool.is_some());
         let issued = issue()?;
-        if single_use {
-            self.handle.block_on(self.consume(secret, now))??;
+        if consumed {
+            let mut secret = secret;
+            // A fleet token is shared by many nodes enrolling at once: a conflicting write is
+            // another node's use, so re-read and check again; a node token's conflict is a
+            // second use of the same token.
+            for attempt in 0..5 {
+                match self.handle.block_on(self.consume(secret, node, now))? {
+                    Ok(()) => break,
+                    Err(TokenError::AlreadyUsed) if fleet && attempt < 4 => {
+                        secret = self.handle.block_on(self.check(token, node, site, now))??;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok(issued)
     }
@@ -351,4 +471,97 @@ impl KubeStore {
     pub fn list_blocking(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
         self.handle.block_on(self.list_tokens())
     }
+}
+
+/// The revocation list's Secret (see [`crate::revocation`]): next to the CA, one JSON document
+/// under [`REVOCATIONS_KEY`]. A Secret rather than a ConfigMap because the hub's Role already
+/// covers Secrets in its namespace; nothing in it is secret.
+pub const REVOCATIONS_SECRET: &str = "petrel-revocations";
+pub const REVOCATIONS_KEY: &str = "revocations.json";
+const REVOCATIONS_TYPE: &str = "petrel.io/revocations";
+
+impl KubeStore {
+    fn revocations_origin(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("Secret {}/{REVOCATIONS_SECRET}", self.namespace))
+    }
+
+    /// The revocation list (empty when the Secret does not exist).
+    pub async fn load_revocations(&self) -> Result<crate::revocation::RevocationList, StoreError> {
+        Ok(self.read_revocations().await?.0)
+    }
+
+    async fn read_revocations(
+        &self,
+    ) -> Result<(crate::revocation::RevocationList, Option<Secret>), StoreError> {
+        let s = bounded(CALL, self.secrets.get_opt(REVOCATIONS_SECRET))
+            .await
+            .map_err(kube_err)?;
+        let Some(s) = s else {
+            return Ok((Default::default(), None));
+        };
+        let list = match s.data.as_ref().and_then(|d| d.get(REVOCATIONS_KEY)) {
+            Some(b) => crate::revocation::parse(&b.0, &self.revocations_origin())?,
+            None => Default::default(),
+        };
+        Ok((list, Some(s)))
+    }
+
+    /// Read-modify-write of the list, with the Secret's resourceVersion as precondition (two
+    /// `revoke` commands at once both land).
+    pub async fn update_revocations<T>(
+        &self,
+        mut f: impl FnMut(&mut crate::revocation::RevocationList) -> T,
+    ) -> Result<(T, crate::revocation::RevocationList), StoreError> {
+        for _ in 0..5 {
+            let (mut list, existing) = self.read_revocations().await?;
+            let out = f(&mut list);
+            let data = BTreeMap::from([(
+                REVOCATIONS_KEY.to_string(),
+                ByteString(crate::revocation::encode(&list)),
+            )]);
+            let result = match existing {
+                Some(mut s) => {
+                    s.data = Some(data);
+                    bounded(
+                        CALL,
+                        self.secrets
+                            .replace(REVOCATIONS_SECRET, &PostParams::default(), &s),
+                    )
+                    .await
+                }
+                None => {
+                    let s = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(REVOCATIONS_SECRET.into()),
+                            namespace: Some(self.namespace.clone()),
+                            labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/name".to_string(),
+                                "petrel".to_string(),
+                            )])),
+                            ..Default::default()
+                        },
+                        type_: Some(REVOCATIONS_TYPE.into()),
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    bounded(CALL, self.secrets.create(&PostParams::default(), &s)).await
+                }
+            };
+            match result {
+                Ok(_) => return Ok((out, list)),
+                Err(e) if e.status() == Some(409) => continue,
+                Err(e) => return Err(kube_err(e)),
+            }
+        }
+        Err(StoreError::Kube(format!(
+            "Secret {}/{REVOCATIONS_SECRET} kept changing; try again",
+            self.namespace
+        )))
+    }
+}
+
+/// What a token Secret is bound to.
+enum TokenKind {
+    Node { node: String, single_use: bool },
+    Fleet { pool: String, max_uses: u32 },
 }
