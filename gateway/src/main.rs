@@ -746,11 +746,24 @@ fn token_list(args: &StoreArgs, file: &config::FileConfig) -> anyhow::Result<()>
         let exp = humantime::format_rfc3339_seconds(
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.expires_unix),
         );
+        // A fleet token shows its pool and how many of its nodes enrolled.
+        let (scope, usage) = match &t.pool {
+            Some(pool) => (
+                format!(
+                    "pool:{pool} {}/{}",
+                    t.used_by.len(),
+                    t.max_uses.unwrap_or(0)
+                ),
+                "fleet",
+            ),
+            None => (
+                t.node.clone(),
+                if t.single_use { "single" } else { "reusable" },
+            ),
+        };
         println!(
-            "{id:<8} {:<24} {:<22} {:<10} {}",
-            t.node,
+            "{id:<8} {scope:<24} {:<22} {usage:<10} {}",
             exp.to_string(),
-            if t.single_use { "single" } else { "reusable" },
             t.used_unix.map(|_| "yes").unwrap_or("no")
         );
     }
