@@ -359,6 +359,43 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
         ("list", "pods", "petrel-system", false),
         ("create", "pods", "petrel-system", false),
         ("get", "services", "default", false),
+        // Zero-touch enrolment: the signer reads CSRs, never creates or deletes them.
+        (
+            "get",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            true,
+        ),
+        (
+            "list",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            true,
+        ),
+        (
+            "watch",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            true,
+        ),
+        (
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            false,
+        ),
+        (
+            "delete",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            false,
+        ),
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            "",
+            false,
+        ),
     ];
     let mut wrong = Vec::new();
     for (verb, resource, ns, want) in cases {
@@ -374,7 +411,229 @@ fn manifests_apply_to_a_real_apiserver_with_least_privilege() {
             ));
         }
     }
+    // The CSR subresources (approve/deny, write the certificate) and Petrel's signer only.
+    for (verb, resource, sub, want) in [
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            "approval",
+            true,
+        ),
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            "status",
+            true,
+        ),
+        (
+            "patch",
+            "certificatesigningrequests.certificates.k8s.io",
+            "approval",
+            false,
+        ),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, resource, sa];
+        let flag = format!("--subresource={sub}");
+        if !sub.is_empty() {
+            args.push(&flag);
+        }
+        let out = kubectl_with(&cp, &main_kubectl, &args);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if (answer == "yes") != want {
+            wrong.push(format!("{verb} {resource} {sub}: {answer:?}, want {want}"));
+        }
+    }
+    // Signers: `kubectl auth can-i` cannot name a signer (its name has a slash), so ask the API
+    // server with a SubjectAccessReview, as it does itself when the hub approves or signs.
+    for (verb, signer, want) in [
+        ("approve", "petrel.io/edge-tunnel", true),
+        ("sign", "petrel.io/edge-tunnel", true),
+        (
+            "approve",
+            "kubernetes.io/kube-apiserver-client-kubelet",
+            false,
+        ),
+        ("sign", "kubernetes.io/kubelet-serving", false),
+        ("approve", "kubernetes.io/kube-apiserver-client", false),
+    ] {
+        let review = serde_json::json!({
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": "system:serviceaccount:petrel-system:petrel-gateway",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:petrel-system", "system:authenticated"],
+                "resourceAttributes": {
+                    "group": "certificates.k8s.io",
+                    "resource": "signers",
+                    "name": signer,
+                    "verb": verb,
+                },
+            },
+        });
+        let file = tmp.path().join("sar.json");
+        std::fs::write(&file, review.to_string()).unwrap();
+        let out = kubectl_with(
+            &cp,
+            &main_kubectl,
+            &["create", "-o", "json", "-f", file.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if answer["status"]["allowed"].as_bool().unwrap_or(false) != want {
+            wrong.push(format!(
+                "{verb} signer {signer}: {}, want {want}",
+                answer["status"]
+            ));
+        }
+    }
+    // What a node may do with CSRs under `Node,RBAC` (the Node authorizer): create and read
+    // them with its kubelet credentials, nothing more.
+    for (verb, want) in [
+        ("create", true),
+        ("get", true),
+        ("list", true),
+        ("watch", true),
+        ("delete", false),
+        ("update", false),
+    ] {
+        let out = kubectl_with(
+            &cp,
+            &main_kubectl,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                "certificatesigningrequests.certificates.k8s.io",
+                "--as=system:node:edge-a1",
+                "--as-group=system:nodes",
+            ],
+        );
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if (answer == "yes") != want {
+            wrong.push(format!("node: {verb} csr: {answer:?}, want {want}"));
+        }
+    }
     assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+
+    // The edge-agent DaemonSet (deploy/edge-agent/, applied after deploy/): dry run with every
+    // kubectl, then for real.
+    let edge_dir = deploy("edge-agent");
+    let edge_dir = edge_dir.to_str().unwrap();
+    for (name, kubectl) in &kubectls {
+        let out = kubectl_with(&cp, kubectl, &["apply", "--dry-run=server", "-k", edge_dir]);
+        let all = text(&out);
+        assert!(out.status.success(), "{name}: {all}");
+        assert!(
+            all.lines()
+                .any(|l| l.starts_with("daemonset.apps/petrel-edge-agent")
+                    && l.ends_with("(server dry run)")),
+            "{name}: {all}"
+        );
+    }
+    let out = kubectl_with(&cp, &main_kubectl, &["apply", "-k", edge_dir]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl_with(
+        &cp,
+        &main_kubectl,
+        &[
+            "get",
+            "daemonset",
+            "-n",
+            "petrel-system",
+            "petrel-edge-agent",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let ds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let agent = &pod["containers"][0];
+    assert_eq!(
+        agent["image"], "localhost/petrel/petrel-edge-agent:0.1.0",
+        "{agent}"
+    );
+    let sc = &agent["securityContext"];
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{sc}"
+    );
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN"]),
+        "{sc}"
+    );
+    // Edge nodes of public sites only: every term requires an edge label and excludes
+    // Express Connect sites.
+    let terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    let mut edge_keys = Vec::new();
+    for t in terms {
+        let exprs = t["matchExpressions"].as_array().unwrap();
+        let edge = exprs.iter().find(|e| {
+            e["key"].as_str().unwrap().ends_with("/is-edge-worker")
+                && e["operator"] == "In"
+                && e["values"] == serde_json::json!(["true"])
+        });
+        edge_keys.push(edge.map(|e| e["key"].as_str().unwrap().to_string()));
+        assert!(
+            exprs.iter().any(|e| e["key"] == "petrel.io/site-network"
+                && e["operator"] == "NotIn"
+                && e["values"] == serde_json::json!(["express-connect"])),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        edge_keys,
+        vec![
+            Some("alibabacloud.com/is-edge-worker".to_string()),
+            Some("openyurt.io/is-edge-worker".to_string())
+        ]
+    );
+    // The identity is kept on the host; the kubelet's kubeconfig and its client certificate are
+    // mounted read-only.
+    let host_path = |name: &str| -> String {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))["hostPath"]["path"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(host_path("state"), "/var/lib/petrel/agent");
+    assert_eq!(host_path("kubelet-conf"), "/etc/kubernetes/kubelet.conf");
+    let env = agent["env"].as_array().unwrap();
+    let help = {
+        let mut cmd = Command::new(bin("petrel-edge-agent").unwrap());
+        cmd.args(["run", "--help"]);
+        let out = run(cmd, Duration::from_secs(10)).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for e in env {
+        let var = e["name"].as_str().unwrap();
+        assert!(
+            help.contains(&format!("[env: {var}=")),
+            "`petrel-edge-agent run` does not read {var}:\n{help}"
+        );
+    }
+    let node_name = env
+        .iter()
+        .find(|e| e["name"] == "PETREL_NODE_NAME")
+        .unwrap();
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
 }
 
 /// kubectl 1.20 from `e2e/k8s` when it has been built on this machine (its cache), else None.
