@@ -301,21 +301,7 @@ impl Hub {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("petrel-edge-agent join"))
-            .ok_or_else(|| anyhow!("no join command in {text}"))?;
-        let word_after = |flag: &str| {
-            let mut it = line.split_whitespace();
-            it.position(|w| w == flag)
-                .and_then(|_| it.next())
-                .map(str::to_string)
-        };
-        Ok((
-            word_after("--token").ok_or_else(|| anyhow!("no token"))?,
-            word_after("--ca-sha256").ok_or_else(|| anyhow!("no fingerprint"))?,
-        ))
+        parse_token_create(&String::from_utf8_lossy(&out.stdout))
     }
 
     pub fn metrics(&self) -> Result<String> {
@@ -439,4 +425,27 @@ fn http(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+/// The token and CA fingerprint out of `petrel-gateway token create`'s output: the token from
+/// its `export PETREL_JOIN_TOKEN=` line (it is never on the join command line, where `ps` would
+/// show it), the fingerprint from the join command.
+pub fn parse_token_create(stdout: &str) -> Result<(String, String)> {
+    let token = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export PETREL_JOIN_TOKEN="))
+        .ok_or_else(|| anyhow!("no `export PETREL_JOIN_TOKEN=` line in {stdout}"))?;
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("petrel-edge-agent join"))
+        .ok_or_else(|| anyhow!("no join command in {stdout}"))?;
+    if line.split_whitespace().any(|w| w == "--token") {
+        return Err(anyhow!("the join command carries the token: {line}"));
+    }
+    let mut words = line.split_whitespace();
+    let fp = words
+        .position(|w| w == "--ca-sha256")
+        .and_then(|_| words.next())
+        .ok_or_else(|| anyhow!("no fingerprint in {line}"))?;
+    Ok((token.trim().to_string(), fp.to_string()))
 }

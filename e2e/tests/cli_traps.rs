@@ -96,6 +96,10 @@ fn token_create_checks_the_inventory_it_is_given() {
         text(&out)
     );
     assert!(!stderr(&out).contains("refuse"), "{}", text(&out));
+    // The token is printed for the environment, never on the join command line (`ps`).
+    let (token, _) = petrel_e2e::procs::parse_token_create(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!token.is_empty());
     // The inventory named by --config works the same.
     let conf = tmp.path().join("gateway.toml");
     std::fs::write(&conf, format!("inventory = {inv:?}\n")).unwrap();

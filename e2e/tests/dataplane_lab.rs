@@ -102,6 +102,26 @@ fn run_matrix(hooks: &str) {
     }
     eprintln!("reachability matrix ({hooks} hooks):\n{}", table.join("\n"));
 
+    // The relay listens on the gateway node's underlay address and loopback only (`--relay-listen
+    // auto`): frames sent to its WAN address never reach the relay.
+    let gw = lab.gateway();
+    let listening = lab
+        .exec(&gw.ns, &["ss", "-Hlun", "sport = :8473"])
+        .unwrap()
+        .stdout;
+    let mut bound: Vec<String> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect();
+    bound.sort();
+    let mut want = vec![
+        format!("{}:8473", gw.public_ip),
+        "127.0.0.1:8473".to_string(),
+    ];
+    want.sort();
+    assert_eq!(bound, want, "relay sockets ({hooks}): {listening}");
+    assert_ne!(Some(gw.public_ip), gw.wan_ip);
+
     // MTU: a full 1450-byte DF packet toward a public site is refused with the site MTU.
     let df = PingOpts {
         payload: Some(1450 - 28),

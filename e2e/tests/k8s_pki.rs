@@ -72,17 +72,8 @@ fn token(kubeconfig: &str, node: &str, server: &str, extra: &[&str]) -> (String,
     args.extend_from_slice(extra);
     let (ok, _, stdout, stderr) = out(gw(kubeconfig, &args));
     assert!(ok, "{stdout}{stderr}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("petrel-edge-agent join"))
-        .unwrap()
-        .to_string();
-    let field = |name: &str| {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let i = w.iter().position(|x| *x == name).unwrap();
-        w[i + 1].to_string()
-    };
-    (field("--token"), field("--ca-sha256"), stderr)
+    let (token, fingerprint) = petrel_e2e::procs::parse_token_create(&stdout).unwrap();
+    (token, fingerprint, stderr)
 }
 
 #[test]

@@ -167,12 +167,20 @@ pub struct RunArgs {
     /// `off`, or a size such as 400MiB or 2GiB.
     #[arg(long, env = "PETREL_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
+    /// Byte rate of large route syncs (snapshots of the cluster's route table) over all
+    /// agents, per second: `off`, or a size such as 64MiB (default). Keeps a fleet connecting
+    /// at once from queueing gigabytes ahead of the handshakes of agents still connecting.
+    #[arg(long, env = "PETREL_ROUTE_SYNC_RATE")]
+    pub route_sync_rate: Option<String>,
     /// UDP address where cloud and Express Connect nodes send VXLAN frames for public sites
-    /// (their `petrel.1` FDB points here); `off` disables the data plane.
+    /// (their `petrel.1` FDB points here): `auto` (default: this node's underlay address, the
+    /// one the node roles send to, and 127.0.0.1 for this node's own kernel, port 8473), a
+    /// comma-separated list of IP:PORT, or `off` (no data plane).
     #[arg(long, env = "PETREL_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
-    /// The inventory name of the node this hub runs on (its own pods' frames arrive from
-    /// loopback). Default: the host name, if the inventory knows it.
+    /// The inventory name of the node this hub runs on: its own pods' frames arrive from
+    /// loopback with this node's authority, and the relay binds its underlay address. Never
+    /// guessed: without it loopback frames speak for nobody.
     #[arg(long, env = "PETREL_NODE_NAME")]
     pub node_name: Option<String>,
     /// Flannel's VXLAN VNI.
@@ -292,6 +300,8 @@ pub struct FileConfig {
     pub site_mtu: Option<u16>,
     #[serde(alias = "memory_budget")]
     pub memory_budget: Option<String>,
+    #[serde(alias = "route_sync_rate")]
+    pub route_sync_rate: Option<String>,
     pub log: Option<String>,
     #[serde(alias = "relay_listen")]
     pub relay_listen: Option<String>,
@@ -324,6 +334,8 @@ pub enum ConfigError {
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";
+/// Route snapshots per second over all agents at the default rate: ~140 of a 10,000-node table.
+pub const DEFAULT_ROUTE_SYNC_RATE: u64 = 64 << 20;
 /// The node role's admin server (`petrel-gateway node`).
 pub const DEFAULT_NODE_ADMIN: &str = "127.0.0.1:9472";
 
@@ -348,8 +360,9 @@ pub struct HubConfig {
     pub site_mtu: u16,
     /// `None`: automatic (85% of the cgroup limit); `Some(0)`: no budget; else bytes.
     pub memory_budget: Option<u64>,
-    /// `None`: no data plane.
-    pub relay_listen: Option<SocketAddr>,
+    /// Bytes per second of large route syncs over all agents; 0 = unpaced.
+    pub route_sync_rate: u64,
+    pub relay_listen: RelayListen,
     pub node_name: Option<String>,
     pub vni: u32,
     pub flannel_port: u16,
@@ -388,6 +401,83 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// Where the hub's VXLAN relay listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayListen {
+    /// No data plane.
+    Off,
+    /// The hub node's underlay address and 127.0.0.1, on this port: not every address of the
+    /// host, so frames sent to its public address never reach the relay.
+    Auto { port: u16 },
+    /// Exactly these.
+    Addrs(Vec<SocketAddr>),
+}
+
+/// The relay port node roles send to.
+pub const DEFAULT_RELAY_PORT: u16 = 8473;
+
+impl RelayListen {
+    fn parse(v: Option<&str>) -> Result<Self, ConfigError> {
+        match v.map(str::trim) {
+            None | Some("auto") => Ok(Self::Auto {
+                port: DEFAULT_RELAY_PORT,
+            }),
+            Some("off") => Ok(Self::Off),
+            Some(list) => {
+                let addrs = list
+                    .split(',')
+                    .map(|a| parse_socket_addr("relay-listen", a.trim()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if addrs.len() > 8 {
+                    return Err(ConfigError::Invalid {
+                        field: "relay-listen",
+                        value: list.into(),
+                        allowed: "at most 8 addresses".into(),
+                    });
+                }
+                Ok(Self::Addrs(addrs))
+            }
+        }
+    }
+
+    /// The addresses to bind, given this node's underlay address. `auto` without one (no
+    /// `--node-name`, or a node the inventory has no address for) falls back to every address,
+    /// so an existing hub keeps relaying after an upgrade: `Err` carries that list and why.
+    pub fn resolve(
+        &self,
+        underlay: Option<std::net::IpAddr>,
+    ) -> Result<Vec<SocketAddr>, (Vec<SocketAddr>, &'static str)> {
+        match self {
+            Self::Off => Ok(Vec::new()),
+            Self::Addrs(a) => Ok(a.clone()),
+            Self::Auto { port } => match underlay {
+                Some(ip) if ip.is_loopback() => Ok(vec![SocketAddr::new(ip, *port)]),
+                Some(ip) => Ok(vec![
+                    SocketAddr::new(ip, *port),
+                    SocketAddr::from(([127, 0, 0, 1], *port)),
+                ]),
+                None => Err((
+                    vec![SocketAddr::from(([0, 0, 0, 0], *port))],
+                    "this node's underlay address is not known (no --node-name, or the inventory has no address for it)",
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RelayListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("off (no data plane)"),
+            Self::Auto { port } => write!(f, "auto (this node's underlay address and 127.0.0.1, port {port})"),
+            Self::Addrs(a) => {
+                let list: Vec<String> = a.iter().map(ToString::to_string).collect();
+                f.write_str(&list.join(","))
+            }
+        }
+    }
 }
 
 pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -552,11 +642,7 @@ impl HubConfig {
                 allowed: "576 to 1450".into(),
             });
         }
-        let relay_listen = match args.relay_listen.or(file.relay_listen).as_deref() {
-            Some("off") => None,
-            Some(v) => Some(parse_socket_addr("relay-listen", v)?),
-            None => Some(SocketAddr::from(([0, 0, 0, 0], 8473))),
-        };
+        let relay_listen = RelayListen::parse(args.relay_listen.or(file.relay_listen).as_deref())?;
         let vni = args.vni.or(file.vni).unwrap_or(1);
         if vni == 0 || vni > 0x00ff_ffff {
             return Err(ConfigError::Invalid {
@@ -577,8 +663,20 @@ impl HubConfig {
                 }
             })?),
         };
+        let route_sync_rate = match args.route_sync_rate.or(file.route_sync_rate).as_deref() {
+            None => DEFAULT_ROUTE_SYNC_RATE,
+            Some("off") => 0,
+            Some(v) => parse_size(v).filter(|b| *b >= 1 << 20).ok_or_else(|| {
+                ConfigError::Invalid {
+                    field: "route-sync-rate",
+                    value: v.to_string(),
+                    allowed: "off, or a size of at least 1MiB (per second) such as 64MiB".into(),
+                }
+            })?,
+        };
         Ok(Self {
             memory_budget,
+            route_sync_rate,
             kube,
             relay_listen,
             node_name,
@@ -624,6 +722,7 @@ mod tests {
         assert_eq!(with("off").unwrap().memory_budget, Some(0));
         assert_eq!(with("400MiB").unwrap().memory_budget, Some(400 << 20));
         assert_eq!(with("2G").unwrap().memory_budget, Some(2 << 30));
+        assert!(with("8MiB").is_err(), "below 16MiB");
         for bad in ["12MiB", "lots", "5TiB", "-1"] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("memory-budget"), "{bad}: {e}");

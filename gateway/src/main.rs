@@ -170,6 +170,28 @@ async fn kube_store(
     Ok((client, store, ca))
 }
 
+/// An inventory of just this node, read from its Node object (`None` if it cannot be read or
+/// translated: the relay then says what is missing).
+async fn local_node_inventory(
+    client: &kube::Client,
+    settings: &KubeSettings,
+    node: &str,
+) -> Option<Inventory> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let kn = match petrel_gateway::k8s::bounded(std::time::Duration::from_secs(10), api.get(node))
+        .await
+    {
+        Ok(kn) => kn,
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read this hub's Node");
+            return None;
+        }
+    };
+    let mut index = petrel_gateway::k8s::translate::ClusterIndex::new(settings.keys.clone());
+    index.apply(&kn);
+    Some(index.inventory().clone())
+}
+
 fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
     // Every setting is checked before any port is bound: a bad egress value is a configuration
     // error (64), never hidden behind a bind error.
@@ -185,8 +207,8 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         inventory = %inventory_source(cfg.kube.as_ref(), cfg.inventory.as_deref()),
         state_dir = %cfg.state_dir.display(),
         state_dir_from = state_dir_origin(state_given),
-        node = cfg.node_name.as_deref().unwrap_or("(none: the host name, if the inventory knows it)"),
-        relay = %cfg.relay_listen.map_or_else(|| "off (no data plane)".to_string(), |a| a.to_string()),
+        node = cfg.node_name.as_deref().unwrap_or("(none: loopback frames speak for no node)"),
+        relay = %cfg.relay_listen,
         "hub configuration"
     );
     let inventory = if cfg.kube.is_some() {
@@ -241,6 +263,11 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
                         _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
                     }
                 };
+                // `--relay-listen auto` binds this node's underlay address: learn it from the
+                // Node before binding (the node watcher fills in the rest of the inventory).
+                let inventory = local_node_inventory(&client, settings, &node_name)
+                    .await
+                    .unwrap_or(inventory);
                 (
                     Hub::bind_with(cfg, inventory, HubStore::Kube(Box::new(store)))?,
                     Some(client),

@@ -55,11 +55,12 @@ impl DataplaneStats {
     }
 }
 
-/// The relay socket and the switching table.
+/// The relay sockets and the switching table.
 #[derive(Debug)]
 pub struct Dataplane {
     pub stats: DataplaneStats,
-    socket: Arc<tokio::net::UdpSocket>,
+    /// Frames go out to VTEPs from the first (the underlay address by default); each receives.
+    sockets: Vec<Arc<tokio::net::UdpSocket>>,
     table: RwLock<Arc<SwitchTable>>,
     local_node: Option<String>,
     vni: u32,
@@ -68,7 +69,7 @@ pub struct Dataplane {
 
 impl Dataplane {
     pub fn new(
-        socket: tokio::net::UdpSocket,
+        sockets: Vec<tokio::net::UdpSocket>,
         inv: &Inventory,
         local_node: Option<String>,
         vni: u32,
@@ -77,7 +78,7 @@ impl Dataplane {
         let table = SwitchTable::from_inventory(inv, local_node.as_deref(), vni, flannel_port);
         Self {
             stats: DataplaneStats::default(),
-            socket: Arc::new(socket),
+            sockets: sockets.into_iter().map(Arc::new).collect(),
             table: RwLock::new(Arc::new(table)),
             local_node,
             vni,
@@ -85,8 +86,16 @@ impl Dataplane {
         }
     }
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.socket.local_addr().ok()
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+
+    /// The socket frames to VTEPs leave from.
+    fn send_socket(&self) -> Option<&tokio::net::UdpSocket> {
+        self.sockets.first().map(|s| &**s)
     }
 
     pub fn table(&self) -> Arc<SwitchTable> {
@@ -176,12 +185,11 @@ impl Forwarded {
 #[allow(clippy::too_many_arguments)]
 fn to_agent(
     ctx: &HubContext,
-    dp: &Dataplane,
     node: &str,
     frame: &VxlanFrame<'_>,
     datagram: Option<&Bytes>,
     from_agent: Option<&AgentEntry>,
-    reply_to: Option<SocketAddr>,
+    reply_to: Option<(&tokio::net::UdpSocket, SocketAddr)>,
     forwarded: &mut Forwarded,
 ) {
     let Some(dest) = ctx.registry.get(node) else {
@@ -200,7 +208,8 @@ fn to_agent(
         // sending pod's kernel lowers its path MTU to that destination and TCP adapts.
         if let Some(icmp) = icmp::frag_needed(frame, mtu) {
             let sent = match (reply_to, from_agent) {
-                (Some(to), _) => dp.socket.try_send_to(&icmp, to).is_ok(),
+                // Back out of the socket the frame came in on (loopback answers loopback).
+                (Some((sock, to)), _) => sock.try_send_to(&icmp, to).is_ok(),
                 (None, Some(sender)) => {
                     let mut b = BytesMut::with_capacity(icmp.len() + 1);
                     b.put_u8(DATAGRAM_KIND_VXLAN);
@@ -300,7 +309,6 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
                 // (a destination site with a smaller path MTU than the sender's).
                 to_agent(
                     &ctx,
-                    dp,
                     node,
                     &frame,
                     Some(&datagram),
@@ -334,7 +342,10 @@ async fn flush_vtep_batch(
     if batch.is_empty() {
         return;
     }
-    let f = batch.flush(&dp.socket).await;
+    let Some(sock) = dp.send_socket() else {
+        return;
+    };
+    let f = batch.flush(sock).await;
     forwarded.count_n(ctx, "agent_to_vtep", f.sent);
     if f.failed > 0 {
         if let Some(e) = &f.error {
@@ -349,6 +360,25 @@ async fn flush_vtep_batch(
 
 /// Frames from cloud and Express Connect nodes on the relay port.
 pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken) {
+    let Some(dp) = ctx.dataplane.as_ref() else {
+        return;
+    };
+    let loops: Vec<_> = dp
+        .sockets
+        .iter()
+        .map(|sock| tokio::spawn(relay_loop(ctx.clone(), sock.clone(), shutdown.clone())))
+        .collect();
+    for l in loops {
+        let _ = l.await;
+    }
+}
+
+/// One relay socket's receive loop.
+async fn relay_loop(
+    ctx: Arc<HubContext>,
+    socket: Arc<tokio::net::UdpSocket>,
+    shutdown: CancellationToken,
+) {
     let Some(dp) = ctx.dataplane.as_ref() else {
         return;
     };
@@ -370,7 +400,7 @@ pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken)
             tokio::task::yield_now().await;
         }
         // Take what is ready without yielding; count and wait only when nothing is.
-        let ready = match dp.socket.try_recv_from(&mut buf) {
+        let ready = match socket.try_recv_from(&mut buf) {
             Ok(v) => Some(v),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
             Err(e) => {
@@ -384,7 +414,7 @@ pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken)
                 forwarded.flush(&ctx);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = dp.socket.recv_from(&mut buf) => match r {
+                    r = socket.recv_from(&mut buf) => match r {
                         Ok(v) => v,
                         Err(e) => {
                             warn!(error = %e, "relay socket receive failed");
@@ -413,12 +443,11 @@ pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken)
                 let reply_to = SocketAddr::new(from.ip(), table_flannel_port(dp));
                 to_agent(
                     &ctx,
-                    dp,
                     node,
                     &frame,
                     None,
                     None,
-                    Some(reply_to),
+                    Some((&*socket, reply_to)),
                     &mut forwarded,
                 );
             }

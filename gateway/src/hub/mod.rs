@@ -93,6 +93,10 @@ pub struct HubContext {
     pub routes: RwLock<route_sync::RouteHistory>,
     /// The current table's digest; sessions watch it and send what changed.
     pub routes_changed: tokio::sync::watch::Sender<u64>,
+    /// Large route syncs in progress at once (see [`route_sync::SyncPacer`]).
+    pub route_sync_slots: Arc<tokio::sync::Semaphore>,
+    /// The byte rate of large route syncs over all sessions.
+    pub route_pacer: Mutex<route_sync::SyncPacer>,
     /// Set while the hub is over its memory budget (see [`memory`]).
     pub memory: Arc<memory::MemoryGate>,
     /// Revoked node certificates (see [`crate::revocation`]).
@@ -407,39 +411,52 @@ impl Hub {
             addr: config.listen,
             source,
         })?;
-        let dataplane = match config.relay_listen {
-            Some(addr) => {
-                let std_sock = std::net::UdpSocket::bind(addr)
-                    .map_err(|source| HubError::Bind { addr, source })?;
+        // The local node's authority over loopback frames comes only from configuration (never
+        // from the host name, which would let a mislabelled host speak for a node).
+        let local_node = config
+            .node_name
+            .clone()
+            .filter(|n| inventory.node(n).is_some());
+        let underlay = local_node
+            .as_deref()
+            .and_then(|n| inventory.node(n))
+            .and_then(|n| n.public_ip.or_else(|| n.addresses.first().copied()));
+        let relay_addrs = config
+            .relay_listen
+            .resolve(underlay)
+            .unwrap_or_else(|(fallback, why)| {
+                warn!(relay = ?fallback, "VXLAN relay listens on every address: {why}; set --node-name (or --relay-listen IP:PORT[,IP:PORT]) so that only the node's underlay address and loopback receive frames");
+                fallback
+            });
+        let dataplane = if relay_addrs.is_empty() {
+            None
+        } else {
+            if local_node.is_none() {
+                warn!("no --node-name (in the inventory): VXLAN frames from this host's own kernel (loopback) are dropped as unknown_vtep; set it on a hub whose node has pods");
+            }
+            let mut sockets = Vec::with_capacity(relay_addrs.len());
+            for addr in relay_addrs {
+                let bind_err = |source: std::io::Error| HubError::Bind { addr, source };
+                let std_sock = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
                 // Every cloud and Express Connect VTEP sends here, for every agent: room for
                 // their bursts, like the agents' capture sockets.
                 petrel_transport::socket_buffers::request(&std_sock, RELAY_SOCKET_BUFFER);
-                std_sock
-                    .set_nonblocking(true)
-                    .map_err(|source| HubError::Bind { addr, source })?;
-                let sock = tokio::net::UdpSocket::from_std(std_sock)
-                    .map_err(|source| HubError::Bind { addr, source })?;
-                let local_node = config.node_name.clone().or_else(|| {
-                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                        .ok()?
-                        .trim()
-                        .to_string();
-                    inventory.node(&host).map(|n| n.name.clone())
-                });
-                let dp = dataplane::Dataplane::new(
-                    sock,
-                    &inventory,
-                    local_node.clone(),
-                    config.vni,
-                    config.flannel_port,
-                );
-                info!(relay = ?dp.local_addr(), node = ?local_node, vni = config.vni, "VXLAN relay listening");
-                Some(dp)
+                std_sock.set_nonblocking(true).map_err(bind_err)?;
+                sockets.push(tokio::net::UdpSocket::from_std(std_sock).map_err(bind_err)?);
             }
-            None => None,
+            let dp = dataplane::Dataplane::new(
+                sockets,
+                &inventory,
+                local_node.clone(),
+                config.vni,
+                config.flannel_port,
+            );
+            info!(relay = ?dp.local_addrs(), node = ?local_node, vni = config.vni, "VXLAN relay listening");
+            Some(dp)
         };
         info!(listen = %local_addr, ca_sha256 = %ca.fingerprint(), hub = %config.hub_name, "hub listening");
         let routes = route_sync::RouteHistory::new(inventory.route_entries());
+        let route_sync_rate = config.route_sync_rate;
         let (routes_changed, _) = tokio::sync::watch::channel(routes.digest());
         let metrics = HubMetrics::new();
         metrics.route_table_entries.set(routes.len() as i64);
@@ -464,6 +481,13 @@ impl Hub {
             log_budget: admission::LogBudget::default(),
             routes: RwLock::new(routes),
             routes_changed,
+            route_sync_slots: Arc::new(tokio::sync::Semaphore::new(
+                route_sync::PACED_SYNC_SLOTS,
+            )),
+            route_pacer: Mutex::new(route_sync::SyncPacer::new(
+                route_sync_rate,
+                route_sync::PACE_BURST_BYTES,
+            )),
             memory: Arc::default(),
             revocations,
         });

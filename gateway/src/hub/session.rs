@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::registry::{AgentCounters, AgentEntry, SessionCommand};
+use super::route_sync::{PlanKind, PACE_ABOVE_BYTES};
 use super::HubContext;
 use crate::metrics::HubMetrics;
 
@@ -261,37 +262,94 @@ struct RouteSyncState {
     changed: tokio::sync::watch::Receiver<u64>,
 }
 
-/// Sends the agent what it lacks of the route table (see [`super::route_sync`]) and returns
-/// the digest it then holds.
-async fn sync_routes(
-    ctx: &HubContext,
-    writer: &mut ControlWriter,
-    held: u64,
-) -> Result<u64, String> {
-    let planned = ctx
-        .routes
-        .read()
-        .map_err(|_| "route table lock poisoned".to_string())
-        .and_then(|r| r.plan_wire(held).map_err(|e| e.to_string()));
-    let (kind, frames, now_held) = match planned {
-        Ok(p) => p,
-        Err(e) => {
+/// A route sync on its way to the agent, one chunk per turn of the session loop, so pings and
+/// commands are answered between chunks; a large one waits for a paced slot
+/// ([`super::route_sync::SyncPacer`]) and then for the pacer before each chunk.
+struct OutgoingSync {
+    kind: PlanKind,
+    frames: Arc<Vec<bytes::Bytes>>,
+    next: usize,
+    held_after: u64,
+    paced: bool,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// When the next chunk may be written; `None` until it has a slot.
+    send_at: Option<tokio::time::Instant>,
+}
+
+impl OutgoingSync {
+    /// Plans what the agent holding `held` lacks.
+    fn plan(ctx: &HubContext, held: u64) -> Result<Self, String> {
+        let planned = ctx
+            .routes
+            .read()
+            .map_err(|_| "route table lock poisoned".to_string())
+            .and_then(|r| r.plan_wire(held).map_err(|e| e.to_string()));
+        let (kind, frames, held_after) = planned.map_err(|e| {
             error!(error = %e, "cannot build the route sync");
-            return Err(format!("cannot build the route sync: {e}"));
-        }
-    };
-    let bytes = writer
-        .send_encoded(&frames)
-        .await
-        .map_err(|e| e.to_string())?;
-    HubMetrics::inc_outcome(&ctx.metrics.route_sync_batches, kind.label());
-    ctx.metrics
-        .route_sync_bytes
-        .get_or_create(&crate::metrics::Outcome {
-            outcome: kind.label().to_string(),
+            format!("cannot build the route sync: {e}")
+        })?;
+        let bytes: usize = frames.iter().map(bytes::Bytes::len).sum();
+        let paced = bytes > PACE_ABOVE_BYTES;
+        Ok(Self {
+            kind,
+            frames,
+            next: 0,
+            held_after,
+            paced,
+            slot: None,
+            send_at: (!paced).then(tokio::time::Instant::now),
         })
-        .inc_by(bytes as u64);
-    Ok(now_held)
+    }
+
+    fn wants_slot(&self) -> bool {
+        self.paced && self.slot.is_none()
+    }
+
+    fn on_slot(&mut self, ctx: &HubContext, slot: tokio::sync::OwnedSemaphorePermit) {
+        self.slot = Some(slot);
+        self.schedule(ctx);
+    }
+
+    fn schedule(&mut self, ctx: &HubContext) {
+        let now = Instant::now();
+        let at = match (self.paced, self.frames.get(self.next)) {
+            (true, Some(chunk)) => ctx
+                .route_pacer
+                .lock()
+                .map(|mut p| p.reserve(chunk.len(), now))
+                .unwrap_or(now),
+            _ => now,
+        };
+        self.send_at = Some(tokio::time::Instant::from_std(at));
+    }
+
+    /// Writes the next chunk; `Some(digest)` once the agent has been sent everything.
+    async fn write_next(
+        &mut self,
+        ctx: &HubContext,
+        writer: &mut ControlWriter,
+    ) -> Result<Option<u64>, String> {
+        let Some(chunk) = self.frames.get(self.next) else {
+            return Ok(Some(self.held_after));
+        };
+        let bytes = writer
+            .send_encoded(std::slice::from_ref(chunk))
+            .await
+            .map_err(|e| e.to_string())?;
+        ctx.metrics
+            .route_sync_bytes
+            .get_or_create(&crate::metrics::Outcome {
+                outcome: self.kind.label().to_string(),
+            })
+            .inc_by(bytes as u64);
+        self.next += 1;
+        if self.next < self.frames.len() {
+            self.schedule(ctx);
+            return Ok(None);
+        }
+        HubMetrics::inc_outcome(&ctx.metrics.route_sync_batches, self.kind.label());
+        Ok(Some(self.held_after))
+    }
 }
 
 async fn control_loop(
@@ -303,10 +361,11 @@ async fn control_loop(
     mut routes: Option<RouteSyncState>,
 ) -> String {
     let conn = &entry.connection;
+    let mut outgoing = None;
     if let Some(r) = routes.as_mut() {
         r.changed.borrow_and_update();
-        match sync_routes(ctx, writer, r.held).await {
-            Ok(held) => r.held = held,
+        match OutgoingSync::plan(ctx, r.held) {
+            Ok(o) => outgoing = Some(o),
             Err(e) => return e,
         }
     }
@@ -357,16 +416,37 @@ async fn control_loop(
                 }
                 KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
             },
+            // A change is planned only once the sync in progress is done: the plan then starts
+            // from the table that one left the agent with (a delta, not another snapshot).
             Ok(()) = async {
                 match routes.as_mut() {
                     Some(r) => r.changed.changed().await,
                     None => std::future::pending().await,
                 }
-            } => {
+            }, if outgoing.is_none() => {
                 if let Some(r) = routes.as_mut() {
                     r.changed.borrow_and_update();
-                    match sync_routes(ctx, writer, r.held).await {
-                        Ok(held) => r.held = held,
+                    match OutgoingSync::plan(ctx, r.held) {
+                        Ok(o) => outgoing = Some(o),
+                        Err(e) => return e,
+                    }
+                }
+            },
+            Ok(slot) = ctx.route_sync_slots.clone().acquire_owned(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
+                if let Some(o) = outgoing.as_mut() {
+                    o.on_slot(ctx, slot);
+                }
+            },
+            _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(deadline)), if outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
+                if let Some(o) = outgoing.as_mut() {
+                    match o.write_next(ctx, writer).await {
+                        Ok(Some(held)) => {
+                            if let Some(r) = routes.as_mut() {
+                                r.held = held;
+                            }
+                            outgoing = None;
+                        }
+                        Ok(None) => {}
                         Err(e) => return e,
                     }
                 }
