@@ -1,7 +1,8 @@
 //! A seconds-long run of `petrel-bench` (the smoke configuration: one 1-second iperf3 run per
-//! figure, 50/200 streams, 10/20 simulated agents, one failover sample): every code path of the
-//! bench runs and the report has every row without errors. It checks shape, not performance; the
-//! full bench (`make bench`) is run by hand and its numbers go to docs/performance.md.
+//! figure, 50/200 streams, 10/20 simulated agents, one failover sample, a few seconds of each
+//! attack of issue 11): every code path of the bench runs and the report has every row without
+//! errors. It checks shape, not performance; the full bench (`make bench`) is run by hand and its
+//! numbers go to docs/performance.md.
 //!
 //! Needs what the bench needs: iperf3, ethtool, wireguard-tools (`wg`) and `boringtun-cli`
 //! (`cargo install boringtun-cli`); `.ci/run` installs them, and a missing one fails the test with
@@ -101,9 +102,26 @@ fn bench_smoke_has_every_row() {
     assert!(fo.error.is_none(), "failover: {:?}", fo.error);
     assert_eq!(fo.samples_s.len(), cfg.failover_samples);
 
+    // The attack rows (tiny: a few connections, a short flood), each beside its goal.
+    let a = &report.attack;
+    assert!(a.errors.is_empty(), "attack errors: {:?}", a.errors);
+    let junk = a.unauthenticated.as_ref().expect("unauthenticated row");
+    assert_eq!(junk.connections, usize::from(cfg.unauth_connections));
+    assert!(a.unauthenticated_vs_goal.is_some());
+    let flood = a.initial_flood.as_ref().expect("spoofed Initials row");
+    assert!(flood.initials > 0 && flood.handshakes > 0);
+    assert!(a.initial_flood_vs_goal.is_some());
+    let relay = a.relay_flood.as_ref().expect("relay flood row");
+    assert!(relay.frames_sent > 0);
+    assert_eq!(relay.tunnels.len(), 2);
+    for t in &relay.tunnels {
+        assert!(t.idle.n > 0 || t.idle_lost > 0, "{}: no idle pings", t.node);
+        assert!(t.flood.n > 0 || t.flood_lost > 0, "{}: no pings", t.node);
+    }
+
     // The JSON has the same rows.
     for key in [
-        "machine", "config", "paths", "streams", "wan", "scale", "failover",
+        "machine", "config", "paths", "streams", "wan", "scale", "failover", "attack",
     ] {
         assert!(json.get(key).is_some(), "JSON lacks {key}");
     }
@@ -131,5 +149,13 @@ fn bench_smoke_has_every_row() {
             "table lacks scale-{}",
             s.agents
         );
+    }
+    for line in [
+        "unauthenticated enrolment connections held",
+        "spoofed Initials at",
+        "relay flood:",
+        "edge-b1",
+    ] {
+        assert!(table.contains(line), "table lacks {line:?}");
     }
 }

@@ -5,46 +5,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::Duration;
 
-use petrel_e2e::procs::{free_port, wait_until, Hub};
+use petrel_e2e::bench::attack::{
+    relay_flood, relay_hub, vxlan_frame, RelayFloodConfig, MAC_A1, MAC_B1, MAC_CLOUD1, MAC_GW1,
+};
+use petrel_e2e::procs::{wait_until, Hub};
 use petrel_e2e::raw_agent::{hub_ca, node_identity, session_as, RawSession};
-use petrel_proto::{ControlMessage, MacAddr};
+use petrel_proto::ControlMessage;
 
-const CLOUD1: &str = "02:fa:00:00:00:01";
-const GW1: &str = "02:fa:00:00:00:02";
-const A1: &str = "02:fa:00:00:00:03";
-const B1: &str = "02:fa:00:00:00:05";
+const CLOUD1: &str = MAC_CLOUD1;
+const GW1: &str = MAC_GW1;
+const A1: &str = MAC_A1;
+const B1: &str = MAC_B1;
 
 /// A VXLAN payload with an IPv4/UDP packet of `pad` payload bytes, DF set.
 fn frame(src_mac: &str, dst_mac: &str, src: &str, dst: &str, pad: usize) -> Vec<u8> {
-    let mut f = petrel_proto::encode_vxlan_header(1).to_vec();
-    f.extend_from_slice(&dst_mac.parse::<MacAddr>().unwrap().0);
-    f.extend_from_slice(&src_mac.parse::<MacAddr>().unwrap().0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = u16::try_from(28 + pad).unwrap();
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    ip.extend_from_slice(&src.parse::<Ipv4Addr>().unwrap().octets());
-    ip.extend_from_slice(&dst.parse::<Ipv4Addr>().unwrap().octets());
-    ip.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, 8, 0, 0]);
-    ip.resize(28 + pad, 0xab);
-    f.extend_from_slice(&ip);
-    f
-}
-
-fn inventory() -> String {
-    let inv = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../gateway/src/default-inventory.toml"
-    ))
-    .unwrap();
-    // Put the cloud and Express Connect underlays on loopback so the hub's UDP stays local.
-    inv.replace("192.168.0.11", "127.0.0.11")
-        .replace("192.168.0.12", "127.0.0.12")
-        .replace("192.168.10.2", "127.0.0.16")
+    vxlan_frame(src_mac, dst_mac, src, dst, pad).unwrap()
 }
 
 async fn datagram(s: &RawSession, within: Duration) -> Option<Vec<u8>> {
@@ -61,37 +39,10 @@ fn drops(hub: &Hub, node: &str, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A hub on the loopback inventory with its relay on a free port, the hub node being gw-1.
-/// Returns the hub, the relay's address and the flannel port it sends VTEPs' frames to.
-fn relay_hub(dir: &std::path::Path) -> (Hub, String, u16) {
-    let flannel_port = free_port();
-    let relay_port = free_port();
-    let inv_path = dir.join("inventory.toml");
-    std::fs::write(&inv_path, inventory()).unwrap();
-    let hub = Hub::start(
-        &dir.join("hub"),
-        &[
-            "--inventory",
-            inv_path.to_str().unwrap(),
-            "--relay-listen",
-            &format!("127.0.0.1:{relay_port}"),
-            "--flannel-port",
-            &flannel_port.to_string(),
-            "--node-name",
-            "gw-1",
-        ],
-    )
-    .unwrap();
-    hub.proc
-        .wait_for_log("VXLAN relay listening", Duration::from_secs(5))
-        .unwrap();
-    (hub, format!("127.0.0.1:{relay_port}"), flannel_port)
-}
-
 #[test]
 fn the_hub_switches_via_hub_paths_and_drops_what_it_must() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, relay, flannel_port) = relay_hub(tmp.path());
+    let (hub, relay, flannel_port) = relay_hub(tmp.path()).unwrap();
     let ca = hub_ca(&hub).unwrap();
     // cloud-1's flannel.1, as far as the hub can tell.
     let cloud1 = UdpSocket::bind(("127.0.0.11", flannel_port)).unwrap();
@@ -227,111 +178,47 @@ fn the_hub_switches_via_hub_paths_and_drops_what_it_must() {
     drop((a1, b1));
 }
 
-/// Pings the hub on a raw session's control stream every 250 ms for `for_`; returns the worst
-/// round trip and how many pings got no pong within 2 s.
-async fn ping_hub(s: &mut RawSession, for_: Duration) -> (Duration, usize) {
-    let start = std::time::Instant::now();
-    let mut worst = Duration::ZERO;
-    let mut lost = 0;
-    let mut nonce = 0u64;
-    while start.elapsed() < for_ {
-        nonce += 1;
-        let sent = std::time::Instant::now();
-        s.writer
-            .send(&ControlMessage::Ping(petrel_proto::Ping {
-                nonce,
-                sent_at_micros: 0,
-            }))
-            .await
-            .unwrap();
-        let answered = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match s.reader.next().await {
-                    Ok(Some(ControlMessage::Pong(p))) if p.nonce == nonce => return true,
-                    Ok(Some(ControlMessage::Ping(p))) => {
-                        let _ = s.writer.send(&ControlMessage::Pong(p.pong())).await;
-                    }
-                    Ok(Some(_)) => {}
-                    _ => return false,
-                }
-            }
-        })
-        .await
-        .unwrap_or(false);
-        if answered {
-            worst = worst.max(sent.elapsed());
-        } else {
-            lost += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    (worst, lost)
-}
-
 #[test]
 fn a_relay_flood_never_starves_the_tunnels() {
     let tmp = tempfile::tempdir().unwrap();
-    let (hub, relay, _) = relay_hub(tmp.path());
-    let ca = hub_ca(&hub).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (a1_cert, a1_key) = node_identity(&ca, "edge-a1").unwrap();
-    let (b1_cert, b1_key) = node_identity(&ca, "edge-b1").unwrap();
-    let (mut a1, mut b1) = rt.block_on(async {
-        (
-            session_as(&hub.server(), ca.cert_der(), &a1_cert, &a1_key, "edge-a1")
-                .await
-                .unwrap(),
-            session_as(&hub.server(), ca.cert_der(), &b1_cert, &b1_key, "edge-b1")
-                .await
-                .unwrap(),
-        )
-    });
     // A cloud pod sending valid frames to edge-a1's pod as fast as two threads can: more than
     // the hub forwards, for longer than an agent waits before declaring the hub dead (5 s).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let floods: Vec<_> = (0..2)
-        .map(|i| {
-            let (stop, relay) = (stop.clone(), relay.clone());
-            std::thread::spawn(move || {
-                let s = UdpSocket::bind(("127.0.0.11", 0)).unwrap();
-                let f = frame(CLOUD1, A1, "10.244.1.2", "10.244.3.2", 64 + i);
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if s.send_to(&f, &relay).is_ok() {
-                        n += 1;
-                    }
-                }
-                n
-            })
-        })
-        .collect();
-    let ((a_worst, a_lost), (b_worst, b_lost)) = rt.block_on(async {
-        let (a, b) = tokio::join!(
-            ping_hub(&mut a1, Duration::from_secs(7)),
-            ping_hub(&mut b1, Duration::from_secs(7))
-        );
-        (a, b)
-    });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent: u64 = floods.into_iter().map(|t| t.join().unwrap()).sum();
-    let forwarded = petrel_e2e::apiserver::metric(
-        &hub.metrics().unwrap(),
-        "petrel_hub_frames_forwarded_total{reason=\"vtep_to_agent\"}",
-    );
+    // edge-a1 and edge-b1 ping the hub on their control streams every 250 ms meanwhile.
+    let r = relay_flood(
+        tmp.path(),
+        &RelayFloodConfig {
+            threads: 2,
+            idle_secs: 1.0,
+            flood_secs: 7.0,
+            ping_every_ms: 250,
+        },
+    )
+    .unwrap();
+    let (a, b) = (&r.tunnels[0], &r.tunnels[1]);
     eprintln!(
-        "relay flood: {sent} frames sent in 7 s, {forwarded} forwarded; pings: edge-a1 worst \
-         {a_worst:?} ({a_lost} lost), edge-b1 worst {b_worst:?} ({b_lost} lost)"
+        "relay flood: {} frames sent in 7 s, {} forwarded; pings: edge-a1 worst {:.1} ms ({} \
+         lost), edge-b1 worst {:.1} ms ({} lost); idle worst {:.1} / {:.1} ms",
+        r.frames_sent,
+        r.frames_forwarded,
+        a.flood.max_ms,
+        a.flood_lost,
+        b.flood.max_ms,
+        b.flood_lost,
+        a.idle.max_ms,
+        b.idle.max_ms
     );
-    assert!(sent > 100_000, "the flood was too small: {sent}");
-    // Every tunnel stayed up and answered: the one the flood was for, and one it was not.
-    assert_eq!((a_lost, b_lost), (0, 0));
-    assert!(hub.agent("edge-a1").is_some() && hub.agent("edge-b1").is_some());
     assert!(
-        b_worst < Duration::from_secs(1),
-        "edge-b1 worst RTT {b_worst:?}"
+        r.frames_sent > 100_000,
+        "the flood was too small: {}",
+        r.frames_sent
+    );
+    // Every tunnel stayed up and answered: the one the flood was for, and one it was not.
+    assert_eq!((a.node.as_str(), b.node.as_str()), ("edge-a1", "edge-b1"));
+    assert_eq!((a.flood_lost, b.flood_lost), (0, 0));
+    assert!(a.still_connected && b.still_connected);
+    assert!(
+        b.flood.max_ms < 1000.0,
+        "edge-b1 worst RTT {} ms",
+        b.flood.max_ms
     );
 }

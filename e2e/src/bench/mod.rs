@@ -1,10 +1,12 @@
 //! `petrel-bench`: Petrel beside kernel VXLAN and userspace WireGuard (boringtun) in one run, in
 //! the network-namespace lab, plus the egress proxy's streams, a WAN with delay and loss, hub
-//! scale with simulated agents, and failover after `kill -9` of the hub.
+//! scale with simulated agents, failover after `kill -9` of the hub, and the hub under the
+//! attacks of issue 11 (unauthenticated connections, spoofed Initials, a relay flood).
 //!
 //! Every section is measured independently: a failure becomes an `error` in its row (and in the
 //! table), never a missing row, so the JSON always has the same shape ([`Report::row_ids`]).
 
+pub mod attack;
 pub mod loadgen;
 pub mod scale;
 pub mod streams;
@@ -57,7 +59,13 @@ pub struct BenchConfig {
     pub boringtun_threads: u32,
     /// QUIC congestion controller for hub and agents (`--congestion`); `None`: Petrel's default.
     pub congestion: Option<String>,
-    /// Sections to skip: `paths`, `boringtun`, `streams`, `wan`, `failover`, `scale`.
+    /// Unauthenticated enrolment connections held at once (the hub admits 32 at a time).
+    pub unauth_connections: u8,
+    /// Spoofed Initials and the real handshakes timed during them.
+    pub initial_flood: attack::InitialFloodConfig,
+    /// The relay flood beside two tunnels.
+    pub relay_flood: attack::RelayFloodConfig,
+    /// Sections to skip: `paths`, `boringtun`, `streams`, `wan`, `failover`, `scale`, `attack`.
     pub skip: Vec<String>,
 }
 
@@ -80,6 +88,23 @@ impl BenchConfig {
             hooks: "fast".into(),
             boringtun_threads: 4,
             congestion: None,
+            // The hub's cap on enrolments at once: every one is held, none refused.
+            unauth_connections: 32,
+            // The issue's rate, 100 real handshakes in rounds of 10.
+            initial_flood: attack::InitialFloodConfig {
+                rate_per_s: 2000,
+                min_secs: 8.0,
+                sources: 256,
+                rounds: 10,
+                per_round: 10,
+            },
+            // Longer than an agent's 5 s before it declares the hub dead; 10 pings a second.
+            relay_flood: attack::RelayFloodConfig {
+                threads: 2,
+                idle_secs: 3.0,
+                flood_secs: 8.0,
+                ping_every_ms: 100,
+            },
             skip: Vec::new(),
         }
     }
@@ -102,6 +127,20 @@ impl BenchConfig {
             hooks: "fast".into(),
             boringtun_threads: 2,
             congestion: None,
+            unauth_connections: 4,
+            initial_flood: attack::InitialFloodConfig {
+                rate_per_s: 200,
+                min_secs: 1.5,
+                sources: 16,
+                rounds: 2,
+                per_round: 3,
+            },
+            relay_flood: attack::RelayFloodConfig {
+                threads: 1,
+                idle_secs: 0.5,
+                flood_secs: 1.5,
+                ping_every_ms: 100,
+            },
             skip: Vec::new(),
         }
     }
@@ -239,6 +278,26 @@ pub struct FailoverReport {
     pub error: Option<String>,
 }
 
+/// The issue 11 goals the attack rows are compared with.
+pub const GOAL_UNAUTH_KIB: f64 = 64.0;
+pub const GOAL_HANDSHAKES_WITHIN_3S_PCT: f64 = 95.0;
+
+/// The hub under attack (a hub of this build on loopback, one per attack).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AttackReport {
+    /// RSS per unauthenticated enrolment connection.
+    pub unauthenticated: Option<attack::JunkEnrolments>,
+    /// `kib_per_connection` / the 64 KiB goal (<= 1 meets it).
+    pub unauthenticated_vs_goal: Option<f64>,
+    /// Real handshakes during a flood of spoofed Initials.
+    pub initial_flood: Option<attack::InitialFlood>,
+    /// Share within 3 s / the 95 % goal (>= 1 meets it).
+    pub initial_flood_vs_goal: Option<f64>,
+    /// Tunnels' round trips during a relay flood, against the same tunnels idle.
+    pub relay_flood: Option<attack::RelayFlood>,
+    pub errors: Vec<String>,
+}
+
 /// Everything one run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -254,6 +313,7 @@ pub struct Report {
     pub wan: WanReport,
     pub scale: Vec<scale::ScaleRow>,
     pub failover: FailoverReport,
+    pub attack: AttackReport,
 }
 
 /// Ids of the packet-path rows, in table order.
@@ -276,6 +336,16 @@ impl Report {
                 .map(|c| format!("streams-{}", c.streams)),
         );
         v.extend(self.scale.iter().map(|s| format!("scale-{}", s.agents)));
+        let a = &self.attack;
+        for (id, present) in [
+            ("attack-unauthenticated", a.unauthenticated.is_some()),
+            ("attack-initial-flood", a.initial_flood.is_some()),
+            ("attack-relay-flood", a.relay_flood.is_some()),
+        ] {
+            if present {
+                v.push(id.into());
+            }
+        }
         v
     }
 }
@@ -511,7 +581,115 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .map_or(String::new(), |e| format!("; ERROR: {e}"))
     );
+    if r.config.runs("attack") {
+        render_attack(&mut s, &r.attack);
+    }
     s
+}
+
+/// The attack rows: each figure beside its goal from issue 11, as a ratio.
+fn render_attack(s: &mut String, a: &AttackReport) {
+    let _ = writeln!(
+        s,
+        "\nAttacks (issue 11; a fresh hub of this build on loopback per attack; x goal: <= 1 meets a <= goal, >= 1 a >= goal)"
+    );
+    let mut rows: Vec<Vec<String>> = vec![["attack", "figure", "goal", "x goal"]
+        .iter()
+        .map(|h| h.to_string())
+        .collect()];
+    if let Some(j) = &a.unauthenticated {
+        rows.push(vec![
+            format!(
+                "{} unauthenticated enrolment connections held ({} open at the reading)",
+                j.connections, j.held_open
+            ),
+            format!("{:.1} KiB hub RSS per connection", j.kib_per_connection),
+            format!("<= {GOAL_UNAUTH_KIB:.0} KiB"),
+            f(a.unauthenticated_vs_goal, 2),
+        ]);
+    }
+    if let Some(x) = &a.initial_flood {
+        rows.push(vec![
+            format!(
+                "spoofed Initials at {:.0}/s for {:.1} s, from silent addresses",
+                x.achieved_rate_per_s, x.flood_secs
+            ),
+            format!(
+                "{:.1}% of {} real handshakes within 3 s",
+                x.share_within_3s_pct(),
+                x.handshakes
+            ),
+            format!(">= {GOAL_HANDSHAKES_WITHIN_3S_PCT:.0}%"),
+            f(a.initial_flood_vs_goal, 2),
+        ]);
+    }
+    s.push_str(&columns(&rows));
+    if let Some(j) = &a.unauthenticated {
+        let _ = writeln!(
+            s,
+            "  unauthenticated: each from its own address: handshake for petrel-enrol/1, the largest request minus one byte, 64 datagrams, a second stream tried ({} allowed); hub RSS {} -> {} KiB",
+            j.second_stream_allowed, j.rss_before_kib, j.rss_during_kib
+        );
+    }
+    if let Some(x) = &a.initial_flood {
+        let _ = writeln!(
+            s,
+            "  spoofed Initials: {} abandoned handshakes, {} datagrams to the hub (with the clients' retransmissions), {:.0} Retry packets sent; real handshakes p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            x.initials,
+            x.datagrams_forwarded,
+            x.retries_sent,
+            x.handshake.p50_ms,
+            x.handshake.p99_ms,
+            x.handshake.max_ms
+        );
+    }
+    if let Some(rf) = &a.relay_flood {
+        let _ = writeln!(
+            s,
+            "  relay flood: valid frames from cloud-1's VTEP to edge-a1's pod as fast as the senders go: {} sent ({:.0}/s), {:.0} forwarded; tunnels dropped: {}",
+            rf.frames_sent,
+            rf.frames_per_s,
+            rf.frames_forwarded,
+            rf.tunnels_dropped()
+        );
+        let mut rows: Vec<Vec<String>> = vec![[
+            "tunnel",
+            "idle RTT p50/p99/max ms",
+            "flood RTT p50/p99/max ms",
+            "p99 x idle",
+            "pings lost idle/flood",
+            "up after",
+        ]
+        .iter()
+        .map(|h| h.to_string())
+        .collect()];
+        let ms = |m: &attack::Millis| format!("{:.2}/{:.2}/{:.2}", m.p50_ms, m.p99_ms, m.max_ms);
+        for t in &rf.tunnels {
+            rows.push(vec![
+                format!(
+                    "{}{}",
+                    t.node,
+                    if t.flood_target {
+                        " (flood's target)"
+                    } else {
+                        ""
+                    }
+                ),
+                ms(&t.idle),
+                ms(&t.flood),
+                f(
+                    (t.idle.p99_ms > 0.0).then(|| t.flood.p99_ms / t.idle.p99_ms),
+                    1,
+                ),
+                format!("{}/{}", t.idle_lost, t.flood_lost),
+                if t.still_connected { "yes" } else { "NO" }.to_string(),
+            ]);
+        }
+        s.push_str(&columns(&rows));
+    }
+    for e in &a.errors {
+        let _ = writeln!(s, "  ERROR: {e}");
+    }
 }
 
 fn columns(rows: &[Vec<String>]) -> String {
@@ -558,16 +736,16 @@ fn measure_path(
 ) -> Result<()> {
     let mut single: Vec<IperfRun> = Vec::new();
     let mut multi: Vec<IperfRun> = Vec::new();
+    // This row's own server, killed when the row ends (or fails): nothing a previous row's
+    // runs left behind can answer "busy" here.
+    let mut server = util::IperfServer::start(lab, &row.to, IPERF_PORT)?;
     // Warm-up (PMTU discovery, ARP, tunnel handshakes).
-    let _ = util::iperf_client(lab, &row.from, to_ip, IPERF_PORT, 1, 1, pids);
+    let _ = server.run(lab, &row.from, to_ip, 1, 1, pids);
     for _ in 0..cfg.reps {
-        single.push(util::iperf_client(
-            lab, &row.from, to_ip, IPERF_PORT, 1, cfg.secs, pids,
-        )?);
-        multi.push(util::iperf_client(
-            lab, &row.from, to_ip, IPERF_PORT, 4, cfg.secs, pids,
-        )?);
+        single.push(server.run(lab, &row.from, to_ip, 1, cfg.secs, pids)?);
+        multi.push(server.run(lab, &row.from, to_ip, 4, cfg.secs, pids)?);
     }
+    drop(server);
     let gbit = |v: &[IperfRun]| Stat::of(v.iter().map(|r| r.gbit_per_s).collect());
     let retr = |v: &[IperfRun]| Stat::of(v.iter().map(|r| r.retransmits as f64).collect());
     row.single_gbit = Some(gbit(&single));
@@ -618,23 +796,19 @@ fn path_row(id: &str, label: &str, from: &str, to: &str, procs: &str) -> PathRow
     }
 }
 
-/// Servers (iperf3 + RR echo) in the pods of `nodes`.
+/// Request/response echo servers in the pods of `nodes`, for the whole run: they serve each
+/// connection on a thread of its own, so no row can find one busy. iperf3 servers, which run
+/// one test at a time, are per row ([`util::IperfServer`]).
 struct PodServers {
-    _iperf: Vec<crate::lab::ChildGuard>,
     _rr: Vec<StopFlag>,
 }
 
 fn pod_servers(lab: &Lab, nodes: &[&str]) -> Result<PodServers> {
-    let mut iperf = Vec::new();
     let mut rr = Vec::new();
     for n in nodes {
-        iperf.push(util::iperf_server(lab, n, IPERF_PORT)?);
         rr.push(util::rr_server(&lab.endpoint_ns(n)?, RR_PORT)?);
     }
-    Ok(PodServers {
-        _iperf: iperf,
-        _rr: rr,
-    })
+    Ok(PodServers { _rr: rr })
 }
 
 fn run_row(lab: &Lab, cfg: &BenchConfig, mut row: PathRow, pids: &[u32]) -> PathRow {
@@ -799,6 +973,51 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
     Ok(at.duration_since(t0).as_secs_f64())
 }
 
+// ---- attacks ---------------------------------------------------------------------------------
+
+/// The attacks of issue 11, each against a fresh hub of this build on loopback, outside the lab:
+/// what is measured is the hub's own cost, and no attack leaves state behind for the next.
+fn attack_section(cfg: &BenchConfig, work: &Path) -> AttackReport {
+    let mut a = AttackReport::default();
+    eprintln!("petrel-bench: unauthenticated enrolment connections ...");
+    match unauthenticated(cfg, &work.join("unauthenticated")) {
+        Ok(j) => {
+            a.unauthenticated_vs_goal = Some(j.kib_per_connection / GOAL_UNAUTH_KIB);
+            a.unauthenticated = Some(j);
+        }
+        Err(e) => a.errors.push(format!("unauthenticated connections: {e:#}")),
+    }
+    eprintln!(
+        "petrel-bench: spoofed Initials at {}/s ...",
+        cfg.initial_flood.rate_per_s
+    );
+    let flood = work.join("initial-flood");
+    match crate::apiserver::start_hub(&flood, &crate::apiserver::loopback_inventory(&[]), &[])
+        .and_then(|hub| attack::initial_flood(&hub, &cfg.initial_flood))
+    {
+        Ok(x) => {
+            a.initial_flood_vs_goal = Some(x.share_within_3s_pct() / GOAL_HANDSHAKES_WITHIN_3S_PCT);
+            a.initial_flood = Some(x);
+        }
+        Err(e) => a.errors.push(format!("spoofed Initials: {e:#}")),
+    }
+    eprintln!("petrel-bench: relay flood ...");
+    match attack::relay_flood(&work.join("relay-flood"), &cfg.relay_flood) {
+        Ok(x) => a.relay_flood = Some(x),
+        Err(e) => a.errors.push(format!("relay flood: {e:#}")),
+    }
+    a
+}
+
+fn unauthenticated(cfg: &BenchConfig, dir: &Path) -> Result<attack::JunkEnrolments> {
+    let hub = crate::apiserver::start_hub(dir, &crate::apiserver::loopback_inventory(&[]), &[])?;
+    let (_, fingerprint) = hub.token("edge-a1", &[])?;
+    // One real enrolment and tunnel first, as in the hardening test: the hub's allocator and
+    // first-use growth are not charged to the attackers.
+    let _agent = crate::apiserver::start_agent(&hub, "edge-a2", dir)?;
+    attack::junk_enrolments(&hub, &fingerprint, cfg.unauth_connections)
+}
+
 // ---- the run ----------------------------------------------------------------------------------
 
 fn loadavg() -> String {
@@ -838,8 +1057,15 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
             method: "kill -9 of the single hub, restarted at once with the same state; UDP probes every 10 ms both ways between the pods of cloud-1 and edge-a1 (the Kubernetes standby hub is measured by e2e/tests/k8s_election.rs)".into(),
             ..Default::default()
         },
+        attack: AttackReport::default(),
     };
-    let labs_result = run_lab_sections(cfg, work, &uds, &mut report);
+    // The lab is built only for the sections that run in it.
+    let in_lab = ["paths", "streams", "wan", "failover"];
+    let labs_result = if in_lab.iter().any(|s| cfg.runs(s)) {
+        run_lab_sections(cfg, work, &uds, &mut report)
+    } else {
+        Ok(())
+    };
     if let Err(e) = labs_result {
         // Rows not measured carry the error.
         let msg = format!("{e:#}");
@@ -855,6 +1081,9 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
         report.streams.errors.push(msg.clone());
         report.wan.error.get_or_insert(msg.clone());
         report.failover.error.get_or_insert(msg);
+    }
+    if cfg.runs("attack") {
+        report.attack = attack_section(cfg, &work.join("attack"));
     }
     if cfg.runs("scale") {
         for &n in &cfg.scale {
@@ -1143,11 +1372,11 @@ fn wan_variant(
             .zip(w.direct_tcp_mbit)
             .map(|(a, b)| if b > 0.0 { a / b } else { 0.0 });
     let pids = petrel_pids(petrel);
-    let r = util::iperf_client(
+    let mut server = util::IperfServer::start(lab, "cloud-1", IPERF_PORT)?;
+    let r = server.run(
         lab,
         "edge-a1",
         lab.node("cloud-1").pod_ip,
-        IPERF_PORT,
         1,
         secs.ceil() as u32,
         &pids,

@@ -154,6 +154,63 @@ pub fn iperf_server(lab: &Lab, ns: &str, port: u16) -> Result<ChildGuard> {
     Ok(g)
 }
 
+/// The iperf3 server of one measurement (a bench row): started for it and killed, with its
+/// process group, when it is dropped, on success and failure alike. An iperf3 server runs one
+/// test at a time and stays "busy" after a client that gave up mid-test (a warm-up through a
+/// tunnel still coming up, a run killed by its timeout) until its 120 s receive timeout; a
+/// server shared across rows once failed the next row with "the server is busy running a
+/// test". [`IperfServer::run`] restarts it when that happens.
+pub struct IperfServer {
+    node: String,
+    port: u16,
+    guard: Option<ChildGuard>,
+}
+
+impl IperfServer {
+    /// Starts `iperf3 -s -p port` in the pod of `node` and waits until it listens.
+    pub fn start(lab: &Lab, node: &str, port: u16) -> Result<IperfServer> {
+        Ok(IperfServer {
+            node: node.to_string(),
+            port,
+            guard: Some(iperf_server(lab, node, port)?),
+        })
+    }
+
+    /// Kills the server (waiting until it is gone, so its port is free) and starts a new one.
+    fn restart(&mut self, lab: &Lab) -> Result<()> {
+        drop(self.guard.take());
+        self.guard = Some(iperf_server(lab, &self.node, self.port)?);
+        Ok(())
+    }
+
+    /// [`iperf_client`] from `from` to this server at `to`; if the server is still busy with a
+    /// test that will not finish, it is restarted and the run tried again (twice at most).
+    pub fn run(
+        &mut self,
+        lab: &Lab,
+        from: &str,
+        to: Ipv4Addr,
+        flows: u32,
+        secs: u32,
+        pids: &[u32],
+    ) -> Result<IperfRun> {
+        let mut attempt = 0;
+        loop {
+            match iperf_client(lab, from, to, self.port, flows, secs, pids) {
+                Err(e) if attempt < 2 && format!("{e:#}").contains("busy") => {
+                    attempt += 1;
+                    eprintln!(
+                        "petrel-bench: iperf3 server in {} busy ({e:#}); restarting it",
+                        self.node
+                    );
+                    self.restart(lab)?;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
 /// Runs `iperf3 -c to -P flows -t secs -J` from endpoint `from`, sampling the CPU of `pids`.
 pub fn iperf_client(
     lab: &Lab,

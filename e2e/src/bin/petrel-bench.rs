@@ -1,12 +1,14 @@
 //! `petrel-bench` (`make bench`, as root): Petrel beside kernel VXLAN and userspace WireGuard
 //! (boringtun) in one run in the network-namespace lab, plus streams, a WAN with delay and loss,
-//! hub scale and failover. Prints a table and writes the same numbers as JSON.
+//! hub scale, failover and the hub under attack. Prints a table and writes the same numbers as
+//! JSON.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
 //! target/release/petrel-bench [--smoke] [--json PATH] [--secs N] [--reps N]
-//!     [--skip paths,boringtun,streams,wan,failover,scale] [--concurrent 1000,10000]
+//!     [--skip paths,boringtun,streams,wan,failover,scale,attack] [--concurrent 1000,10000]
 //!     [--scale 1000,10000] [--hooks fast|portable] [--congestion cubic|newreno|bbr]
+//!     [--initial-rate 2000]
 //! ```
 //!
 //! Needs iperf3, ethtool, `wg` (wireguard-tools) and `boringtun-cli` (cargo install
@@ -56,12 +58,13 @@ fn main() -> Result<()> {
             "--congestion" => cfg.congestion = Some(val()?),
             "--boringtun-threads" => cfg.boringtun_threads = val()?.parse()?,
             "--failover-samples" => cfg.failover_samples = val()?.parse()?,
+            "--initial-rate" => cfg.initial_flood.rate_per_s = val()?.parse()?,
             "-h" | "--help" => {
                 println!(
                     "{}",
                     include_str!("petrel-bench.rs")
                         .lines()
-                        .take(12)
+                        .take(15)
                         .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
                         .collect::<Vec<_>>()
                         .join("\n")
