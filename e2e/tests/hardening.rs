@@ -366,12 +366,14 @@ fn enrolment_attempts_are_limited_per_address_and_in_total() {
 fn real_agents_get_in_during_a_flood_of_spoofed_initials() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = start_hub(tmp.path(), &loopback_inventory(&[]), &[]).unwrap();
-    // Initials of handshakes nobody will finish, ~1,000 per second for at least 6 s, from 256
-    // silent source addresses; real agents connect 5 at a time, like a site coming back.
+    // Initials of handshakes nobody will finish, 200 per second for at least 6 s, from 256
+    // silent source addresses; real agents connect 5 at a time, like a site coming back. A
+    // debug-build hub beside the other tests on two cores is the limit here: the issue's
+    // 2,000/s is measured against a release-build hub by `petrel-bench` (attack section).
     let flood = initial_flood(
         &hub,
         &InitialFloodConfig {
-            rate_per_s: 1000,
+            rate_per_s: 200,
             min_secs: 6.0,
             sources: 256,
             rounds: 8,
@@ -385,9 +387,6 @@ fn real_agents_get_in_during_a_flood_of_spoofed_initials() {
          ({:.0}/s; {} datagrams from 256 silent addresses); {} Retry packets sent",
         flood.initials, flood.achieved_rate_per_s, flood.datagrams_forwarded, flood.retries_sent
     );
-    // A debug build makes ~90 abandoned handshakes a second here (each costs the test a TLS
-    // ClientHello); the issue's 2,000/s is a release-build bench row (`petrel-bench`, attack
-    // section).
     assert!(
         flood.initials >= 300,
         "the flood was too small: {}",
