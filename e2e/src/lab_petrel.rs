@@ -134,6 +134,8 @@ impl<'a> PetrelLab<'a> {
                 .lines()
                 .find(|l| l.starts_with("petrel-edge-agent join"))
                 .ok_or_else(|| anyhow!("no join command: {}", out.stdout))?;
+            // The token comes on its own `export` line, never on the join command line.
+            let (token, _) = crate::procs::parse_token_create(&out.stdout)?;
             let state = dir.join(&n.name);
             let mut args: Vec<String> = join
                 .split_whitespace()
@@ -141,9 +143,9 @@ impl<'a> PetrelLab<'a> {
                 .map(str::to_string)
                 .collect();
             args.extend(["--state-dir".to_string(), path_str(&state)?.to_string()]);
-            let mut cmd: Vec<&str> = vec![&agent_s];
-            cmd.extend(args.iter().map(String::as_str));
-            lab.exec(&n.name, &cmd)
+            let mut cmd = lab.command(&n.name, &agent_s)?;
+            cmd.args(&args).env("PETREL_JOIN_TOKEN", &token);
+            crate::lab::cmd::run_checked(cmd, None, crate::lab::cmd::DEFAULT_TIMEOUT)
                 .with_context(|| format!("join on {}", n.name))?;
             let argv = [
                 &agent_s,
