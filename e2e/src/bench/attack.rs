@@ -260,6 +260,8 @@ pub fn initial_flood(hub: &Hub, cfg: &InitialFloodConfig) -> Result<InitialFlood
         })
         .collect::<Result<Vec<_>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the forwarder on every way out, a panic included.
+    let _stop_on_drop = super::util::StopFlag(stop.clone());
     let forwarder = spoofing_forwarder(front, sources, server, stop.clone());
     let result = rt.block_on(async {
         let flooder = petrel_transport::quic::client_endpoint("127.0.0.1:0".parse()?)?;
@@ -597,6 +599,8 @@ pub fn relay_flood(dir: &Path, cfg: &RelayFloodConfig) -> Result<RelayFlood> {
         )
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the senders on every way out, a panic included.
+    let _stop_on_drop = super::util::StopFlag(stop.clone());
     let flood = vxlan_frame(MAC_CLOUD1, MAC_A1, "10.244.1.2", "10.244.3.2", 64)?;
     let started = Instant::now();
     let senders: Vec<_> = (0..cfg.threads.max(1))
