@@ -471,7 +471,10 @@ impl std::fmt::Display for RelayListen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Off => f.write_str("off (no data plane)"),
-            Self::Auto { port } => write!(f, "auto (this node's underlay address and 127.0.0.1, port {port})"),
+            Self::Auto { port } => write!(
+                f,
+                "auto (this node's underlay address and 127.0.0.1, port {port})"
+            ),
             Self::Addrs(a) => {
                 let list: Vec<String> = a.iter().map(ToString::to_string).collect();
                 f.write_str(&list.join(","))
@@ -666,13 +669,16 @@ impl HubConfig {
         let route_sync_rate = match args.route_sync_rate.or(file.route_sync_rate).as_deref() {
             None => DEFAULT_ROUTE_SYNC_RATE,
             Some("off") => 0,
-            Some(v) => parse_size(v).filter(|b| *b >= 1 << 20).ok_or_else(|| {
-                ConfigError::Invalid {
-                    field: "route-sync-rate",
-                    value: v.to_string(),
-                    allowed: "off, or a size of at least 1MiB (per second) such as 64MiB".into(),
-                }
-            })?,
+            Some(v) => {
+                parse_size(v)
+                    .filter(|b| *b >= 1 << 20)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        field: "route-sync-rate",
+                        value: v.to_string(),
+                        allowed: "off, or a size of at least 1MiB (per second) such as 64MiB"
+                            .into(),
+                    })?
+            }
         };
         Ok(Self {
             memory_budget,

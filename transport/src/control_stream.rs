@@ -55,10 +55,18 @@ impl ControlReader {
 const KEEP_CAPACITY: usize = 1024;
 
 /// Writes control messages to a stream.
+///
+/// Two ways to write: [`send`](Self::send) writes a message and waits until quinn has taken it;
+/// a session loop that must keep reading while a large message drains instead
+/// [`enqueue`](Self::enqueue)s frames and polls [`write_pending`](Self::write_pending) in its
+/// `select!`, which is cancel-safe: frames go out whole and in order, whatever branch wins.
 #[derive(Debug)]
 pub struct ControlWriter {
     send: quinn::SendStream,
     buf: Vec<u8>,
+    /// Encoded frames not yet (fully) taken by quinn; the front one may be partly written.
+    pending: std::collections::VecDeque<bytes::Bytes>,
+    pending_bytes: usize,
 }
 
 impl ControlWriter {
@@ -66,6 +74,8 @@ impl ControlWriter {
         Self {
             send,
             buf: Vec::with_capacity(1024),
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
         }
     }
 
@@ -73,27 +83,72 @@ impl ControlWriter {
         self.send_counted(msg).await.map(|_| ())
     }
 
-    /// [`send`](Self::send), returning the bytes written (for metrics).
+    /// [`send`](Self::send), returning the bytes written (for metrics). Frames queued before it
+    /// go first.
     pub async fn send_counted(&mut self, msg: &ControlMessage) -> Result<usize, StreamError> {
+        let n = self.enqueue(msg)?;
+        self.flush().await?;
+        Ok(n)
+    }
+
+    /// Queues a message behind the pending frames; returns its encoded size.
+    pub fn enqueue(&mut self, msg: &ControlMessage) -> Result<usize, EncodeError> {
         self.buf.clear();
         petrel_proto::encode(msg, &mut self.buf)?;
-        self.send.write_all(&self.buf).await?;
-        let n = self.buf.len();
+        let frame = bytes::Bytes::copy_from_slice(&self.buf);
         // A session lives for days and sends mostly pings: a large message (a view, a route
         // chunk) must not leave its 64 KiB behind in every session.
         if self.buf.capacity() > KEEP_CAPACITY {
             self.buf = Vec::with_capacity(KEEP_CAPACITY);
         }
-        Ok(n)
+        Ok(self.enqueue_encoded(frame))
     }
 
-    /// Writes frames that are already encoded (shared by many sessions: quinn keeps a
-    /// reference, not a copy, until they are acknowledged). Returns the bytes written.
-    pub async fn send_encoded(&mut self, frames: &[bytes::Bytes]) -> Result<usize, StreamError> {
-        let mut chunks: Vec<bytes::Bytes> = frames.to_vec();
-        let n = chunks.iter().map(bytes::Bytes::len).sum();
-        self.send.write_all_chunks(&mut chunks).await?;
-        Ok(n)
+    /// Queues a frame that is already encoded (shared by many sessions: quinn keeps a
+    /// reference, not a copy, until it is acknowledged); returns its size.
+    pub fn enqueue_encoded(&mut self, frame: bytes::Bytes) -> usize {
+        let n = frame.len();
+        if n > 0 {
+            self.pending_bytes += n;
+            self.pending.push_back(frame);
+        }
+        n
+    }
+
+    /// Bytes queued and not yet taken by quinn.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Hands quinn as much of the queue as its flow control takes now, waiting only until it
+    /// takes something. Cancel-safe: if it does not resolve, nothing was written. Never resolves
+    /// with an empty queue (guard the branch with [`has_pending`](Self::has_pending)).
+    pub async fn write_pending(&mut self) -> Result<usize, StreamError> {
+        if self.pending.is_empty() {
+            return std::future::pending().await;
+        }
+        let written = self
+            .send
+            .write_chunks(self.pending.make_contiguous())
+            .await?;
+        self.pending_bytes -= written.bytes;
+        // Fully written chunks are left empty by quinn; a partly written one keeps its suffix.
+        while self.pending.front().is_some_and(bytes::Bytes::is_empty) {
+            self.pending.pop_front();
+        }
+        Ok(written.bytes)
+    }
+
+    /// Writes the whole queue.
+    pub async fn flush(&mut self) -> Result<(), StreamError> {
+        while self.has_pending() {
+            self.write_pending().await?;
+        }
+        Ok(())
     }
 
     /// Finishes the stream (the peer's reader sees a clean end).
@@ -132,6 +187,206 @@ async fn read_with(
         match recv.read_chunk(4 * 1024, true).await? {
             Some(chunk) => decoder.push(&chunk.bytes)?,
             None => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::pki::{CertificateAuthority, NodeKey};
+    use crate::quic::TransportTuning;
+    use petrel_proto::routes::{RouteEntry, RouteTable};
+    use petrel_proto::{IpCidr, MacAddr, Ping};
+    use std::time::{Duration, SystemTime};
+
+    /// A hub-side writer and an agent-side reader over a real QUIC connection on loopback; the
+    /// agent's stream window is small, so a large queue is written in many partial steps.
+    struct Pair {
+        writer: ControlWriter,
+        reader: ControlReader,
+        // Kept alive for the test: dropping a connection closes it.
+        _conns: [quinn::Connection; 2],
+        _endpoints: [quinn::Endpoint; 2],
+    }
+
+    async fn pair() -> Pair {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("test", now, Duration::from_secs(3600)).unwrap();
+        let (chain, key) = ca
+            .issue_hub_certificate(&[], now, Duration::from_secs(3600))
+            .unwrap();
+        let tls = crate::tls::hub_server_tls(ca.cert_der(), chain, key, &[b"t"]).unwrap();
+        let server_cfg = crate::quic::server_config(tls, &TransportTuning::default()).unwrap();
+        let server =
+            crate::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), server_cfg, b"s").unwrap();
+        let node = NodeKey::generate().unwrap();
+        let cert = ca
+            .sign_node_csr(
+                &node.csr_der("n1").unwrap(),
+                "n1",
+                now,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let tls = crate::tls::agent_client_tls(
+            ca.cert_der(),
+            vec![cert.to_vec().into()],
+            node.private_key_der(),
+            b"t",
+        )
+        .unwrap();
+        let client_cfg = crate::quic::client_config(
+            tls,
+            &TransportTuning {
+                stream_receive_window: 4096,
+                ..TransportTuning::default()
+            },
+        )
+        .unwrap();
+        let client = crate::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(
+                client_cfg,
+                server.local_addr().unwrap(),
+                crate::HUB_SERVER_NAME,
+            )
+            .unwrap();
+        let accept = async { server.accept().await.unwrap().await };
+        let (conn, hub_conn) = tokio::join!(connecting, accept);
+        let (conn, hub_conn) = (conn.unwrap(), hub_conn.unwrap());
+        // The agent opens the control stream; the hub writes on it.
+        let (agent_send, agent_recv) = conn.open_bi().await.unwrap();
+        let mut hello = ControlWriter::new(agent_send);
+        hello
+            .send(&ControlMessage::Ping(Ping {
+                nonce: 0,
+                sent_at_micros: 0,
+            }))
+            .await
+            .unwrap();
+        let (hub_send, mut hub_recv) = hub_conn.accept_bi().await.unwrap();
+        let mut d = FrameDecoder::new();
+        while d.next_message().unwrap().is_none() {
+            let c = hub_recv.read_chunk(64, true).await.unwrap().unwrap();
+            d.push(&c.bytes).unwrap();
+        }
+        Pair {
+            writer: ControlWriter::new(hub_send),
+            reader: ControlReader::new(agent_recv),
+            _conns: [hub_conn, conn],
+            _endpoints: [server, client],
+        }
+    }
+
+    fn route_chunks(n: u32) -> Vec<bytes::Bytes> {
+        let table = RouteTable::from_entries((0..n).map(|i| RouteEntry {
+            node_name: format!("node-{i}"),
+            site: "s".into(),
+            pod_cidrs: vec![IpCidr::new(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8))),
+                24,
+            )
+            .unwrap()],
+            vtep_mac: MacAddr([2, 0, 0, 0, (i >> 8) as u8, i as u8]),
+            underlay: std::net::IpAddr::V4([192, 0, 2, 1].into()),
+            mtu: 0,
+        }));
+        table
+            .snapshot()
+            .unwrap()
+            .into_iter()
+            .map(|c| {
+                bytes::Bytes::from(
+                    petrel_proto::control::encode_to_vec(&ControlMessage::Routes(c)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Cancelled writes (the session loop's `select!` picked another branch) lose nothing and
+    /// never split a frame: the reader decodes every queued message, whole and in order.
+    #[tokio::test]
+    async fn a_queue_drains_in_order_however_often_its_writes_are_cancelled() {
+        let mut p = pair().await;
+        let (writer, reader) = (&mut p.writer, &mut p.reader);
+        let chunks = route_chunks(3000);
+        assert!(chunks.len() >= 2, "several chunks: {}", chunks.len());
+        let total: usize = chunks.iter().map(bytes::Bytes::len).sum();
+        for c in &chunks {
+            assert_eq!(writer.enqueue_encoded(c.clone()), c.len());
+        }
+        assert_eq!(writer.pending_bytes(), total);
+        // The agent does not read yet: quinn takes only its window, the rest stays queued, and
+        // every write that cannot go on is cancelled by the timeout.
+        let mut cancelled = 0;
+        for seq in 1..=20u64 {
+            match tokio::time::timeout(Duration::from_millis(2), writer.write_pending()).await {
+                Ok(r) => {
+                    r.unwrap();
+                }
+                Err(_) => cancelled += 1,
+            }
+            writer
+                .enqueue(&ControlMessage::Ping(Ping {
+                    nonce: seq,
+                    sent_at_micros: 0,
+                }))
+                .unwrap();
+        }
+        assert!(cancelled > 0, "the small window must stall some writes");
+        assert!(writer.pending_bytes() > 0 && writer.pending_bytes() < total + 20 * 64);
+        // Now the agent reads while the hub flushes.
+        let flush = async {
+            writer.flush().await.unwrap();
+            assert_eq!(writer.pending_bytes(), 0);
+            assert!(!writer.has_pending());
+        };
+        let read = async {
+            let mut routes = 0;
+            let mut pings = Vec::new();
+            while routes < chunks.len() || pings.len() < 20 {
+                match reader.next().await.unwrap().unwrap() {
+                    ControlMessage::Routes(_) => {
+                        assert!(pings.is_empty(), "a ping overtook a route chunk");
+                        routes += 1;
+                    }
+                    ControlMessage::Ping(p) => pings.push(p.nonce),
+                    other => panic!("unexpected {}", other.name()),
+                }
+            }
+            assert_eq!(pings, (1..=20).collect::<Vec<_>>());
+        };
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(flush, read) })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn send_goes_after_what_is_queued() {
+        let mut p = pair().await;
+        let (writer, reader) = (&mut p.writer, &mut p.reader);
+        writer
+            .enqueue(&ControlMessage::Ping(Ping {
+                nonce: 1,
+                sent_at_micros: 0,
+            }))
+            .unwrap();
+        let n = writer
+            .send_counted(&ControlMessage::Ping(Ping {
+                nonce: 2,
+                sent_at_micros: 0,
+            }))
+            .await
+            .unwrap();
+        assert!(n > 0);
+        assert!(!writer.has_pending());
+        for want in [1, 2] {
+            match reader.next().await.unwrap().unwrap() {
+                ControlMessage::Ping(p) => assert_eq!(p.nonce, want),
+                other => panic!("unexpected {}", other.name()),
+            }
         }
     }
 }

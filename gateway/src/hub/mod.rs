@@ -481,9 +481,7 @@ impl Hub {
             log_budget: admission::LogBudget::default(),
             routes: RwLock::new(routes),
             routes_changed,
-            route_sync_slots: Arc::new(tokio::sync::Semaphore::new(
-                route_sync::PACED_SYNC_SLOTS,
-            )),
+            route_sync_slots: Arc::new(tokio::sync::Semaphore::new(route_sync::PACED_SYNC_SLOTS)),
             route_pacer: Mutex::new(route_sync::SyncPacer::new(
                 route_sync_rate,
                 route_sync::PACE_BURST_BYTES,

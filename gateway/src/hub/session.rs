@@ -323,19 +323,13 @@ impl OutgoingSync {
         self.send_at = Some(tokio::time::Instant::from_std(at));
     }
 
-    /// Writes the next chunk; `Some(digest)` once the agent has been sent everything.
-    async fn write_next(
-        &mut self,
-        ctx: &HubContext,
-        writer: &mut ControlWriter,
-    ) -> Result<Option<u64>, String> {
+    /// Queues the next chunk on the writer; `Some(digest)` once the agent has been sent
+    /// everything.
+    fn enqueue_next(&mut self, ctx: &HubContext, writer: &mut ControlWriter) -> Option<u64> {
         let Some(chunk) = self.frames.get(self.next) else {
-            return Ok(Some(self.held_after));
+            return Some(self.held_after);
         };
-        let bytes = writer
-            .send_encoded(std::slice::from_ref(chunk))
-            .await
-            .map_err(|e| e.to_string())?;
+        let bytes = writer.enqueue_encoded(chunk.clone());
         ctx.metrics
             .route_sync_bytes
             .get_or_create(&crate::metrics::Outcome {
@@ -345,11 +339,27 @@ impl OutgoingSync {
         self.next += 1;
         if self.next < self.frames.len() {
             self.schedule(ctx);
-            return Ok(None);
+            return None;
         }
         HubMetrics::inc_outcome(&ctx.metrics.route_sync_batches, self.kind.label());
-        Ok(Some(self.held_after))
+        Some(self.held_after)
     }
+}
+
+/// Bytes a session may have queued for its agent besides the route chunk in progress (pongs,
+/// updates, renewal answers): an agent that stops reading its control stream cannot make the
+/// hub buffer without bound.
+const MAX_QUEUED_BYTES: usize = 256 * 1024;
+
+/// Queues `msg` for the agent, unless too much is queued already (it stopped reading).
+fn enqueue(writer: &mut ControlWriter, msg: &ControlMessage) -> Result<(), String> {
+    if writer.pending_bytes() > MAX_QUEUED_BYTES + petrel_proto::MAX_CONTROL_FRAME {
+        return Err(format!(
+            "agent does not read its control stream: {} bytes queued",
+            writer.pending_bytes()
+        ));
+    }
+    writer.enqueue(msg).map(|_| ()).map_err(|e| e.to_string())
 }
 
 async fn control_loop(
@@ -393,7 +403,9 @@ async fn control_loop(
                 Some(SessionCommand::Leave(ga)) => {
                     let why = ga.message.clone();
                     let code = if ga.reason == GoingAwayReason::Replaced { close_code::REPLACED } else { close_code::GOING_AWAY };
-                    let _ = writer.send(&ControlMessage::GoingAway(ga)).await;
+                    if writer.enqueue(&ControlMessage::GoingAway(ga)).is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), writer.flush()).await;
+                    }
                     ctx.metrics.going_away_sent.inc();
                     writer.finish();
                     // Give the agent a moment to read it and close first (its close is cleaner
@@ -402,12 +414,12 @@ async fn control_loop(
                     conn.close(code.into(), why.as_bytes());
                     return format!("going away: {why}");
                 }
-                Some(SessionCommand::Send(msg)) => if let Err(e) = writer.send(&msg).await { return e.to_string() },
+                Some(SessionCommand::Send(msg)) => if let Err(e) = enqueue(writer, &msg) { return e },
                 None => return "hub dropped the session".into(),
             },
             _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
                 KeepaliveAction::SendPing(ping) => {
-                    if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await { return e.to_string() }
+                    if let Err(e) = enqueue(writer, &ControlMessage::Ping(ping)) { return e }
                     deadline = tokio::time::Instant::now() + interval;
                 }
                 KeepaliveAction::TimedOut => {
@@ -437,20 +449,20 @@ async fn control_loop(
                     o.on_slot(ctx, slot);
                 }
             },
-            _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(deadline)), if outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
+            // The next route chunk, once its time has come and the one before has gone out.
+            _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(deadline)), if !writer.has_pending() && outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
                 if let Some(o) = outgoing.as_mut() {
-                    match o.write_next(ctx, writer).await {
-                        Ok(Some(held)) => {
-                            if let Some(r) = routes.as_mut() {
-                                r.held = held;
-                            }
-                            outgoing = None;
+                    if let Some(held) = o.enqueue_next(ctx, writer) {
+                        if let Some(r) = routes.as_mut() {
+                            r.held = held;
                         }
-                        Ok(None) => {}
-                        Err(e) => return e,
+                        outgoing = None;
                     }
                 }
             },
+            // Whatever is queued drains while the loop keeps reading (pings stay answered and
+            // the keepalive sees them) however slowly the agent reads.
+            written = writer.write_pending(), if writer.has_pending() => if let Err(e) = written { return e.to_string() },
             closed = conn.closed() => return closed.to_string(),
         }
     }
@@ -495,10 +507,7 @@ async fn on_message(
     msg: ControlMessage,
 ) -> Result<(), String> {
     match msg {
-        ControlMessage::Ping(p) => writer
-            .send(&ControlMessage::Pong(p.pong()))
-            .await
-            .map_err(|e| e.to_string()),
+        ControlMessage::Ping(p) => enqueue(writer, &ControlMessage::Pong(p.pong())),
         ControlMessage::Pong(p) => {
             keepalive.on_pong(&p, Instant::now());
             Ok(())
@@ -509,12 +518,12 @@ async fn on_message(
                 "renewal refused: this tunnel renewed less than {:?} ago",
                 renewals.min_interval
             );
-            writer
-                .send(&ControlMessage::RenewResponse(RenewResponse {
+            enqueue(
+                writer,
+                &ControlMessage::RenewResponse(RenewResponse {
                     result: Err(petrel_proto::ErrorInfo { code: 2, message }),
-                }))
-                .await
-                .map_err(|e| e.to_string())
+                }),
+            )
         }
         ControlMessage::RenewRequest(req) => {
             let result = ctx
@@ -545,10 +554,10 @@ async fn on_message(
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
                 }
             }
-            writer
-                .send(&ControlMessage::RenewResponse(RenewResponse { result }))
-                .await
-                .map_err(|e| e.to_string())
+            enqueue(
+                writer,
+                &ControlMessage::RenewResponse(RenewResponse { result }),
+            )
         }
         ControlMessage::GoingAway(ga) => {
             Err(format!("agent going away: {:?} {}", ga.reason, ga.message))
