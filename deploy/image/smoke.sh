@@ -128,11 +128,15 @@ for _ in $(seq 50); do
 done
 grep -q 'hub listening' "$work/hub.log" || die "hub from the gateway image did not start: $(cat "$work/hub.log")"
 
-join=$(in_image "$gw" "$gw_user" /usr/local/bin/petrel-gateway token create --node edge-a1 \
-  --state-dir /tmp/hub --server "127.0.0.1:$port" 2>"$work/token.err" | grep '^petrel-edge-agent join') ||
+created=$(in_image "$gw" "$gw_user" /usr/local/bin/petrel-gateway token create --node edge-a1 \
+  --state-dir /tmp/hub --server "127.0.0.1:$port" 2>"$work/token.err") ||
   die "token create in the gateway image: $(cat "$work/token.err")"
+# As an operator does: the token into the environment (never on a command line), then the join.
+join=$(grep '^petrel-edge-agent join' <<<"$created") || die "no join command in: $created"
+token=$(sed -n 's/^export PETREL_JOIN_TOKEN=//p' <<<"$created")
+[[ -n $token ]] || die "no export PETREL_JOIN_TOKEN line in: $created"
 read -r -a join_args <<<"${join#petrel-edge-agent }"
-in_image "$agent" "$agent_user" /usr/local/bin/petrel-edge-agent "${join_args[@]}" \
+PETREL_JOIN_TOKEN=$token in_image "$agent" "$agent_user" /usr/local/bin/petrel-edge-agent "${join_args[@]}" \
   --state-dir /var/lib/petrel/agent >"$work/join.log" 2>&1 || die "join from the agent image: $(cat "$work/join.log")"
 in_image "$agent" "$agent_user" /usr/local/bin/petrel-edge-agent run --state-dir /var/lib/petrel/agent \
   --hooks none --admin-addr "127.0.0.1:$agent_admin" >"$work/agent.log" 2>&1 &

@@ -506,11 +506,16 @@ impl<'a> K8sLab<'a> {
             .lines()
             .find(|l| l.starts_with("petrel-edge-agent join"))
             .ok_or_else(|| anyhow!("no join command: {}", out.stdout))?;
-        Ok(join
+        // The printed command leaves the token to the environment (`export PETREL_JOIN_TOKEN`);
+        // the lab runs it through `ip netns exec`, so it passes it as the flag instead.
+        let (token, _) = crate::procs::parse_token_create(&out.stdout)?;
+        let mut args: Vec<String> = join
             .split_whitespace()
             .skip(1)
             .map(str::to_string)
-            .collect())
+            .collect();
+        args.extend(["--token".to_string(), token]);
+        Ok(args)
     }
 
     /// Enrols and starts the agent of edge node `node` inside namespace `ns` (its own, or
