@@ -181,3 +181,122 @@ fn the_digest_of_a_table_is_pinned() {
 }
 
 const PINNED: u64 = 7_986_796_063_799_211_364;
+
+/// The smallest entry the decoder can meet: one-character names, no pod CIDR, an IPv4 underlay.
+fn minimal_entry() -> RouteEntry {
+    RouteEntry {
+        node_name: "a".into(),
+        site: "b".into(),
+        pod_cidrs: vec![],
+        vtep_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        underlay: IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        mtu: 0,
+    }
+}
+
+#[test]
+fn the_count_bound_is_the_smallest_real_entry() {
+    // The decoder bounds a count by MIN_ENTRY_LEN bytes per entry before allocating: that must
+    // be exactly what the smallest entry encodes to (larger refuses real tables, smaller lets a
+    // lying count reserve more than the frame can hold).
+    let smallest = encoded_entry_len(&minimal_entry()).unwrap();
+    assert_eq!(smallest, 21, "one-character names, no CIDR, IPv4 underlay");
+    assert_eq!(MIN_ENTRY_LEN, smallest);
+    // A count of k entries over fewer than k smallest entries' bytes is refused at the count,
+    // saying how many bytes are missing.
+    for (k, have) in [(1usize, 20usize), (3, 62), (100, 2000)] {
+        let mut body = vec![0u8]; // reset: false
+        body.extend_from_slice(&u16::try_from(k).unwrap().to_be_bytes());
+        body.extend(std::iter::repeat_n(0u8, have));
+        let err = read_route_sync(&mut crate::codec::Reader::new(&body)).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Truncated {
+                field: "RouteSync.upserts",
+                needed: k * smallest - have
+            },
+            "count {k} over {have} bytes"
+        );
+    }
+    // Exactly k smallest entries (then no removals, no digest) decode.
+    let sync = RouteSync {
+        reset: false,
+        upserts: (0..50)
+            .map(|i| RouteEntry {
+                node_name: char::from(b'a' + (i % 26) as u8).to_string(),
+                ..minimal_entry()
+            })
+            .collect(),
+        removals: vec![],
+        digest: None,
+    };
+    let wire = encode_to_vec(&ControlMessage::Routes(sync.clone())).unwrap();
+    assert_eq!(wire.len() - crate::FRAME_HEADER_LEN, 1 + 2 + 50 * smallest + 2 + 1);
+    assert_eq!(
+        decode_frame(&wire).unwrap(),
+        Some((ControlMessage::Routes(sync), wire.len()))
+    );
+}
+
+#[test]
+fn long_removed_names_split_over_chunks_within_the_frame() {
+    // 3,000 removals of 200-character names (600 KB) stay under the item cap: only the byte
+    // budget per name splits them, and every chunk must still fit one frame.
+    let removals: Vec<String> = (0..3000)
+        .map(|i| format!("{}-{i:04}", "r".repeat(195)))
+        .collect();
+    let msgs = delta(vec![], removals.clone(), 9).unwrap();
+    assert!(msgs.len() >= 9, "{} chunks for 600 KB", msgs.len());
+    let mut seen = Vec::new();
+    for m in &msgs {
+        assert!(body_len(m) <= crate::MAX_CONTROL_FRAME, "{}", body_len(m));
+        seen.extend(m.removals.iter().cloned());
+    }
+    assert_eq!(seen, removals);
+    assert_eq!(msgs.last().unwrap().digest, Some(9));
+}
+
+#[test]
+fn a_table_counts_its_entries() {
+    let empty = RouteTable::new();
+    assert!(empty.is_empty());
+    assert_eq!(empty.len(), 0);
+    let t = RouteTable::from_entries((0..3).map(|i| entry(&format!("n{i}"), 1)));
+    assert!(!t.is_empty());
+    assert_eq!(t.len(), 3);
+}
+
+#[test]
+fn the_item_cap_alone_splits_many_tiny_removals() {
+    // 8,193 one-character removals are 41 KB: under the byte budget, one past the item cap.
+    let removals = vec!["a".to_string(); MAX_ROUTE_SYNC_ITEMS + 1];
+    let msgs = delta(vec![], removals, 3).unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0].removals.len(), MAX_ROUTE_SYNC_ITEMS);
+    assert_eq!(msgs[1].removals.len(), 1);
+}
+
+#[test]
+fn a_chunk_holds_exactly_its_budget() {
+    // Removals whose budgeted sizes add up to exactly the chunk budget fit one chunk; one more
+    // byte's worth starts a second.
+    let budget = MAX_CONTROL_FRAME - CHUNK_OVERHEAD;
+    let name = |bytes: usize| "r".repeat(bytes - encoded_name_len(""));
+    let full = 254;
+    let mut names: Vec<String> = Vec::new();
+    let mut used = 0;
+    while budget - used >= 2 * full {
+        names.push(name(full));
+        used += full;
+    }
+    // What is left (between 254 and 507 bytes) in two names of at most 254 bytes each.
+    let left = budget - used;
+    let a = left / 2;
+    names.push(name(a));
+    names.push(name(left - a));
+    let sizes: usize = names.iter().map(|n| encoded_name_len(n)).sum();
+    assert_eq!(sizes, budget);
+    assert_eq!(delta(vec![], names.clone(), 1).unwrap().len(), 1);
+    names.push("x".into());
+    assert_eq!(delta(vec![], names, 1).unwrap().len(), 2);
+}
