@@ -231,7 +231,10 @@ fn the_count_bound_is_the_smallest_real_entry() {
         digest: None,
     };
     let wire = encode_to_vec(&ControlMessage::Routes(sync.clone())).unwrap();
-    assert_eq!(wire.len() - crate::FRAME_HEADER_LEN, 1 + 2 + 50 * smallest + 2 + 1);
+    assert_eq!(
+        wire.len() - crate::FRAME_HEADER_LEN,
+        1 + 2 + 50 * smallest + 2 + 1
+    );
     assert_eq!(
         decode_frame(&wire).unwrap(),
         Some((ControlMessage::Routes(sync), wire.len()))
