@@ -347,21 +347,7 @@ impl JoinConfig {
                 allowed: "64 hex digits (colons and a sha256: prefix are accepted)".into(),
             }
         })?;
-        let node_name = args
-            .node_name
-            .or_else(|| file.node_name.clone())
-            .or_else(hostname)
-            .ok_or(ConfigError::Missing {
-                field: "node-name",
-                hint: "pass --node-name",
-            })?;
-        if !petrel_proto::codec::is_valid_node_name(&node_name) {
-            return Err(ConfigError::Invalid {
-                field: "node-name",
-                value: node_name,
-                allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
-            });
-        }
+        let node_name = node_name(args.node_name, file.node_name.clone(), "pass --node-name")?;
         Ok(Self {
             server,
             token,
@@ -439,22 +425,11 @@ impl AgentConfig {
         let kube_enrol = match args.kubelet_kubeconfig.or(file.kubelet_kubeconfig) {
             None => None,
             Some(kubeconfig) => {
-                let node_name = args
-                    .node_name
-                    .or_else(|| file.node_name.clone())
-                    .or_else(hostname)
-                    .ok_or(ConfigError::Missing {
-                        field: "node-name",
-                        hint: "pass --node-name (zero-touch enrolment needs this node's name)",
-                    })?;
-                if !petrel_proto::codec::is_valid_node_name(&node_name) {
-                    return Err(ConfigError::Invalid {
-                        field: "node-name",
-                        value: node_name,
-                        allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')"
-                            .into(),
-                    });
-                }
+                let node_name = node_name(
+                    args.node_name,
+                    file.node_name.clone(),
+                    "pass --node-name (zero-touch enrolment needs this node's name)",
+                )?;
                 let timeout = dur(
                     "enrol-timeout",
                     args.enrol_timeout,
@@ -491,6 +466,30 @@ impl AgentConfig {
             datapath,
         })
     }
+}
+
+/// This device's node name: the flag, the config file, else the host name; checked as a
+/// Kubernetes node name.
+fn node_name(
+    flag: Option<String>,
+    file: Option<String>,
+    hint: &'static str,
+) -> Result<String, ConfigError> {
+    let name = flag
+        .or(file)
+        .or_else(hostname)
+        .ok_or(ConfigError::Missing {
+            field: "node-name",
+            hint,
+        })?;
+    if !petrel_proto::codec::is_valid_node_name(&name) {
+        return Err(ConfigError::Invalid {
+            field: "node-name",
+            value: name,
+            allowed: "a Kubernetes node name (lowercase letters, digits, '-', '.')".into(),
+        });
+    }
+    Ok(name)
 }
 
 #[cfg(test)]

@@ -285,24 +285,31 @@ impl StateDir {
         f: impl FnOnce(&Path) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.ensure()?;
-        let lock_path = self.dir.join("tokens.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Lock {
-                path: lock_path.clone(),
-                source,
-            })?;
-        lock.lock().map_err(|source| StoreError::Lock {
-            path: lock_path.clone(),
-            source,
-        })?;
-        let result = f(&self.dir.join("tokens.json"));
-        let _ = lock.unlock();
-        result
+        with_file_lock(&self.dir.join("tokens.lock"), || {
+            f(&self.dir.join("tokens.json"))
+        })
+    }
+
+    /// Adds a token made by `record` (from its fresh secret) under a fresh id, dropping tokens
+    /// long expired; returns the token string `id.secret`.
+    fn insert_token(
+        &self,
+        now: SystemTime,
+        record: impl FnOnce(&str) -> TokenRecord,
+    ) -> Result<String, StoreError> {
+        self.with_token_lock(|path| {
+            let mut tokens = Self::read_tokens(path)?;
+            let now_s = unix(now);
+            tokens.retain(|_, t| t.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() > now_s);
+            let mut id = random_token_part(6);
+            while tokens.contains_key(&id) {
+                id = random_token_part(6);
+            }
+            let secret = random_token_part(16);
+            tokens.insert(id.clone(), record(&secret));
+            Self::write_tokens(path, &tokens)?;
+            Ok(format!("{id}.{secret}"))
+        })
     }
 
     fn read_tokens(path: &Path) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
@@ -393,6 +400,29 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Runs `f` holding an exclusive lock on `lock_path` (created 0600 if missing): the state
+/// directory's read-modify-write files (tokens, revocations) are changed by several processes.
+pub(crate) fn with_file_lock<T>(
+    lock_path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let lock_err = |source| StoreError::Lock {
+        path: lock_path.to_path_buf(),
+        source,
+    };
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(lock_path)
+        .map_err(lock_err)?;
+    lock.lock().map_err(lock_err)?;
+    let result = f();
+    let _ = lock.unlock();
+    result
+}
+
 impl TokenStore for StateDir {
     fn create(
         &self,
@@ -401,28 +431,16 @@ impl TokenStore for StateDir {
         single_use: bool,
         now: SystemTime,
     ) -> Result<NewToken, StoreError> {
-        self.with_token_lock(|path| {
-            let mut tokens = Self::read_tokens(path)?;
-            let now_s = unix(now);
-            tokens.retain(|_, t| t.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() > now_s);
-            let mut id = random_token_part(6);
-            while tokens.contains_key(&id) {
-                id = random_token_part(6);
-            }
-            let secret = random_token_part(16);
-            let expires = now + ttl;
-            tokens.insert(
-                id.clone(),
-                TokenRecord::for_node(node, &secret, expires, single_use),
-            );
-            Self::write_tokens(path, &tokens)?;
-            Ok(NewToken {
-                token: format!("{id}.{secret}"),
-                node: node.to_string(),
-                expires,
-                single_use,
-                fleet: None,
-            })
+        let expires = now + ttl;
+        let token = self.insert_token(now, |secret| {
+            TokenRecord::for_node(node, secret, expires, single_use)
+        })?;
+        Ok(NewToken {
+            token,
+            node: node.to_string(),
+            expires,
+            single_use,
+            fleet: None,
         })
     }
 
@@ -433,28 +451,16 @@ impl TokenStore for StateDir {
         max_uses: u32,
         now: SystemTime,
     ) -> Result<NewToken, StoreError> {
-        self.with_token_lock(|path| {
-            let mut tokens = Self::read_tokens(path)?;
-            let now_s = unix(now);
-            tokens.retain(|_, t| t.expires_unix + EXPIRED_TOKEN_RETENTION.as_secs() > now_s);
-            let mut id = random_token_part(6);
-            while tokens.contains_key(&id) {
-                id = random_token_part(6);
-            }
-            let secret = random_token_part(16);
-            let expires = now + ttl;
-            tokens.insert(
-                id.clone(),
-                TokenRecord::for_pool(pool, &secret, expires, max_uses),
-            );
-            Self::write_tokens(path, &tokens)?;
-            Ok(NewToken {
-                token: format!("{id}.{secret}"),
-                node: String::new(),
-                expires,
-                single_use: false,
-                fleet: Some((pool.to_string(), max_uses)),
-            })
+        let expires = now + ttl;
+        let token = self.insert_token(now, |secret| {
+            TokenRecord::for_pool(pool, secret, expires, max_uses)
+        })?;
+        Ok(NewToken {
+            token,
+            node: String::new(),
+            expires,
+            single_use: false,
+            fleet: Some((pool.to_string(), max_uses)),
         })
     }
 

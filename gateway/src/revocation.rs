@@ -15,8 +15,6 @@
 //! refuses. Until a hub has read the list once it refuses every tunnel (fail closed).
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -221,30 +219,13 @@ impl FileRevocations {
         f: impl FnOnce(&mut RevocationList) -> T,
     ) -> Result<(T, RevocationList), StoreError> {
         ensure_private_dir(&self.dir).map_err(StoreError::from)?;
-        let lock_path = self.dir.join("revocations.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Lock {
-                path: lock_path.clone(),
-                source,
-            })?;
-        lock.lock().map_err(|source| StoreError::Lock {
-            path: lock_path.clone(),
-            source,
-        })?;
-        let result = (|| {
+        crate::pki_store::with_file_lock(&self.dir.join("revocations.lock"), || {
             let mut list = self.load()?;
             let out = f(&mut list);
             write_private(&self.dir.join(FILE), &encode(&list))
                 .map_err(|e: PrivateFileError| StoreError::from(e))?;
             Ok((out, list))
-        })();
-        let _ = lock.unlock();
-        result
+        })
     }
 }
 

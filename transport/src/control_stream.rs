@@ -51,9 +51,6 @@ impl ControlReader {
     }
 }
 
-/// What a writer keeps of its encoding buffer between messages.
-const KEEP_CAPACITY: usize = 1024;
-
 /// Writes control messages to a stream.
 ///
 /// Two ways to write: [`send`](Self::send) writes a message and waits until quinn has taken it;
@@ -63,7 +60,6 @@ const KEEP_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct ControlWriter {
     send: quinn::SendStream,
-    buf: Vec<u8>,
     /// Encoded frames not yet (fully) taken by quinn; the front one may be partly written.
     pending: std::collections::VecDeque<bytes::Bytes>,
     pending_bytes: usize,
@@ -73,7 +69,6 @@ impl ControlWriter {
     pub fn new(send: quinn::SendStream) -> Self {
         Self {
             send,
-            buf: Vec::with_capacity(1024),
             pending: std::collections::VecDeque::new(),
             pending_bytes: 0,
         }
@@ -93,14 +88,9 @@ impl ControlWriter {
 
     /// Queues a message behind the pending frames; returns its encoded size.
     pub fn enqueue(&mut self, msg: &ControlMessage) -> Result<usize, EncodeError> {
-        self.buf.clear();
-        petrel_proto::encode(msg, &mut self.buf)?;
-        let frame = bytes::Bytes::copy_from_slice(&self.buf);
-        // A session lives for days and sends mostly pings: a large message (a view, a route
-        // chunk) must not leave its 64 KiB behind in every session.
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = Vec::with_capacity(KEEP_CAPACITY);
-        }
+        // Encoded into its own buffer, which the queue then owns: no copy, and nothing a large
+        // message (a view, a route chunk) leaves behind in a session that lives for days.
+        let frame = bytes::Bytes::from(petrel_proto::control::encode_to_vec(msg)?);
         Ok(self.enqueue_encoded(frame))
     }
 
