@@ -371,6 +371,9 @@ async fn session(
     let mut pending_key: Option<NodeKey> = None;
     loop {
         tokio::select! {
+            // In this order: shutdown, then the hub's messages before the keepalive deadline, so
+            // a loop that wakes late with a message waiting does not declare the hub silent.
+            biased;
             _ = shutdown.cancelled() => {
                 let _ = writer.send(&ControlMessage::GoingAway(petrel_proto::GoingAway {
                     reason: GoingAwayReason::Shutdown, retry_after_ms: 0, message: "agent stopping".into(),

@@ -246,6 +246,10 @@ async fn session(
     let mut deadline = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // Reader first: when the loop wakes late (CPU starvation at 10,000 sessions) with a
+            // message waiting *and* the keepalive deadline past, the message must count before
+            // the keepalive decides the hub is silent.
+            biased;
             msg = reader.next() => {
                 keepalive.on_receive(Instant::now());
                 match msg {

@@ -387,6 +387,11 @@ async fn control_loop(
     let mut deadline = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // Reader first: a loop that wakes late (a busy hub) with the agent's message waiting
+            // and the keepalive deadline past must count the message before the keepalive
+            // declares the agent dead. An agent cannot starve the other branches this way for
+            // long: what it makes the hub queue is capped (`MAX_QUEUED_BYTES`).
+            biased;
             msg = reader.next() => {
                 keepalive.on_receive(Instant::now());
                 match msg {
