@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use petrel_transport::quic::CongestionControl;
+use petrel_transport::setting_values::{
+    self, parse_congestion, parse_duration, parse_host_port, InvalidSetting,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -236,6 +239,21 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
 }
 
+impl From<InvalidSetting> for ConfigError {
+    fn from(e: InvalidSetting) -> Self {
+        Self::Invalid {
+            field: e.field,
+            value: e.value,
+            allowed: e.allowed,
+        }
+    }
+}
+
+/// Where the agent keeps its identity and endpoints when nobody says.
+pub fn default_state_dir() -> PathBuf {
+    setting_values::default_state_dir("agent")
+}
+
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9471";
 
 #[derive(Debug, Clone)]
@@ -285,37 +303,6 @@ pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
-}
-
-/// The wrappers below share one mapping from the transport's setting parsers to this config's
-/// error, naming the field.
-fn bad_value(
-    field: &'static str,
-) -> impl FnOnce(petrel_transport::setting_values::BadValue) -> ConfigError {
-    move |b| ConfigError::Invalid {
-        field,
-        value: b.value,
-        allowed: b.allowed,
-    }
-}
-
-pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    petrel_transport::setting_values::duration(value).map_err(bad_value(field))
-}
-
-pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    petrel_transport::setting_values::host_port(value).map_err(bad_value(field))
-}
-
-pub fn parse_congestion(
-    field: &'static str,
-    value: &str,
-) -> Result<CongestionControl, ConfigError> {
-    petrel_transport::setting_values::congestion(value).map_err(bad_value(field))
-}
-
-pub fn default_state_dir() -> PathBuf {
-    petrel_transport::setting_values::default_state_dir("agent")
 }
 
 fn hostname() -> Option<String> {
@@ -379,11 +366,7 @@ impl AgentConfig {
             .admin_addr
             .or(file.admin_addr)
             .unwrap_or_else(|| DEFAULT_ADMIN.into());
-        let admin_addr = admin.parse().map_err(|_| ConfigError::Invalid {
-            field: "admin-addr",
-            value: admin.clone(),
-            allowed: "IP:PORT, e.g. 127.0.0.1:9471".into(),
-        })?;
+        let admin_addr = setting_values::parse_socket_addr("admin-addr", &admin)?;
         let dur = |field, a: Option<String>, f: Option<String>, d: &str| {
             parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()))
         };

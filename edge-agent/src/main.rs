@@ -168,11 +168,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn status(admin: Option<String>, json: bool) -> anyhow::Result<()> {
     let raw = admin.unwrap_or_else(|| config::DEFAULT_ADMIN.into());
-    let addr = raw.parse().map_err(|_| ConfigError::Invalid {
-        field: "admin-addr",
-        value: raw.clone(),
-        allowed: "IP:PORT".into(),
-    })?;
+    let addr = petrel_transport::setting_values::parse_socket_addr("admin-addr", &raw)
+        .map_err(ConfigError::from)?;
     let (code, body) = petrel_transport::admin::get(addr, "/status").await?;
     if !code.is_success() {
         anyhow::bail!("agent admin endpoint answered {code}: {body}");

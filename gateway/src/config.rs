@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use petrel_transport::quic::CongestionControl;
+use petrel_transport::setting_values::{
+    self, parse_congestion, parse_duration, parse_host_port, parse_socket_addr, InvalidSetting,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -332,6 +335,16 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
 }
 
+impl From<InvalidSetting> for ConfigError {
+    fn from(e: InvalidSetting) -> Self {
+        Self::Invalid {
+            field: e.field,
+            value: e.value,
+            allowed: e.allowed,
+        }
+    }
+}
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";
 /// Route snapshots per second over all agents at the default rate: ~140 of a 10,000-node table.
@@ -366,27 +379,10 @@ pub struct HubConfig {
     pub node_name: Option<String>,
     pub vni: u32,
     pub flannel_port: u16,
-    /// Egress settings as given; `egress::run` validates them.
-    pub egress: crate::egress::EgressArgs,
-    pub egress_file: crate::egress::EgressFileConfig,
+    /// The API server's egress proxy, validated with the rest (off when no listener is set).
+    pub egress: crate::egress::EgressConfig,
     /// `Some`: Kubernetes mode (`node_name` is set and `hub_name` equals it).
     pub kube: Option<crate::k8s::KubeSettings>,
-}
-
-/// `400MiB`, `2GiB`, `512M`, `1G` or plain bytes.
-fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let mult: u64 = match unit.trim() {
-        "" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
@@ -483,47 +479,6 @@ impl std::fmt::Display for RelayListen {
     }
 }
 
-pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| ConfigError::Invalid {
-        field,
-        value: value.into(),
-        allowed: "an IP:PORT such as 0.0.0.0:7443 or [::]:7443".into(),
-    })
-}
-
-/// The wrappers below share one mapping from the transport's setting parsers to this config's
-/// error, naming the field.
-fn bad_value(
-    field: &'static str,
-) -> impl FnOnce(petrel_transport::setting_values::BadValue) -> ConfigError {
-    move |b| ConfigError::Invalid {
-        field,
-        value: b.value,
-        allowed: b.allowed,
-    }
-}
-
-pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    petrel_transport::setting_values::duration(value).map_err(bad_value(field))
-}
-
-/// `HOST:PORT` where HOST is a DNS name, an IPv4 literal or a bracketed IPv6 literal.
-pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
-    petrel_transport::setting_values::host_port(value).map_err(bad_value(field))
-}
-
-pub fn parse_congestion(
-    field: &'static str,
-    value: &str,
-) -> Result<CongestionControl, ConfigError> {
-    petrel_transport::setting_values::congestion(value).map_err(bad_value(field))
-}
-
-/// See [`petrel_transport::setting_values::default_state_dir`].
-pub fn default_state_dir(component: &str) -> PathBuf {
-    petrel_transport::setting_values::default_state_dir(component)
-}
-
 impl HubConfig {
     pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
         let listen = parse_socket_addr(
@@ -543,7 +498,7 @@ impl HubConfig {
         let state_dir = args
             .state_dir
             .or(file.state_dir)
-            .unwrap_or_else(|| default_state_dir("gateway"));
+            .unwrap_or_else(|| setting_values::default_state_dir("gateway"));
         let inventory = args.inventory.or(file.inventory);
         let advertise_raw = if args.advertise.is_empty() {
             file.advertise
@@ -658,28 +613,31 @@ impl HubConfig {
         let memory_budget = match args.memory_budget.or(file.memory_budget).as_deref() {
             None | Some("auto") => None,
             Some("off") => Some(0),
-            Some(v) => Some(parse_size(v).filter(|b| *b >= 16 << 20).ok_or_else(|| {
-                ConfigError::Invalid {
-                    field: "memory-budget",
-                    value: v.to_string(),
-                    allowed: "auto, off, or a size of at least 16MiB such as 400MiB or 2GiB".into(),
-                }
-            })?),
+            Some(v) => Some(
+                setting_values::size(v)
+                    .filter(|b| *b >= 16 << 20)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        field: "memory-budget",
+                        value: v.to_string(),
+                        allowed: "auto, off, or a size of at least 16MiB such as 400MiB or 2GiB"
+                            .into(),
+                    })?,
+            ),
         };
         let route_sync_rate = match args.route_sync_rate.or(file.route_sync_rate).as_deref() {
             None => DEFAULT_ROUTE_SYNC_RATE,
             Some("off") => 0,
-            Some(v) => {
-                parse_size(v)
-                    .filter(|b| *b >= 1 << 20)
-                    .ok_or_else(|| ConfigError::Invalid {
-                        field: "route-sync-rate",
-                        value: v.to_string(),
-                        allowed: "off, or a size of at least 1MiB (per second) such as 64MiB"
-                            .into(),
-                    })?
-            }
+            Some(v) => setting_values::size(v)
+                .filter(|b| *b >= 1 << 20)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "route-sync-rate",
+                    value: v.to_string(),
+                    allowed: "off, or a size of at least 1MiB (per second) such as 64MiB".into(),
+                })?,
         };
+        // Last, as before egress moved in here: a bad egress value is reported after the hub's
+        // own settings.
+        let egress = crate::egress::EgressConfig::from_parts(&args.egress, &file.egress)?;
         Ok(Self {
             memory_budget,
             route_sync_rate,
@@ -702,8 +660,7 @@ impl HubConfig {
             drain_timeout,
             restart_hint,
             site_mtu,
-            egress: args.egress,
-            egress_file: file.egress,
+            egress,
         })
     }
 }

@@ -14,6 +14,7 @@ use petrel_gateway::inventory::Inventory;
 use petrel_gateway::k8s::pki::KubeStore;
 use petrel_gateway::k8s::KubeSettings;
 use petrel_gateway::pki_store::{CaStore, HubStore, StateDir, TokenRecord, TokenStore};
+use petrel_transport::setting_values;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -78,6 +79,9 @@ fn main() -> ExitCode {
             if let Some(ce) = e.downcast_ref::<ConfigError>() {
                 return config_error(ce);
             }
+            if let Some(f) = e.downcast_ref::<RunFailure>() {
+                return f.report();
+            }
             eprintln!("petrel-gateway: {e:#}");
             ExitCode::FAILURE
         }
@@ -104,7 +108,7 @@ fn state_dir(args: &StateArgs, file: &config::FileConfig) -> std::path::PathBuf 
     args.state_dir
         .clone()
         .or(file.state_dir.clone())
-        .unwrap_or_else(|| config::default_state_dir("gateway"))
+        .unwrap_or_else(|| setting_values::default_state_dir("gateway"))
 }
 
 fn load_inventory(path: Option<&std::path::Path>) -> anyhow::Result<Inventory> {
@@ -139,9 +143,7 @@ fn state_dir_origin(given: bool) -> &'static str {
         "configured"
     } else if std::env::var_os("STATE_DIRECTORY").is_some() {
         "default: systemd StateDirectory"
-    } else if petrel_transport::setting_values::default_state_dir("x")
-        .starts_with("/var/lib/petrel")
-    {
+    } else if setting_values::default_state_dir("x").starts_with("/var/lib/petrel") {
         "default for root (HOME and XDG_STATE_HOME are not used)"
     } else {
         "default for a non-root user (XDG_STATE_HOME or ~/.local/state)"
@@ -193,13 +195,8 @@ async fn local_node_inventory(
 }
 
 fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
-    // Every setting is checked before any port is bound: a bad egress value is a configuration
-    // error (64), never hidden behind a bind error.
-    if let Err(e) = petrel_gateway::egress::EgressConfig::from_parts(&cfg.egress, &cfg.egress_file)
-    {
-        eprintln!("petrel-gateway: configuration error: {e}");
-        std::process::exit(i32::from(EXIT_CONFIG));
-    }
+    // Every setting, egress included, was validated into `cfg` before any port is bound: a bad
+    // value is a configuration error (64), never hidden behind a bind error.
     if cfg.kube.is_none() && cfg.inventory.is_none() {
         tracing::warn!("{DEMO_INVENTORY_WARNING}");
     }
@@ -214,19 +211,13 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
     let inventory = if cfg.kube.is_some() {
         Inventory::default()
     } else {
-        match load_inventory(cfg.inventory.as_deref()) {
-            Ok(i) => i,
-            Err(e) => {
-                // A broken inventory file is a configuration error, not a crash.
-                eprintln!("petrel-gateway: configuration error: {e:#}");
-                std::process::exit(i32::from(EXIT_CONFIG));
-            }
-        }
+        // A broken inventory file is a configuration error, not a crash.
+        load_inventory(cfg.inventory.as_deref()).map_err(RunFailure::Inventory)?
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let admin_addr = cfg.admin_addr;
         let admin = tokio::net::TcpListener::bind(admin_addr)
             .await
@@ -315,10 +306,26 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
-        let egress = tokio::spawn(petrel_gateway::egress::run(ctx.clone(), shutdown.clone()));
-        hub.run(shutdown.clone()).await;
-        shutdown.cancel();
-        match egress.await {
+        let mut egress = tokio::spawn(petrel_gateway::egress::run(ctx.clone(), shutdown.clone()));
+        let hub_run = hub.run(shutdown.clone());
+        tokio::pin!(hub_run);
+        // An egress proxy that cannot start stops the hub at once (it was asked for, and a hub
+        // without it would look healthy); otherwise it runs until shutdown like the hub.
+        let egress_result = tokio::select! {
+            () = &mut hub_run => {
+                shutdown.cancel();
+                egress.await
+            }
+            r = &mut egress => match r {
+                Ok(Err(e)) => return Err(RunFailure::Egress(e).into()),
+                r => {
+                    hub_run.await;
+                    shutdown.cancel();
+                    r
+                }
+            },
+        };
+        match egress_result {
             Ok(Err(e)) => error!(error = %e, "egress proxy failed"),
             Err(e) => error!(error = %e, "egress proxy task failed"),
             Ok(Ok(())) => {}
@@ -330,7 +337,49 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         }
         let _ = admin_task.await;
         Ok(())
-    })
+    });
+    if result.is_err() {
+        // Stopped early (the egress proxy could not start): tasks still running are not waited
+        // for, as an exit would not have.
+        rt.shutdown_background();
+    }
+    result
+}
+
+/// Failures of `run` and `node` that `main` reports with their own exit status.
+#[derive(Debug, thiserror::Error)]
+enum RunFailure {
+    /// The inventory file cannot be used: a configuration error (64).
+    #[error("{0:#}")]
+    Inventory(anyhow::Error),
+    /// The egress proxy could not start: 1 for a listener that cannot bind, else 64.
+    #[error("egress proxy: {0}")]
+    Egress(petrel_gateway::egress::EgressError),
+    /// This node cannot run the node role with this inventory: a configuration error (64).
+    #[error(transparent)]
+    NodeRole(petrel_gateway::node_role::NodeRoleError),
+}
+
+impl RunFailure {
+    fn report(&self) -> ExitCode {
+        match self {
+            Self::Inventory(e) => {
+                eprintln!("petrel-gateway: configuration error: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Self::NodeRole(e) => {
+                eprintln!("petrel-gateway: configuration error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Self::Egress(e) => {
+                eprintln!("petrel-gateway: egress proxy: {e}");
+                match e {
+                    petrel_gateway::egress::EgressError::Listen { .. } => ExitCode::FAILURE,
+                    _ => ExitCode::from(EXIT_CONFIG),
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -364,7 +413,8 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
         .kube
         .resolve(file.inventory_source.as_deref(), &file.kubernetes)?;
     let inventory_path = args.inventory.clone().or(file.inventory.clone());
-    let admin_addr = config::parse_socket_addr("admin-addr", &args.admin_addr)?;
+    let admin_addr = setting_values::parse_socket_addr("admin-addr", &args.admin_addr)
+        .map_err(ConfigError::from)?;
     if kube.is_none() && inventory_path.is_none() {
         tracing::warn!("{DEMO_INVENTORY_WARNING}");
     }
@@ -415,17 +465,8 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
             Ok(())
         });
     }
-    let inventory = match load_inventory(inventory_path.as_deref()) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("petrel-gateway: configuration error: {e:#}");
-            std::process::exit(i32::from(EXIT_CONFIG));
-        }
-    };
-    if let Err(e) = petrel_gateway::node_role::desired_state(&inventory, &cfg) {
-        eprintln!("petrel-gateway: configuration error: {e}");
-        std::process::exit(i32::from(EXIT_CONFIG));
-    }
+    let inventory = load_inventory(inventory_path.as_deref()).map_err(RunFailure::Inventory)?;
+    petrel_gateway::node_role::desired_state(&inventory, &cfg).map_err(RunFailure::NodeRole)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -444,7 +485,7 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
 }
 
 fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> anyhow::Result<()> {
-    let ttl = config::parse_duration("ttl", &args.ttl)?;
+    let ttl = setting_values::parse_duration("ttl", &args.ttl).map_err(ConfigError::from)?;
     if let Some(pool) = &args.pool {
         return fleet_token_create(&args, pool, ttl, file);
     }
@@ -544,7 +585,7 @@ fn token_create(args: config::TokenCreateArgs, file: &config::FileConfig) -> any
 fn join_server(server_hint: Option<String>) -> anyhow::Result<String> {
     Ok(match server_hint {
         Some(s) => {
-            config::parse_host_port("server", &s)?;
+            setting_values::parse_host_port("server", &s).map_err(ConfigError::from)?;
             s
         }
         None => {
@@ -798,10 +839,11 @@ fn token_list(args: &StoreArgs, file: &config::FileConfig) -> anyhow::Result<()>
 }
 
 fn status(admin_addr: Option<String>, json: bool) -> anyhow::Result<()> {
-    let addr = config::parse_socket_addr(
+    let addr = setting_values::parse_socket_addr(
         "admin-addr",
         admin_addr.as_deref().unwrap_or(config::DEFAULT_ADMIN),
-    )?;
+    )
+    .map_err(ConfigError::from)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -1,8 +1,11 @@
-//! Parsing of the setting values both binaries accept (durations, `HOST:PORT` endpoints, the
-//! congestion controller) and the
-//! default state directory. Each binary wraps a [`BadValue`] into its own configuration error with
-//! the field's name, so the message an operator sees names the flag and what is allowed.
+//! The one value-parsing layer of both binaries' configuration: durations, `HOST:PORT`
+//! endpoints, `IP:PORT` listen addresses, sizes, the congestion controller, and the default
+//! state directory. The bare parsers return a [`BadValue`] (the value and what would parse); the
+//! `parse_*` functions name the field too and return an [`InvalidSetting`], which each binary's
+//! configuration error converts from (`?`), so the message an operator sees names the flag and
+//! what is allowed, worded the same way in both binaries.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +16,54 @@ use crate::quic::CongestionControl;
 pub struct BadValue {
     pub value: String,
     pub allowed: String,
+}
+
+impl BadValue {
+    /// This value given for `field`.
+    pub fn for_field(self, field: &'static str) -> InvalidSetting {
+        InvalidSetting {
+            field,
+            value: self.value,
+            allowed: self.allowed,
+        }
+    }
+}
+
+/// A setting that cannot be used: the field (its long flag's name), the value given, and what
+/// is allowed. Both binaries' configuration errors convert from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {value:?}: {allowed}")]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+/// [`duration`] for `field`.
+pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, InvalidSetting> {
+    duration(value).map_err(|b| b.for_field(field))
+}
+
+/// [`host_port`] for `field`.
+pub fn parse_host_port(field: &'static str, value: &str) -> Result<(String, u16), InvalidSetting> {
+    host_port(value).map_err(|b| b.for_field(field))
+}
+
+/// [`congestion`] for `field`.
+pub fn parse_congestion(
+    field: &'static str,
+    value: &str,
+) -> Result<CongestionControl, InvalidSetting> {
+    congestion(value).map_err(|b| b.for_field(field))
+}
+
+/// An `IP:PORT` socket address (a listen or admin address) for `field`.
+pub fn parse_socket_addr(field: &'static str, value: &str) -> Result<SocketAddr, InvalidSetting> {
+    value.parse().map_err(|_| InvalidSetting {
+        field,
+        value: value.into(),
+        allowed: "an IP:PORT such as 0.0.0.0:7443 or [::]:7443".into(),
+    })
 }
 
 /// The longest duration any setting takes (ten years). Longer values are refused here, with the
@@ -63,6 +114,23 @@ pub fn congestion(value: &str) -> Result<CongestionControl, BadValue> {
     }
 }
 
+/// `400MiB`, `2GiB`, `512M`, `1G`, `64K` or plain bytes; `None` for anything else (the caller
+/// says what its field allows, such as `off` or a minimum).
+pub fn size(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 /// Where state lives when nobody says: systemd's `StateDirectory`, `/var/lib/petrel/<component>`
 /// for root, else the user's state directory (so a developer can try Petrel without root).
 pub fn default_state_dir(component: &str) -> PathBuf {
@@ -86,6 +154,7 @@ pub fn default_state_dir(component: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -109,5 +178,28 @@ mod tests {
         assert_eq!(congestion("BBR"), Ok(CongestionControl::Bbr));
         assert_eq!(congestion("reno"), Ok(CongestionControl::NewReno));
         assert!(congestion("vegas").is_err_and(|b| b.allowed.contains("cubic")));
+        assert_eq!(size("400MiB"), Some(400 << 20));
+        assert_eq!(size("2G"), Some(2 << 30));
+        assert_eq!(size("4096"), Some(4096));
+        for bad in ["lots", "5TiB", "-1", ""] {
+            assert_eq!(size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn named_errors_say_field_value_and_what_is_allowed() {
+        let e = parse_duration("keepalive", "5 parsecs").unwrap_err();
+        assert_eq!(e.field, "keepalive");
+        assert!(e
+            .to_string()
+            .starts_with("invalid keepalive: \"5 parsecs\": a duration"));
+        let e = parse_socket_addr("listen", "nope").unwrap_err();
+        assert!(e.to_string().contains("IP:PORT"), "{e}");
+        assert_eq!(
+            parse_socket_addr("listen", "127.0.0.1:1"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 1)))
+        );
+        assert_eq!(parse_host_port("server", "h:1"), Ok(("h".into(), 1)));
+        assert!(parse_congestion("congestion", "vegas").is_err_and(|e| e.field == "congestion"));
     }
 }

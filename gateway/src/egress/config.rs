@@ -9,8 +9,10 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use petrel_transport::setting_values::{parse_duration, parse_socket_addr};
+
 use super::resolve::PortPolicy;
-use crate::config::{parse_duration, parse_socket_addr, ConfigError};
+use crate::config::ConfigError;
 
 /// Egress flags (flattened into `petrel-gateway run`).
 #[derive(Debug, Args, Default, Clone)]

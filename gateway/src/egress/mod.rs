@@ -49,8 +49,6 @@ const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// Why the egress proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -71,11 +69,7 @@ pub fn policy_for(ctx: &HubContext, node: &str) -> EgressPolicy {
     // a policy can only be cached under an epoch older than the inventory it came from, never
     // the reverse.
     let epoch = ctx.view_epoch();
-    let ports = || {
-        EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file)
-            .map(|c| c.ports)
-            .unwrap_or_default()
-    };
+    let ports = &ctx.config.egress.ports;
     let Ok(inv) = ctx.inventory.read() else {
         return EgressPolicy::default();
     };
@@ -90,10 +84,10 @@ pub fn policy_for(ctx: &HubContext, node: &str) -> EgressPolicy {
         let entry = c
             .sites
             .entry(me.site.clone())
-            .or_insert_with(|| resolve::site_policy(&inv, &me.site, &ports()));
+            .or_insert_with(|| resolve::site_policy(&inv, &me.site, ports));
         entry.complete.then(|| entry.policy.clone())
     });
-    cached.unwrap_or_else(|| resolve::own_node_first(&inv, me, &ports()))
+    cached.unwrap_or_else(|| resolve::own_node_first(&inv, me, ports))
 }
 
 /// Per-site egress policies for one view epoch (see [`policy_for`]).
@@ -577,19 +571,11 @@ impl Egress {
     }
 }
 
-/// Starts the egress listeners configured in the hub's config; returns when `shutdown` fires.
-///
-/// A configuration error exits the process with 64 (like every other bad value) and a listener
-/// that cannot bind exits it with 1, because the hub is started by `main` before this task runs
-/// and would otherwise keep running without the egress it was asked for.
+/// Starts the egress listeners configured in the hub's config (validated with the rest of it
+/// by `main`); returns when `shutdown` fires, or at once with the error when a listener cannot
+/// start (`main` then stops the hub: it was asked for egress).
 pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<(), EgressError> {
-    let mut cfg = match EgressConfig::from_parts(&ctx.config.egress, &ctx.config.egress_file) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("petrel-gateway: configuration error: {e}");
-            std::process::exit(64);
-        }
-    };
+    let mut cfg = ctx.config.egress.clone();
     if !cfg.enabled() {
         debug!("egress proxy not configured");
         shutdown.cancelled().await;
@@ -597,17 +583,9 @@ pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<()
     }
     fit_caps_to_descriptors(&mut cfg);
     let eg = Arc::new(Egress::new(ctx, cfg));
-    match listen::serve(eg, shutdown).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            error!(error = %e, "egress proxy cannot start");
-            eprintln!("petrel-gateway: egress proxy: {e}");
-            std::process::exit(match e {
-                EgressError::Listen { .. } => 1,
-                EgressError::Config(_) | EgressError::Tls(_) => 64,
-            });
-        }
-    }
+    listen::serve(eg, shutdown).await.inspect_err(|e| {
+        error!(error = %e, "egress proxy cannot start");
+    })
 }
 
 /// Descriptors kept out of the egress budget: the admin endpoint (health probes must answer

@@ -354,7 +354,7 @@ impl KubeArgs {
             d.keys.cloud_site,
         )?;
         let dur = |field: &'static str, a: &Option<String>, f: &Option<String>, d: &str| {
-            crate::config::parse_duration(
+            petrel_transport::setting_values::parse_duration(
                 field,
                 &a.clone().or(f.clone()).unwrap_or_else(|| d.to_string()),
             )

@@ -76,7 +76,7 @@ pub struct Translated {
 pub fn parse_endpoints(value: &str) -> Vec<(String, u16)> {
     value
         .split(',')
-        .filter_map(|e| crate::config::parse_host_port("endpoint", e.trim()).ok())
+        .filter_map(|e| petrel_transport::setting_values::host_port(e.trim()).ok())
         .collect()
 }
 
