@@ -17,11 +17,61 @@ use crate::config::AgentConfig;
 use crate::identity::{AgentState, Identity, IdentityError};
 use crate::metrics::AgentMetrics;
 
+/// Where one link is in its life (`state` in `/status`, as the lower-case word).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    #[default]
+    Connecting,
+    Connected,
+    /// The last attempt failed; waiting before the next.
+    Backoff,
+    /// The session ended; reconnecting.
+    Disconnected,
+    /// Reaches the same hub as another link of this agent: waiting before trying again.
+    Parked,
+    Stopped,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Backoff => "backoff",
+            Self::Disconnected => "disconnected",
+            Self::Parked => "parked",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the agent's `/readyz` says not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentNotReady {
+    #[error("state lock poisoned")]
+    LockPoisoned,
+    /// The data plane was asked for and is not doing its job.
+    #[error("{0}")]
+    Dataplane(String),
+    #[error("not connected to any hub yet")]
+    NotConnected,
+    /// Not connected, with each link's last error (`endpoint: error`).
+    #[error("not connected to any hub ({})", .0.join("; "))]
+    LinksFailing(Vec<String>),
+}
+
 /// One row of `petrel-edge-agent status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LinkStatus {
     pub endpoint: String,
-    pub state: String,
+    pub state: LinkState,
     pub hub: Option<String>,
     pub remote: Option<String>,
     pub connected_since_unix: Option<u64>,
@@ -81,7 +131,10 @@ impl AgentShared {
                     ..Default::default()
                 });
             f(entry);
-            let connected = links.values().filter(|l| l.state == "connected").count();
+            let connected = links
+                .values()
+                .filter(|l| l.state == LinkState::Connected)
+                .count();
             self.metrics.hubs_connected.set(connected as i64);
         }
     }
@@ -139,7 +192,9 @@ impl AgentShared {
         links
             .values()
             .find(|l| {
-                l.endpoint != except && l.state == "connected" && l.hub.as_deref() == Some(hub)
+                l.endpoint != except
+                    && l.state == LinkState::Connected
+                    && l.hub.as_deref() == Some(hub)
             })
             .map(|l| l.endpoint.clone())
     }
@@ -167,16 +222,15 @@ impl AgentShared {
 }
 
 impl AdminState for AgentShared {
-    fn ready(&self) -> Result<(), String> {
-        let links = self
-            .links
-            .lock()
-            .map_err(|_| "state lock poisoned".to_string())?;
+    type NotReady = AgentNotReady;
+
+    fn ready(&self) -> Result<(), AgentNotReady> {
+        let links = self.links.lock().map_err(|_| AgentNotReady::LockPoisoned)?;
         // Connected is not enough: the data plane must be programmed too (unless --hooks none).
         if let Some(why) = self.dataplane_problem() {
-            return Err(why);
+            return Err(AgentNotReady::Dataplane(why));
         }
-        if links.values().any(|l| l.state == "connected") {
+        if links.values().any(|l| l.state == LinkState::Connected) {
             Ok(())
         } else {
             let errors: Vec<String> = links
@@ -188,9 +242,9 @@ impl AdminState for AgentShared {
                 })
                 .collect();
             Err(if errors.is_empty() {
-                "not connected to any hub yet".into()
+                AgentNotReady::NotConnected
             } else {
-                format!("not connected to any hub ({})", errors.join("; "))
+                AgentNotReady::LinksFailing(errors)
             })
         }
     }
@@ -363,7 +417,7 @@ fn spawn_link(
     if !started.insert(endpoint.clone()) {
         return;
     }
-    shared.update_link(&endpoint, |l| l.state = "connecting".into());
+    shared.update_link(&endpoint, |l| l.state = LinkState::Connecting);
     let span = tracing::info_span!("link", endpoint = %endpoint);
     links.spawn(crate::link::run(shared.clone(), endpoint, shutdown.clone()).instrument(span));
 }

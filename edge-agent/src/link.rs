@@ -23,7 +23,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::agent::AgentShared;
+use crate::agent::{AgentShared, LinkState};
 use crate::identity::Identity;
 use crate::metrics::AgentMetrics;
 
@@ -61,7 +61,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             break;
         }
         shared.update_link(&endpoint, |l| {
-            l.state = "connecting".into();
+            l.state = LinkState::Connecting;
             l.attempts += 1;
         });
         let attempt = tokio::select! {
@@ -77,9 +77,10 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                     .metrics
                     .handshake_failures
                     .get_or_create(&crate::metrics::Reason {
-                        reason: crate::metrics::handshake_failure_reason(&e).to_string(),
+                        reason: e.reason().to_string(),
                     })
                     .inc();
+                let e = e.to_string();
                 if last_logged_error.as_deref() != Some(e.as_str()) {
                     warn!(error = %e, "cannot connect to hub; retrying with backoff");
                     last_logged_error = Some(e.clone());
@@ -88,7 +89,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 }
                 delay = backoff.next_delay(rand::rng().random());
                 shared.update_link(&endpoint, |l| {
-                    l.state = "backoff".into();
+                    l.state = LinkState::Backoff;
                     l.last_error = Some(e);
                 });
                 continue;
@@ -100,7 +101,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let since = SystemTime::now();
         info!(hub = %welcome.hub_id, remote = %conn.remote_address(), site = %welcome.site, "connected to hub");
         shared.update_link(&endpoint, |l| {
-            l.state = "connected".into();
+            l.state = LinkState::Connected;
             l.hub = Some(welcome.hub_id.clone());
             l.remote = Some(conn.remote_address().to_string());
             l.connected_since_unix = since
@@ -153,7 +154,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         }
         backoff.on_disconnected(Instant::now());
         shared.update_link(&endpoint, |l| {
-            l.state = "disconnected".into();
+            l.state = LinkState::Disconnected;
             l.rtt_ms = None;
             l.connected_since_unix = None;
         });
@@ -174,7 +175,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 if let Some(other) = duplicate {
                     info!(other = %other, "this endpoint reaches the same hub as another link; parking it");
                     shared.update_link(&endpoint, |l| {
-                        l.state = "parked".into();
+                        l.state = LinkState::Parked;
                         l.last_error = Some(format!("same hub as {other}"));
                     });
                     delay = DUPLICATE_PARK;
@@ -197,7 +198,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         }
         conn.close(close_code::NORMAL.into(), b"reconnecting");
     }
-    shared.update_link(&endpoint, |l| l.state = "stopped".into());
+    shared.update_link(&endpoint, |l| l.state = LinkState::Stopped);
 }
 
 type Connected = (quinn::Connection, ControlReader, ControlWriter, Welcome);
@@ -228,11 +229,76 @@ fn effective_view(view: &HubView, table: &RouteTable, me: &Me) -> HubView {
     }
 }
 
+/// Why one connection attempt to a hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bad endpoint {0}")]
+    BadEndpoint(String),
+    #[error("bad port in {0}")]
+    BadPort(String),
+    #[error("cannot resolve {endpoint} within {within:?}")]
+    ResolveTimeout { endpoint: String, within: Duration },
+    #[error("cannot resolve {endpoint}: {source}")]
+    Resolve {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("{0} resolves to nothing")]
+    ResolvesToNothing(String),
+    /// Our own TLS or QUIC configuration (the identity on disk) cannot be used.
+    #[error(transparent)]
+    Config(#[from] petrel_transport::tls::TlsConfigError),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    /// Nothing came back: port closed, firewall, wrong address.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("{}", describe_connection_error(.0))]
+    Connection(quinn::ConnectionError),
+    #[error("hub answered but did not welcome us within {0:?}")]
+    NoWelcome(Duration),
+    #[error(transparent)]
+    Stream(#[from] petrel_transport::control_stream::StreamError),
+    /// The hub sent GoingAway instead of a Welcome.
+    #[error("hub refused the tunnel: {0}")]
+    Refused(String),
+    #[error("hub sent {0} instead of welcome")]
+    Unexpected(&'static str),
+    #[error("hub closed the control stream before welcoming us")]
+    ClosedBeforeWelcome,
+}
+
+impl ConnectError {
+    /// The `reason` label of `petrel_agent_handshake_failures_total`: `no_answer`, `resolve`,
+    /// `tls` (our TLS configuration, or a TLS alert from either side: another CA, an expired
+    /// certificate), `refused` (the hub answered and turned the tunnel down), `no_welcome` (it
+    /// answered but never welcomed), `other`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoAnswer(_) => "no_answer",
+            Self::ResolveTimeout { .. } | Self::Resolve { .. } | Self::ResolvesToNothing(_) => {
+                "resolve"
+            }
+            Self::Config(_) => "tls",
+            Self::Connection(e) if tls::tls_alert(e).is_some() => "tls",
+            Self::NoWelcome(_) => "no_welcome",
+            Self::Refused(_)
+            | Self::Connection(
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::ConnectionClosed(_),
+            ) => "refused",
+            _ => "other",
+        }
+    }
+}
+
 async fn connect(
     shared: &AgentShared,
     endpoint: &str,
     routes_digest: u64,
-) -> Result<Connected, String> {
+) -> Result<Connected, ConnectError> {
     let id = shared.identity();
     if id.is_expired(SystemTime::now()) {
         // Still try: the clock may be wrong rather than the certificate; the hub's answer will say.
@@ -240,59 +306,56 @@ async fn connect(
     }
     let (host, port) = endpoint
         .rsplit_once(':')
-        .ok_or_else(|| format!("bad endpoint {endpoint}"))?;
+        .ok_or_else(|| ConnectError::BadEndpoint(endpoint.into()))?;
     let port: u16 = port
         .parse()
-        .map_err(|_| format!("bad port in {endpoint}"))?;
+        .map_err(|_| ConnectError::BadPort(endpoint.into()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let within = shared.config.connect_timeout;
     let addr = tokio::time::timeout(within, tokio::net::lookup_host((host, port)))
         .await
-        .map_err(|_| format!("cannot resolve {endpoint} within {within:?}"))?
-        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))?
+        .map_err(|_| ConnectError::ResolveTimeout {
+            endpoint: endpoint.into(),
+            within,
+        })?
+        .map_err(|source| ConnectError::Resolve {
+            endpoint: endpoint.into(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{endpoint} resolves to nothing"))?;
+        .ok_or_else(|| ConnectError::ResolvesToNothing(endpoint.into()))?;
     let tls_cfg = tls::agent_client_tls(
         &id.ca_der,
         vec![id.cert_der.clone()],
         id.key_der(),
         ALPN_TUNNEL,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let tuning = TransportTuning {
         congestion: shared.config.congestion,
         ..TransportTuning::default()
     };
-    let client = quic::client_config(tls_cfg, &tuning).map_err(|e| e.to_string())?;
+    let client = quic::client_config(tls_cfg, &tuning)?;
     let bind = if addr.is_ipv4() {
-        "0.0.0.0:0"
+        std::net::SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
-        "[::]:0"
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
     // A fresh UDP socket per attempt: a new source port also means a new NAT mapping, which is
     // what a stuck mapping needs.
-    let ep = quic::client_endpoint(bind.parse().map_err(|_| "bad bind address".to_string())?)
-        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    let mut connecting = ep
-        .connect_with(client, addr, HUB_SERVER_NAME)
-        .map_err(|e| e.to_string())?;
+    let ep = quic::client_endpoint(bind).map_err(ConnectError::Socket)?;
+    let mut connecting = ep.connect_with(client, addr, HUB_SERVER_NAME)?;
     quic::await_answer(&mut connecting, within)
         .await
         .map_err(|e| match e {
-            quic::DialError::Connection(e) => describe_connection_error(&e),
-            other => other.to_string(),
+            quic::DialError::Connection(e) => ConnectError::Connection(e),
+            quic::DialError::NoAnswer(d) => ConnectError::NoAnswer(d),
         })?;
     tokio::time::timeout(
         quic::ADMITTED_GRACE,
         welcome(connecting, &id, routes_digest),
     )
     .await
-    .map_err(|_| {
-        format!(
-            "hub answered but did not welcome us within {:?}",
-            quic::ADMITTED_GRACE
-        )
-    })?
+    .map_err(|_| ConnectError::NoWelcome(quic::ADMITTED_GRACE))?
 }
 
 /// The rest of a connect once the hub answered: the handshake, our hello, its welcome.
@@ -300,14 +363,9 @@ async fn welcome(
     connecting: quinn::Connecting,
     id: &Identity,
     routes_digest: u64,
-) -> Result<Connected, String> {
-    let conn = connecting
-        .await
-        .map_err(|e| describe_connection_error(&e))?;
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| describe_connection_error(&e))?;
+) -> Result<Connected, ConnectError> {
+    let conn = connecting.await.map_err(ConnectError::Connection)?;
+    let (send, recv) = conn.open_bi().await.map_err(ConnectError::Connection)?;
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
     let hello = Hello {
@@ -324,19 +382,14 @@ async fn welcome(
         },
         routes_digest: Some(routes_digest),
     };
-    writer
-        .send(&ControlMessage::Hello(hello))
-        .await
-        .map_err(|e| e.to_string())?;
+    writer.send(&ControlMessage::Hello(hello)).await?;
     match reader.next().await {
         Ok(Some(ControlMessage::Welcome(w))) => Ok((conn, reader, writer, w)),
-        Ok(Some(ControlMessage::GoingAway(ga))) => {
-            Err(format!("hub refused the tunnel: {}", ga.message))
-        }
-        Ok(Some(other)) => Err(format!("hub sent {} instead of welcome", other.name())),
+        Ok(Some(ControlMessage::GoingAway(ga))) => Err(ConnectError::Refused(ga.message)),
+        Ok(Some(other)) => Err(ConnectError::Unexpected(other.name())),
         Ok(None) | Err(_) => Err(match conn.close_reason() {
-            Some(reason) => describe_connection_error(&reason),
-            None => "hub closed the control stream before welcoming us".into(),
+            Some(reason) => ConnectError::Connection(reason),
+            None => ConnectError::ClosedBeforeWelcome,
         }),
     }
 }
@@ -510,6 +563,21 @@ async fn maybe_start_renewal(shared: &AgentShared, writer: &mut ControlWriter) -
     Some(key)
 }
 
+/// Why a renewed certificate from the hub is not taken.
+#[derive(Debug, thiserror::Error)]
+enum RenewalRejected {
+    #[error("renewal came back with a different CA")]
+    OtherCa,
+    #[error("renewed certificate is not for the new key")]
+    OtherKey,
+    #[error(transparent)]
+    Unreadable(#[from] petrel_transport::pki::PkiError),
+    #[error("renewed certificate names {0:?}")]
+    OtherNode(String),
+    #[error(transparent)]
+    Store(#[from] crate::identity::IdentityError),
+}
+
 fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto::RenewResponse) {
     shared.renewing.store(false, Ordering::SeqCst);
     let Some(key) = key else {
@@ -527,19 +595,16 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
     let current = shared.identity();
     let checked = (|| {
         if bundle.ca_der.as_slice() != current.ca_der.as_ref() {
-            return Err("renewal came back with a different CA".to_string());
+            return Err(RenewalRejected::OtherCa);
         }
         if !key.matches(&bundle.cert_der) {
-            return Err("renewed certificate is not for the new key".to_string());
+            return Err(RenewalRejected::OtherKey);
         }
-        let info = CertInfo::parse(&bundle.cert_der).map_err(|e| e.to_string())?;
+        let info = CertInfo::parse(&bundle.cert_der)?;
         if info.node_name != current.node_name() {
-            return Err(format!("renewed certificate names {:?}", info.node_name));
+            return Err(RenewalRejected::OtherNode(info.node_name));
         }
-        shared
-            .state
-            .store(&key, &bundle.cert_der, &bundle.ca_der)
-            .map_err(|e| e.to_string())?;
+        shared.state.store(&key, &bundle.cert_der, &bundle.ca_der)?;
         Ok(Identity {
             key,
             cert_der: bundle.cert_der.clone().into(),
@@ -557,5 +622,67 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
             AgentMetrics::inc(&shared.metrics.renewals, "invalid");
             warn!(error = %e, "renewed certificate rejected; keeping the current one");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_failures_are_classified_by_variant() {
+        let peer_alert = |alert: u8| {
+            ConnectError::Connection(quinn::ConnectionError::ConnectionClosed(
+                quinn::ConnectionClose {
+                    error_code: quinn::TransportErrorCode::crypto(alert),
+                    frame_type: None,
+                    reason: bytes::Bytes::from_static(b"invalid peer certificate"),
+                },
+            ))
+        };
+        assert_eq!(
+            ConnectError::NoAnswer(Duration::from_secs(3)).reason(),
+            "no_answer"
+        );
+        let resolve = ConnectError::Resolve {
+            endpoint: "hub.example:7443".into(),
+            source: std::io::Error::other("no such host"),
+        };
+        assert_eq!(resolve.reason(), "resolve");
+        assert_eq!(
+            ConnectError::ResolvesToNothing("h:1".into()).reason(),
+            "resolve"
+        );
+        // The hub's rustls refused our certificate: unknown CA, bad certificate, expired.
+        for alert in [48, 42, 45] {
+            assert_eq!(peer_alert(alert).reason(), "tls", "{alert}");
+        }
+        assert_eq!(
+            ConnectError::Refused("node edge-x is not admitted".into()).reason(),
+            "refused"
+        );
+        let closed = ConnectError::Connection(quinn::ConnectionError::ApplicationClosed(
+            quinn::ApplicationClose {
+                error_code: quinn::VarInt::from_u32(0x10),
+                reason: bytes::Bytes::from_static(b"not admitted"),
+            },
+        ));
+        assert_eq!(closed.reason(), "refused");
+        assert_eq!(
+            closed.to_string(),
+            "hub closed the connection: not admitted"
+        );
+        assert_eq!(
+            ConnectError::NoWelcome(Duration::from_secs(10)).reason(),
+            "no_welcome"
+        );
+        assert_eq!(
+            ConnectError::Socket(std::io::Error::other("EMFILE")).reason(),
+            "other"
+        );
+        assert_eq!(
+            ConnectError::Connection(quinn::ConnectionError::TimedOut).reason(),
+            "other"
+        );
     }
 }

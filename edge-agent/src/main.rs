@@ -1,7 +1,6 @@
 //! `petrel-edge-agent`: join, run, status.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -141,7 +140,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let admin_task = tokio::spawn(petrel_transport::admin::serve(
         admin,
-        agent.shared() as Arc<dyn petrel_transport::admin::AdminState>,
+        agent.shared(),
         shutdown.clone(),
     ));
     info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");

@@ -18,37 +18,13 @@ pub struct AgentMetrics {
     pub connect_attempts: Family<Outcome, Counter>,
     pub sessions_ended: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
-    /// Failed connection attempts by reason ([`handshake_failure_reason`]).
+    /// Failed connection attempts by reason ([`crate::link::ConnectError::reason`]).
     pub handshake_failures: Family<Reason, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: String,
-}
-
-/// Why a connection attempt failed, from the link's error sentence: `no_answer` (nothing came
-/// back: port closed, firewall, wrong address), `resolve`, `tls` (certificate or handshake
-/// crypto: another CA, an expired certificate), `refused` (the hub answered and turned the
-/// tunnel down), `no_welcome` (it answered but never welcomed), `other`.
-pub fn handshake_failure_reason(error: &str) -> &'static str {
-    let e = error.to_ascii_lowercase();
-    if e.contains("no answer within") {
-        "no_answer"
-    } else if e.contains("resolve") {
-        "resolve"
-    } else if e.contains("certificate") || e.contains("tls") || e.contains("crypto") {
-        "tls"
-    } else if e.contains("did not welcome") {
-        "no_welcome"
-    } else if e.contains("refused")
-        || e.contains("closed the connection")
-        || e.contains("going away")
-    {
-        "refused"
-    } else {
-        "other"
-    }
 }
 
 impl AgentMetrics {
@@ -283,31 +259,4 @@ pub fn render_live(shared: &crate::agent::AgentShared) -> String {
         &[(String::new(), left)],
     );
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::handshake_failure_reason as r;
-
-    #[test]
-    fn handshake_failures_are_classified() {
-        assert_eq!(r("no answer within 3s"), "no_answer");
-        assert_eq!(
-            r("cannot resolve hub.example:7443: no such host"),
-            "resolve"
-        );
-        assert_eq!(
-            r("hub closed the connection: crypto error: invalid peer certificate"),
-            "tls"
-        );
-        assert_eq!(
-            r("hub refused the tunnel: node edge-x is not admitted"),
-            "refused"
-        );
-        assert_eq!(
-            r("hub answered but did not welcome us within 10s"),
-            "no_welcome"
-        );
-        assert_eq!(r("cannot open a UDP socket: EMFILE"), "other");
-    }
 }

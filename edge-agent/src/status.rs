@@ -65,7 +65,7 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
             });
             [
                 l.endpoint.clone(),
-                l.state.clone(),
+                l.state.to_string(),
                 l.hub.clone().unwrap_or_else(|| "-".into()),
                 l.remote.clone().unwrap_or_else(|| "-".into()),
                 age.unwrap_or_else(|| "-".into()),

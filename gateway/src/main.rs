@@ -1,7 +1,6 @@
 //! `petrel-gateway`: run the hub, create join tokens, show status.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -302,7 +301,7 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         };
         let admin_task = tokio::spawn(petrel_transport::admin::serve(
             admin,
-            ctx.clone() as Arc<dyn petrel_transport::admin::AdminState>,
+            ctx.clone(),
             shutdown.clone(),
         ));
         info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
@@ -440,11 +439,7 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
             .await
             .with_context(|| format!("cannot bind admin address {admin_addr}"))?;
         info!(admin = %listener.local_addr().unwrap_or(admin_addr), "admin endpoint serving /metrics /healthz /readyz /status");
-        tokio::spawn(petrel_transport::admin::serve(
-            listener,
-            status as Arc<dyn petrel_transport::admin::AdminState>,
-            shutdown,
-        ));
+        tokio::spawn(petrel_transport::admin::serve(listener, status, shutdown));
         anyhow::Ok(())
     };
     if let Some(settings) = kube {

@@ -63,7 +63,7 @@ struct StatusInner {
     relay: Option<String>,
     peers: usize,
     /// `None` once applied; otherwise why the node's routes are not (yet) what they should be.
-    problem: Option<String>,
+    problem: Option<NodeRoleNotReady>,
     applied_once: bool,
 }
 
@@ -72,7 +72,7 @@ impl NodeRoleStatus {
         let s = Self::default();
         if let Ok(mut i) = s.inner.lock() {
             i.node = node.to_string();
-            i.problem = Some("starting".into());
+            i.problem = Some(NodeRoleNotReady::Starting);
         }
         Arc::new(s)
     }
@@ -81,7 +81,7 @@ impl NodeRoleStatus {
     pub fn set_waiting(&self, why: &str) {
         if let Ok(mut i) = self.inner.lock() {
             if !i.applied_once {
-                i.problem = Some(why.to_string());
+                i.problem = Some(NodeRoleNotReady::Waiting(why.to_string()));
             }
         }
     }
@@ -92,7 +92,11 @@ impl NodeRoleStatus {
         }
     }
 
-    fn applied(&self, desired: &DesiredState, result: Result<bool, String>) {
+    fn applied(
+        &self,
+        desired: &DesiredState,
+        result: Result<bool, &petrel_datapath::DatapathError>,
+    ) {
         if let Ok(mut i) = self.inner.lock() {
             i.relay = Some(match desired.relay {
                 Relay::Local => "local".to_string(),
@@ -109,19 +113,36 @@ impl NodeRoleStatus {
                 }
                 Err(e) => {
                     self.apply_errors.fetch_add(1, Ordering::Relaxed);
-                    i.problem = Some(format!("cannot apply the node's routes: {e}"));
+                    i.problem = Some(NodeRoleNotReady::CannotApply(e.to_string()));
                 }
             }
         }
     }
 }
 
+/// Why the node role's `/readyz` says not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeRoleNotReady {
+    #[error("starting")]
+    Starting,
+    /// Not applied yet: waiting for something (the cluster's Nodes, the hub Lease, the data plane).
+    #[error("{0}")]
+    Waiting(String),
+    /// The last apply failed (the data plane's error).
+    #[error("cannot apply the node's routes: {0}")]
+    CannotApply(String),
+    #[error("state lock poisoned")]
+    LockPoisoned,
+}
+
 impl petrel_transport::admin::AdminState for NodeRoleStatus {
-    fn ready(&self) -> Result<(), String> {
+    type NotReady = NodeRoleNotReady;
+
+    fn ready(&self) -> Result<(), NodeRoleNotReady> {
         let i = self
             .inner
             .lock()
-            .map_err(|_| "state lock poisoned".to_string())?;
+            .map_err(|_| NodeRoleNotReady::LockPoisoned)?;
         match &i.problem {
             None => Ok(()),
             Some(p) => Err(p.clone()),
@@ -140,7 +161,7 @@ impl petrel_transport::admin::AdminState for NodeRoleStatus {
             "relay": i.relay,
             "peers": i.peers,
             "ready": i.problem.is_none(),
-            "not_ready_reason": i.problem,
+            "not_ready_reason": i.problem.as_ref().map(ToString::to_string),
             "repairs": self.repairs.load(Ordering::Relaxed),
             "apply_errors": self.apply_errors.load(Ordering::Relaxed),
         })
@@ -274,7 +295,7 @@ pub async fn run_desired(
     let report = match dp.apply(&desired).await {
         Ok(r) => r,
         Err(e) => {
-            cfg.status.applied(&desired, Err(e.to_string()));
+            cfg.status.applied(&desired, Err(&e));
             return Err(e.into());
         }
     };
@@ -344,7 +365,7 @@ pub async fn run_desired(
             Ok(_) => cfg.status.applied(&desired, Ok(false)),
             Err(e) => {
                 warn!(error = %e, "cannot apply the node's routes; retrying");
-                cfg.status.applied(&desired, Err(e.to_string()));
+                cfg.status.applied(&desired, Err(&e));
             }
         }
     }
@@ -403,9 +424,13 @@ mod tests {
     fn status_is_ready_only_after_an_apply_and_counts_repairs_and_errors() {
         use petrel_transport::admin::AdminState as _;
         let st = NodeRoleStatus::new("cloud-1");
-        assert_eq!(st.ready(), Err("starting".to_string()));
+        assert_eq!(st.ready(), Err(NodeRoleNotReady::Starting));
+        assert_eq!(NodeRoleNotReady::Starting.to_string(), "starting");
         st.set_waiting("no hub yet");
-        assert_eq!(st.ready(), Err("no hub yet".to_string()));
+        assert_eq!(
+            st.ready(),
+            Err(NodeRoleNotReady::Waiting("no hub yet".into()))
+        );
         let inv = Inventory::embedded_default().unwrap();
         let d = desired_state(&inv, &cfg("cloud-1")).unwrap();
         st.applied(&d, Ok(false));
@@ -413,10 +438,19 @@ mod tests {
         st.set_waiting("ignored once applied");
         assert_eq!(st.ready(), Ok(()));
         st.applied(&d, Ok(true));
-        st.applied(&d, Err("EPERM".into()));
+        st.applied(
+            &d,
+            Err(&petrel_datapath::DatapathError::Config("EPERM".into())),
+        );
         assert_eq!(
             st.ready(),
-            Err("cannot apply the node's routes: EPERM".to_string())
+            Err(NodeRoleNotReady::CannotApply(
+                "invalid datapath configuration: EPERM".into()
+            ))
+        );
+        assert_eq!(
+            st.ready().unwrap_err().to_string(),
+            "cannot apply the node's routes: invalid datapath configuration: EPERM"
         );
         let m = st.metrics();
         assert!(

@@ -19,8 +19,10 @@ use tracing::{debug, warn};
 
 /// What a binary exposes on its admin port.
 pub trait AdminState: Send + Sync + 'static {
+    /// Why the component is not ready: its own typed reason; `/readyz` shows its text.
+    type NotReady: std::fmt::Display;
     /// `Ok` when ready; otherwise why not.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), Self::NotReady>;
     /// The `/status` document.
     fn status(&self) -> serde_json::Value;
     /// Prometheus text exposition.
@@ -28,7 +30,11 @@ pub trait AdminState: Send + Sync + 'static {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: CancellationToken) {
+pub async fn serve<S: AdminState>(
+    listener: TcpListener,
+    state: Arc<S>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -80,8 +86,8 @@ pub fn same_host(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
         || peer == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
 }
 
-fn route(
-    state: &dyn AdminState,
+fn route<S: AdminState>(
+    state: &S,
     req: &Request<Incoming>,
     same_host: bool,
 ) -> Response<Full<Bytes>> {
@@ -214,11 +220,12 @@ mod tests {
 
     struct State(AtomicBool);
     impl AdminState for State {
-        fn ready(&self) -> Result<(), String> {
+        type NotReady = &'static str;
+        fn ready(&self) -> Result<(), &'static str> {
             if self.0.load(Ordering::SeqCst) {
                 Ok(())
             } else {
-                Err("no hub connection".into())
+                Err("no hub connection")
             }
         }
         fn status(&self) -> serde_json::Value {

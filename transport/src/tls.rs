@@ -29,6 +29,26 @@ pub enum TlsConfigError {
     Quic(String),
 }
 
+/// The TLS alert that ended a QUIC handshake, if one did: ours (our rustls refused the peer's
+/// certificate or handshake) or the peer's (its rustls refused ours). QUIC carries a TLS alert as
+/// the transport error code `0x100 + alert` (RFC 9001, section 4.8), so failures are told apart on
+/// rustls's [`rustls::AlertDescription`] variants (`BadCertificate`, `UnknownCA`,
+/// `CertificateExpired`, ...), never on display text.
+pub fn tls_alert(e: &quinn::ConnectionError) -> Option<rustls::AlertDescription> {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return None,
+    };
+    alert_of_code(u64::from(code))
+}
+
+/// The TLS alert a QUIC transport error code carries (`0x100..=0x1ff`).
+fn alert_of_code(code: u64) -> Option<rustls::AlertDescription> {
+    let alert = code.checked_sub(0x100).filter(|a| *a <= 0xff)?;
+    u8::try_from(alert).ok().map(rustls::AlertDescription::from)
+}
+
 /// The workspace's one crypto provider.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -200,4 +220,34 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?
         .protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription;
+
+    #[test]
+    fn alerts_are_read_from_the_crypto_error_range() {
+        let code = |alert: u8| u64::from(quinn_proto::TransportErrorCode::crypto(alert));
+        assert_eq!(
+            alert_of_code(code(42)),
+            Some(AlertDescription::BadCertificate)
+        );
+        assert_eq!(alert_of_code(code(48)), Some(AlertDescription::UnknownCA));
+        assert_eq!(
+            alert_of_code(code(45)),
+            Some(AlertDescription::CertificateExpired)
+        );
+        assert_eq!(alert_of_code(code(255)), Some(AlertDescription::from(255)));
+        // Not a crypto error: a protocol violation, an application's code.
+        assert_eq!(
+            alert_of_code(u64::from(
+                quinn_proto::TransportErrorCode::PROTOCOL_VIOLATION
+            )),
+            None
+        );
+        assert_eq!(alert_of_code(0x200), None);
+        assert_eq!(tls_alert(&quinn::ConnectionError::TimedOut), None);
+    }
 }

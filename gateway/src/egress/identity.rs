@@ -64,15 +64,16 @@ impl std::fmt::Debug for PetrelIssued {
 }
 
 impl PetrelIssued {
-    pub fn new(petrel_ca: &CertificateDer<'static>) -> Result<Self, String> {
+    pub fn new(
+        petrel_ca: &CertificateDer<'static>,
+    ) -> Result<Self, petrel_transport::tls::TlsConfigError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(petrel_ca.clone()).map_err(|e| e.to_string())?;
+        roots.add(petrel_ca.clone())?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             petrel_transport::tls::crypto_provider(),
         )
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
         Ok(Self { verifier })
     }
 

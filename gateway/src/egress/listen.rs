@@ -20,7 +20,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::http::{self, HeadError};
 use super::identity;
 use super::sni::{self, SniError};
-use super::{log_refusal, Egress, EgressError, Refusal};
+use super::{log_refusal, Egress, EgressError, EgressTlsError, Refusal};
 
 /// Binds every configured listener, then serves them until `shutdown`.
 pub(super) async fn serve(eg: Arc<Egress>, shutdown: CancellationToken) -> Result<(), EgressError> {
@@ -35,8 +35,8 @@ pub(super) async fn serve(eg: Arc<Egress>, shutdown: CancellationToken) -> Resul
     }
     if let Some(tls) = &cfg.tls {
         let acceptor = tls_acceptor(&tls.cert, &tls.key, &tls.client_ca)?;
-        let petrel = identity::PetrelIssued::new(eg.ctx.ca.cert_der())
-            .map_err(|e| EgressError::Tls(format!("Petrel CA: {e}")))?;
+        let petrel =
+            identity::PetrelIssued::new(eg.ctx.ca.cert_der()).map_err(EgressTlsError::PetrelCa)?;
         let listener = bind_tcp("egress-listen", tls.listen).await?;
         info!(listen = %local(&listener), client_ca = %tls.client_ca.display(), clients = ?tls.client_names, "egress CONNECT listening with mutual TLS");
         tasks.spawn(accept_tls(
@@ -125,39 +125,44 @@ fn tls_acceptor(
     cert: &FsPath,
     key: &FsPath,
     client_ca: &FsPath,
-) -> Result<tokio_rustls::TlsAcceptor, EgressError> {
-    let bad = |what: &str, p: &FsPath, e: String| {
-        EgressError::Tls(format!("{what} {}: {e}", p.display()))
+) -> Result<tokio_rustls::TlsAcceptor, EgressTlsError> {
+    let pem = |field: &'static str, p: &FsPath| {
+        let path = p.to_path_buf();
+        move |source| EgressTlsError::Pem {
+            field,
+            path,
+            source,
+        }
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("egress-tls-cert", cert, e.to_string()))?
+        .map_err(pem("egress-tls-cert", cert))?
         .collect::<Result<_, _>>()
-        .map_err(|e| bad("egress-tls-cert", cert, e.to_string()))?;
+        .map_err(pem("egress-tls-cert", cert))?;
     if chain.is_empty() {
-        return Err(bad(
-            "egress-tls-cert",
-            cert,
-            "no certificate in the file".into(),
-        ));
+        return Err(EgressTlsError::Empty {
+            field: "egress-tls-cert",
+            path: cert.to_path_buf(),
+            what: "certificate",
+        });
     }
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| bad("egress-tls-key", key, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem("egress-tls-key", key))?;
     let mut roots = rustls::RootCertStore::empty();
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(client_ca)
-        .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?
+        .map_err(pem("egress-client-ca", client_ca))?
         .collect::<Result<_, _>>()
-        .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?;
+        .map_err(pem("egress-client-ca", client_ca))?;
     for ca in cas {
-        roots
-            .add(ca)
-            .map_err(|e| bad("egress-client-ca", client_ca, e.to_string()))?;
+        roots.add(ca).map_err(|source| EgressTlsError::ClientCa {
+            path: client_ca.to_path_buf(),
+            source,
+        })?;
     }
     if roots.is_empty() {
-        return Err(bad(
-            "egress-client-ca",
-            client_ca,
-            "no CA certificate in the file".into(),
-        ));
+        return Err(EgressTlsError::Empty {
+            field: "egress-client-ca",
+            path: client_ca.to_path_buf(),
+            what: "CA certificate",
+        });
     }
     let provider = petrel_transport::tls::crypto_provider();
     // A client certificate is required: no `allow_unauthenticated`.
@@ -165,14 +170,13 @@ fn tls_acceptor(
         Arc::new(roots),
         provider.clone(),
     )
-    .build()
-    .map_err(|e| EgressError::Tls(format!("client verifier: {e}")))?;
+    .build()?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| EgressError::Tls(e.to_string()))?
+        .map_err(EgressTlsError::Provider)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key_der)
-        .map_err(|e| EgressError::Tls(format!("egress-tls-cert/egress-tls-key: {e}")))?;
+        .map_err(EgressTlsError::KeyPair)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 

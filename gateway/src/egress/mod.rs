@@ -56,7 +56,37 @@ pub enum EgressError {
         source: std::io::Error,
     },
     #[error("egress TLS: {0}")]
-    Tls(String),
+    Tls(#[from] EgressTlsError),
+}
+
+/// Why the mutual-TLS CONNECT listener's TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressTlsError {
+    #[error("{field} {}: {source}", path.display())]
+    Pem {
+        field: &'static str,
+        path: std::path::PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{field} {}: no {what} in the file", path.display())]
+    Empty {
+        field: &'static str,
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("egress-client-ca {}: {source}", path.display())]
+    ClientCa {
+        path: std::path::PathBuf,
+        source: rustls::Error,
+    },
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("{0}")]
+    Provider(rustls::Error),
+    #[error("egress-tls-cert/egress-tls-key: {0}")]
+    KeyPair(rustls::Error),
+    #[error("Petrel CA: {0}")]
+    PetrelCa(petrel_transport::tls::TlsConfigError),
 }
 
 /// The policy sent to the agent on `node` in its view: its own site's targets and the ports.

@@ -49,6 +49,28 @@ pub enum HubError {
     },
 }
 
+/// Why a hub does not accept new tunnels and enrolments (Kubernetes mode).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotServing {
+    #[error("waiting for the node list from the API server")]
+    Starting,
+    #[error("node {node} is not a cloud gateway (it needs the label {label} and must not be an edge node)")]
+    NotCandidate { node: String, label: String },
+    #[error("hub state lock poisoned")]
+    LockPoisoned,
+}
+
+/// Why the hub's `/readyz` says not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubNotReady {
+    #[error("hub is shutting down")]
+    ShuttingDown,
+    #[error("inventory is empty")]
+    EmptyInventory,
+    #[error("inventory lock poisoned")]
+    LockPoisoned,
+}
+
 /// Told when tunnels come and go (Kubernetes mode writes it onto the Nodes).
 pub trait TunnelObserver: Send + Sync + std::fmt::Debug {
     fn connected(&self, entry: &AgentEntry);
@@ -70,7 +92,7 @@ pub struct HubContext {
     pub dataplane: Option<dataplane::Dataplane>,
     /// `Err(why)`: new tunnels and enrolments are refused (Kubernetes mode: this node is not a
     /// cloud gateway, or the node list has not arrived yet).
-    serving: RwLock<Result<(), String>>,
+    serving: RwLock<Result<(), NotServing>>,
     /// Kubernetes mode: every candidate's endpoints, the active hub's marked active.
     gateways: RwLock<Option<Vec<GatewayEndpoint>>>,
     /// A digest of the last view each session (by registry id) was sent, so updates go only
@@ -151,15 +173,15 @@ impl PreAuthState {
 
 impl HubContext {
     /// Whether new tunnels are accepted (`Err` says why not).
-    pub fn serving(&self) -> Result<(), String> {
+    pub fn serving(&self) -> Result<(), NotServing> {
         self.serving
             .read()
             .map(|s| s.clone())
-            .unwrap_or_else(|_| Err("hub state lock poisoned".into()))
+            .unwrap_or(Err(NotServing::LockPoisoned))
     }
 
     /// Starts or stops serving. Stopping tells every connected agent to go away.
-    pub fn set_serving(&self, serving: Result<(), String>) {
+    pub fn set_serving(&self, serving: Result<(), NotServing>) {
         let was = self.serving();
         if let Ok(mut s) = self.serving.write() {
             *s = serving.clone();
@@ -173,6 +195,7 @@ impl HubContext {
                 }
                 let retry_after_ms =
                     u32::try_from(self.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
+                let why = why.to_string();
                 for agent in self.registry.all() {
                     let leave = GoingAway {
                         reason: GoingAwayReason::Shutdown,
@@ -745,13 +768,11 @@ pub(crate) async fn discard_datagrams(ctx: &HubContext, conn: &quinn::Connection
     }
 }
 
+/// The metric outcome of a failed handshake. A TLS failure of ours (our rustls refused the
+/// agent's certificate or handshake) is told by the TLS alert the transport error carries.
 fn handshake_outcome(e: &quinn::ConnectionError) -> &'static str {
     match e {
-        quinn::ConnectionError::TransportError(t)
-            if t.code.to_string().contains("crypto") || t.to_string().contains("certificate") =>
-        {
-            "tls_error"
-        }
+        quinn::ConnectionError::TransportError(_) if tls::tls_alert(e).is_some() => "tls_error",
         quinn::ConnectionError::TimedOut => "timeout",
         quinn::ConnectionError::ConnectionClosed(_)
         | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
@@ -760,14 +781,16 @@ fn handshake_outcome(e: &quinn::ConnectionError) -> &'static str {
 }
 
 impl AdminState for HubContext {
-    fn ready(&self) -> Result<(), String> {
+    type NotReady = HubNotReady;
+
+    fn ready(&self) -> Result<(), HubNotReady> {
         if !self.listening.load(Ordering::SeqCst) {
-            return Err("hub is shutting down".into());
+            return Err(HubNotReady::ShuttingDown);
         }
         match self.inventory.read() {
             Ok(inv) if inv.nodes().next().is_some() => Ok(()),
-            Ok(_) => Err("inventory is empty".into()),
-            Err(_) => Err("inventory lock poisoned".into()),
+            Ok(_) => Err(HubNotReady::EmptyInventory),
+            Err(_) => Err(HubNotReady::LockPoisoned),
         }
     }
 
@@ -781,7 +804,7 @@ impl AdminState for HubContext {
                 "inventory_generation": generation,
                 "ready": self.ready().is_ok(),
                 "serving": self.serving().is_ok(),
-                "not_serving_reason": self.serving().err(),
+                "not_serving_reason": self.serving().err().map(|e| e.to_string()),
                 "endpoints": self.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
             "agents": self.registry.status(),

@@ -14,7 +14,7 @@ use super::nodes::{self, ClusterView};
 use super::status::{tunnel_key, Annotator, TunnelAnnotations};
 use super::translate::format_endpoints;
 use super::{keys, KubeSettings};
-use crate::hub::HubContext;
+use crate::hub::{HubContext, NotServing};
 
 /// The endpoint list agents are sent: every candidate's published endpoints (this hub's own
 /// from its configuration until its annotation shows up), the Lease holder's marked active.
@@ -44,13 +44,14 @@ pub fn gateway_list(
 }
 
 /// Why a hub in `role` does not serve, if it does not.
-pub fn serving_for(role: Role, node: &str, gateway_label: &str) -> Result<(), String> {
+pub fn serving_for(role: Role, node: &str, gateway_label: &str) -> Result<(), NotServing> {
     match role {
         Role::Active | Role::Standby => Ok(()),
-        Role::Starting => Err("waiting for the node list from the API server".into()),
-        Role::NotCandidate => Err(format!(
-            "node {node} is not a cloud gateway (it needs the label {gateway_label} and must not be an edge node)"
-        )),
+        Role::Starting => Err(NotServing::Starting),
+        Role::NotCandidate => Err(NotServing::NotCandidate {
+            node: node.into(),
+            label: gateway_label.into(),
+        }),
     }
 }
 
@@ -263,8 +264,16 @@ mod tests {
         // Another candidate without published endpoints is left out.
         let l = gateway_list(&view, "x", &[], Some("gw-1"));
         assert_eq!(l.len(), 1);
+        assert_eq!(
+            serving_for(Role::NotCandidate, "n", "k"),
+            Err(NotServing::NotCandidate {
+                node: "n".into(),
+                label: "k".into()
+            })
+        );
         assert!(serving_for(Role::NotCandidate, "n", "k")
             .unwrap_err()
+            .to_string()
             .contains("label k"));
         assert!(serving_for(Role::Standby, "n", "k").is_ok());
     }
