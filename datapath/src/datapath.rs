@@ -12,9 +12,10 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::link::InfoKind;
 use tokio::io::unix::AsyncFd;
 
+use crate::capture::{EncapShared, EncapTable, FrameSource};
 use crate::error::DatapathError;
 use crate::events::{self, ChangeEvents, Watch};
-use crate::frames::{EncapShared, EncapTable, FrameSource, Injector};
+use crate::inject::Injector;
 use crate::nl::{Fdb, Netlink, VxlanSpec, WantRoute};
 use crate::sysctl::{self, StateFile};
 use crate::{format_mac, probe, tun, DatapathConfig, DesiredState, HookChoice, HookMode, Relay};

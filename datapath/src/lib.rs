@@ -95,11 +95,12 @@
 
 #![deny(unsafe_code)]
 
+mod capture;
 mod datapath;
 mod error;
 mod ethtool;
 mod events;
-mod frames;
+mod inject;
 mod nl;
 mod probe;
 mod sysctl;
@@ -110,13 +111,13 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use capture::{FrameBatch, FrameSource, FrameStats, FRAME_BUF_LEN};
 pub use datapath::{cleanup_all, ApplyReport, Datapath};
 pub use error::DatapathError;
 pub use events::{ChangeEvents, ChangeSet};
-pub use frames::{
-    Flushed, FrameBatch, FrameSource, FrameStats, Injector, UdpBatch, ETH_HDR_LEN, FRAME_BUF_LEN,
-    VXLAN_HDR_LEN, VXLAN_OVERHEAD,
-};
+pub use inject::Injector;
+/// What a VXLAN payload adds to an IP packet (defined by the wire protocol, `petrel-proto`).
+pub use petrel_proto::datagram::VXLAN_OVERHEAD;
 pub use probe::detect_fast_support;
 
 /// Which hook to use (configuration). `Auto` picks [`HookMode::Fast`] when the kernel can turn

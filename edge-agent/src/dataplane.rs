@@ -15,15 +15,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use petrel_datapath::{
     Datapath, DatapathConfig, DesiredState, FrameBatch, HookMode, Injector, PeerRoute, Relay,
-    UdpBatch,
 };
-use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
+use petrel_proto::{HubView, RoutePath, DATAGRAM_IP_OVERHEAD, DATAGRAM_KIND_VXLAN};
+use petrel_transport::udp_batch::UdpBatch;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// Kind byte + VXLAN header + inner Ethernet header.
-pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
 
 /// Datagrams [`AgentDataplane::deliver`] takes from the tunnel in one call.
 const DRAIN_BATCH: usize = 64;

@@ -22,6 +22,13 @@ pub const MAX_VNI: u32 = 0x00ff_ffff;
 pub const ETHERNET_HEADER_LEN: usize = 14;
 /// Bytes a datagram adds in front of the VXLAN packet.
 pub const DATAGRAM_OVERHEAD: usize = 1;
+/// What a VXLAN packet adds to the inner IP packet: the VXLAN header and the inner Ethernet
+/// header (22 bytes).
+pub const VXLAN_OVERHEAD: usize = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN;
+/// What a tunnel datagram adds to the inner IP packet (23 bytes): a 1450-byte pod packet is a
+/// 1473-byte datagram, and a path whose QUIC datagrams hold `n` bytes carries inner packets of
+/// `n - DATAGRAM_IP_OVERHEAD`.
+pub const DATAGRAM_IP_OVERHEAD: usize = DATAGRAM_OVERHEAD + VXLAN_OVERHEAD;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
@@ -86,6 +93,18 @@ pub fn write_vxlan_datagram(vxlan_payload: &[u8], out: &mut Vec<u8>) {
 pub fn encode_vxlan_header(vni: u32) -> [u8; 8] {
     let [_, a, b, c] = (vni & MAX_VNI).to_be_bytes();
     [VXLAN_FLAGS, 0, 0, 0, a, b, c, 0]
+}
+
+/// The VNI of a UDP 8472 payload whose flags byte has the I bit, whatever its other bits: the
+/// quick check the kernel-facing paths (capture, injection) make before handing a payload on.
+/// [`VxlanFrame::from_vxlan_payload`] is the full validation the hub's switch makes.
+pub fn vxlan_vni(payload: &[u8]) -> Option<u32> {
+    match payload.get(..VXLAN_HEADER_LEN)? {
+        &[flags, _, _, _, a, b, c, _] if flags & VXLAN_FLAGS != 0 => {
+            Some(u32::from_be_bytes([0, a, b, c]))
+        }
+        _ => None,
+    }
 }
 
 impl<'a> VxlanFrame<'a> {
@@ -229,6 +248,43 @@ impl<'a> VxlanFrame<'a> {
         self.inner_ipv4_dst()
             .map(IpAddr::V4)
             .or_else(|| self.inner_ipv6_dst().map(IpAddr::V6))
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    #[test]
+    fn overheads() {
+        assert_eq!(VXLAN_OVERHEAD, 22);
+        assert_eq!(DATAGRAM_IP_OVERHEAD, 23);
+    }
+
+    #[test]
+    fn vxlan_header_roundtrip_and_quick_vni() {
+        let b = encode_vxlan_header(0x00ab_cdef);
+        assert_eq!(b, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]);
+        assert_eq!(vxlan_vni(&b), Some(0x00ab_cdef));
+        assert_eq!(encode_vxlan_header(1), [0x08, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(vxlan_vni(&encode_vxlan_header(1)), Some(1));
+        // Longer payloads: only the header counts.
+        let mut long = encode_vxlan_header(0x0001_0203).to_vec();
+        long.extend_from_slice(&[0xff; 14]);
+        assert_eq!(vxlan_vni(&long), Some(0x0001_0203));
+        // The I bit is what counts; other flag bits and reserved bytes do not.
+        assert_eq!(vxlan_vni(&[0x0c, 1, 1, 1, 0, 0, 7, 1]), Some(7));
+        assert_eq!(
+            vxlan_vni(&[0x08, 0, 0, 0, 0xff, 0xff, 0xff, 0]),
+            Some(MAX_VNI)
+        );
+        for no_i in [0x00, 0x04, 0xf7] {
+            assert_eq!(vxlan_vni(&[no_i, 0, 0, 0, 0, 0, 1, 0]), None, "{no_i:#x}");
+        }
+        // Shorter than the header.
+        assert_eq!(vxlan_vni(&[0x08, 0, 0, 0, 0, 0, 1]), None);
+        assert_eq!(vxlan_vni(&[]), None);
+        assert_eq!(vxlan_vni(&[0u8; 8]), None);
     }
 }
 

@@ -130,8 +130,9 @@ pub use control::{
     RenewResponse, Route, RoutePath, Welcome,
 };
 pub use datagram::{
-    encode_vxlan_header, parse_datagram, write_vxlan_datagram, DatagramError, VxlanFrame,
-    DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD, VXLAN_HEADER_LEN,
+    encode_vxlan_header, parse_datagram, vxlan_vni, write_vxlan_datagram, DatagramError,
+    VxlanFrame, DATAGRAM_IP_OVERHEAD, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD, VXLAN_HEADER_LEN,
+    VXLAN_OVERHEAD,
 };
 pub use enrol::{
     decode_enrol_request, decode_enrol_response, encode_enrol_request, encode_enrol_response,

@@ -17,6 +17,7 @@ pub mod setting_values;
 pub mod socket_buffers;
 pub mod splice;
 pub mod tls;
+pub mod udp_batch;
 
 /// SAN that every hub certificate carries and every agent checks. Agents dial hubs by IP or by
 /// whatever name the operator gave; the name they verify is always this one, so a hub's identity

@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
-use petrel_datapath::UdpBatch;
-use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD};
+use petrel_proto::{VxlanFrame, DATAGRAM_IP_OVERHEAD, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD};
+use petrel_transport::udp_batch::UdpBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -18,9 +18,6 @@ use super::HubContext;
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
 use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};
-
-/// Bytes a tunnel datagram adds around the inner IP packet: kind byte, VXLAN header, Ethernet.
-pub const DATAGRAM_IP_OVERHEAD: usize = 1 + 8 + 14;
 
 /// Totals for `/status` (the metrics carry the same by label).
 #[derive(Debug, Default)]

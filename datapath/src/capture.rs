@@ -1,55 +1,29 @@
-//! Frame capture ([`FrameSource`]) and injection ([`Injector`]).
-//!
-//! Both speak *VXLAN payloads*: the 8-byte VXLAN header (flags `0x08`, 24-bit VNI) followed by
-//! the inner Ethernet frame, byte for byte what `flannel.1` sends and accepts on UDP 8472.
+//! Frame capture ([`FrameSource`]): the frames the kernel hands Petrel's hook for the relay, as
+//! *VXLAN payloads* (the 8-byte VXLAN header, flags `0x08` and a 24-bit VNI, then the inner
+//! Ethernet frame: byte for byte what `flannel.1` sends on UDP 8472). The fast hook receives them
+//! from the kernel's own VXLAN device over UDP (batched with `recvmmsg`, see
+//! [`petrel_transport::udp_batch`]); the portable hook reads IP packets from the TUN device and
+//! encapsulates them in place ([`EncapTable`]). Injection, the other direction, is
+//! [`crate::inject`]; the wire format is `petrel_proto::datagram`'s.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use ipnet::Ipv4Net;
+use petrel_proto::datagram::{encode_vxlan_header, vxlan_vni, ETHERTYPE_IPV4, VXLAN_OVERHEAD};
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::error::DatapathError;
 
-/// Length of the VXLAN header.
-pub const VXLAN_HDR_LEN: usize = 8;
-/// Length of the inner Ethernet header (no VLAN tag).
-pub const ETH_HDR_LEN: usize = 14;
-/// VXLAN header + inner Ethernet header: what a VXLAN payload adds to an IP packet.
-pub const VXLAN_OVERHEAD: usize = VXLAN_HDR_LEN + ETH_HDR_LEN;
 /// A receive buffer of this size never truncates a frame (largest UDP payload / IP packet).
 pub const FRAME_BUF_LEN: usize = 65536;
 
-const VXLAN_FLAG_I: u8 = 0x08;
-const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
-const SOCKET_BUF: usize = 4 << 20;
-
-/// Writes the VXLAN header for `vni` into `out[..8]`.
-pub(crate) fn write_vxlan_header(out: &mut [u8], vni: u32) {
-    out[..VXLAN_HDR_LEN].copy_from_slice(&[
-        VXLAN_FLAG_I,
-        0,
-        0,
-        0,
-        (vni >> 16) as u8,
-        (vni >> 8) as u8,
-        vni as u8,
-        0,
-    ]);
-}
-
-/// The VNI of a VXLAN payload, if it has the I flag.
-pub(crate) fn vxlan_vni(payload: &[u8]) -> Option<u32> {
-    if payload.len() < VXLAN_HDR_LEN || payload[0] & VXLAN_FLAG_I == 0 {
-        return None;
-    }
-    Some(u32::from_be_bytes([0, payload[4], payload[5], payload[6]]))
-}
+/// Socket buffers asked for the capture and injection sockets.
+pub(crate) const SOCKET_BUF: usize = 4 << 20;
 
 /// What the portable encapsulation needs: VNI, our VtepMAC and the peers' CIDRs and VtepMACs,
 /// longest prefix first.
@@ -102,10 +76,10 @@ impl EncapTable {
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
         let dst_mac = self.lookup(dst).ok_or(Drop::NoPeer)?;
-        write_vxlan_header(buf, self.vni);
+        buf[..8].copy_from_slice(&encode_vxlan_header(self.vni));
         buf[8..14].copy_from_slice(&dst_mac);
         buf[14..20].copy_from_slice(&self.src_mac);
-        buf[20..22].copy_from_slice(&ETHERTYPE_IPV4);
+        buf[20..22].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         Ok(VXLAN_OVERHEAD + len)
     }
 }
@@ -419,7 +393,9 @@ impl FrameSource {
                         ..
                     } = batch;
                     sock.async_io(tokio::io::Interest::READABLE, || {
-                        recv_mmsg(sock, buf, slot_len, slots, frames, oversize)
+                        petrel_transport::udp_batch::recv_mmsg(
+                            sock, buf, slot_len, slots, frames, oversize,
+                        )
                     })
                     .await?;
                     let mut kept = 0;
@@ -465,42 +441,6 @@ impl FrameSource {
     }
 }
 
-/// One `recvmmsg` into `slots` slots of `buf`; records (offset, length) of each datagram that
-/// fit and counts those that did not (MSG_TRUNC).
-fn recv_mmsg(
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    slot_len: usize,
-    slots: usize,
-    frames: &mut Vec<(usize, usize)>,
-    oversize: &mut usize,
-) -> io::Result<()> {
-    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
-    use std::os::fd::AsRawFd;
-    let mut headers = MultiHeaders::<()>::preallocate(slots, None);
-    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = buf
-        .chunks_mut(slot_len)
-        .take(slots)
-        .map(|c| [io::IoSliceMut::new(c)])
-        .collect();
-    let results = recvmmsg(
-        sock.as_raw_fd(),
-        &mut headers,
-        iovs.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    for (i, r) in results.enumerate() {
-        if r.flags.contains(MsgFlags::MSG_TRUNC) {
-            *oversize += 1;
-        } else {
-            frames.push((i * slot_len, r.bytes));
-        }
-    }
-    Ok(())
-}
-
 enum TunEvent {
     Read(io::Result<usize>),
     Changed,
@@ -519,268 +459,6 @@ async fn read_tun(fd: &AsyncFd<File>, out: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Hands VXLAN payloads from the hub to this node's kernel: UDP to `127.0.0.1:<flannel_port>`,
-/// where `flannel.1` decapsulates them (it checks the VNI, that the inner destination MAC is
-/// its own and the inner source MAC is not; anything else is dropped silently by the kernel).
-/// Cheap to clone (one shared socket).
-#[derive(Clone)]
-pub struct Injector {
-    sock: Arc<UdpSocket>,
-    vni: u32,
-    dst: SocketAddrV4,
-}
-
-impl std::fmt::Debug for Injector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Injector")
-            .field("dst", &self.dst)
-            .field("vni", &self.vni)
-            .finish()
-    }
-}
-
-impl Injector {
-    pub(crate) fn new(flannel_port: u16, vni: u32) -> Result<Self, DatapathError> {
-        let dst = SocketAddrV4::new(Ipv4Addr::LOCALHOST, flannel_port);
-        let what = || format!("udp -> {dst} (injection)");
-        let std_sock = std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .and_then(|s| s.connect(dst).map(|()| s))
-            .map_err(|source| DatapathError::Socket {
-                what: what(),
-                source,
-            })?;
-        // Larger buffers absorb bursts (a datapath has CAP_NET_ADMIN, so the kernel grants them).
-        petrel_transport::socket_buffers::request(&std_sock, SOCKET_BUF);
-        let sock = std_sock
-            .set_nonblocking(true)
-            .and_then(|()| UdpSocket::from_std(std_sock))
-            .map_err(|source| DatapathError::Socket {
-                what: what(),
-                source,
-            })?;
-        Ok(Injector {
-            sock: Arc::new(sock),
-            vni,
-            dst,
-        })
-    }
-
-    /// Sends one VXLAN payload to `flannel.1`. Rejects (InvalidData) payloads that are too short,
-    /// lack the VXLAN I flag or carry another VNI, since the kernel would drop them silently.
-    /// `ConnectionRefused` means nothing listened on the port (flannel.1 down) at the last send.
-    pub async fn send(&self, vxlan_payload: &[u8]) -> io::Result<()> {
-        self.validate(vxlan_payload)?;
-        self.sock.send(vxlan_payload).await.map(|_| ())
-    }
-
-    /// The checks [`Injector::send`] makes, for a payload about to join a [`UdpBatch`].
-    pub fn validate(&self, vxlan_payload: &[u8]) -> io::Result<()> {
-        if vxlan_payload.len() < VXLAN_OVERHEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "VXLAN payload shorter than 22 bytes",
-            ));
-        }
-        match vxlan_vni(vxlan_payload) {
-            Some(vni) if vni == self.vni => Ok(()),
-            Some(vni) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("VNI {vni}, flannel uses {}", self.vni),
-            )),
-            None => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a VXLAN payload (I flag clear)",
-            )),
-        }
-    }
-
-    /// Sends a batch of payloads (each checked with [`Injector::validate`], destination `None`)
-    /// to `flannel.1`, and empties it.
-    pub async fn send_batch(&self, batch: &mut UdpBatch) -> Flushed {
-        batch.flush(&self.sock).await
-    }
-
-    /// Where payloads go (`127.0.0.1:<flannel_port>`).
-    pub fn destination(&self) -> SocketAddrV4 {
-        self.dst
-    }
-}
-
-/// Most payloads in one UDP GSO send (the kernel allows 64 or, since 5.x, 128).
-const GSO_MAX_SEGMENTS: usize = 64;
-/// Most bytes in one GSO send (it is one UDP datagram before segmentation).
-const GSO_MAX_BYTES: usize = 65_000;
-
-/// Consecutive UDP payloads for one destination, sent with as few system calls as the kernel
-/// allows: payloads of one size (the last may be shorter) go out as a single UDP GSO send
-/// (`UDP_SEGMENT`), which the kernel cuts into exactly the datagrams separate sends would have
-/// made, after routing, filtering and bridging them once instead of once per payload. Where GSO
-/// is unavailable (`EIO` without checksum offload on the route's device, old kernels) the batch
-/// falls back to one send per payload, for good.
-///
-/// The batch holds the payloads themselves (reference-counted slices of the tunnel datagrams),
-/// not a copy: the GSO send gathers them with one iovec each. A hub keeps one batch per agent, so
-/// an idle one must cost next to nothing; a 64 KiB copy buffer each was most of the hub's memory
-/// at 10,000 agents.
-#[derive(Debug)]
-pub struct UdpBatch {
-    payloads: Vec<Bytes>,
-    bytes: usize,
-    seg: usize,
-    dest: Option<SocketAddr>,
-    /// A shorter payload ended the batch.
-    closed: bool,
-    gso: bool,
-}
-
-/// What [`UdpBatch::flush`] did.
-#[derive(Debug, Default)]
-pub struct Flushed {
-    /// Payloads handed to the kernel.
-    pub sent: usize,
-    /// Payloads that could not be sent.
-    pub failed: usize,
-    /// The first error, if any.
-    pub error: Option<io::Error>,
-}
-
-impl Default for UdpBatch {
-    fn default() -> Self {
-        UdpBatch {
-            payloads: Vec::new(),
-            bytes: 0,
-            seg: 0,
-            dest: None,
-            closed: false,
-            gso: true,
-        }
-    }
-}
-
-impl UdpBatch {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Payloads waiting.
-    pub fn len(&self) -> usize {
-        self.payloads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.payloads.is_empty()
-    }
-
-    /// Whether a payload of `len` bytes to `dest` (`None`: a connected socket) can join.
-    pub fn accepts(&self, len: usize, dest: Option<SocketAddr>) -> bool {
-        self.payloads.is_empty()
-            || (!self.closed
-                && dest == self.dest
-                && len <= self.seg
-                && len > 0
-                && self.payloads.len() < GSO_MAX_SEGMENTS
-                && self.bytes + len <= GSO_MAX_BYTES)
-    }
-
-    /// Adds a payload; the caller checked [`UdpBatch::accepts`] (otherwise it flushes first).
-    pub fn push(&mut self, payload: Bytes, dest: Option<SocketAddr>) {
-        if self.payloads.is_empty() {
-            self.seg = payload.len();
-            self.dest = dest;
-            self.closed = false;
-        } else if payload.len() < self.seg {
-            self.closed = true;
-        }
-        self.bytes += payload.len();
-        self.payloads.push(payload);
-    }
-
-    fn clear(&mut self) {
-        self.payloads.clear();
-        self.bytes = 0;
-        self.closed = false;
-    }
-
-    /// Sends everything waiting on `sock` and empties the batch.
-    pub async fn flush(&mut self, sock: &UdpSocket) -> Flushed {
-        let mut out = Flushed::default();
-        if self.payloads.is_empty() {
-            return out;
-        }
-        if self.payloads.len() > 1 && self.gso {
-            match send_gso(sock, &self.payloads, self.seg, self.dest).await {
-                Ok(()) => {
-                    out.sent = self.payloads.len();
-                    self.clear();
-                    return out;
-                }
-                Err(e) => {
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
-                    ) {
-                        tracing::debug!(error = %e, "UDP GSO unavailable; one send per frame from now on");
-                        self.gso = false;
-                    }
-                    // Otherwise (e.g. EINVAL for a size the route cannot take) try one by one
-                    // this time: each send then reports its own error.
-                }
-            }
-        }
-        for payload in &self.payloads {
-            let r = match self.dest {
-                Some(d) => sock.send_to(payload, d).await,
-                None => sock.send(payload).await,
-            };
-            match r {
-                Ok(_) => out.sent += 1,
-                Err(e) => {
-                    out.failed += 1;
-                    out.error.get_or_insert(e);
-                }
-            }
-        }
-        self.clear();
-        out
-    }
-}
-
-async fn send_gso(
-    sock: &UdpSocket,
-    payloads: &[Bytes],
-    seg: usize,
-    dest: Option<SocketAddr>,
-) -> io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
-    use std::os::fd::AsRawFd;
-    let seg = u16::try_from(seg).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    if payloads.len() > GSO_MAX_SEGMENTS {
-        // Only a push past `accepts` gets here; the caller then sends one by one.
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let dest = dest.map(SockaddrStorage::from);
-    sock.async_io(tokio::io::Interest::WRITABLE, || {
-        // One datagram for the kernel, gathered from the payloads in place. The iovecs live on
-        // this stack frame only, not in the (per-agent, long-lived) future that awaits the send.
-        let mut iov = [io::IoSlice::new(&[]); GSO_MAX_SEGMENTS];
-        for (slot, p) in iov.iter_mut().zip(payloads) {
-            *slot = io::IoSlice::new(p);
-        }
-        let iov = iov.get(..payloads.len()).unwrap_or_default();
-        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-        sendmsg(
-            sock.as_raw_fd(),
-            iov,
-            &cmsg,
-            MsgFlags::empty(),
-            dest.as_ref(),
-        )
-        .map(drop)
-        .map_err(io::Error::from)
-    })
-    .await
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -788,17 +466,6 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn vxlan_header_roundtrip() {
-        let mut b = [0u8; 8];
-        write_vxlan_header(&mut b, 0x00ab_cdef);
-        assert_eq!(b, [0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]);
-        assert_eq!(vxlan_vni(&b), Some(0x00ab_cdef));
-        write_vxlan_header(&mut b, 1);
-        assert_eq!(b, [0x08, 0, 0, 0, 0, 0, 1, 0]);
-        assert_eq!(vxlan_vni(&[0u8; 8]), None);
     }
 
     #[test]
@@ -838,33 +505,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn udp_batch_sends_the_same_datagrams() {
-        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
-        let to = rx.local_addr().unwrap();
-        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut b = UdpBatch::new();
-        let payloads: Vec<Vec<u8>> = (0..5u8)
-            .map(|i| vec![i; if i == 4 { 100 } else { 1400 }])
-            .collect();
-        for p in &payloads {
-            assert!(b.accepts(p.len(), Some(to)));
-            b.push(Bytes::copy_from_slice(p), Some(to));
-        }
-        // A shorter payload closed the batch; another destination never joins.
-        assert!(!b.accepts(100, Some(to)));
-        let f = b.flush(&tx).await;
-        assert_eq!((f.sent, f.failed), (5, 0), "{:?}", f.error);
-        assert!(b.is_empty());
-        let mut buf = [0u8; 2000];
-        for p in &payloads {
-            let n = rx.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], &p[..]);
-        }
-    }
-
-    #[tokio::test]
     async fn recv_batch_takes_what_is_ready() {
         let mut src = FrameSource::udp(0).unwrap();
         let SourceInner::Udp(sock) = &src.inner else {
@@ -874,7 +514,7 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let frame = |n: usize, b: u8| {
             let mut f = vec![b; n];
-            write_vxlan_header(&mut f, 1);
+            f[..8].copy_from_slice(&encode_vxlan_header(1));
             f
         };
         tx.send_to(&frame(100, 1), to).unwrap();
