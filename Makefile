@@ -4,7 +4,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: demo test build bench unit-and-e2e fuzz-smoke lint clean-labs
+.PHONY: demo test build bench unit-and-e2e fuzz-smoke lint clean-labs module-cycles
 
 build:
 	$(CARGO) build --workspace --bins
@@ -18,8 +18,12 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	target/release/petrel-bench
 
-# Every test: unit, property, end-to-end (network namespaces need root), and a bounded fuzz run.
-test: build unit-and-e2e fuzz-smoke
+# Every test: unit, property, end-to-end (network namespaces need root), and a bounded fuzz run,
+# after the module-layering check (no import cycle between the modules of any crate).
+test: build module-cycles unit-and-e2e fuzz-smoke
+
+module-cycles:
+	python3 .ci/module-cycles
 
 unit-and-e2e:
 	$(CARGO) test --workspace --no-fail-fast

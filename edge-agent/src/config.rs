@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use petrel_transport::quic::CongestionControl;
-use petrel_transport::setting_values::{
-    self, parse_congestion, parse_duration, parse_host_port, InvalidSetting,
-};
+use petrel_transport::setting_values::{self, parse_congestion, parse_duration, parse_host_port};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -222,32 +220,8 @@ pub struct FileConfig {
     pub enrol_timeout: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid {field}: {value:?}: {allowed}")]
-    Invalid {
-        field: &'static str,
-        value: String,
-        allowed: String,
-    },
-    #[error("missing {field}: {hint}")]
-    Missing {
-        field: &'static str,
-        hint: &'static str,
-    },
-    #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
-}
-
-impl From<InvalidSetting> for ConfigError {
-    fn from(e: InvalidSetting) -> Self {
-        Self::Invalid {
-            field: e.field,
-            value: e.value,
-            allowed: e.allowed,
-        }
-    }
-}
+/// The configuration error both binaries share (see [`setting_values`]).
+pub use petrel_transport::setting_values::ConfigError;
 
 /// Where the agent keeps its identity and endpoints when nobody says.
 pub fn default_state_dir() -> PathBuf {

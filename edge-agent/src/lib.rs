@@ -13,4 +13,5 @@ pub mod kube_enrol;
 pub mod link;
 pub mod metrics;
 pub mod proxy;
+pub mod shared;
 pub mod status;

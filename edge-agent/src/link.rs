@@ -23,9 +23,9 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::agent::{AgentShared, LinkState};
 use crate::identity::Identity;
 use crate::metrics::AgentMetrics;
+use crate::shared::{AgentShared, LinkState};
 
 /// After a hub reports that our tunnel was replaced by another link of ours, wait this long
 /// before trying again (two endpoints that name the same hub must not fight over it).
@@ -516,7 +516,7 @@ async fn session(
                 // The hub opens one bidirectional stream per proxied TCP connection.
                 Ok((send, recv)) => {
                     let span = tracing::debug_span!("stream", id = %send.id());
-                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.clone(), send, recv), span));
+                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.proxy.clone(), send, recv), span));
                 }
                 Err(e) => return SessionEnd::Lost(describe_connection_error(&e)),
             },

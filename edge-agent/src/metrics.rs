@@ -128,18 +128,25 @@ fn label(pairs: &[(&str, &str)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
+/// What [`render_live`] reads from the agent's live state, gathered by the agent at scrape time.
+#[derive(Debug)]
+pub struct LiveState<'a> {
+    /// `Some(ready)` when a data plane was asked for (not `--hooks none`).
+    pub dataplane_ready: Option<bool>,
+    /// The data plane, once open.
+    pub dataplane: Option<&'a crate::dataplane::AgentDataplane>,
+    /// Endpoint, hub and quinn's path statistics of each open tunnel.
+    pub tunnels: Vec<(String, String, quinn::ConnectionStats)>,
+    pub certificate_not_after: std::time::SystemTime,
+}
+
 /// Metrics read at scrape time from the agent's live state: the data plane (readiness, frames
 /// and bytes each way, drops by reason, peers, route MTU per site), each tunnel's path as quinn
 /// measures it (RTT, packets sent and lost), and the certificate's remaining lifetime.
-pub fn render_live(shared: &crate::agent::AgentShared) -> String {
+pub fn render_live(live: &LiveState<'_>) -> String {
     let mut out = String::new();
-    if shared.config.datapath.is_some() {
-        let ready = shared.dataplane_problem().is_none();
-        let hooks = shared
-            .dataplane
-            .get()
-            .map(|d| d.hooks_name())
-            .unwrap_or("none");
+    if let Some(ready) = live.dataplane_ready {
+        let hooks = live.dataplane.map(|d| d.hooks_name()).unwrap_or("none");
         family(
             &mut out,
             "petrel_agent_dataplane_ready",
@@ -148,7 +155,7 @@ pub fn render_live(shared: &crate::agent::AgentShared) -> String {
             &[(label(&[("hooks", hooks)]), f64::from(u8::from(ready)))],
         );
     }
-    if let Some(dp) = shared.dataplane.get() {
+    if let Some(dp) = live.dataplane {
         let st = dp.status();
         let dirs = |a: u64, b: u64| {
             vec![
@@ -202,17 +209,8 @@ pub fn render_live(shared: &crate::agent::AgentShared) -> String {
             &mtus,
         );
     }
-    let tunnels: Vec<(String, String, quinn::ConnectionStats)> = shared
-        .tunnels
-        .lock()
-        .map(|t| {
-            t.iter()
-                .map(|(ep, (hub, c))| (ep.clone(), hub.clone(), c.stats()))
-                .collect()
-        })
-        .unwrap_or_default();
     let per = |f: &dyn Fn(&quinn::ConnectionStats) -> f64| -> Vec<(String, f64)> {
-        tunnels
+        live.tunnels
             .iter()
             .map(|(ep, hub, s)| (label(&[("endpoint", ep), ("hub", hub)]), f(s)))
             .collect()
@@ -245,7 +243,7 @@ pub fn render_live(shared: &crate::agent::AgentShared) -> String {
         "Congestion events on each open tunnel (since it connected)",
         &per(&|s| s.path.congestion_events as f64),
     );
-    let not_after = shared.identity().info.not_after;
+    let not_after = live.certificate_not_after;
     let now = std::time::SystemTime::now();
     let left = match not_after.duration_since(now) {
         Ok(d) => d.as_secs_f64(),

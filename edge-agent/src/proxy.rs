@@ -30,8 +30,6 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::agent::AgentShared;
-
 /// How long the hub has to send the whole `StreamOpen` after opening a stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect timeout when the hub asks for "the agent's default" (0).
@@ -195,11 +193,11 @@ enum HeaderError {
 
 /// Serves one stream the hub opened.
 pub async fn serve_stream(
-    shared: Arc<AgentShared>,
+    state: Arc<ProxyState>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let state = &shared.proxy;
+    let state = &*state;
     let id = state.next_id.fetch_add(1, Ordering::Relaxed) + 1;
     let (open, leftover) = match read_header(&mut recv).await {
         Ok(v) => v,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use petrel_transport::quic::CongestionControl;
 use petrel_transport::setting_values::{
-    self, parse_congestion, parse_duration, parse_host_port, parse_socket_addr, InvalidSetting,
+    self, parse_congestion, parse_duration, parse_host_port, parse_socket_addr,
 };
 use serde::Deserialize;
 
@@ -50,7 +50,7 @@ pub enum Command {
     Cleanup(DatapathArgs),
     /// Revoke a node's certificates (hubs close its tunnel and refuse it), lift a revocation,
     /// or list them.
-    Revoke(crate::revocation::RevokeArgs),
+    Revoke(RevokeArgs),
 }
 
 /// Kernel-hook settings shared by `node` and `cleanup`.
@@ -258,6 +258,25 @@ pub struct StoreArgs {
     pub kube: crate::k8s::KubeArgs,
 }
 
+/// `petrel-gateway revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The node whose certificates are revoked.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Why (kept with the revocation, shown in refusals).
+    #[arg(long, default_value = "revoked by an operator")]
+    pub reason: String,
+    /// Let a revoked node enrol again (its old certificates stay refused).
+    #[arg(long)]
+    pub lift: bool,
+    /// Print the revocation list.
+    #[arg(long, conflicts_with_all = ["node", "lift"])]
+    pub list: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[arg(long, env = "PETREL_ADMIN_ADDR")]
@@ -322,28 +341,8 @@ pub struct FileConfig {
     pub kubernetes: crate::k8s::KubeFileConfig,
 }
 
-/// A configuration value that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid {field}: {value:?}: {allowed}")]
-    Invalid {
-        field: &'static str,
-        value: String,
-        allowed: String,
-    },
-    #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
-}
-
-impl From<InvalidSetting> for ConfigError {
-    fn from(e: InvalidSetting) -> Self {
-        Self::Invalid {
-            field: e.field,
-            value: e.value,
-            allowed: e.allowed,
-        }
-    }
-}
+/// The configuration error both binaries share (see [`setting_values`]).
+pub use petrel_transport::setting_values::ConfigError;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";

@@ -8,6 +8,7 @@ pub mod config;
 pub mod egress;
 pub mod fd_limit;
 pub mod hub;
+pub mod hub_store;
 pub mod inventory;
 pub mod k8s;
 pub mod metrics;

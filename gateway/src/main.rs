@@ -9,10 +9,11 @@ use petrel_gateway::config::{
     self, CaCommand, Cli, Command, ConfigError, HubConfig, StateArgs, StoreArgs, TokenCommand,
 };
 use petrel_gateway::hub::Hub;
+use petrel_gateway::hub_store::HubStore;
 use petrel_gateway::inventory::Inventory;
 use petrel_gateway::k8s::pki::KubeStore;
 use petrel_gateway::k8s::KubeSettings;
-use petrel_gateway::pki_store::{CaStore, HubStore, StateDir, TokenRecord, TokenStore};
+use petrel_gateway::pki_store::{CaStore, StateDir, TokenRecord, TokenStore};
 use petrel_transport::setting_values;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -668,10 +669,7 @@ fn fleet_token_create(
 }
 
 /// `petrel-gateway revoke`: changes the stored list; every hub applies it within a second.
-fn revoke(
-    args: &petrel_gateway::revocation::RevokeArgs,
-    file: &config::FileConfig,
-) -> anyhow::Result<()> {
+fn revoke(args: &config::RevokeArgs, file: &config::FileConfig) -> anyhow::Result<()> {
     use petrel_gateway::revocation;
     if let Some(node) = &args.node {
         if !petrel_gateway::inventory::valid_node_name(node) {

@@ -1,6 +1,6 @@
 //! Where the hub keeps its trust: the CA, join tokens and the hub secret. Storage sits behind
 //! traits ([`CaStore`], [`TokenStore`]) so the state-directory backend here and the Kubernetes
-//! Secret backend fit the same hub.
+//! Secret backend (`k8s::pki`) fit the same hub; `hub_store` picks one of the two.
 //!
 //! Join tokens look like Kubernetes bootstrap tokens (`abcdef.0123456789abcdef`): a public id and
 //! a secret. Only the secret's SHA-256 is stored. A token is bound to one node name, expires, and
@@ -513,74 +513,6 @@ impl TokenStore for StateDir {
 
     fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
         self.with_token_lock(Self::read_tokens)
-    }
-}
-
-/// Where a hub keeps its CA and join tokens: the state directory, or Secrets in the cluster.
-#[derive(Debug, Clone)]
-pub enum HubStore {
-    Dir(StateDir),
-    /// The CA must have been loaded with [`crate::k8s::pki::KubeStore::load_or_create_ca`].
-    Kube(Box<crate::k8s::pki::KubeStore>),
-}
-
-impl CaStore for HubStore {
-    fn load_or_create(&self, now: SystemTime) -> Result<CertificateAuthority, StoreError> {
-        match self {
-            HubStore::Dir(d) => d.load_or_create(now),
-            HubStore::Kube(k) => k.loaded_ca(),
-        }
-    }
-}
-
-impl TokenStore for HubStore {
-    fn create(
-        &self,
-        node: &str,
-        ttl: Duration,
-        single_use: bool,
-        now: SystemTime,
-    ) -> Result<NewToken, StoreError> {
-        match self {
-            HubStore::Dir(d) => d.create(node, ttl, single_use, now),
-            HubStore::Kube(k) => k.create_blocking(node, ttl, single_use, now),
-        }
-    }
-
-    fn create_fleet(
-        &self,
-        pool: &str,
-        ttl: Duration,
-        max_uses: u32,
-        now: SystemTime,
-    ) -> Result<NewToken, StoreError> {
-        match self {
-            HubStore::Dir(d) => d.create_fleet(pool, ttl, max_uses, now),
-            HubStore::Kube(k) => k
-                .handle()
-                .block_on(k.create_fleet_token(pool, ttl, max_uses, now)),
-        }
-    }
-
-    fn redeem<T, E: From<TokenError> + From<StoreError>>(
-        &self,
-        token: &str,
-        node: &str,
-        site: Option<&str>,
-        now: SystemTime,
-        issue: impl FnOnce() -> Result<T, E>,
-    ) -> Result<T, E> {
-        match self {
-            HubStore::Dir(d) => d.redeem(token, node, site, now, issue),
-            HubStore::Kube(k) => k.redeem_blocking(token, node, site, now, issue),
-        }
-    }
-
-    fn list(&self) -> Result<BTreeMap<String, TokenRecord>, StoreError> {
-        match self {
-            HubStore::Dir(d) => d.list(),
-            HubStore::Kube(k) => k.list_blocking(),
-        }
     }
 }
 

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::hub::HubContext;
 use crate::metrics::HubMetrics;
-use crate::pki_store::{HubStore, StoreError};
+use crate::pki_store::StoreError;
 
 /// How often a hub re-reads the revocation list.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -295,25 +295,12 @@ pub fn admit_tunnel(ctx: &HubContext, conn: &quinn::Connection, node: &str) -> b
     }
 }
 
-/// Reads the list from the hub's store.
-pub async fn load(store: &HubStore) -> Result<RevocationList, StoreError> {
-    match store {
-        HubStore::Dir(d) => {
-            let f = FileRevocations::new(d.path());
-            tokio::task::spawn_blocking(move || f.load())
-                .await
-                .map_err(|e| StoreError::Kube(format!("revocation read task failed: {e}")))?
-        }
-        HubStore::Kube(k) => k.load_revocations().await,
-    }
-}
-
 /// Follows the stored list until `shutdown`: applies every change and closes the tunnels of
 /// nodes whose certificate it now refuses.
 pub async fn watch(ctx: Arc<HubContext>, shutdown: CancellationToken) {
     let mut last_error: Option<String> = None;
     loop {
-        match load(&ctx.state).await {
+        match ctx.state.load_revocations().await {
             Ok(list) => {
                 last_error = None;
                 let n = list.len();
@@ -348,25 +335,6 @@ pub fn close_revoked(ctx: &HubContext) {
                 .close(close_code::UNAUTHORIZED.into(), e.to_string().as_bytes());
         }
     }
-}
-
-/// `petrel-gateway revoke`.
-#[derive(Debug, clap::Args)]
-pub struct RevokeArgs {
-    /// The node whose certificates are revoked.
-    #[arg(long)]
-    pub node: Option<String>,
-    /// Why (kept with the revocation, shown in refusals).
-    #[arg(long, default_value = "revoked by an operator")]
-    pub reason: String,
-    /// Let a revoked node enrol again (its old certificates stay refused).
-    #[arg(long)]
-    pub lift: bool,
-    /// Print the revocation list.
-    #[arg(long, conflicts_with_all = ["node", "lift"])]
-    pub list: bool,
-    #[command(flatten)]
-    pub store: crate::config::StoreArgs,
 }
 
 /// What `revoke` did, for its output.

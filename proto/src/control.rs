@@ -16,6 +16,7 @@ use crate::codec::{
     MIN_STRING_LEN,
 };
 use crate::types::{IpCidr, MacAddr};
+pub use crate::types::{Route, RoutePath};
 use crate::MAX_CONTROL_FRAME;
 
 /// Control message type numbers. 0x00–0x7F are critical, 0x80–0xFF optional.
@@ -212,25 +213,6 @@ pub struct GatewayEndpoint {
     /// Must be non-zero.
     pub port: u16,
     pub active: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Route {
-    pub node_name: String,
-    pub site: String,
-    pub pod_cidr: IpCidr,
-    pub vtep_mac: MacAddr,
-    pub underlay: IpAddr,
-    pub path: RoutePath,
-}
-
-/// How traffic to a route's pod CIDR travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RoutePath {
-    /// Wire code 0: through the hub over the tunnel.
-    ViaHub,
-    /// Wire code 1: Flannel's own UDP 8472 VXLAN (same site or Express Connect).
-    Direct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -25,8 +25,7 @@ use crate::codec::{
     self, DecodeError, EncodeError, Reader, Writer, MAX_NODE_NAME_LEN, MAX_POD_CIDRS, MAX_SITE_LEN,
     MIN_IP_ADDR_LEN, MIN_IP_CIDR_LEN, MIN_STRING_LEN,
 };
-use crate::control::{Route, RoutePath};
-use crate::types::{IpCidr, MacAddr};
+use crate::types::{IpCidr, MacAddr, Route, RoutePath};
 use crate::MAX_CONTROL_FRAME;
 
 /// Most entries (and most removals) one [`RouteSync`] may carry; the frame cap binds first for

@@ -231,6 +231,26 @@ impl FromStr for IpCidr {
     }
 }
 
+/// A route to one node's pod CIDR, as views carry it (the route table derives the same).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub node_name: String,
+    pub site: String,
+    pub pod_cidr: IpCidr,
+    pub vtep_mac: MacAddr,
+    pub underlay: IpAddr,
+    pub path: RoutePath,
+}
+
+/// How traffic to a route's pod CIDR travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoutePath {
+    /// Wire code 0: through the hub over the tunnel.
+    ViaHub,
+    /// Wire code 1: Flannel's own UDP 8472 VXLAN (same site or Express Connect).
+    Direct,
+}
+
 #[cfg(test)]
 mod node_host_tests {
     #![allow(clippy::unwrap_used)]

@@ -1,9 +1,10 @@
 //! The one value-parsing layer of both binaries' configuration: durations, `HOST:PORT`
-//! endpoints, `IP:PORT` listen addresses, sizes, the congestion controller, and the default
-//! state directory. The bare parsers return a [`BadValue`] (the value and what would parse); the
-//! `parse_*` functions name the field too and return an [`InvalidSetting`], which each binary's
-//! configuration error converts from (`?`), so the message an operator sees names the flag and
-//! what is allowed, worded the same way in both binaries.
+//! endpoints, `IP:PORT` listen addresses, sizes, the congestion controller, the default state
+//! directory, and the [`ConfigError`] both binaries' configurations return (`main` exits 64 on
+//! it). The bare parsers return a [`BadValue`] (the value and what would parse); the `parse_*`
+//! functions name the field too and return an [`InvalidSetting`], which converts into a
+//! [`ConfigError`] (`?`), so the message an operator sees names the flag and what is allowed,
+//! worded the same way in both binaries.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,34 @@ pub struct InvalidSetting {
     pub field: &'static str,
     pub value: String,
     pub allowed: String,
+}
+
+/// A configuration value that cannot be used: `main` prints it and exits 64 (EX_USAGE).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field}: {value:?}: {allowed}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error("missing {field}: {hint}")]
+    Missing {
+        field: &'static str,
+        hint: &'static str,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+impl From<InvalidSetting> for ConfigError {
+    fn from(e: InvalidSetting) -> Self {
+        Self::Invalid {
+            field: e.field,
+            value: e.value,
+            allowed: e.allowed,
+        }
+    }
 }
 
 /// [`duration`] for `field`.

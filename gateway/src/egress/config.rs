@@ -12,7 +12,7 @@ use serde::Deserialize;
 use petrel_transport::setting_values::{parse_duration, parse_socket_addr};
 
 use super::resolve::PortPolicy;
-use crate::config::ConfigError;
+use petrel_transport::setting_values::ConfigError;
 
 /// Egress flags (flattened into `petrel-gateway run`).
 #[derive(Debug, Args, Default, Clone)]

@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::HubConfig;
+use crate::hub_store::HubStore;
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
-use crate::pki_store::{CaStore, HubStore, StateDir, StoreError};
+use crate::pki_store::{CaStore, StateDir, StoreError};
 use registry::{AgentEntry, AgentRegistry, SessionCommand};
 
 /// Why the hub could not start.

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use petrel_transport::setting_values::ConfigError;
 
 /// Default label keys and names (documented in `docs/operations.md`).
 pub mod defaults {
