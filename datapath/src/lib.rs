@@ -76,6 +76,20 @@
 //!   [`FrameSource`] therefore also waits for the datapath to publish a new descriptor (which
 //!   `apply` does after recreating the device) and carries on with it.
 //!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | `datapath` | [`Datapath`]: opening (hook choice, Flannel's device), the idempotent `apply`, cleanup |
+//! | `capture` | [`FrameSource`], [`FrameBatch`]: frames toward the relay (UDP from `petrel.1`, or TUN + in-place encapsulation) |
+//! | `inject` | [`Injector`]: frames from the hub into `flannel.1` |
+//! | `nl`, `events` | the rtnetlink request helper and change notifications |
+//! | `tun`, `ethtool` | the TUN device and the checksum-offload ioctl: the crate's only `unsafe` |
+//! | `probe`, `sysctl`, `error` | the fast-hook probe, `rp_filter`, [`DatapathError`] |
+//!
+//! The VXLAN wire format comes from `petrel_proto::datagram`; UDP batching (GSO, `recvmmsg`) from
+//! `petrel_transport::udp_batch`, which the hub uses without this crate's netlink parts.
+//!
 //! # Network namespaces and threads
 //!
 //! Netlink sockets, UDP sockets, the TUN device and `/proc/sys/net` all bind to the network

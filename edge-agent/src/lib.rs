@@ -1,6 +1,21 @@
 //! Petrel's edge agent: enrols the device (`join`), keeps a mutually authenticated QUIC tunnel to
 //! every known hub (`run`), and (with the data-plane and egress work) carries the site's VXLAN
 //! frames and serves the API server's proxied streams to targets inside its own site.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the command line, environment and config file, validated into typed configs |
+//! | [`shared`] | [`shared::AgentShared`]: identity, link status ([`shared::LinkState`]), data plane, proxy state, learned endpoints, `/status` and `/readyz` |
+//! | [`agent`] | the supervisor: one link per endpoint, the data plane's opening |
+//! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]), hello/welcome, the session loop, renewal |
+//! | [`dataplane`] | the agent's data plane over `petrel-datapath` |
+//! | [`proxy`] | proxied streams: the hub's policy, the dial, the splice |
+//! | [`identity`], [`join`], [`kube_enrol`] | the identity on disk and the two ways to get one |
+//! | [`metrics`], [`status`] | the agent's metrics and the status table |
+//!
+//! `shared` depends on none of `agent`, `link` and `proxy`; they depend on it.
 
 #![forbid(unsafe_code)]
 

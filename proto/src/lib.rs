@@ -2,6 +2,19 @@
 //! the keepalive and backoff state machines. Nothing here opens a socket, spawns a task or reads
 //! a clock; drivers in `petrel-transport`, `gateway` and `edge-agent` own all I/O and time.
 //!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`codec`] | frame header and per-field readers and writers every message is built from; the caps |
+//! | [`types`] | small shared value types: MAC addresses, CIDRs, [`Route`] and [`RoutePath`] |
+//! | [`control`] | the control stream's messages (Hello, Welcome, Update, Routes, Ping/Pong, GoingAway, renewal) |
+//! | [`routes`] | route sync: the cluster route table, its digest, snapshot and delta chunks |
+//! | [`enrol`] | the enrolment request and response |
+//! | [`stream`] | the proxied stream's header and result |
+//! | [`datagram`] | tunnel datagrams and the VXLAN wire format: header writer, quick VNI check, the overheads (`VXLAN_OVERHEAD`, `DATAGRAM_IP_OVERHEAD`) every other crate takes from here |
+//! | [`keepalive`], [`backoff`] | the keepalive/RTT and reconnect-backoff state machines |
+//!
 //! ```
 //! use petrel_proto::{encode, ControlMessage, FrameDecoder, Ping};
 //!

@@ -4,6 +4,21 @@
 //! server that serves `/metrics`, `/healthz`, `/readyz` and `/status` for both binaries.
 //!
 //! It holds no protocol logic (that is `petrel-proto`) and no policy (that is the gateway's).
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`tls`] | the rustls configurations of both ends, the one crypto provider, TLS alerts of failed handshakes |
+//! | [`pki`] | the CA, CSRs, node and hub certificates, fingerprints |
+//! | [`quic`] | QUIC transport parameters, endpoints, the pre-authentication and authenticated limits |
+//! | [`control_stream`] | drivers of the framed control and enrolment streams |
+//! | [`splice`] | byte-stream <-> QUIC-stream copy |
+//! | [`udp_batch`] | UDP batching for the data plane: GSO sends and `recvmmsg` (no netlink) |
+//! | [`socket_buffers`] | kernel buffer sizes of UDP sockets |
+//! | [`setting_values`] | the value layer of both binaries' configuration and their shared `ConfigError` |
+//! | [`private_files`] | writing secrets to disk |
+//! | [`admin`], [`process`] | the admin HTTP server and the metrics every process exports |
 
 #![forbid(unsafe_code)]
 
