@@ -23,6 +23,7 @@ bench:
 test: build module-cycles unit-and-e2e fuzz-smoke
 
 module-cycles:
+	python3 .ci/module-cycles --self-test
 	python3 .ci/module-cycles
 
 unit-and-e2e:
