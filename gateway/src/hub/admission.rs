@@ -180,6 +180,96 @@ pub fn decide_handshake(
     HandshakeVerdict::Accept
 }
 
+/// Address-validated handshakes waiting for a slot, oldest first. Without it a handshake that
+/// arrives while every slot is busy is ignored and its agent waits for its own retransmission
+/// (about a second, then two): after a hub restart a fleet then spent most of its 3 s connect
+/// budget waiting on timers while slots were freeing up. Only sources that answered a Retry
+/// are queued (a spoofed address never does), the queue is bounded, and an entry older than
+/// `max_wait` is dropped (its agent has given up or is about to), so it costs at most
+/// `capacity` held Initial packets.
+#[derive(Debug)]
+pub struct HandshakeQueue<T> {
+    capacity: usize,
+    max_wait: Duration,
+    waiting: std::collections::VecDeque<(Instant, T)>,
+}
+
+/// Why a handshake was not queued, or left the queue without a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueDrop {
+    /// The queue was full when it arrived.
+    Full,
+    /// It waited longer than `max_wait`.
+    Expired,
+}
+
+impl QueueDrop {
+    pub fn label(self) -> &'static str {
+        match self {
+            QueueDrop::Full => "queue_full",
+            QueueDrop::Expired => "queue_expired",
+        }
+    }
+}
+
+impl<T> HandshakeQueue<T> {
+    pub fn new(capacity: usize, max_wait: Duration) -> Self {
+        Self {
+            capacity,
+            max_wait,
+            waiting: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Queues `item`, or hands it back when the queue is full.
+    pub fn push(&mut self, now: Instant, item: T) -> Result<(), (QueueDrop, T)> {
+        if self.waiting.len() >= self.capacity {
+            return Err((QueueDrop::Full, item));
+        }
+        self.waiting.push_back((now, item));
+        Ok(())
+    }
+
+    /// The oldest handshake still worth a slot; the expired ones before it go to `expired`.
+    pub fn pop(&mut self, now: Instant, mut expired: impl FnMut(T)) -> Option<T> {
+        while let Some((at, item)) = self.waiting.pop_front() {
+            if now.saturating_duration_since(at) > self.max_wait {
+                expired(item);
+                continue;
+            }
+            return Some(item);
+        }
+        None
+    }
+
+    /// Drops what has waited too long (the queue is also drained by `pop`; this keeps it clean
+    /// when no slot frees for a while).
+    pub fn expire(&mut self, now: Instant, mut expired: impl FnMut(T)) {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > self.max_wait)
+        {
+            if let Some((_, item)) = self.waiting.pop_front() {
+                expired(item);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// When the oldest entry expires, if any.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.waiting.front().map(|(at, _)| *at + self.max_wait)
+    }
+}
+
 /// Log lines about refusals anyone on the internet can provoke: at most `per_window` per
 /// window, and a line saying how many were left out when the next window opens. The counters in
 /// the metrics count every refusal; the log only has to show that they happen.
@@ -255,6 +345,52 @@ impl Default for LogBudget {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn handshake_queue_is_fifo_bounded_and_expires() {
+        let t0 = Instant::now();
+        let mut q = HandshakeQueue::new(2, Duration::from_secs(2));
+        assert!(q.is_empty());
+        assert_eq!(q.push(t0, 1), Ok(()));
+        assert_eq!(q.push(t0 + Duration::from_millis(500), 2), Ok(()));
+        assert_eq!(q.push(t0, 3), Err((QueueDrop::Full, 3)));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.next_expiry(), Some(t0 + Duration::from_secs(2)));
+        let mut expired = Vec::new();
+        // Exactly at max_wait it is still served; just past it, it is dropped.
+        assert_eq!(
+            q.pop(t0 + Duration::from_secs(2), |x| expired.push(x)),
+            Some(1)
+        );
+        assert!(expired.is_empty());
+        assert_eq!(q.push(t0 + Duration::from_secs(2), 4), Ok(()));
+        assert_eq!(
+            q.pop(t0 + Duration::from_millis(2501), |x| expired.push(x)),
+            Some(4)
+        );
+        assert_eq!(expired, vec![2]);
+        assert_eq!(
+            q.pop(t0 + Duration::from_secs(3), |x| expired.push(x)),
+            None
+        );
+    }
+
+    #[test]
+    fn handshake_queue_expire_keeps_the_fresh_ones() {
+        let t0 = Instant::now();
+        let mut q = HandshakeQueue::new(8, Duration::from_secs(1));
+        for (i, ms) in [0u64, 100, 900, 1500].into_iter().enumerate() {
+            q.push(t0 + Duration::from_millis(ms), i).unwrap();
+        }
+        let mut expired = Vec::new();
+        q.expire(t0 + Duration::from_millis(1100), |x| expired.push(x));
+        assert_eq!(expired, vec![0, 1]);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.next_expiry(), Some(t0 + Duration::from_millis(1900)));
+        assert_eq!(QueueDrop::Full.label(), "queue_full");
+        assert_eq!(QueueDrop::Expired.label(), "queue_expired");
+    }
+
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

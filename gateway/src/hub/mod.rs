@@ -550,9 +550,27 @@ impl Hub {
             }
         };
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
+        let mut waiting = admission::HandshakeQueue::new(HANDSHAKE_QUEUE, HANDSHAKE_QUEUE_WAIT);
+        let queue_drop = |why: admission::QueueDrop, incoming: quinn::Incoming| {
+            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, why.label());
+            incoming.ignore();
+        };
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                // A slot for the oldest waiting handshake.
+                Ok(slot) = handshakes.clone().acquire_owned(), if !waiting.is_empty() => {
+                    let next = waiting.pop(std::time::Instant::now(), |i| queue_drop(admission::QueueDrop::Expired, i));
+                    if let Some(incoming) = next {
+                        HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "dequeued");
+                        self.spawn_handshake(incoming, slot);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(waiting.next_expiry().map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if !waiting.is_empty() => {
+                    waiting.expire(std::time::Instant::now(), |i| queue_drop(admission::QueueDrop::Expired, i));
+                    continue;
+                }
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
             // Admission control: a handshake the hub cannot finish before the agent gives up
@@ -587,20 +605,37 @@ impl Hub {
                     }
                     continue;
                 }
+                admission::HandshakeVerdict::Ignore("deferred")
+                    if incoming.remote_address_validated() =>
+                {
+                    self.queue_handshake(&mut waiting, incoming, &queue_drop);
+                    continue;
+                }
                 admission::HandshakeVerdict::Ignore(why) => {
                     HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, why);
                     incoming.ignore();
                     continue;
                 }
             }
-            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
-                HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "deferred");
-                incoming.ignore();
-                continue;
+            // First come, first served: nobody passes the queue.
+            let slot = if waiting.is_empty() {
+                handshakes.clone().try_acquire_owned().ok()
+            } else {
+                None
             };
-            let ctx = self.ctx.clone();
-            let span = tracing::info_span!("conn", remote = %incoming.remote_address());
-            tokio::spawn(handle_incoming(ctx, incoming, slot).instrument(span));
+            match slot {
+                Some(slot) => self.spawn_handshake(incoming, slot),
+                None if incoming.remote_address_validated() => {
+                    self.queue_handshake(&mut waiting, incoming, &queue_drop)
+                }
+                None => {
+                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "deferred");
+                    incoming.ignore();
+                }
+            }
+        }
+        while let Some(i) = waiting.pop(std::time::Instant::now(), quinn::Incoming::ignore) {
+            i.ignore();
         }
         self.drain().await;
         relay.abort();
@@ -609,6 +644,24 @@ impl Hub {
         }
         if let Some(t) = memory_watch {
             t.abort();
+        }
+    }
+
+    fn spawn_handshake(&self, incoming: quinn::Incoming, slot: tokio::sync::OwnedSemaphorePermit) {
+        let ctx = self.ctx.clone();
+        let span = tracing::info_span!("conn", remote = %incoming.remote_address());
+        tokio::spawn(handle_incoming(ctx, incoming, slot).instrument(span));
+    }
+
+    fn queue_handshake(
+        &self,
+        waiting: &mut admission::HandshakeQueue<quinn::Incoming>,
+        incoming: quinn::Incoming,
+        queue_drop: &impl Fn(admission::QueueDrop, quinn::Incoming),
+    ) {
+        match waiting.push(std::time::Instant::now(), incoming) {
+            Ok(()) => HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "queued"),
+            Err((why, incoming)) => queue_drop(why, incoming),
         }
     }
 
@@ -705,6 +758,12 @@ async fn watch_inventory_file(
 /// (about 850 handshakes per second at 300 ms each), few enough that each finishes well inside
 /// an agent's 3 s connect timeout when the hub is saturated.
 const MAX_HANDSHAKES_IN_FLIGHT: usize = 256;
+
+/// Address-validated handshakes that may wait for a slot (each holds its Initial packet, about
+/// 1.2 KB), and for how long: an agent gives up after 3 s without an answer, and the handshake
+/// itself needs some of that.
+const HANDSHAKE_QUEUE: usize = 1024;
+const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_millis(1500);
 
 /// A handshake still open after this long is abandoned: the agent gave up after its connect
 /// timeout (3 s by default) and will come back on a new socket, and the slot is needed. Without
