@@ -345,6 +345,7 @@ impl Default for LogBudget {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
 
     #[test]
     fn handshake_queue_is_fifo_bounded_and_expires() {
@@ -383,7 +384,7 @@ mod tests {
             q.push(t0 + Duration::from_millis(ms), i).unwrap();
         }
         let mut expired = Vec::new();
-        q.expire(t0 + Duration::from_millis(1100), |x| expired.push(x));
+        q.expire(t0 + Duration::from_millis(1101), |x| expired.push(x));
         assert_eq!(expired, vec![0, 1]);
         assert_eq!(q.len(), 2);
         assert_eq!(q.next_expiry(), Some(t0 + Duration::from_millis(1900)));
