@@ -21,6 +21,9 @@ pub struct ScaleRow {
     pub agents: usize,
     /// From the loadgen's first connect attempt to all N connected.
     pub connect_all_s: Option<f64>,
+    /// From the loadgen's start to every agent's first route snapshot sent (paced by the hub);
+    /// memory and CPU per idle agent are measured after it.
+    pub routes_synced_s: Option<f64>,
     pub hub_rss_base_kib: Option<u64>,
     pub hub_rss_kib: Option<u64>,
     /// (RSS with N idle agents - RSS before) / N.
@@ -151,6 +154,7 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         "100",
     ]);
     let mut lg = Proc::spawn("loadgen", cmd)?;
+    let t_connect = Instant::now();
     let connect_budget = Duration::from_secs(60 + n as u64 / 50);
     let connected = wait_line(
         &mut lg,
@@ -172,6 +176,26 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         )
     })?;
     row.connect_all_s = connected["t_s"].as_f64();
+    // Connected is not idle: the hub paces each agent's first route snapshot (see
+    // route_sync::SyncPacer), so the last ones are still going out when the last agent
+    // connects. Memory and CPU "per idle agent" are measured once every agent holds the table.
+    let synced_budget = Duration::from_secs(120 + n as u64 / 50);
+    let synced_at = Instant::now() + synced_budget;
+    loop {
+        let m = hub.metrics()?;
+        if metric(
+            &m,
+            "petrel_hub_route_sync_batches_total{outcome=\"snapshot\"}",
+        ) >= n as f64
+        {
+            row.routes_synced_s = Some(t_connect.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() >= synced_at {
+            bail!("not every agent was sent its route snapshot within {synced_budget:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Idle: let allocations settle, then measure memory and CPU over the window.
     std::thread::sleep(Duration::from_secs(2));
     let pid = hub.proc.pid();
