@@ -852,7 +852,16 @@ impl FrameDecoder {
 
     /// The next complete message, or `Ok(None)` until more bytes arrive.
     pub fn next_message(&mut self) -> Result<Option<ControlMessage>, DecodeError> {
-        self.frames.next_with(decode_body)
+        self.next_with(decode_body)
+    }
+
+    /// The next complete frame through `decode` instead of [`decode_body`] (a reader that needs
+    /// less than the whole message), or `Ok(None)` until more bytes arrive.
+    pub fn next_with<T>(
+        &mut self,
+        decode: impl FnOnce(RawFrame<'_>) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, DecodeError> {
+        self.frames.next_with(decode)
     }
 
     /// Bytes received but not yet returned as messages.

@@ -38,8 +38,17 @@ impl ControlReader {
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly between messages.
     pub async fn next(&mut self) -> Result<Option<ControlMessage>, StreamError> {
+        self.next_with(petrel_proto::control::decode_body).await
+    }
+
+    /// The next frame through `decode` (see [`FrameDecoder::next_with`]). Cancel-safe, like
+    /// [`next`](Self::next): bytes read are buffered before the next await.
+    pub async fn next_with<T>(
+        &mut self,
+        mut decode: impl FnMut(petrel_proto::codec::RawFrame<'_>) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, StreamError> {
         loop {
-            if let Some(msg) = self.decoder.next_message()? {
+            if let Some(msg) = self.decoder.next_with(&mut decode)? {
                 return Ok(Some(msg));
             }
             match self.recv.read_chunk(16 * 1024, true).await? {

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
-use petrel_proto::codec::{FrameBuffer, RawFrame};
+use petrel_proto::codec::RawFrame;
 use petrel_proto::control::{decode_body, msg_type};
 use petrel_proto::{
     Backoff, BackoffPolicy, ControlMessage, DecodeError, Keepalive, KeepaliveAction, ALPN_TUNNEL,
 };
-use petrel_transport::control_stream::ControlWriter;
+use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use petrel_transport::pki::{CertificateAuthority, NodeKey};
 use petrel_transport::quic::TransportTuning;
 use petrel_transport::{close_code, quic, tls, HUB_SERVER_NAME};
@@ -216,25 +216,23 @@ impl ChunkDigests {
 /// 40% of its CPU in the 10,000-agent run, and the hub's own agents decode theirs on their own
 /// machines. Every other message is decoded in full, like the agent does.
 struct SimReader {
-    recv: quinn::RecvStream,
-    frames: FrameBuffer,
+    reader: ControlReader,
     digests: Arc<ChunkDigests>,
 }
 
 impl SimReader {
     fn new(recv: quinn::RecvStream, digests: Arc<ChunkDigests>) -> Self {
         Self {
-            recv,
-            frames: FrameBuffer::new(petrel_proto::MAX_CONTROL_FRAME),
+            reader: ControlReader::new(recv),
             digests,
         }
     }
 
     /// The next message; a route chunk comes back with only its digest. Cancel-safe.
-    async fn next(&mut self) -> Result<Option<ControlMessage>, String> {
-        loop {
-            let digests = &self.digests;
-            let next = self.frames.next_with(|f| {
+    async fn next(&mut self) -> Result<Option<ControlMessage>, StreamError> {
+        let digests = &self.digests;
+        self.reader
+            .next_with(|f| {
                 if f.msg_type == msg_type::ROUTES {
                     Ok(ControlMessage::Routes(petrel_proto::RouteSync {
                         digest: digests.digest_of(f)?,
@@ -243,16 +241,8 @@ impl SimReader {
                 } else {
                     decode_body(f)
                 }
-            });
-            if let Some(m) = next.map_err(|e| e.to_string())? {
-                return Ok(Some(m));
-            }
-            match self.recv.read_chunk(16 * 1024, true).await {
-                Ok(Some(chunk)) => self.frames.push(&chunk.bytes).map_err(|e| e.to_string())?,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+            })
+            .await
     }
 }
 
