@@ -562,8 +562,15 @@ impl Hub {
                 Ok(slot) = handshakes.clone().acquire_owned(), if !waiting.is_empty() => {
                     let next = waiting.pop(std::time::Instant::now(), |i| queue_drop(admission::QueueDrop::Expired, i));
                     if let Some(incoming) = next {
-                        HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "dequeued");
-                        self.spawn_handshake(incoming, slot);
+                        // It was admitted up to 1.5 s ago; the memory budget is checked again, as
+                        // for a handshake that arrives now.
+                        if self.ctx.memory.is_over() {
+                            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "memory_budget");
+                            incoming.refuse();
+                        } else {
+                            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "dequeued");
+                            self.spawn_handshake(incoming, slot);
+                        }
                     }
                     continue;
                 }
