@@ -14,6 +14,7 @@
 //! | [`stream`] | the proxied stream's header and result |
 //! | [`datagram`] | tunnel datagrams and the VXLAN wire format: header writer, quick VNI check, the overheads (`VXLAN_OVERHEAD`, `DATAGRAM_IP_OVERHEAD`) every other crate takes from here |
 //! | [`keepalive`], [`backoff`] | the keepalive/RTT and reconnect-backoff state machines |
+//! | [`session`] | the control-stream sessions of both ends (hub and agent) as state machines, the close codes; tested against each other in memory |
 //!
 //! ```
 //! use petrel_proto::{encode, ControlMessage, FrameDecoder, Ping};
@@ -123,6 +124,7 @@ pub mod datagram;
 pub mod enrol;
 pub mod keepalive;
 pub mod routes;
+pub mod session;
 pub mod stream;
 pub mod types;
 
@@ -153,6 +155,7 @@ pub use enrol::{
 };
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use routes::{RouteEntry, RouteSync, RouteTable};
+pub use session::{close_code, Close};
 pub use stream::{
     decode_stream_open, decode_stream_result, encode_stream_open, encode_stream_result, DialError,
     DialErrorCode, StreamOpen, StreamResult, StreamTarget,

@@ -39,14 +39,5 @@ pub mod udp_batch;
 /// does not change when its address does (NAT, failover, DNS).
 pub const HUB_SERVER_NAME: &str = "hub.petrel.internal";
 
-/// QUIC application close codes Petrel uses. The reason phrase always carries a sentence for the
-/// operator; the code is for programs.
-pub mod close_code {
-    pub const NORMAL: u32 = 0x00;
-    pub const GOING_AWAY: u32 = 0x01;
-    pub const UNAUTHORIZED: u32 = 0x10;
-    pub const PROTOCOL_ERROR: u32 = 0x11;
-    pub const REPLACED: u32 = 0x12;
-    pub const KEEPALIVE_TIMEOUT: u32 = 0x13;
-    pub const ENROL_DONE: u32 = 0x20;
-}
+/// QUIC application close codes: wire constants, so they live in proto; here for the drivers.
+pub use petrel_proto::close_code;
