@@ -13,7 +13,9 @@ demo: build
 	$(CARGO) run -q -p petrel-e2e --bin petrel-demo
 
 # The full benchmark (as root, several minutes): Petrel beside kernel VXLAN and boringtun, streams,
-# WAN, failover and hub scale; prints a table and writes JSON. See docs/performance.md.
+# WAN, failover, hub scale and attacks; prints a table and writes JSON. See docs/performance.md.
+# petrel-bench (the bench/ crate) runs petrel-gateway, petrel-edge-agent and petrel-loadgen from
+# its own directory, so the whole workspace's binaries are built in release.
 bench:
 	$(CARGO) build --release --workspace --bins
 	target/release/petrel-bench

@@ -16,11 +16,11 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use petrel_e2e::bench::{streams, wan};
 use petrel_e2e::lab::{self, Lab, LabSpec, PingOpts, TransferOpts};
 use petrel_e2e::lab_petrel::PetrelLab;
 use petrel_e2e::procs::{bin, join, Agent, Hub};
 use petrel_e2e::raw_agent;
+use petrel_e2e::{egress_streams, wan};
 use petrel_transport::pki::{der_to_pem, CertificateAuthority, NodeKey};
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
@@ -65,12 +65,12 @@ fn hub_agent(p: &PetrelLab, node: &str) -> Option<serde_json::Value> {
 /// a download from its source.
 async fn proxied(uds: PathBuf, edge_ip: Ipv4Addr, upload: bool, secs: f64) -> anyhow::Result<f64> {
     let port = if upload {
-        streams::PORT_SINK
+        egress_streams::PORT_SINK
     } else {
-        streams::PORT_SOURCE
+        egress_streams::PORT_SOURCE
     };
-    let s = streams::connect_via(&uds, SocketAddrV4::new(edge_ip, port)).await?;
-    streams::stream_throughput(s, upload, secs).await
+    let s = egress_streams::connect_via(&uds, SocketAddrV4::new(edge_ip, port)).await?;
+    egress_streams::stream_throughput(s, upload, secs).await
 }
 
 #[test]
@@ -80,7 +80,7 @@ fn lossy_slow_wan_transfers_complete() {
     let lab = new_lab();
     let (petrel, uds) = start_petrel(&lab, tmp.path());
     let edge_ip = lab.node("edge-a1").pod_ip;
-    let _targets = streams::target_servers(&lab, "edge-a1").unwrap();
+    let _targets = egress_streams::target_servers(&lab, "edge-a1").unwrap();
 
     let imp = wan::Impairment::start(&lab, Duration::from_millis(100), 5).unwrap();
     let ping = lab
@@ -118,7 +118,7 @@ fn lossy_slow_wan_transfers_complete() {
 
     // A proxied stream (QUIC stream: QUIC recovers the losses), edge -> hub for 3 s.
     let t = Instant::now();
-    let mbit = streams::rt()
+    let mbit = egress_streams::rt()
         .unwrap()
         .block_on(proxied(uds, edge_ip, false, 3.0))
         .unwrap();
@@ -145,7 +145,7 @@ fn hub_killed_mid_transfer() {
     let lab = new_lab();
     let (mut petrel, uds) = start_petrel(&lab, tmp.path());
     let edge_ip = lab.node("edge-a1").pod_ip;
-    let _targets = streams::target_servers(&lab, "edge-a1").unwrap();
+    let _targets = egress_streams::target_servers(&lab, "edge-a1").unwrap();
 
     // A proxied upload that would run for a minute; the hub dies under it, once the stream is
     // open and has carried a MiB through the hub.
@@ -158,7 +158,7 @@ fn hub_killed_mid_transfer() {
         })
     };
     let (_, sent_before) = to_edge(&petrel);
-    let rt = streams::rt().unwrap();
+    let rt = egress_streams::rt().unwrap();
     let upload = rt.spawn(proxied(uds.clone(), edge_ip, true, 60.0));
     lab::wait_until("the upload under way", Duration::from_secs(10), || {
         assert!(

@@ -15,7 +15,7 @@ use petrel_e2e::apiserver::{
     blackhole, checksum_exchange, checksum_server, connect_on, loopback_inventory, metric,
     start_agent, start_hub, tls_client, tls_connect, uds_connect, within, TestPki,
 };
-use petrel_e2e::bench::attack::{initial_flood, junk_enrolments, InitialFloodConfig};
+use petrel_e2e::attack::{initial_flood, junk_enrolments, InitialFloodConfig};
 use petrel_e2e::procs::{free_port, http_status, Hub};
 
 fn ip(s: &str) -> IpAddr {

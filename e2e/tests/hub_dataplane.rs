@@ -8,7 +8,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use petrel_e2e::bench::attack::{
+use petrel_e2e::attack::{
     relay_flood, relay_hub, vxlan_frame, RelayFloodConfig, MAC_A1, MAC_B1, MAC_CLOUD1, MAC_GW1,
 };
 use petrel_e2e::procs::{wait_until, Hub};

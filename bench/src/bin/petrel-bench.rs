@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
-use petrel_e2e::bench::{self, BenchConfig};
+use petrel_bench::{self as bench, BenchConfig};
 
 fn list(v: &str) -> Result<Vec<usize>> {
     v.split(',')

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
 
-use crate::lab::{spawn_in_netns, ChildGuard, Lab};
+use petrel_e2e::lab::{spawn_in_netns, ChildGuard, Lab};
+use petrel_e2e::measure::{percentile_sorted, StopFlag};
 
 /// Clock ticks per second of /proc/*/stat (USER_HZ; 100 on every Linux we run on).
 const CLK_TCK: f64 = 100.0;
@@ -36,7 +37,7 @@ pub fn pids_cpu_secs(pids: &[u32]) -> f64 {
 }
 
 /// Resident set size of `pid` in KiB (0 if it is gone).
-pub use crate::apiserver::rss_kib as proc_rss_kib;
+pub use petrel_e2e::apiserver::rss_kib as proc_rss_kib;
 
 /// A `/proc/meminfo` field (`key` with its colon, e.g. `"MemAvailable:"`) in KiB.
 pub fn meminfo_kib(key: &str) -> Option<u64> {
@@ -91,19 +92,6 @@ impl Stat {
     }
 }
 
-/// The `p`th percentile (nearest rank) of sorted values.
-pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    if sorted.len().is_multiple_of(2) && (p - 50.0).abs() < f64::EPSILON {
-        let m = sorted.len() / 2;
-        return (sorted[m - 1] + sorted[m]) / 2.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// p50 and p99 of durations, in microseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Latency {
@@ -143,9 +131,9 @@ pub fn iperf_server(lab: &Lab, ns: &str, port: u16) -> Result<ChildGuard> {
     let ip_ns = lab.endpoint_ns(ns)?;
     let g = lab.spawn(&ip_ns, &["iperf3", "-s", "-p", &port_s])?;
     // Wait until it listens.
-    crate::lab::wait_until("iperf3 server listening", Duration::from_secs(5), || {
-        let out = crate::lab::cmd::run(
-            crate::lab::cmd::command("ip", &["netns", "exec", &ip_ns, "ss", "-Hltn"]),
+    petrel_e2e::lab::wait_until("iperf3 server listening", Duration::from_secs(5), || {
+        let out = petrel_e2e::lab::cmd::run(
+            petrel_e2e::lab::cmd::command("ip", &["netns", "exec", &ip_ns, "ss", "-Hltn"]),
             None,
             Duration::from_secs(5),
         )?;
@@ -223,8 +211,8 @@ pub fn iperf_client(
 ) -> Result<IperfRun> {
     let ns = lab.endpoint_ns(from)?;
     let (cpu0, m0) = (pids_cpu_secs(pids), machine_cpu_secs());
-    let out = crate::lab::cmd::run(
-        crate::lab::cmd::command(
+    let out = petrel_e2e::lab::cmd::run(
+        petrel_e2e::lab::cmd::command(
             "ip",
             &[
                 "netns",
@@ -269,15 +257,6 @@ pub fn iperf_client(
         machine_cpu_s: m1 - m0,
         gbit: bytes * 8.0 / 1e9,
     })
-}
-
-/// Stops a server thread when dropped.
-pub struct StopFlag(pub Arc<AtomicBool>);
-
-impl Drop for StopFlag {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 /// Request/response echo server (fixed-size messages) in namespace `ns`, one thread per

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::loadgen;
 use super::util::{meminfo_kib, proc_cpu_secs, proc_rss_kib};
-use crate::apiserver::metric;
-use crate::procs::{bin, free_port, Hub, Proc};
+use petrel_e2e::apiserver::metric;
+use petrel_e2e::procs::{bin, free_port, Hub, Proc};
 
 /// One scale run.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -10,13 +10,13 @@
 //! 7101, sink on 7102, source on 7103) until killed; run it inside a pod's namespace.
 //!
 //! The hub's inventory must know the node names `<prefix>-00000`.. as public-site nodes
-//! (`petrel_e2e::bench::loadgen::inventory_toml` writes one).
+//! (`petrel_bench::loadgen::inventory_toml` writes one).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use petrel_e2e::bench::loadgen::{self, LoadgenOpts};
+use petrel_bench::loadgen::{self, LoadgenOpts};
 
 fn main() -> Result<()> {
     // Every connect attempt makes a quinn endpoint with a 3 MB receive buffer (calloc, mostly
@@ -67,7 +67,7 @@ fn main() -> Result<()> {
         }
     }
     // One socket per simulated agent.
-    petrel_e2e::bench::util::raise_nofile(opts.count as u64 + 1024)?;
+    petrel_bench::util::raise_nofile(opts.count as u64 + 1024)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,9 +84,9 @@ fn targets(args: &[String]) -> Result<()> {
         [flag, ip] if flag == "--ip" => ip.parse()?,
         _ => bail!("usage: petrel-loadgen targets --ip IP"),
     };
-    petrel_e2e::bench::util::raise_nofile(65536)?;
+    petrel_bench::util::raise_nofile(65536)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(petrel_e2e::bench::streams::serve_targets(ip))
+    rt.block_on(petrel_e2e::egress_streams::serve_targets(ip))
 }

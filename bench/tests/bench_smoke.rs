@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use petrel_e2e::bench::{self, util::have, BenchConfig, PATH_IDS};
+use petrel_bench::{self as bench, util::have, BenchConfig, PATH_IDS};
 
 #[test]
 fn bench_smoke_has_every_row() {

@@ -283,7 +283,7 @@ async fn welcome(
     // confirms (not 10,000 tables in one process), which is what it presents next time.
     let hello = petrel_proto::Hello {
         routes_digest: Some(routes_digest),
-        ..crate::raw_agent::hello(&id.node)
+        ..petrel_e2e::raw_agent::hello(&id.node)
     };
     writer
         .send(&ControlMessage::Hello(hello))

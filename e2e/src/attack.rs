@@ -51,8 +51,8 @@ impl Millis {
         v.sort_by(f64::total_cmp);
         Millis {
             n: v.len(),
-            p50_ms: super::util::percentile_sorted(&v, 50.0),
-            p99_ms: super::util::percentile_sorted(&v, 99.0),
+            p50_ms: crate::measure::percentile_sorted(&v, 50.0),
+            p99_ms: crate::measure::percentile_sorted(&v, 99.0),
             max_ms: v.last().copied().unwrap_or(0.0),
         }
     }
@@ -261,7 +261,7 @@ pub fn initial_flood(hub: &Hub, cfg: &InitialFloodConfig) -> Result<InitialFlood
         .collect::<Result<Vec<_>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     // Stops the forwarder on every way out, a panic included.
-    let _stop_on_drop = super::util::StopFlag(stop.clone());
+    let _stop_on_drop = crate::measure::StopFlag(stop.clone());
     let forwarder = spoofing_forwarder(front, sources, server, stop.clone());
     let result = rt.block_on(async {
         let flooder = petrel_transport::quic::client_endpoint("127.0.0.1:0".parse()?)?;
@@ -428,7 +428,7 @@ pub fn vxlan_frame(
 /// The default inventory with the cloud and Express Connect underlays on loopback
 /// (cloud-1 127.0.0.11, gw-1 127.0.0.12, x1 127.0.0.16), so the hub's relay traffic stays local.
 pub fn loopback_vtep_inventory() -> String {
-    include_str!("../../../gateway/src/default-inventory.toml")
+    include_str!("../../gateway/src/default-inventory.toml")
         .replace("192.168.0.11", "127.0.0.11")
         .replace("192.168.0.12", "127.0.0.12")
         .replace("192.168.10.2", "127.0.0.16")
@@ -600,7 +600,7 @@ pub fn relay_flood(dir: &Path, cfg: &RelayFloodConfig) -> Result<RelayFlood> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     // Stops the senders on every way out, a panic included.
-    let _stop_on_drop = super::util::StopFlag(stop.clone());
+    let _stop_on_drop = crate::measure::StopFlag(stop.clone());
     let flood = vxlan_frame(MAC_CLOUD1, MAC_A1, "10.244.1.2", "10.244.3.2", 64)?;
     let started = Instant::now();
     let senders: Vec<_> = (0..cfg.threads.max(1))

@@ -5,13 +5,32 @@
 //!
 //! Every section is measured independently: a failure becomes an `error` in its row (and in the
 //! table), never a missing row, so the JSON always has the same shape ([`Report::row_ids`]).
+//!
+//! The benchmarks measure; they are not tests of end-to-end behaviour. They build on the
+//! end-to-end harness (`petrel-e2e`) for everything they share with its tests: the lab and
+//! Petrel in it, hubs and agents on loopback, the attacks of issue 11
+//! (`petrel_e2e::attack`), the WAN impairment (`petrel_e2e::wan`) and the egress stream
+//! targets and CONNECT client (`petrel_e2e::egress_streams`). Nothing in `petrel-e2e` depends on
+//! this crate, though the lab's stream targets are served by this crate's `petrel-loadgen
+//! targets` (a separate process per pod, see [`streams`]).
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | this file | [`BenchConfig`] (`full`, `smoke`), the [`Report`] and its rows, the human table ([`render`]), the run ([`run`]): the packet paths (iperf3, request/response, CPU per Gbit), WAN, failover and attack sections |
+//! | [`streams`] | the egress proxy's stream figures: CONNECT setup, single-stream throughput, concurrent streams with memory per stream, head-of-line isolation, the direct TCP baseline of the WAN rows |
+//! | [`scale`] | hub scale: one hub on loopback, `petrel-loadgen` with N simulated agents; connect, memory and CPU at idle, reconnect after `kill -9` |
+//! | [`loadgen`] | the simulated agents `petrel-loadgen` runs (real QUIC connections and node certificates, one UDP socket each) |
+//! | [`wg`] | the WireGuard anchor: boringtun hub-and-spoke through gw-1, configured with `wg` |
+//! | [`util`] | process and machine CPU and memory from /proc, summary statistics, iperf3 runs, the request/response probe, `raise_nofile`, `have` |
+//! | `src/bin/petrel-bench.rs` | the command line of `make bench`: table on stdout, JSON to `target/petrel-bench.json` |
+//! | `src/bin/petrel-loadgen.rs` | the load generator's command line, and `petrel-loadgen targets` (the stream targets in a pod) |
 
-pub mod attack;
 pub mod loadgen;
 pub mod scale;
 pub mod streams;
 pub mod util;
-pub mod wan;
 pub mod wg;
 
 use std::fmt::Write as _;
@@ -24,9 +43,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _, Result};
 use serde::Serialize;
 
-use crate::lab::{spawn_in_netns, Lab, LabSpec};
-use crate::lab_petrel::PetrelLab;
-use util::{IperfRun, Latency, Stat, StopFlag};
+use petrel_e2e::lab::{spawn_in_netns, Lab, LabSpec};
+use petrel_e2e::lab_petrel::PetrelLab;
+use petrel_e2e::measure::StopFlag;
+use petrel_e2e::{attack, egress_streams, wan};
+use util::{IperfRun, Latency, Stat};
 
 /// What to measure and for how long.
 #[derive(Clone, Debug, Serialize)]
@@ -861,7 +882,7 @@ fn add_ratios(paths: &mut [PathRow]) {
 struct Probe {
     stop: Arc<AtomicBool>,
     heard: Arc<Mutex<[Vec<Instant>; 2]>>,
-    tasks: Vec<crate::lab::NetnsTask<()>>,
+    tasks: Vec<petrel_e2e::lab::NetnsTask<()>>,
 }
 
 const PROBE_PORT: u16 = 7301;
@@ -941,7 +962,7 @@ impl Drop for Probe {
 pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Result<f64> {
     let lab = petrel.lab;
     let probe = Probe::start(lab, cloud, edge)?;
-    crate::lab::wait_until(
+    petrel_e2e::lab::wait_until(
         "probes flowing before the kill",
         Duration::from_secs(5),
         || {
@@ -953,7 +974,7 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
     let t0 = Instant::now();
     petrel.kill_hub_and_respawn()?;
     let mut flowing = None;
-    crate::lab::wait_until(
+    petrel_e2e::lab::wait_until(
         "traffic both ways after the hub restart",
         Duration::from_secs(60),
         || {
@@ -965,7 +986,7 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
     let at = flowing.ok_or_else(|| anyhow!("no traffic"))?;
     // Let every agent come back before the next sample.
     let names: Vec<String> = petrel.agents.iter().map(|(n, _)| n.clone()).collect();
-    crate::lab::wait_until("all agents back", Duration::from_secs(30), || {
+    petrel_e2e::lab::wait_until("all agents back", Duration::from_secs(30), || {
         Ok(petrel
             .hub_status()
             .ok()
@@ -994,8 +1015,12 @@ fn attack_section(cfg: &BenchConfig, work: &Path) -> AttackReport {
         cfg.initial_flood.rate_per_s
     );
     let flood = work.join("initial-flood");
-    match crate::apiserver::start_hub(&flood, &crate::apiserver::loopback_inventory(&[]), &[])
-        .and_then(|hub| attack::initial_flood(&hub, &cfg.initial_flood))
+    match petrel_e2e::apiserver::start_hub(
+        &flood,
+        &petrel_e2e::apiserver::loopback_inventory(&[]),
+        &[],
+    )
+    .and_then(|hub| attack::initial_flood(&hub, &cfg.initial_flood))
     {
         Ok(x) => {
             a.initial_flood_vs_goal = Some(x.share_within_3s_pct() / GOAL_HANDSHAKES_WITHIN_3S_PCT);
@@ -1012,11 +1037,15 @@ fn attack_section(cfg: &BenchConfig, work: &Path) -> AttackReport {
 }
 
 fn unauthenticated(cfg: &BenchConfig, dir: &Path) -> Result<attack::JunkEnrolments> {
-    let hub = crate::apiserver::start_hub(dir, &crate::apiserver::loopback_inventory(&[]), &[])?;
+    let hub = petrel_e2e::apiserver::start_hub(
+        dir,
+        &petrel_e2e::apiserver::loopback_inventory(&[]),
+        &[],
+    )?;
     let (_, fingerprint) = hub.token("edge-a1", &[])?;
     // One real enrolment and tunnel first, as in the hardening test: the hub's allocator and
     // first-use growth are not charged to the attackers.
-    let _agent = crate::apiserver::start_agent(&hub, "edge-a2", dir)?;
+    let _agent = petrel_e2e::apiserver::start_agent(&hub, "edge-a2", dir)?;
     attack::junk_enrolments(&hub, &fingerprint, cfg.unauth_connections)
 }
 
@@ -1037,7 +1066,7 @@ fn now_unix() -> u64 {
 
 /// Runs everything `cfg` asks for; `work` holds state directories and the egress socket.
 pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
-    crate::lab::require_root()?;
+    petrel_e2e::lab::require_root()?;
     Lab::cleanup_stale()?;
     let started = Instant::now();
     // 10,000 streams: client and target sockets here, streams in the agent and the hub (which
@@ -1207,7 +1236,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
 
     // Streams.
     let edge_ip = lab.node("edge-a1").pod_ip;
-    let targets = streams::target_servers(&lab, "edge-a1")?;
+    let targets = egress_streams::target_servers(&lab, "edge-a1")?;
     let agent_pid = petrel
         .agents
         .iter()
@@ -1217,7 +1246,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
     if cfg.runs("streams") {
         eprintln!("petrel-bench: streams ...");
         let st = &mut report.streams;
-        let hello = SocketAddrV4::new(edge_ip, streams::PORT_HELLO);
+        let hello = SocketAddrV4::new(edge_ip, egress_streams::PORT_HELLO);
         let cloud_pod = lab.endpoint_ns("cloud-1")?;
         match streams::setup_via_proxy(uds, hello, cfg.setup_n).and_then(|via| {
             Ok(streams::Setup {
@@ -1245,7 +1274,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
             }
             // Let the closes settle: the hub counts no open stream any more (best effort; the
             // next figure still runs if it does not get there).
-            let _ = crate::lab::wait_until(
+            let _ = petrel_e2e::lab::wait_until(
                 "the streams closed on the hub",
                 Duration::from_secs(30),
                 || {
@@ -1309,7 +1338,7 @@ fn wan_section(
     let ping = lab.ping_with(
         &lab.node("edge-a1").ns,
         gw_wan,
-        &crate::lab::PingOpts {
+        &petrel_e2e::lab::PingOpts {
             count: 5,
             interval: Duration::from_millis(200),
             ..Default::default()
@@ -1364,10 +1393,13 @@ fn wan_variant(
     let uds2 = uds.to_path_buf();
     // Edge -> hub, the direction a direct TCP connection out of the NAT'd site can carry,
     // counted by the receiver over the same window.
-    v.stream_mbit = Some(streams::rt()?.block_on(async move {
-        let s =
-            streams::connect_via(&uds2, SocketAddrV4::new(edge_ip, streams::PORT_SOURCE)).await?;
-        streams::stream_throughput(s, false, secs).await
+    v.stream_mbit = Some(egress_streams::rt()?.block_on(async move {
+        let s = egress_streams::connect_via(
+            &uds2,
+            SocketAddrV4::new(edge_ip, egress_streams::PORT_SOURCE),
+        )
+        .await?;
+        egress_streams::stream_throughput(s, false, secs).await
     })?);
     v.stream_vs_direct =
         v.stream_mbit

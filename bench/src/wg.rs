@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 
-use crate::lab::{ChildGuard, Lab};
+use petrel_e2e::lab::{ChildGuard, Lab};
 
 const TABLE: &str = "51820";
 const PREF: &str = "50";
@@ -33,8 +33,8 @@ impl WireGuard<'_> {
 }
 
 fn keypair() -> Result<(String, String)> {
-    let private = crate::lab::cmd::run_checked(
-        crate::lab::cmd::command::<&str>("wg", &["genkey"]),
+    let private = petrel_e2e::lab::cmd::run_checked(
+        petrel_e2e::lab::cmd::command::<&str>("wg", &["genkey"]),
         None,
         Duration::from_secs(5),
     )
@@ -42,8 +42,8 @@ fn keypair() -> Result<(String, String)> {
     .stdout
     .trim()
     .to_string();
-    let public = crate::lab::cmd::run_checked(
-        crate::lab::cmd::command("wg", &["pubkey"]),
+    let public = petrel_e2e::lab::cmd::run_checked(
+        petrel_e2e::lab::cmd::command("wg", &["pubkey"]),
         Some(&format!("{private}\n")),
         Duration::from_secs(5),
     )?
@@ -99,7 +99,7 @@ pub fn start<'a>(lab: &'a Lab, edges: &[&str], cloud: &str, threads: u32) -> Res
         me.procs.push((node.clone(), dev.clone(), p));
     }
     let sock = |dev: &str| format!("/var/run/wireguard/{dev}.sock");
-    crate::lab::wait_until("boringtun UAPI sockets", Duration::from_secs(10), || {
+    petrel_e2e::lab::wait_until("boringtun UAPI sockets", Duration::from_secs(10), || {
         Ok(nodes
             .iter()
             .all(|(_, dev)| std::path::Path::new(&sock(dev)).exists()))
@@ -234,14 +234,14 @@ pub fn start<'a>(lab: &'a Lab, edges: &[&str], cloud: &str, threads: u32) -> Res
         targets.push((edges[0].to_string(), lab.try_node(edges[1])?.pod_ip));
     }
     for (from, to) in targets {
-        crate::lab::wait_until(
+        petrel_e2e::lab::wait_until(
             "a ping across the WireGuard path",
             Duration::from_secs(10),
             || {
                 lab.ping_with(
                     &from,
                     to,
-                    &crate::lab::PingOpts {
+                    &petrel_e2e::lab::PingOpts {
                         count: 1,
                         reply_timeout: Duration::from_millis(500),
                         ..Default::default()
