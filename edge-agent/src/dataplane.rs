@@ -322,9 +322,10 @@ impl AgentDataplane {
     }
 
     /// A datagram from the hub: into flannel.1 if it is for this node. Datagrams already
-    /// waiting on the active tunnel are delivered in the same call (up to a bound), instead of one
-    /// per turn of the link's event loop, and go to the kernel in as few sends as UDP GSO allows.
-    pub async fn deliver(&self, datagram: Bytes) {
+    /// waiting on the same tunnel (`conn`, the one that read `datagram`) are delivered in the
+    /// same call (up to a bound), instead of one per turn of the link's receiver, and go to the
+    /// kernel in as few sends as UDP GSO allows.
+    pub async fn deliver(&self, conn: &quinn::Connection, datagram: Bytes) {
         let mut batch = self
             .inject_batch
             .lock()
@@ -332,14 +333,11 @@ impl AgentDataplane {
             .and_then(|mut b| b.take())
             .unwrap_or_default();
         self.stage(datagram, &mut batch).await;
-        let conn = self.active_conn();
-        if let Some(conn) = conn {
-            for _ in 0..DRAIN_BATCH {
-                match conn.read_datagram().now_or_never() {
-                    Some(Ok(d)) => self.stage(d, &mut batch).await,
-                    // Nothing ready, or the connection ended: the link loop sees it next.
-                    _ => break,
-                }
+        for _ in 0..DRAIN_BATCH {
+            match conn.read_datagram().now_or_never() {
+                Some(Ok(d)) => self.stage(d, &mut batch).await,
+                // Nothing ready, or the connection ended: the link's receiver sees it next.
+                _ => break,
             }
         }
         self.flush(&mut batch).await;

@@ -1,8 +1,12 @@
 //! One link: the agent's tunnel to one hub endpoint, kept up forever. Connect (mutual TLS with the
-//! node certificate, ALPN `petrel/1`), say Hello, get Welcome, then run the session: pings for
-//! RTT and liveness, updates from the hub, certificate renewal, going-away. When it ends, wait
-//! (the hub's `retry_after` after a going-away, else capped jittered exponential backoff that
-//! resets after a stable session) and connect again.
+//! node certificate, ALPN `petrel/1`), then pump [`petrel_proto::session::AgentSession`] (hello,
+//! welcome, pings for RTT and liveness, updates and route sync, renewal, going-away) and perform
+//! what it asks. When it ends, wait as [`AgentSessionEnd::next_attempt`] says (the hub's
+//! `retry_after` after a going-away, else capped jittered exponential backoff that resets after
+//! a stable session) and connect again.
+//!
+//! Each connection's receive path is its own task ([`receive`]): datagrams go to the data plane
+//! and the hub's streams to the proxy without passing through the control loop.
 //!
 //! State changes are logged once at info; retries of the same failure go to debug, so a hub that
 //! is down for an hour does not fill the journal.
@@ -11,11 +15,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use petrel_proto::{
-    AgentSelfView, Backoff, BackoffPolicy, ControlMessage, GoingAwayReason, Hello, HubView,
-    Keepalive, KeepaliveAction, RenewRequest, RouteTable, Welcome, ALPN_TUNNEL,
+use petrel_proto::session::{
+    AgentAction, AgentSession, AgentSessionConfig, AgentSessionEnd, NextAttempt,
 };
-use petrel_transport::control_stream::{ControlReader, ControlWriter};
+use petrel_proto::{
+    AgentSelfView, Backoff, BackoffPolicy, Hello, HubView, RouteTable, Welcome, ALPN_TUNNEL,
+};
+use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use petrel_transport::pki::{CertInfo, NodeKey};
 use petrel_transport::quic::TransportTuning;
 use petrel_transport::{close_code, quic, tls, HUB_SERVER_NAME};
@@ -27,20 +33,14 @@ use crate::identity::Identity;
 use crate::metrics::AgentMetrics;
 use crate::shared::{AgentShared, LinkState};
 
-/// After a hub reports that our tunnel was replaced by another link of ours, wait this long
-/// before trying again (two endpoints that name the same hub must not fight over it).
-const DUPLICATE_PARK: Duration = Duration::from_secs(60);
-
-/// How a session ended.
-#[derive(Debug)]
-enum SessionEnd {
-    GoingAway {
-        reason: GoingAwayReason,
-        retry_after: Duration,
-        message: String,
-    },
+/// How a link's session ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkEnd {
+    #[error(transparent)]
+    Session(#[from] AgentSessionEnd),
+    /// The connection or the stream failed under the session.
+    #[error("{0}")]
     Lost(String),
-    Shutdown,
 }
 
 pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: CancellationToken) {
@@ -67,9 +67,9 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             // connect() bounds itself: connect_timeout for an answer, then ADMITTED_GRACE.
-            r = connect(&shared, &endpoint, routes.digest()) => r,
+            r = connect(&shared, &endpoint, &mut routes) => r,
         };
-        let (conn, reader, writer, welcome) = match attempt {
+        let connected = match attempt {
             Ok(v) => v,
             Err(e) => {
                 AgentMetrics::inc(&shared.metrics.connect_attempts, "failed");
@@ -95,6 +95,13 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 continue;
             }
         };
+        let Connected {
+            conn,
+            reader,
+            writer,
+            session,
+            welcome,
+        } = connected;
         AgentMetrics::inc(&shared.metrics.connect_attempts, "ok");
         last_logged_error = None;
         backoff.on_connected(Instant::now());
@@ -112,42 +119,23 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.last_error = None;
         });
         shared.track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
-        shared.proxy.set_policy(&welcome.view.egress);
-        shared.learn_endpoints(
-            welcome
-                .view
-                .gateways
-                .iter()
-                .map(|g| format!("{}:{}", g.host, g.port)),
-        );
-        let me = Me {
-            node: welcome.node_name.clone(),
-            site: welcome.site.clone(),
-        };
-        let view = effective_view(&welcome.view, &routes, &me);
-        match shared.dataplane.get() {
-            Some(dp) => {
-                dp.set_active(&welcome.hub_id, &conn);
-                dp.on_view(&view).await;
-            }
-            None => shared.remember_view(&welcome.hub_id, &conn, &view),
+        if let Some(dp) = shared.dataplane.get() {
+            dp.set_active(&welcome.hub_id, &conn);
         }
         let hub_id = welcome.hub_id.clone();
-        let end = session(
-            &shared,
-            &endpoint,
-            &welcome.hub_id,
-            &conn,
-            reader,
+        let receiver = tokio::spawn(receive(shared.clone(), conn.clone()));
+        let mut link = Link {
+            shared: &shared,
+            endpoint: &endpoint,
+            hub_id: &hub_id,
+            conn: &conn,
             writer,
-            &shutdown,
-            RouteState {
-                table: &mut routes,
-                me: &me,
-                base: welcome.view,
-            },
-        )
-        .await;
+            session,
+            pending_key: None,
+        };
+        let end = link.pump(reader, &shutdown).await;
+        routes = link.session.into_routes();
+        receiver.abort();
         shared.track_tunnel(&endpoint, None);
         if let Some(dp) = shared.dataplane.get() {
             dp.clear_active(&conn);
@@ -158,39 +146,46 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.rtt_ms = None;
             l.connected_since_unix = None;
         });
-        match end {
-            SessionEnd::Shutdown => {
+        let same_hub_link = match &end {
+            LinkEnd::Session(AgentSessionEnd::GoingAway { .. }) => {
+                shared.other_link_on_hub(&hub_id, &endpoint)
+            }
+            _ => None,
+        };
+        let next = match &end {
+            LinkEnd::Session(e) => e.next_attempt(same_hub_link.is_some(), rand::rng().random()),
+            LinkEnd::Lost(_) => NextAttempt::Backoff,
+        };
+        match next {
+            NextAttempt::Stop => {
                 conn.close(close_code::NORMAL.into(), b"agent stopping");
                 break;
             }
-            SessionEnd::GoingAway {
-                reason,
-                retry_after,
-                message,
-            } => {
+            NextAttempt::Park(wait) => {
                 AgentMetrics::inc(&shared.metrics.sessions_ended, "going_away");
-                let duplicate = (reason == GoingAwayReason::Replaced)
-                    .then(|| shared.other_link_on_hub(&hub_id, &endpoint))
-                    .flatten();
-                if let Some(other) = duplicate {
-                    info!(other = %other, "this endpoint reaches the same hub as another link; parking it");
-                    shared.update_link(&endpoint, |l| {
-                        l.state = LinkState::Parked;
-                        l.last_error = Some(format!("same hub as {other}"));
-                    });
-                    delay = DUPLICATE_PARK;
-                } else {
-                    info!(?reason, retry_after = ?retry_after, %message, "hub is going away; will reconnect");
-                    // Spread a fleet's return over a quarter of the hint (at least 100 ms).
-                    let spread = (retry_after / 4).max(Duration::from_millis(100));
-                    delay = retry_after + spread.mul_f64(rand::rng().random::<f64>());
-                    shared.update_link(&endpoint, |l| {
-                        l.last_error = Some(format!("hub going away: {message}"))
-                    });
-                }
+                let other = same_hub_link.unwrap_or_default();
+                info!(other = %other, "this endpoint reaches the same hub as another link; parking it");
+                shared.update_link(&endpoint, |l| {
+                    l.state = LinkState::Parked;
+                    l.last_error = Some(format!("same hub as {other}"));
+                });
+                delay = wait;
             }
-            SessionEnd::Lost(why) => {
+            NextAttempt::After(wait) => {
+                AgentMetrics::inc(&shared.metrics.sessions_ended, "going_away");
+                info!(reason = %end, retry_in = ?wait, "hub is going away; will reconnect");
+                let why = match &end {
+                    LinkEnd::Session(AgentSessionEnd::GoingAway { message, .. }) => message.clone(),
+                    other => other.to_string(),
+                };
+                shared.update_link(&endpoint, |l| {
+                    l.last_error = Some(format!("hub going away: {why}"))
+                });
+                delay = wait;
+            }
+            NextAttempt::Backoff => {
                 AgentMetrics::inc(&shared.metrics.sessions_ended, "lost");
+                let why = end.to_string();
                 info!(reason = %why, "tunnel to hub lost; reconnecting");
                 delay = backoff.next_delay(rand::rng().random());
                 shared.update_link(&endpoint, |l| l.last_error = Some(why));
@@ -201,31 +196,35 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
     shared.update_link(&endpoint, |l| l.state = LinkState::Stopped);
 }
 
-type Connected = (quinn::Connection, ControlReader, ControlWriter, Welcome);
-
-/// Who this agent is, as the hub's welcome said.
-struct Me {
-    node: String,
-    site: String,
+/// A connection the hub welcomed.
+struct Connected {
+    conn: quinn::Connection,
+    reader: ControlReader,
+    writer: ControlWriter,
+    /// Running; its queue still holds the welcome's view.
+    session: AgentSession,
+    welcome: Welcome,
 }
 
-/// A session's route-sync state: the link's table, and the last view (welcome or update) that
-/// the table's routes complete.
-struct RouteState<'a> {
-    table: &'a mut RouteTable,
-    me: &'a Me,
-    base: HubView,
-}
-
-/// The view the data plane applies: a hub that sends routes in its views (an older hub) is
-/// taken as it is; otherwise the routes come from the synced table.
-fn effective_view(view: &HubView, table: &RouteTable, me: &Me) -> HubView {
-    if !view.routes.is_empty() || table.is_empty() {
-        return view.clone();
-    }
-    HubView {
-        routes: table.routes_for(&me.node, &me.site),
-        ..view.clone()
+/// The connection's receive path, apart from the control loop: the hub's datagrams to the data
+/// plane (drained from this connection, the one that read them), its streams to the proxy.
+async fn receive(shared: Arc<AgentShared>, conn: quinn::Connection) {
+    loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(d) => if let Some(dp) = shared.dataplane.get() { dp.deliver(&conn, d).await },
+                // The control loop sees the connection end and reports it.
+                Err(_) => return,
+            },
+            stream = conn.accept_bi() => match stream {
+                // The hub opens one bidirectional stream per proxied TCP connection.
+                Ok((send, recv)) => {
+                    let span = tracing::debug_span!("stream", id = %send.id());
+                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.proxy.clone(), send, recv), span));
+                }
+                Err(_) => return,
+            },
+        }
     }
 }
 
@@ -297,7 +296,7 @@ impl ConnectError {
 async fn connect(
     shared: &AgentShared,
     endpoint: &str,
-    routes_digest: u64,
+    routes: &mut RouteTable,
 ) -> Result<Connected, ConnectError> {
     let id = shared.identity();
     if id.is_expired(SystemTime::now()) {
@@ -350,25 +349,33 @@ async fn connect(
             quic::DialError::Connection(e) => ConnectError::Connection(e),
             quic::DialError::NoAnswer(d) => ConnectError::NoAnswer(d),
         })?;
-    tokio::time::timeout(
-        quic::ADMITTED_GRACE,
-        welcome(connecting, &id, routes_digest),
-    )
-    .await
-    .map_err(|_| ConnectError::NoWelcome(quic::ADMITTED_GRACE))?
+    let config = AgentSessionConfig {
+        ping_interval: shared.config.ping_interval,
+        dead_after: shared.config.dead_after,
+    };
+    // The table goes into the session and comes back out whatever happens to the attempt.
+    let mut session = AgentSession::new(hello(&id), std::mem::take(routes), config);
+    let welcomed = tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, &mut session))
+        .await
+        .map_err(|_| ConnectError::NoWelcome(quic::ADMITTED_GRACE))
+        .and_then(|r| r);
+    match welcomed {
+        Ok((conn, reader, writer, welcome)) => Ok(Connected {
+            conn,
+            reader,
+            writer,
+            session,
+            welcome,
+        }),
+        Err(e) => {
+            *routes = session.into_routes();
+            Err(e)
+        }
+    }
 }
 
-/// The rest of a connect once the hub answered: the handshake, our hello, its welcome.
-async fn welcome(
-    connecting: quinn::Connecting,
-    id: &Identity,
-    routes_digest: u64,
-) -> Result<Connected, ConnectError> {
-    let conn = connecting.await.map_err(ConnectError::Connection)?;
-    let (send, recv) = conn.open_bi().await.map_err(ConnectError::Connection)?;
-    let mut writer = ControlWriter::new(send);
-    let mut reader = ControlReader::new(recv);
-    let hello = Hello {
+fn hello(id: &Identity) -> Hello {
+    Hello {
         protocol_version: petrel_proto::PROTOCOL_VERSION,
         alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
         node_name: id.node_name().to_string(),
@@ -380,17 +387,50 @@ async fn welcome(
             datapath: "none".into(),
             capabilities: 0,
         },
-        routes_digest: Some(routes_digest),
+        // The session fills in the digest of the table it is given.
+        routes_digest: None,
+    }
+}
+
+/// The rest of a connect once the hub answered: the handshake, the session's hello, the hub's
+/// welcome (or its refusal).
+async fn welcome(
+    connecting: quinn::Connecting,
+    session: &mut AgentSession,
+) -> Result<(quinn::Connection, ControlReader, ControlWriter, Welcome), ConnectError> {
+    let conn = connecting.await.map_err(ConnectError::Connection)?;
+    let (send, recv) = conn.open_bi().await.map_err(ConnectError::Connection)?;
+    let mut writer = ControlWriter::new(send);
+    let mut reader = ControlReader::new(recv);
+    let closed = |conn: &quinn::Connection| match conn.close_reason() {
+        Some(reason) => ConnectError::Connection(reason),
+        None => ConnectError::ClosedBeforeWelcome,
     };
-    writer.send(&ControlMessage::Hello(hello)).await?;
-    match reader.next().await {
-        Ok(Some(ControlMessage::Welcome(w))) => Ok((conn, reader, writer, w)),
-        Ok(Some(ControlMessage::GoingAway(ga))) => Err(ConnectError::Refused(ga.message)),
-        Ok(Some(other)) => Err(ConnectError::Unexpected(other.name())),
-        Ok(None) | Err(_) => Err(match conn.close_reason() {
-            Some(reason) => ConnectError::Connection(reason),
-            None => ConnectError::ClosedBeforeWelcome,
-        }),
+    loop {
+        while let Some(action) = session.poll_action() {
+            match action {
+                AgentAction::Send(msg) => writer.send(&msg).await?,
+                AgentAction::Welcomed(w) => return Ok((conn, reader, writer, *w)),
+                AgentAction::Close(c) => conn.close(c.code.into(), c.reason.as_bytes()),
+                AgentAction::Ended(AgentSessionEnd::Refused(why)) => {
+                    return Err(ConnectError::Refused(why))
+                }
+                AgentAction::Ended(AgentSessionEnd::Unexpected(name)) => {
+                    return Err(ConnectError::Unexpected(name))
+                }
+                AgentAction::Ended(_) => return Err(closed(&conn)),
+                // Only after the welcome.
+                AgentAction::ApplyView(_)
+                | AgentAction::Rtt(_)
+                | AgentAction::RenewalAnswered(_) => {}
+            }
+        }
+        match reader.next().await {
+            Ok(Some(msg)) => session.handle_message(msg, Instant::now()),
+            Ok(None) => session.handle_finished(),
+            Err(StreamError::Decode(e)) => session.handle_malformed(e),
+            Err(_) => return Err(closed(&conn)),
+        }
     }
 }
 
@@ -406,161 +446,139 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
-// The session's inputs; the sans-IO rework (issue 13) turns them into one state machine.
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    shared: &Arc<AgentShared>,
-    endpoint: &str,
-    hub_id: &str,
-    conn: &quinn::Connection,
-    mut reader: ControlReader,
-    mut writer: ControlWriter,
-    shutdown: &CancellationToken,
-    mut routes: RouteState<'_>,
-) -> SessionEnd {
-    let interval = shared.config.ping_interval;
-    let mut keepalive = Keepalive::new(interval, shared.config.dead_after, Instant::now());
-    let mut deadline = tokio::time::Instant::now();
-    let mut pending_key: Option<NodeKey> = None;
-    loop {
-        tokio::select! {
-            // In this order: shutdown, then the hub's messages before the keepalive deadline, so
-            // a loop that wakes late with a message waiting does not declare the hub silent.
-            biased;
-            _ = shutdown.cancelled() => {
-                let _ = writer.send(&ControlMessage::GoingAway(petrel_proto::GoingAway {
-                    reason: GoingAwayReason::Shutdown, retry_after_ms: 0, message: "agent stopping".into(),
-                })).await;
-                writer.finish();
-                return SessionEnd::Shutdown;
-            }
-            msg = reader.next() => {
-                keepalive.on_receive(Instant::now());
-                match msg {
-                    Ok(Some(ControlMessage::Ping(p))) => if let Err(e) = writer.send(&ControlMessage::Pong(p.pong())).await { return SessionEnd::Lost(e.to_string()) },
-                    Ok(Some(ControlMessage::Pong(p))) => {
-                        if keepalive.on_pong(&p, Instant::now()).is_some() {
-                            let rtt = keepalive.rtt();
-                            shared.update_link(endpoint, |l| l.rtt_ms = rtt.map(|r| r.as_secs_f64() * 1000.0));
-                        }
-                    }
-                    Ok(Some(ControlMessage::Update(update))) => {
-                        debug!(routes = update.routes.len(), gateways = update.gateways.len(), "hub pushed an update");
-                        let view = effective_view(&update, routes.table, routes.me);
-                        match shared.dataplane.get() {
-                            Some(dp) => dp.on_view(&view).await,
-                            None => shared.remember_view(hub_id, conn, &view),
-                        }
-                        shared.proxy.set_policy(&view.egress);
-                        shared.learn_endpoints(view.gateways.iter().map(|g| format!("{}:{}", g.host, g.port)));
-                        routes.base = update;
-                    }
-                    Ok(Some(ControlMessage::Routes(chunk))) => {
-                        routes.table.apply(&chunk);
-                        if routes.table.len() > petrel_proto::routes::MAX_ROUTE_TABLE {
-                            *routes.table = RouteTable::new();
-                            conn.close(close_code::PROTOCOL_ERROR.into(), b"route table too large");
-                            return SessionEnd::Lost(format!("the hub sent more than {} routes", petrel_proto::routes::MAX_ROUTE_TABLE));
-                        }
-                        if let Some(expected) = chunk.digest {
-                            if routes.table.digest() != expected {
-                                // Something was lost or misapplied: start over with a snapshot.
-                                *routes.table = RouteTable::new();
-                                conn.close(close_code::PROTOCOL_ERROR.into(), b"route table digest mismatch");
-                                return SessionEnd::Lost("route table digest mismatch; reconnecting for a fresh table".into());
-                            }
-                            debug!(nodes = routes.table.len(), "route table synced");
-                            let view = effective_view(&routes.base, routes.table, routes.me);
-                            match shared.dataplane.get() {
-                                Some(dp) => dp.on_view(&view).await,
-                                None => shared.remember_view(hub_id, conn, &view),
-                            }
-                        }
-                    }
-                    Ok(Some(ControlMessage::GoingAway(ga))) => {
-                        return SessionEnd::GoingAway { reason: ga.reason, retry_after: Duration::from_millis(u64::from(ga.retry_after_ms)), message: ga.message };
-                    }
-                    Ok(Some(ControlMessage::RenewResponse(resp))) => {
-                        finish_renewal(shared, pending_key.take(), resp);
-                    }
-                    Ok(Some(ControlMessage::Unknown { msg_type })) => debug!(msg_type, "ignoring unknown optional message"),
-                    Ok(Some(other)) => {
-                        conn.close(close_code::PROTOCOL_ERROR.into(), format!("unexpected {}", other.name()).as_bytes());
-                        return SessionEnd::Lost(format!("hub sent unexpected {}", other.name()));
-                    }
-                    Ok(None) => return SessionEnd::Lost("hub finished the control stream".into()),
-                    Err(e) => return SessionEnd::Lost(match conn.close_reason() { Some(r) => describe_connection_error(&r), None => e.to_string() }),
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                match keepalive.poll(Instant::now()) {
-                    KeepaliveAction::SendPing(ping) => {
-                        if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await { return SessionEnd::Lost(e.to_string()) }
-                        deadline = tokio::time::Instant::now();
-                    }
-                    KeepaliveAction::TimedOut => {
-                        conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"hub unresponsive");
-                        return SessionEnd::Lost(format!("hub silent for {:?}", shared.config.dead_after));
-                    }
-                    KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at).min(tokio::time::Instant::now() + Duration::from_secs(1)),
-                }
-                if pending_key.is_none() {
-                    pending_key = maybe_start_renewal(shared, &mut writer).await;
-                }
-            }
-            datagram = conn.read_datagram() => match datagram {
-                Ok(d) => if let Some(dp) = shared.dataplane.get() { dp.deliver(d).await },
-                Err(e) => return SessionEnd::Lost(describe_connection_error(&e)),
-            },
-            stream = conn.accept_bi() => match stream {
-                // The hub opens one bidirectional stream per proxied TCP connection.
-                Ok((send, recv)) => {
-                    let span = tracing::debug_span!("stream", id = %send.id());
-                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.proxy.clone(), send, recv), span));
-                }
-                Err(e) => return SessionEnd::Lost(describe_connection_error(&e)),
-            },
-            closed = conn.closed() => return SessionEnd::Lost(describe_connection_error(&closed)),
-        }
-    }
+/// One welcomed session of a link and what its actions are performed on.
+struct Link<'a> {
+    shared: &'a Arc<AgentShared>,
+    endpoint: &'a str,
+    hub_id: &'a str,
+    conn: &'a quinn::Connection,
+    writer: ControlWriter,
+    session: AgentSession,
+    /// The key of the renewal in flight.
+    pending_key: Option<NodeKey>,
 }
 
-/// Starts a renewal when the certificate is two thirds through its life and no other link is
-/// already renewing. A new key is made for each renewal.
-async fn maybe_start_renewal(shared: &AgentShared, writer: &mut ControlWriter) -> Option<NodeKey> {
-    let id = shared.identity();
-    if SystemTime::now() < id.info.renew_at() {
-        return None;
-    }
-    if shared.renewing.swap(true, Ordering::SeqCst) {
-        return None;
-    }
-    let key = match NodeKey::generate() {
-        Ok(k) => k,
-        Err(e) => {
-            warn!(error = %e, "cannot make a key for renewal");
-            shared.renewing.store(false, Ordering::SeqCst);
-            return None;
+impl Link<'_> {
+    async fn pump(&mut self, mut reader: ControlReader, shutdown: &CancellationToken) -> LinkEnd {
+        loop {
+            if let Err(end) = self.perform().await {
+                return end;
+            }
+            // At least once a second, to see whether the certificate is due for renewal.
+            let soon = Instant::now() + Duration::from_secs(1);
+            let timer = self.session.poll_timeout().map_or(soon, |t| t.min(soon));
+            tokio::select! {
+                // In this order: shutdown, then the hub's messages before the keepalive
+                // deadline, so a loop that wakes late with a message waiting does not declare
+                // the hub silent.
+                biased;
+                _ = shutdown.cancelled(), if !self.session.is_ended() => self.session.shutdown(),
+                msg = reader.next() => match msg {
+                    Ok(Some(msg)) => self.session.handle_message(msg, Instant::now()),
+                    Ok(None) => self.session.handle_finished(),
+                    Err(StreamError::Decode(e)) => self.session.handle_malformed(e),
+                    Err(e) => return LinkEnd::Lost(match self.conn.close_reason() {
+                        Some(r) => describe_connection_error(&r),
+                        None => e.to_string(),
+                    }),
+                },
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(timer)) => {
+                    self.session.handle_timeout(Instant::now());
+                    if !self.session.is_renewing() && !self.session.is_ended() {
+                        self.maybe_start_renewal();
+                    }
+                }
+                closed = self.conn.closed() => return LinkEnd::Lost(describe_connection_error(&closed)),
+            }
         }
-    };
-    let csr = match key.csr_der(id.node_name()) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot make a CSR for renewal");
-            shared.renewing.store(false, Ordering::SeqCst);
-            return None;
-        }
-    };
-    info!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "renewing node certificate");
-    if writer
-        .send(&ControlMessage::RenewRequest(RenewRequest { csr_der: csr }))
-        .await
-        .is_err()
-    {
-        shared.renewing.store(false, Ordering::SeqCst);
-        return None;
     }
-    Some(key)
+
+    /// Performs every queued action; `Err` once the session is over.
+    async fn perform(&mut self) -> Result<(), LinkEnd> {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                AgentAction::Send(msg) => self
+                    .writer
+                    .send(&msg)
+                    .await
+                    .map_err(|e| LinkEnd::Lost(e.to_string()))?,
+                AgentAction::ApplyView(view) => self.apply_view(&view).await,
+                AgentAction::Rtt(rtt) => self.shared.update_link(self.endpoint, |l| {
+                    l.rtt_ms = Some(rtt.as_secs_f64() * 1000.0)
+                }),
+                AgentAction::RenewalAnswered(resp) => {
+                    finish_renewal(self.shared, self.pending_key.take(), resp)
+                }
+                AgentAction::Close(close) => {
+                    self.writer.finish();
+                    if !close.linger.is_zero() {
+                        // Let the going-away arrive and the hub close first.
+                        let _ = tokio::time::timeout(close.linger, self.conn.closed()).await;
+                    }
+                    self.conn.close(close.code.into(), close.reason.as_bytes());
+                }
+                AgentAction::Ended(end) => {
+                    if self.pending_key.take().is_some() {
+                        self.shared.renewing.store(false, Ordering::SeqCst);
+                    }
+                    return Err(end.into());
+                }
+                // Taken by the connect.
+                AgentAction::Welcomed(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A view from the hub (its welcome, an update, a synced route table): the egress policy,
+    /// the endpoints to dial, and the data plane.
+    async fn apply_view(&self, view: &HubView) {
+        let shared = self.shared;
+        shared.proxy.set_policy(&view.egress);
+        shared.learn_endpoints(
+            view.gateways
+                .iter()
+                .map(|g| format!("{}:{}", g.host, g.port)),
+        );
+        match shared.dataplane.get() {
+            Some(dp) => dp.on_view(view).await,
+            None => shared.remember_view(self.hub_id, self.conn, view),
+        }
+    }
+
+    /// Starts a renewal when the certificate is two thirds through its life and no other link
+    /// is already renewing. A new key is made for each renewal.
+    fn maybe_start_renewal(&mut self) {
+        let shared = self.shared;
+        let id = shared.identity();
+        if SystemTime::now() < id.info.renew_at() {
+            return;
+        }
+        if shared.renewing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let csr = NodeKey::generate()
+            .map_err(|e| e.to_string())
+            .and_then(|key| {
+                key.csr_der(id.node_name())
+                    .map(|csr| (key, csr))
+                    .map_err(|e| e.to_string())
+            });
+        let (key, csr) = match csr {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "cannot make a key and CSR for renewal");
+                shared.renewing.store(false, Ordering::SeqCst);
+                return;
+            }
+        };
+        if !self.session.start_renewal(csr) {
+            shared.renewing.store(false, Ordering::SeqCst);
+            return;
+        }
+        info!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "renewing node certificate");
+        self.pending_key = Some(key);
+    }
 }
 
 /// Why a renewed certificate from the hub is not taken.

@@ -1,6 +1,8 @@
-//! One agent's tunnel session on the hub: admission (certificate name, inventory, the agent's
-//! Hello), the Welcome with the hub's view, then the control loop: keepalive pings and RTT,
-//! certificate renewal, going-away, and commands from the hub (leave, push an update).
+//! One agent's tunnel session on the hub, as a pump around [`petrel_proto::session::HubSession`]:
+//! admission before any message (certificate name, revocation, inventory), then the machine
+//! decides (hello checks, welcome, keepalive, renewal rate, going-away) and this file performs
+//! what it asks: builds the node's view, signs, writes, closes, registers the agent and counts.
+//! Route sync stays here: its chunks are encoded once for all sessions and paced over the hub.
 //!
 //! Identity comes only from the verified client certificate; what the Hello says about the node
 //! is compared with it and with the inventory, and a mismatch is refused, not believed.
@@ -8,10 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use petrel_proto::{
-    ControlMessage, GoingAway, GoingAwayReason, Hello, HubView, Keepalive, KeepaliveAction,
-    RenewResponse, Welcome, ALPN_TUNNEL,
+use petrel_proto::session::{
+    Close, HubAction, HubSession, HubSessionConfig, HubSessionEnd, Refusal,
 };
+use petrel_proto::{ControlMessage, EncodeError, GoingAway, GoingAwayReason, Hello, HubView};
 use petrel_transport::close_code;
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use tokio::sync::mpsc;
@@ -24,136 +26,226 @@ use crate::metrics::HubMetrics;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn refuse(ctx: &HubContext, conn: &quinn::Connection, reason: &'static str, message: String) {
-    warn!(remote = %conn.remote_address(), reason, "tunnel refused: {message}");
-    HubMetrics::inc_reason(&ctx.metrics.agent_refusals, reason);
-    conn.close(close_code::UNAUTHORIZED.into(), message.as_bytes());
+/// Why a session's pump stopped.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    /// The state machine ended it.
+    #[error(transparent)]
+    Session(#[from] HubSessionEnd),
+    #[error("agent does not read its control stream: {0} bytes queued")]
+    NotReading(usize),
+    #[error("cannot encode a message for the agent: {0}")]
+    Encode(EncodeError),
+    #[error("cannot build the route sync: {0}")]
+    RouteSync(EncodeError),
+    #[error("route table lock poisoned")]
+    RouteTablePoisoned,
+    #[error(transparent)]
+    Stream(StreamError),
+    #[error("{0}")]
+    Connection(quinn::ConnectionError),
+    #[error("hub dropped the session")]
+    Dropped,
+}
+
+fn session_config(ctx: &HubContext) -> HubSessionConfig {
+    HubSessionConfig {
+        hub_id: ctx.config.hub_name.clone(),
+        keepalive: ctx.config.keepalive,
+        idle_timeout: ctx.config.idle_timeout,
+        hello_timeout: HELLO_TIMEOUT,
+        renewal_min_interval: HubSessionConfig::renewal_interval(ctx.config.agent_cert_ttl),
+    }
+}
+
+/// Counts and logs a refusal and closes with its reason (after `close.linger` for the agent to
+/// read a going-away sent before it).
+async fn refused(
+    ctx: &HubContext,
+    conn: &quinn::Connection,
+    refusal: &Refusal,
+    close: Option<Close>,
+) {
+    match refusal {
+        Refusal::ViewTooLarge(_) => error!(remote = %conn.remote_address(), "{refusal}"),
+        _ => {
+            warn!(remote = %conn.remote_address(), reason = refusal.label(), "tunnel refused: {refusal}")
+        }
+    }
+    HubMetrics::inc_reason(&ctx.metrics.agent_refusals, refusal.label());
+    let close = close.unwrap_or_else(|| Close {
+        code: refusal.close_code(),
+        reason: refusal.to_string(),
+        linger: Duration::ZERO,
+    });
+    close_after_linger(conn, &close).await;
+}
+
+async fn close_after_linger(conn: &quinn::Connection, close: &Close) {
+    if !close.linger.is_zero() {
+        // Let what was sent arrive before the close discards it; the close reason repeats it.
+        let _ = tokio::time::timeout(close.linger, conn.closed()).await;
+    }
+    conn.close(close.code.into(), close.reason.as_bytes());
+}
+
+fn deadline(at: Instant) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(at)
 }
 
 pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     let Some(node) = petrel_transport::tls::peer_node_name(&conn) else {
-        refuse(&ctx, &conn, "no_client_certificate", "a client certificate from the Petrel CA is required for petrel/1; run `petrel-edge-agent join` first".into());
+        refused(&ctx, &conn, &Refusal::NoClientCertificate, None).await;
         return;
     };
     if !crate::revocation::admit_tunnel(&ctx, &conn, &node) {
         return;
     }
-    let (site, keepalive_every) = {
-        let Ok(inv) = ctx.inventory.read() else {
+    let admitted = match ctx.inventory.read() {
+        Ok(inv) => inv
+            .admit_agent(&node)
+            .map(|(_, site)| site.name.clone())
+            .map_err(|e| e.to_string()),
+        Err(_) => return,
+    };
+    let site = match admitted {
+        Ok(site) => site,
+        Err(why) => {
+            refused(&ctx, &conn, &Refusal::NotAdmitted { node, why }, None).await;
             return;
-        };
-        match inv.admit_agent(&node) {
-            Ok((_, site)) => (site.name.clone(), ctx.config.keepalive),
-            Err(e) => {
-                drop(inv);
-                refuse(
-                    &ctx,
-                    &conn,
-                    "not_admitted",
-                    format!("certificate names {node:?}, but {e}"),
-                );
-                return;
-            }
         }
     };
     // The certificate is verified and its node admitted: from here on the tunnel gets windows
     // sized for what it carries instead of the pre-authentication budget.
     petrel_transport::quic::AuthenticatedLimits::default().apply(&conn);
-    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+    let mut session = HubSession::new(node.clone(), session_config(&ctx), Instant::now());
+    let hello_by = session
+        .poll_timeout()
+        .map(deadline)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let opened = tokio::time::timeout_at(hello_by, async {
         let (send, recv) = conn.accept_bi().await?;
         let mut reader = ControlReader::new(recv);
         let first = reader.next().await;
         Ok::<_, quinn::ConnectionError>((ControlWriter::new(send), reader, first))
     })
     .await;
-    let (mut writer, mut reader, first) = match opened {
-        Ok(Ok(v)) => v,
+    let (mut writer, reader) = match opened {
+        Ok(Ok((writer, reader, first))) => {
+            match first {
+                Ok(Some(msg)) => session.handle_message(msg, Instant::now()),
+                Ok(None) => return,
+                Err(StreamError::Decode(e)) => session.handle_malformed(e),
+                Err(e) => {
+                    debug!(node = %node, error = %e, "agent left before its hello");
+                    return;
+                }
+            }
+            (writer, reader)
+        }
         Ok(Err(e)) => {
             debug!(node = %node, error = %e, "agent left before its hello");
             return;
         }
         Err(_) => {
-            refuse(
-                &ctx,
-                &conn,
-                "no_hello",
-                format!("no hello from {node:?} within {HELLO_TIMEOUT:?}"),
-            );
-            return;
-        }
-    };
-    let hello = match first {
-        Ok(Some(ControlMessage::Hello(h))) => h,
-        Ok(Some(other)) => {
-            refuse(
-                &ctx,
-                &conn,
-                "protocol_error",
-                format!("expected hello, got {}", other.name()),
-            );
-            return;
-        }
-        Ok(None) => return,
-        Err(e) => {
-            refuse(
-                &ctx,
-                &conn,
-                "protocol_error",
-                format!("malformed hello: {e}"),
-            );
-            return;
-        }
-    };
-    if let Err(message) = check_hello(&hello, &node) {
-        let reason = if hello.node_name != node {
-            "identity_mismatch"
-        } else {
-            "protocol_error"
-        };
-        let _ = writer
-            .send(&ControlMessage::GoingAway(GoingAway {
-                reason: GoingAwayReason::Unauthorized,
-                retry_after_ms: 0,
-                message: message.clone(),
-            }))
-            .await;
-        writer.finish();
-        // Let the going-away arrive before the close discards it; the close reason repeats it.
-        let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
-        refuse(&ctx, &conn, reason, message);
-        return;
-    }
-    let epoch = ctx.view_epoch();
-    let route_sync = hello.routes_digest.is_some();
-    let view = ctx.hub_view(&node, route_sync);
-    let digest = super::view_digest(&view);
-    let welcome = Welcome {
-        protocol_version: petrel_proto::PROTOCOL_VERSION,
-        hub_id: ctx.config.hub_name.clone(),
-        node_name: node.clone(),
-        site: site.clone(),
-        keepalive_interval_ms: u32::try_from(keepalive_every.as_millis()).unwrap_or(u32::MAX),
-        view,
-    };
-    let sent = writer.send_counted(&ControlMessage::Welcome(welcome)).await;
-    if let Ok(n) = sent {
-        ctx.metrics.welcome_bytes.set(n as i64);
-    }
-    if let Err(e) = sent {
-        match e {
-            // The view does not fit a control frame: a hub-side limit, not the agent's doing.
-            // Both sides must see why, or the agent retries forever against an empty reason.
-            StreamError::Encode(e) => {
-                let message = format!("the hub cannot send this node's view: {e}");
-                error!(node = %node, "{message}");
-                HubMetrics::inc_reason(&ctx.metrics.agent_refusals, "view_too_large");
-                conn.close(close_code::PROTOCOL_ERROR.into(), message.as_bytes());
+            session.handle_timeout(Instant::now());
+            while let Some(action) = session.poll_action() {
+                if let HubAction::Ended(HubSessionEnd::Refused(r)) = action {
+                    refused(&ctx, &conn, &r, None).await;
+                }
             }
-            e => debug!(node = %node, error = %e, "agent left before the welcome"),
+            return;
         }
+    };
+    let Some(welcomed) = welcome(&ctx, &conn, &mut session, &mut writer, &site).await else {
         return;
-    }
+    };
+    run(ctx, conn, session, welcomed, site, reader, writer).await;
+}
 
+/// An agent the hub has welcomed: its hello, the digest of the view it was sent and the view
+/// epoch that view was built under.
+struct Welcomed {
+    hello: Hello,
+    digest: u64,
+    epoch: u64,
+}
+
+/// Performs what the machine asked after the first message: a welcome (the hello passed) or
+/// a refusal. `Some` once the welcome is on its way.
+async fn welcome(
+    ctx: &HubContext,
+    conn: &quinn::Connection,
+    session: &mut HubSession,
+    writer: &mut ControlWriter,
+    site: &str,
+) -> Option<Welcomed> {
+    let mut admitted = None;
+    let mut close = None;
+    while let Some(action) = session.poll_action() {
+        match action {
+            HubAction::Admitted(hello) => {
+                // Read before the view: a change after it makes the registered session
+                // refresh itself (see `run`).
+                let epoch = ctx.view_epoch();
+                let view = ctx.hub_view(session.node(), hello.routes_digest.is_some());
+                let digest = super::view_digest(&view);
+                session.welcome(site.to_string(), view, Instant::now());
+                admitted = Some(Welcomed {
+                    hello: *hello,
+                    digest,
+                    epoch,
+                });
+            }
+            HubAction::Send(msg) => {
+                let is_welcome = matches!(msg, ControlMessage::Welcome(_));
+                match writer.send_counted(&msg).await {
+                    Ok(n) if is_welcome => {
+                        ctx.metrics.welcome_bytes.set(n as i64);
+                    }
+                    Ok(_) => {}
+                    Err(StreamError::Encode(e)) if is_welcome => session.welcome_undeliverable(e),
+                    Err(e) => {
+                        debug!(node = %session.node(), error = %e, "agent left before the welcome");
+                        return None;
+                    }
+                }
+                if !is_welcome {
+                    writer.finish();
+                }
+            }
+            HubAction::Close(c) => close = Some(c),
+            HubAction::Ended(HubSessionEnd::Refused(r)) => {
+                refused(ctx, conn, &r, close.take()).await;
+                return None;
+            }
+            HubAction::Ended(e) => {
+                debug!(node = %session.node(), reason = %e, "session ended before the welcome");
+                return None;
+            }
+            HubAction::Sign { .. } | HubAction::RenewalRateLimited => {}
+        }
+    }
+    admitted
+}
+
+/// Registers the welcomed agent, runs its session until it ends, and forgets it.
+async fn run(
+    ctx: Arc<HubContext>,
+    conn: quinn::Connection,
+    session: HubSession,
+    welcomed: Welcomed,
+    site: String,
+    mut reader: ControlReader,
+    mut writer: ControlWriter,
+) {
+    let node = session.node().to_string();
+    let Welcomed {
+        hello,
+        digest,
+        epoch,
+    } = welcomed;
+    let route_sync = hello.routes_digest.is_some();
     let (commands, mut command_rx) = mpsc::channel(16);
     let entry = Arc::new(AgentEntry {
         id: ctx.registry.next_id(),
@@ -201,22 +293,22 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         held,
         changed: ctx.routes_changed.subscribe(),
     });
-    let reason = control_loop(
-        &ctx,
-        &entry,
-        &mut reader,
-        &mut writer,
-        &mut command_rx,
-        routes,
-    )
-    .await;
+    let mut pump_state = Pump {
+        ctx: &ctx,
+        entry: &entry,
+        session,
+        writer: &mut writer,
+    };
+    let reason = pump_state
+        .control_loop(&mut reader, &mut command_rx, routes)
+        .await;
     pump.abort();
     ctx.forget_pushed(entry.id);
     if ctx.registry.remove(&node, entry.id) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
         info!(node = %node, reason = %reason, "agent disconnected");
         if let Some(o) = ctx.observer.get() {
-            o.disconnected(&node, &reason);
+            o.disconnected(&node, &reason.to_string());
         }
     } else {
         debug!(node = %node, reason = %reason, "replaced tunnel closed");
@@ -235,24 +327,6 @@ pub(crate) fn printable(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn check_hello(hello: &Hello, cert_node: &str) -> Result<(), String> {
-    petrel_proto::check_protocol_version(hello.protocol_version).map_err(|e| e.to_string())?;
-    if hello.alpn.as_bytes() != ALPN_TUNNEL {
-        return Err(format!(
-            "hello names ALPN {:?}, expected {:?}",
-            hello.alpn,
-            String::from_utf8_lossy(ALPN_TUNNEL)
-        ));
-    }
-    if hello.node_name != cert_node {
-        return Err(format!(
-            "the agent presents itself as {:?} but its certificate names {cert_node:?}; a certificate is valid only for its own node",
-            hello.node_name
-        ));
-    }
-    Ok(())
 }
 
 /// A route-sync session's state: the digest of the table its agent holds (what it said in its
@@ -278,16 +352,15 @@ struct OutgoingSync {
 
 impl OutgoingSync {
     /// Plans what the agent holding `held` lacks.
-    fn plan(ctx: &HubContext, held: u64) -> Result<Self, String> {
+    fn plan(ctx: &HubContext, held: u64) -> Result<Self, SessionEnd> {
         let planned = ctx
             .routes
             .read()
-            .map_err(|_| "route table lock poisoned".to_string())
-            .and_then(|r| r.plan_wire(held).map_err(|e| e.to_string()));
-        let (kind, frames, held_after) = planned.map_err(|e| {
-            error!(error = %e, "cannot build the route sync");
-            format!("cannot build the route sync: {e}")
-        })?;
+            .map_err(|_| SessionEnd::RouteTablePoisoned)?
+            .plan_wire(held)
+            .map_err(SessionEnd::RouteSync);
+        let (kind, frames, held_after) =
+            planned.inspect_err(|e| error!(error = %e, "cannot build the route sync"))?;
         let bytes: usize = frames.iter().map(bytes::Bytes::len).sum();
         let paced = bytes > PACE_ABOVE_BYTES;
         Ok(Self {
@@ -351,239 +424,175 @@ impl OutgoingSync {
 /// hub buffer without bound.
 const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
-/// Queues `msg` for the agent, unless too much is queued already (it stopped reading).
-fn enqueue(writer: &mut ControlWriter, msg: &ControlMessage) -> Result<(), String> {
-    if writer.pending_bytes() > MAX_QUEUED_BYTES + petrel_proto::MAX_CONTROL_FRAME {
-        return Err(format!(
-            "agent does not read its control stream: {} bytes queued",
-            writer.pending_bytes()
-        ));
-    }
-    writer.enqueue(msg).map(|_| ()).map_err(|e| e.to_string())
+/// A running session: the machine and what its actions are performed on.
+struct Pump<'a> {
+    ctx: &'a HubContext,
+    entry: &'a AgentEntry,
+    session: HubSession,
+    writer: &'a mut ControlWriter,
 }
 
-async fn control_loop(
-    ctx: &HubContext,
-    entry: &AgentEntry,
-    reader: &mut ControlReader,
-    writer: &mut ControlWriter,
-    commands: &mut mpsc::Receiver<SessionCommand>,
-    mut routes: Option<RouteSyncState>,
-) -> String {
-    let conn = &entry.connection;
-    let mut outgoing = None;
-    if let Some(r) = routes.as_mut() {
-        r.changed.borrow_and_update();
-        match OutgoingSync::plan(ctx, r.held) {
-            Ok(o) => outgoing = Some(o),
-            Err(e) => return e,
-        }
-    }
-    let interval = ctx.config.keepalive;
-    // Agents ping every couple of seconds; the hub probes only a quiet one (and each new one
-    // once). `status` shows quinn's RTT, which is current whoever pings.
-    let mut keepalive = Keepalive::when_quiet(interval, ctx.config.idle_timeout, Instant::now());
-    let mut renewals = RenewalBudget::new(ctx.config.agent_cert_ttl);
-    let mut deadline = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            // Reader first: a loop that wakes late (a busy hub) with the agent's message waiting
-            // and the keepalive deadline past must count the message before the keepalive
-            // declares the agent dead. An agent cannot starve the other branches this way for
-            // long: what it makes the hub queue is capped (`MAX_QUEUED_BYTES`).
-            biased;
-            msg = reader.next() => {
-                keepalive.on_receive(Instant::now());
-                match msg {
-                    Ok(Some(msg)) => if let Err(reason) = on_message(ctx, entry, &mut keepalive, &mut renewals, writer, msg).await { return reason },
-                    Ok(None) => return "agent finished its control stream".into(),
-                    Err(StreamError::Read(e)) => return format!("{e}"),
-                    Err(e) => {
-                        conn.close(close_code::PROTOCOL_ERROR.into(), e.to_string().as_bytes());
-                        return format!("protocol error: {e}");
+impl Pump<'_> {
+    /// Performs every queued action; `Err` once the session is over.
+    async fn perform(&mut self) -> Result<(), SessionEnd> {
+        let ctx = self.ctx;
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                HubAction::Send(msg) => self.enqueue(&msg)?,
+                HubAction::Sign { csr_der } => {
+                    let result = self.sign(&csr_der);
+                    self.session.renewal_signed(result);
+                }
+                HubAction::RenewalRateLimited => {
+                    HubMetrics::inc_outcome(&ctx.metrics.renewals, "rate_limited")
+                }
+                HubAction::Close(close) => {
+                    if close.code == close_code::GOING_AWAY || close.code == close_code::REPLACED {
+                        // A going-away is queued before this close: give it a moment to leave.
+                        let _ = tokio::time::timeout(close.linger, self.writer.flush()).await;
+                        ctx.metrics.going_away_sent.inc();
+                        self.writer.finish();
                     }
+                    close_after_linger(&self.entry.connection, &close).await;
                 }
-            }
-            cmd = commands.recv() => match cmd {
-                Some(SessionCommand::Leave(ga)) => {
-                    let why = ga.message.clone();
-                    let code = if ga.reason == GoingAwayReason::Replaced { close_code::REPLACED } else { close_code::GOING_AWAY };
-                    if writer.enqueue(&ControlMessage::GoingAway(ga)).is_ok() {
-                        let _ = tokio::time::timeout(Duration::from_millis(500), writer.flush()).await;
-                    }
-                    ctx.metrics.going_away_sent.inc();
-                    writer.finish();
-                    // Give the agent a moment to read it and close first (its close is cleaner
-                    // for both sides); then close anyway.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
-                    conn.close(code.into(), why.as_bytes());
-                    return format!("going away: {why}");
-                }
-                Some(SessionCommand::Send(msg)) => if let Err(e) = enqueue(writer, &msg) { return e },
-                None => return "hub dropped the session".into(),
-            },
-            _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
-                KeepaliveAction::SendPing(ping) => {
-                    if let Err(e) = enqueue(writer, &ControlMessage::Ping(ping)) { return e }
-                    deadline = tokio::time::Instant::now() + interval;
-                }
-                KeepaliveAction::TimedOut => {
-                    conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"no keepalive answer");
-                    return "keepalive timeout".into();
-                }
-                KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
-            },
-            // A change is planned only once the sync in progress is done: the plan then starts
-            // from the table that one left the agent with (a delta, not another snapshot).
-            Ok(()) = async {
-                match routes.as_mut() {
-                    Some(r) => r.changed.changed().await,
-                    None => std::future::pending().await,
-                }
-            }, if outgoing.is_none() => {
-                if let Some(r) = routes.as_mut() {
-                    r.changed.borrow_and_update();
-                    match OutgoingSync::plan(ctx, r.held) {
-                        Ok(o) => outgoing = Some(o),
-                        Err(e) => return e,
-                    }
-                }
-            },
-            Ok(slot) = ctx.route_sync_slots.clone().acquire_owned(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
-                if let Some(o) = outgoing.as_mut() {
-                    o.on_slot(ctx, slot);
-                }
-            },
-            // The next route chunk, once its time has come and the one before has gone out.
-            _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(deadline)), if !writer.has_pending() && outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
-                if let Some(o) = outgoing.as_mut() {
-                    if let Some(held) = o.enqueue_next(ctx, writer) {
-                        if let Some(r) = routes.as_mut() {
-                            r.held = held;
-                        }
-                        outgoing = None;
-                    }
-                }
-            },
-            // Whatever is queued drains while the loop keeps reading (pings stay answered and
-            // the keepalive sees them) however slowly the agent reads.
-            written = writer.write_pending(), if writer.has_pending() => if let Err(e) = written { return e.to_string() },
-            closed = conn.closed() => return closed.to_string(),
-        }
-    }
-}
-
-/// How often one tunnel may have its certificate renewed: an agent renews once per certificate
-/// life (at two thirds of it), so more than one renewal per quarter of the TTL (at most a
-/// minute apart) is a client spending the hub's signing work, and is refused with a reason.
-#[derive(Debug)]
-struct RenewalBudget {
-    min_interval: Duration,
-    last: Option<Instant>,
-}
-
-impl RenewalBudget {
-    fn new(ttl: Duration) -> Self {
-        Self {
-            min_interval: (ttl / 4).min(Duration::from_secs(60)),
-            last: None,
-        }
-    }
-
-    /// Spends a renewal at `now`, or says how long until the next one is allowed.
-    fn spend(&mut self, now: Instant) -> Result<(), Duration> {
-        if let Some(last) = self.last {
-            let since = now.saturating_duration_since(last);
-            if since < self.min_interval {
-                return Err(self.min_interval - since);
+                HubAction::Ended(end) => return Err(end.into()),
+                // Only before the welcome.
+                HubAction::Admitted(_) => {}
             }
         }
-        self.last = Some(now);
         Ok(())
     }
-}
 
-async fn on_message(
-    ctx: &HubContext,
-    entry: &AgentEntry,
-    keepalive: &mut Keepalive,
-    renewals: &mut RenewalBudget,
-    writer: &mut ControlWriter,
-    msg: ControlMessage,
-) -> Result<(), String> {
-    match msg {
-        ControlMessage::Ping(p) => enqueue(writer, &ControlMessage::Pong(p.pong())),
-        ControlMessage::Pong(p) => {
-            keepalive.on_pong(&p, Instant::now());
-            Ok(())
+    /// Queues `msg` for the agent, unless too much is queued already (it stopped reading).
+    fn enqueue(&mut self, msg: &ControlMessage) -> Result<(), SessionEnd> {
+        let queued = self.writer.pending_bytes();
+        if queued > MAX_QUEUED_BYTES + petrel_proto::MAX_CONTROL_FRAME {
+            return Err(SessionEnd::NotReading(queued));
         }
-        ControlMessage::RenewRequest(_) if renewals.spend(Instant::now()).is_err() => {
-            HubMetrics::inc_outcome(&ctx.metrics.renewals, "rate_limited");
-            let message = format!(
-                "renewal refused: this tunnel renewed less than {:?} ago",
-                renewals.min_interval
-            );
-            enqueue(
-                writer,
-                &ControlMessage::RenewResponse(RenewResponse {
-                    result: Err(petrel_proto::ErrorInfo { code: 2, message }),
-                }),
+        self.writer
+            .enqueue(msg)
+            .map(|_| ())
+            .map_err(SessionEnd::Encode)
+    }
+
+    fn sign(&self, csr_der: &[u8]) -> Result<petrel_proto::CertBundle, petrel_proto::ErrorInfo> {
+        let ctx = self.ctx;
+        let result = ctx
+            .ca
+            .sign_node_csr(
+                csr_der,
+                &self.entry.node,
+                SystemTime::now(),
+                ctx.config.agent_cert_ttl,
             )
-        }
-        ControlMessage::RenewRequest(req) => {
-            let result = ctx
-                .ca
-                .sign_node_csr(
-                    &req.csr_der,
-                    &entry.node,
-                    SystemTime::now(),
-                    ctx.config.agent_cert_ttl,
-                )
-                .map(|cert| petrel_proto::CertBundle {
-                    cert_der: cert.to_vec(),
-                    ca_der: ctx.ca.cert_der().to_vec(),
-                })
-                .map_err(|e| petrel_proto::ErrorInfo {
-                    code: 1,
-                    message: e.to_string(),
-                });
-            match &result {
-                Ok(_) => {
-                    info!(node = %entry.node, "renewed node certificate");
-                    HubMetrics::inc_outcome(&ctx.metrics.renewals, "ok");
-                }
-                Err(e) => {
-                    if ctx.log_budget.allow("certificate renewal refused") {
-                        warn!(node = %entry.node, error = %e.message, "certificate renewal refused");
-                    }
-                    HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
-                }
+            .map(|cert| petrel_proto::CertBundle {
+                cert_der: cert.to_vec(),
+                ca_der: ctx.ca.cert_der().to_vec(),
+            })
+            .map_err(|e| petrel_proto::ErrorInfo {
+                code: 1,
+                message: e.to_string(),
+            });
+        match &result {
+            Ok(_) => {
+                info!(node = %self.entry.node, "renewed node certificate");
+                HubMetrics::inc_outcome(&ctx.metrics.renewals, "ok");
             }
-            enqueue(
-                writer,
-                &ControlMessage::RenewResponse(RenewResponse { result }),
-            )
+            Err(e) => {
+                if ctx.log_budget.allow("certificate renewal refused") {
+                    warn!(node = %self.entry.node, error = %e.message, "certificate renewal refused");
+                }
+                HubMetrics::inc_outcome(&ctx.metrics.renewals, "bad_csr");
+            }
         }
-        ControlMessage::GoingAway(ga) => {
-            Err(format!("agent going away: {:?} {}", ga.reason, ga.message))
+        result
+    }
+
+    async fn control_loop(
+        &mut self,
+        reader: &mut ControlReader,
+        commands: &mut mpsc::Receiver<SessionCommand>,
+        mut routes: Option<RouteSyncState>,
+    ) -> SessionEnd {
+        match self.pump(reader, commands, &mut routes).await {
+            Ok(never) => match never {},
+            Err(end) => end,
         }
-        ControlMessage::Unknown { msg_type } => {
-            debug!(node = %entry.node, msg_type, "ignoring unknown optional control message");
-            Ok(())
+    }
+
+    async fn pump(
+        &mut self,
+        reader: &mut ControlReader,
+        commands: &mut mpsc::Receiver<SessionCommand>,
+        routes: &mut Option<RouteSyncState>,
+    ) -> Result<std::convert::Infallible, SessionEnd> {
+        let ctx = self.ctx;
+        let conn = self.entry.connection.clone();
+        let mut outgoing = None;
+        if let Some(r) = routes.as_mut() {
+            r.changed.borrow_and_update();
+            outgoing = Some(OutgoingSync::plan(ctx, r.held)?);
         }
-        other @ (ControlMessage::Hello(_)
-        | ControlMessage::Welcome(_)
-        | ControlMessage::Update(_)
-        | ControlMessage::Routes(_)
-        | ControlMessage::RenewResponse(_)) => {
-            entry.connection.close(
-                close_code::PROTOCOL_ERROR.into(),
-                format!("unexpected {} from agent", other.name()).as_bytes(),
+        loop {
+            self.perform().await?;
+            let timer = deadline(
+                self.session
+                    .poll_timeout()
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
-            Err(format!(
-                "protocol error: unexpected {} from agent",
-                other.name()
-            ))
+            tokio::select! {
+                // Reader first: a loop that wakes late (a busy hub) with the agent's message
+                // waiting and the keepalive deadline past must count the message before the
+                // keepalive declares the agent dead. An agent cannot starve the other branches
+                // this way for long: what it makes the hub queue is capped (`MAX_QUEUED_BYTES`).
+                biased;
+                msg = reader.next() => match msg {
+                    Ok(Some(msg)) => self.session.handle_message(msg, Instant::now()),
+                    Ok(None) => self.session.handle_finished(),
+                    Err(StreamError::Decode(e)) => self.session.handle_malformed(e),
+                    Err(e) => return Err(SessionEnd::Stream(e)),
+                },
+                cmd = commands.recv() => match cmd {
+                    Some(SessionCommand::Leave(going_away)) => self.session.leave(going_away),
+                    Some(SessionCommand::Send(msg)) => { self.session.push(*msg); }
+                    None => return Err(SessionEnd::Dropped),
+                },
+                _ = tokio::time::sleep_until(timer) => self.session.handle_timeout(Instant::now()),
+                // A change is planned only once the sync in progress is done: the plan then
+                // starts from the table that one left the agent with (a delta, not another
+                // snapshot).
+                Ok(()) = async {
+                    match routes.as_mut() {
+                        Some(r) => r.changed.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if outgoing.is_none() => {
+                    if let Some(r) = routes.as_mut() {
+                        r.changed.borrow_and_update();
+                        outgoing = Some(OutgoingSync::plan(ctx, r.held)?);
+                    }
+                },
+                Ok(slot) = ctx.route_sync_slots.clone().acquire_owned(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
+                    if let Some(o) = outgoing.as_mut() {
+                        o.on_slot(ctx, slot);
+                    }
+                },
+                // The next route chunk, once its time has come and the one before has gone out.
+                _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(timer)), if !self.writer.has_pending() && outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
+                    if let Some(o) = outgoing.as_mut() {
+                        if let Some(held) = o.enqueue_next(ctx, self.writer) {
+                            if let Some(r) = routes.as_mut() {
+                                r.held = held;
+                            }
+                            outgoing = None;
+                        }
+                    }
+                },
+                // Whatever is queued drains while the loop keeps reading (pings stay answered
+                // and the keepalive sees them) however slowly the agent reads.
+                written = self.writer.write_pending(), if self.writer.has_pending() => if let Err(e) = written { return Err(SessionEnd::Stream(e)) },
+                closed = conn.closed() => return Err(SessionEnd::Connection(closed)),
+            }
         }
     }
 }
@@ -626,21 +635,5 @@ mod tests {
             "1.0?level=ERROR forged?[31m"
         );
         assert_eq!(printable("v\u{e9}"), "v?");
-    }
-
-    #[test]
-    fn renewals_are_limited_per_tunnel() {
-        let t0 = Instant::now();
-        let mut b = RenewalBudget::new(Duration::from_secs(12));
-        assert_eq!(b.min_interval, Duration::from_secs(3));
-        assert_eq!(b.spend(t0), Ok(()));
-        assert_eq!(
-            b.spend(t0 + Duration::from_secs(1)),
-            Err(Duration::from_secs(2))
-        );
-        assert_eq!(b.spend(t0 + Duration::from_secs(3)), Ok(()));
-        // A long TTL caps the interval at a minute.
-        let b = RenewalBudget::new(Duration::from_secs(90 * 86400));
-        assert_eq!(b.min_interval, Duration::from_secs(60));
     }
 }

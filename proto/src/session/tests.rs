@@ -795,3 +795,15 @@ fn finished_streams_and_malformed_frames_end_each_side_with_a_typed_reason() {
     assert!(matches!(p.agent_end(), Some(AgentSessionEnd::Malformed(_))));
     assert_eq!(p.agent_close().unwrap().code, close_code::PROTOCOL_ERROR);
 }
+
+#[test]
+fn the_renewal_interval_is_a_quarter_of_the_certificate_life_at_most_a_minute() {
+    assert_eq!(
+        HubSessionConfig::renewal_interval(Duration::from_secs(12)),
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        HubSessionConfig::renewal_interval(Duration::from_secs(90 * 86400)),
+        Duration::from_secs(60)
+    );
+}
