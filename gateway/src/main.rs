@@ -267,7 +267,7 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         };
         let ctx = hub.context();
         // Follows `petrel-gateway revoke` (another process) and closes revoked tunnels.
-        tokio::spawn(petrel_gateway::revocation::watch(
+        tokio::spawn(petrel_gateway::hub::revoked::watch(
             ctx.clone(),
             shutdown.clone(),
         ));
@@ -291,7 +291,7 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
             });
         }
         let kube_task = match (kube, kube_client) {
-            (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::k8s::hub::run(
+            (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::kube_hub::run(
                 ctx.clone(),
                 client,
                 settings,
@@ -306,7 +306,11 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
-        let mut egress = tokio::spawn(petrel_gateway::egress::run(ctx.clone(), shutdown.clone()));
+        let mut egress = tokio::spawn(petrel_gateway::egress::run(
+            ctx.egress_parts(),
+            ctx.config.egress.clone(),
+            shutdown.clone(),
+        ));
         let hub_run = hub.run(shutdown.clone());
         tokio::pin!(hub_run);
         // An egress proxy that cannot start stops the hub at once (it was asked for, and a hub

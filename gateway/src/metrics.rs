@@ -1,6 +1,8 @@
 //! The hub's Prometheus metrics. Labels are bounded sets (outcomes and reasons), never node
 //! names: per-agent detail lives in `/status`, so 10,000 agents do not mean 10,000 series each.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,7 +47,7 @@ pub struct HubMetrics {
     /// Encoded size of the last Welcome sent.
     pub welcome_bytes: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
-    pub egress: crate::egress::metrics::EgressMetrics,
+    pub egress: Arc<crate::egress::metrics::EgressMetrics>,
 }
 
 impl HubMetrics {

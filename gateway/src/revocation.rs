@@ -12,24 +12,20 @@
 //! Secret `petrel-revocations` next to the CA Secret (Kubernetes mode), so a restarted hub, and
 //! every hub candidate, refuses the same certificates. `petrel-gateway revoke` runs in another
 //! process than the hub; each hub re-reads the list every [`POLL`] and closes the tunnels it now
-//! refuses. Until a hub has read the list once it refuses every tunnel (fail closed).
+//! refuses (the hub applies it: `crate::hub::revoked`). Until a hub has read the list once it
+//! refuses every tunnel (fail closed).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use petrel_transport::close_code;
 use petrel_transport::pki::{CertInfo, BACKDATE};
 use petrel_transport::private_files::{
     ensure_private_dir, read_optional, write_private, PrivateFileError,
 };
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
-use crate::hub::HubContext;
-use crate::metrics::HubMetrics;
 use crate::pki_store::StoreError;
 
 /// How often a hub re-reads the revocation list.
@@ -275,65 +271,6 @@ impl Revocations {
     pub fn check_enrolment(&self, node: &str) -> Result<(), Revoked> {
         let list = self.current().ok_or(Revoked::NotLoaded)?;
         check_enrolment(&list, node)
-    }
-}
-
-/// Tunnel admission: `false` (and the connection closed, counted, logged within the hub's log
-/// budget: anyone holding a revoked certificate can provoke it) if `node`'s certificate is
-/// revoked.
-pub fn admit_tunnel(ctx: &HubContext, conn: &quinn::Connection, node: &str) -> bool {
-    match ctx.revocations.check_peer(conn, node) {
-        Ok(()) => true,
-        Err(e) => {
-            HubMetrics::inc_reason(&ctx.metrics.agent_refusals, e.label());
-            if ctx.log_budget.allow("tunnel refused: revoked") {
-                warn!(remote = %conn.remote_address(), node = %node, reason = %e, "tunnel refused");
-            }
-            conn.close(close_code::UNAUTHORIZED.into(), e.to_string().as_bytes());
-            false
-        }
-    }
-}
-
-/// Follows the stored list until `shutdown`: applies every change and closes the tunnels of
-/// nodes whose certificate it now refuses.
-pub async fn watch(ctx: Arc<HubContext>, shutdown: CancellationToken) {
-    let mut last_error: Option<String> = None;
-    loop {
-        match ctx.state.load_revocations().await {
-            Ok(list) => {
-                last_error = None;
-                let n = list.len();
-                if ctx.revocations.set(list) {
-                    info!(entries = n, "revocation list loaded");
-                    close_revoked(&ctx);
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    warn!(error = %msg, "cannot read the revocation list; keeping the last one");
-                    last_error = Some(msg);
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(POLL) => {}
-        }
-    }
-}
-
-/// Closes every connected tunnel whose certificate the current list refuses.
-pub fn close_revoked(ctx: &HubContext) {
-    for agent in ctx.registry.all() {
-        if let Err(e) = ctx.revocations.check_peer(&agent.connection, &agent.node) {
-            info!(node = %agent.node, reason = %e, "closing the tunnel of a revoked node");
-            HubMetrics::inc_reason(&ctx.metrics.agent_refusals, e.label());
-            agent
-                .connection
-                .close(close_code::UNAUTHORIZED.into(), e.to_string().as_bytes());
-        }
     }
 }
 

@@ -35,8 +35,8 @@ pub(super) async fn serve(eg: Arc<Egress>, shutdown: CancellationToken) -> Resul
     }
     if let Some(tls) = &cfg.tls {
         let acceptor = tls_acceptor(&tls.cert, &tls.key, &tls.client_ca)?;
-        let petrel =
-            identity::PetrelIssued::new(eg.ctx.ca.cert_der()).map_err(EgressTlsError::PetrelCa)?;
+        let petrel = identity::PetrelIssued::new(&eg.parts.petrel_ca_der)
+            .map_err(EgressTlsError::PetrelCa)?;
         let listener = bind_tcp("egress-listen", tls.listen).await?;
         info!(listen = %local(&listener), client_ca = %tls.client_ca.display(), clients = ?tls.client_names, "egress CONNECT listening with mutual TLS");
         tasks.spawn(accept_tls(
@@ -216,11 +216,8 @@ fn slot(eg: &Egress, listener: &'static str, pool: Pool) -> Option<OwnedSemaphor
     match sem.clone().try_acquire_owned() {
         Ok(p) => Some(p),
         Err(_) => {
-            eg.ctx
-                .metrics
-                .egress
-                .request(listener, "too_many_connections");
-            if eg.ctx.log_budget.allow("egress connection refused") {
+            eg.parts.metrics.request(listener, "too_many_connections");
+            if eg.parts.log_budget.allow("egress connection refused") {
                 warn!(
                     listener,
                     max, "egress connection refused: too many connections ({flag})"
@@ -246,8 +243,8 @@ impl AcceptBackoff {
     }
 
     async fn failed(&mut self, eg: &Egress, listener: &'static str, e: &std::io::Error) {
-        eg.ctx.metrics.egress.request(listener, "accept_failed");
-        if eg.ctx.log_budget.allow("egress accept failed") {
+        eg.parts.metrics.request(listener, "accept_failed");
+        if eg.parts.log_budget.allow("egress accept failed") {
             warn!(listener, error = %e, retry_in = ?self.next, "egress accept failed");
         }
         tokio::time::sleep(self.next).await;
@@ -380,11 +377,11 @@ async fn accept_tls(
                     }
                     Ok(Err(e)) => {
                         let outcome = tls_failure(&e);
-                        eg.ctx.metrics.egress.request("tcp", outcome);
+                        eg.parts.metrics.request("tcp", outcome);
                         info!(outcome, "egress TLS handshake refused: {e}");
                     }
                     Err(_) => {
-                        eg.ctx.metrics.egress.request("tcp", "timeout");
+                        eg.parts.metrics.request("tcp", "timeout");
                         info!("egress TLS handshake not finished within {timeout:?}");
                     }
                 }
@@ -486,7 +483,7 @@ async fn reply_error<S: AsyncWrite + Unpin>(
     r: &Refusal,
 ) {
     log_refusal(listener, r);
-    eg.ctx.metrics.egress.request(listener, r.outcome);
+    eg.parts.metrics.request(listener, r.outcome);
     let _ = io
         .write_all(&http::error_response(r.status, &r.message))
         .await;
@@ -518,12 +515,12 @@ where
             return reply_error(&mut io, listener, eg, &r).await;
         }
         Err(ReadHead::Closed) => {
-            eg.ctx.metrics.egress.request(listener, "closed");
+            eg.parts.metrics.request(listener, "closed");
             debug!("client closed before a complete request");
             return;
         }
         Err(ReadHead::Io(e)) => {
-            eg.ctx.metrics.egress.request(listener, "closed");
+            eg.parts.metrics.request(listener, "closed");
             debug!(error = %e, "client connection failed before a complete request");
             return;
         }
@@ -541,11 +538,11 @@ where
             Err(r) => return reply_error(&mut io, listener, eg, &r).await,
         };
         if let Err(e) = io.write_all(http::ESTABLISHED).await {
-            eg.ctx.metrics.egress.request(listener, "closed");
+            eg.parts.metrics.request(listener, "closed");
             debug!(error = %e, "client left before the 200");
             return;
         }
-        eg.ctx.metrics.egress.request(listener, "ok");
+        eg.parts.metrics.request(listener, "ok");
         info!(node = %target.node, kind = target.kind, path = target.path.as_str(), ip = %target.ip, "egress connection established");
         eg.proxy(io, up, to_target).await;
     }
@@ -563,17 +560,17 @@ async fn handle_sni(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
                 SniError::NoServerName => "no_sni",
                 _ => "bad_request",
             };
-            eg.ctx.metrics.egress.request("sni", outcome);
+            eg.parts.metrics.request("sni", outcome);
             info!(outcome, "egress TLS passthrough refused: {e}");
             return;
         }
         Err(ReadHead::Timeout) => {
-            eg.ctx.metrics.egress.request("sni", "timeout");
+            eg.parts.metrics.request("sni", "timeout");
             info!("egress TLS passthrough refused: no ClientHello within {timeout:?}");
             return;
         }
         Err(ReadHead::Closed | ReadHead::Io(_)) => {
-            eg.ctx.metrics.egress.request("sni", "closed");
+            eg.parts.metrics.request("sni", "closed");
             return;
         }
     };
@@ -581,7 +578,7 @@ async fn handle_sni(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
     async {
         let refuse = |r: Refusal| {
             log_refusal("sni", &r);
-            eg.ctx.metrics.egress.request("sni", r.outcome);
+            eg.parts.metrics.request("sni", r.outcome);
         };
         let Some(port) = eg.kubelet_port(&name) else {
             return refuse(Refusal::new(404, "unknown_destination", format!("server name {name} is not a node in the inventory")));
@@ -594,7 +591,7 @@ async fn handle_sni(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
             Ok(u) => u,
             Err(r) => return refuse(r),
         };
-        eg.ctx.metrics.egress.request("sni", "ok");
+        eg.parts.metrics.request("sni", "ok");
         info!(node = %target.node, path = target.path.as_str(), "egress TLS passthrough established");
         eg.proxy(tcp, up, Bytes::from(buf)).await;
     }
@@ -619,7 +616,7 @@ async fn handle_http(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
             return reply_error(&mut tcp, "http", eg, &r).await;
         }
         Err(ReadHead::Closed | ReadHead::Io(_)) => {
-            eg.ctx.metrics.egress.request("http", "closed");
+            eg.parts.metrics.request("http", "closed");
             return;
         }
     };
@@ -634,7 +631,7 @@ async fn handle_http(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream) {
             Ok(u) => u,
             Err(r) => return reply_error(&mut tcp, "http", eg, &r).await,
         };
-        eg.ctx.metrics.egress.request("http", "ok");
+        eg.parts.metrics.request("http", "ok");
         info!(node = %target.node, path = target.path.as_str(), "egress HTTP connection established");
         eg.proxy(tcp, up, Bytes::from(buf)).await;
     }

@@ -24,7 +24,7 @@ pub mod splice;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,8 +40,12 @@ pub use config::{EgressArgs, EgressConfig, EgressFileConfig};
 use metrics::{DirectionLabels, PathLabels};
 use resolve::{Path, Resolved};
 
-use crate::hub::registry::AgentEntry;
-use crate::hub::HubContext;
+use crate::agent_registry::AgentEntry;
+use crate::agent_registry::AgentRegistry;
+use crate::inventory::Inventory;
+use crate::log_budget::LogBudget;
+use metrics::EgressMetrics;
+use resolve::PortPolicy;
 
 /// Extra time the hub waits for an agent's answer beyond the connect timeout it asked for.
 const RESULT_GRACE: Duration = Duration::from_secs(5);
@@ -94,19 +98,24 @@ pub enum EgressTlsError {
 /// whole site connects at once: the site's policy is computed once per view epoch (which every
 /// inventory replacement bumps; an inventory's own generation is not unique across
 /// replacements).
-pub fn policy_for(ctx: &HubContext, node: &str) -> EgressPolicy {
-    // Read before the inventory: a replacement writes the inventory, then bumps the epoch, so
-    // a policy can only be cached under an epoch older than the inventory it came from, never
-    // the reverse.
-    let epoch = ctx.view_epoch();
-    let ports = &ctx.config.egress.ports;
-    let Ok(inv) = ctx.inventory.read() else {
+///
+/// `epoch` must be read before the inventory: a replacement writes the inventory, then bumps
+/// the epoch, so a policy can only be cached under an epoch older than the inventory it came
+/// from, never the reverse.
+pub fn policy_for(
+    cache: &Mutex<SitePolicies>,
+    epoch: u64,
+    inventory: &RwLock<Inventory>,
+    ports: &PortPolicy,
+    node: &str,
+) -> EgressPolicy {
+    let Ok(inv) = inventory.read() else {
         return EgressPolicy::default();
     };
     let Some(me) = inv.node(node) else {
         return EgressPolicy::default();
     };
-    let cached = ctx.egress_policies.lock().ok().and_then(|mut c| {
+    let cached = cache.lock().ok().and_then(|mut c| {
         if c.epoch != epoch {
             c.epoch = epoch;
             c.sites.clear();
@@ -157,10 +166,22 @@ pub enum Upstream {
     Direct(TcpStream),
 }
 
+/// What the egress proxy takes from the running hub, and nothing more: the connected agents it
+/// dials through, the inventory it resolves targets from, its metrics, the shared log budget
+/// and the Petrel CA (whose client certificates the mutual-TLS listener refuses).
+#[derive(Debug, Clone)]
+pub struct EgressParts {
+    pub registry: Arc<AgentRegistry>,
+    pub inventory: Arc<RwLock<Inventory>>,
+    pub metrics: Arc<EgressMetrics>,
+    pub log_budget: Arc<LogBudget>,
+    pub petrel_ca_der: rustls_pki_types::CertificateDer<'static>,
+}
+
 /// The running proxy, shared by its listeners.
 #[derive(Debug)]
 pub struct Egress {
-    ctx: Arc<HubContext>,
+    parts: EgressParts,
     cfg: EgressConfig,
     pending_total: Arc<Semaphore>,
     pending_by_agent: Mutex<HashMap<String, usize>>,
@@ -210,14 +231,14 @@ impl Drop for PendingGauge<'_> {
 
 /// Counts an established connection (per path, and per agent in its status row).
 struct OpenGuard {
-    ctx: Arc<HubContext>,
+    metrics: Arc<EgressMetrics>,
     path: Path,
     agent: Option<Arc<AgentEntry>>,
 }
 
 impl OpenGuard {
-    fn new(ctx: Arc<HubContext>, path: Path, agent: Option<Arc<AgentEntry>>) -> Self {
-        let m = &ctx.metrics.egress;
+    fn new(metrics: Arc<EgressMetrics>, path: Path, agent: Option<Arc<AgentEntry>>) -> Self {
+        let m = &metrics;
         m.streams_opened
             .get_or_create(&PathLabels {
                 path: path.as_str(),
@@ -231,15 +252,17 @@ impl OpenGuard {
         if let Some(a) = &agent {
             a.counters.open_streams.fetch_add(1, Ordering::Relaxed);
         }
-        Self { ctx, path, agent }
+        Self {
+            metrics,
+            path,
+            agent,
+        }
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.ctx
-            .metrics
-            .egress
+        self.metrics
             .streams_open
             .get_or_create(&PathLabels {
                 path: self.path.as_str(),
@@ -286,7 +309,7 @@ fn map_dial_error(code: DialErrorCode, message: String) -> Refusal {
 }
 
 impl Egress {
-    pub fn new(ctx: Arc<HubContext>, cfg: EgressConfig) -> Self {
+    pub fn new(parts: EgressParts, cfg: EgressConfig) -> Self {
         Self {
             pending_total: Arc::new(Semaphore::new(cfg.max_pending)),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -294,7 +317,7 @@ impl Egress {
             unauthenticated: Arc::new(Semaphore::new(cfg.max_unauthenticated)),
             pending_by_agent: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            ctx,
+            parts,
             cfg,
         }
     }
@@ -310,7 +333,7 @@ impl Egress {
     /// Resolves `host:port` against the current inventory.
     pub fn resolve(&self, host: &str, port: u16) -> Result<Resolved, Refusal> {
         let inv = self
-            .ctx
+            .parts
             .inventory
             .read()
             .map_err(|_| Refusal::new(503, "error", "inventory unavailable"))?;
@@ -322,7 +345,7 @@ impl Egress {
 
     /// The kubelet port of node `name`, if it is a node.
     pub fn kubelet_port(&self, name: &str) -> Option<u16> {
-        self.ctx
+        self.parts
             .inventory
             .read()
             .ok()?
@@ -356,11 +379,11 @@ impl Egress {
     /// The agent that carries streams for `target`: its own node's, else any connected agent
     /// of the same site (every agent may dial anything inside its site).
     fn pick_agent(&self, target: &Resolved) -> Result<Arc<AgentEntry>, Refusal> {
-        if let Some(a) = self.ctx.registry.get(&target.node) {
+        if let Some(a) = self.parts.registry.get(&target.node) {
             return Ok(a);
         }
         let mut same_site: Vec<_> = self
-            .ctx
+            .parts
             .registry
             .all()
             .into_iter()
@@ -404,7 +427,7 @@ impl Egress {
             Path::Tunnel => {
                 let agent = self.pick_agent(target)?;
                 let _slot = self.agent_slot(&agent.node)?;
-                let _pending = PendingGauge::new(&self.ctx.metrics.egress.pending_dials);
+                let _pending = PendingGauge::new(&self.parts.metrics.pending_dials);
                 self.open_stream(agent, target, display).await?
             }
             Path::Direct => {
@@ -414,7 +437,7 @@ impl Egress {
                     "direct:{}",
                     std::net::SocketAddr::new(target.ip, target.port)
                 ))?;
-                let _pending = PendingGauge::new(&self.ctx.metrics.egress.pending_dials);
+                let _pending = PendingGauge::new(&self.parts.metrics.pending_dials);
                 let addr = std::net::SocketAddr::new(target.ip, target.port);
                 let tcp =
                     match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
@@ -443,9 +466,8 @@ impl Egress {
                 Upstream::Direct(tcp)
             }
         };
-        self.ctx
+        self.parts
             .metrics
-            .egress
             .dial_seconds
             .get_or_create(&PathLabels {
                 path: target.path.as_str(),
@@ -568,19 +590,19 @@ impl Egress {
                 first,
                 agent,
             } => {
-                let _open = OpenGuard::new(self.ctx.clone(), Path::Tunnel, Some(agent));
+                let _open = OpenGuard::new(self.parts.metrics.clone(), Path::Tunnel, Some(agent));
                 let (rd, wr) = tokio::io::split(client);
                 let stats = splice::splice_quic(rd, wr, send, recv, first, to_target).await;
                 (Path::Tunnel, stats)
             }
             Upstream::Direct(mut tcp) => {
-                let _open = OpenGuard::new(self.ctx.clone(), Path::Direct, None);
+                let _open = OpenGuard::new(self.parts.metrics.clone(), Path::Direct, None);
                 let mut client = client;
                 let stats = splice::splice_tcp(&mut client, &mut tcp, to_target).await;
                 (Path::Direct, stats)
             }
         };
-        let m = &self.ctx.metrics.egress;
+        let m = &self.parts.metrics;
         for (direction, n) in [
             ("to_target", stats.to_target),
             ("from_target", stats.from_target),
@@ -604,15 +626,18 @@ impl Egress {
 /// Starts the egress listeners configured in the hub's config (validated with the rest of it
 /// by `main`); returns when `shutdown` fires, or at once with the error when a listener cannot
 /// start (`main` then stops the hub: it was asked for egress).
-pub async fn run(ctx: Arc<HubContext>, shutdown: CancellationToken) -> Result<(), EgressError> {
-    let mut cfg = ctx.config.egress.clone();
+pub async fn run(
+    parts: EgressParts,
+    mut cfg: EgressConfig,
+    shutdown: CancellationToken,
+) -> Result<(), EgressError> {
     if !cfg.enabled() {
         debug!("egress proxy not configured");
         shutdown.cancelled().await;
         return Ok(());
     }
     fit_caps_to_descriptors(&mut cfg);
-    let eg = Arc::new(Egress::new(ctx, cfg));
+    let eg = Arc::new(Egress::new(parts, cfg));
     listen::serve(eg, shutdown).await.inspect_err(|e| {
         error!(error = %e, "egress proxy cannot start");
     })
@@ -655,48 +680,4 @@ fn log_refusal(listener: &'static str, r: &Refusal) {
         "egress refused: {}",
         r.message
     );
-}
-
-#[cfg(test)]
-mod policy_cache_tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::config::{FileConfig, HubConfig, RunArgs};
-    use crate::hub::Hub;
-    use crate::inventory::Inventory;
-
-    /// The per-site cache must follow every inventory replacement, even one whose inventory
-    /// counts the same generation as the one it replaces (each index counts its own).
-    #[tokio::test]
-    async fn site_policies_follow_inventory_replacements() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = HubConfig::from_args(
-            RunArgs {
-                listen: Some("127.0.0.1:0".into()),
-                relay_listen: Some("off".into()),
-                state_dir: Some(dir.path().to_path_buf()),
-                ..Default::default()
-            },
-            FileConfig::default(),
-        )
-        .unwrap();
-        let inv = Inventory::embedded_default().unwrap();
-        let hub = Hub::bind(config, inv.clone()).unwrap();
-        let ctx = hub.context();
-        let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
-        assert!(policy_for(&ctx, "edge-a1").allows(a2, 10250));
-
-        // Same generation, different content: edge-a2 moved out of site-a.
-        let mut moved = inv.clone();
-        let mut node = moved.node("edge-a2").unwrap().clone();
-        node.site = "site-b".into();
-        moved.apply_node(node).unwrap();
-        let mut replacement = Inventory::default();
-        let file = moved.to_file();
-        replacement.reset(file.sites, file.nodes).unwrap();
-        assert_eq!(replacement.generation(), inv.generation());
-        ctx.replace_inventory(replacement);
-        assert!(!policy_for(&ctx, "edge-a1").allows(a2, 10250));
-        assert!(policy_for(&ctx, "edge-b1").allows(a2, 10250));
-    }
 }

@@ -13,8 +13,8 @@ use petrel_transport::udp_batch::UdpBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::registry::AgentEntry;
 use super::HubContext;
+use crate::agent_registry::AgentEntry;
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
 use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};

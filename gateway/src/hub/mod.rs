@@ -7,7 +7,7 @@ pub mod admission;
 pub mod dataplane;
 pub mod enrol;
 pub mod memory;
-pub mod registry;
+pub mod revoked;
 pub mod route_sync;
 pub mod session;
 
@@ -27,12 +27,12 @@ use petrel_transport::{close_code, quic, tls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::agent_registry::{AgentEntry, AgentRegistry, SessionCommand, TunnelObserver};
 use crate::config::HubConfig;
 use crate::hub_store::HubStore;
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
 use crate::pki_store::{CaStore, StateDir, StoreError};
-use registry::{AgentEntry, AgentRegistry, SessionCommand};
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +72,6 @@ pub enum HubNotReady {
     LockPoisoned,
 }
 
-/// Told when tunnels come and go (Kubernetes mode writes it onto the Nodes).
-pub trait TunnelObserver: Send + Sync + std::fmt::Debug {
-    fn connected(&self, entry: &AgentEntry);
-    fn disconnected(&self, node: &str, reason: &str);
-}
-
 /// Shared state of a running hub.
 #[derive(Debug)]
 pub struct HubContext {
@@ -85,8 +79,8 @@ pub struct HubContext {
     pub ca: CertificateAuthority,
     /// Join tokens (and, in file mode, where the CA came from).
     pub state: HubStore,
-    pub inventory: RwLock<Inventory>,
-    pub registry: AgentRegistry,
+    pub inventory: Arc<RwLock<Inventory>>,
+    pub registry: Arc<AgentRegistry>,
     pub metrics: HubMetrics,
     pub listening: AtomicBool,
     pub local_addr: SocketAddr,
@@ -111,7 +105,7 @@ pub struct HubContext {
     /// Budgets for connections that have not authenticated yet.
     pub pre_auth: PreAuthState,
     /// Log lines about refusals anyone can provoke (the metrics count each one).
-    pub log_budget: admission::LogBudget,
+    pub log_budget: Arc<crate::log_budget::LogBudget>,
     /// The cluster route table for route-sync agents, with recent changes.
     pub routes: RwLock<route_sync::RouteHistory>,
     /// The current table's digest; sessions watch it and send what changed.
@@ -173,6 +167,29 @@ impl PreAuthState {
 }
 
 impl HubContext {
+    /// What the egress proxy is built from (`main` wires it).
+    pub fn egress_parts(&self) -> crate::egress::EgressParts {
+        crate::egress::EgressParts {
+            registry: self.registry.clone(),
+            inventory: self.inventory.clone(),
+            metrics: self.metrics.egress.clone(),
+            log_budget: self.log_budget.clone(),
+            petrel_ca_der: self.ca.cert_der().clone(),
+        }
+    }
+
+    /// The egress policy the agent on `node` is sent in its view.
+    pub fn egress_policy(&self, node: &str) -> petrel_proto::control::EgressPolicy {
+        crate::egress::policy_for(
+            &self.egress_policies,
+            // Before the inventory is read: see `policy_for`.
+            self.view_epoch(),
+            &self.inventory,
+            &self.config.egress.ports,
+            node,
+        )
+    }
+
     /// Whether new tunnels are accepted (`Err` says why not).
     pub fn serving(&self) -> Result<(), NotServing> {
         self.serving
@@ -401,7 +418,7 @@ impl Hub {
         let secret = local.hub_secret().map_err(state_err)?;
         let state = store;
         // File mode reads the revocation list before the port opens; Kubernetes mode refuses
-        // tunnels until `revocation::watch` has read it from the Secret.
+        // tunnels until `revoked::watch` has read it from the Secret.
         let revocations = match &state {
             HubStore::Dir(d) => crate::revocation::Revocations::loaded(
                 crate::revocation::FileRevocations::new(d.path())
@@ -488,8 +505,8 @@ impl Hub {
             config,
             ca,
             state,
-            inventory: RwLock::new(inventory),
-            registry: AgentRegistry::new(),
+            inventory: Arc::new(RwLock::new(inventory)),
+            registry: Arc::new(AgentRegistry::new()),
             metrics,
             listening: AtomicBool::new(true),
             local_addr,
@@ -502,7 +519,7 @@ impl Hub {
             observer: OnceLock::new(),
             cluster_status: RwLock::new(None),
             pre_auth: PreAuthState::new(admission::PreAuthBudget::default()),
-            log_budget: admission::LogBudget::default(),
+            log_budget: Arc::default(),
             routes: RwLock::new(routes),
             routes_changed,
             route_sync_slots: Arc::new(tokio::sync::Semaphore::new(route_sync::PACED_SYNC_SLOTS)),
@@ -895,5 +912,48 @@ impl AdminState for HubContext {
 
     fn metrics(&self) -> String {
         self.metrics.encode()
+    }
+}
+
+#[cfg(test)]
+mod policy_cache_tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::config::{FileConfig, HubConfig, RunArgs};
+    use crate::hub::Hub;
+    use crate::inventory::Inventory;
+
+    /// The per-site cache must follow every inventory replacement, even one whose inventory
+    /// counts the same generation as the one it replaces (each index counts its own).
+    #[tokio::test]
+    async fn site_policies_follow_inventory_replacements() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = HubConfig::from_args(
+            RunArgs {
+                listen: Some("127.0.0.1:0".into()),
+                relay_listen: Some("off".into()),
+                state_dir: Some(dir.path().to_path_buf()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let inv = Inventory::embedded_default().unwrap();
+        let hub = Hub::bind(config, inv.clone()).unwrap();
+        let ctx = hub.context();
+        let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
+        assert!(ctx.egress_policy("edge-a1").allows(a2, 10250));
+
+        // Same generation, different content: edge-a2 moved out of site-a.
+        let mut moved = inv.clone();
+        let mut node = moved.node("edge-a2").unwrap().clone();
+        node.site = "site-b".into();
+        moved.apply_node(node).unwrap();
+        let mut replacement = Inventory::default();
+        let file = moved.to_file();
+        replacement.reset(file.sites, file.nodes).unwrap();
+        assert_eq!(replacement.generation(), inv.generation());
+        ctx.replace_inventory(replacement);
+        assert!(!ctx.egress_policy("edge-a1").allows(a2, 10250));
+        assert!(ctx.egress_policy("edge-b1").allows(a2, 10250));
     }
 }

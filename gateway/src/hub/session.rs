@@ -19,9 +19,9 @@ use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use super::registry::{AgentCounters, AgentEntry, SessionCommand};
 use super::route_sync::{PlanKind, PACE_ABOVE_BYTES};
 use super::HubContext;
+use crate::agent_registry::{AgentCounters, AgentEntry, SessionCommand};
 use crate::metrics::HubMetrics;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,7 +98,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         refused(&ctx, &conn, &Refusal::NoClientCertificate, None).await;
         return;
     };
-    if !crate::revocation::admit_tunnel(&ctx, &conn, &node) {
+    if !super::revoked::admit_tunnel(&ctx, &conn, &node) {
         return;
     }
     let admitted = match ctx.inventory.read() {
@@ -613,7 +613,7 @@ impl HubContext {
             gateways: self.gateway_endpoints(),
             routes,
             site_mtu: self.config.site_mtu,
-            egress: crate::egress::policy_for(self, node),
+            egress: self.egress_policy(node),
             site_mtus: self
                 .inventory
                 .read()

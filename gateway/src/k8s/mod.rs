@@ -9,18 +9,16 @@
 //!   labelled cloud-gateway, and the read-only follower the node role uses.
 //! * [`pki`]: the CA in a Secret, join tokens as Secrets (like bootstrap tokens), the revocation
 //!   list in a Secret.
-//! * [`csr`]: the signer `petrel.io/edge-tunnel`: zero-touch enrolment of edge nodes from their
-//!   kubelet credentials (CertificateSigningRequests).
 //! * [`status`]: annotations on Nodes (tunnel state, gateway endpoints, hub role) and Events.
-//! * [`hub`]: the glue that runs all of it beside a [`crate::hub::Hub`].
+//! * [`crate::kube_hub`] (a sibling, not a child): the glue that runs all of it beside a
+//!   [`crate::hub::Hub`], and the signer `petrel.io/edge-tunnel` (zero-touch enrolment of edge
+//!   nodes from their kubelet credentials).
 //! * [`node`]: the glue for the node role.
 //!
 //! When the API server cannot be reached nothing changes: the last inventory, the last known
 //! active hub and the connected agents stay as they are; watchers retry with backoff.
 
-pub mod csr;
 pub mod election;
-pub mod hub;
 pub mod node;
 pub mod nodes;
 pub mod pki;

@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{bounded, keys};
-use crate::hub::registry::AgentEntry;
-use crate::hub::TunnelObserver;
+use crate::agent_registry::{AgentEntry, TunnelObserver};
 
 const CALL: Duration = Duration::from_secs(10);
 const RETRY: Duration = Duration::from_secs(2);

@@ -110,6 +110,12 @@ impl AgentEntry {
     }
 }
 
+/// Told when tunnels come and go (Kubernetes mode writes it onto the Nodes).
+pub trait TunnelObserver: Send + Sync + std::fmt::Debug {
+    fn connected(&self, entry: &AgentEntry);
+    fn disconnected(&self, node: &str, reason: &str);
+}
+
 #[derive(Debug, Default)]
 pub struct AgentRegistry {
     agents: Mutex<HashMap<String, Arc<AgentEntry>>>,

@@ -1,6 +1,12 @@
 //! The hub in Kubernetes mode: the Node watcher feeds the hub's inventory (and through it the
 //! switch table, the agents' routes and admission), the elector decides whether this hub serves
-//! and which hub is active, and what changes is written back onto the Nodes.
+//! and which hub is active, and what changes is written back onto the Nodes; [`csr`] signs edge
+//! nodes' CertificateSigningRequests while this hub is the active one.
+//!
+//! It sits above both [`crate::k8s`] (the API-side parts) and [`crate::hub`] (the running hub),
+//! so neither of those depends on the other's wiring.
+
+pub mod csr;
 
 use std::sync::Arc;
 
@@ -9,12 +15,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::election::{self, ElectionState, ElectorConfig, Role};
-use super::nodes::{self, ClusterView};
-use super::status::{tunnel_key, Annotator, TunnelAnnotations};
-use super::translate::format_endpoints;
-use super::{keys, KubeSettings};
 use crate::hub::{HubContext, NotServing};
+use crate::k8s::election::{self, ElectionState, ElectorConfig, Role};
+use crate::k8s::nodes::{self, ClusterView};
+use crate::k8s::status::{tunnel_key, Annotator, TunnelAnnotations};
+use crate::k8s::translate::format_endpoints;
+use crate::k8s::{keys, KubeSettings};
 
 /// The endpoint list agents are sent: every candidate's published endpoints (this hub's own
 /// from its configuration until its annotation shows up), the Lease holder's marked active.
@@ -104,7 +110,7 @@ pub async fn run(
         elector_stop.clone(),
     );
     // The active hub signs (or denies) edge nodes' CertificateSigningRequests.
-    tokio::spawn(super::csr::run(
+    tokio::spawn(csr::run(
         ctx.clone(),
         client.clone(),
         election_rx.clone(),
@@ -135,7 +141,7 @@ pub async fn run(
                             &my_key,
                             Some(format!(
                                 "disconnected at {}: hub restarted",
-                                super::rfc3339(std::time::SystemTime::now())
+                                crate::k8s::rfc3339(std::time::SystemTime::now())
                             )),
                         );
                     }

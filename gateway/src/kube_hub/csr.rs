@@ -35,11 +35,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::election::{ElectionState, Role};
-use super::status::NODE_EVENTS_NAMESPACE;
-use super::{bounded, KubeError};
 use crate::hub::HubContext;
 use crate::inventory::{AdmissionError, Inventory};
+use crate::k8s::election::{ElectionState, Role};
+use crate::k8s::status::NODE_EVENTS_NAMESPACE;
+use crate::k8s::{bounded, KubeError};
 use crate::metrics::HubMetrics;
 use crate::revocation::RevocationList;
 
