@@ -9,8 +9,8 @@
 //! | [`config`] | the command line, environment and config file, validated into typed configs |
 //! | [`shared`] | [`shared::AgentShared`]: identity, link status ([`shared::LinkState`]), data plane, proxy state, learned endpoints, `/status` and `/readyz` |
 //! | [`agent`] | the supervisor: one link per endpoint, the data plane's opening |
-//! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]), hello/welcome, the session loop, renewal |
-//! | [`dataplane`] | the agent's data plane over `petrel-datapath` |
+//! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]); the pump around [`petrel_proto::session::AgentSession`] (views applied, renewal, the next attempt); each connection's receive path (`receive`, its own task: datagrams to the data plane, the hub's streams to the proxy) |
+//! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub; [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
 //! | [`proxy`] | proxied streams: the hub's policy, the dial, the splice |
 //! | [`identity`], [`join`], [`kube_enrol`] | the identity on disk and the two ways to get one |
 //! | [`metrics`], [`status`] | the agent's metrics and the status table |

@@ -21,6 +21,12 @@
 //! | [`node_role`] | routes on cloud and Express Connect nodes |
 //! | [`metrics`], [`status`], [`fd_limit`] | the hub's metrics, the status table, the open-file limit |
 //!
+//! A tunnel session (`hub/session.rs`) is a pump around [`petrel_proto::session::HubSession`]:
+//! it admits the tunnel before any message is read (certificate name, revocation, inventory),
+//! then performs the machine's actions (builds the node's view, signs renewals, writes, closes,
+//! registers the agent) and keeps what needs the hub's shared state or the QUIC stream: route-sync
+//! pacing and the write queue's byte cap.
+//!
 //! Modules form no import cycle (`.ci/module-cycles` checks it in `make test`): parts point
 //! down, `hub` and `kube_hub` sit above the parts they drive, and `main` wires them.
 

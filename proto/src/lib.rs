@@ -1,6 +1,7 @@
-//! Petrel's wire protocol, sans-IO: typed messages, their encoders and bounded decoders, and
-//! the keepalive and backoff state machines. Nothing here opens a socket, spawns a task or reads
-//! a clock; drivers in `petrel-transport`, `gateway` and `edge-agent` own all I/O and time.
+//! Petrel's wire protocol, sans-IO: typed messages, their encoders and bounded decoders, the
+//! keepalive and backoff state machines, and the control-stream sessions of the hub and the
+//! agent ([`session`]). Nothing here opens a socket, spawns a task or reads a clock; drivers in
+//! `petrel-transport`, `gateway` and `edge-agent` own all I/O and time.
 //!
 //! # Layout
 //!
@@ -38,7 +39,9 @@
 //! the first bidirectional stream as the **control stream**. The hub opens one bidirectional
 //! stream per proxied TCP connection. VXLAN travels in QUIC DATAGRAM frames. Enrolment uses a
 //! separate connection with ALPN [`ALPN_ENROL`] and no client certificate: one bi stream, one
-//! request, one response.
+//! request, one response. What each end does on the control stream (the hello's checks, the
+//! welcome, keepalive, renewal, going-away) is [`session`]; how connections close is under
+//! "Closing" below.
 //!
 //! ## Framing
 //!
@@ -114,6 +117,26 @@
 //! `[kind: u8][payload]`. Kind 0x01 ([`datagram::DATAGRAM_KIND_VXLAN`]): payload is an RFC 7348
 //! VXLAN packet, byte for byte what flannel.1 sends on UDP 8472: flags 0x08, reserved zero, VNI
 //! in bytes 4..7, then the inner Ethernet frame (≥ 14 bytes). Other kinds are dropped.
+//!
+//! ## Closing
+//!
+//! Connections end with a QUIC application close: a code for programs and a reason phrase that
+//! always carries a sentence for the operator. The codes are [`session::close_code`]
+//! (re-exported as `petrel_proto::close_code` and `petrel_transport::close_code`):
+//!
+//! | code | name | sent when |
+//! |------|------|-----------|
+//! | 0x00 | `NORMAL` | the agent stops, or closes a connection to reconnect |
+//! | 0x01 | `GOING_AWAY` | the hub drains, restarts, no longer admits the node or is not serving; an enrolment is turned away (busy, rate-limited, memory budget) |
+//! | 0x10 | `UNAUTHORIZED` | a tunnel is refused before its welcome ([`session::Refusal::close_code`]), or its node is revoked |
+//! | 0x11 | `PROTOCOL_ERROR` | a malformed or out-of-place message, a route table over its cap or off its digest, a view too large for a frame, an unsupported ALPN, a bad enrolment request |
+//! | 0x12 | `REPLACED` | a newer tunnel from the same node took over |
+//! | 0x13 | `KEEPALIVE_TIMEOUT` | nothing from the peer within its timeout |
+//! | 0x20 | `ENROL_DONE` | the enrolment's answer was sent |
+//!
+//! A going-away, and the refusal of a hello that was read, is sent as a `GoingAway` message
+//! first; the close follows after a short linger ([`session::Close`]), so the peer reads the
+//! reason as a message and not only as a close phrase.
 
 #![forbid(unsafe_code)]
 
