@@ -246,6 +246,31 @@ impl SimReader {
     }
 }
 
+/// Why a simulated agent's connect attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectFailure {
+    #[error(transparent)]
+    Dial(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    NoAnswer(quic::DialError),
+    #[error("no welcome within {0:?} of the answer")]
+    NoWelcome(Duration),
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{error}; close reason: {close:?}")]
+    Stream {
+        error: StreamError,
+        close: Option<quinn::ConnectionError>,
+    },
+    #[error("expected welcome, got {got}; close reason: {close:?}")]
+    Unexpected {
+        got: &'static str,
+        close: Option<quinn::ConnectionError>,
+    },
+    #[error("hub finished the control stream")]
+    Finished,
+}
+
 /// One connect attempt like the agent's: the handshake, hello, welcome.
 async fn connect(
     ep: &quinn::Endpoint,
@@ -253,20 +278,18 @@ async fn connect(
     server: SocketAddr,
     digests: &Arc<ChunkDigests>,
     routes_digest: u64,
-) -> Result<Connected, String> {
-    let mut connecting = ep
-        .connect_with(id.client.clone(), server, HUB_SERVER_NAME)
-        .map_err(|e| e.to_string())?;
+) -> Result<Connected, ConnectFailure> {
+    let mut connecting = ep.connect_with(id.client.clone(), server, HUB_SERVER_NAME)?;
     // The agent's two bounds: an answer within CONNECT_TIMEOUT, then ADMITTED_GRACE.
     quic::await_answer(&mut connecting, CONNECT_TIMEOUT)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectFailure::NoAnswer)?;
     tokio::time::timeout(
         quic::ADMITTED_GRACE,
         welcome(connecting, id, digests, routes_digest),
     )
     .await
-    .map_err(|_| format!("no welcome within {:?} of the answer", quic::ADMITTED_GRACE))?
+    .map_err(|_| ConnectFailure::NoWelcome(quic::ADMITTED_GRACE))?
 }
 
 async fn welcome(
@@ -274,9 +297,9 @@ async fn welcome(
     id: &Identity,
     digests: &Arc<ChunkDigests>,
     routes_digest: u64,
-) -> Result<Connected, String> {
-    let conn = connecting.await.map_err(|e| e.to_string())?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+) -> Result<Connected, ConnectFailure> {
+    let conn = connecting.await?;
+    let (send, recv) = conn.open_bi().await?;
     let mut writer = ControlWriter::new(send);
     let mut reader = SimReader::new(recv, digests.clone());
     // Route sync like the real agent; a simulated agent keeps only the digest the hub
@@ -285,22 +308,22 @@ async fn welcome(
         routes_digest: Some(routes_digest),
         ..petrel_e2e::raw_agent::hello(&id.node)
     };
+    let stream_failed = |error, conn: &quinn::Connection| ConnectFailure::Stream {
+        error,
+        close: conn.close_reason(),
+    };
     writer
         .send(&ControlMessage::Hello(hello))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| stream_failed(e, &conn))?;
     match reader.next().await {
         Ok(Some(ControlMessage::Welcome(_))) => Ok((conn, writer, reader)),
-        Ok(Some(other)) => Err(format!(
-            "expected welcome, got {}; close reason: {:?}",
-            other.name(),
-            conn.close_reason().map(|r| r.to_string())
-        )),
-        Ok(None) => Err("hub finished the control stream".into()),
-        Err(e) => Err(format!(
-            "{e}; close reason: {:?}",
-            conn.close_reason().map(|r| r.to_string())
-        )),
+        Ok(Some(other)) => Err(ConnectFailure::Unexpected {
+            got: other.name(),
+            close: conn.close_reason(),
+        }),
+        Ok(None) => Err(ConnectFailure::Finished),
+        Err(e) => Err(stream_failed(e, &conn)),
     }
 }
 
@@ -450,7 +473,7 @@ async fn agent(
         let (conn, mut writer, mut reader) = match attempt {
             Ok(v) => v,
             Err(e) => {
-                record_failure(&counters, e);
+                record_failure(&counters, e.to_string());
                 delay = backoff.next_delay(rng.next());
                 continue;
             }

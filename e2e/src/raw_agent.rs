@@ -42,58 +42,48 @@ pub async fn session_as(
     cert: &[u8],
     key: &NodeKey,
     node: &str,
-) -> Result<RawSession, String> {
+) -> anyhow::Result<RawSession> {
     session_with_hello(server, ca, cert, key, hello(node)).await
 }
 
-/// [`session_as`] with a hello of the test's own (a route digest, say).
+/// [`session_as`] with a hello of the test's own (a route digest, say). A failure after the
+/// handshake carries the connection's close reason (the hub's refusal) in its context.
 pub async fn session_with_hello(
     server: &str,
     ca: &[u8],
     cert: &[u8],
     key: &NodeKey,
     hello: Hello,
-) -> Result<RawSession, String> {
+) -> anyhow::Result<RawSession> {
+    use anyhow::Context as _;
     let cfg = tls::agent_client_tls(
         &ca.to_vec().into(),
         vec![cert.to_vec().into()],
         key.private_key_der(),
         ALPN_TUNNEL,
-    )
-    .map_err(|e| e.to_string())?;
-    let client =
-        quic::client_config(cfg, &TransportTuning::default()).map_err(|e| e.to_string())?;
-    let endpoint = quic::client_endpoint("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
-        .map_err(|e| e.to_string())?;
+    )?;
+    let client = quic::client_config(cfg, &TransportTuning::default())?;
+    let endpoint = quic::client_endpoint("127.0.0.1:0".parse()?)?;
     let conn = endpoint
-        .connect_with(
-            client,
-            server.parse().map_err(|e| format!("{e}"))?,
-            HUB_SERVER_NAME,
-        )
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    let why = |e: String, conn: &quinn::Connection| {
+        .connect_with(client, server.parse()?, HUB_SERVER_NAME)?
+        .await?;
+    let why = |conn: &quinn::Connection| {
         format!(
-            "{e}; close reason: {:?}",
+            "close reason: {:?}",
             conn.close_reason().map(|r| r.to_string())
         )
     };
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| why(e.to_string(), &conn))?;
+    let (send, recv) = conn.open_bi().await.with_context(|| why(&conn))?;
     let mut writer = ControlWriter::new(send);
     let mut reader = ControlReader::new(recv);
     writer
         .send(&ControlMessage::Hello(hello))
         .await
-        .map_err(|e| why(e.to_string(), &conn))?;
+        .with_context(|| why(&conn))?;
     let first = match reader.next().await {
         Ok(Some(m)) => m,
-        Ok(None) => return Err(why("stream ended".into(), &conn)),
-        Err(e) => return Err(why(e.to_string(), &conn)),
+        Ok(None) => anyhow::bail!("stream ended; {}", why(&conn)),
+        Err(e) => return Err(anyhow::Error::new(e).context(why(&conn))),
     };
     Ok(RawSession {
         endpoint,

@@ -252,6 +252,7 @@ fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
             "edge-b1",
         ))
         .err()
+        .map(|e| format!("{e:#}"))
         .expect("foreign CA must fail");
     assert!(
         err.contains("UnknownCA") || err.contains("certificate"),
@@ -275,6 +276,7 @@ fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
             "edge-b1",
         ))
         .err()
+        .map(|e| format!("{e:#}"))
         .expect("expired must fail");
     assert!(
         err.contains("CertificateExpired") || err.to_lowercase().contains("expired"),
@@ -317,6 +319,7 @@ fn tunnel_refusals_and_garbage_leave_the_hub_serving() {
         let reply = rt.block_on(session_as(&hub.server(), ca.cert_der(), &cert, &key, node));
         let err = reply
             .err()
+            .map(|e| format!("{e:#}"))
             .unwrap_or_else(|| panic!("{node} must be refused"));
         assert!(
             err.contains("public-network") || err.contains("not in the inventory"),
