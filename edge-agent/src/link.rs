@@ -206,25 +206,29 @@ struct Connected {
     welcome: Welcome,
 }
 
-/// The connection's receive path, apart from the control loop: the hub's datagrams to the data
-/// plane (drained from this connection, the one that read them), its streams to the proxy.
+/// The connection's receive path, apart from the control loop, one handler per direction of
+/// traffic the hub starts: its datagrams to the data plane (drained from this connection, the
+/// one that read them), its streams to the proxy. Each loop waits on one thing only, so a
+/// datagram costs no polls of anything else.
 async fn receive(shared: Arc<AgentShared>, conn: quinn::Connection) {
-    loop {
-        tokio::select! {
-            datagram = conn.read_datagram() => match datagram {
-                Ok(d) => if let Some(dp) = shared.dataplane.get() { dp.deliver(&conn, d).await },
-                // The control loop sees the connection end and reports it.
-                Err(_) => return,
-            },
-            stream = conn.accept_bi() => match stream {
-                // The hub opens one bidirectional stream per proxied TCP connection.
-                Ok((send, recv)) => {
-                    let span = tracing::debug_span!("stream", id = %send.id());
-                    tokio::spawn(tracing::Instrument::instrument(crate::proxy::serve_stream(shared.proxy.clone(), send, recv), span));
-                }
-                Err(_) => return,
-            },
+    let streams = tokio::spawn(accept_streams(shared.clone(), conn.clone()));
+    // The control loop sees the connection end and reports it.
+    while let Ok(d) = conn.read_datagram().await {
+        if let Some(dp) = shared.dataplane.get() {
+            dp.deliver(&conn, d).await;
         }
+    }
+    streams.abort();
+}
+
+/// The hub opens one bidirectional stream per proxied TCP connection.
+async fn accept_streams(shared: Arc<AgentShared>, conn: quinn::Connection) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let span = tracing::debug_span!("stream", id = %send.id());
+        tokio::spawn(tracing::Instrument::instrument(
+            crate::proxy::serve_stream(shared.proxy.clone(), send, recv),
+            span,
+        ));
     }
 }
 

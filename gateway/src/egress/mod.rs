@@ -12,43 +12,41 @@
 //! or too many pending dials, 504 dial timeout. Never an open proxy: only inventory targets on
 //! allowed ports. Dials in progress are bounded per agent and in total; connections handled at
 //! once are bounded too.
+//!
+//! # A connection, top to bottom
+//!
+//! `listen` binds and accepts (bounded per pool) → `handle` reads the head with [`http`] or
+//! [`sni`] → [`dial`] resolves it with [`resolve`] and dials (a stream to the owning agent, or TCP
+//! from the hub) → `handle` replies → [`proxy`] splices ([`splice`]) and counts. Each step calls
+//! down into the next module and returns; none calls back up.
 
 pub mod config;
+pub mod dial;
+mod handle;
 pub mod http;
 pub mod identity;
 mod listen;
 pub mod metrics;
+pub mod proxy;
 pub mod resolve;
 pub mod sni;
 pub mod splice;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use petrel_proto::control::EgressPolicy;
-use petrel_proto::stream::MAX_STREAM_PREAMBLE;
-use petrel_proto::{DialErrorCode, StreamOpen, StreamTarget};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 pub use config::{EgressArgs, EgressConfig, EgressFileConfig};
-use metrics::{DirectionLabels, PathLabels};
-use resolve::{Path, Resolved};
 
-use crate::agent_registry::AgentEntry;
 use crate::agent_registry::AgentRegistry;
 use crate::inventory::Inventory;
 use crate::log_budget::LogBudget;
 use metrics::EgressMetrics;
 use resolve::PortPolicy;
-
-/// Extra time the hub waits for an agent's answer beyond the connect timeout it asked for.
-const RESULT_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the egress proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -154,18 +152,6 @@ impl Refusal {
     }
 }
 
-/// An established upstream connection.
-pub enum Upstream {
-    Tunnel {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        /// Bytes the agent sent right after its result.
-        first: Bytes,
-        agent: Arc<AgentEntry>,
-    },
-    Direct(TcpStream),
-}
-
 /// What the egress proxy takes from the running hub, and nothing more: the connected agents it
 /// dials through, the inventory it resolves targets from, its metrics, the shared log budget
 /// and the Petrel CA (whose client certificates the mutual-TLS listener refuses).
@@ -183,8 +169,7 @@ pub struct EgressParts {
 pub struct Egress {
     parts: EgressParts,
     cfg: EgressConfig,
-    pending_total: Arc<Semaphore>,
-    pending_by_agent: Mutex<HashMap<String, usize>>,
+    dialer: dial::Dialer,
     /// The API server's listeners (Unix socket, authenticated mutual TLS).
     connections: Arc<Semaphore>,
     /// Mutual-TLS handshakes in progress.
@@ -194,128 +179,13 @@ pub struct Egress {
     next_id: AtomicU64,
 }
 
-/// Holds one per-agent pending slot; releases it on drop.
-struct AgentSlot<'a> {
-    eg: &'a Egress,
-    key: String,
-}
-
-impl Drop for AgentSlot<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.eg.pending_by_agent.lock() {
-            if let Some(n) = m.get_mut(&self.key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&self.key);
-                }
-            }
-        }
-    }
-}
-
-/// Counts a dial in progress in the gauge.
-struct PendingGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> PendingGauge<'a> {
-    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Self(g)
-    }
-}
-
-impl Drop for PendingGauge<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Counts an established connection (per path, and per agent in its status row).
-struct OpenGuard {
-    metrics: Arc<EgressMetrics>,
-    path: Path,
-    agent: Option<Arc<AgentEntry>>,
-}
-
-impl OpenGuard {
-    fn new(metrics: Arc<EgressMetrics>, path: Path, agent: Option<Arc<AgentEntry>>) -> Self {
-        let m = &metrics;
-        m.streams_opened
-            .get_or_create(&PathLabels {
-                path: path.as_str(),
-            })
-            .inc();
-        m.streams_open
-            .get_or_create(&PathLabels {
-                path: path.as_str(),
-            })
-            .inc();
-        if let Some(a) = &agent {
-            a.counters.open_streams.fetch_add(1, Ordering::Relaxed);
-        }
-        Self {
-            metrics,
-            path,
-            agent,
-        }
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.metrics
-            .streams_open
-            .get_or_create(&PathLabels {
-                path: self.path.as_str(),
-            })
-            .dec();
-        if let Some(a) = &self.agent {
-            let _ =
-                a.counters
-                    .open_streams
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(1))
-                    });
-        }
-    }
-}
-
-fn map_dial_error(code: DialErrorCode, message: String) -> Refusal {
-    match code {
-        DialErrorCode::Refused => {
-            Refusal::new(502, "dial_refused", format!("dial refused: {message}"))
-        }
-        DialErrorCode::Timeout => {
-            Refusal::new(504, "dial_timeout", format!("dial timeout: {message}"))
-        }
-        DialErrorCode::Unreachable => Refusal::new(
-            502,
-            "dial_unreachable",
-            format!("target unreachable: {message}"),
-        ),
-        DialErrorCode::NotAllowed => Refusal::new(
-            403,
-            "not_allowed",
-            format!("refused by the agent: {message}"),
-        ),
-        DialErrorCode::TooManyPending => Refusal::new(
-            503,
-            "too_many_pending",
-            format!("agent has too many dials in progress: {message}"),
-        ),
-        DialErrorCode::Internal | DialErrorCode::Other(_) => {
-            Refusal::new(502, "agent_error", format!("agent error: {message}"))
-        }
-    }
-}
-
 impl Egress {
     pub fn new(parts: EgressParts, cfg: EgressConfig) -> Self {
         Self {
-            pending_total: Arc::new(Semaphore::new(cfg.max_pending)),
+            dialer: dial::Dialer::new(parts.clone(), cfg.clone()),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             tls_handshakes: Arc::new(Semaphore::new(cfg.max_tls_handshakes)),
             unauthenticated: Arc::new(Semaphore::new(cfg.max_unauthenticated)),
-            pending_by_agent: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             parts,
             cfg,
@@ -328,298 +198,6 @@ impl Egress {
 
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Resolves `host:port` against the current inventory.
-    pub fn resolve(&self, host: &str, port: u16) -> Result<Resolved, Refusal> {
-        let inv = self
-            .parts
-            .inventory
-            .read()
-            .map_err(|_| Refusal::new(503, "error", "inventory unavailable"))?;
-        resolve::resolve(&inv, host, port, &self.cfg.ports).map_err(|e| {
-            let (status, outcome) = e.status();
-            Refusal::new(status, outcome, e.to_string())
-        })
-    }
-
-    /// The kubelet port of node `name`, if it is a node.
-    pub fn kubelet_port(&self, name: &str) -> Option<u16> {
-        self.parts
-            .inventory
-            .read()
-            .ok()?
-            .node(name)
-            .map(|n| n.kubelet_port)
-    }
-
-    fn agent_slot(&self, key: &str) -> Result<AgentSlot<'_>, Refusal> {
-        let mut m = self
-            .pending_by_agent
-            .lock()
-            .map_err(|_| Refusal::new(503, "error", "pending-dial table unavailable"))?;
-        let n = m.entry(key.to_string()).or_insert(0);
-        if *n >= self.cfg.max_pending_per_agent {
-            return Err(Refusal::new(
-                503,
-                "too_many_pending",
-                format!(
-                    "{} dials to {key} already in progress (egress-max-pending-per-agent)",
-                    self.cfg.max_pending_per_agent
-                ),
-            ));
-        }
-        *n += 1;
-        Ok(AgentSlot {
-            eg: self,
-            key: key.to_string(),
-        })
-    }
-
-    /// The agent that carries streams for `target`: its own node's, else any connected agent
-    /// of the same site (every agent may dial anything inside its site).
-    fn pick_agent(&self, target: &Resolved) -> Result<Arc<AgentEntry>, Refusal> {
-        if let Some(a) = self.parts.registry.get(&target.node) {
-            return Ok(a);
-        }
-        let mut same_site: Vec<_> = self
-            .parts
-            .registry
-            .all()
-            .into_iter()
-            .filter(|a| a.site == target.site)
-            .collect();
-        same_site.sort_by(|a, b| a.node.cmp(&b.node));
-        match same_site.into_iter().next() {
-            Some(a) => {
-                debug!(owner = %target.node, via = %a.node, "owner's agent not connected; using another agent of its site");
-                Ok(a)
-            }
-            None => Err(Refusal::new(
-                503,
-                "agent_unavailable",
-                format!(
-                    "no agent of site {} is connected (node {} has no tunnel)",
-                    target.site, target.node
-                ),
-            )),
-        }
-    }
-
-    /// Opens the upstream connection for `target`, bounded and timed.
-    pub async fn connect(&self, target: &Resolved, display: &str) -> Result<Upstream, Refusal> {
-        let started = Instant::now();
-        let _total = self
-            .pending_total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                Refusal::new(
-                    503,
-                    "too_many_pending",
-                    format!(
-                        "{} dials already in progress (egress-max-pending)",
-                        self.cfg.max_pending
-                    ),
-                )
-            })?;
-        let up = match target.path {
-            Path::Tunnel => {
-                let agent = self.pick_agent(target)?;
-                let _slot = self.agent_slot(&agent.node)?;
-                let _pending = PendingGauge::new(&self.parts.metrics.pending_dials);
-                self.open_stream(agent, target, display).await?
-            }
-            Path::Direct => {
-                // Per target, not per site: hung dials to one dead node must not refuse dials
-                // to the site's other nodes.
-                let _slot = self.agent_slot(&format!(
-                    "direct:{}",
-                    std::net::SocketAddr::new(target.ip, target.port)
-                ))?;
-                let _pending = PendingGauge::new(&self.parts.metrics.pending_dials);
-                let addr = std::net::SocketAddr::new(target.ip, target.port);
-                let tcp =
-                    match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
-                        .await
-                    {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
-                            let code = match e.kind() {
-                                std::io::ErrorKind::ConnectionRefused => DialErrorCode::Refused,
-                                std::io::ErrorKind::TimedOut => DialErrorCode::Timeout,
-                                _ => DialErrorCode::Unreachable,
-                            };
-                            return Err(map_dial_error(code, format!("hub dial {addr}: {e}")));
-                        }
-                        Err(_) => {
-                            return Err(map_dial_error(
-                                DialErrorCode::Timeout,
-                                format!(
-                                    "hub dial {addr}: no answer within {:?}",
-                                    self.cfg.connect_timeout
-                                ),
-                            ))
-                        }
-                    };
-                let _ = tcp.set_nodelay(true);
-                Upstream::Direct(tcp)
-            }
-        };
-        self.parts
-            .metrics
-            .dial_seconds
-            .get_or_create(&PathLabels {
-                path: target.path.as_str(),
-            })
-            .observe(started.elapsed().as_secs_f64());
-        Ok(up)
-    }
-
-    async fn open_stream(
-        &self,
-        agent: Arc<AgentEntry>,
-        target: &Resolved,
-        display: &str,
-    ) -> Result<Upstream, Refusal> {
-        let open = StreamOpen {
-            target: StreamTarget {
-                ip: target.ip,
-                port: target.port,
-                display: display
-                    .chars()
-                    .take(petrel_proto::codec::MAX_DISPLAY_LEN / 4)
-                    .collect(),
-            },
-            connect_timeout_ms: u32::try_from(self.cfg.connect_timeout.as_millis())
-                .unwrap_or(u32::MAX),
-        };
-        let mut header = Vec::new();
-        petrel_proto::encode_stream_open(&open, &mut header).map_err(|e| {
-            Refusal::new(
-                502,
-                "error",
-                format!("cannot encode the stream header: {e}"),
-            )
-        })?;
-        let node = agent.node.clone();
-        let unavailable = |e: String| {
-            Refusal::new(
-                503,
-                "agent_unavailable",
-                format!("cannot open a stream to the agent of {node}: {e}"),
-            )
-        };
-        let exchange = async {
-            let (mut send, mut recv) = agent
-                .connection
-                .open_bi()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            send.write_all(&header)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            let mut buf: Vec<u8> = Vec::new();
-            loop {
-                let room = MAX_STREAM_PREAMBLE + 1 - buf.len().min(MAX_STREAM_PREAMBLE);
-                match recv.read_chunk(room, true).await {
-                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                    Ok(None) => {
-                        return Err(Refusal::new(
-                            502,
-                            "agent_error",
-                            format!("the agent of {node} closed the stream without a result"),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(Refusal::new(
-                            502,
-                            "agent_error",
-                            format!("the agent of {node} refused the stream: {e}"),
-                        ))
-                    }
-                }
-                match petrel_proto::decode_stream_result(&buf) {
-                    Ok(Some((res, used))) => {
-                        let first = Bytes::copy_from_slice(buf.get(used..).unwrap_or_default());
-                        return Ok((send, recv, res, first));
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        let _ = send.reset(splice::STREAM_ABORTED.into());
-                        return Err(Refusal::new(
-                            502,
-                            "agent_error",
-                            format!("the agent of {node} sent a malformed result: {e}"),
-                        ));
-                    }
-                }
-            }
-        };
-        let wait = self.cfg.connect_timeout + RESULT_GRACE;
-        let (send, recv, res, first) = match tokio::time::timeout(wait, exchange).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Refusal::new(
-                    504,
-                    "dial_timeout",
-                    format!("no answer from the agent of {} within {wait:?}", agent.node),
-                ))
-            }
-        };
-        match res.result {
-            Ok(()) => Ok(Upstream::Tunnel {
-                send,
-                recv,
-                first,
-                agent,
-            }),
-            Err(e) => Err(map_dial_error(e.code, e.message)),
-        }
-    }
-
-    /// Carries bytes between `client` and `up` until both are done.
-    pub async fn proxy<C>(self: &Arc<Self>, client: C, up: Upstream, to_target: Bytes)
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-    {
-        let (path, stats) = match up {
-            Upstream::Tunnel {
-                send,
-                recv,
-                first,
-                agent,
-            } => {
-                let _open = OpenGuard::new(self.parts.metrics.clone(), Path::Tunnel, Some(agent));
-                let (rd, wr) = tokio::io::split(client);
-                let stats = splice::splice_quic(rd, wr, send, recv, first, to_target).await;
-                (Path::Tunnel, stats)
-            }
-            Upstream::Direct(mut tcp) => {
-                let _open = OpenGuard::new(self.parts.metrics.clone(), Path::Direct, None);
-                let mut client = client;
-                let stats = splice::splice_tcp(&mut client, &mut tcp, to_target).await;
-                (Path::Direct, stats)
-            }
-        };
-        let m = &self.parts.metrics;
-        for (direction, n) in [
-            ("to_target", stats.to_target),
-            ("from_target", stats.from_target),
-        ] {
-            m.bytes
-                .get_or_create(&DirectionLabels {
-                    path: path.as_str(),
-                    direction,
-                })
-                .inc_by(n);
-        }
-        debug!(
-            to_target = stats.to_target,
-            from_target = stats.from_target,
-            aborted = stats.aborted,
-            "proxied connection closed"
-        );
     }
 }
 

@@ -10,15 +10,15 @@ pub mod memory;
 pub mod revoked;
 pub mod route_sync;
 pub mod session;
+pub mod view;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use petrel_proto::{
-    ControlMessage, GatewayEndpoint, GoingAway, GoingAwayReason, HubView, ALPN_ENROL, ALPN_TUNNEL,
+    ControlMessage, GatewayEndpoint, GoingAway, GoingAwayReason, ALPN_ENROL, ALPN_TUNNEL,
 };
 use petrel_transport::admin::AdminState;
 use petrel_transport::pki::CertificateAuthority;
@@ -88,17 +88,8 @@ pub struct HubContext {
     /// `Err(why)`: new tunnels and enrolments are refused (Kubernetes mode: this node is not a
     /// cloud gateway, or the node list has not arrived yet).
     serving: RwLock<Result<(), NotServing>>,
-    /// Kubernetes mode: every candidate's endpoints, the active hub's marked active.
-    gateways: RwLock<Option<Vec<GatewayEndpoint>>>,
-    /// A digest of the last view each session (by registry id) was sent, so updates go only
-    /// where they change something. A digest, not the view: a view lists a route per node, so
-    /// keeping one per agent would grow with agents times nodes.
-    pushed: Mutex<HashMap<u64, u64>>,
-    /// Bumped by every inventory or endpoint change, before the agents are refreshed: a session
-    /// that computed its welcome under another epoch refreshes itself once registered.
-    view_epoch: std::sync::atomic::AtomicU64,
-    /// Egress policies per site, for the current inventory generation.
-    pub(crate) egress_policies: Mutex<crate::egress::SitePolicies>,
+    /// Views: what each agent is told and was last sent (see [`view`]).
+    pub views: view::AgentViews,
     pub observer: OnceLock<Arc<dyn TunnelObserver>>,
     /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
     pub cluster_status: RwLock<Option<serde_json::Value>>,
@@ -178,18 +169,6 @@ impl HubContext {
         }
     }
 
-    /// The egress policy the agent on `node` is sent in its view.
-    pub fn egress_policy(&self, node: &str) -> petrel_proto::control::EgressPolicy {
-        crate::egress::policy_for(
-            &self.egress_policies,
-            // Before the inventory is read: see `policy_for`.
-            self.view_epoch(),
-            &self.inventory,
-            &self.config.egress.ports,
-            node,
-        )
-    }
-
     /// Whether new tunnels are accepted (`Err` says why not).
     pub fn serving(&self) -> Result<(), NotServing> {
         self.serving
@@ -238,14 +217,7 @@ impl HubContext {
 
     /// Replaces the endpoint list pushed to agents (Kubernetes mode) and pushes it.
     pub fn set_gateways(&self, gateways: Option<Vec<GatewayEndpoint>>) {
-        let changed = match self.gateways.write() {
-            Ok(mut g) if *g != gateways => {
-                *g = gateways;
-                true
-            }
-            _ => false,
-        };
-        if changed {
+        if self.views.set_gateways(gateways) {
             self.refresh_agents();
         }
     }
@@ -263,8 +235,7 @@ impl HubContext {
     /// NodeRemoved` to agents whose node is gone or no longer a public-site edge node, and
     /// pushes an `Update` to every agent whose view changed.
     pub fn refresh_agents(&self) {
-        self.view_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.views.bump_epoch();
         if let (Some(dp), Ok(inv)) = (self.dataplane.as_ref(), self.inventory.read()) {
             dp.refresh(&inv);
         }
@@ -321,67 +292,21 @@ impl HubContext {
             }
             return;
         }
-        let view = self.hub_view(&agent.node, agent.route_sync);
-        let digest = view_digest(&view);
-        let stale = self
-            .pushed
-            .lock()
-            .map(|p| p.get(&agent.id) != Some(&digest))
-            .unwrap_or(true);
-        if stale {
+        let view = self
+            .views
+            .view_for(&self.inventory, &agent.node, agent.route_sync);
+        let digest = view::view_digest(&view);
+        if self.views.is_stale(agent.id, digest) {
             debug!(node = %agent.node, routes = view.routes.len(), "pushing an update");
             if agent
                 .commands
                 .try_send(SessionCommand::Send(Box::new(ControlMessage::Update(view))))
                 .is_ok()
             {
-                self.record_pushed(agent.id, digest);
+                self.views.record_pushed(agent.id, digest);
             }
         }
     }
-
-    /// Changes whenever views may have changed (see `view_epoch`).
-    pub fn view_epoch(&self) -> u64 {
-        self.view_epoch.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Remembers what session `id` was last sent ([`view_digest`] of it).
-    pub fn record_pushed(&self, id: u64, digest: u64) {
-        if let Ok(mut p) = self.pushed.lock() {
-            p.insert(id, digest);
-        }
-    }
-
-    pub fn forget_pushed(&self, id: u64) {
-        if let Ok(mut p) = self.pushed.lock() {
-            p.remove(&id);
-        }
-    }
-
-    /// The endpoints agents should dial. In file mode, this hub's advertised addresses; in
-    /// Kubernetes mode every candidate's, with the Lease holder's marked active.
-    pub fn gateway_endpoints(&self) -> Vec<GatewayEndpoint> {
-        if let Some(g) = self.gateways.read().ok().and_then(|g| g.clone()) {
-            return g;
-        }
-        self.config
-            .advertise
-            .iter()
-            .map(|(host, port)| GatewayEndpoint {
-                name: self.config.hub_name.clone(),
-                host: host.clone(),
-                port: *port,
-                active: true,
-            })
-            .collect()
-    }
-}
-
-/// What [`HubContext::pushed`] keeps of a view. Equal views give equal digests; a collision
-/// (one in 2^64 per change) would only skip one push until the next change.
-pub(crate) fn view_digest(view: &HubView) -> u64 {
-    use std::hash::BuildHasher;
-    std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(view)
 }
 
 /// Receive and send buffer asked for the relay socket (4 MiB, as for the data plane's).
@@ -501,6 +426,12 @@ impl Hub {
         let (routes_changed, _) = tokio::sync::watch::channel(routes.digest());
         let metrics = HubMetrics::new();
         metrics.route_table_entries.set(routes.len() as i64);
+        let views = view::AgentViews::new(view::ViewConfig {
+            hub_name: config.hub_name.clone(),
+            advertise: config.advertise.clone(),
+            site_mtu: config.site_mtu,
+            egress_ports: config.egress.ports.clone(),
+        });
         let ctx = Arc::new(HubContext {
             config,
             ca,
@@ -512,10 +443,7 @@ impl Hub {
             local_addr,
             dataplane,
             serving: RwLock::new(Ok(())),
-            gateways: RwLock::new(None),
-            pushed: Mutex::new(HashMap::new()),
-            view_epoch: Default::default(),
-            egress_policies: Default::default(),
+            views,
             observer: OnceLock::new(),
             cluster_status: RwLock::new(None),
             pre_auth: PreAuthState::new(admission::PreAuthBudget::default()),
@@ -889,7 +817,7 @@ impl AdminState for HubContext {
                 "ready": self.ready().is_ok(),
                 "serving": self.serving().is_ok(),
                 "not_serving_reason": self.serving().err().map(|e| e.to_string()),
-                "endpoints": self.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
+                "endpoints": self.views.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
             "agents": self.registry.status(),
             "kubernetes": self.cluster_status.read().ok().and_then(|s| s.clone()),
@@ -941,7 +869,10 @@ mod policy_cache_tests {
         let hub = Hub::bind(config, inv.clone()).unwrap();
         let ctx = hub.context();
         let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
-        assert!(ctx.egress_policy("edge-a1").allows(a2, 10250));
+        assert!(ctx
+            .views
+            .egress_policy(&ctx.inventory, "edge-a1")
+            .allows(a2, 10250));
 
         // Same generation, different content: edge-a2 moved out of site-a.
         let mut moved = inv.clone();
@@ -953,7 +884,13 @@ mod policy_cache_tests {
         replacement.reset(file.sites, file.nodes).unwrap();
         assert_eq!(replacement.generation(), inv.generation());
         ctx.replace_inventory(replacement);
-        assert!(!ctx.egress_policy("edge-a1").allows(a2, 10250));
-        assert!(ctx.egress_policy("edge-b1").allows(a2, 10250));
+        assert!(!ctx
+            .views
+            .egress_policy(&ctx.inventory, "edge-a1")
+            .allows(a2, 10250));
+        assert!(ctx
+            .views
+            .egress_policy(&ctx.inventory, "edge-b1")
+            .allows(a2, 10250));
     }
 }

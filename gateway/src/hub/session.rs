@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use petrel_proto::session::{
     Close, HubAction, HubSession, HubSessionConfig, HubSessionEnd, Refusal,
 };
-use petrel_proto::{ControlMessage, EncodeError, GoingAway, GoingAwayReason, Hello, HubView};
+use petrel_proto::{ControlMessage, EncodeError, GoingAway, GoingAwayReason, Hello};
 use petrel_transport::close_code;
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use tokio::sync::mpsc;
@@ -187,9 +187,13 @@ async fn welcome(
             HubAction::Admitted(hello) => {
                 // Read before the view: a change after it makes the registered session
                 // refresh itself (see `run`).
-                let epoch = ctx.view_epoch();
-                let view = ctx.hub_view(session.node(), hello.routes_digest.is_some());
-                let digest = super::view_digest(&view);
+                let epoch = ctx.views.epoch();
+                let view = ctx.views.view_for(
+                    &ctx.inventory,
+                    session.node(),
+                    hello.routes_digest.is_some(),
+                );
+                let digest = super::view::view_digest(&view);
                 session.welcome(site.to_string(), view, Instant::now());
                 admitted = Some(Welcomed {
                     hello: *hello,
@@ -280,8 +284,8 @@ async fn run(
     HubMetrics::inc_outcome(&ctx.metrics.tunnel_handshakes, "ok");
     // The inventory or the endpoints may have changed between the welcome and the
     // registration, and the refresh that followed did not see this session yet: do its part.
-    ctx.record_pushed(entry.id, digest);
-    if ctx.view_epoch() != epoch {
+    ctx.views.record_pushed(entry.id, digest);
+    if ctx.views.epoch() != epoch {
         ctx.refresh_agent(&entry);
     }
     if let Some(o) = ctx.observer.get() {
@@ -303,7 +307,7 @@ async fn run(
         .control_loop(&mut reader, &mut command_rx, routes)
         .await;
     pump.abort();
-    ctx.forget_pushed(entry.id);
+    ctx.views.forget_pushed(entry.id);
     if ctx.registry.remove(&node, entry.id) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
         info!(node = %node, reason = %reason, "agent disconnected");
@@ -593,32 +597,6 @@ impl Pump<'_> {
                 written = self.writer.write_pending(), if self.writer.has_pending() => if let Err(e) = written { return Err(SessionEnd::Stream(e)) },
                 closed = conn.closed() => return Err(SessionEnd::Connection(closed)),
             }
-        }
-    }
-}
-
-impl HubContext {
-    /// What an agent on `node` is told: the gateways to dial, its routes (none for a
-    /// route-sync agent: it derives them from the route table), its site's MTU.
-    pub fn hub_view(&self, node: &str, route_sync: bool) -> HubView {
-        let routes = if route_sync {
-            Vec::new()
-        } else {
-            self.inventory
-                .read()
-                .map(|inv| inv.routes_for(node))
-                .unwrap_or_default()
-        };
-        HubView {
-            gateways: self.gateway_endpoints(),
-            routes,
-            site_mtu: self.config.site_mtu,
-            egress: self.egress_policy(node),
-            site_mtus: self
-                .inventory
-                .read()
-                .map(|inv| inv.site_mtus())
-                .unwrap_or_default(),
         }
     }
 }
