@@ -1,7 +1,7 @@
 //! A tunnel client built from the library, for tests that need to do what the real agent
 //! never would: present another node's name, spoof frames, hold two sessions for one node.
 
-use petrel_proto::{AgentSelfView, ControlMessage, Hello, ALPN_TUNNEL};
+use petrel_proto::{ControlMessage, Hello, ALPN_TUNNEL};
 use petrel_transport::control_stream::{ControlReader, ControlWriter};
 use petrel_transport::pki::{CertificateAuthority, NodeKey};
 use petrel_transport::quic::TransportTuning;
@@ -17,20 +17,7 @@ pub struct RawSession {
 }
 
 pub fn hello(node: &str) -> Hello {
-    Hello {
-        protocol_version: petrel_proto::PROTOCOL_VERSION,
-        alpn: "petrel/1".into(),
-        node_name: node.into(),
-        agent_version: "test".into(),
-        self_view: AgentSelfView {
-            pod_cidrs: vec![],
-            vtep_mac: None,
-            underlay_addrs: vec![],
-            datapath: "none".into(),
-            capabilities: 0,
-        },
-        routes_digest: None,
-    }
+    Hello::tunnel(node, "test")
 }
 
 /// Connects with `cert`/`key`, says hello as `node`, and returns the hub's first answer. In TLS

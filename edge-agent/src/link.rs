@@ -18,9 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use petrel_proto::session::{
     AgentAction, AgentSession, AgentSessionConfig, AgentSessionEnd, NextAttempt,
 };
-use petrel_proto::{
-    AgentSelfView, Backoff, BackoffPolicy, Hello, HubView, RouteTable, Welcome, ALPN_TUNNEL,
-};
+use petrel_proto::{Backoff, BackoffPolicy, Hello, HubView, RouteTable, Welcome, ALPN_TUNNEL};
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
 use petrel_transport::pki::{CertInfo, NodeKey};
 use petrel_transport::quic::TransportTuning;
@@ -379,21 +377,8 @@ async fn connect(
 }
 
 fn hello(id: &Identity) -> Hello {
-    Hello {
-        protocol_version: petrel_proto::PROTOCOL_VERSION,
-        alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
-        node_name: id.node_name().to_string(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        self_view: AgentSelfView {
-            pod_cidrs: vec![],
-            vtep_mac: None,
-            underlay_addrs: vec![],
-            datapath: "none".into(),
-            capabilities: 0,
-        },
-        // The session fills in the digest of the table it is given.
-        routes_digest: None,
-    }
+    // The session fills in the digest of the table it is given.
+    Hello::tunnel(id.node_name(), env!("CARGO_PKG_VERSION"))
 }
 
 /// The rest of a connect once the hub answered: the handshake, the session's hello, the hub's

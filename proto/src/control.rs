@@ -110,6 +110,28 @@ pub struct Hello {
     pub routes_digest: Option<u64>,
 }
 
+impl Hello {
+    /// The hello an agent on `node_name` opens its tunnel with: this protocol version and ALPN,
+    /// no self-view (the hub takes the node from its certificate and inventory), and no route
+    /// digest (a session that syncs routes fills it in).
+    pub fn tunnel(node_name: impl Into<String>, agent_version: impl Into<String>) -> Self {
+        Hello {
+            protocol_version: crate::PROTOCOL_VERSION,
+            alpn: String::from_utf8_lossy(crate::ALPN_TUNNEL).into_owned(),
+            node_name: node_name.into(),
+            agent_version: agent_version.into(),
+            self_view: AgentSelfView {
+                pod_cidrs: vec![],
+                vtep_mac: None,
+                underlay_addrs: vec![],
+                datapath: "none".into(),
+                capabilities: 0,
+            },
+            routes_digest: None,
+        }
+    }
+}
+
 /// What the agent believes about itself. The hub trusts its certificate and inventory over
 /// this; it is used for diagnostics and to detect drift.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

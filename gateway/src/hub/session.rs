@@ -149,9 +149,14 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
         }
         Err(_) => {
             session.handle_timeout(Instant::now());
+            let mut close = None;
             while let Some(action) = session.poll_action() {
-                if let HubAction::Ended(HubSessionEnd::Refused(r)) = action {
-                    refused(&ctx, &conn, &r, None).await;
+                match action {
+                    HubAction::Close(c) => close = Some(c),
+                    HubAction::Ended(HubSessionEnd::Refused(r)) => {
+                        refused(&ctx, &conn, &r, close.take()).await
+                    }
+                    _ => {}
                 }
             }
             return;
@@ -451,15 +456,20 @@ impl Pump<'_> {
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "rate_limited")
                 }
                 HubAction::Close(close) => {
-                    if close.code == close_code::GOING_AWAY || close.code == close_code::REPLACED {
-                        // A going-away is queued before this close: give it a moment to leave.
+                    if !close.linger.is_zero() {
+                        // The machine lingers only when it queued a message (a going-away)
+                        // before the close: give it a moment to leave.
                         let _ = tokio::time::timeout(close.linger, self.writer.flush()).await;
-                        ctx.metrics.going_away_sent.inc();
                         self.writer.finish();
                     }
                     close_after_linger(&self.entry.connection, &close).await;
                 }
-                HubAction::Ended(end) => return Err(end.into()),
+                HubAction::Ended(end) => {
+                    if matches!(end, HubSessionEnd::Left { .. }) {
+                        ctx.metrics.going_away_sent.inc();
+                    }
+                    return Err(end.into());
+                }
                 // Only before the welcome.
                 HubAction::Admitted(_) => {}
             }

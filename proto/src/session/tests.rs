@@ -14,8 +14,8 @@ use super::*;
 use crate::control::EgressPolicy;
 use crate::routes::RouteEntry;
 use crate::{
-    decode_frame, AgentSelfView, CertBundle, ControlMessage, ErrorInfo, GatewayEndpoint, GoingAway,
-    GoingAwayReason, Hello, HubView, IpCidr, MacAddr, RouteSync, RouteTable, ALPN_TUNNEL,
+    decode_frame, CertBundle, ControlMessage, ErrorInfo, GatewayEndpoint, GoingAway,
+    GoingAwayReason, Hello, HubView, IpCidr, MacAddr, RenewResponse, RouteSync, RouteTable,
 };
 
 const NODE: &str = "edge-a1.site-a.example.internal";
@@ -42,20 +42,7 @@ fn agent_config() -> AgentSessionConfig {
 }
 
 fn hello(node: &str) -> Hello {
-    Hello {
-        protocol_version: crate::PROTOCOL_VERSION,
-        alpn: String::from_utf8_lossy(ALPN_TUNNEL).into_owned(),
-        node_name: node.into(),
-        agent_version: "test".into(),
-        self_view: AgentSelfView {
-            pod_cidrs: vec![],
-            vtep_mac: None,
-            underlay_addrs: vec![],
-            datapath: "none".into(),
-            capabilities: 0,
-        },
-        routes_digest: None,
-    }
+    Hello::tunnel(node, "test")
 }
 
 fn view(mtu: u16) -> HubView {
@@ -306,8 +293,6 @@ impl Pair {
             .collect()
     }
 }
-
-use crate::RenewResponse;
 
 #[test]
 fn hello_is_welcomed_with_the_hubs_view_and_certificate_identity() {
