@@ -792,3 +792,126 @@ fn the_renewal_interval_is_a_quarter_of_the_certificate_life_at_most_a_minute() 
         Duration::from_secs(60)
     );
 }
+
+#[test]
+fn each_side_reports_its_node_and_whether_it_ended() {
+    let mut p = Pair::connected();
+    assert_eq!(p.hub.node(), NODE);
+    assert!(!p.hub.is_ended() && !p.agent.is_ended());
+    p.agent.shutdown();
+    p.advance(100 * MS);
+    assert!(p.agent.is_ended(), "{:?}", p.agent_did);
+    assert!(p.hub.is_ended(), "{:?}", p.hub_did);
+    // A second stop of an ended agent sends nothing more.
+    p.agent.shutdown();
+    assert_eq!(p.agent.poll_action(), None);
+}
+
+#[test]
+fn a_route_table_at_its_cap_is_kept_and_one_entry_past_it_ends_the_session() {
+    fn entries(from: usize, to: usize) -> Vec<RouteEntry> {
+        (from..to)
+            .map(|i| RouteEntry {
+                node_name: format!("n{i}"),
+                site: "vpc".into(),
+                pod_cidrs: vec![],
+                vtep_mac: MacAddr([0x02, 0, 0, 0, 0, 1]),
+                underlay: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)),
+                mtu: 0,
+            })
+            .collect()
+    }
+    let mut p = Pair::connected();
+    let cap = crate::routes::MAX_ROUTE_TABLE;
+    // Straight into the agent: a chunk this size is over the frame cap on the wire.
+    p.agent.handle_message(
+        ControlMessage::Routes(RouteSync {
+            reset: true,
+            upserts: entries(0, cap),
+            ..Default::default()
+        }),
+        p.now,
+    );
+    p.settle();
+    assert_eq!(p.agent_end(), None, "exactly the cap is allowed");
+    assert_eq!(p.agent.routes().len(), cap);
+    p.agent.handle_message(
+        ControlMessage::Routes(RouteSync {
+            upserts: entries(cap, cap + 1),
+            ..Default::default()
+        }),
+        p.now,
+    );
+    p.settle();
+    assert_eq!(p.agent_end(), Some(&AgentSessionEnd::RouteTableTooLarge));
+    assert!(p.agent.routes().is_empty());
+}
+
+#[test]
+fn the_agent_knows_when_a_renewal_is_outstanding() {
+    let mut p = Pair::connected();
+    assert!(!p.agent.is_renewing());
+    assert!(p.agent.start_renewal(b"csr-1".to_vec()));
+    assert!(p.agent.is_renewing());
+    p.advance(100 * MS);
+    assert_eq!(p.renewal_answers().len(), 1);
+    assert!(!p.agent.is_renewing(), "the answer ends the renewal");
+}
+
+#[test]
+fn routes_in_an_older_hubs_view_win_over_the_synced_table() {
+    let mut p = Pair::connected();
+    let table = RouteTable::from_entries([entry(1, SITE), entry(2, "vpc")]);
+    for chunk in table.snapshot().unwrap() {
+        assert!(p.hub.push(ControlMessage::Routes(chunk)));
+    }
+    p.advance(100 * MS);
+    assert_eq!(p.last_view().unwrap().routes.len(), 2);
+    let mut with_routes = view(1400);
+    with_routes.routes = table.routes_for(NODE, SITE)[..1].to_vec();
+    p.hub.push(ControlMessage::Update(with_routes.clone()));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view(), Some(&with_routes));
+}
+
+#[test]
+fn a_malformed_frame_after_the_end_changes_nothing() {
+    let mut p = Pair::connected();
+    p.hub.handle_finished();
+    p.settle();
+    assert_eq!(p.hub_end(), Some(&HubSessionEnd::AgentFinished));
+    p.hub
+        .handle_malformed(crate::DecodeError::UnknownCriticalType(0x42));
+    assert_eq!(p.hub.poll_action(), None);
+}
+
+#[test]
+fn a_renewal_exactly_one_interval_after_the_last_is_signed() {
+    let now = Instant::now();
+    let mut hub = HubSession::new(NODE.into(), hub_config(), now);
+    hub.handle_message(ControlMessage::Hello(hello(NODE)), now);
+    while let Some(a) = hub.poll_action() {
+        if matches!(a, HubAction::Admitted(_)) {
+            hub.welcome(SITE.into(), view(1400), now);
+        }
+    }
+    let renew = |hub: &mut HubSession, at: Instant| {
+        hub.handle_message(
+            ControlMessage::RenewRequest(crate::RenewRequest {
+                csr_der: b"csr".to_vec(),
+            }),
+            at,
+        );
+        std::iter::from_fn(|| hub.poll_action()).collect::<Vec<_>>()
+    };
+    let first = renew(&mut hub, now);
+    assert!(first.iter().any(|a| matches!(a, HubAction::Sign { .. })));
+    let min = hub_config().renewal_min_interval;
+    let early = renew(&mut hub, now + min - MS);
+    assert!(early.contains(&HubAction::RenewalRateLimited), "{early:?}");
+    let on_time = renew(&mut hub, now + min);
+    assert!(
+        on_time.iter().any(|a| matches!(a, HubAction::Sign { .. })),
+        "{on_time:?}"
+    );
+}
