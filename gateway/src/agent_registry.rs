@@ -121,6 +121,8 @@ pub struct AgentRegistry {
     agents: Mutex<HashMap<String, Arc<AgentEntry>>>,
     next_id: AtomicU64,
     changed: tokio::sync::Notify,
+    /// Told of every registration and removal (set once, by the Kubernetes integration).
+    observer: std::sync::OnceLock<Arc<dyn TunnelObserver>>,
 }
 
 impl AgentRegistry {
@@ -132,23 +134,40 @@ impl AgentRegistry {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers `entry`, returning the entry it replaced.
-    pub fn insert(&self, entry: Arc<AgentEntry>) -> Option<Arc<AgentEntry>> {
-        self.agents.lock().ok()?.insert(entry.node.clone(), entry)
+    /// Who is told when tunnels come and go; the first observer set stays (false if one was).
+    pub fn set_observer(&self, observer: Arc<dyn TunnelObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
-    /// Removes `node` if its current entry is `id`.
-    pub fn remove(&self, node: &str, id: u64) -> bool {
-        let Ok(mut agents) = self.agents.lock() else {
-            return false;
-        };
-        if agents.get(node).is_some_and(|e| e.id == id) {
-            agents.remove(node);
-            self.changed.notify_waiters();
-            true
-        } else {
-            false
+    /// Registers `entry`, returning the entry it replaced, and tells the observer.
+    pub fn insert(&self, entry: Arc<AgentEntry>) -> Option<Arc<AgentEntry>> {
+        let old = self
+            .agents
+            .lock()
+            .ok()?
+            .insert(entry.node.clone(), entry.clone());
+        if let Some(o) = self.observer.get() {
+            o.connected(&entry);
         }
+        old
+    }
+
+    /// Removes `node` if its current entry is `id` (a replaced session's end removes nothing),
+    /// and tells the observer why it left.
+    pub fn remove(&self, node: &str, id: u64, reason: &dyn std::fmt::Display) -> bool {
+        let removed = {
+            let Ok(mut agents) = self.agents.lock() else {
+                return false;
+            };
+            agents.get(node).is_some_and(|e| e.id == id) && agents.remove(node).is_some()
+        };
+        if removed {
+            self.changed.notify_waiters();
+            if let Some(o) = self.observer.get() {
+                o.disconnected(node, &reason.to_string());
+            }
+        }
+        removed
     }
 
     /// Resolves after the next removal. Created before checking a condition, it cannot miss

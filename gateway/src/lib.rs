@@ -39,6 +39,8 @@ pub mod fd_limit;
 pub mod hub;
 pub mod hub_store;
 pub mod inventory;
+pub mod inventory_file;
+pub mod inventory_store;
 pub mod k8s;
 pub mod kube_hub;
 pub mod log_budget;

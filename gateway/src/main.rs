@@ -13,6 +13,7 @@ use petrel_gateway::hub_store::HubStore;
 use petrel_gateway::inventory::Inventory;
 use petrel_gateway::k8s::pki::KubeStore;
 use petrel_gateway::k8s::KubeSettings;
+use petrel_gateway::kube_hub::KubeParts;
 use petrel_gateway::pki_store::{CaStore, StateDir, TokenRecord, TokenStore};
 use petrel_transport::setting_values;
 use tokio_util::sync::CancellationToken;
@@ -232,7 +233,9 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
         });
         let kube = cfg.kube.clone();
         let node_name = cfg.node_name.clone().unwrap_or_default();
-        let (hub, kube_client) = match &kube {
+        let inventory_path = cfg.inventory.clone();
+        let egress_config = cfg.egress.clone();
+        let (mut hub, kube_client) = match &kube {
             None => (Hub::bind(cfg, inventory)?, None),
             Some(settings) => {
                 // The CA lives in a Secret: wait for the API server (a hub without it has no
@@ -265,50 +268,58 @@ fn run(cfg: HubConfig, state_given: bool) -> anyhow::Result<()> {
                 )
             }
         };
-        let ctx = hub.context();
         // Follows `petrel-gateway revoke` (another process) and closes revoked tunnels.
-        tokio::spawn(petrel_gateway::hub::revoked::watch(
-            ctx.clone(),
-            shutdown.clone(),
-        ));
-        if kube.is_none() {
-            // File mode: one hub, always the active one. The hub re-reads a changed inventory
-            // file, so the expected agents are counted again every few seconds.
-            ctx.metrics.active.set(1);
-            let (c, stop) = (ctx.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                loop {
-                    if let Ok(inv) = c.inventory.read() {
-                        c.metrics
-                            .agents_expected
-                            .set(petrel_gateway::metrics::public_site_nodes(&inv));
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                    }
-                }
-            });
-        }
+        let (revocation, store) = hub.revocation_parts();
+        tokio::spawn(revocation.watch(store, shutdown.clone()));
+        let metrics = hub.metrics();
         let kube_task = match (kube, kube_client) {
-            (Some(settings), Some(client)) => Some(tokio::spawn(petrel_gateway::kube_hub::run(
-                ctx.clone(),
-                client,
-                settings,
-                node_name,
-                shutdown.clone(),
-            ))),
-            _ => None,
+            (Some(settings), Some(client)) => KubeParts::from_hub(&mut hub).map(|parts| {
+                tokio::spawn(petrel_gateway::kube_hub::run(
+                    parts,
+                    client,
+                    settings,
+                    node_name,
+                    shutdown.clone(),
+                ))
+            }),
+            _ => {
+                // File mode: one hub, always the active one. A changed inventory file is
+                // re-read and applied, so the expected agents are counted again every few
+                // seconds.
+                metrics.active.set(1);
+                if let (Some(path), Some(writer)) = (inventory_path, hub.take_inventory_writer()) {
+                    tokio::spawn(petrel_gateway::inventory_file::watch(
+                        writer,
+                        path,
+                        shutdown.clone(),
+                    ));
+                }
+                let (inventory, stop) = (hub.inventory(), shutdown.clone());
+                tokio::spawn(async move {
+                    loop {
+                        metrics
+                            .agents_expected
+                            .set(petrel_gateway::metrics::public_site_nodes(
+                                &inventory.snapshot(),
+                            ));
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                        }
+                    }
+                });
+                None
+            }
         };
         let admin_task = tokio::spawn(petrel_transport::admin::serve(
             admin,
-            ctx.clone(),
+            hub.status(),
             shutdown.clone(),
         ));
         info!(admin = %admin_addr, "admin endpoint serving /metrics /healthz /readyz /status");
         let mut egress = tokio::spawn(petrel_gateway::egress::run(
-            ctx.egress_parts(),
-            ctx.config.egress.clone(),
+            hub.egress_parts(),
+            egress_config,
             shutdown.clone(),
         ));
         let hub_run = hub.run(shutdown.clone());

@@ -120,11 +120,7 @@ impl Dialer {
 
     /// Resolves `host:port` against the current inventory.
     pub fn resolve(&self, host: &str, port: u16) -> Result<Resolved, Refusal> {
-        let inv = self
-            .parts
-            .inventory
-            .read()
-            .map_err(|_| Refusal::new(503, "error", "inventory unavailable"))?;
+        let inv = self.parts.inventory.snapshot();
         resolve::resolve(&inv, host, port, &self.cfg.ports).map_err(|e| {
             let (status, outcome) = e.status();
             Refusal::new(status, outcome, e.to_string())
@@ -135,8 +131,7 @@ impl Dialer {
     pub fn kubelet_port(&self, name: &str) -> Option<u16> {
         self.parts
             .inventory
-            .read()
-            .ok()?
+            .snapshot()
             .node(name)
             .map(|n| n.kubelet_port)
     }

@@ -33,9 +33,8 @@ pub mod sni;
 pub mod splice;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
-use petrel_proto::control::EgressPolicy;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
@@ -43,10 +42,9 @@ use tracing::{debug, error, info};
 pub use config::{EgressArgs, EgressConfig, EgressFileConfig};
 
 use crate::agent_registry::AgentRegistry;
-use crate::inventory::Inventory;
+use crate::inventory_store::InventoryReader;
 use crate::log_budget::LogBudget;
 use metrics::EgressMetrics;
-use resolve::PortPolicy;
 
 /// Why the egress proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,49 +89,6 @@ pub enum EgressTlsError {
     PetrelCa(petrel_transport::tls::TlsConfigError),
 }
 
-/// The policy sent to the agent on `node` in its view: its own site's targets and the ports.
-/// Every agent of a site gets the same policy (unless caps cut it), and after a hub restart a
-/// whole site connects at once: the site's policy is computed once per view epoch (which every
-/// inventory replacement bumps; an inventory's own generation is not unique across
-/// replacements).
-///
-/// `epoch` must be read before the inventory: a replacement writes the inventory, then bumps
-/// the epoch, so a policy can only be cached under an epoch older than the inventory it came
-/// from, never the reverse.
-pub fn policy_for(
-    cache: &Mutex<SitePolicies>,
-    epoch: u64,
-    inventory: &RwLock<Inventory>,
-    ports: &PortPolicy,
-    node: &str,
-) -> EgressPolicy {
-    let Ok(inv) = inventory.read() else {
-        return EgressPolicy::default();
-    };
-    let Some(me) = inv.node(node) else {
-        return EgressPolicy::default();
-    };
-    let cached = cache.lock().ok().and_then(|mut c| {
-        if c.epoch != epoch {
-            c.epoch = epoch;
-            c.sites.clear();
-        }
-        let entry = c
-            .sites
-            .entry(me.site.clone())
-            .or_insert_with(|| resolve::site_policy(&inv, &me.site, ports));
-        entry.complete.then(|| entry.policy.clone())
-    });
-    cached.unwrap_or_else(|| resolve::own_node_first(&inv, me, ports))
-}
-
-/// Per-site egress policies for one view epoch (see [`policy_for`]).
-#[derive(Debug, Default)]
-pub struct SitePolicies {
-    epoch: u64,
-    sites: std::collections::HashMap<String, resolve::SitePolicy>,
-}
-
 /// A refusal: status code, metric outcome, reason.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -158,7 +113,7 @@ impl Refusal {
 #[derive(Debug, Clone)]
 pub struct EgressParts {
     pub registry: Arc<AgentRegistry>,
-    pub inventory: Arc<RwLock<Inventory>>,
+    pub inventory: InventoryReader,
     pub metrics: Arc<EgressMetrics>,
     pub log_budget: Arc<LogBudget>,
     pub petrel_ca_der: rustls_pki_types::CertificateDer<'static>,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A token bucket per source address, with a bounded table. Each address may spend `burst`
@@ -267,6 +268,49 @@ impl<T> HandshakeQueue<T> {
     /// When the oldest entry expires, if any.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.waiting.front().map(|(at, _)| *at + self.max_wait)
+    }
+}
+
+/// The pre-authentication budgets and their live counters .
+#[derive(Debug)]
+pub struct PreAuthState {
+    pub budget: PreAuthBudget,
+    pub handshakes: Mutex<SourceRateLimit>,
+    pub enrolments: Mutex<SourceRateLimit>,
+    pub enrol_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl PreAuthState {
+    pub fn new(budget: PreAuthBudget) -> Self {
+        Self {
+            handshakes: Mutex::new(SourceRateLimit::new(
+                budget.handshake_burst,
+                budget.handshakes_per_second,
+                budget.max_sources,
+            )),
+            enrolments: Mutex::new(SourceRateLimit::new(
+                budget.enrol_burst,
+                budget.enrolments_per_second,
+                budget.max_sources,
+            )),
+            enrol_slots: Arc::new(tokio::sync::Semaphore::new(budget.max_enrolments)),
+            budget,
+        }
+    }
+
+    fn spend(limiter: &Mutex<SourceRateLimit>, ip: std::net::IpAddr) -> Result<(), RateRefusal> {
+        match limiter.lock() {
+            Ok(mut l) => l.check(ip, std::time::Instant::now()),
+            Err(_) => Err(RateRefusal::TableFull),
+        }
+    }
+
+    pub fn spend_handshake(&self, ip: std::net::IpAddr) -> Result<(), RateRefusal> {
+        Self::spend(&self.handshakes, ip)
+    }
+
+    pub fn spend_enrolment(&self, ip: std::net::IpAddr) -> Result<(), RateRefusal> {
+        Self::spend(&self.enrolments, ip)
     }
 }
 

@@ -13,8 +13,7 @@ use petrel_transport::udp_batch::UdpBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::HubContext;
-use crate::agent_registry::AgentEntry;
+use crate::agent_registry::{AgentEntry, AgentRegistry};
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
 use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};
@@ -113,11 +112,9 @@ impl Dataplane {
     }
 }
 
-fn count_drop(ctx: &HubContext, from_agent: Option<&AgentEntry>, reason: DropReason) {
-    HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, reason.label());
-    if let Some(dp) = ctx.dataplane.as_ref() {
-        DataplaneStats::bump(&dp.stats.dropped, reason.label());
-    }
+fn count_drop(relay: &Relay, from_agent: Option<&AgentEntry>, reason: DropReason) {
+    HubMetrics::inc_reason(&relay.metrics.datagrams_dropped, reason.label());
+    DataplaneStats::bump(&relay.dp.stats.dropped, reason.label());
     if let Some(a) = from_agent {
         a.counters.count_drop(reason.label());
     }
@@ -139,11 +136,11 @@ const PATHS: [&str; 3] = ["agent_to_agent", "vtep_to_agent", "agent_to_vtep"];
 const FLUSH_EVERY: u32 = 256;
 
 impl Forwarded {
-    fn count(&mut self, ctx: &HubContext, path: &'static str) {
-        self.count_n(ctx, path, 1);
+    fn count(&mut self, relay: &Relay, path: &'static str) {
+        self.count_n(relay, path, 1);
     }
 
-    fn count_n(&mut self, ctx: &HubContext, path: &'static str, n: usize) {
+    fn count_n(&mut self, relay: &Relay, path: &'static str, n: usize) {
         if let Some(i) = PATHS.iter().position(|p| *p == path) {
             self.by_path[i] += n as u64;
         }
@@ -151,25 +148,24 @@ impl Forwarded {
             .since_flush
             .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         if self.since_flush >= FLUSH_EVERY {
-            self.flush(ctx);
+            self.flush(relay);
         }
     }
 
-    fn flush(&mut self, ctx: &HubContext) {
+    fn flush(&mut self, relay: &Relay) {
         self.since_flush = 0;
         for (i, n) in self.by_path.iter_mut().enumerate() {
             if *n == 0 {
                 continue;
             }
-            ctx.metrics
+            relay
+                .metrics
                 .frames_forwarded
                 .get_or_create(&crate::metrics::Reason {
                     reason: PATHS[i].to_string(),
                 })
                 .inc_by(*n);
-            if let Some(dp) = ctx.dataplane.as_ref() {
-                DataplaneStats::bump_by(&dp.stats.forwarded, PATHS[i], *n);
-            }
+            DataplaneStats::bump_by(&relay.dp.stats.forwarded, PATHS[i], *n);
             *n = 0;
         }
     }
@@ -181,7 +177,7 @@ impl Forwarded {
 /// is, without a copy.
 #[allow(clippy::too_many_arguments)]
 fn to_agent(
-    ctx: &HubContext,
+    relay: &Relay,
     node: &str,
     frame: &VxlanFrame<'_>,
     datagram: Option<&Bytes>,
@@ -189,14 +185,14 @@ fn to_agent(
     reply_to: Option<(&tokio::net::UdpSocket, SocketAddr)>,
     forwarded: &mut Forwarded,
 ) {
-    let Some(dest) = ctx.registry.get(node) else {
-        count_drop(ctx, from_agent, DropReason::AgentNotConnected);
+    let Some(dest) = relay.registry.get(node) else {
+        count_drop(relay, from_agent, DropReason::AgentNotConnected);
         return;
     };
     let payload = frame.vxlan_bytes();
     let max = dest.connection.max_datagram_size().unwrap_or(0);
     if payload.len() + 1 > max {
-        count_drop(ctx, from_agent, DropReason::Oversize);
+        count_drop(relay, from_agent, DropReason::Oversize);
         let mtu = u16::try_from(max.saturating_sub(DATAGRAM_IP_OVERHEAD))
             .unwrap_or(u16::MAX)
             .max(576);
@@ -216,7 +212,8 @@ fn to_agent(
                 (None, None) => false,
             };
             if sent {
-                ctx.metrics
+                relay
+                    .metrics
                     .frames_forwarded
                     .get_or_create(&crate::metrics::Reason {
                         reason: "icmp_frag_needed".to_string(),
@@ -239,7 +236,7 @@ fn to_agent(
     };
     match dest.connection.send_datagram(out) {
         Ok(()) => forwarded.count(
-            ctx,
+            relay,
             if from_agent.is_some() {
                 "agent_to_agent"
             } else {
@@ -248,16 +245,23 @@ fn to_agent(
         ),
         Err(e) => {
             debug!(node, error = %e, "cannot hand a frame to the agent");
-            count_drop(ctx, from_agent, DropReason::SendFailed);
+            count_drop(relay, from_agent, DropReason::SendFailed);
         }
     }
 }
 
+/// What the frame-moving loops use: the relay sockets and switch table, the connected agents
+/// frames are handed to, and the counters.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub dp: Arc<Dataplane>,
+    pub registry: Arc<AgentRegistry>,
+    pub metrics: Arc<HubMetrics>,
+}
+
 /// Frames from one agent's tunnel. Ends when the connection does.
-pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
-    let Some(dp) = ctx.dataplane.as_ref() else {
-        return;
-    };
+pub async fn pump_agent(relay: Arc<Relay>, entry: Arc<AgentEntry>) {
+    let dp = &*relay.dp;
     let mut forwarded = Forwarded::default();
     // Frames for VTEPs, sent together (UDP GSO) when the next datagram is not ready at once or
     // cannot join.
@@ -268,23 +272,23 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
         since_yield += 1;
         if since_yield >= YIELD_EVERY {
             since_yield = 0;
-            flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
+            flush_vtep_batch(&relay, dp, &entry, &mut batch, &mut forwarded).await;
             tokio::task::yield_now().await;
         }
         // Take what is ready without yielding; send, count and wait only when nothing is.
         let next = match entry.connection.read_datagram().now_or_never() {
             Some(r) => r,
             None => {
-                flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
-                forwarded.flush(&ctx);
+                flush_vtep_batch(&relay, dp, &entry, &mut batch, &mut forwarded).await;
+                forwarded.flush(&relay);
                 entry.connection.read_datagram().await
             }
         };
         let datagram: Bytes = match next {
             Ok(d) => d,
             Err(e) => {
-                flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
-                forwarded.flush(&ctx);
+                flush_vtep_batch(&relay, dp, &entry, &mut batch, &mut forwarded).await;
+                forwarded.flush(&relay);
                 debug!(node = %entry.node, error = %e, "datagram pump stopped");
                 return;
             }
@@ -292,20 +296,20 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
         let frame = match petrel_proto::parse_datagram(&datagram) {
             Ok(f) => f,
             Err(e) => {
-                count_drop(&ctx, Some(&entry), DropReason::Malformed(e.reason()));
+                count_drop(&relay, Some(&entry), DropReason::Malformed(e.reason()));
                 continue;
             }
         };
         let table = dp.table();
         let verdict = table.decide(Ingress::Agent(&entry.node), &frame, |n| {
-            ctx.registry.get(n).is_some()
+            relay.registry.get(n).is_some()
         });
         match verdict {
             Verdict::ToAgent(node) => {
                 // An oversize frame is answered with ICMP frag-needed into the sender's tunnel
                 // (a destination site with a smaller path MTU than the sender's).
                 to_agent(
-                    &ctx,
+                    &relay,
                     node,
                     &frame,
                     Some(&datagram),
@@ -317,20 +321,20 @@ pub(super) async fn pump_agent(ctx: Arc<HubContext>, entry: Arc<AgentEntry>) {
             Verdict::ToVtep(addr) => {
                 let len = frame.vxlan_bytes().len();
                 if !batch.accepts(len, Some(addr)) {
-                    flush_vtep_batch(&ctx, dp, &entry, &mut batch, &mut forwarded).await;
+                    flush_vtep_batch(&relay, dp, &entry, &mut batch, &mut forwarded).await;
                 }
                 // The VXLAN payload is the datagram after its kind byte (it parsed, so it is
                 // longer than that): a slice of the same buffer, not a copy.
                 batch.push(datagram.slice(DATAGRAM_OVERHEAD..), Some(addr));
             }
-            Verdict::Drop(reason) => count_drop(&ctx, Some(&entry), reason),
+            Verdict::Drop(reason) => count_drop(&relay, Some(&entry), reason),
         }
     }
 }
 
 /// Sends the frames waiting for a VTEP and counts them.
 async fn flush_vtep_batch(
-    ctx: &HubContext,
+    relay: &Relay,
     dp: &Dataplane,
     entry: &AgentEntry,
     batch: &mut UdpBatch,
@@ -343,27 +347,25 @@ async fn flush_vtep_batch(
         return;
     };
     let f = batch.flush(sock).await;
-    forwarded.count_n(ctx, "agent_to_vtep", f.sent);
+    forwarded.count_n(relay, "agent_to_vtep", f.sent);
     if f.failed > 0 {
         if let Some(e) = &f.error {
             debug!(error = %e, "cannot send a frame to a VTEP");
         }
         // Rare (a VTEP the kernel cannot route to): per frame, through the one drop path.
         for _ in 0..f.failed {
-            count_drop(ctx, Some(entry), DropReason::SendFailed);
+            count_drop(relay, Some(entry), DropReason::SendFailed);
         }
     }
 }
 
 /// Frames from cloud and Express Connect nodes on the relay port.
-pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken) {
-    let Some(dp) = ctx.dataplane.as_ref() else {
-        return;
-    };
+pub async fn run_relay(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let dp = &*relay.dp;
     let loops: Vec<_> = dp
         .sockets
         .iter()
-        .map(|sock| tokio::spawn(relay_loop(ctx.clone(), sock.clone(), shutdown.clone())))
+        .map(|sock| tokio::spawn(relay_loop(relay.clone(), sock.clone(), shutdown.clone())))
         .collect();
     for l in loops {
         let _ = l.await;
@@ -372,19 +374,17 @@ pub(super) async fn run_relay(ctx: Arc<HubContext>, shutdown: CancellationToken)
 
 /// One relay socket's receive loop.
 async fn relay_loop(
-    ctx: Arc<HubContext>,
+    relay: Arc<Relay>,
     socket: Arc<tokio::net::UdpSocket>,
     shutdown: CancellationToken,
 ) {
-    let Some(dp) = ctx.dataplane.as_ref() else {
-        return;
-    };
+    let dp = &*relay.dp;
     let mut buf = vec![0u8; 65536];
     let mut forwarded = Forwarded::default();
     let mut since_yield = 0usize;
     loop {
         if shutdown.is_cancelled() {
-            forwarded.flush(&ctx);
+            forwarded.flush(&relay);
             return;
         }
         // Fairness: while frames keep arriving this loop never waits, and a worker that never
@@ -393,7 +393,7 @@ async fn relay_loop(
         since_yield += 1;
         if since_yield >= YIELD_EVERY {
             since_yield = 0;
-            forwarded.flush(&ctx);
+            forwarded.flush(&relay);
             tokio::task::yield_now().await;
         }
         // Take what is ready without yielding; count and wait only when nothing is.
@@ -408,7 +408,7 @@ async fn relay_loop(
         let (len, from) = match ready {
             Some(v) => v,
             None => {
-                forwarded.flush(&ctx);
+                forwarded.flush(&relay);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = socket.recv_from(&mut buf) => match r {
@@ -427,19 +427,19 @@ async fn relay_loop(
         let frame = match VxlanFrame::from_vxlan_payload(bytes) {
             Ok(f) => f,
             Err(e) => {
-                count_drop(&ctx, None, DropReason::Malformed(e.reason()));
+                count_drop(&relay, None, DropReason::Malformed(e.reason()));
                 continue;
             }
         };
         let table = dp.table();
         match table.decide(Ingress::Vtep(from.ip()), &frame, |n| {
-            ctx.registry.get(n).is_some()
+            relay.registry.get(n).is_some()
         }) {
             Verdict::ToAgent(node) => {
                 // The sender's flannel.1 listens on the flannel port of the address it sent from.
                 let reply_to = SocketAddr::new(from.ip(), table_flannel_port(dp));
                 to_agent(
-                    &ctx,
+                    &relay,
                     node,
                     &frame,
                     None,
@@ -448,8 +448,8 @@ async fn relay_loop(
                     &mut forwarded,
                 );
             }
-            Verdict::ToVtep(_) => count_drop(&ctx, None, DropReason::NotViaHub),
-            Verdict::Drop(reason) => count_drop(&ctx, None, reason),
+            Verdict::ToVtep(_) => count_drop(&relay, None, DropReason::NotViaHub),
+            Verdict::Drop(reason) => count_drop(&relay, None, reason),
         }
     }
 }

@@ -13,9 +13,30 @@ use petrel_transport::close_code;
 use petrel_transport::control_stream::read_enrol_request;
 use tracing::{debug, info, warn};
 
-use super::HubContext;
+use super::admission::PreAuthState;
+use super::memory::MemoryGate;
+use super::signer::NodeSigner;
+use crate::hub_store::HubStore;
+use crate::inventory_store::InventoryReader;
+use crate::log_budget::LogBudget;
 use crate::metrics::HubMetrics;
 use crate::pki_store::{StoreError, TokenError, TokenStore};
+use crate::revocation::Revocations;
+
+/// What enrolment uses of the hub: the pre-authentication budgets (an enrolling device has no
+/// certificate yet), the memory gate, the token store, the revocation list, the inventory, the
+/// signer, the counters and the log budget.
+#[derive(Debug)]
+pub struct EnrolParts {
+    pub pre_auth: Arc<PreAuthState>,
+    pub memory: Arc<MemoryGate>,
+    pub store: HubStore,
+    pub revocations: Arc<Revocations>,
+    pub inventory: InventoryReader,
+    pub signer: Arc<NodeSigner>,
+    pub metrics: Arc<HubMetrics>,
+    pub log_budget: Arc<LogBudget>,
+}
 
 /// Aborts a task when dropped (on every return path of the session).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -67,7 +88,7 @@ fn outcome_label(code: EnrolErrorCode) -> &'static str {
     }
 }
 
-pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
+pub(super) async fn serve(ctx: Arc<EnrolParts>, conn: quinn::Connection) {
     let remote = conn.remote_address();
     // Nothing on this connection is authenticated until the token is: it gets one stream and a
     // tiny window (transport), a slot among few (here), a per-address attempt budget, and a
@@ -109,7 +130,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     // and the wait for the peer's close come after.
     let discard = tokio::spawn({
         let (ctx, conn) = (ctx.clone(), conn.clone());
-        async move { super::discard_datagrams(&ctx, &conn).await }
+        async move { super::discard_datagrams(&ctx.metrics, &conn).await }
     });
     let _discard = AbortOnDrop(discard);
     let outcome = tokio::time::timeout(deadline, exchange).await;
@@ -197,37 +218,24 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
 /// The token is checked before anything about the node: a caller without a valid token learns
 /// nothing about which nodes exist or where they are. The token is consumed only if the node is
 /// admitted and a certificate is issued.
-fn decide(ctx: &HubContext, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
+fn decide(ctx: &EnrolParts, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
     petrel_proto::check_protocol_version(req.protocol_version)
         .map_err(|e| Refusal(EnrolErrorCode::UnsupportedVersion, e.to_string()))?;
     let now = SystemTime::now();
     // A fleet token admits nodes of its pool: the node's site, read before the token is checked
     // but only used once the token's secret matched, so it reveals nothing to a caller without
     // one.
-    let site = ctx
-        .inventory
-        .read()
-        .ok()
-        .and_then(|inv| inv.node(&req.node_name).map(|n| n.site.clone()));
-    ctx.state
+    let inv = ctx.inventory.snapshot();
+    let site = inv.node(&req.node_name).map(|n| n.site.clone());
+    ctx.store
         .redeem(&req.token, &req.node_name, site.as_deref(), now, || {
             ctx.revocations
                 .check_enrolment(&req.node_name)
                 .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
-            {
-                let inv = ctx.inventory.read().map_err(|_| {
-                    Refusal(EnrolErrorCode::Internal, "inventory lock poisoned".into())
-                })?;
-                inv.admit_agent(&req.node_name)
-                    .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
-            }
-            let cert = ctx
-                .ca
-                .sign_node_csr(&req.csr_der, &req.node_name, now, ctx.config.agent_cert_ttl)
-                .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))?;
-            Ok(CertBundle {
-                cert_der: cert.to_vec(),
-                ca_der: ctx.ca.cert_der().to_vec(),
-            })
+            inv.admit_agent(&req.node_name)
+                .map_err(|e| Refusal(EnrolErrorCode::UnknownNode, e.to_string()))?;
+            ctx.signer
+                .bundle(&req.csr_der, &req.node_name, now)
+                .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))
         })
 }

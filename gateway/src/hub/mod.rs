@@ -4,35 +4,52 @@
 //! agent to go away (and when to come back), then drains under a deadline.
 
 pub mod admission;
+pub mod cluster_routes;
 pub mod dataplane;
 pub mod enrol;
 pub mod memory;
+pub mod refresh;
 pub mod revoked;
 pub mod route_sync;
+pub mod serving;
 pub mod session;
+pub mod signer;
+pub mod status;
 pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use petrel_proto::{
-    ControlMessage, GatewayEndpoint, GoingAway, GoingAwayReason, ALPN_ENROL, ALPN_TUNNEL,
-};
-use petrel_transport::admin::AdminState;
-use petrel_transport::pki::CertificateAuthority;
+use petrel_proto::{GoingAway, GoingAwayReason, ALPN_ENROL, ALPN_TUNNEL};
 use petrel_transport::quic::TransportTuning;
 use petrel_transport::{close_code, quic, tls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::agent_registry::{AgentEntry, AgentRegistry, SessionCommand, TunnelObserver};
+use crate::agent_registry::{AgentRegistry, SessionCommand};
 use crate::config::HubConfig;
 use crate::hub_store::HubStore;
 use crate::inventory::Inventory;
+use crate::inventory_store::{InventoryReader, InventoryWriter};
+use crate::log_budget::LogBudget;
 use crate::metrics::HubMetrics;
 use crate::pki_store::{CaStore, StateDir, StoreError};
+
+use admission::PreAuthState;
+use dataplane::Relay;
+use enrol::EnrolParts;
+use memory::MemoryGate;
+use refresh::Refresher;
+use revoked::RevocationGate;
+use serving::ServingGate;
+use session::SessionParts;
+use signer::NodeSigner;
+use status::{ClusterStatus, HubStatus};
+use view::AgentViews;
+
+pub use serving::NotServing;
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,273 +67,46 @@ pub enum HubError {
     },
 }
 
-/// Why a hub does not accept new tunnels and enrolments (Kubernetes mode).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NotServing {
-    #[error("waiting for the node list from the API server")]
-    Starting,
-    #[error("node {node} is not a cloud gateway (it needs the label {label} and must not be an edge node)")]
-    NotCandidate { node: String, label: String },
-    #[error("hub state lock poisoned")]
-    LockPoisoned,
-}
-
-/// Why the hub's `/readyz` says not ready.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HubNotReady {
-    #[error("hub is shutting down")]
-    ShuttingDown,
-    #[error("inventory is empty")]
-    EmptyInventory,
-    #[error("inventory lock poisoned")]
-    LockPoisoned,
-}
-
-/// Shared state of a running hub.
-#[derive(Debug)]
-pub struct HubContext {
-    pub config: HubConfig,
-    pub ca: CertificateAuthority,
-    /// Join tokens (and, in file mode, where the CA came from).
-    pub state: HubStore,
-    pub inventory: Arc<RwLock<Inventory>>,
-    pub registry: Arc<AgentRegistry>,
-    pub metrics: HubMetrics,
-    pub listening: AtomicBool,
-    pub local_addr: SocketAddr,
-    pub dataplane: Option<dataplane::Dataplane>,
-    /// `Err(why)`: new tunnels and enrolments are refused (Kubernetes mode: this node is not a
-    /// cloud gateway, or the node list has not arrived yet).
-    serving: RwLock<Result<(), NotServing>>,
-    /// Views: what each agent is told and was last sent (see [`view`]).
-    pub views: view::AgentViews,
-    pub observer: OnceLock<Arc<dyn TunnelObserver>>,
-    /// Extra `/status` section (Kubernetes mode: role, lease holder, rejected nodes).
-    pub cluster_status: RwLock<Option<serde_json::Value>>,
-    /// Budgets for connections that have not authenticated yet.
-    pub pre_auth: PreAuthState,
-    /// Log lines about refusals anyone can provoke (the metrics count each one).
-    pub log_budget: Arc<crate::log_budget::LogBudget>,
-    /// The cluster route table for route-sync agents, with recent changes.
-    pub routes: RwLock<route_sync::RouteHistory>,
-    /// The current table's digest; sessions watch it and send what changed.
-    pub routes_changed: tokio::sync::watch::Sender<u64>,
-    /// Large route syncs in progress at once (see [`route_sync::SyncPacer`]).
-    pub route_sync_slots: Arc<tokio::sync::Semaphore>,
-    /// The byte rate of large route syncs over all sessions.
-    pub route_pacer: Mutex<route_sync::SyncPacer>,
-    /// Set while the hub is over its memory budget (see [`memory`]).
-    pub memory: Arc<memory::MemoryGate>,
-    /// Revoked node certificates (see [`crate::revocation`]).
-    pub revocations: crate::revocation::Revocations,
-}
-
-/// The pre-authentication budgets and their live counters (see [`admission`]).
-#[derive(Debug)]
-pub struct PreAuthState {
-    pub budget: admission::PreAuthBudget,
-    pub handshakes: Mutex<admission::SourceRateLimit>,
-    pub enrolments: Mutex<admission::SourceRateLimit>,
-    pub enrol_slots: Arc<tokio::sync::Semaphore>,
-}
-
-impl PreAuthState {
-    pub fn new(budget: admission::PreAuthBudget) -> Self {
-        Self {
-            handshakes: Mutex::new(admission::SourceRateLimit::new(
-                budget.handshake_burst,
-                budget.handshakes_per_second,
-                budget.max_sources,
-            )),
-            enrolments: Mutex::new(admission::SourceRateLimit::new(
-                budget.enrol_burst,
-                budget.enrolments_per_second,
-                budget.max_sources,
-            )),
-            enrol_slots: Arc::new(tokio::sync::Semaphore::new(budget.max_enrolments)),
-            budget,
-        }
-    }
-
-    fn spend(
-        limiter: &Mutex<admission::SourceRateLimit>,
-        ip: std::net::IpAddr,
-    ) -> Result<(), admission::RateRefusal> {
-        match limiter.lock() {
-            Ok(mut l) => l.check(ip, std::time::Instant::now()),
-            Err(_) => Err(admission::RateRefusal::TableFull),
-        }
-    }
-
-    pub fn spend_handshake(&self, ip: std::net::IpAddr) -> Result<(), admission::RateRefusal> {
-        Self::spend(&self.handshakes, ip)
-    }
-
-    pub fn spend_enrolment(&self, ip: std::net::IpAddr) -> Result<(), admission::RateRefusal> {
-        Self::spend(&self.enrolments, ip)
-    }
-}
-
-impl HubContext {
-    /// What the egress proxy is built from (`main` wires it).
-    pub fn egress_parts(&self) -> crate::egress::EgressParts {
-        crate::egress::EgressParts {
-            registry: self.registry.clone(),
-            inventory: self.inventory.clone(),
-            metrics: self.metrics.egress.clone(),
-            log_budget: self.log_budget.clone(),
-            petrel_ca_der: self.ca.cert_der().clone(),
-        }
-    }
-
-    /// Whether new tunnels are accepted (`Err` says why not).
-    pub fn serving(&self) -> Result<(), NotServing> {
-        self.serving
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or(Err(NotServing::LockPoisoned))
-    }
-
-    /// Starts or stops serving. Stopping tells every connected agent to go away.
-    pub fn set_serving(&self, serving: Result<(), NotServing>) {
-        let was = self.serving();
-        if let Ok(mut s) = self.serving.write() {
-            *s = serving.clone();
-        }
-        match (&was, &serving) {
-            (Ok(()), Err(why)) => {
-                if self.registry.is_empty() {
-                    info!(reason = %why, "hub not serving");
-                } else {
-                    warn!(reason = %why, "hub stops serving; telling agents to go away");
-                }
-                let retry_after_ms =
-                    u32::try_from(self.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
-                let why = why.to_string();
-                for agent in self.registry.all() {
-                    let leave = GoingAway {
-                        reason: GoingAwayReason::Shutdown,
-                        retry_after_ms,
-                        message: why.clone(),
-                    };
-                    if agent
-                        .commands
-                        .try_send(SessionCommand::Leave(leave))
-                        .is_err()
-                    {
-                        agent
-                            .connection
-                            .close(close_code::GOING_AWAY.into(), why.as_bytes());
-                    }
-                }
-            }
-            (Err(_), Ok(())) => info!("hub serving"),
-            _ => {}
-        }
-    }
-
-    /// Replaces the endpoint list pushed to agents (Kubernetes mode) and pushes it.
-    pub fn set_gateways(&self, gateways: Option<Vec<GatewayEndpoint>>) {
-        if self.views.set_gateways(gateways) {
-            self.refresh_agents();
-        }
-    }
-
-    /// Replaces the inventory (Kubernetes mode: after every Node change), then refreshes the
-    /// switch table and every connected agent.
-    pub fn replace_inventory(&self, inventory: Inventory) {
-        if let Ok(mut inv) = self.inventory.write() {
-            *inv = inventory;
-        }
-        self.refresh_agents();
-    }
-
-    /// After an inventory or endpoint change: rebuilds the switch table, sends `GoingAway
-    /// NodeRemoved` to agents whose node is gone or no longer a public-site edge node, and
-    /// pushes an `Update` to every agent whose view changed.
-    pub fn refresh_agents(&self) {
-        self.views.bump_epoch();
-        if let (Some(dp), Ok(inv)) = (self.dataplane.as_ref(), self.inventory.read()) {
-            dp.refresh(&inv);
-        }
-        self.refresh_routes();
-        for agent in self.registry.all() {
-            self.refresh_agent(&agent);
-        }
-    }
-
-    /// Rebuilds the cluster route table from the inventory (once per change, not per agent);
-    /// if it changed, every route-sync session sends its agent what changed.
-    fn refresh_routes(&self) {
-        let entries = match self.inventory.read() {
-            Ok(inv) => inv.route_entries(),
-            Err(_) => return,
-        };
-        let changed = self.routes.write().map(|mut r| {
-            let changed = r.replace(entries);
-            self.metrics.route_table_entries.set(r.len() as i64);
-            changed.then(|| r.digest())
-        });
-        if let Ok(Some(digest)) = changed {
-            self.routes_changed.send_replace(digest);
-        }
-    }
-
-    /// Checks one connected agent against the current inventory and view: disconnects it if
-    /// its node is no longer admitted, pushes an `Update` if its view changed.
-    pub fn refresh_agent(&self, agent: &AgentEntry) {
-        let admitted = self
-            .inventory
-            .read()
-            .map(|inv| {
-                inv.admit_agent(&agent.node)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .unwrap_or(Ok(()));
-        if let Err(why) = admitted {
-            info!(node = %agent.node, reason = %why, "node no longer admitted; disconnecting its agent");
-            let leave = GoingAway {
-                reason: GoingAwayReason::NodeRemoved,
-                retry_after_ms: 0,
-                message: why.clone(),
-            };
-            if agent
-                .commands
-                .try_send(SessionCommand::Leave(leave))
-                .is_err()
-            {
-                agent
-                    .connection
-                    .close(close_code::UNAUTHORIZED.into(), why.as_bytes());
-            }
-            return;
-        }
-        let view = self
-            .views
-            .view_for(&self.inventory, &agent.node, agent.route_sync);
-        let digest = view::view_digest(&view);
-        if self.views.is_stale(agent.id, digest) {
-            debug!(node = %agent.node, routes = view.routes.len(), "pushing an update");
-            if agent
-                .commands
-                .try_send(SessionCommand::Send(Box::new(ControlMessage::Update(view))))
-                .is_ok()
-            {
-                self.views.record_pushed(agent.id, digest);
-            }
-        }
-    }
-}
-
 /// Receive and send buffer asked for the relay socket (4 MiB, as for the data plane's).
 const RELAY_SOCKET_BUFFER: usize = 4 << 20;
 
-/// A bound hub, ready to run.
+/// A bound hub, ready to run: its QUIC endpoint and the parts it is made of. `main` takes the
+/// parts other components need (the inventory writer, the egress, Kubernetes and revocation
+/// parts, the admin status) and wires them; [`Hub::run`] serves the endpoint.
 #[derive(Debug)]
 pub struct Hub {
-    ctx: Arc<HubContext>,
     endpoint: quinn::Endpoint,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) config: HubConfig,
+    /// What each accepted connection is served with.
+    accept: Arc<Acceptor>,
+    pub(crate) registry: Arc<AgentRegistry>,
+    pub(crate) refresher: Arc<Refresher>,
+    relay: Option<Arc<Relay>>,
+    memory: Arc<MemoryGate>,
+    listening: Arc<AtomicBool>,
+    /// Until `main` takes it ([`Hub::take_inventory_writer`]).
+    inventory_writer: Option<InventoryWriter>,
+    pub(crate) inventory: InventoryReader,
+    store: HubStore,
+    pub(crate) signer: Arc<NodeSigner>,
+    pub(crate) revocation: RevocationGate,
+    pub(crate) serving: Arc<ServingGate>,
+    views: Arc<AgentViews>,
+    pub(crate) cluster_status: Arc<ClusterStatus>,
+    pub(crate) metrics: Arc<HubMetrics>,
+    pub(crate) log_budget: Arc<LogBudget>,
+}
+
+/// What a connection is served with once its handshake is done: the serving gate, then the
+/// enrolment or the tunnel session by ALPN.
+#[derive(Debug)]
+struct Acceptor {
+    serving: Arc<ServingGate>,
+    session: Arc<SessionParts>,
+    enrol: Arc<EnrolParts>,
+    pre_auth: Arc<PreAuthState>,
+    metrics: Arc<HubMetrics>,
 }
 
 impl Hub {
@@ -421,70 +211,167 @@ impl Hub {
             Some(dp)
         };
         info!(listen = %local_addr, ca_sha256 = %ca.fingerprint(), hub = %config.hub_name, "hub listening");
-        let routes = route_sync::RouteHistory::new(inventory.route_entries());
-        let route_sync_rate = config.route_sync_rate;
-        let (routes_changed, _) = tokio::sync::watch::channel(routes.digest());
-        let metrics = HubMetrics::new();
+        let metrics = Arc::new(HubMetrics::new());
+        let routes = Arc::new(cluster_routes::ClusterRoutes::new(
+            inventory.route_entries(),
+            config.route_sync_rate,
+        ));
         metrics.route_table_entries.set(routes.len() as i64);
-        let views = view::AgentViews::new(view::ViewConfig {
+        let views = Arc::new(AgentViews::new(view::ViewConfig {
             hub_name: config.hub_name.clone(),
             advertise: config.advertise.clone(),
             site_mtu: config.site_mtu,
             egress_ports: config.egress.ports.clone(),
+        }));
+        let (inventory_writer, inventory) = crate::inventory_store::store(inventory);
+        let registry = Arc::new(AgentRegistry::new());
+        let relay = dataplane.map(|dp| {
+            Arc::new(Relay {
+                dp: Arc::new(dp),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+            })
         });
-        let ctx = Arc::new(HubContext {
-            config,
-            ca,
-            state,
-            inventory: Arc::new(RwLock::new(inventory)),
-            registry: Arc::new(AgentRegistry::new()),
-            metrics,
-            listening: AtomicBool::new(true),
+        let refresher = Arc::new(Refresher {
+            inventory: inventory.clone(),
+            views: views.clone(),
+            routes: routes.clone(),
+            registry: registry.clone(),
+            relay: relay.as_ref().map(|r| r.dp.clone()),
+            metrics: metrics.clone(),
+        });
+        let log_budget: Arc<LogBudget> = Arc::default();
+        let revocation = RevocationGate {
+            revocations: Arc::new(revocations),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            log_budget: log_budget.clone(),
+        };
+        let signer = Arc::new(NodeSigner::new(ca, config.agent_cert_ttl));
+        let memory: Arc<MemoryGate> = Arc::default();
+        let pre_auth = Arc::new(PreAuthState::new(admission::PreAuthBudget::default()));
+        let serving = Arc::new(ServingGate::new(registry.clone(), config.restart_hint));
+        let accept = Arc::new(Acceptor {
+            serving: serving.clone(),
+            session: Arc::new(SessionParts {
+                machine: session::machine_config(
+                    &config.hub_name,
+                    config.keepalive,
+                    config.idle_timeout,
+                    config.agent_cert_ttl,
+                ),
+                registry: registry.clone(),
+                views: views.clone(),
+                inventory: inventory.clone(),
+                refresher: refresher.clone(),
+                routes,
+                revocation: revocation.clone(),
+                signer: signer.clone(),
+                relay: relay.clone(),
+                metrics: metrics.clone(),
+                log_budget: log_budget.clone(),
+            }),
+            enrol: Arc::new(EnrolParts {
+                pre_auth: pre_auth.clone(),
+                memory: memory.clone(),
+                store: state.clone(),
+                revocations: revocation.revocations.clone(),
+                inventory: inventory.clone(),
+                signer: signer.clone(),
+                metrics: metrics.clone(),
+                log_budget: log_budget.clone(),
+            }),
+            pre_auth,
+            metrics: metrics.clone(),
+        });
+        Ok(Self {
+            endpoint,
             local_addr,
-            dataplane,
-            serving: RwLock::new(Ok(())),
+            config,
+            accept,
+            registry,
+            refresher,
+            relay,
+            memory,
+            listening: Arc::new(AtomicBool::new(true)),
+            inventory_writer: Some(inventory_writer),
+            inventory,
+            store: state,
+            signer,
+            revocation,
+            serving,
             views,
-            observer: OnceLock::new(),
-            cluster_status: RwLock::new(None),
-            pre_auth: PreAuthState::new(admission::PreAuthBudget::default()),
-            log_budget: Arc::default(),
-            routes: RwLock::new(routes),
-            routes_changed,
-            route_sync_slots: Arc::new(tokio::sync::Semaphore::new(route_sync::PACED_SYNC_SLOTS)),
-            route_pacer: Mutex::new(route_sync::SyncPacer::new(
-                route_sync_rate,
-                route_sync::PACE_BURST_BYTES,
-            )),
-            memory: Arc::default(),
-            revocations,
-        });
-        Ok(Self { ctx, endpoint })
-    }
-
-    pub fn context(&self) -> Arc<HubContext> {
-        self.ctx.clone()
+            cluster_status: Arc::default(),
+            metrics,
+            log_budget,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.ctx.local_addr
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> Arc<HubMetrics> {
+        self.metrics.clone()
+    }
+
+    /// A reader of the hub's inventory store.
+    pub fn inventory(&self) -> InventoryReader {
+        self.inventory.clone()
+    }
+
+    /// The store's one writer, for whoever keeps the inventory current (the file watcher or
+    /// the Kubernetes integration); `None` once taken.
+    pub fn take_inventory_writer(&mut self) -> Option<InventoryWriter> {
+        self.inventory_writer.take()
+    }
+
+    /// What the egress proxy is built from.
+    pub fn egress_parts(&self) -> crate::egress::EgressParts {
+        crate::egress::EgressParts {
+            registry: self.registry.clone(),
+            inventory: self.inventory.clone(),
+            metrics: self.metrics.egress.clone(),
+            log_budget: self.log_budget.clone(),
+            petrel_ca_der: self.signer.ca_der().clone(),
+        }
+    }
+
+    /// The revocation list as enforced, and the store it is read from (for
+    /// [`RevocationGate::watch`]).
+    pub fn revocation_parts(&self) -> (RevocationGate, HubStore) {
+        (self.revocation.clone(), self.store.clone())
+    }
+
+    /// What the admin endpoint serves.
+    pub fn status(&self) -> Arc<HubStatus> {
+        Arc::new(HubStatus {
+            hub_name: self.config.hub_name.clone(),
+            listen: self.local_addr,
+            ca_sha256: self.signer.fingerprint(),
+            listening: self.listening.clone(),
+            inventory: self.inventory.clone(),
+            serving: self.serving.clone(),
+            views: self.views.clone(),
+            registry: self.registry.clone(),
+            cluster: self.cluster_status.clone(),
+            relay: self.relay.as_ref().map(|r| r.dp.clone()),
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Accepts connections until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
-        let relay = tokio::spawn(dataplane::run_relay(self.ctx.clone(), shutdown.clone()));
-        let inventory_file = match (&self.ctx.config.inventory, &self.ctx.config.kube) {
-            (Some(path), None) => Some(tokio::spawn(watch_inventory_file(
-                self.ctx.clone(),
-                path.clone(),
-                shutdown.clone(),
-            ))),
-            _ => None,
-        };
-        let memory_watch = match memory::resolve(self.ctx.config.memory_budget) {
+        let relay = self
+            .relay
+            .clone()
+            .map(|r| tokio::spawn(dataplane::run_relay(r, shutdown.clone())));
+        let refresh = tokio::spawn(self.refresher.clone().follow(shutdown.clone()));
+        let memory_watch = match memory::resolve(self.config.memory_budget) {
             Some(budget) => {
                 info!(budget_mib = budget.limit >> 20, "memory budget");
                 Some(tokio::spawn(memory::watch(
-                    self.ctx.memory.clone(),
+                    self.memory.clone(),
                     budget,
                     shutdown.clone(),
                 )))
@@ -497,7 +384,7 @@ impl Hub {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
         let mut waiting = admission::HandshakeQueue::new(HANDSHAKE_QUEUE, HANDSHAKE_QUEUE_WAIT);
         let queue_drop = |why: admission::QueueDrop, incoming: quinn::Incoming| {
-            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, why.label());
+            HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, why.label());
             incoming.ignore();
         };
         loop {
@@ -509,11 +396,11 @@ impl Hub {
                     if let Some(incoming) = next {
                         // It was admitted up to 1.5 s ago; the memory budget is checked again, as
                         // for a handshake that arrives now.
-                        if self.ctx.memory.is_over() {
-                            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "memory_budget");
+                        if self.memory.is_over() {
+                            HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "memory_budget");
                             incoming.refuse();
                         } else {
-                            HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "dequeued");
+                            HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "dequeued");
                             self.spawn_handshake(incoming, slot);
                         }
                     }
@@ -531,26 +418,26 @@ impl Hub {
             // probe timeout and gets in once a slot is free, within the same attempt. Once
             // handshakes pile up, a source must first prove it receives at its address (QUIC
             // Retry, stateless): spoofed Initials then cost one small packet and no slot.
-            if self.ctx.memory.is_over() {
+            if self.memory.is_over() {
                 // Stateless: CONNECTION_REFUSED, no state kept. Connected agents stay.
-                HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "memory_budget");
+                HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "memory_budget");
                 incoming.refuse();
                 continue;
             }
             let in_flight = MAX_HANDSHAKES_IN_FLIGHT - handshakes.available_permits();
             let remote_ip = incoming.remote_address().ip();
             let verdict = admission::decide_handshake(
-                &self.ctx.pre_auth.budget,
+                &self.accept.pre_auth.budget,
                 in_flight,
                 MAX_HANDSHAKES_IN_FLIGHT,
                 incoming.remote_address_validated(),
                 incoming.may_retry(),
-                || self.ctx.pre_auth.spend_handshake(remote_ip),
+                || self.accept.pre_auth.spend_handshake(remote_ip),
             );
             match verdict {
                 admission::HandshakeVerdict::Accept => {}
                 admission::HandshakeVerdict::Retry => {
-                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "retry_sent");
+                    HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "retry_sent");
                     if let Err(e) = incoming.retry() {
                         // Only if the source already answered a Retry (`may_retry` was false).
                         e.into_incoming().ignore();
@@ -564,7 +451,7 @@ impl Hub {
                     continue;
                 }
                 admission::HandshakeVerdict::Ignore(why) => {
-                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, why);
+                    HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, why);
                     incoming.ignore();
                     continue;
                 }
@@ -581,7 +468,7 @@ impl Hub {
                     self.queue_handshake(&mut waiting, incoming, &queue_drop)
                 }
                 None => {
-                    HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "deferred");
+                    HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "deferred");
                     incoming.ignore();
                 }
             }
@@ -590,19 +477,19 @@ impl Hub {
             i.ignore();
         }
         self.drain().await;
-        relay.abort();
-        if let Some(t) = inventory_file {
+        if let Some(t) = relay {
             t.abort();
         }
+        refresh.abort();
         if let Some(t) = memory_watch {
             t.abort();
         }
     }
 
     fn spawn_handshake(&self, incoming: quinn::Incoming, slot: tokio::sync::OwnedSemaphorePermit) {
-        let ctx = self.ctx.clone();
+        let accept = self.accept.clone();
         let span = tracing::info_span!("conn", remote = %incoming.remote_address());
-        tokio::spawn(handle_incoming(ctx, incoming, slot).instrument(span));
+        tokio::spawn(handle_incoming(accept, incoming, slot).instrument(span));
     }
 
     fn queue_handshake(
@@ -612,19 +499,19 @@ impl Hub {
         queue_drop: &impl Fn(admission::QueueDrop, quinn::Incoming),
     ) {
         match waiting.push(std::time::Instant::now(), incoming) {
-            Ok(()) => HubMetrics::inc_outcome(&self.ctx.metrics.tunnel_handshakes, "queued"),
+            Ok(()) => HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "queued"),
             Err((why, incoming)) => queue_drop(why, incoming),
         }
     }
 
     async fn drain(self) {
-        let ctx = &self.ctx;
-        ctx.listening.store(false, Ordering::SeqCst);
+        self.listening.store(false, Ordering::SeqCst);
         // New handshakes are refused from here on; agents go to another hub or come back.
         self.endpoint.set_server_config(None);
-        let retry_after_ms = u32::try_from(ctx.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
-        let agents = ctx.registry.all();
-        info!(agents = agents.len(), deadline = ?ctx.config.drain_timeout, "hub shutting down; telling agents to go away");
+        let retry_after_ms =
+            u32::try_from(self.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
+        let agents = self.registry.all();
+        info!(agents = agents.len(), deadline = ?self.config.drain_timeout, "hub shutting down; telling agents to go away");
         for agent in &agents {
             let leave = GoingAway {
                 reason: GoingAwayReason::Restart,
@@ -641,15 +528,15 @@ impl Hub {
                     .close(close_code::GOING_AWAY.into(), b"hub is restarting");
             }
         }
-        let deadline = tokio::time::Instant::now() + ctx.config.drain_timeout;
+        let deadline = tokio::time::Instant::now() + self.config.drain_timeout;
         loop {
-            let changed = ctx.registry.changed();
-            if ctx.registry.is_empty() {
+            let changed = self.registry.changed();
+            if self.registry.is_empty() {
                 break;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 warn!(
-                    remaining = ctx.registry.len(),
+                    remaining = self.registry.len(),
                     "drain deadline passed; closing remaining tunnels"
                 );
                 break;
@@ -659,50 +546,6 @@ impl Hub {
             .close(close_code::GOING_AWAY.into(), b"hub shut down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("hub stopped");
-    }
-}
-
-/// How often a file inventory is checked for changes.
-const INVENTORY_POLL: Duration = Duration::from_secs(2);
-
-/// File-inventory mode: re-reads the inventory when the file changes (its modification time or
-/// size), so adding a node or a site needs no hub restart; agents get what changed, as in
-/// Kubernetes mode. A file that does not parse is logged and the hub keeps the inventory it has.
-async fn watch_inventory_file(
-    ctx: Arc<HubContext>,
-    path: std::path::PathBuf,
-    shutdown: CancellationToken,
-) {
-    let stamp = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut seen = stamp(&path);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(INVENTORY_POLL) => {}
-        }
-        let now = stamp(&path);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let loaded = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                Inventory::from_toml(&text, &path.display().to_string()).map_err(|e| e.to_string())
-            });
-        match loaded {
-            Ok(inv) => {
-                info!(path = %path.display(), nodes = inv.nodes().count(), "inventory file changed; applying it");
-                ctx.replace_inventory(inv);
-            }
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "inventory file changed but cannot be used; keeping the current inventory");
-            }
-        }
     }
 }
 
@@ -723,7 +566,7 @@ const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_millis(1500);
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 
 async fn handle_incoming(
-    ctx: Arc<HubContext>,
+    ctx: Arc<Acceptor>,
     incoming: quinn::Incoming,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -752,7 +595,7 @@ async fn handle_incoming(
             return;
         }
     };
-    if let Err(why) = ctx.serving() {
+    if let Err(why) = ctx.serving.serving() {
         debug!(remote = %conn.remote_address(), reason = %why, "connection refused: hub not serving");
         HubMetrics::inc_reason(&ctx.metrics.agent_refusals, "not_serving");
         conn.close(
@@ -762,8 +605,8 @@ async fn handle_incoming(
         return;
     }
     match tls::negotiated_alpn(&conn).as_deref() {
-        Some(ALPN_ENROL) => enrol::serve(ctx, conn).await,
-        Some(ALPN_TUNNEL) => session::serve(ctx, conn).await,
+        Some(ALPN_ENROL) => enrol::serve(ctx.enrol.clone(), conn).await,
+        Some(ALPN_TUNNEL) => session::serve(ctx.session.clone(), conn).await,
         other => {
             debug!(alpn = ?other.map(String::from_utf8_lossy), "unknown ALPN");
             conn.close(close_code::PROTOCOL_ERROR.into(), b"unsupported ALPN");
@@ -774,9 +617,9 @@ async fn handle_incoming(
 /// Reads and discards the datagrams of a connection that may not send any (enrolment, or a
 /// tunnel before admission), counting them, so they never wait in quinn's receive buffer.
 /// Returns when the connection closes.
-pub(crate) async fn discard_datagrams(ctx: &HubContext, conn: &quinn::Connection) {
+pub(crate) async fn discard_datagrams(metrics: &HubMetrics, conn: &quinn::Connection) {
     while conn.read_datagram().await.is_ok() {
-        HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, "not_admitted");
+        HubMetrics::inc_reason(&metrics.datagrams_dropped, "not_admitted");
     }
 }
 
@@ -789,108 +632,5 @@ fn handshake_outcome(e: &quinn::ConnectionError) -> &'static str {
         quinn::ConnectionError::ConnectionClosed(_)
         | quinn::ConnectionError::ApplicationClosed(_) => "closed_by_peer",
         _ => "error",
-    }
-}
-
-impl AdminState for HubContext {
-    type NotReady = HubNotReady;
-
-    fn ready(&self) -> Result<(), HubNotReady> {
-        if !self.listening.load(Ordering::SeqCst) {
-            return Err(HubNotReady::ShuttingDown);
-        }
-        match self.inventory.read() {
-            Ok(inv) if inv.nodes().next().is_some() => Ok(()),
-            Ok(_) => Err(HubNotReady::EmptyInventory),
-            Err(_) => Err(HubNotReady::LockPoisoned),
-        }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let generation = self.inventory.read().map(|i| i.generation()).unwrap_or(0);
-        serde_json::json!({
-            "hub": {
-                "name": self.config.hub_name,
-                "listen": self.local_addr.to_string(),
-                "ca_sha256": self.ca.fingerprint(),
-                "inventory_generation": generation,
-                "ready": self.ready().is_ok(),
-                "serving": self.serving().is_ok(),
-                "not_serving_reason": self.serving().err().map(|e| e.to_string()),
-                "endpoints": self.views.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
-            },
-            "agents": self.registry.status(),
-            "kubernetes": self.cluster_status.read().ok().and_then(|s| s.clone()),
-            "dataplane": self.dataplane.as_ref().map(|d| d.stats.to_json()),
-            "switch_table": self.dataplane.as_ref().map(|d| {
-                let table = d.table();
-                let nodes: std::collections::BTreeMap<String, String> = self
-                    .inventory
-                    .read()
-                    .map(|inv| {
-                        inv.nodes()
-                            .filter_map(|n| Some((n.name.clone(), table.mac_of(&n.name)?.to_string())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                serde_json::json!({ "generation": table.generation(), "vtep_macs": nodes })
-            }),
-        })
-    }
-
-    fn metrics(&self) -> String {
-        self.metrics.encode()
-    }
-}
-
-#[cfg(test)]
-mod policy_cache_tests {
-    #![allow(clippy::unwrap_used)]
-    use crate::config::{FileConfig, HubConfig, RunArgs};
-    use crate::hub::Hub;
-    use crate::inventory::Inventory;
-
-    /// The per-site cache must follow every inventory replacement, even one whose inventory
-    /// counts the same generation as the one it replaces (each index counts its own).
-    #[tokio::test]
-    async fn site_policies_follow_inventory_replacements() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = HubConfig::from_args(
-            RunArgs {
-                listen: Some("127.0.0.1:0".into()),
-                relay_listen: Some("off".into()),
-                state_dir: Some(dir.path().to_path_buf()),
-                ..Default::default()
-            },
-            FileConfig::default(),
-        )
-        .unwrap();
-        let inv = Inventory::embedded_default().unwrap();
-        let hub = Hub::bind(config, inv.clone()).unwrap();
-        let ctx = hub.context();
-        let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
-        assert!(ctx
-            .views
-            .egress_policy(&ctx.inventory, "edge-a1")
-            .allows(a2, 10250));
-
-        // Same generation, different content: edge-a2 moved out of site-a.
-        let mut moved = inv.clone();
-        let mut node = moved.node("edge-a2").unwrap().clone();
-        node.site = "site-b".into();
-        moved.apply_node(node).unwrap();
-        let mut replacement = Inventory::default();
-        let file = moved.to_file();
-        replacement.reset(file.sites, file.nodes).unwrap();
-        assert_eq!(replacement.generation(), inv.generation());
-        ctx.replace_inventory(replacement);
-        assert!(!ctx
-            .views
-            .egress_policy(&ctx.inventory, "edge-a1")
-            .allows(a2, 10250));
-        assert!(ctx
-            .views
-            .egress_policy(&ctx.inventory, "edge-b1")
-            .allows(a2, 10250));
     }
 }

@@ -19,9 +19,16 @@ use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use super::cluster_routes::{ClusterRoutes, PlanError};
+use super::dataplane::Relay;
+use super::refresh::Refresher;
+use super::revoked::RevocationGate;
 use super::route_sync::{PlanKind, PACE_ABOVE_BYTES};
-use super::HubContext;
-use crate::agent_registry::{AgentCounters, AgentEntry, SessionCommand};
+use super::signer::NodeSigner;
+use super::view::AgentViews;
+use crate::agent_registry::{AgentCounters, AgentEntry, AgentRegistry, SessionCommand};
+use crate::inventory_store::InventoryReader;
+use crate::log_budget::LogBudget;
 use crate::metrics::HubMetrics;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,10 +43,8 @@ enum SessionEnd {
     NotReading(usize),
     #[error("cannot encode a message for the agent: {0}")]
     Encode(EncodeError),
-    #[error("cannot build the route sync: {0}")]
-    RouteSync(EncodeError),
-    #[error("route table lock poisoned")]
-    RouteTablePoisoned,
+    #[error(transparent)]
+    RouteSync(#[from] PlanError),
     #[error(transparent)]
     Stream(StreamError),
     #[error("{0}")]
@@ -48,20 +53,45 @@ enum SessionEnd {
     Dropped,
 }
 
-fn session_config(ctx: &HubContext) -> HubSessionConfig {
+/// What a tunnel session uses of the hub, and nothing more (`Hub::bind` builds it).
+#[derive(Debug)]
+pub struct SessionParts {
+    /// The machine's settings (hub name, keepalive, idle timeout, renewal interval).
+    pub machine: HubSessionConfig,
+    pub registry: Arc<AgentRegistry>,
+    pub views: Arc<AgentViews>,
+    pub inventory: InventoryReader,
+    /// Brings a session registered after a change up to date.
+    pub refresher: Arc<Refresher>,
+    pub routes: Arc<ClusterRoutes>,
+    pub revocation: RevocationGate,
+    pub signer: Arc<NodeSigner>,
+    /// The VXLAN relay, when this hub runs one: each session pumps its agent's frames.
+    pub relay: Option<Arc<Relay>>,
+    pub metrics: Arc<HubMetrics>,
+    pub log_budget: Arc<LogBudget>,
+}
+
+/// The session machine's settings for a hub with these timings and agent certificate lifetime.
+pub fn machine_config(
+    hub_name: &str,
+    keepalive: Duration,
+    idle_timeout: Duration,
+    agent_cert_ttl: Duration,
+) -> HubSessionConfig {
     HubSessionConfig {
-        hub_id: ctx.config.hub_name.clone(),
-        keepalive: ctx.config.keepalive,
-        idle_timeout: ctx.config.idle_timeout,
+        hub_id: hub_name.to_string(),
+        keepalive,
+        idle_timeout,
         hello_timeout: HELLO_TIMEOUT,
-        renewal_min_interval: HubSessionConfig::renewal_interval(ctx.config.agent_cert_ttl),
+        renewal_min_interval: HubSessionConfig::renewal_interval(agent_cert_ttl),
     }
 }
 
 /// Counts and logs a refusal and closes with its reason (after `close.linger` for the agent to
 /// read a going-away sent before it).
 async fn refused(
-    ctx: &HubContext,
+    ctx: &SessionParts,
     conn: &quinn::Connection,
     refusal: &Refusal,
     close: Option<Close>,
@@ -93,21 +123,20 @@ fn deadline(at: Instant) -> tokio::time::Instant {
     tokio::time::Instant::from_std(at)
 }
 
-pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
+pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
     let Some(node) = petrel_transport::tls::peer_node_name(&conn) else {
         refused(&ctx, &conn, &Refusal::NoClientCertificate, None).await;
         return;
     };
-    if !super::revoked::admit_tunnel(&ctx, &conn, &node) {
+    if !ctx.revocation.admit_tunnel(&conn, &node) {
         return;
     }
-    let admitted = match ctx.inventory.read() {
-        Ok(inv) => inv
-            .admit_agent(&node)
-            .map(|(_, site)| site.name.clone())
-            .map_err(|e| e.to_string()),
-        Err(_) => return,
-    };
+    let admitted = ctx
+        .inventory
+        .snapshot()
+        .admit_agent(&node)
+        .map(|(_, site)| site.name.clone())
+        .map_err(|e| e.to_string());
     let site = match admitted {
         Ok(site) => site,
         Err(why) => {
@@ -118,7 +147,7 @@ pub(super) async fn serve(ctx: Arc<HubContext>, conn: quinn::Connection) {
     // The certificate is verified and its node admitted: from here on the tunnel gets windows
     // sized for what it carries instead of the pre-authentication budget.
     petrel_transport::quic::AuthenticatedLimits::default().apply(&conn);
-    let mut session = HubSession::new(node.clone(), session_config(&ctx), Instant::now());
+    let mut session = HubSession::new(node.clone(), ctx.machine.clone(), Instant::now());
     let hello_by = session
         .poll_timeout()
         .map(deadline)
@@ -179,7 +208,7 @@ struct Welcomed {
 /// Performs what the machine asked after the first message: a welcome (the hello passed) or
 /// a refusal. `Some` once the welcome is on its way.
 async fn welcome(
-    ctx: &HubContext,
+    ctx: &SessionParts,
     conn: &quinn::Connection,
     session: &mut HubSession,
     writer: &mut ControlWriter,
@@ -194,7 +223,7 @@ async fn welcome(
                 // refresh itself (see `run`).
                 let epoch = ctx.views.epoch();
                 let view = ctx.views.view_for(
-                    &ctx.inventory,
+                    &ctx.inventory.snapshot(),
                     session.node(),
                     hello.routes_digest.is_some(),
                 );
@@ -240,7 +269,7 @@ async fn welcome(
 
 /// Registers the welcomed agent, runs its session until it ends, and forgets it.
 async fn run(
-    ctx: Arc<HubContext>,
+    ctx: Arc<SessionParts>,
     conn: quinn::Connection,
     session: HubSession,
     welcomed: Welcomed,
@@ -291,16 +320,16 @@ async fn run(
     // registration, and the refresh that followed did not see this session yet: do its part.
     ctx.views.record_pushed(entry.id, digest);
     if ctx.views.epoch() != epoch {
-        ctx.refresh_agent(&entry);
+        ctx.refresher.refresh_agent(&entry);
     }
-    if let Some(o) = ctx.observer.get() {
-        o.connected(&entry);
-    }
-    let pump = tokio::spawn(super::dataplane::pump_agent(ctx.clone(), entry.clone()));
+    let pump = ctx
+        .relay
+        .clone()
+        .map(|relay| tokio::spawn(super::dataplane::pump_agent(relay, entry.clone())));
 
     let routes = hello.routes_digest.map(|held| RouteSyncState {
         held,
-        changed: ctx.routes_changed.subscribe(),
+        changed: ctx.routes.subscribe(),
     });
     let mut pump_state = Pump {
         ctx: &ctx,
@@ -311,14 +340,13 @@ async fn run(
     let reason = pump_state
         .control_loop(&mut reader, &mut command_rx, routes)
         .await;
-    pump.abort();
+    if let Some(p) = pump {
+        p.abort();
+    }
     ctx.views.forget_pushed(entry.id);
-    if ctx.registry.remove(&node, entry.id) {
+    if ctx.registry.remove(&node, entry.id, &reason) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
         info!(node = %node, reason = %reason, "agent disconnected");
-        if let Some(o) = ctx.observer.get() {
-            o.disconnected(&node, &reason.to_string());
-        }
     } else {
         debug!(node = %node, reason = %reason, "replaced tunnel closed");
     }
@@ -361,13 +389,8 @@ struct OutgoingSync {
 
 impl OutgoingSync {
     /// Plans what the agent holding `held` lacks.
-    fn plan(ctx: &HubContext, held: u64) -> Result<Self, SessionEnd> {
-        let planned = ctx
-            .routes
-            .read()
-            .map_err(|_| SessionEnd::RouteTablePoisoned)?
-            .plan_wire(held)
-            .map_err(SessionEnd::RouteSync);
+    fn plan(ctx: &SessionParts, held: u64) -> Result<Self, SessionEnd> {
+        let planned = ctx.routes.plan_wire(held).map_err(SessionEnd::RouteSync);
         let (kind, frames, held_after) =
             planned.inspect_err(|e| error!(error = %e, "cannot build the route sync"))?;
         let bytes: usize = frames.iter().map(bytes::Bytes::len).sum();
@@ -387,19 +410,15 @@ impl OutgoingSync {
         self.paced && self.slot.is_none()
     }
 
-    fn on_slot(&mut self, ctx: &HubContext, slot: tokio::sync::OwnedSemaphorePermit) {
+    fn on_slot(&mut self, ctx: &SessionParts, slot: tokio::sync::OwnedSemaphorePermit) {
         self.slot = Some(slot);
         self.schedule(ctx);
     }
 
-    fn schedule(&mut self, ctx: &HubContext) {
+    fn schedule(&mut self, ctx: &SessionParts) {
         let now = Instant::now();
         let at = match (self.paced, self.frames.get(self.next)) {
-            (true, Some(chunk)) => ctx
-                .route_pacer
-                .lock()
-                .map(|mut p| p.reserve(chunk.len(), now))
-                .unwrap_or(now),
+            (true, Some(chunk)) => ctx.routes.reserve(chunk.len(), now),
             _ => now,
         };
         self.send_at = Some(tokio::time::Instant::from_std(at));
@@ -407,7 +426,7 @@ impl OutgoingSync {
 
     /// Queues the next chunk on the writer; `Some(digest)` once the agent has been sent
     /// everything.
-    fn enqueue_next(&mut self, ctx: &HubContext, writer: &mut ControlWriter) -> Option<u64> {
+    fn enqueue_next(&mut self, ctx: &SessionParts, writer: &mut ControlWriter) -> Option<u64> {
         let Some(chunk) = self.frames.get(self.next) else {
             return Some(self.held_after);
         };
@@ -435,7 +454,7 @@ const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
 /// A running session: the machine and what its actions are performed on.
 struct Pump<'a> {
-    ctx: &'a HubContext,
+    ctx: &'a SessionParts,
     entry: &'a AgentEntry,
     session: HubSession,
     writer: &'a mut ControlWriter,
@@ -492,17 +511,8 @@ impl Pump<'_> {
     fn sign(&self, csr_der: &[u8]) -> Result<petrel_proto::CertBundle, petrel_proto::ErrorInfo> {
         let ctx = self.ctx;
         let result = ctx
-            .ca
-            .sign_node_csr(
-                csr_der,
-                &self.entry.node,
-                SystemTime::now(),
-                ctx.config.agent_cert_ttl,
-            )
-            .map(|cert| petrel_proto::CertBundle {
-                cert_der: cert.to_vec(),
-                ca_der: ctx.ca.cert_der().to_vec(),
-            })
+            .signer
+            .bundle(csr_der, &self.entry.node, SystemTime::now())
             .map_err(|e| petrel_proto::ErrorInfo {
                 code: 1,
                 message: e.to_string(),
@@ -586,7 +596,7 @@ impl Pump<'_> {
                         outgoing = Some(OutgoingSync::plan(ctx, r.held)?);
                     }
                 },
-                Ok(slot) = ctx.route_sync_slots.clone().acquire_owned(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
+                slot = ctx.routes.slot(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
                     if let Some(o) = outgoing.as_mut() {
                         o.on_slot(ctx, slot);
                     }

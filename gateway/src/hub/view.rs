@@ -1,7 +1,8 @@
 //! What each agent is told, and what it was last told. A node's view is a pure function of the
 //! inventory, this hub's endpoints, the site MTU and the egress policy ([`agent_view`]).
 //! [`AgentViews`] keeps what changes views besides the inventory (the endpoint list in
-//! Kubernetes mode), the view epoch that every change bumps, the per-epoch egress policy cache,
+//! Kubernetes mode), the view epoch that every change bumps, the egress policy cache per
+//! inventory revision,
 //! and a digest of the last view each session was sent, so a change is pushed only to the
 //! agents whose view it changes.
 
@@ -13,8 +14,8 @@ use petrel_proto::control::EgressPolicy;
 use petrel_proto::{GatewayEndpoint, HubView};
 
 use crate::egress::resolve::PortPolicy;
-use crate::egress::SitePolicies;
 use crate::inventory::Inventory;
+use crate::inventory_store::InventorySnapshot;
 
 /// The view of the agent on `node`: the hubs to dial, the routes (none for an agent that syncs
 /// the cluster route table instead), the site MTU, the egress policy and the sites whose MTU is
@@ -69,7 +70,7 @@ pub struct AgentViews {
     /// Bumped by every inventory or endpoint change, before the agents are refreshed: a session
     /// that computed its welcome under another epoch refreshes itself once registered.
     epoch: AtomicU64,
-    /// Egress policies per site, for the current epoch.
+    /// Egress policies per site, for one inventory revision.
     egress_policies: Mutex<SitePolicies>,
 }
 
@@ -123,38 +124,20 @@ impl AgentViews {
     }
 
     /// The egress policy the agent on `node` is sent.
-    pub fn egress_policy(&self, inventory: &RwLock<Inventory>, node: &str) -> EgressPolicy {
-        crate::egress::policy_for(
-            &self.egress_policies,
-            // Before the inventory is read: see `policy_for`.
-            self.epoch(),
-            inventory,
-            &self.config.egress_ports,
-            node,
-        )
+    pub fn egress_policy(&self, inv: &InventorySnapshot, node: &str) -> EgressPolicy {
+        policy_for(&self.egress_policies, inv, &self.config.egress_ports, node)
     }
 
     /// The view of the agent on `node` now.
-    pub fn view_for(&self, inventory: &RwLock<Inventory>, node: &str, route_sync: bool) -> HubView {
-        let egress = self.egress_policy(inventory, node);
-        let gateways = self.gateway_endpoints();
-        match inventory.read() {
-            Ok(inv) => agent_view(
-                &inv,
-                node,
-                route_sync,
-                gateways,
-                self.config.site_mtu,
-                egress,
-            ),
-            Err(_) => HubView {
-                gateways,
-                routes: Vec::new(),
-                site_mtu: self.config.site_mtu,
-                egress,
-                site_mtus: Vec::new(),
-            },
-        }
+    pub fn view_for(&self, inv: &InventorySnapshot, node: &str, route_sync: bool) -> HubView {
+        agent_view(
+            inv,
+            node,
+            route_sync,
+            self.gateway_endpoints(),
+            self.config.site_mtu,
+            self.egress_policy(inv, node),
+        )
     }
 
     /// Remembers what session `id` was last sent ([`view_digest`] of it).
@@ -179,6 +162,41 @@ impl AgentViews {
     }
 }
 
+/// The policy sent to the agent on `node` in its view: its own site's targets and the ports.
+/// Every agent of a site gets the same policy (unless caps cut it), and after a hub restart a
+/// whole site connects at once: the site's policy is computed once per inventory revision (an
+/// inventory's own generation is not unique across replacements; the revision is, and it comes
+/// with the snapshot it describes, so a policy can never be cached under another inventory's).
+fn policy_for(
+    cache: &Mutex<SitePolicies>,
+    inv: &InventorySnapshot,
+    ports: &PortPolicy,
+    node: &str,
+) -> EgressPolicy {
+    let Some(me) = inv.node(node) else {
+        return EgressPolicy::default();
+    };
+    let cached = cache.lock().ok().and_then(|mut c| {
+        if c.revision != inv.revision {
+            c.revision = inv.revision;
+            c.sites.clear();
+        }
+        let entry = c
+            .sites
+            .entry(me.site.clone())
+            .or_insert_with(|| crate::egress::resolve::site_policy(inv, &me.site, ports));
+        entry.complete.then(|| entry.policy.clone())
+    });
+    cached.unwrap_or_else(|| crate::egress::resolve::own_node_first(inv, me, ports))
+}
+
+/// Per-site egress policies for one inventory revision (see [`policy_for`]).
+#[derive(Debug, Default)]
+struct SitePolicies {
+    revision: u64,
+    sites: std::collections::HashMap<String, crate::egress::resolve::SitePolicy>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -195,19 +213,20 @@ mod tests {
 
     #[test]
     fn a_route_sync_agent_gets_no_routes_in_its_view_and_others_get_theirs() {
-        let inv = RwLock::new(Inventory::embedded_default().unwrap());
+        let (_writer, reader) =
+            crate::inventory_store::store(Inventory::embedded_default().unwrap());
+        let inv = reader.snapshot();
         let v = views();
         let synced = v.view_for(&inv, "edge-a1", true);
         let classic = v.view_for(&inv, "edge-a1", false);
         assert!(synced.routes.is_empty());
-        assert_eq!(classic.routes, inv.read().unwrap().routes_for("edge-a1"));
+        assert_eq!(classic.routes, inv.routes_for("edge-a1"));
         assert!(!classic.routes.is_empty());
         assert_eq!(synced.site_mtu, 1400);
         assert_eq!(synced.gateways.len(), 1);
         assert_eq!(synced.gateways[0].name, "gw-1");
         assert!(synced.gateways[0].active);
         // The egress policy is the node's site's.
-        let inv = inv.read().unwrap();
         let own = &inv.node("edge-a1").unwrap().addresses;
         assert!(own.iter().any(|a| synced.egress.node_addresses.contains(a)));
     }
@@ -241,7 +260,9 @@ mod tests {
 
     #[test]
     fn a_session_is_stale_until_it_is_sent_the_current_digest() {
-        let inv = RwLock::new(Inventory::embedded_default().unwrap());
+        let (_writer, reader) =
+            crate::inventory_store::store(Inventory::embedded_default().unwrap());
+        let inv = reader.snapshot();
         let v = views();
         let digest = view_digest(&v.view_for(&inv, "edge-a1", true));
         assert!(v.is_stale(7, digest), "never sent anything");
@@ -258,5 +279,32 @@ mod tests {
         let e = v.epoch();
         v.bump_epoch();
         assert_eq!(v.epoch(), e + 1);
+    }
+
+    /// The per-site policy cache must follow every inventory write, even one whose inventory
+    /// counts the same generation as the one it replaces (each index counts its own).
+    #[test]
+    fn site_policies_follow_every_inventory_write() {
+        let inv = Inventory::embedded_default().unwrap();
+        let (writer, reader) = crate::inventory_store::store(inv.clone());
+        let v = views();
+        let a2: std::net::IpAddr = "10.0.1.3".parse().unwrap();
+        assert!(v
+            .egress_policy(&reader.snapshot(), "edge-a1")
+            .allows(a2, 10250));
+
+        // Same generation, different content: edge-a2 moved out of site-a.
+        let mut moved = inv.clone();
+        let mut node = moved.node("edge-a2").unwrap().clone();
+        node.site = "site-b".into();
+        moved.apply_node(node).unwrap();
+        let mut replacement = Inventory::default();
+        let file = moved.to_file();
+        replacement.reset(file.sites, file.nodes).unwrap();
+        assert_eq!(replacement.generation(), inv.generation());
+        writer.replace(replacement);
+        let now = reader.snapshot();
+        assert!(!v.egress_policy(&now, "edge-a1").allows(a2, 10250));
+        assert!(v.egress_policy(&now, "edge-b1").allows(a2, 10250));
     }
 }

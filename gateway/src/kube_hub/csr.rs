@@ -35,13 +35,15 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::hub::HubContext;
+use crate::hub::signer::NodeSigner;
 use crate::inventory::{AdmissionError, Inventory};
+use crate::inventory_store::InventoryReader;
 use crate::k8s::election::{ElectionState, Role};
 use crate::k8s::status::NODE_EVENTS_NAMESPACE;
 use crate::k8s::{bounded, KubeError};
+use crate::log_budget::LogBudget;
 use crate::metrics::HubMetrics;
-use crate::revocation::RevocationList;
+use crate::revocation::{RevocationList, Revocations};
 
 /// Petrel's signer name.
 pub const SIGNER_NAME: &str = "petrel.io/edge-tunnel";
@@ -283,9 +285,20 @@ enum HandleError {
     Sign(String),
 }
 
+/// What the CSR signer uses of the hub: the node signer, the revocation list, the inventory,
+/// its counters and the log budget.
+#[derive(Debug, Clone)]
+pub struct CsrParts {
+    pub signer: Arc<NodeSigner>,
+    pub revocations: Arc<Revocations>,
+    pub inventory: InventoryReader,
+    pub metrics: Arc<HubMetrics>,
+    pub log_budget: Arc<LogBudget>,
+}
+
 /// The signer: runs while this hub is the active one, until `shutdown`.
 pub async fn run(
-    ctx: Arc<HubContext>,
+    ctx: CsrParts,
     client: kube::Client,
     mut election: watch::Receiver<ElectionState>,
     shutdown: CancellationToken,
@@ -362,7 +375,7 @@ pub async fn run(
 }
 
 async fn handle(
-    ctx: &HubContext,
+    ctx: &CsrParts,
     api: &kube::Api<CertificateSigningRequest>,
     events: &kube::Api<Event>,
     csr: CertificateSigningRequest,
@@ -370,10 +383,7 @@ async fn handle(
     let facts = CsrFacts::of(&csr);
     let decision = {
         let revocations = ctx.revocations.current();
-        let inv = ctx
-            .inventory
-            .read()
-            .map_err(|_| HandleError::Later("inventory lock poisoned".into()))?;
+        let inv = ctx.inventory.snapshot();
         decide_csr(&facts, &inv, revocations.as_deref())
     };
     let name = facts.name.clone();
@@ -445,11 +455,11 @@ async fn handle(
             }
             let now = SystemTime::now();
             let cert = ctx
-                .ca
-                .sign_node_csr(&csr_der, &node, now, ctx.config.agent_cert_ttl)
+                .signer
+                .sign(&csr_der, &node, now)
                 .map_err(|e| HandleError::Sign(e.to_string()))?;
             let mut chain = der_to_pem(&cert, "CERTIFICATE");
-            chain.push_str(&der_to_pem(ctx.ca.cert_der(), "CERTIFICATE"));
+            chain.push_str(&der_to_pem(ctx.signer.ca_der(), "CERTIFICATE"));
             csr.status.get_or_insert_with(Default::default).certificate =
                 Some(ByteString(chain.into_bytes()));
             bounded(

@@ -15,12 +15,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::hub::{HubContext, NotServing};
+use crate::agent_registry::AgentRegistry;
+use crate::hub::refresh::Refresher;
+use crate::hub::serving::ServingGate;
+use crate::hub::status::ClusterStatus;
+use crate::hub::{Hub, NotServing};
+use crate::inventory_store::InventoryWriter;
 use crate::k8s::election::{self, ElectionState, ElectorConfig, Role};
 use crate::k8s::nodes::{self, ClusterView};
 use crate::k8s::status::{tunnel_key, Annotator, TunnelAnnotations};
 use crate::k8s::translate::format_endpoints;
 use crate::k8s::{keys, KubeSettings};
+use crate::metrics::HubMetrics;
 
 /// The endpoint list agents are sent: every candidate's published endpoints (this hub's own
 /// from its configuration until its annotation shows up), the Lease holder's marked active.
@@ -61,21 +67,65 @@ pub fn serving_for(role: Role, node: &str, gateway_label: &str) -> Result<(), No
     }
 }
 
+/// What the Kubernetes integration is given of a bound hub .
+#[derive(Debug)]
+pub struct KubeParts {
+    pub inventory: InventoryWriter,
+    pub serving: Arc<ServingGate>,
+    pub refresher: Arc<Refresher>,
+    pub registry: Arc<AgentRegistry>,
+    pub cluster_status: Arc<ClusterStatus>,
+    pub metrics: Arc<HubMetrics>,
+    /// For CertificateSigningRequests.
+    pub csr: csr::CsrParts,
+    /// This hub's endpoints and whether they were configured (else the Node's address is
+    /// advertised), and its UDP port.
+    pub advertise: Vec<(String, u16)>,
+    pub advertise_given: bool,
+    pub port: u16,
+}
+
+impl KubeParts {
+    /// What the Kubernetes integration is given, with the inventory writer; `None` if the
+    /// writer was taken.
+    pub fn from_hub(hub: &mut Hub) -> Option<Self> {
+        Some(Self {
+            inventory: hub.take_inventory_writer()?,
+            serving: hub.serving.clone(),
+            refresher: hub.refresher.clone(),
+            registry: hub.registry.clone(),
+            cluster_status: hub.cluster_status.clone(),
+            metrics: hub.metrics.clone(),
+            csr: csr::CsrParts {
+                signer: hub.signer.clone(),
+                revocations: hub.revocation.revocations.clone(),
+                inventory: hub.inventory.clone(),
+                metrics: hub.metrics.clone(),
+                log_budget: hub.log_budget.clone(),
+            },
+            advertise: hub.config.advertise.clone(),
+            advertise_given: hub.config.advertise_given,
+            port: hub.local_addr.port(),
+        })
+    }
+}
+
 /// Runs the Kubernetes side of a bound hub until `shutdown`. `node` is this hub's node name.
 pub async fn run(
-    ctx: Arc<HubContext>,
+    ctx: KubeParts,
     client: kube::Client,
     settings: KubeSettings,
     node: String,
     shutdown: CancellationToken,
 ) {
-    ctx.set_serving(serving_for(Role::Starting, &node, &settings.keys.gateway));
-    let mut my_endpoints = ctx.config.advertise.clone();
+    ctx.serving
+        .set(serving_for(Role::Starting, &node, &settings.keys.gateway));
+    let mut my_endpoints = ctx.advertise.clone();
     let mut endpoints_value = format_endpoints(&my_endpoints);
     let mut view_rx = nodes::spawn(client.clone(), settings.keys.clone(), shutdown.clone());
-    if !ctx.config.advertise_given {
+    if !ctx.advertise_given {
         // Advertise this Node's ExternalIP (else InternalIP) once the node list is here.
-        let port = ctx.config.listen.port();
+        let port = ctx.port;
         let found = view_rx.wait_for(|v| v.synced).await.ok().and_then(|v| {
             v.public_addresses
                 .get(&node)
@@ -111,13 +161,13 @@ pub async fn run(
     );
     // The active hub signs (or denies) edge nodes' CertificateSigningRequests.
     tokio::spawn(csr::run(
-        ctx.clone(),
+        ctx.csr.clone(),
         client.clone(),
         election_rx.clone(),
         shutdown.clone(),
     ));
     let annotator = Annotator::spawn(client.clone(), shutdown.clone());
-    let _ = ctx.observer.set(Arc::new(TunnelAnnotations {
+    ctx.registry.set_observer(Arc::new(TunnelAnnotations {
         annotator: annotator.clone(),
         key: tunnel_key(&node),
     }));
@@ -166,7 +216,7 @@ pub async fn run(
                     .as_ref()
                     .is_none_or(|a| a.inventory.generation() != view.inventory.generation());
                 if generation_changed {
-                    ctx.replace_inventory(view.inventory.clone());
+                    ctx.inventory.replace(view.inventory.clone());
                 }
                 // Publish (or repair) this hub's endpoints on its own Node.
                 let mine = view
@@ -195,13 +245,14 @@ pub async fn run(
                 }
             });
         }
-        ctx.set_gateways(Some(gateway_list(
+        ctx.refresher.set_gateways(Some(gateway_list(
             &view,
             &node,
             &my_endpoints,
             election.holder.as_deref(),
         )));
-        ctx.set_serving(serving_for(election.role, &node, &settings.keys.gateway));
+        ctx.serving
+            .set(serving_for(election.role, &node, &settings.keys.gateway));
         ctx.metrics
             .active
             .set(i64::from(election.role == Role::Active && view.synced));
@@ -213,8 +264,7 @@ pub async fn run(
             annotator.set(&node, keys::HUB_ROLE, Some(election.role.as_str().into()));
             published_role = Some(election.role);
         }
-        if let Ok(mut s) = ctx.cluster_status.write() {
-            *s = Some(serde_json::json!({
+        ctx.cluster_status.set(serde_json::json!({
                 "node": node,
                 "role": election.role.as_str(),
                 "lease": format!("{}/{}", settings.namespace, settings.lease_name),
@@ -223,8 +273,7 @@ pub async fn run(
                 "nodes_synced": view.synced,
                 "candidates": view.candidates.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
                 "rejected_nodes": view.rejected,
-            }));
-        }
+        }));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = view_rx.changed() => if r.is_err() { break },

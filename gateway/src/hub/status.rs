@@ -1,0 +1,104 @@
+//! What the admin endpoint shows of a running hub: `/readyz` (listening and an inventory with
+//! nodes), `/status` (this hub, its endpoints, the connected agents, the Kubernetes section, the
+//! relay's counters and switch table) and `/metrics`. It only reads the parts it is given.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use petrel_transport::admin::AdminState;
+
+use super::dataplane::Dataplane;
+use super::serving::ServingGate;
+use super::view::AgentViews;
+use crate::agent_registry::AgentRegistry;
+use crate::inventory_store::InventoryReader;
+use crate::metrics::HubMetrics;
+
+/// Why the hub's `/readyz` says not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubNotReady {
+    #[error("hub is shutting down")]
+    ShuttingDown,
+    #[error("inventory is empty")]
+    EmptyInventory,
+}
+
+/// The `/status` section the Kubernetes integration writes (role, Lease holder, candidates,
+/// rejected nodes); empty in file mode.
+#[derive(Debug, Default)]
+pub struct ClusterStatus(RwLock<Option<serde_json::Value>>);
+
+impl ClusterStatus {
+    pub fn set(&self, value: serde_json::Value) {
+        if let Ok(mut s) = self.0.write() {
+            *s = Some(value);
+        }
+    }
+
+    pub fn get(&self) -> Option<serde_json::Value> {
+        self.0.read().ok().and_then(|s| s.clone())
+    }
+}
+
+#[derive(Debug)]
+pub struct HubStatus {
+    pub hub_name: String,
+    pub listen: std::net::SocketAddr,
+    pub ca_sha256: String,
+    /// Cleared when the hub starts draining.
+    pub listening: Arc<AtomicBool>,
+    pub inventory: InventoryReader,
+    pub serving: Arc<ServingGate>,
+    pub views: Arc<AgentViews>,
+    pub registry: Arc<AgentRegistry>,
+    pub cluster: Arc<ClusterStatus>,
+    pub relay: Option<Arc<Dataplane>>,
+    pub metrics: Arc<HubMetrics>,
+}
+
+impl AdminState for HubStatus {
+    type NotReady = HubNotReady;
+
+    fn ready(&self) -> Result<(), HubNotReady> {
+        if !self.listening.load(Ordering::SeqCst) {
+            return Err(HubNotReady::ShuttingDown);
+        }
+        if self.inventory.snapshot().nodes().next().is_none() {
+            return Err(HubNotReady::EmptyInventory);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let inv = self.inventory.snapshot();
+        let serving = self.serving.serving();
+        serde_json::json!({
+            "hub": {
+                "name": self.hub_name,
+                "listen": self.listen.to_string(),
+                "ca_sha256": self.ca_sha256,
+                "inventory_generation": inv.generation(),
+                "inventory_revision": inv.revision,
+                "ready": self.ready().is_ok(),
+                "serving": serving.is_ok(),
+                "not_serving_reason": serving.err().map(|e| e.to_string()),
+                "endpoints": self.views.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
+            },
+            "agents": self.registry.status(),
+            "kubernetes": self.cluster.get(),
+            "dataplane": self.relay.as_ref().map(|d| d.stats.to_json()),
+            "switch_table": self.relay.as_ref().map(|d| {
+                let table = d.table();
+                let nodes: std::collections::BTreeMap<String, String> = inv
+                    .nodes()
+                    .filter_map(|n| Some((n.name.clone(), table.mac_of(&n.name)?.to_string())))
+                    .collect();
+                serde_json::json!({ "generation": table.generation(), "vtep_macs": nodes })
+            }),
+        })
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
