@@ -19,8 +19,8 @@ use petrel_proto::codec::{
     MAX_VERSION_STRING_LEN,
 };
 use petrel_proto::control::{
-    decode_frame, encode_to_vec, msg_type, EgressPolicy, MAX_EGRESS_PORTS, MAX_EGRESS_TARGETS,
-    MIN_SITE_MTU,
+    decode_frame, encode_to_vec, msg_type, EgressPolicy, SiteMtu, MAX_EGRESS_PORTS,
+    MAX_EGRESS_TARGETS, MIN_SITE_MTU,
 };
 use petrel_proto::datagram::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, MAX_VNI};
 use petrel_proto::enrol::{decode_enrol_frame, encode_enrol, EnrolDecoder, MAX_ENROL_PREAMBLE};
@@ -368,6 +368,60 @@ fn site_mtu_minimum_is_576_both_ways() {
         })
     ));
     assert!(decode_frame(&frame(msg_type::UPDATE, &update_body_with_mtu(0))).is_err());
+}
+
+/// An Update body with site MTU 1400, the empty egress policy and one site MTU entry.
+fn update_body_with_site_entry(site: &[u8], mtu: u16) -> Vec<u8> {
+    let mut body = update_body_with_mtu(1400);
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    body.extend_from_slice(&wire_string(site));
+    body.extend_from_slice(&mtu.to_be_bytes());
+    body
+}
+
+#[test]
+fn per_site_mtu_minimum_is_576_both_ways() {
+    let entry = |mtu| HubView {
+        site_mtus: vec![SiteMtu {
+            site: "site-small".into(),
+            mtu,
+        }],
+        ..view()
+    };
+    round_trips(&ControlMessage::Update(entry(576)));
+    assert!(matches!(
+        encode_to_vec(&ControlMessage::Update(entry(575))),
+        Err(EncodeError::InvalidValue {
+            field: "SiteMtu.mtu",
+            ..
+        })
+    ));
+    let (m, _) = decode_frame(&frame(
+        msg_type::UPDATE,
+        &update_body_with_site_entry(b"site-small", 576),
+    ))
+    .unwrap()
+    .unwrap();
+    let ControlMessage::Update(v) = m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(
+        v.site_mtus,
+        vec![SiteMtu {
+            site: "site-small".into(),
+            mtu: 576
+        }]
+    );
+    assert!(matches!(
+        decode_frame(&frame(
+            msg_type::UPDATE,
+            &update_body_with_site_entry(b"site-small", 575)
+        )),
+        Err(DecodeError::InvalidValue {
+            field: "SiteMtu.mtu",
+            ..
+        })
+    ));
 }
 
 /// An Update body with one gateway, written by hand.

@@ -1,5 +1,5 @@
 //! More tests from the mutation run: list counts are bounded by the smallest encoding of their
-//! elements exactly (a gateway is at least 7 bytes, a route at least 22), the enrolment
+//! elements exactly (a gateway is at least 7 bytes, a route at least 22, a site MTU 4), the enrolment
 //! request cap has the value its documentation computes, and the keepalive keeps the last 8
 //! pings and clamps its periods to 24 hours.
 
@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use petrel_proto::control::{decode_frame, msg_type};
+use petrel_proto::control::{decode_frame, msg_type, SiteMtu};
 use petrel_proto::enrol::MAX_ENROL_REQUEST_BODY;
 use petrel_proto::*;
 
@@ -81,6 +81,55 @@ fn a_route_needs_at_least_twenty_two_bytes() {
         decode_frame(&update(0, Some(2), &[route.clone(), route].concat()[..43])),
         Err(DecodeError::Truncated {
             field: "HubView.routes",
+            needed: 1
+        })
+    );
+}
+
+/// An Update body with no gateways, no routes, site MTU 1400, the empty egress policy, then a
+/// site MTU list of `count` entries made of `entries`.
+fn update_with_site_mtus(count: u16, entries: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 0, 0, 0, 0x05, 0x78];
+    // Egress policy: no node addresses, no pod CIDRs, no node ports, pod ports absent.
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+    body.extend_from_slice(&count.to_be_bytes());
+    body.extend_from_slice(entries);
+    frame(msg_type::UPDATE, &body)
+}
+
+#[test]
+fn a_site_mtu_needs_at_least_four_bytes() {
+    // site "" (2) and MTU 576 = 0x0240 (2): the smallest entry is 4 bytes.
+    let entry = [0, 0, 0x02, 0x40];
+    let (m, _) = decode_frame(&update_with_site_mtus(2, &entry.repeat(2)))
+        .unwrap()
+        .unwrap();
+    let ControlMessage::Update(v) = m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(v.site_mtu, 1400);
+    assert_eq!(
+        v.site_mtus,
+        vec![
+            SiteMtu {
+                site: String::new(),
+                mtu: 576
+            };
+            2
+        ]
+    );
+    // One byte short of two entries is refused by the count, before any entry is read.
+    assert_eq!(
+        decode_frame(&update_with_site_mtus(2, &entry.repeat(2)[..7])),
+        Err(DecodeError::Truncated {
+            field: "HubView.site_mtus",
+            needed: 1
+        })
+    );
+    assert_eq!(
+        decode_frame(&update_with_site_mtus(1, &entry[..3])),
+        Err(DecodeError::Truncated {
+            field: "HubView.site_mtus",
             needed: 1
         })
     );
