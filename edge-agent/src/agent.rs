@@ -12,7 +12,8 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::AgentConfig;
 use crate::identity::{AgentState, IdentityError};
-use crate::shared::{AgentShared, LinkState};
+use crate::links::LinkState;
+use crate::shared::AgentShared;
 
 /// A prepared agent.
 #[derive(Debug)]
@@ -40,7 +41,7 @@ impl Agent {
     /// Runs links until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let shared = self.shared.clone();
-        let mut endpoints: BTreeSet<String> = shared.state.known_endpoints();
+        let mut endpoints: BTreeSet<String> = shared.credentials.state.known_endpoints();
         endpoints.extend(
             shared
                 .config
@@ -51,7 +52,7 @@ impl Agent {
         if endpoints.is_empty() {
             warn!("no hub endpoints known; pass --server HOST:PORT or run join");
         }
-        info!(node = %shared.identity().node_name(), endpoints = ?endpoints, "agent starting");
+        info!(node = %shared.credentials.identity().node_name(), endpoints = ?endpoints, "agent starting");
         let dataplane = shared
             .config
             .datapath
@@ -94,9 +95,7 @@ async fn open_dataplane(
                 let msg = e.to_string();
                 if msg != last_error {
                     warn!(error = %msg, "data plane not ready; retrying every 2s");
-                    if let Ok(mut e) = shared.dataplane_error.lock() {
-                        *e = Some(msg.clone());
-                    }
+                    shared.dataplane.set_error(msg.clone());
                     last_error = msg;
                 }
             }
@@ -107,12 +106,8 @@ async fn open_dataplane(
         }
     };
     info!(hooks = %dp.mode(), vtep_mac = %petrel_datapath::format_mac(&dp.vtep_mac()), "data plane ready");
-    let _ = shared.dataplane.set(dp.clone());
-    if let Ok(mut e) = shared.dataplane_error.lock() {
-        *e = None;
-    }
     // A link that connected before the data plane was ready left its view here.
-    let (tunnels, view) = shared.take_pending_view();
+    let (tunnels, view) = shared.dataplane.opened(dp.clone());
     for (hub, conn) in tunnels {
         dp.set_active(&hub, &conn);
     }
@@ -134,7 +129,9 @@ fn spawn_link(
     if !started.insert(endpoint.clone()) {
         return;
     }
-    shared.update_link(&endpoint, |l| l.state = LinkState::Connecting);
+    shared
+        .links
+        .update(&endpoint, |l| l.state = LinkState::Connecting);
     let span = tracing::info_span!("link", endpoint = %endpoint);
     links.spawn(crate::link::run(shared.clone(), endpoint, shutdown.clone()).instrument(span));
 }

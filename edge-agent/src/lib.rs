@@ -21,11 +21,15 @@
 
 pub mod agent;
 pub mod config;
+pub mod credentials;
 pub mod dataplane;
+pub mod dataplane_slot;
+pub mod endpoints;
 pub mod identity;
 pub mod join;
 pub mod kube_enrol;
 pub mod link;
+pub mod links;
 pub mod metrics;
 pub mod proxy;
 pub mod shared;

@@ -11,7 +11,6 @@
 //! State changes are logged once at info; retries of the same failure go to debug, so a hub that
 //! is down for an hour does not fill the journal.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::identity::Identity;
+use crate::links::LinkState;
 use crate::metrics::AgentMetrics;
-use crate::shared::{AgentShared, LinkState};
+use crate::shared::AgentShared;
 
 /// How a link's session ended.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         if shutdown.is_cancelled() {
             break;
         }
-        shared.update_link(&endpoint, |l| {
+        shared.links.update(&endpoint, |l| {
             l.state = LinkState::Connecting;
             l.attempts += 1;
         });
@@ -86,7 +86,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                     debug!(error = %e, attempt = backoff.attempts(), "connect failed again");
                 }
                 delay = backoff.next_delay(rand::rng().random());
-                shared.update_link(&endpoint, |l| {
+                shared.links.update(&endpoint, |l| {
                     l.state = LinkState::Backoff;
                     l.last_error = Some(e);
                 });
@@ -105,7 +105,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         backoff.on_connected(Instant::now());
         let since = SystemTime::now();
         info!(hub = %welcome.hub_id, remote = %conn.remote_address(), site = %welcome.site, "connected to hub");
-        shared.update_link(&endpoint, |l| {
+        shared.links.update(&endpoint, |l| {
             l.state = LinkState::Connected;
             l.hub = Some(welcome.hub_id.clone());
             l.remote = Some(conn.remote_address().to_string());
@@ -116,7 +116,9 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             l.last_error = None;
         });
-        shared.track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
+        shared
+            .links
+            .track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
         if let Some(dp) = shared.dataplane.get() {
             dp.set_active(&welcome.hub_id, &conn);
         }
@@ -134,19 +136,19 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let end = link.pump(reader, &shutdown).await;
         routes = link.session.into_routes();
         receiver.abort();
-        shared.track_tunnel(&endpoint, None);
+        shared.links.track_tunnel(&endpoint, None);
         if let Some(dp) = shared.dataplane.get() {
             dp.clear_active(&conn);
         }
         backoff.on_disconnected(Instant::now());
-        shared.update_link(&endpoint, |l| {
+        shared.links.update(&endpoint, |l| {
             l.state = LinkState::Disconnected;
             l.rtt_ms = None;
             l.connected_since_unix = None;
         });
         let same_hub_link = match &end {
             LinkEnd::Session(AgentSessionEnd::GoingAway { .. }) => {
-                shared.other_link_on_hub(&hub_id, &endpoint)
+                shared.links.other_on_hub(&hub_id, &endpoint)
             }
             _ => None,
         };
@@ -163,7 +165,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 AgentMetrics::inc(&shared.metrics.sessions_ended, "going_away");
                 let other = same_hub_link.unwrap_or_default();
                 info!(other = %other, "this endpoint reaches the same hub as another link; parking it");
-                shared.update_link(&endpoint, |l| {
+                shared.links.update(&endpoint, |l| {
                     l.state = LinkState::Parked;
                     l.last_error = Some(format!("same hub as {other}"));
                 });
@@ -176,7 +178,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                     LinkEnd::Session(AgentSessionEnd::GoingAway { message, .. }) => message.clone(),
                     other => other.to_string(),
                 };
-                shared.update_link(&endpoint, |l| {
+                shared.links.update(&endpoint, |l| {
                     l.last_error = Some(format!("hub going away: {why}"))
                 });
                 delay = wait;
@@ -186,12 +188,14 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 let why = end.to_string();
                 info!(reason = %why, "tunnel to hub lost; reconnecting");
                 delay = backoff.next_delay(rand::rng().random());
-                shared.update_link(&endpoint, |l| l.last_error = Some(why));
+                shared.links.update(&endpoint, |l| l.last_error = Some(why));
             }
         }
         conn.close(close_code::NORMAL.into(), b"reconnecting");
     }
-    shared.update_link(&endpoint, |l| l.state = LinkState::Stopped);
+    shared
+        .links
+        .update(&endpoint, |l| l.state = LinkState::Stopped);
 }
 
 /// A connection the hub welcomed.
@@ -300,7 +304,7 @@ async fn connect(
     endpoint: &str,
     routes: &mut RouteTable,
 ) -> Result<Connected, ConnectError> {
-    let id = shared.identity();
+    let id = shared.credentials.identity();
     if id.is_expired(SystemTime::now()) {
         // Still try: the clock may be wrong rather than the certificate; the hub's answer will say.
         warn!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "node certificate has expired; re-enrol with `petrel-edge-agent join --force` if the clock is right");
@@ -492,7 +496,7 @@ impl Link<'_> {
                     .await
                     .map_err(|e| LinkEnd::Lost(e.to_string()))?,
                 AgentAction::ApplyView(view) => self.apply_view(&view).await,
-                AgentAction::Rtt(rtt) => self.shared.update_link(self.endpoint, |l| {
+                AgentAction::Rtt(rtt) => self.shared.links.update(self.endpoint, |l| {
                     l.rtt_ms = Some(rtt.as_secs_f64() * 1000.0)
                 }),
                 AgentAction::RenewalAnswered(resp) => {
@@ -508,7 +512,7 @@ impl Link<'_> {
                 }
                 AgentAction::Ended(end) => {
                     if self.pending_key.take().is_some() {
-                        self.shared.renewing.store(false, Ordering::SeqCst);
+                        self.shared.credentials.end_renewal();
                     }
                     return Err(end.into());
                 }
@@ -524,14 +528,14 @@ impl Link<'_> {
     async fn apply_view(&self, view: &HubView) {
         let shared = self.shared;
         shared.proxy.set_policy(&view.egress);
-        shared.learn_endpoints(
+        shared.endpoints.learn(
             view.gateways
                 .iter()
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
         match shared.dataplane.get() {
             Some(dp) => dp.on_view(view).await,
-            None => shared.remember_view(self.hub_id, self.conn, view),
+            None => shared.dataplane.remember_view(self.hub_id, self.conn, view),
         }
     }
 
@@ -539,11 +543,11 @@ impl Link<'_> {
     /// is already renewing. A new key is made for each renewal.
     fn maybe_start_renewal(&mut self) {
         let shared = self.shared;
-        let id = shared.identity();
+        let id = shared.credentials.identity();
         if SystemTime::now() < id.info.renew_at() {
             return;
         }
-        if shared.renewing.swap(true, Ordering::SeqCst) {
+        if !shared.credentials.start_renewal() {
             return;
         }
         let csr = NodeKey::generate()
@@ -557,12 +561,12 @@ impl Link<'_> {
             Ok(v) => v,
             Err(e) => {
                 warn!(error = %e, "cannot make a key and CSR for renewal");
-                shared.renewing.store(false, Ordering::SeqCst);
+                shared.credentials.end_renewal();
                 return;
             }
         };
         if !self.session.start_renewal(csr) {
-            shared.renewing.store(false, Ordering::SeqCst);
+            shared.credentials.end_renewal();
             return;
         }
         info!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "renewing node certificate");
@@ -586,7 +590,7 @@ enum RenewalRejected {
 }
 
 fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto::RenewResponse) {
-    shared.renewing.store(false, Ordering::SeqCst);
+    shared.credentials.end_renewal();
     let Some(key) = key else {
         warn!("renewal response without a pending request; ignored");
         return;
@@ -599,7 +603,7 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
             return;
         }
     };
-    let current = shared.identity();
+    let current = shared.credentials.identity();
     let checked = (|| {
         if bundle.ca_der.as_slice() != current.ca_der.as_ref() {
             return Err(RenewalRejected::OtherCa);
@@ -611,7 +615,10 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
         if info.node_name != current.node_name() {
             return Err(RenewalRejected::OtherNode(info.node_name));
         }
-        shared.state.store(&key, &bundle.cert_der, &bundle.ca_der)?;
+        shared
+            .credentials
+            .state
+            .store(&key, &bundle.cert_der, &bundle.ca_der)?;
         Ok(Identity {
             key,
             cert_der: bundle.cert_der.clone().into(),
@@ -623,7 +630,7 @@ fn finish_renewal(shared: &AgentShared, key: Option<NodeKey>, resp: petrel_proto
         Ok(id) => {
             info!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "node certificate renewed");
             AgentMetrics::inc(&shared.metrics.renewals, "ok");
-            shared.set_identity(id);
+            shared.credentials.set_identity(id);
         }
         Err(e) => {
             AgentMetrics::inc(&shared.metrics.renewals, "invalid");

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::shared::LinkStatus;
+use crate::links::LinkStatus;
 
 pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
     let mut out = String::new();
