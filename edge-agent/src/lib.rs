@@ -7,7 +7,11 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the command line, environment and config file, validated into typed configs |
-//! | [`shared`] | [`shared::AgentShared`]: identity, link status ([`shared::LinkState`]), data plane, proxy state, learned endpoints, `/status` and `/readyz` |
+//! | [`shared`] | [`shared::AgentShared`]: the parts below, the metrics and the proxy state; `/status` and `/readyz` |
+//! | [`credentials`] | the identity, the one renewal in flight, the state directory |
+//! | [`links`] | each link's row ([`links::LinkState`]), the open tunnels, `hubs_connected` |
+//! | [`dataplane_slot`] | the data plane once open, why not yet, the view kept for it |
+//! | [`endpoints`] | learned hub endpoints, saved and handed to the supervisor |
 //! | [`agent`] | the supervisor: one link per endpoint, the data plane's opening |
 //! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]); the pump around [`petrel_proto::session::AgentSession`] (views applied, renewal, the next attempt); each connection's receive path (`receive`, its own task: datagrams to the data plane, the hub's streams to the proxy) |
 //! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub; [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
@@ -15,7 +19,9 @@
 //! | [`identity`], [`join`], [`kube_enrol`] | the identity on disk and the two ways to get one |
 //! | [`metrics`], [`status`] | the agent's metrics and the status table |
 //!
-//! `shared` depends on none of `agent`, `link` and `proxy`; they depend on it.
+//! `shared` and its parts depend on neither `agent` nor `link`; those two depend on them. `proxy`
+//! and `dataplane` take their own state (`ProxyState`, `AgentDataplane`) and know nothing of
+//! `shared`.
 
 #![forbid(unsafe_code)]
 

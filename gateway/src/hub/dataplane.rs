@@ -1,7 +1,8 @@
 //! The hub's data-plane driver: moves VXLAN frames between agents' tunnels (QUIC datagrams) and
 //! the cloud and Express Connect VTEPs (plain UDP: frames arrive on the relay port from the
 //! nodes' `petrel.1` devices, and leave to each node's flannel.1 on 8472). Every decision is the
-//! pure [`SwitchTable`]'s; this module does the I/O and the counting.
+//! pure [`SwitchTable`]'s; this module does the I/O and the counting, over a [`Relay`] (the
+//! sockets and table, the registry, the counters), not the whole hub.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

@@ -1,7 +1,10 @@
 //! The tunnel hub: one QUIC endpoint (ALPN `petrel/1` for tunnels, `petrel-enrol/1` for
 //! enrolment) on the cloud-gateway node. It owns the accept loop, hands each connection to the
 //! enrolment or tunnel session in its own task and tracing span, and on shutdown tells every
-//! agent to go away (and when to come back), then drains under a deadline.
+//! agent to go away (and when to come back), then drains under a deadline. [`Hub::bind`] builds
+//! the hub's parts (inventory store, registry, views, refresher, cluster routes, serving gate,
+//! signer, revocation gate, relay) and gives each consumer a struct of exactly what it uses;
+//! `main` takes the ones other components need from the bound [`Hub`].
 
 pub mod admission;
 pub mod cluster_routes;
