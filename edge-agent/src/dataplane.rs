@@ -16,7 +16,7 @@ use futures_util::FutureExt as _;
 use petrel_datapath::{
     Datapath, DatapathConfig, DesiredState, FrameBatch, HookMode, Injector, PeerRoute, Relay,
 };
-use petrel_proto::{HubView, RoutePath, DATAGRAM_IP_OVERHEAD, DATAGRAM_KIND_VXLAN};
+use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
 use petrel_transport::udp_batch::UdpBatch;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -232,13 +232,10 @@ impl AgentDataplane {
 
     fn desired(&self) -> Option<DesiredState> {
         let view = self.view.lock().ok()?.clone()?;
-        let fit = self
+        let mtu = self
             .active_conn()
             .and_then(|c| c.max_datagram_size())
-            .map(|m| m.saturating_sub(DATAGRAM_IP_OVERHEAD))
-            .unwrap_or(usize::from(view.site_mtu));
-        let mtu = u16::try_from(fit)
-            .unwrap_or(u16::MAX)
+            .map_or(view.site_mtu, petrel_proto::datagram::inner_mtu)
             .min(view.site_mtu)
             .max(petrel_proto::control::MIN_SITE_MTU);
         // A destination site with a smaller WAN path than ours is routed at its MTU.

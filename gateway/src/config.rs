@@ -165,6 +165,10 @@ pub struct RunArgs {
     /// Inner MTU announced to public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU")]
     pub site_mtu: Option<u16>,
+    /// Learn each public site's MTU from its tunnels' paths and tell every agent (default
+    /// true); a site's `mtu` in the inventory (or `petrel.io/site-mtu`) overrides it.
+    #[arg(long, env = "PETREL_LEARN_SITE_MTUS")]
+    pub learn_site_mtus: Option<bool>,
     /// Above this resident memory the hub refuses new handshakes and enrolments (connected
     /// agents are kept): `auto` (default: 85% of the cgroup's memory limit, none without one),
     /// `off`, or a size such as 400MiB or 2GiB.
@@ -320,6 +324,8 @@ pub struct FileConfig {
     pub restart_hint: Option<String>,
     #[serde(alias = "site_mtu")]
     pub site_mtu: Option<u16>,
+    #[serde(alias = "learn_site_mtus")]
+    pub learn_site_mtus: Option<bool>,
     #[serde(alias = "memory_budget")]
     pub memory_budget: Option<String>,
     #[serde(alias = "route_sync_rate")]
@@ -370,6 +376,8 @@ pub struct HubConfig {
     pub drain_timeout: Duration,
     pub restart_hint: Duration,
     pub site_mtu: u16,
+    /// Learn smaller site MTUs from the tunnels' paths (`hub::path_mtu`).
+    pub learn_site_mtus: bool,
     /// `None`: automatic (85% of the cgroup limit); `Some(0)`: no budget; else bytes.
     pub memory_budget: Option<u64>,
     /// Bytes per second of large route syncs over all agents; 0 = unpaced.
@@ -659,6 +667,10 @@ impl HubConfig {
             drain_timeout,
             restart_hint,
             site_mtu,
+            learn_site_mtus: args
+                .learn_site_mtus
+                .or(file.learn_site_mtus)
+                .unwrap_or(true),
             egress,
         })
     }

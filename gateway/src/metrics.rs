@@ -46,6 +46,9 @@ pub struct HubMetrics {
     pub route_table_entries: Gauge,
     /// Encoded size of the last Welcome sent.
     pub welcome_bytes: Gauge,
+    /// Sites whose MTU was learned from their tunnels' paths as smaller than the site MTU (each
+    /// is in `/status` under `site_mtus`).
+    pub sites_mtu_learned: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: Arc<crate::egress::metrics::EgressMetrics>,
 }
@@ -70,6 +73,7 @@ impl HubMetrics {
             route_sync_bytes: Family::default(),
             route_table_entries: Gauge::default(),
             welcome_bytes: Gauge::default(),
+            sites_mtu_learned: Gauge::default(),
             egress: Default::default(),
             registry: Registry::default(),
         };
@@ -147,6 +151,11 @@ impl HubMetrics {
             "welcome_bytes",
             "Encoded size of the last Welcome sent to an agent",
             m.welcome_bytes.clone(),
+        );
+        registry.register(
+            "sites_mtu_learned",
+            "Sites whose tunnels' paths fit less than the site MTU (learned; see /status site_mtus)",
+            m.sites_mtu_learned.clone(),
         );
         registry.register(
             "route_table_entries",

@@ -30,6 +30,16 @@ pub const VXLAN_OVERHEAD: usize = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN;
 /// `n - DATAGRAM_IP_OVERHEAD`.
 pub const DATAGRAM_IP_OVERHEAD: usize = DATAGRAM_OVERHEAD + VXLAN_OVERHEAD;
 
+/// The largest inner IP packet a tunnel whose QUIC datagrams hold at most `max_datagram` bytes
+/// carries (`max_datagram - DATAGRAM_IP_OVERHEAD`), never below the IPv4 minimum of
+/// [`crate::control::MIN_SITE_MTU`]: what the agent routes its own site at, what the hub answers
+/// an oversize frame with, and what it learns a site's MTU from.
+pub fn inner_mtu(max_datagram: usize) -> u16 {
+    u16::try_from(max_datagram.saturating_sub(DATAGRAM_IP_OVERHEAD))
+        .unwrap_or(u16::MAX)
+        .max(crate::control::MIN_SITE_MTU)
+}
+
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -259,6 +269,19 @@ mod wire_tests {
     fn overheads() {
         assert_eq!(VXLAN_OVERHEAD, 22);
         assert_eq!(DATAGRAM_IP_OVERHEAD, 23);
+    }
+
+    #[test]
+    fn inner_mtu_is_the_datagram_minus_the_overhead_never_below_576() {
+        assert_eq!(inner_mtu(1403), 1380);
+        assert_eq!(inner_mtu(1323), 1300);
+        assert_eq!(inner_mtu(23 + 577), 577);
+        assert_eq!(inner_mtu(23 + 576), 576);
+        assert_eq!(inner_mtu(23 + 575), 576);
+        assert_eq!(inner_mtu(0), 576);
+        assert_eq!(inner_mtu(23 + 65_535), 65_535);
+        assert_eq!(inner_mtu(23 + 65_536), u16::MAX);
+        assert_eq!(inner_mtu(usize::MAX), u16::MAX);
     }
 
     #[test]

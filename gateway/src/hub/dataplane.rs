@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
-use petrel_proto::{VxlanFrame, DATAGRAM_IP_OVERHEAD, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD};
+use petrel_proto::{VxlanFrame, DATAGRAM_KIND_VXLAN, DATAGRAM_OVERHEAD};
 use petrel_transport::udp_batch::UdpBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -194,9 +194,7 @@ fn to_agent(
     let max = dest.connection.max_datagram_size().unwrap_or(0);
     if payload.len() + 1 > max {
         count_drop(relay, from_agent, DropReason::Oversize);
-        let mtu = u16::try_from(max.saturating_sub(DATAGRAM_IP_OVERHEAD))
-            .unwrap_or(u16::MAX)
-            .max(576);
+        let mtu = petrel_proto::datagram::inner_mtu(max);
         // Answer like a router on the path, whoever sent it: a VTEP gets the ICMP on UDP, an
         // agent in its own tunnel (its agent injects it into flannel.1 like any frame). The
         // sending pod's kernel lowers its path MTU to that destination and TCP adapts.

@@ -11,6 +11,7 @@ pub mod cluster_routes;
 pub mod dataplane;
 pub mod enrol;
 pub mod memory;
+pub mod path_mtu;
 pub mod refresh;
 pub mod revoked;
 pub mod route_sync;
@@ -370,6 +371,15 @@ impl Hub {
             .clone()
             .map(|r| tokio::spawn(dataplane::run_relay(r, shutdown.clone())));
         let refresh = tokio::spawn(self.refresher.clone().follow(shutdown.clone()));
+        let learn_mtus = self.config.learn_site_mtus.then(|| {
+            tokio::spawn(path_mtu::learn(
+                self.registry.clone(),
+                self.inventory.clone(),
+                self.refresher.clone(),
+                self.config.site_mtu,
+                shutdown.clone(),
+            ))
+        });
         let memory_watch = match memory::resolve(self.config.memory_budget) {
             Some(budget) => {
                 info!(budget_mib = budget.limit >> 20, "memory budget");
@@ -484,6 +494,9 @@ impl Hub {
             t.abort();
         }
         refresh.abort();
+        if let Some(t) = learn_mtus {
+            t.abort();
+        }
         if let Some(t) = memory_watch {
             t.abort();
         }

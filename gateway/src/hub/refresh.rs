@@ -3,7 +3,8 @@
 //! agent), sends `GoingAway NodeRemoved` to agents whose node is gone or no longer a public-site
 //! edge node, and pushes an `Update` to every agent whose view changed. Inventory changes come
 //! from the store ([`Refresher::follow`] reads every write); endpoint changes come from the
-//! Kubernetes integration ([`Refresher::set_gateways`]).
+//! Kubernetes integration ([`Refresher::set_gateways`]), learned site MTUs from
+//! [`super::path_mtu::learn`] ([`Refresher::set_learned_site_mtus`]).
 
 use std::sync::Arc;
 
@@ -50,6 +51,18 @@ impl Refresher {
         if self.views.set_gateways(gateways) {
             self.refresh_all();
         }
+    }
+
+    /// Replaces the site MTUs learned from the tunnels' paths and, if they changed, pushes the
+    /// views that change with them. True if they changed.
+    pub fn set_learned_site_mtus(&self, learned: Vec<petrel_proto::control::SiteMtu>) -> bool {
+        let count = learned.len();
+        let changed = self.views.set_learned_site_mtus(learned);
+        if changed {
+            self.metrics.sites_mtu_learned.set(count as i64);
+            self.refresh_all();
+        }
+        changed
     }
 
     /// After an inventory or endpoint change: the switch table, the route table, then every

@@ -56,6 +56,34 @@ pub struct HubStatus {
     pub metrics: Arc<HubMetrics>,
 }
 
+/// Each site with an MTU below the site MTU: declared in the inventory (which wins) or learned
+/// from its tunnels' paths (`path_mtu` is what the paths fit, also when a declaration overrides
+/// it).
+fn site_mtus_status(
+    declared: &[petrel_proto::control::SiteMtu],
+    learned: &[petrel_proto::control::SiteMtu],
+) -> serde_json::Value {
+    let mut sites = serde_json::Map::new();
+    for d in declared {
+        sites.insert(
+            d.site.clone(),
+            serde_json::json!({"mtu": d.mtu, "source": "declared"}),
+        );
+    }
+    for l in learned {
+        match sites.get_mut(&l.site) {
+            Some(entry) => entry["path_mtu"] = serde_json::json!(l.mtu),
+            None => {
+                sites.insert(
+                    l.site.clone(),
+                    serde_json::json!({"mtu": l.mtu, "source": "learned", "path_mtu": l.mtu}),
+                );
+            }
+        }
+    }
+    serde_json::Value::Object(sites)
+}
+
 impl AdminState for HubStatus {
     type NotReady = HubNotReady;
 
@@ -84,6 +112,7 @@ impl AdminState for HubStatus {
                 "not_serving_reason": serving.err().map(|e| e.to_string()),
                 "endpoints": self.views.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
+            "site_mtus": site_mtus_status(&inv.site_mtus(), &self.views.learned_site_mtus()),
             "agents": self.registry.status(),
             "kubernetes": self.cluster.get(),
             "dataplane": self.relay.as_ref().map(|d| d.stats.to_json()),
@@ -100,5 +129,31 @@ impl AdminState for HubStatus {
 
     fn metrics(&self) -> String {
         self.metrics.encode()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use petrel_proto::control::SiteMtu;
+
+    #[test]
+    fn site_mtus_show_their_source_and_a_declared_one_its_path_too() {
+        let m = |site: &str, mtu| SiteMtu {
+            site: site.into(),
+            mtu,
+        };
+        let v = site_mtus_status(
+            &[m("site-b", 1350), m("site-d", 1200)],
+            &[m("site-b", 1296), m("site-c", 1310)],
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "site-b": {"mtu": 1350, "source": "declared", "path_mtu": 1296},
+                "site-c": {"mtu": 1310, "source": "learned", "path_mtu": 1310},
+                "site-d": {"mtu": 1200, "source": "declared"},
+            })
+        );
     }
 }

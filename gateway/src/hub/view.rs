@@ -1,7 +1,8 @@
 //! What each agent is told, and what it was last told. A node's view is a pure function of the
-//! inventory, this hub's endpoints, the site MTU and the egress policy ([`agent_view`]).
+//! inventory, this hub's endpoints, the site MTU, the site MTUs learned from the tunnels' paths
+//! and the egress policy ([`agent_view`]).
 //! [`AgentViews`] keeps what changes views besides the inventory (the endpoint list in
-//! Kubernetes mode), the view epoch that every change bumps, the egress policy cache per
+//! Kubernetes mode, the learned site MTUs), the view epoch that every change bumps, the egress policy cache per
 //! inventory revision,
 //! and a digest of the last view each session was sent, so a change is pushed only to the
 //! agents whose view it changes.
@@ -10,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use petrel_proto::control::EgressPolicy;
+use petrel_proto::control::{EgressPolicy, SiteMtu, MAX_SITE_MTUS};
 use petrel_proto::{GatewayEndpoint, HubView};
 
 use crate::egress::resolve::PortPolicy;
@@ -19,7 +20,8 @@ use crate::inventory_store::InventorySnapshot;
 
 /// The view of the agent on `node`: the hubs to dial, the routes (none for an agent that syncs
 /// the cluster route table instead), the site MTU, the egress policy and the sites whose MTU is
-/// smaller.
+/// smaller: those declared in the inventory, then those `learned` from the tunnels' paths
+/// (a declared MTU overrides a learned one; at most [`MAX_SITE_MTUS`] in all).
 pub fn agent_view(
     inv: &Inventory,
     node: &str,
@@ -27,6 +29,7 @@ pub fn agent_view(
     gateways: Vec<GatewayEndpoint>,
     site_mtu: u16,
     egress: EgressPolicy,
+    learned: &[SiteMtu],
 ) -> HubView {
     HubView {
         gateways,
@@ -37,8 +40,22 @@ pub fn agent_view(
         },
         site_mtu,
         egress,
-        site_mtus: inv.site_mtus(),
+        site_mtus: site_mtus(inv.site_mtus(), learned),
     }
+}
+
+/// The declared site MTUs, then the learned ones of undeclared sites, at most [`MAX_SITE_MTUS`].
+fn site_mtus(mut declared: Vec<SiteMtu>, learned: &[SiteMtu]) -> Vec<SiteMtu> {
+    let room = MAX_SITE_MTUS.saturating_sub(declared.len());
+    let extra: Vec<SiteMtu> = learned
+        .iter()
+        .filter(|l| !declared.iter().any(|d| d.site == l.site))
+        .take(room)
+        .cloned()
+        .collect();
+    declared.extend(extra);
+    declared.truncate(MAX_SITE_MTUS);
+    declared
 }
 
 /// What [`AgentViews`] keeps of a view. Equal views give equal digests; a collision (one in
@@ -72,6 +89,8 @@ pub struct AgentViews {
     epoch: AtomicU64,
     /// Egress policies per site, for one inventory revision.
     egress_policies: Mutex<SitePolicies>,
+    /// Sites behind a smaller path than the site MTU, learned by [`super::path_mtu::learn`].
+    learned_mtus: RwLock<Vec<SiteMtu>>,
 }
 
 impl AgentViews {
@@ -82,7 +101,26 @@ impl AgentViews {
             pushed: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             egress_policies: Mutex::default(),
+            learned_mtus: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Replaces the learned site MTUs; true if they changed.
+    pub fn set_learned_site_mtus(&self, learned: Vec<SiteMtu>) -> bool {
+        match self.learned_mtus.write() {
+            Ok(mut l) if *l != learned => {
+                *l = learned;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn learned_site_mtus(&self) -> Vec<SiteMtu> {
+        self.learned_mtus
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     /// Changes whenever views may have changed.
@@ -137,6 +175,7 @@ impl AgentViews {
             self.gateway_endpoints(),
             self.config.site_mtu,
             self.egress_policy(inv, node),
+            &self.learned_site_mtus(),
         )
     }
 
@@ -279,6 +318,66 @@ mod tests {
         let e = v.epoch();
         v.bump_epoch();
         assert_eq!(v.epoch(), e + 1);
+    }
+
+    fn mtu(site: &str, mtu: u16) -> SiteMtu {
+        SiteMtu {
+            site: site.to_string(),
+            mtu,
+        }
+    }
+
+    #[test]
+    fn learned_site_mtus_reach_every_view_and_a_declared_one_overrides_them() {
+        let mut inv = Inventory::embedded_default().unwrap();
+        let mut site_b = inv.site("site-b").unwrap().clone();
+        site_b.mtu = Some(1350);
+        inv.apply_site(site_b);
+        let (_writer, reader) = crate::inventory_store::store(inv);
+        let inv = reader.snapshot();
+        let v = views();
+        let before = v.view_for(&inv, "edge-a1", true);
+        assert_eq!(before.site_mtus, vec![mtu("site-b", 1350)]);
+
+        assert!(v.set_learned_site_mtus(vec![mtu("site-b", 1296), mtu("site-c", 1310)]));
+        assert!(
+            !v.set_learned_site_mtus(vec![mtu("site-b", 1296), mtu("site-c", 1310)]),
+            "the same list is no change"
+        );
+        let after = v.view_for(&inv, "edge-a1", true);
+        // site-b's declared 1350 stands although its path fits less: the operator's word.
+        assert_eq!(
+            after.site_mtus,
+            vec![mtu("site-b", 1350), mtu("site-c", 1310)]
+        );
+        assert_ne!(view_digest(&before), view_digest(&after));
+        assert_eq!(
+            v.view_for(&inv, "edge-b1", false).site_mtus,
+            after.site_mtus
+        );
+
+        assert!(v.set_learned_site_mtus(Vec::new()));
+        assert_eq!(v.view_for(&inv, "edge-a1", true), before);
+    }
+
+    #[test]
+    fn declared_and_learned_site_mtus_together_stay_within_what_a_view_carries() {
+        let declared: Vec<SiteMtu> = (0..MAX_SITE_MTUS - 1)
+            .map(|i| mtu(&format!("d{i}"), 1300))
+            .collect();
+        let learned = vec![mtu("l1", 1200), mtu("d0", 1100), mtu("l2", 1200)];
+        let all = site_mtus(declared.clone(), &learned);
+        assert_eq!(all.len(), MAX_SITE_MTUS);
+        assert_eq!(all[..MAX_SITE_MTUS - 1], declared[..]);
+        assert_eq!(all[MAX_SITE_MTUS - 1], mtu("l1", 1200));
+        let full: Vec<SiteMtu> = (0..MAX_SITE_MTUS + 1)
+            .map(|i| mtu(&format!("d{i}"), 1300))
+            .collect();
+        assert_eq!(site_mtus(full, &learned).len(), MAX_SITE_MTUS);
+        assert_eq!(
+            site_mtus(Vec::new(), &learned),
+            vec![mtu("l1", 1200), mtu("d0", 1100), mtu("l2", 1200)]
+        );
     }
 
     /// The per-site policy cache must follow every inventory write, even one whose inventory
