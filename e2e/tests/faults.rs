@@ -478,3 +478,55 @@ fn clock_skew_beyond_certificate_validity() {
         eprintln!("agent: {l}");
     }
 }
+
+/// A hub without a relay (`--relay-listen off`, only the API server's proxy) still reads an
+/// admitted agent's frames: they are counted as `no_relay` drops instead of waiting in quinn's
+/// receive buffer, and the tunnel stays up.
+#[test]
+fn frames_to_a_hub_without_a_relay_are_read_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("hub");
+    let hub = Hub::start(&state, &["--relay-listen", "off"]).unwrap();
+    let ca = ca_of(&state);
+    let (cert, key) = raw_agent::node_identity(&ca, "edge-a1").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let session = rt
+        .block_on(raw_agent::session_as(
+            &hub.server(),
+            ca.cert_der().as_ref(),
+            &cert,
+            &key,
+            "edge-a1",
+        ))
+        .unwrap();
+    for _ in 0..50 {
+        session.conn.send_datagram(vec![0u8; 200].into()).unwrap();
+    }
+    let dropped = || {
+        hub.metrics()
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("petrel_hub_datagrams_dropped_total{reason=\"no_relay\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Polled inside the runtime, which drives the connection (and sends the datagrams).
+    let counted = rt.block_on(async {
+        for _ in 0..100 {
+            if dropped() == 50 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    assert!(
+        counted,
+        "the hub must count 50 no_relay drops: {}",
+        hub.metrics().unwrap_or_default()
+    );
+    assert!(session.conn.close_reason().is_none(), "the tunnel stays up");
+}

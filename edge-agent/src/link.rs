@@ -213,14 +213,18 @@ struct Connected {
 /// one that read them), its streams to the proxy. Each loop waits on one thing only, so a
 /// datagram costs no polls of anything else.
 async fn receive(shared: Arc<AgentShared>, conn: quinn::Connection) {
-    let streams = tokio::spawn(accept_streams(shared.clone(), conn.clone()));
+    // Aborted with this task too (the control loop aborts it when the session ends, which may
+    // be before the connection closes).
+    let _streams = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(accept_streams(
+        shared.clone(),
+        conn.clone(),
+    )));
     // The control loop sees the connection end and reports it.
     while let Ok(d) = conn.read_datagram().await {
         if let Some(dp) = shared.dataplane.get() {
             dp.deliver(&conn, d).await;
         }
     }
-    streams.abort();
 }
 
 /// The hub opens one bidirectional stream per proxied TCP connection.

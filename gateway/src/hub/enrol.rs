@@ -130,7 +130,7 @@ pub(super) async fn serve(ctx: Arc<EnrolParts>, conn: quinn::Connection) {
     // and the wait for the peer's close come after.
     let discard = tokio::spawn({
         let (ctx, conn) = (ctx.clone(), conn.clone());
-        async move { super::discard_datagrams(&ctx.metrics, &conn).await }
+        async move { super::discard_datagrams(&ctx.metrics, &conn, "not_admitted").await }
     });
     let _discard = AbortOnDrop(discard);
     let outcome = tokio::time::timeout(deadline, exchange).await;

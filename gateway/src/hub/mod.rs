@@ -630,12 +630,17 @@ async fn handle_incoming(
     }
 }
 
-/// Reads and discards the datagrams of a connection that may not send any (enrolment, or a
-/// tunnel before admission), counting them, so they never wait in quinn's receive buffer.
+/// Reads and discards the datagrams of a connection whose datagrams have nowhere to go
+/// (enrolment or a tunnel before admission: `not_admitted`; a tunnel of a hub without a relay:
+/// `no_relay`), counting them as `reason`, so they never wait in quinn's receive buffer.
 /// Returns when the connection closes.
-pub(crate) async fn discard_datagrams(metrics: &HubMetrics, conn: &quinn::Connection) {
+pub(crate) async fn discard_datagrams(
+    metrics: &HubMetrics,
+    conn: &quinn::Connection,
+    reason: &'static str,
+) {
     while conn.read_datagram().await.is_ok() {
-        HubMetrics::inc_reason(&metrics.datagrams_dropped, "not_admitted");
+        HubMetrics::inc_reason(&metrics.datagrams_dropped, reason);
     }
 }
 

@@ -322,10 +322,17 @@ async fn run(
     if ctx.views.epoch() != epoch {
         ctx.refresher.refresh_agent(&entry);
     }
-    let pump = ctx
-        .relay
-        .clone()
-        .map(|relay| tokio::spawn(super::dataplane::pump_agent(relay, entry.clone())));
+    // The agent's frames go to the relay; without one (a hub that only proxies the API
+    // server) they are read, counted and dropped, so they never wait in quinn's buffer.
+    let pump = match ctx.relay.clone() {
+        Some(relay) => tokio::spawn(super::dataplane::pump_agent(relay, entry.clone())),
+        None => {
+            let (metrics, conn) = (ctx.metrics.clone(), entry.connection.clone());
+            tokio::spawn(async move {
+                super::discard_datagrams(&metrics, &conn, "no_relay").await;
+            })
+        }
+    };
 
     let routes = hello.routes_digest.map(|held| RouteSyncState {
         held,
@@ -340,9 +347,7 @@ async fn run(
     let reason = pump_state
         .control_loop(&mut reader, &mut command_rx, routes)
         .await;
-    if let Some(p) = pump {
-        p.abort();
-    }
+    pump.abort();
     ctx.views.forget_pushed(entry.id);
     if ctx.registry.remove(&node, entry.id, &reason) {
         ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
