@@ -270,6 +270,23 @@ mod node_host_tests {
         assert!(!c6.node_host_address("fd00:1::2".parse().unwrap()));
         assert!(!c6.node_host_address("10.244.3.1".parse().unwrap()));
     }
+
+    /// The smallest CIDRs that still have pods besides the node's two addresses: IPv4 /30 and
+    /// IPv6 /126 (the node is .0/.1 there); one bit longer, nothing is the node.
+    #[test]
+    fn the_node_addresses_exist_down_to_a_slash_30_and_a_slash_126() {
+        let c = IpCidr::new("10.244.3.4".parse().unwrap(), 30).unwrap();
+        assert!(c.node_host_address("10.244.3.4".parse().unwrap()));
+        assert!(c.node_host_address("10.244.3.5".parse().unwrap()));
+        assert!(!c.node_host_address("10.244.3.6".parse().unwrap()));
+        let c = IpCidr::new("10.244.3.4".parse().unwrap(), 31).unwrap();
+        assert!(!c.node_host_address("10.244.3.5".parse().unwrap()));
+        let c6 = IpCidr::new("fd00:1::4".parse().unwrap(), 126).unwrap();
+        assert!(c6.node_host_address("fd00:1::4".parse().unwrap()));
+        assert!(c6.node_host_address("fd00:1::5".parse().unwrap()));
+        let c6 = IpCidr::new("fd00:1::4".parse().unwrap(), 127).unwrap();
+        assert!(!c6.node_host_address("fd00:1::5".parse().unwrap()));
+    }
 }
 
 #[cfg(test)]
