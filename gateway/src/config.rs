@@ -169,6 +169,10 @@ pub struct RunArgs {
     /// true); a site's `mtu` in the inventory (or `petrel.io/site-mtu`) overrides it.
     #[arg(long, env = "PETREL_LEARN_SITE_MTUS")]
     pub learn_site_mtus: Option<bool>,
+    /// Send QUIC packets in batches with UDP segmentation offload (default true). Off saves
+    /// ~13 KiB per connected agent and costs relay throughput (docs/operations.md, sizing).
+    #[arg(long, env = "PETREL_QUIC_GSO")]
+    pub quic_gso: Option<bool>,
     /// Above this resident memory the hub refuses new handshakes and enrolments (connected
     /// agents are kept): `auto` (default: 85% of the cgroup's memory limit, none without one),
     /// `off`, or a size such as 400MiB or 2GiB.
@@ -326,6 +330,8 @@ pub struct FileConfig {
     pub site_mtu: Option<u16>,
     #[serde(alias = "learn_site_mtus")]
     pub learn_site_mtus: Option<bool>,
+    #[serde(alias = "quic_gso")]
+    pub quic_gso: Option<bool>,
     #[serde(alias = "memory_budget")]
     pub memory_budget: Option<String>,
     #[serde(alias = "route_sync_rate")]
@@ -378,6 +384,8 @@ pub struct HubConfig {
     pub site_mtu: u16,
     /// Learn smaller site MTUs from the tunnels' paths (`hub::path_mtu`).
     pub learn_site_mtus: bool,
+    /// UDP segmentation offload for QUIC sends (`TransportTuning::segmentation_offload`).
+    pub quic_gso: bool,
     /// `None`: automatic (85% of the cgroup limit); `Some(0)`: no budget; else bytes.
     pub memory_budget: Option<u64>,
     /// Bytes per second of large route syncs over all agents; 0 = unpaced.
@@ -671,6 +679,7 @@ impl HubConfig {
                 .learn_site_mtus
                 .or(file.learn_site_mtus)
                 .unwrap_or(true),
+            quic_gso: args.quic_gso.or(file.quic_gso).unwrap_or(true),
             egress,
         })
     }
@@ -768,6 +777,24 @@ mod tests {
         let file: FileConfig = toml::from_str("congestion = 'Cubic'\n").unwrap();
         let c = HubConfig::from_args(RunArgs::default(), file).unwrap();
         assert_eq!(c.congestion, CongestionControl::Cubic);
+    }
+
+    #[test]
+    fn quic_gso_defaults_on_and_file_and_flag_turn_it_off() {
+        let c = HubConfig::from_args(RunArgs::default(), FileConfig::default()).unwrap();
+        assert!(c.quic_gso);
+        let file: FileConfig = toml::from_str("quic-gso = false\n").unwrap();
+        assert!(
+            !HubConfig::from_args(RunArgs::default(), file)
+                .unwrap()
+                .quic_gso
+        );
+        let file: FileConfig = toml::from_str("quic-gso = false\n").unwrap();
+        let flag = RunArgs {
+            quic_gso: Some(true),
+            ..Default::default()
+        };
+        assert!(HubConfig::from_args(flag, file).unwrap().quic_gso);
     }
 
     #[test]

@@ -153,6 +153,7 @@ impl Hub {
             keep_alive: config.keepalive,
             idle_timeout: config.idle_timeout,
             congestion: config.congestion,
+            segmentation_offload: config.quic_gso,
             ..Default::default()
         }
         // Every connection starts with the pre-authentication budget (one stream, a tiny
