@@ -14,6 +14,7 @@
 //! | [`enrol`] | the enrolment request and response |
 //! | [`stream`] | the proxied stream's header and result |
 //! | [`datagram`] | tunnel datagrams and the VXLAN wire format: header writer, quick VNI check, the overheads (`VXLAN_OVERHEAD`, `DATAGRAM_IP_OVERHEAD`) every other crate takes from here |
+//! | [`ownership`] | which hub owns a site when several are active: rendezvous hashing with a fixed hash every party computes alike |
 //! | [`keepalive`], [`backoff`] | the keepalive/RTT and reconnect-backoff state machines |
 //! | [`session`] | the control-stream sessions of both ends (hub and agent) as state machines, the close codes; tested against each other in memory |
 //!
@@ -146,6 +147,7 @@ pub mod control;
 pub mod datagram;
 pub mod enrol;
 pub mod keepalive;
+pub mod ownership;
 pub mod routes;
 pub mod session;
 pub mod stream;
