@@ -248,7 +248,8 @@ impl Datapath {
             HookMode::Fast => {
                 self.remove_link_of_kind(&self.cfg.tun_dev.clone(), InfoKind::Tun, &mut rep)
                     .await?;
-                self.ensure_vxlan(desired.relay, &mut rep).await?
+                self.ensure_vxlan(desired.uses_local_relay(), &mut rep)
+                    .await?
             }
             HookMode::Portable => {
                 self.remove_link_of_kind(&self.cfg.vxlan_dev.clone(), InfoKind::Vxlan, &mut rep)
@@ -278,11 +279,16 @@ impl Datapath {
 
         // 2. Fast hook: FDB and neighbours on petrel.1.
         if self.mode == HookMode::Fast {
-            let relay_ip = match desired.relay {
+            let relay_ip = |r: Relay| match r {
                 Relay::Local => Ipv4Addr::LOCALHOST,
                 Relay::Remote(ip) => ip,
             };
-            self.sync_fdb(hook, &peers, relay_ip, &mut rep).await?;
+            let fdb: HashMap<[u8; 6], Ipv4Addr> = desired
+                .peers
+                .iter()
+                .map(|p| (p.vtep_mac, relay_ip(p.via.unwrap_or(desired.relay))))
+                .collect();
+            self.sync_fdb(hook, &fdb, &mut rep).await?;
             self.sync_neighbours(hook, &peers, &mut rep).await?;
         }
 
@@ -339,6 +345,19 @@ impl Datapath {
                     format_mac(&p.vtep_mac)
                 )));
             }
+            if let Some(other) = desired
+                .peers
+                .iter()
+                .find(|o| o.vtep_mac == p.vtep_mac && o.via != p.via)
+            {
+                return Err(DatapathError::Config(format!(
+                    "peer {cidr}: VtepMAC {} goes to {:?} but its CIDR {} to {:?} (one relay per VtepMAC)",
+                    format_mac(&p.vtep_mac),
+                    p.via,
+                    other.cidr,
+                    other.via
+                )));
+            }
             out.push((cidr, p.vtep_mac, p.mtu));
         }
         Ok(out)
@@ -364,11 +383,11 @@ impl Datapath {
 
     async fn ensure_vxlan(
         &mut self,
-        relay: Relay,
+        local_relay: bool,
         rep: &mut ApplyReport,
     ) -> Result<u32, DatapathError> {
         let name = self.cfg.vxlan_dev.clone();
-        if relay == Relay::Local && !self.localbypass_supported {
+        if local_relay && !self.localbypass_supported {
             return Err(DatapathError::LocalBypassUnsupported { dev: name });
         }
         let spec = VxlanSpec {
@@ -481,16 +500,15 @@ impl Datapath {
         );
     }
 
+    /// One FDB entry per peer VtepMAC, toward its relay's address (`want`).
     async fn sync_fdb(
         &self,
         hook: u32,
-        peers: &[(Ipv4Net, [u8; 6], u16)],
-        relay_ip: Ipv4Addr,
+        want: &HashMap<[u8; 6], Ipv4Addr>,
         rep: &mut ApplyReport,
     ) -> Result<(), DatapathError> {
         let dev = &self.cfg.vxlan_dev;
-        let want: HashSet<[u8; 6]> = peers.iter().map(|p| p.1).collect();
-        let good = |f: &Fdb| {
+        let good = |f: &Fdb, relay_ip: Ipv4Addr| {
             f.dst == Some(relay_ip)
                 && f.port.unwrap_or(self.cfg.vxlan_port) == self.cfg.relay_port
                 && f.vni.is_none_or(|v| v == self.flannel.vni)
@@ -505,14 +523,14 @@ impl Datapath {
         }
         for (mac, entries) in &by_mac {
             let what = |f: &Fdb| format!("fdb {} dst {:?} dev {dev}", format_mac(mac), f.dst);
-            if !want.contains(mac) {
+            let Some(&relay_ip) = want.get(mac) else {
                 for f in entries {
                     self.nl.del_neighbour(&f.msg, what(f)).await?;
                 }
                 rep.fdb_removed += 1;
                 continue;
-            }
-            match entries.iter().position(&good) {
+            };
+            match entries.iter().position(|f| good(f, relay_ip)) {
                 Some(keep) => {
                     let mut changed = false;
                     for (i, f) in entries.iter().enumerate() {
@@ -536,7 +554,7 @@ impl Datapath {
                 }
             }
         }
-        for mac in &want {
+        for (mac, &relay_ip) in want {
             if !by_mac.contains_key(mac) {
                 self.nl
                     .replace_fdb(hook, dev, *mac, relay_ip, self.cfg.relay_port)

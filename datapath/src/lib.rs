@@ -289,6 +289,10 @@ pub struct PeerRoute {
     pub vtep_mac: [u8; 6],
     /// The inner MTU for this site (`mtu lock`), at most `flannel.1`'s MTU.
     pub mtu: u16,
+    /// Where this peer's frames go when not to [`DesiredState::relay`]: with several active
+    /// hubs each site's CIDRs point at the hub that owns the site. Every CIDR of one VtepMAC
+    /// must name the same relay (the kernel keeps one FDB entry per MAC).
+    pub via: Option<Relay>,
 }
 
 /// Where the hook sends the VXLAN payloads.
@@ -304,7 +308,25 @@ pub enum Relay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredState {
     pub peers: Vec<PeerRoute>,
+    /// Where frames go unless a peer says otherwise ([`PeerRoute::via`]).
     pub relay: Relay,
+}
+
+impl DesiredState {
+    /// The relay each peer VtepMAC's frames go to, and whether any of them is this node.
+    pub fn relay_of(&self, mac: &[u8; 6]) -> Relay {
+        self.peers
+            .iter()
+            .find(|p| &p.vtep_mac == mac)
+            .and_then(|p| p.via)
+            .unwrap_or(self.relay)
+    }
+
+    /// Whether a process on this node receives any of the frames (the kernel's VXLAN local
+    /// bypass must be off then).
+    pub fn uses_local_relay(&self) -> bool {
+        self.relay == Relay::Local || self.peers.iter().any(|p| p.via == Some(Relay::Local))
+    }
 }
 
 /// Formats a MAC address as `02:fa:00:00:00:01`.
@@ -328,6 +350,33 @@ mod tests {
         let e = "tun".parse::<HookChoice>().unwrap_err();
         assert!(e.to_string().contains("auto, fast, portable"), "{e}");
         assert_eq!(HookChoice::Portable.to_string(), "portable");
+    }
+
+    #[test]
+    fn each_peer_goes_to_its_own_relay_or_the_default() {
+        let peer = |n: u8, via| PeerRoute {
+            cidr: format!("10.244.{n}.0/24").parse().unwrap(),
+            vtep_mac: [2, 0xfa, 0, 0, 0, n],
+            mtu: 1350,
+            via,
+        };
+        let far = Relay::Remote("192.168.50.10".parse().unwrap());
+        let d = DesiredState {
+            peers: vec![peer(2, None), peer(3, Some(far))],
+            relay: Relay::Remote("192.168.50.9".parse().unwrap()),
+        };
+        assert_eq!(d.relay_of(&[2, 0xfa, 0, 0, 0, 2]), d.relay);
+        assert_eq!(d.relay_of(&[2, 0xfa, 0, 0, 0, 3]), far);
+        assert_eq!(d.relay_of(&[2, 0xfa, 0, 0, 0, 9]), d.relay);
+        assert!(!d.uses_local_relay());
+        let mut local_peer = d.clone();
+        local_peer.peers[0].via = Some(Relay::Local);
+        assert!(local_peer.uses_local_relay());
+        let local_default = DesiredState {
+            relay: Relay::Local,
+            ..d
+        };
+        assert!(local_default.uses_local_relay());
     }
 
     #[test]

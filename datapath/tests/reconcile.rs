@@ -235,6 +235,48 @@ fn idempotence_and_exact_cleanup(hook: HookChoice) {
                 "{fdb}"
             );
             assert_eq!(dp.apply(&remote).await.unwrap(), ApplyReport::default());
+            // Active-active hubs: each site's peers point at the hub that owns the site.
+            let mut owned_elsewhere = peer(3, 1300);
+            owned_elsewhere.via = Some(Relay::Remote("192.168.50.10".parse().unwrap()));
+            let split = DesiredState {
+                peers: vec![peer(2, 1350), owned_elsewhere],
+                relay: Relay::Remote("192.168.50.9".parse().unwrap()),
+            };
+            let r = dp.apply(&split).await.unwrap();
+            assert_eq!(r.fdb_added, 1, "{r}");
+            let fdb = bridge(&ns, &["fdb", "show", "dev", "petrel.1"]);
+            assert!(
+                fdb.contains("02:fa:00:00:00:02 dst 192.168.50.9 port 8473 self permanent")
+                    && fdb.contains("02:fa:00:00:00:03 dst 192.168.50.10 port 8473 self permanent"),
+                "{fdb}"
+            );
+            assert_eq!(dp.apply(&split).await.unwrap(), ApplyReport::default());
+            // The owner moves: only that entry is rewritten.
+            let mut moved = split.clone();
+            moved.peers[1].via = None;
+            let r = dp.apply(&moved).await.unwrap();
+            assert_eq!(
+                (r.fdb_updated, r.fdb_added, r.fdb_removed),
+                (1, 0, 0),
+                "{r}"
+            );
+            let fdb = bridge(&ns, &["fdb", "show", "dev", "petrel.1"]);
+            assert!(
+                fdb.contains("02:fa:00:00:00:03 dst 192.168.50.9 port 8473 self permanent")
+                    && !fdb.contains("192.168.50.10"),
+                "{fdb}"
+            );
+            // Two CIDRs of one VtepMAC toward two relays cannot be programmed: refused.
+            let mut second = peer(2, 1350);
+            second.cidr = "10.244.12.0/24".parse().unwrap();
+            second.via = Some(Relay::Remote("192.168.50.10".parse().unwrap()));
+            let conflict = DesiredState {
+                peers: vec![peer(2, 1350), second],
+                relay: Relay::Remote("192.168.50.9".parse().unwrap()),
+            };
+            let e = dp.apply(&conflict).await.unwrap_err();
+            assert!(e.to_string().contains("one relay per VtepMAC"), "{e}");
+            dp.apply(&remote).await.unwrap();
         }
         assert_eq!(
             flannel_snapshot(&ns),

@@ -258,6 +258,7 @@ impl AgentDataplane {
                                 .get(r.site.as_str())
                                 .map_or(mtu, |m| (*m).min(mtu))
                                 .max(petrel_proto::control::MIN_SITE_MTU),
+                            via: None,
                         }),
                     std::net::IpAddr::V6(_) => None,
                 })

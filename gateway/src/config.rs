@@ -109,6 +109,11 @@ pub struct NodeArgs {
     /// Kubernetes mode the node holding the hub Lease).
     #[arg(long, env = "PETREL_HUB_ADDRESS")]
     pub hub_address: Option<std::net::Ipv4Addr>,
+    /// Every hub carries traffic: each public site's pod CIDRs go to the hub that owns the site
+    /// (the hubs are the inventory's `gateway = true` nodes; docs/architecture.md,
+    /// "Active-active hubs"). Default: every site to the one hub.
+    #[arg(long, env = "PETREL_ACTIVE_ACTIVE")]
+    pub active_active: bool,
     /// Inner MTU toward public sites (what fits a QUIC datagram on the path).
     #[arg(long, env = "PETREL_SITE_MTU", default_value_t = 1380)]
     pub site_mtu: u16,

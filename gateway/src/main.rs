@@ -446,6 +446,7 @@ fn node(args: config::NodeArgs, file: &config::FileConfig) -> anyhow::Result<()>
         hub_address: args.hub_address,
         hub_node: None,
         site_mtu: args.site_mtu,
+        active_active: args.active_active,
         datapath,
         status: status.clone(),
     };

@@ -42,6 +42,10 @@ pub struct NodeRoleConfig {
     /// first gateway. Ignored when `hub_address` is set (except to recognise this node).
     pub hub_node: Option<String>,
     pub site_mtu: u16,
+    /// Every hub carries traffic (file inventory: every `gateway = true` node runs one): each
+    /// public site's CIDRs go to the hub that owns the site (`petrel_proto::ownership`), not
+    /// all to one hub. Ignored when `hub_address` is set.
+    pub active_active: bool,
     pub datapath: DatapathConfig,
     /// What the admin endpoint shows (`/readyz`, `/status`, `/metrics`).
     pub status: Arc<NodeRoleStatus>,
@@ -222,11 +226,16 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
     let relay = match (cfg.hub_address, hub_node) {
         (_, Some(h)) if h.name == me.name => Relay::Local,
         (Some(ip), _) => Relay::Remote(ip),
-        (None, Some(h)) => match h.public_ip.or_else(|| h.addresses.first().copied()) {
-            Some(IpAddr::V4(ip)) => Relay::Remote(ip),
-            _ => return Err(NodeRoleError::NoHub),
-        },
+        (None, Some(h)) => relay_of_node(h, &me.name).ok_or(NodeRoleError::NoHub)?,
         (None, None) => return Err(NodeRoleError::NoHub),
+    };
+    // Active-active: the hubs by name (the names every party ranks), each with its relay.
+    let hubs: Vec<(&str, Relay)> = if cfg.active_active && cfg.hub_address.is_none() {
+        inv.gateways()
+            .filter_map(|g| Some((g.name.as_str(), relay_of_node(g, &me.name)?)))
+            .collect()
+    } else {
+        Vec::new()
     };
     let mut peers = Vec::new();
     for n in inv
@@ -234,6 +243,9 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
         .filter(|n| inv.site_kind_of(n) == Some(SiteKind::Public))
     {
         let Some(mac) = n.vtep_mac else { continue };
+        let via = petrel_proto::ownership::owner(&n.site, hubs.iter().map(|h| h.0))
+            .and_then(|owner| hubs.iter().find(|h| h.0 == owner))
+            .map(|h| h.1);
         // A site whose WAN path is smaller than the tunnel's default gets its own MTU.
         let mtu = inv
             .site(&n.site)
@@ -245,11 +257,54 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
                     cidr: *v4,
                     vtep_mac: mac.0,
                     mtu,
+                    via,
                 });
             }
         }
     }
     Ok(DesiredState { peers, relay })
+}
+
+/// Where a hub on node `hub` receives relay frames, seen from node `me`.
+fn relay_of_node(hub: &crate::inventory::Node, me: &str) -> Option<Relay> {
+    if hub.name == me {
+        return Some(Relay::Local);
+    }
+    match hub.public_ip.or_else(|| hub.addresses.first().copied()) {
+        Some(IpAddr::V4(ip)) => Some(Relay::Remote(ip)),
+        _ => None,
+    }
+}
+
+/// Where the portable hook's pump sends each frame: by the inner destination MAC (the peer's
+/// VtepMAC) when peers have their own relays, else the state's relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RelayTargets {
+    default: SocketAddr,
+    by_mac: std::collections::HashMap<[u8; 6], SocketAddr>,
+}
+
+impl RelayTargets {
+    fn new(desired: &DesiredState, port: u16) -> Self {
+        Self {
+            default: relay_target(&desired.relay, port),
+            by_mac: desired
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.vtep_mac, relay_target(&p.via?, port))))
+                .collect(),
+        }
+    }
+
+    /// `frame` is a VXLAN payload: 8 bytes of VXLAN header, then the inner Ethernet frame.
+    fn for_frame(&self, frame: &[u8]) -> SocketAddr {
+        frame
+            .get(8..14)
+            .and_then(|m| <[u8; 6]>::try_from(m).ok())
+            .and_then(|m| self.by_mac.get(&m))
+            .copied()
+            .unwrap_or(self.default)
+    }
 }
 
 fn relay_target(relay: &Relay, port: u16) -> SocketAddr {
@@ -302,8 +357,8 @@ pub async fn run_desired(
     cfg.status.applied(&desired, Ok(false));
     debug!(?report, "initial apply");
     // In portable mode userspace carries the frames from the TUN device to the relay.
-    let target = Arc::new(RwLock::new(relay_target(
-        &desired.relay,
+    let target = Arc::new(RwLock::new(RelayTargets::new(
+        &desired,
         cfg.datapath.relay_port,
     )));
     let pump = if mode == HookMode::Portable {
@@ -321,7 +376,7 @@ pub async fn run_desired(
                 match source.recv(&mut buf).await {
                     Ok(n) => {
                         if let Some(frame) = buf.get(..n) {
-                            let dest = to.read().map(|t| *t).ok();
+                            let dest = to.read().map(|t| t.for_frame(frame)).ok();
                             if let Some(dest) = dest {
                                 let _ = sock.send_to(frame, dest).await;
                             }
@@ -352,7 +407,7 @@ pub async fn run_desired(
                     }
                     desired = next;
                     if let Ok(mut t) = target.write() {
-                        *t = relay_target(&desired.relay, cfg.datapath.relay_port);
+                        *t = RelayTargets::new(&desired, cfg.datapath.relay_port);
                     }
                 }
             }
@@ -388,6 +443,7 @@ mod tests {
             hub_address: None,
             hub_node: None,
             site_mtu: 1380,
+            active_active: false,
             datapath: DatapathConfig::default(),
             status: NodeRoleStatus::new(node),
         }
@@ -418,6 +474,84 @@ mod tests {
             desired_state(&inv, &cfg("nope")),
             Err(NodeRoleError::UnknownNode(_))
         ));
+    }
+
+    /// The embedded lab inventory with a second hub, `gw-3` (named so that the two public
+    /// sites have different owners: `petrel_proto::ownership` gives site-a to gw-1 and site-b
+    /// to gw-3).
+    fn two_hubs() -> Inventory {
+        let text = format!(
+            "{}\n[[nodes]]\nname = \"gw-3\"\nsite = \"vpc\"\naddresses = [\"192.168.0.13\"]\n\
+             pod_cidrs = [\"10.244.7.0/24\"]\nvtep_mac = \"02:fa:00:00:00:07\"\n\
+             public_ip = \"192.168.0.13\"\ngateway = true\n",
+            include_str!("default-inventory.toml")
+        );
+        Inventory::from_toml(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn active_active_routes_each_site_to_its_owner_hub() {
+        let inv = two_hubs();
+        let gw1 = Relay::Remote("192.168.0.12".parse().unwrap());
+        let gw3 = Relay::Remote("192.168.0.13".parse().unwrap());
+        let via = |d: &DesiredState, cidr: &str| {
+            d.peers
+                .iter()
+                .find(|p| p.cidr.to_string() == cidr)
+                .map(|p| (p.via, d.relay_of(&p.vtep_mac)))
+                .unwrap()
+        };
+        let mut c = cfg("cloud-1");
+        c.active_active = true;
+        let d = desired_state(&inv, &c).unwrap();
+        // site-a (edge-a1, edge-a2) to gw-1, site-b (edge-b1) to gw-3.
+        assert_eq!(via(&d, "10.244.3.0/24"), (Some(gw1), gw1));
+        assert_eq!(via(&d, "10.244.4.0/24"), (Some(gw1), gw1));
+        assert_eq!(via(&d, "10.244.5.0/24"), (Some(gw3), gw3));
+        // On a hub's own node its sites are local, the other hub's remote.
+        let mut c = cfg("gw-3");
+        c.active_active = true;
+        let d = desired_state(&inv, &c).unwrap();
+        assert_eq!(via(&d, "10.244.3.0/24"), (Some(gw1), gw1));
+        assert_eq!(via(&d, "10.244.5.0/24"), (Some(Relay::Local), Relay::Local));
+        assert!(d.uses_local_relay());
+        // Without the switch every site goes to the first hub, as before.
+        let d = desired_state(&inv, &cfg("cloud-1")).unwrap();
+        assert!(d.peers.iter().all(|p| p.via.is_none()));
+        assert_eq!(d.relay, gw1);
+        // A configured hub address wins over ownership.
+        let mut c = cfg("cloud-1");
+        c.active_active = true;
+        c.hub_address = Some("10.9.9.9".parse().unwrap());
+        let d = desired_state(&inv, &c).unwrap();
+        assert!(d.peers.iter().all(|p| p.via.is_none()));
+    }
+
+    #[test]
+    fn the_portable_pump_sends_each_frame_to_its_peers_relay() {
+        let inv = two_hubs();
+        let mut c = cfg("cloud-1");
+        c.active_active = true;
+        let d = desired_state(&inv, &c).unwrap();
+        let t = RelayTargets::new(&d, 8473);
+        let frame_to = |mac_last: u8| {
+            let mut f = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+            f.extend_from_slice(&[2, 0xfa, 0, 0, 0, mac_last]);
+            f.extend_from_slice(&[0; 20]);
+            f
+        };
+        assert_eq!(
+            t.for_frame(&frame_to(3)),
+            "192.168.0.12:8473".parse().unwrap()
+        );
+        assert_eq!(
+            t.for_frame(&frame_to(5)),
+            "192.168.0.13:8473".parse().unwrap()
+        );
+        // Unknown or short frames go to the state's relay.
+        assert_eq!(t.for_frame(&frame_to(9)), t.default);
+        assert_eq!(t.for_frame(&[0x08, 0, 0, 0]), t.default);
+        assert_eq!(t.default, "192.168.0.12:8473".parse().unwrap());
     }
 
     #[test]

@@ -301,6 +301,7 @@ pub fn peer(idx: u8, mtu: u16) -> PeerRoute {
         cidr: format!("10.244.{idx}.0/24").parse().unwrap(),
         vtep_mac: mac(idx),
         mtu,
+        via: None,
     }
 }
 

@@ -17,6 +17,9 @@ fn compute(
     holder: &Option<String>,
 ) -> Result<DesiredState, NodeRoleError> {
     let mut c = cfg.clone();
+    // One Lease-elected hub in Kubernetes mode: active-active needs each hub's own liveness
+    // (a Lease per hub), which is not built yet; `--active-active` is for file inventories.
+    c.active_active = false;
     if c.hub_address.is_none() {
         c.hub_node = holder.clone();
     }
