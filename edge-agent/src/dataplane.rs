@@ -50,18 +50,37 @@ pub struct DataplaneStatus {
     pub error: Option<String>,
     /// The route MTU toward each site reached through the hub.
     pub site_mtu: BTreeMap<String, u16>,
+    /// With several active hubs: the one that owns this site (its frames to the cloud go
+    /// there).
+    pub site_owner: Option<String>,
 }
 
 /// The tunnels captured frames may go to, by hub name: the one the hubs' views mark active
-/// (Kubernetes mode: the Lease holder), else the most recently connected one.
+/// (Kubernetes mode: the Lease holder), else the most recently connected one; with several
+/// active hubs, per frame by its [`crate::hub_choice::HubChoice`].
 #[derive(Default)]
 struct Tunnels {
     by_hub: BTreeMap<String, quinn::Connection>,
     preferred: Option<String>,
     last: Option<String>,
+    /// Several active hubs: which one each frame goes to.
+    choice: Option<crate::hub_choice::HubChoice>,
 }
 
 impl Tunnels {
+    fn open(&self, hub: &str) -> Option<&quinn::Connection> {
+        self.by_hub.get(hub).filter(|c| c.close_reason().is_none())
+    }
+
+    /// The tunnel for `frame`: with several active hubs the first of its ranking that is open,
+    /// else (or when none of them is) as [`Tunnels::pick`].
+    fn pick_for(&self, frame: &[u8]) -> Option<quinn::Connection> {
+        self.choice
+            .as_ref()
+            .and_then(|c| c.ranked(frame).iter().find_map(|h| self.open(h)).cloned())
+            .or_else(|| self.pick())
+    }
+
     fn pick(&self) -> Option<quinn::Connection> {
         let open = |h: &Option<String>| {
             h.as_ref()
@@ -194,6 +213,11 @@ impl AgentDataplane {
             ready: error.is_none(),
             error,
             site_mtu,
+            site_owner: self.active.read().ok().and_then(|t| {
+                t.choice
+                    .as_ref()
+                    .and_then(|c| c.own_owner().map(str::to_string))
+            }),
             hooks: self.mode.to_string(),
             peers: applied.as_ref().map(|a| a.peers.len()).unwrap_or(0),
             mtu,
@@ -274,8 +298,15 @@ impl AgentDataplane {
         if let Ok(mut v) = self.view.lock() {
             *v = Some(view.clone());
         }
-        if let Some(active) = view.gateways.iter().find(|g| g.active) {
-            if let Ok(mut a) = self.active.write() {
+        let choice = crate::hub_choice::HubChoice::from_view(view, self.vtep_mac);
+        if let Ok(mut a) = self.active.write() {
+            if choice.as_ref().map(|c| c.own_owner()) != a.choice.as_ref().map(|c| c.own_owner()) {
+                if let Some(owner) = choice.as_ref().and_then(|c| c.own_owner()) {
+                    info!(hub = %owner, "active-active hubs: this site's frames go to the hub that owns it, other sites' to theirs");
+                }
+            }
+            a.choice = choice;
+            if let Some(active) = view.gateways.iter().find(|g| g.active) {
                 if a.preferred.as_deref() != Some(active.name.as_str()) {
                     info!(hub = %active.name, "frames go to the active hub");
                     a.preferred = Some(active.name.clone());
@@ -409,14 +440,35 @@ impl AgentDataplane {
                 continue;
             }
             // One tunnel lookup and one allocation per batch: every datagram is a slice of the
-            // same buffer.
-            let Some(conn) = self.active_conn() else {
+            // same buffer. With several active hubs, a lookup per frame (by its destination).
+            let (single, chooser) = match self.active.read() {
+                Ok(t) if t.choice.is_some() => (None, Some(t)),
+                Ok(t) => (t.pick(), None),
+                Err(_) => (None, None),
+            };
+            if single.is_none() && chooser.is_none() {
                 self.drop_frames("no_hub", batch.len() as u64);
                 continue;
-            };
+            }
             let mut out = BytesMut::with_capacity(batch.bytes() + batch.len());
             let (mut sent, mut sent_bytes, mut oversize, mut down) = (0u64, 0u64, 0u64, 0u64);
+            let mut no_hub = 0u64;
             for frame in batch.frames() {
+                let picked;
+                let conn = match (&single, &chooser) {
+                    (Some(c), _) => c,
+                    (None, Some(t)) => match t.pick_for(frame) {
+                        Some(c) => {
+                            picked = c;
+                            &picked
+                        }
+                        None => {
+                            no_hub += 1;
+                            continue;
+                        }
+                    },
+                    (None, None) => break,
+                };
                 out.put_u8(DATAGRAM_KIND_VXLAN);
                 out.extend_from_slice(frame);
                 match conn.send_datagram(out.split().freeze()) {
@@ -435,6 +487,9 @@ impl AgentDataplane {
             }
             if down > 0 {
                 self.drop_frames("tunnel_down", down);
+            }
+            if no_hub > 0 {
+                self.drop_frames("no_hub", no_hub);
             }
         }
     }

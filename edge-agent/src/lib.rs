@@ -14,7 +14,8 @@
 //! | [`endpoints`] | learned hub endpoints, saved and handed to the supervisor |
 //! | [`agent`] | the supervisor: one link per endpoint, the data plane's opening |
 //! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]); the pump around [`petrel_proto::session::AgentSession`] (views applied, renewal, the next attempt); each connection's receive path (`receive`, its own task: datagrams to the data plane, the hub's streams to the proxy) |
-//! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub; [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
+//! | [`hub_choice`] | with several active hubs: which hub each frame goes to (the owner of its destination site, or of this site), in failover order |
+//! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub (or, active-active, each to its [`hub_choice`]); [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
 //! | [`proxy`] | proxied streams: the hub's policy, the dial, the splice |
 //! | [`identity`], [`join`], [`kube_enrol`] | the identity on disk and the two ways to get one |
 //! | [`metrics`], [`status`] | the agent's metrics and the status table |
@@ -31,6 +32,7 @@ pub mod credentials;
 pub mod dataplane;
 pub mod dataplane_slot;
 pub mod endpoints;
+pub mod hub_choice;
 pub mod identity;
 pub mod join;
 pub mod kube_enrol;

@@ -146,6 +146,12 @@ pub struct RunArgs {
     /// This hub's name in status and in the endpoint list.
     #[arg(long, env = "PETREL_HUB_NAME")]
     pub hub_name: Option<String>,
+    /// Active-active hubs with a file inventory: every hub as NAME=HOST:PORT (the inventory's
+    /// `gateway = true` node it runs on, and the endpoint agents dial), this one included;
+    /// repeatable or comma-separated. Every hub listed carries traffic (docs/architecture.md,
+    /// "Active-active hubs"); run the node roles with `--active-active`.
+    #[arg(long = "hubs", env = "PETREL_HUBS", value_delimiter = ',')]
+    pub hubs: Vec<String>,
     /// Lifetime of node certificates (renewed over the tunnel at two thirds of it).
     #[arg(long, env = "PETREL_AGENT_CERT_TTL")]
     pub agent_cert_ttl: Option<String>,
@@ -321,6 +327,8 @@ pub struct FileConfig {
     pub advertise: Vec<String>,
     #[serde(alias = "hub_name")]
     pub hub_name: Option<String>,
+    #[serde(default)]
+    pub hubs: Vec<String>,
     #[serde(alias = "agent_cert_ttl")]
     pub agent_cert_ttl: Option<String>,
     pub keepalive: Option<String>,
@@ -380,6 +388,9 @@ pub struct HubConfig {
     /// advertise list means: this Node's ExternalIP (else InternalIP) with the listen port.
     pub advertise_given: bool,
     pub hub_name: String,
+    /// File mode, active-active: every hub's name and endpoint (this one's included); empty
+    /// for one hub, and in Kubernetes mode (the candidates are the labelled nodes).
+    pub hubs: Vec<StaticHub>,
     pub agent_cert_ttl: Duration,
     pub keepalive: Duration,
     pub idle_timeout: Duration,
@@ -573,6 +584,15 @@ impl HubConfig {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_else(|_| "hub".into())
             });
+        let hubs = parse_hubs(
+            if args.hubs.is_empty() {
+                &file.hubs
+            } else {
+                &args.hubs
+            },
+            &hub_name,
+            kube.is_some(),
+        )?;
         let dur = |field, a: Option<String>, f: Option<String>, d: &str| {
             parse_duration(field, &a.or(f).unwrap_or_else(|| d.into()))
         };
@@ -672,6 +692,7 @@ impl HubConfig {
             inventory,
             advertise,
             advertise_given,
+            hubs,
             hub_name,
             agent_cert_ttl,
             keepalive,
@@ -688,6 +709,61 @@ impl HubConfig {
             egress,
         })
     }
+}
+
+/// One entry of the static hub list: the hub's (node) name and the endpoint agents dial.
+pub type StaticHub = (String, (String, u16));
+
+/// `NAME=HOST:PORT` entries of the static hub list (`hubs`): at least two, names unique and
+/// valid node names, this hub among them; file inventories only.
+fn parse_hubs(
+    raw: &[String],
+    me: &str,
+    kube: bool,
+) -> Result<Vec<StaticHub>, ConfigError> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    let invalid = |value: String, allowed: String| ConfigError::Invalid {
+        field: "hubs",
+        value,
+        allowed,
+    };
+    if kube {
+        return Err(invalid(
+            raw.join(","),
+            "only with a file inventory: in Kubernetes mode the hubs are the labelled nodes".into(),
+        ));
+    }
+    let mut out: Vec<StaticHub> = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let Some((name, endpoint)) = entry.trim().split_once('=') else {
+            return Err(invalid(entry.clone(), "NAME=HOST:PORT".into()));
+        };
+        if !crate::inventory::valid_node_name(name) {
+            return Err(invalid(
+                entry.clone(),
+                "NAME must be the hub's node name in the inventory".into(),
+            ));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(invalid(entry.clone(), format!("{name} listed twice")));
+        }
+        out.push((name.to_string(), parse_host_port("hubs", endpoint)?));
+    }
+    if out.len() < 2 {
+        return Err(invalid(
+            raw.join(","),
+            "at least two hubs (one hub needs no list)".into(),
+        ));
+    }
+    if !out.iter().any(|(n, _)| n == me) {
+        return Err(invalid(
+            raw.join(","),
+            format!("the list must include this hub, {me} (hub-name)"),
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -782,6 +858,53 @@ mod tests {
         let file: FileConfig = toml::from_str("congestion = 'Cubic'\n").unwrap();
         let c = HubConfig::from_args(RunArgs::default(), file).unwrap();
         assert_eq!(c.congestion, CongestionControl::Cubic);
+    }
+
+    #[test]
+    fn the_static_hub_list_is_parsed_and_checked() {
+        let with = |hubs: &[&str], name: &str| {
+            HubConfig::from_args(
+                RunArgs {
+                    hubs: hubs.iter().map(|s| s.to_string()).collect(),
+                    hub_name: Some(name.into()),
+                    ..Default::default()
+                },
+                FileConfig::default(),
+            )
+        };
+        let c = with(
+            &["gw-1=203.0.113.10:7443", "gw-3=203.0.113.11:7444"],
+            "gw-3",
+        )
+        .unwrap();
+        assert_eq!(
+            c.hubs,
+            vec![
+                ("gw-1".to_string(), ("203.0.113.10".to_string(), 7443)),
+                ("gw-3".to_string(), ("203.0.113.11".to_string(), 7444)),
+            ]
+        );
+        assert!(with(&[], "gw-1").unwrap().hubs.is_empty());
+        for (hubs, name, why) in [
+            (&["gw-1=203.0.113.10:7443"][..], "gw-1", "at least two"),
+            (&["gw-1=a:1", "gw-3=b:1"][..], "gw-9", "include this hub"),
+            (&["gw-1=a:1", "gw-1=b:1"][..], "gw-1", "twice"),
+            (&["gw-1=a:1", "b:1"][..], "gw-1", "NAME=HOST:PORT"),
+            (&["gw-1=a:1", "GW 3=b:1"][..], "gw-1", "node name"),
+            (&["gw-1=a:1", "gw-3=b"][..], "gw-1", "hubs"),
+        ] {
+            let e = with(hubs, name).unwrap_err().to_string();
+            assert!(e.contains(why), "{hubs:?}: {e}");
+        }
+        let file: FileConfig =
+            toml::from_str("hubs = ['gw-1=a:1', 'gw-3=b:2']\nhub-name = 'gw-1'\n").unwrap();
+        assert_eq!(
+            HubConfig::from_args(RunArgs::default(), file)
+                .unwrap()
+                .hubs
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -225,9 +225,21 @@ impl Hub {
         let views = Arc::new(AgentViews::new(view::ViewConfig {
             hub_name: config.hub_name.clone(),
             advertise: config.advertise.clone(),
+            hubs: config.hubs.clone(),
             site_mtu: config.site_mtu,
             egress_ports: config.egress.ports.clone(),
         }));
+        if !config.hubs.is_empty() {
+            // Node roles rank the inventory's gateways, agents the hubs this list names: the
+            // two must be the same names or they disagree on owners (a detour, not a drop).
+            let gateways: std::collections::BTreeSet<&str> =
+                inventory.gateways().map(|g| g.name.as_str()).collect();
+            let listed: std::collections::BTreeSet<&str> =
+                config.hubs.iter().map(|h| h.0.as_str()).collect();
+            if gateways != listed {
+                warn!(?listed, ?gateways, "the hubs list and the inventory's gateway nodes differ: node roles and agents will pick different owners for some sites");
+            }
+        }
         let (inventory_writer, inventory) = crate::inventory_store::store(inventory);
         let registry = Arc::new(AgentRegistry::new());
         let relay = dataplane.map(|dp| {

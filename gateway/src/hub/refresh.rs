@@ -137,6 +137,7 @@ mod tests {
         let views = Arc::new(AgentViews::new(ViewConfig {
             hub_name: "gw-1".into(),
             advertise: vec![("192.0.2.10".into(), 7443)],
+            hubs: Vec::new(),
             site_mtu: 1400,
             egress_ports: PortPolicy::default(),
         }));

@@ -56,6 +56,33 @@ pub struct HubStatus {
     pub metrics: Arc<HubMetrics>,
 }
 
+/// With several active hubs, the hub that owns each public site (`petrel_proto::ownership`,
+/// computed as the agents and node roles compute it); `None` with one.
+fn site_owners(
+    inv: &crate::inventory::Inventory,
+    endpoints: &[petrel_proto::control::GatewayEndpoint],
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let mut live: Vec<&str> = endpoints
+        .iter()
+        .filter(|g| g.active)
+        .map(|g| g.name.as_str())
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    if live.len() < 2 {
+        return None;
+    }
+    Some(
+        inv.nodes()
+            .filter(|n| inv.site_kind_of(n) == Some(crate::inventory::SiteKind::Public))
+            .filter_map(|n| {
+                let owner = petrel_proto::ownership::owner(&n.site, live.iter().copied())?;
+                Some((n.site.clone(), owner.to_string()))
+            })
+            .collect(),
+    )
+}
+
 /// Each site with an MTU below the site MTU: declared in the inventory (which wins) or learned
 /// from its tunnels' paths (`path_mtu` is what the paths fit, also when a declaration overrides
 /// it).
@@ -113,6 +140,7 @@ impl AdminState for HubStatus {
                 "endpoints": self.views.gateway_endpoints().iter().map(|g| format!("{}:{}", g.host, g.port)).collect::<Vec<_>>(),
             },
             "site_mtus": site_mtus_status(&inv.site_mtus(), &self.views.learned_site_mtus()),
+            "site_owners": site_owners(&inv, &self.views.gateway_endpoints()),
             "agents": self.registry.status(),
             "kubernetes": self.cluster.get(),
             "dataplane": self.relay.as_ref().map(|d| d.stats.to_json()),
@@ -134,8 +162,33 @@ impl AdminState for HubStatus {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use petrel_proto::control::SiteMtu;
+
+    #[test]
+    fn site_owners_are_listed_only_with_several_active_hubs() {
+        let inv = crate::inventory::Inventory::embedded_default().unwrap();
+        let gw = |name: &str, active| petrel_proto::control::GatewayEndpoint {
+            name: name.into(),
+            host: "192.0.2.1".into(),
+            port: 7443,
+            active,
+        };
+        assert_eq!(site_owners(&inv, &[gw("gw-1", true)]), None);
+        assert_eq!(
+            site_owners(&inv, &[gw("gw-1", true), gw("gw-3", false)]),
+            None
+        );
+        let owners = site_owners(&inv, &[gw("gw-1", true), gw("gw-3", true)]).unwrap();
+        assert_eq!(
+            owners,
+            [("site-a", "gw-1"), ("site-b", "gw-3")]
+                .into_iter()
+                .map(|(s, h)| (s.to_string(), h.to_string()))
+                .collect()
+        );
+    }
 
     #[test]
     fn site_mtus_show_their_source_and_a_declared_one_its_path_too() {

@@ -71,6 +71,8 @@ pub struct ViewConfig {
     pub hub_name: String,
     /// This hub's advertised endpoints (file mode's endpoint list).
     pub advertise: Vec<(String, u16)>,
+    /// File mode, active-active: every hub's name and endpoint, all active (`hubs`).
+    pub hubs: Vec<crate::config::StaticHub>,
     pub site_mtu: u16,
     pub egress_ports: PortPolicy,
 }
@@ -143,11 +145,25 @@ impl AgentViews {
         }
     }
 
-    /// The endpoints agents should dial. In file mode, this hub's advertised addresses; in
+    /// The endpoints agents should dial. In file mode, this hub's advertised addresses, or
+    /// with a static hub list every hub's, all active (each carries the sites it owns); in
     /// Kubernetes mode every candidate's, with the Lease holder's marked active.
     pub fn gateway_endpoints(&self) -> Vec<GatewayEndpoint> {
         if let Some(g) = self.gateways.read().ok().and_then(|g| g.clone()) {
             return g;
+        }
+        if !self.config.hubs.is_empty() {
+            return self
+                .config
+                .hubs
+                .iter()
+                .map(|(name, (host, port))| GatewayEndpoint {
+                    name: name.clone(),
+                    host: host.clone(),
+                    port: *port,
+                    active: true,
+                })
+                .collect();
         }
         self.config
             .advertise
@@ -245,6 +261,7 @@ mod tests {
         AgentViews::new(ViewConfig {
             hub_name: "gw-1".into(),
             advertise: vec![("192.0.2.10".into(), 7443)],
+            hubs: Vec::new(),
             site_mtu: 1400,
             egress_ports: PortPolicy::default(),
         })
