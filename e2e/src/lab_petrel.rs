@@ -45,6 +45,17 @@ impl<'a> PetrelLab<'a> {
 
     /// [`PetrelLab::start`] with extra arguments for `petrel-gateway run` (e.g. egress flags).
     pub fn start_with(lab: &'a Lab, hooks: &str, dir: &Path, hub_args: &[&str]) -> Result<Self> {
+        Self::start_with_roles(lab, hooks, dir, hub_args, &[])
+    }
+
+    /// [`PetrelLab::start_with`] with extra arguments for every `petrel-gateway node` too.
+    pub fn start_with_roles(
+        lab: &'a Lab,
+        hooks: &str,
+        dir: &Path,
+        hub_args: &[&str],
+        node_args: &[&str],
+    ) -> Result<Self> {
         let gw = bin("petrel-gateway")?;
         let agent_bin = bin("petrel-edge-agent")?;
         let (gw_s, agent_s) = (
@@ -88,19 +99,18 @@ impl<'a> PetrelLab<'a> {
             .iter()
             .filter(|n| n.site_kind != SiteKind::Public)
         {
-            let mut g = lab.spawn(
+            let mut argv = vec![
+                gw_s.as_str(),
+                "node",
+                "--node-name",
                 &n.name,
-                &[
-                    &gw_s,
-                    "node",
-                    "--node-name",
-                    &n.name,
-                    "--inventory",
-                    &inv,
-                    "--hooks",
-                    hooks,
-                ],
-            )?;
+                "--inventory",
+                &inv,
+                "--hooks",
+                hooks,
+            ];
+            argv.extend_from_slice(node_args);
+            let mut g = lab.spawn(&n.name, &argv)?;
             g.wait_for_log("node role starting", Duration::from_secs(10))
                 .with_context(|| format!("node role on {}", n.name))?;
             node_roles.push((n.name.clone(), g));
@@ -302,6 +312,20 @@ impl<'a> PetrelLab<'a> {
 
     pub fn hub_status(&self) -> Result<serde_json::Value> {
         self.json(&self.lab.gateway().name, "petrel-gateway", HUB_ADMIN)
+    }
+
+    /// The status of a hub on `node` (another gateway than the first, with active-active hubs).
+    pub fn hub_status_on(&self, node: &str) -> Result<serde_json::Value> {
+        self.json(node, "petrel-gateway", HUB_ADMIN)
+    }
+
+    /// Frames the hub on `node` has switched, all paths together.
+    pub fn frames_via_hub_on(&self, node: &str) -> Result<u64> {
+        let s = self.hub_status_on(node)?;
+        Ok(s["dataplane"]["frames_forwarded"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_u64()).sum())
+            .unwrap_or(0))
     }
 
     pub fn agent_status(&self, node: &str) -> Result<serde_json::Value> {

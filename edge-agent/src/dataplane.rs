@@ -106,6 +106,8 @@ pub struct AgentDataplane {
     vtep_mac: [u8; 6],
     active: RwLock<Tunnels>,
     view: Mutex<Option<HubView>>,
+    /// This node's site (from the welcome): which hub owns it, with active-active hubs.
+    site: Mutex<Option<String>>,
     applied: Mutex<Option<DesiredState>>,
     frames_to_hub: AtomicU64,
     frames_from_hub: AtomicU64,
@@ -137,6 +139,7 @@ impl AgentDataplane {
             injector,
             active: RwLock::new(Tunnels::default()),
             view: Mutex::new(None),
+            site: Mutex::new(None),
             applied: Mutex::new(None),
             frames_to_hub: AtomicU64::new(0),
             frames_from_hub: AtomicU64::new(0),
@@ -293,12 +296,38 @@ impl AgentDataplane {
         })
     }
 
+    /// Whether a view was applied (a later one whose routes are still to come must not
+    /// replace it).
+    pub fn has_view(&self) -> bool {
+        self.view.lock().map(|v| v.is_some()).unwrap_or(false)
+    }
+
+    /// This node's site, as the hubs' welcome names it.
+    pub fn set_site(&self, site: &str) {
+        let changed = match self.site.lock() {
+            Ok(mut s) if s.as_deref() != Some(site) => {
+                *s = Some(site.to_string());
+                true
+            }
+            _ => false,
+        };
+        // A view applied before (the welcome's) is ranked again for the site.
+        let view = self.view.lock().ok().and_then(|v| v.clone());
+        if let (true, Some(view)) = (changed, view) {
+            let choice = crate::hub_choice::HubChoice::from_view(&view, Some(site));
+            if let Ok(mut a) = self.active.write() {
+                a.choice = choice;
+            }
+        }
+    }
+
     /// Applies the hub's view (after a welcome or an update).
     pub async fn on_view(&self, view: &HubView) {
         if let Ok(mut v) = self.view.lock() {
             *v = Some(view.clone());
         }
-        let choice = crate::hub_choice::HubChoice::from_view(view, self.vtep_mac);
+        let site = self.site.lock().ok().and_then(|s| s.clone());
+        let choice = crate::hub_choice::HubChoice::from_view(view, site.as_deref());
         if let Ok(mut a) = self.active.write() {
             if choice.as_ref().map(|c| c.own_owner()) != a.choice.as_ref().map(|c| c.own_owner()) {
                 if let Some(owner) = choice.as_ref().and_then(|c| c.own_owner()) {

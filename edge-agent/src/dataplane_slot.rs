@@ -20,6 +20,8 @@ pub struct DataplaneSlot {
     /// Why the data plane could not be opened yet (e.g. `flannel.1` missing).
     error: Mutex<Option<String>>,
     pending: Mutex<PendingView>,
+    /// This node's site, from the hubs' welcome (which hub owns it, with active-active hubs).
+    site: Mutex<Option<String>>,
 }
 
 impl DataplaneSlot {
@@ -43,6 +45,9 @@ impl DataplaneSlot {
 
     /// The data plane opened: it is kept, and what links left for it is returned.
     pub fn opened(&self, dp: Arc<AgentDataplane>) -> PendingView {
+        if let Some(site) = self.site.lock().ok().and_then(|s| s.clone()) {
+            dp.set_site(&site);
+        }
         let _ = self.dataplane.set(dp);
         if let Ok(mut e) = self.error.lock() {
             *e = None;
@@ -53,13 +58,33 @@ impl DataplaneSlot {
             .unwrap_or_default()
     }
 
+    /// This node's site, as a hub's welcome names it: kept, and given to the data plane.
+    pub fn set_site(&self, site: &str) {
+        if let Ok(mut s) = self.site.lock() {
+            *s = Some(site.to_string());
+        }
+        if let Some(dp) = self.dataplane.get() {
+            dp.set_site(site);
+        }
+    }
+
     /// Remembers the tunnel to `hub` and the latest hub view for a data plane that is not
     /// open yet.
-    pub fn remember_view(&self, hub: &str, conn: &quinn::Connection, view: &petrel_proto::HubView) {
+    /// A view whose routes are still to come (`routes_known` false) is kept only when there is
+    /// none yet.
+    pub fn remember_view(
+        &self,
+        hub: &str,
+        conn: &quinn::Connection,
+        view: &petrel_proto::HubView,
+        routes_known: bool,
+    ) {
         if let Ok(mut p) = self.pending.lock() {
             p.0.retain(|(h, _)| h != hub);
             p.0.push((hub.to_string(), conn.clone()));
-            p.1 = Some(view.clone());
+            if routes_known || p.1.is_none() {
+                p.1 = Some(view.clone());
+            }
         }
     }
 

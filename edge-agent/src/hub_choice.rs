@@ -28,7 +28,7 @@ pub struct HubChoice {
 impl HubChoice {
     /// `None` unless the view marks at least two hubs active (then there is nothing to choose:
     /// frames go to the active hub as before).
-    pub fn from_view(view: &HubView, my_vtep_mac: [u8; 6]) -> Option<Self> {
+    pub fn from_view(view: &HubView, own_site: Option<&str>) -> Option<Self> {
         let mut live: Vec<&str> = view
             .gateways
             .iter()
@@ -46,19 +46,14 @@ impl HubChoice {
             .filter(|r| live.contains(&r.node_name.as_str()))
             .map(|r| r.site.as_str())
             .collect();
-        let own_site = view
-            .routes
-            .iter()
-            .find(|r| r.vtep_mac.0 == my_vtep_mac)
-            .map(|r| r.site.as_str());
         let rank = |site: &str| -> Arc<[String]> {
             petrel_proto::ownership::rank(site, live.iter().copied())
                 .into_iter()
                 .map(str::to_string)
                 .collect()
         };
-        // Without knowing its own site the agent still spreads nothing wrongly: everything
-        // that is not another site's goes by the ranking of the empty name.
+        // Before a welcome named its site (never in practice: views come with or after it),
+        // what is not another site's goes by the ranking of the empty name.
         let own = rank(own_site.unwrap_or(""));
         let mut per_site: HashMap<&str, Arc<[String]>> = HashMap::new();
         let mut by_mac = HashMap::new();
@@ -144,7 +139,7 @@ mod tests {
 
     #[test]
     fn frames_go_to_the_owner_of_the_destination_site_or_of_their_own() {
-        let a1 = [2, 0xfa, 0, 0, 0, 3];
+        let a1 = Some("site-a");
         let c = HubChoice::from_view(&view(vec![gw("gw-1", true), gw("gw-3", true)]), a1).unwrap();
         // To site-b: its owner, gw-3, then gw-1.
         assert_eq!(c.ranked(&frame_to(5)), ["gw-3", "gw-1"]);
@@ -163,7 +158,7 @@ mod tests {
         assert_eq!(c.ranked(&frame_to(99)), ["gw-1", "gw-3"]);
         assert_eq!(c.ranked(&[0x08, 0, 0]), ["gw-1", "gw-3"]);
         // Seen from site-b, site-a's nodes go to gw-1 and the cloud to gw-3.
-        let b1 = [2, 0xfa, 0, 0, 0, 5];
+        let b1 = Some("site-b");
         let mut v = view(vec![gw("gw-1", true), gw("gw-3", true)]);
         v.routes[2].path = RoutePath::ViaHub;
         v.routes[4].path = RoutePath::Direct;
@@ -171,11 +166,23 @@ mod tests {
         assert_eq!(c.ranked(&frame_to(3)), ["gw-1", "gw-3"]);
         assert_eq!(c.ranked(&frame_to(1)), ["gw-3", "gw-1"]);
         assert_eq!(c.own_owner(), Some("gw-3"));
+        // A node alone in its site (no route names the site): the welcome's site still counts.
+        let mut alone = view(vec![gw("gw-1", true), gw("gw-3", true)]);
+        alone.routes.retain(|r| r.site != "site-b");
+        let c = HubChoice::from_view(&alone, b1).unwrap();
+        assert_eq!(c.own_owner(), Some("gw-3"));
+        assert_eq!(c.ranked(&frame_to(1)), ["gw-3", "gw-1"]);
+        // Without a site: the empty name's ranking.
+        let c = HubChoice::from_view(&alone, None).unwrap();
+        assert_eq!(
+            c.own_owner(),
+            petrel_proto::ownership::owner("", ["gw-1", "gw-3"])
+        );
     }
 
     #[test]
     fn one_active_hub_or_a_standby_means_no_choice() {
-        let a1 = [2, 0xfa, 0, 0, 0, 3];
+        let a1 = Some("site-a");
         assert_eq!(
             HubChoice::from_view(&view(vec![gw("gw-1", true)]), a1),
             None

@@ -119,6 +119,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         shared
             .links
             .track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
+        shared.dataplane.set_site(&welcome.site);
         if let Some(dp) = shared.dataplane.get() {
             dp.set_active(&welcome.hub_id, &conn);
         }
@@ -418,6 +419,7 @@ async fn welcome(
                 AgentAction::Ended(_) => return Err(closed(&conn)),
                 // Only after the welcome.
                 AgentAction::ApplyView(_)
+                | AgentAction::ApplyViewRoutesPending(_)
                 | AgentAction::Rtt(_)
                 | AgentAction::RenewalAnswered(_) => {}
             }
@@ -499,7 +501,8 @@ impl Link<'_> {
                     .send(&msg)
                     .await
                     .map_err(|e| LinkEnd::Lost(e.to_string()))?,
-                AgentAction::ApplyView(view) => self.apply_view(&view).await,
+                AgentAction::ApplyView(view) => self.apply_view(&view, true).await,
+                AgentAction::ApplyViewRoutesPending(view) => self.apply_view(&view, false).await,
                 AgentAction::Rtt(rtt) => self.shared.links.update(self.endpoint, |l| {
                     l.rtt_ms = Some(rtt.as_secs_f64() * 1000.0)
                 }),
@@ -528,8 +531,10 @@ impl Link<'_> {
     }
 
     /// A view from the hub (its welcome, an update, a synced route table): the egress policy,
-    /// the endpoints to dial, and the data plane.
-    async fn apply_view(&self, view: &HubView) {
+    /// the endpoints to dial, and the data plane. A view whose routes are still to come
+    /// (`routes_known` false: this link's table is not synced yet) does not replace the
+    /// routes the data plane has from another link; it is taken only when there are none.
+    async fn apply_view(&self, view: &HubView, routes_known: bool) {
         let shared = self.shared;
         shared.proxy.set_policy(&view.egress);
         shared.endpoints.learn(
@@ -538,8 +543,11 @@ impl Link<'_> {
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
         match shared.dataplane.get() {
-            Some(dp) => dp.on_view(view).await,
-            None => shared.dataplane.remember_view(self.hub_id, self.conn, view),
+            Some(dp) if routes_known || !dp.has_view() => dp.on_view(view).await,
+            Some(_) => {}
+            None => shared
+                .dataplane
+                .remember_view(self.hub_id, self.conn, view, routes_known),
         }
     }
 

@@ -716,11 +716,7 @@ pub type StaticHub = (String, (String, u16));
 
 /// `NAME=HOST:PORT` entries of the static hub list (`hubs`): at least two, names unique and
 /// valid node names, this hub among them; file inventories only.
-fn parse_hubs(
-    raw: &[String],
-    me: &str,
-    kube: bool,
-) -> Result<Vec<StaticHub>, ConfigError> {
+fn parse_hubs(raw: &[String], me: &str, kube: bool) -> Result<Vec<StaticHub>, ConfigError> {
     if raw.is_empty() {
         return Ok(Vec::new());
     }

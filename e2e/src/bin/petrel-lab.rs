@@ -60,6 +60,7 @@ fn up(o: Opts) -> Result<()> {
     let spec = LabSpec {
         prefix: o.prefix,
         underlay_mtu: o.mtu,
+        second_hub: false,
     };
     let lab = Lab::build(spec)?;
     let inventory = o
@@ -144,6 +145,7 @@ fn main() -> ExitCode {
                 &LabSpec {
                     prefix: None,
                     underlay_mtu: o.mtu,
+                    second_hub: false,
                 },
             )?;
             print!("{}\n{}", layout.render_table(), layout.inventory_toml());

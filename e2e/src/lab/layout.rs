@@ -111,6 +111,9 @@ pub struct LabSpec {
     pub prefix: Option<String>,
     /// MTU of every underlay link; flannel.1, cni0 and pods get `underlay_mtu - 50`.
     pub underlay_mtu: u32,
+    /// A second gateway node, `gw-3` in the VPC with its own WAN address, for active-active
+    /// hubs (named so that `petrel_proto::ownership` gives site-a to gw-1 and site-b to gw-3).
+    pub second_hub: bool,
 }
 
 impl Default for LabSpec {
@@ -118,6 +121,7 @@ impl Default for LabSpec {
         LabSpec {
             prefix: None,
             underlay_mtu: 1500,
+            second_hub: false,
         }
     }
 }
@@ -343,7 +347,7 @@ impl Layout {
                 router: None,
             },
         ];
-        let defs = [
+        let mut defs = vec![
             NodeDef {
                 name: "cloud-1",
                 index: 1,
@@ -411,6 +415,19 @@ impl Layout {
                 gateway: false,
             },
         ];
+        if spec.second_hub {
+            defs.push(NodeDef {
+                name: "gw-3",
+                index: 7,
+                site: "vpc",
+                kind: SiteKind::Cloud,
+                underlay: vpc_net.nth(13),
+                net: vpc_net,
+                gw: vpc_router_ip,
+                wan: Some(wan_net.nth(11)),
+                gateway: true,
+            });
+        }
         let nodes = defs
             .iter()
             .map(|d| {

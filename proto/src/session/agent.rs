@@ -104,6 +104,11 @@ pub enum AgentAction {
     /// last view with its routes from the synced table (or as sent, from a hub that sends
     /// routes in views).
     ApplyView(Box<HubView>),
+    /// A view whose routes are not known yet: this link's first connection to a hub that
+    /// syncs its route table, before the table arrives. Its egress policy and endpoints apply;
+    /// its (empty) routes must not replace routes another link already applied (a new hub
+    /// joining would otherwise empty every agent's routes until its table came).
+    ApplyViewRoutesPending(Box<HubView>),
     /// A new smoothed round-trip time.
     Rtt(Duration),
     /// The hub answered the renewal started with [`AgentSession::start_renewal`].
@@ -111,6 +116,15 @@ pub enum AgentAction {
     Close(Close),
     /// The session is over; the last action.
     Ended(AgentSessionEnd),
+}
+
+/// A complete view, or one whose routes are still to come.
+fn view_action(routes_known: bool, view: HubView) -> AgentAction {
+    if routes_known {
+        AgentAction::ApplyView(Box::new(view))
+    } else {
+        AgentAction::ApplyViewRoutesPending(Box::new(view))
+    }
 }
 
 #[derive(Debug)]
@@ -132,6 +146,9 @@ pub struct AgentSession {
     config: AgentSessionConfig,
     state: State,
     routes: RouteTable,
+    /// Whether `routes` are a table the hub confirmed (its digest matched, in this session or
+    /// the link's last) or the hub sends routes in its views.
+    routes_known: bool,
     renewing: bool,
     actions: VecDeque<AgentAction>,
 }
@@ -146,6 +163,8 @@ impl AgentSession {
         AgentSession {
             config,
             state: State::Welcoming,
+            // A table kept from the link's last session was confirmed then.
+            routes_known: !routes.is_empty(),
             routes,
             renewing: false,
             actions,
@@ -249,10 +268,12 @@ impl AgentSession {
                         }
                     }
                     ControlMessage::Update(view) => {
+                        // A hub that sends routes in its views does not sync a table.
+                        self.routes_known |= !view.routes.is_empty();
                         let applied = effective_view(&view, &self.routes, node, site);
                         **base = view;
-                        self.actions
-                            .push_back(AgentAction::ApplyView(Box::new(applied)));
+                        let action = view_action(self.routes_known, applied);
+                        self.actions.push_back(action);
                     }
                     ControlMessage::Routes(chunk) => {
                         self.routes.apply(&chunk);
@@ -272,6 +293,7 @@ impl AgentSession {
                                 AgentSessionEnd::RouteDigestMismatch,
                             );
                         }
+                        self.routes_known = true;
                         let applied = effective_view(base, &self.routes, node, site);
                         self.actions
                             .push_back(AgentAction::ApplyView(Box::new(applied)));
@@ -354,6 +376,7 @@ impl AgentSession {
     }
 
     fn on_welcome(&mut self, welcome: Welcome, now: Instant) {
+        self.routes_known |= !welcome.view.routes.is_empty();
         let applied = effective_view(
             &welcome.view,
             &self.routes,
@@ -373,8 +396,8 @@ impl AgentSession {
         };
         self.actions
             .push_back(AgentAction::Welcomed(Box::new(welcome)));
-        self.actions
-            .push_back(AgentAction::ApplyView(Box::new(applied)));
+        let action = view_action(self.routes_known, applied);
+        self.actions.push_back(action);
     }
 
     fn reset_routes(&mut self, reason: &str, end: AgentSessionEnd) {

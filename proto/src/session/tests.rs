@@ -283,6 +283,14 @@ impl Pair {
         })
     }
 
+    /// The last view whose routes were still to come.
+    fn last_pending_view(&self) -> Option<&HubView> {
+        self.agent_did.iter().rev().find_map(|a| match a {
+            AgentAction::ApplyViewRoutesPending(v) => Some(&**v),
+            _ => None,
+        })
+    }
+
     fn renewal_answers(&self) -> Vec<&RenewResponse> {
         self.agent_did
             .iter()
@@ -309,7 +317,9 @@ fn hello_is_welcomed_with_the_hubs_view_and_certificate_identity() {
     assert_eq!(welcome.node_name, NODE);
     assert_eq!(welcome.site, SITE);
     assert_eq!(welcome.keepalive_interval_ms, 5000);
-    assert_eq!(p.last_view(), Some(&view(1400)));
+    // A fresh link of a route-syncing hub: the view's routes are still to come.
+    assert_eq!(p.last_pending_view(), Some(&view(1400)));
+    assert_eq!(p.last_view(), None);
     // The hub saw the hello with the digest of the (empty) table the agent holds.
     let Some(HubAction::Admitted(h)) = p.hub_did.first() else {
         panic!("{:?}", p.hub_did)
@@ -516,7 +526,58 @@ fn updates_reach_the_agent_as_views() {
     changed.egress.pod_ports = None;
     assert!(p.hub.push(ControlMessage::Update(changed.clone())));
     p.advance(100 * MS);
+    assert_eq!(p.last_pending_view(), Some(&changed));
+    // A hub that sends routes in its views: they are complete from then on.
+    let mut with_routes = view(1300);
+    with_routes.routes = RouteTable::from_entries([entry(4, "vpc")]).routes_for(NODE, SITE);
+    assert!(p.hub.push(ControlMessage::Update(with_routes.clone())));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view(), Some(&with_routes));
+    assert!(p.hub.push(ControlMessage::Update(changed.clone())));
+    p.advance(100 * MS);
     assert_eq!(p.last_view(), Some(&changed));
+}
+
+#[test]
+fn a_fresh_links_views_wait_for_its_table_and_a_kept_table_counts() {
+    let mut p = Pair::connected();
+    assert!(p.hub.push(ControlMessage::Update(view(1300))));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view(), None, "{:?}", p.agent_did);
+    assert_eq!(p.last_pending_view().unwrap().site_mtu, 1300);
+    // A chunk without a digest (mid-snapshot) completes nothing.
+    let table = RouteTable::from_entries([entry(1, SITE), entry(2, "vpc")]);
+    let mut chunks = table.snapshot().unwrap();
+    let last = chunks.pop().unwrap();
+    assert!(last.digest.is_some());
+    let mut partial = last.clone();
+    partial.digest = None;
+    assert!(p.hub.push(ControlMessage::Routes(partial)));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view(), None);
+    // An update mid-snapshot is still pending, whatever the table holds so far.
+    assert!(p.hub.push(ControlMessage::Update(view(1250))));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view(), None);
+    assert_eq!(p.last_pending_view().unwrap().site_mtu, 1250);
+    // The digest confirms the table: complete, and so is every later view.
+    assert!(p.hub.push(ControlMessage::Routes(last)));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view().unwrap().routes.len(), 2);
+    assert!(p.hub.push(ControlMessage::Update(view(1200))));
+    p.advance(100 * MS);
+    assert_eq!(p.last_view().unwrap().site_mtu, 1200);
+    // The link's next session starts from the confirmed table: its welcome is complete.
+    let routes = std::mem::replace(
+        &mut p.agent,
+        AgentSession::new(hello(NODE), RouteTable::new(), agent_config()),
+    )
+    .into_routes();
+    let again = Pair::new(NODE, hello(NODE), routes);
+    let mut again = again;
+    again.advance(100 * MS);
+    assert_eq!(again.last_view().unwrap().routes.len(), 2);
+    assert_eq!(again.last_pending_view(), None);
 }
 
 #[test]
