@@ -34,16 +34,15 @@ pub mod util;
 pub mod wg;
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use serde::Serialize;
 
-use petrel_e2e::lab::{spawn_in_netns, Lab, LabSpec};
+use petrel_e2e::failover_probe::{Probe, PROBE_PORT};
+use petrel_e2e::lab::{Lab, LabSpec};
 use petrel_e2e::lab_petrel::PetrelLab;
 use petrel_e2e::measure::StopFlag;
 use petrel_e2e::{attack, egress_streams, wan};
@@ -878,90 +877,11 @@ fn add_ratios(paths: &mut [PathRow]) {
 
 // ---- failover ---------------------------------------------------------------------------------
 
-/// Bidirectional UDP probes between two pods every 10 ms; records when each side last heard.
-struct Probe {
-    stop: Arc<AtomicBool>,
-    heard: Arc<Mutex<[Vec<Instant>; 2]>>,
-    tasks: Vec<petrel_e2e::lab::NetnsTask<()>>,
-}
-
-const PROBE_PORT: u16 = 7301;
-
-impl Probe {
-    fn start(lab: &Lab, a: &str, b: &str) -> Result<Probe> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let heard: Arc<Mutex<[Vec<Instant>; 2]>> = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
-        let ends = [
-            (lab.endpoint_ns(a)?, lab.node(a).pod_ip, lab.node(b).pod_ip),
-            (lab.endpoint_ns(b)?, lab.node(b).pod_ip, lab.node(a).pod_ip),
-        ];
-        // Built first: if the second end fails to start, dropping the probe stops the first.
-        let mut probe = Probe {
-            stop,
-            heard,
-            tasks: Vec::new(),
-        };
-        let Probe { stop, heard, tasks } = &mut probe;
-        for (i, (ns, me, peer)) in ends.into_iter().enumerate() {
-            let (stop, heard) = (stop.clone(), heard.clone());
-            let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
-            tasks.push(spawn_in_netns(&ns, "failover probe", move || {
-                let s = match UdpSocket::bind(SocketAddrV4::new(me, PROBE_PORT)) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        return Ok(());
-                    }
-                };
-                s.set_read_timeout(Some(Duration::from_millis(10)))?;
-                let _ = tx.send(Ok(()));
-                let to = SocketAddrV4::new(peer, PROBE_PORT);
-                let mut b = [0u8; 64];
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if Instant::now() >= next {
-                        let _ = s.send_to(b"probe", to);
-                        next += Duration::from_millis(10);
-                    }
-                    if s.recv_from(&mut b).is_ok() {
-                        if let Ok(mut h) = heard.lock() {
-                            h[i].push(Instant::now());
-                        }
-                    }
-                }
-                Ok(())
-            })?);
-            rx.recv_timeout(Duration::from_secs(5))
-                .map_err(|_| anyhow!("probe did not start"))?
-                .map_err(|e| anyhow!("probe: {e}"))?;
-        }
-        Ok(probe)
-    }
-
-    /// The first instant at or after `t` by which both sides have heard the other.
-    fn both_heard_after(&self, t: Instant) -> Option<Instant> {
-        let h = self.heard.lock().ok()?;
-        let a = h[0].iter().find(|x| **x > t)?;
-        let b = h[1].iter().find(|x| **x > t)?;
-        Some(*a.max(b))
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Their sockets must be closed before the next sample binds the same port.
-        for t in self.tasks.drain(..) {
-            let _ = t.wait(Duration::from_secs(2));
-        }
-    }
-}
-
 /// Kills the hub with SIGKILL and starts it again at once with the same command; returns the
 /// seconds until traffic flows both ways between a cloud pod and an edge pod.
 pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Result<f64> {
     let lab = petrel.lab;
-    let probe = Probe::start(lab, cloud, edge)?;
+    let probe = Probe::start(lab, cloud, edge, PROBE_PORT)?;
     petrel_e2e::lab::wait_until(
         "probes flowing before the kill",
         Duration::from_secs(5),

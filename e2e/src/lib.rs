@@ -17,6 +17,7 @@
 //! | [`attack`] | the attacks of issue 11 against a hub on loopback (unauthenticated connections, spoofed Initials, a relay flood), shared by the hardening tests and the bench |
 //! | [`wan`] | delay and loss on the lab's WAN link, for the fault tests and the bench |
 //! | [`egress_streams`] | stream targets in an edge pod, a CONNECT client over the hub's Unix socket, one stream's throughput |
+//! | [`failover_probe`] | UDP probes every 10 ms both ways between two pods: the gap when a hub dies, for the bench and the lab tests |
 //! | [`measure`] | nearest-rank percentiles and a stop-on-drop flag for measuring threads |
 //! | `src/bin/petrel-demo.rs` | `make demo` |
 //! | `src/bin/petrel-lab.rs` | the lab by hand (`up`, `down`, `cleanup`, `list`, `layout`) |
@@ -24,6 +25,7 @@
 pub mod apiserver;
 pub mod attack;
 pub mod egress_streams;
+pub mod failover_probe;
 pub mod k8s_lab;
 pub mod lab;
 pub mod lab_petrel;

@@ -115,8 +115,10 @@ async fn open_dataplane(
         dp.on_view(&view).await;
     }
     let capture = tokio::spawn(dp.clone().run_capture(shutdown.clone()));
+    let silence = tokio::spawn(dp.clone().run_silence_watch(shutdown.clone()));
     dp.clone().run_reconcile(shutdown).await;
     let _ = capture.await;
+    let _ = silence.await;
 }
 
 fn spawn_link(

@@ -65,6 +65,8 @@ struct Tunnels {
     last: Option<String>,
     /// Several active hubs: which one each frame goes to.
     choice: Option<crate::hub_choice::HubChoice>,
+    /// Hubs that stopped answering while frames went to them (`SilenceWatch`): skipped.
+    silent: std::collections::BTreeSet<String>,
 }
 
 impl Tunnels {
@@ -75,9 +77,13 @@ impl Tunnels {
     /// The tunnel for `frame`: with several active hubs the first of its ranking that is open,
     /// else (or when none of them is) as [`Tunnels::pick`].
     fn pick_for(&self, frame: &[u8]) -> Option<quinn::Connection> {
-        self.choice
-            .as_ref()
-            .and_then(|c| c.ranked(frame).iter().find_map(|h| self.open(h)).cloned())
+        let ranked = self.choice.as_ref().map(|c| c.ranked(frame)).unwrap_or(&[]);
+        ranked
+            .iter()
+            .filter(|h| !self.silent.contains(*h))
+            .find_map(|h| self.open(h))
+            .or_else(|| ranked.iter().find_map(|h| self.open(h)))
+            .cloned()
             .or_else(|| self.pick())
     }
 
@@ -519,6 +525,56 @@ impl AgentDataplane {
             }
             if no_hub > 0 {
                 self.drop_frames("no_hub", no_hub);
+            }
+        }
+    }
+
+    /// With several active hubs: every 50 ms, which tunnels were sent packets and heard
+    /// nothing back for a while (`SilenceWatch`); their hubs are skipped until they answer.
+    pub async fn run_silence_watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut watches: BTreeMap<u64, crate::hub_choice::SilenceWatch> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let conns: Vec<(String, quinn::Connection)> = match self.active.read() {
+                Ok(t) if t.choice.is_some() => t
+                    .by_hub
+                    .iter()
+                    .map(|(h, c)| (h.clone(), c.clone()))
+                    .collect(),
+                _ => {
+                    watches.clear();
+                    continue;
+                }
+            };
+            let now = std::time::Instant::now();
+            let mut silent = std::collections::BTreeSet::new();
+            for (hub, conn) in &conns {
+                let stats = conn.stats();
+                let w = watches.entry(conn.stable_id() as u64).or_default();
+                // Frames the hub must acknowledge (an ACK-only packet of ours is not answered,
+                // so counting every packet sent would take a live hub for a silent one).
+                let eliciting =
+                    stats.frame_tx.datagram + stats.frame_tx.stream + stats.frame_tx.ping;
+                if w.observe(eliciting, stats.udp_rx.datagrams, conn.rtt(), now) {
+                    silent.insert(hub.clone());
+                }
+            }
+            watches.retain(|id, _| conns.iter().any(|(_, c)| c.stable_id() as u64 == *id));
+            if let Ok(mut t) = self.active.write() {
+                if t.silent != silent {
+                    for hub in silent.difference(&t.silent) {
+                        warn!(%hub, "hub silent while frames go to it; its sites' frames go to the next hub");
+                    }
+                    for hub in t.silent.difference(&silent) {
+                        info!(%hub, "hub answers again");
+                    }
+                    t.silent = silent;
+                }
             }
         }
     }

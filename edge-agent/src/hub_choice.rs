@@ -8,12 +8,17 @@
 //! deliver any frame (every agent keeps a tunnel to every hub), so two parties that disagree for
 //! a moment cost a detour, never a drop.
 //!
-//! The cloud site is recognised as the site of the hubs' own nodes (hub names are node names).
-//! The view does not say which other sites are public, so an Express Connect site is ranked by
-//! its own name like a public one: its frames still go straight from that hub to its VTEP.
+//! [`SilenceWatch`] is the fast half of failover on this side: a hub that stops answering while
+//! frames go to it is skipped after a few hundred milliseconds.
+//!
+//! The view lists the sites that are not public (`HubView::routed_sites`: cloud and Express
+//! Connect); from a hub that does not send that list, the hubs' own site (hub names are node
+//! names) is the only one known, and an Express Connect site is ranked by its own name like a
+//! public one (its frames still go straight from that hub to its VTEP).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use petrel_proto::control::HubView;
 use petrel_proto::types::RoutePath;
@@ -40,11 +45,18 @@ impl HubChoice {
         if live.len() < 2 {
             return None;
         }
-        let hub_sites: HashSet<&str> = view
-            .routes
+        // The sites that are not public: as the hub lists them, and (for a hub from before
+        // that list) at least the hubs' own site.
+        let not_public: HashSet<&str> = view
+            .routed_sites
             .iter()
-            .filter(|r| live.contains(&r.node_name.as_str()))
-            .map(|r| r.site.as_str())
+            .map(String::as_str)
+            .chain(
+                view.routes
+                    .iter()
+                    .filter(|r| live.contains(&r.node_name.as_str()))
+                    .map(|r| r.site.as_str()),
+            )
             .collect();
         let rank = |site: &str| -> Arc<[String]> {
             petrel_proto::ownership::rank(site, live.iter().copied())
@@ -59,7 +71,7 @@ impl HubChoice {
         let mut by_mac = HashMap::new();
         for r in view.routes.iter().filter(|r| r.path == RoutePath::ViaHub) {
             let site = r.site.as_str();
-            if hub_sites.contains(site) || Some(site) == own_site {
+            if not_public.contains(site) || Some(site) == own_site {
                 continue;
             }
             let ranked = per_site.entry(site).or_insert_with(|| rank(site)).clone();
@@ -81,6 +93,42 @@ impl HubChoice {
     /// The hub that owns this agent's own site (status).
     pub fn own_owner(&self) -> Option<&str> {
         self.own.first().map(String::as_str)
+    }
+}
+
+/// Shortest silence after which a hub that is sent something is taken as gone.
+pub const MIN_SILENCE: Duration = Duration::from_millis(300);
+
+/// Notices a hub that stopped answering while it is sent something: the tunnel carried frames
+/// the hub must acknowledge (datagrams, stream data, pings; not ACK-only packets, which nobody
+/// answers) since the last packet that came from the hub, and nothing has come back for
+/// `max(MIN_SILENCE, 3 x RTT)`. quinn acknowledges what it receives within its ack delay
+/// (25 ms), so a live hub that is sent anything answers; a dead one stays silent, and without
+/// this its sites' frames would go to it until the session's own timeout (5 s). Fed from the
+/// connection's packet counters; it costs nothing while the tunnel is idle.
+#[derive(Debug, Default, Clone)]
+pub struct SilenceWatch {
+    last_tx: u64,
+    last_rx: u64,
+    unanswered_since: Option<Instant>,
+}
+
+impl SilenceWatch {
+    /// The tunnel's counters now (`tx`: ack-eliciting frames sent, `rx`: packets received);
+    /// true while the hub is silent.
+    pub fn observe(&mut self, tx: u64, rx: u64, rtt: Duration, now: Instant) -> bool {
+        if rx != self.last_rx {
+            self.last_rx = rx;
+            self.last_tx = tx;
+            self.unanswered_since = None;
+            return false;
+        }
+        if tx != self.last_tx {
+            self.last_tx = tx;
+            self.unanswered_since.get_or_insert(now);
+        }
+        self.unanswered_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= (rtt * 3).max(MIN_SILENCE))
     }
 }
 
@@ -127,6 +175,7 @@ mod tests {
             site_mtu: 1380,
             egress: EgressPolicy::default(),
             site_mtus: Vec::new(),
+            routed_sites: vec!["vpc".into(), "site-x".into()],
         }
     }
 
@@ -148,12 +197,18 @@ mod tests {
         for n in [1, 2, 7] {
             assert_eq!(c.ranked(&frame_to(n)), ["gw-1", "gw-3"], "node {n}");
         }
-        // An Express Connect site looks like any other site to the agent (the view does not
-        // say which sites are public): it goes by its own ranking, still straight to its VTEP.
+        // Express Connect (listed as not public): this site's owner too.
+        assert_eq!(c.ranked(&frame_to(6)), ["gw-1", "gw-3"]);
+        // From a hub that does not list the sites that are not public, an Express Connect
+        // site is ranked by its own name; the hubs' own site is still known.
+        let mut old_hub = view(vec![gw("gw-1", true), gw("gw-3", true)]);
+        old_hub.routed_sites.clear();
+        let c_old = HubChoice::from_view(&old_hub, a1).unwrap();
         assert_eq!(
-            c.ranked(&frame_to(6)),
+            c_old.ranked(&frame_to(6)),
             petrel_proto::ownership::rank("site-x", ["gw-1", "gw-3"])
         );
+        assert_eq!(c_old.ranked(&frame_to(1)), ["gw-1", "gw-3"]);
         // An unknown MAC or a short frame: its own site's owner.
         assert_eq!(c.ranked(&frame_to(99)), ["gw-1", "gw-3"]);
         assert_eq!(c.ranked(&[0x08, 0, 0]), ["gw-1", "gw-3"]);
@@ -178,6 +233,34 @@ mod tests {
             c.own_owner(),
             petrel_proto::ownership::owner("", ["gw-1", "gw-3"])
         );
+    }
+
+    #[test]
+    fn a_hub_that_is_sent_packets_and_answers_none_is_silent() {
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(20);
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = SilenceWatch::default();
+        // Traffic both ways: never silent.
+        assert!(!w.observe(10, 10, rtt, ms(0)));
+        assert!(!w.observe(20, 20, rtt, ms(50)));
+        // Idle (nothing sent, nothing heard): not silent, however long.
+        assert!(!w.observe(20, 20, rtt, ms(5_000)));
+        // Sent at 5,000 ms, nothing back: silent from 5,300 ms (MIN_SILENCE), not before.
+        assert!(!w.observe(25, 20, rtt, ms(5_000)));
+        assert!(!w.observe(30, 20, rtt, ms(5_299)));
+        assert!(w.observe(31, 20, rtt, ms(5_300)));
+        assert!(w.observe(31, 20, rtt, ms(6_000)));
+        // Anything heard ends it.
+        assert!(!w.observe(31, 21, rtt, ms(6_050)));
+        assert!(!w.observe(31, 21, rtt, ms(9_000)));
+        // A long path waits three round trips.
+        let mut w = SilenceWatch::default();
+        let slow = Duration::from_millis(200);
+        assert!(!w.observe(1, 1, slow, ms(0)));
+        assert!(!w.observe(2, 1, slow, ms(0)));
+        assert!(!w.observe(3, 1, slow, ms(599)));
+        assert!(w.observe(3, 1, slow, ms(600)));
     }
 
     #[test]

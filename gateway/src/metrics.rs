@@ -26,6 +26,8 @@ pub struct HubMetrics {
     pub tunnel_handshakes: Family<Outcome, Counter>,
     pub agent_refusals: Family<Reason, Counter>,
     pub agents_replaced: Counter,
+    /// Liveness probes from node roles answered on the relay port (active-active hubs).
+    pub relay_probes_answered: Counter,
     pub enrolments: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
     /// CertificateSigningRequests of Petrel's signer, by outcome (signed, denied_<reason>).
@@ -61,6 +63,7 @@ impl HubMetrics {
             tunnel_handshakes: Family::default(),
             agent_refusals: Family::default(),
             agents_replaced: Counter::default(),
+            relay_probes_answered: Counter::default(),
             enrolments: Family::default(),
             renewals: Family::default(),
             csrs: Family::default(),
@@ -151,6 +154,11 @@ impl HubMetrics {
             "welcome_bytes",
             "Encoded size of the last Welcome sent to an agent",
             m.welcome_bytes.clone(),
+        );
+        registry.register(
+            "relay_probes_answered",
+            "Liveness probes from node roles answered on the relay port (probes from unknown addresses are dropped as unknown_sender)",
+            m.relay_probes_answered.clone(),
         );
         registry.register(
             "sites_mtu_learned",

@@ -69,6 +69,8 @@ struct StatusInner {
     /// `None` once applied; otherwise why the node's routes are not (yet) what they should be.
     problem: Option<NodeRoleNotReady>,
     applied_once: bool,
+    /// Active-active: hubs that do not answer their relay probes (their sites go elsewhere).
+    hubs_down: std::collections::BTreeSet<String>,
 }
 
 impl NodeRoleStatus {
@@ -87,6 +89,12 @@ impl NodeRoleStatus {
             if !i.applied_once {
                 i.problem = Some(NodeRoleNotReady::Waiting(why.to_string()));
             }
+        }
+    }
+
+    fn set_hubs_down(&self, down: &std::collections::BTreeSet<String>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.hubs_down = down.clone();
         }
     }
 
@@ -168,6 +176,7 @@ impl petrel_transport::admin::AdminState for NodeRoleStatus {
             "not_ready_reason": i.problem.as_ref().map(ToString::to_string),
             "repairs": self.repairs.load(Ordering::Relaxed),
             "apply_errors": self.apply_errors.load(Ordering::Relaxed),
+            "hubs_down": i.hubs_down,
         })
     }
 
@@ -206,6 +215,17 @@ impl petrel_transport::admin::AdminState for NodeRoleStatus {
 
 /// The routes this node needs: every public-site node's pod CIDRs through the hub.
 pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredState, NodeRoleError> {
+    desired_state_without(inv, cfg, &std::collections::BTreeSet::new())
+}
+
+/// [`desired_state`] with active-active hubs, `down` being the hubs that do not answer their
+/// relay probes: their sites go to the next hub of each site's ranking (all hubs count again
+/// when every one of them is down: sending to a hub that may come back beats sending nowhere).
+pub fn desired_state_without(
+    inv: &Inventory,
+    cfg: &NodeRoleConfig,
+    down: &std::collections::BTreeSet<String>,
+) -> Result<DesiredState, NodeRoleError> {
     let me = inv
         .node(&cfg.node_name)
         .ok_or_else(|| NodeRoleError::UnknownNode(cfg.node_name.clone()))?;
@@ -230,13 +250,16 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
         (None, None) => return Err(NodeRoleError::NoHub),
     };
     // Active-active: the hubs by name (the names every party ranks), each with its relay.
-    let hubs: Vec<(&str, Relay)> = if cfg.active_active && cfg.hub_address.is_none() {
+    let mut hubs: Vec<(&str, Relay)> = if cfg.active_active && cfg.hub_address.is_none() {
         inv.gateways()
             .filter_map(|g| Some((g.name.as_str(), relay_of_node(g, &me.name)?)))
             .collect()
     } else {
         Vec::new()
     };
+    if hubs.iter().any(|h| !down.contains(h.0)) {
+        hubs.retain(|h| !down.contains(h.0));
+    }
     let mut peers = Vec::new();
     for n in inv
         .nodes()
@@ -263,6 +286,96 @@ pub fn desired_state(inv: &Inventory, cfg: &NodeRoleConfig) -> Result<DesiredSta
         }
     }
     Ok(DesiredState { peers, relay })
+}
+
+/// Active-active: each hub's name and where its relay answers probes, seen from this node
+/// (empty unless several hubs share the work).
+pub fn probe_targets(inv: &Inventory, cfg: &NodeRoleConfig) -> Vec<(String, SocketAddr)> {
+    if !cfg.active_active || cfg.hub_address.is_some() {
+        return Vec::new();
+    }
+    let targets: Vec<(String, SocketAddr)> = inv
+        .gateways()
+        .filter_map(|g| {
+            let relay = relay_of_node(g, &cfg.node_name)?;
+            Some((
+                g.name.clone(),
+                relay_target(&relay, cfg.datapath.relay_port),
+            ))
+        })
+        .collect();
+    if targets.len() < 2 {
+        return Vec::new();
+    }
+    targets
+}
+
+/// Probes every hub's relay port (`petrel_proto::relay_probe`) and, when the set of hubs that
+/// do not answer changes, moves their sites to the next hub of each site's ranking.
+async fn probe_hubs(
+    inv: Inventory,
+    cfg: NodeRoleConfig,
+    desired_tx: watch::Sender<DesiredState>,
+    shutdown: CancellationToken,
+) {
+    use petrel_proto::relay_probe::HubLiveness;
+    let targets = probe_targets(&inv, &cfg);
+    if targets.is_empty() {
+        return;
+    }
+    let sock = match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot open the hub probe socket; a dead hub's sites stay with it");
+            return;
+        }
+    };
+    let mut live = HubLiveness::new(
+        targets.iter().map(|t| t.0.clone()),
+        rand::random::<u64>(),
+        std::time::Instant::now(),
+    );
+    let apply =
+        |down: std::collections::BTreeSet<String>| match desired_state_without(&inv, &cfg, &down) {
+            Ok(d) => {
+                if down.is_empty() {
+                    info!("every hub answers its probes; each site goes to its owner");
+                } else {
+                    warn!(
+                        ?down,
+                        "hubs do not answer their relay probes; their sites go to the next hub"
+                    );
+                }
+                cfg.status.set_hubs_down(&down);
+                desired_tx.send_replace(d);
+            }
+            Err(e) => warn!(error = %e, "cannot recompute the routes for the live hubs"),
+        };
+    let mut buf = [0u8; 64];
+    loop {
+        let due = tokio::time::Instant::from_std(live.poll_timeout());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => {
+                if let Ok((n, _)) = r {
+                    if let Some(down) = buf.get(..n).and_then(|b| live.on_reply(b, std::time::Instant::now())) {
+                        apply(down);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(due) => {
+                let tick = live.tick(std::time::Instant::now());
+                for (hub, probe) in &tick.probes {
+                    if let Some((_, addr)) = targets.iter().find(|t| &t.0 == hub) {
+                        let _ = sock.send_to(probe, addr).await;
+                    }
+                }
+                if let Some(down) = tick.down_changed {
+                    apply(down);
+                }
+            }
+        }
+    }
 }
 
 /// Where a hub on node `hub` receives relay frames, seen from node `me`.
@@ -322,8 +435,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NodeRoleError> {
     let desired = desired_state(&inv, &cfg)?;
-    let (_keep, rx) = watch::channel(desired);
-    run_desired(cfg, rx, shutdown).await
+    let (tx, rx) = watch::channel(desired);
+    // Active-active: a dead hub's sites move to the next hub once its probes go unanswered.
+    // With one hub the prober returns at once and the state stays as it is.
+    let prober = tokio::spawn(probe_hubs(inv, cfg.clone(), tx, shutdown.clone()));
+    let r = run_desired(cfg, rx, shutdown).await;
+    prober.abort();
+    r
 }
 
 /// Runs the node role with a desired state that changes (Kubernetes mode: Nodes come and go,
@@ -525,6 +643,66 @@ mod tests {
         c.hub_address = Some("10.9.9.9".parse().unwrap());
         let d = desired_state(&inv, &c).unwrap();
         assert!(d.peers.iter().all(|p| p.via.is_none()));
+    }
+
+    #[test]
+    fn a_hub_that_does_not_answer_loses_its_sites_to_the_next_hub() {
+        let inv = two_hubs();
+        let mut c = cfg("cloud-1");
+        c.active_active = true;
+        let gw1 = Some(Relay::Remote("192.168.0.12".parse().unwrap()));
+        let gw3 = Some(Relay::Remote("192.168.0.13".parse().unwrap()));
+        let via = |down: &[&str]| {
+            let down = down.iter().map(|s| s.to_string()).collect();
+            let d = desired_state_without(&inv, &c, &down).unwrap();
+            let a = d
+                .peers
+                .iter()
+                .find(|p| p.cidr.to_string() == "10.244.3.0/24")
+                .unwrap()
+                .via;
+            let b = d
+                .peers
+                .iter()
+                .find(|p| p.cidr.to_string() == "10.244.5.0/24")
+                .unwrap()
+                .via;
+            (a, b)
+        };
+        assert_eq!(via(&[]), (gw1, gw3));
+        assert_eq!(via(&["gw-3"]), (gw1, gw1));
+        assert_eq!(via(&["gw-1"]), (gw3, gw3));
+        // Every hub down: the owners as if all were up.
+        assert_eq!(via(&["gw-1", "gw-3"]), (gw1, gw3));
+        // A name that is not a hub changes nothing.
+        assert_eq!(via(&["cloud-1"]), (gw1, gw3));
+    }
+
+    #[test]
+    fn probes_go_to_every_hubs_relay_only_with_several_hubs() {
+        let inv = two_hubs();
+        let mut c = cfg("cloud-1");
+        assert!(probe_targets(&inv, &c).is_empty());
+        c.active_active = true;
+        assert_eq!(
+            probe_targets(&inv, &c),
+            vec![
+                ("gw-1".to_string(), "192.168.0.12:8473".parse().unwrap()),
+                ("gw-3".to_string(), "192.168.0.13:8473".parse().unwrap()),
+            ]
+        );
+        // On a hub's own node its relay is on loopback.
+        let mut on_gw3 = cfg("gw-3");
+        on_gw3.active_active = true;
+        assert_eq!(
+            probe_targets(&inv, &on_gw3)[1],
+            ("gw-3".to_string(), "127.0.0.1:8473".parse().unwrap())
+        );
+        // One hub, or a fixed hub address: nothing to probe.
+        let one = Inventory::embedded_default().unwrap();
+        assert!(probe_targets(&one, &c).is_empty());
+        c.hub_address = Some("10.9.9.9".parse().unwrap());
+        assert!(probe_targets(&inv, &c).is_empty());
     }
 
     #[test]

@@ -171,10 +171,18 @@ pub struct HubView {
     /// `site_mtu` (a smaller WAN path); the agent routes their CIDRs at the smaller of its own
     /// MTU and this. A view that ends before it lists none. At most [`MAX_SITE_MTUS`].
     pub site_mtus: Vec<SiteMtu>,
+    /// Trailing field (after `site_mtus`): the sites that are not public (the cloud and
+    /// Express Connect sites), whose nodes the agent reaches through the hub like any other.
+    /// With several active hubs an agent sends frames for them to the hub that owns its own
+    /// site, and frames for a public site to that site's owner. A view that ends before it
+    /// lists none. At most [`MAX_ROUTED_SITES`].
+    pub routed_sites: Vec<String>,
 }
 
 /// Most entries of [`HubView::site_mtus`].
 pub const MAX_SITE_MTUS: usize = 4096;
+/// Most entries of [`HubView::routed_sites`].
+pub const MAX_ROUTED_SITES: usize = 4096;
 
 /// The inner MTU toward one site.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -650,6 +658,19 @@ fn write_view(w: &mut Writer<'_>, v: &HubView) -> Result<(), EncodeError> {
         }
         w.u16(m.mtu);
     }
+    w.count(
+        "HubView.routed_sites",
+        v.routed_sites.len(),
+        MAX_ROUTED_SITES,
+    )?;
+    for site in &v.routed_sites {
+        w.checked_string(
+            "HubView.routed_sites",
+            site,
+            MAX_SITE_LEN,
+            codec::check_site_name,
+        )?;
+    }
     Ok(())
 }
 
@@ -823,12 +844,25 @@ fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
             site_mtus.push(SiteMtu { site, mtu });
         }
     }
+    let mut routed_sites = Vec::new();
+    if r.remaining() > 0 {
+        let n = r.count("HubView.routed_sites", MAX_ROUTED_SITES, MIN_STRING_LEN)?;
+        routed_sites.reserve(n);
+        for _ in 0..n {
+            routed_sites.push(r.checked_string(
+                "HubView.routed_sites",
+                MAX_SITE_LEN,
+                codec::check_site_name,
+            )?);
+        }
+    }
     Ok(HubView {
         gateways,
         routes,
         site_mtu,
         egress,
         site_mtus,
+        routed_sites,
     })
 }
 
@@ -921,6 +955,7 @@ mod tests {
                 pod_ports: None,
             },
             site_mtus: vec![],
+            routed_sites: vec![],
         }
     }
 
@@ -1191,8 +1226,9 @@ mod tests {
             ..view()
         };
         let mut bytes = encode_to_vec(&ControlMessage::Update(v)).unwrap();
-        // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1), no site MTUs (2).
-        let path_pos = bytes.len() - 3 - 7 - 2;
+        // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1), no site MTUs (2), no
+        // routed sites (2).
+        let path_pos = bytes.len() - 3 - 7 - 2 - 2;
         bytes[path_pos] = 9;
         assert!(matches!(
             decode_frame(&bytes),
@@ -1234,8 +1270,8 @@ mod tests {
         })
         .unwrap();
         let policy_len = policy.len() - 5;
-        // ... then the (empty) site MTU list: a two-byte count.
-        let body_len = full.len() - 5 - policy_len - 2;
+        // ... then the (empty) site MTU and routed-site lists: two-byte counts.
+        let body_len = full.len() - 5 - policy_len - 2 - 2;
         let old = frame(msg_type::UPDATE, &full[5..5 + body_len]);
         match decode_frame(&old).unwrap() {
             Some((ControlMessage::Update(got), _)) => {
@@ -1264,8 +1300,9 @@ mod tests {
         v3.site_mtus[0].mtu = MIN_SITE_MTU - 1;
         assert!(encode_to_vec(&ControlMessage::Update(v3)).is_err());
         let mut raw = bytes.clone();
-        let n = raw.len();
-        raw[n - 2..].copy_from_slice(&(MIN_SITE_MTU - 1).to_be_bytes());
+        // The MTU is just before the (empty) routed-site list's two-byte count.
+        let n = raw.len() - 2;
+        raw[n - 2..n].copy_from_slice(&(MIN_SITE_MTU - 1).to_be_bytes());
         assert!(matches!(
             decode_frame(&raw),
             Err(DecodeError::InvalidValue {
@@ -1273,6 +1310,37 @@ mod tests {
                 ..
             })
         ));
+        // Routed sites round-trip; a hub from before them ends the view after the site MTUs;
+        // a bad name and more than the cap are refused.
+        let mut v4 = view();
+        v4.routed_sites = vec!["vpc".into(), "site-x".into()];
+        let bytes = encode_to_vec(&ControlMessage::Update(v4.clone())).unwrap();
+        assert_eq!(
+            decode_frame(&bytes).unwrap(),
+            Some((ControlMessage::Update(v4.clone()), bytes.len()))
+        );
+        let cut = 2 + 2 + 3 + 2 + 6;
+        let old = frame(msg_type::UPDATE, &bytes[5..bytes.len() - cut]);
+        let mut no_list = v4.clone();
+        no_list.routed_sites.clear();
+        assert_eq!(
+            decode_frame(&old).unwrap().map(|(m, _)| m),
+            Some(ControlMessage::Update(no_list))
+        );
+        let mut bad = v4.clone();
+        bad.routed_sites = vec!["bad site".into()];
+        assert!(encode_to_vec(&ControlMessage::Update(bad)).is_err());
+        let mut many = v4.clone();
+        many.routed_sites = (0..=MAX_ROUTED_SITES).map(|i| format!("s{i}")).collect();
+        assert!(matches!(
+            encode_to_vec(&ControlMessage::Update(many.clone())),
+            Err(EncodeError::TooLong {
+                field: "HubView.routed_sites",
+                ..
+            })
+        ));
+        many.routed_sites.pop();
+        assert!(encode_to_vec(&ControlMessage::Update(many)).is_ok());
         // Present: round-trips, including an explicit pod port list.
         let mut v2 = view();
         v2.egress.pod_ports = Some(vec![8080]);
@@ -1320,8 +1388,8 @@ mod tests {
         ));
         // A port 0 on the wire is refused, and a huge count is refused before allocating.
         let mut bytes = encode_to_vec(&ControlMessage::Update(view())).unwrap();
-        // The empty site MTU list (a two-byte count) follows the policy.
-        let n = bytes.len() - 2;
+        // The empty site MTU and routed-site lists (two-byte counts) follow the policy.
+        let n = bytes.len() - 4;
         // ... node_ports: count 2, 10250, 10255; pod_ports: tag 0.
         assert_eq!(&bytes[n - 7..n], &[0, 2, 0x28, 0x0a, 0x28, 0x0f, 0]);
         bytes[n - 5] = 0;

@@ -15,6 +15,7 @@
 //! | [`stream`] | the proxied stream's header and result |
 //! | [`datagram`] | tunnel datagrams and the VXLAN wire format: header writer, quick VNI check, the overheads (`VXLAN_OVERHEAD`, `DATAGRAM_IP_OVERHEAD`) every other crate takes from here |
 //! | [`ownership`] | which hub owns a site when several are active: rendezvous hashing with a fixed hash every party computes alike |
+//! | [`relay_probe`] | liveness probes on the relay port (wire format, no amplification) and the prober's state machine: which hubs are down |
 //! | [`keepalive`], [`backoff`] | the keepalive/RTT and reconnect-backoff state machines |
 //! | [`session`] | the control-stream sessions of both ends (hub and agent) as state machines, the close codes; tested against each other in memory |
 //!
@@ -148,6 +149,7 @@ pub mod datagram;
 pub mod enrol;
 pub mod keepalive;
 pub mod ownership;
+pub mod relay_probe;
 pub mod routes;
 pub mod session;
 pub mod stream;

@@ -182,10 +182,12 @@ fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
         ControlMessage::Update(v) => {
             v.egress = Default::default();
             v.site_mtus.clear();
+            v.routed_sites.clear();
         }
         ControlMessage::Welcome(w) => {
             w.view.egress = Default::default();
             w.view.site_mtus.clear();
+            w.view.routed_sites.clear();
         }
         // Likewise a hello cut before (or inside) its trailing route digest: an older agent's.
         ControlMessage::Hello(h) => h.routes_digest = None,
@@ -198,8 +200,25 @@ fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
 fn without_site_mtus(msg: &ControlMessage) -> ControlMessage {
     let mut m = msg.clone();
     match &mut m {
-        ControlMessage::Update(v) => v.site_mtus.clear(),
-        ControlMessage::Welcome(w) => w.view.site_mtus.clear(),
+        ControlMessage::Update(v) => {
+            v.site_mtus.clear();
+            v.routed_sites.clear();
+        }
+        ControlMessage::Welcome(w) => {
+            w.view.site_mtus.clear();
+            w.view.routed_sites.clear();
+        }
+        _ => {}
+    }
+    m
+}
+
+/// `msg` as a hub from before the routed-site list would have sent it.
+fn without_routed_sites(msg: &ControlMessage) -> ControlMessage {
+    let mut m = msg.clone();
+    match &mut m {
+        ControlMessage::Update(v) => v.routed_sites.clear(),
+        ControlMessage::Welcome(w) => w.view.routed_sites.clear(),
         _ => {}
     }
     m
@@ -212,17 +231,21 @@ fn view() -> impl Strategy<Value = HubView> {
         576..=u16::MAX,
         egress_policy(),
         vec((site(), 576..=u16::MAX), 0..4),
+        vec(site(), 0..3),
     )
-        .prop_map(|(gateways, routes, site_mtu, egress, mtus)| HubView {
-            gateways,
-            routes,
-            site_mtu,
-            egress,
-            site_mtus: mtus
-                .into_iter()
-                .map(|(site, mtu)| petrel_proto::control::SiteMtu { site, mtu })
-                .collect(),
-        })
+        .prop_map(
+            |(gateways, routes, site_mtu, egress, mtus, routed_sites)| HubView {
+                gateways,
+                routes,
+                site_mtu,
+                egress,
+                site_mtus: mtus
+                    .into_iter()
+                    .map(|(site, mtu)| petrel_proto::control::SiteMtu { site, mtu })
+                    .collect(),
+                routed_sites,
+            },
+        )
 }
 
 fn welcome() -> impl Strategy<Value = Welcome> {
@@ -378,8 +401,9 @@ proptest! {
                 // A view's trailing egress policy is optional: a body cut exactly before it is
                 // what an older hub sends, and decodes with the empty policy (which is the
                 // message itself when its policy was empty already).
-                // Likewise a body cut exactly before the site MTUs (a hub from before them).
-                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg));
+                // Likewise a body cut exactly before the site MTUs or the routed sites (hubs
+                // from before them).
+                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg) || *m == without_routed_sites(&msg));
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated { .. })) || older,
                     "cut {} of {}: {:?}", cut, body.len(), got

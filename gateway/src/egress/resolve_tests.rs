@@ -148,6 +148,7 @@ fn custom_kubelet_ports_are_node_ports() {
         site_mtu: 1400,
         egress: pol,
         site_mtus: vec![],
+        routed_sites: vec![],
     };
     assert!(
         petrel_proto::control::encode_to_vec(&petrel_proto::ControlMessage::Update(view)).is_ok()

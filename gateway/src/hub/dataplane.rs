@@ -423,6 +423,17 @@ async fn relay_loop(
         let Some(bytes) = buf.get(..len) else {
             continue;
         };
+        // A node role asking whether this hub is alive (active-active hubs): answered, as long
+        // as the request, only to addresses the switch knows as VTEPs.
+        if let Some(reply) = petrel_proto::relay_probe::reply_to(bytes) {
+            if dp.table().is_vtep(from.ip()) {
+                relay.metrics.relay_probes_answered.inc();
+                let _ = socket.try_send_to(&reply, from);
+            } else {
+                count_drop(&relay, None, DropReason::UnknownSender);
+            }
+            continue;
+        }
         let frame = match VxlanFrame::from_vxlan_payload(bytes) {
             Ok(f) => f,
             Err(e) => {

@@ -21,7 +21,8 @@ use crate::inventory_store::InventorySnapshot;
 /// The view of the agent on `node`: the hubs to dial, the routes (none for an agent that syncs
 /// the cluster route table instead), the site MTU, the egress policy and the sites whose MTU is
 /// smaller: those declared in the inventory, then those `learned` from the tunnels' paths
-/// (a declared MTU overrides a learned one; at most [`MAX_SITE_MTUS`] in all).
+/// (a declared MTU overrides a learned one; at most [`MAX_SITE_MTUS`] in all), and the sites
+/// that are not public (for agents choosing among several active hubs).
 pub fn agent_view(
     inv: &Inventory,
     node: &str,
@@ -41,6 +42,12 @@ pub fn agent_view(
         site_mtu,
         egress,
         site_mtus: site_mtus(inv.site_mtus(), learned),
+        routed_sites: inv
+            .sites()
+            .filter(|s| s.kind != crate::inventory::SiteKind::Public)
+            .map(|s| s.name.clone())
+            .take(petrel_proto::control::MAX_ROUTED_SITES)
+            .collect(),
     }
 }
 
@@ -282,6 +289,11 @@ mod tests {
         assert_eq!(synced.gateways.len(), 1);
         assert_eq!(synced.gateways[0].name, "gw-1");
         assert!(synced.gateways[0].active);
+        // The sites that are not public: the cloud and Express Connect.
+        assert_eq!(
+            synced.routed_sites,
+            vec!["site-x".to_string(), "vpc".to_string()]
+        );
         // The egress policy is the node's site's.
         let own = &inv.node("edge-a1").unwrap().addresses;
         assert!(own.iter().any(|a| synced.egress.node_addresses.contains(a)));

@@ -144,6 +144,15 @@ impl SwitchTable {
         self.generation
     }
 
+    /// Whether `addr` may speak on the relay port: a known VTEP's underlay address, or
+    /// loopback on a hub that knows its own node (its kernel sends from 127.0.0.1). The relay's
+    /// liveness probes are answered only for these.
+    pub fn is_vtep(&self, addr: std::net::IpAddr) -> bool {
+        self.vtep_by_underlay.contains_key(&addr)
+            || (self.local_node.is_some()
+                && addr == std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
     /// The VtepMAC of a node.
     pub fn mac_of(&self, node: &str) -> Option<MacAddr> {
         self.mac_by_node.get(node).copied()
@@ -274,6 +283,20 @@ mod tests {
             Verdict::ToVtep(a) => Verdict::ToVtep(a),
             Verdict::Drop(r) => Verdict::Drop(r),
         }
+    }
+
+    #[test]
+    fn only_known_vteps_and_the_hubs_own_loopback_are_vteps() {
+        let t = table();
+        assert!(t.is_vtep("192.168.0.11".parse().unwrap()));
+        assert!(t.is_vtep("192.168.10.2".parse().unwrap()));
+        assert!(t.is_vtep("127.0.0.1".parse().unwrap()));
+        assert!(!t.is_vtep("127.0.0.2".parse().unwrap()));
+        assert!(!t.is_vtep("203.0.113.9".parse().unwrap()));
+        let no_local =
+            SwitchTable::from_inventory(&Inventory::embedded_default().unwrap(), None, 1, 8472);
+        assert!(!no_local.is_vtep("127.0.0.1".parse().unwrap()));
+        assert!(no_local.is_vtep("192.168.0.11".parse().unwrap()));
     }
 
     #[test]

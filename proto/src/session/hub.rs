@@ -129,6 +129,9 @@ pub enum HubSessionEnd {
 }
 
 /// What the driver does for the machine, in the order given.
+// As with `AgentAction`: a few actions live in a short queue per session, and boxing every
+// message would cost more than the slack in the small variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubAction {
     /// The hello passed its checks: build the node's view and call [`HubSession::welcome`]

@@ -62,6 +62,7 @@ fn view(mtu: u16) -> HubView {
             pod_ports: Some(vec![8080]),
         },
         site_mtus: vec![],
+        routed_sites: vec![],
     }
 }
 
