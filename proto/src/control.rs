@@ -181,8 +181,11 @@ pub struct HubView {
 
 /// Most entries of [`HubView::site_mtus`].
 pub const MAX_SITE_MTUS: usize = 4096;
-/// Most entries of [`HubView::routed_sites`].
-pub const MAX_ROUTED_SITES: usize = 4096;
+/// Most entries of [`HubView::routed_sites`]: with names of at most [`MAX_SITE_LEN`] bytes the
+/// list stays under 17 KB, a quarter of a control frame. A hub with more cloud and Express
+/// Connect sites lists the first 256; an agent ranks the others by their own names (frames
+/// then cross another hub than the agent's own owner: a detour, never a drop).
+pub const MAX_ROUTED_SITES: usize = 256;
 
 /// The inner MTU toward one site.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
