@@ -294,8 +294,38 @@ fn two_hubs_each_carry_the_sites_they_own() {
         Ok(after > before && role_status("cloud-1")["hubs_down"] == serde_json::json!([]))
     })
     .unwrap_or_else(|e| panic!("{e}\nhub gw-3:\n{}", hub3.log_tail(20)));
+    // Every agent back on gw-3 (a tunnel is how site-b's agent sends to the cloud via its owner).
+    lab::wait_until("every agent back on gw-3", Duration::from_secs(30), || {
+        Ok(petrel.hub_status_on("gw-3")?["agents"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == agents.len())
+    })
+    .unwrap();
+
+    // A graceful stop of gw-3 hands its sites over before it goes: it stops answering the node
+    // roles' probes but keeps relaying until they have moved, then tells its agents to go.
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let status = hub3.terminate(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "gw-3 exited {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    let silence = b_probe
+        .longest_silence(t0, Instant::now())
+        .expect("site-b's probes stopped for good after gw-3's graceful stop");
+    eprintln!(
+        "graceful stop of gw-3: site-b's longest silence {:.0} ms",
+        silence.as_secs_f64() * 1000.0
+    );
+    assert!(
+        silence < Duration::from_millis(500),
+        "site-b's traffic stopped for {silence:?} during a graceful stop"
+    );
+    assert_eq!(
+        role_status("cloud-1")["hubs_down"],
+        serde_json::json!(["gw-3"])
+    );
     drop(b_probe);
 
-    hub3.terminate(Duration::from_secs(15)).unwrap();
     petrel.stop().unwrap();
 }

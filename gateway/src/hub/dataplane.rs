@@ -62,9 +62,23 @@ pub struct Dataplane {
     local_node: Option<String>,
     vni: u32,
     flannel_port: u16,
+    /// Cleared when a stopping hub hands its sites over (active-active): node roles take a hub
+    /// that stops answering as gone and move its sites, while it still relays.
+    answer_probes: std::sync::atomic::AtomicBool,
 }
 
 impl Dataplane {
+    /// Stops answering relay liveness probes (frames are still relayed).
+    pub fn stop_answering_probes(&self) {
+        self.answer_probes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn answers_probes(&self) -> bool {
+        self.answer_probes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(
         sockets: Vec<tokio::net::UdpSocket>,
         inv: &Inventory,
@@ -77,6 +91,7 @@ impl Dataplane {
             stats: DataplaneStats::default(),
             sockets: sockets.into_iter().map(Arc::new).collect(),
             table: RwLock::new(Arc::new(table)),
+            answer_probes: std::sync::atomic::AtomicBool::new(true),
             local_node,
             vni,
             flannel_port,
@@ -425,12 +440,13 @@ async fn relay_loop(
         };
         // A node role asking whether this hub is alive (active-active hubs): answered, as long
         // as the request, only to addresses the switch knows as VTEPs.
+        // A stopping hub stays silent on purpose: its sites move while it still relays.
         if let Some(reply) = petrel_proto::relay_probe::reply_to(bytes) {
-            if dp.table().is_vtep(from.ip()) {
+            if !dp.table().is_vtep(from.ip()) {
+                count_drop(&relay, None, DropReason::UnknownSender);
+            } else if dp.answers_probes() {
                 relay.metrics.relay_probes_answered.inc();
                 let _ = socket.try_send_to(&reply, from);
-            } else {
-                count_drop(&relay, None, DropReason::UnknownSender);
             }
             continue;
         }

@@ -379,10 +379,13 @@ impl Hub {
 
     /// Accepts connections until `shutdown`, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
+        // The relay outlives the accept loop: it carries frames until the drain is over (with
+        // active-active hubs, until this hub's sites have moved to the others).
+        let relay_stop = CancellationToken::new();
         let relay = self
             .relay
             .clone()
-            .map(|r| tokio::spawn(dataplane::run_relay(r, shutdown.clone())));
+            .map(|r| tokio::spawn(dataplane::run_relay(r, relay_stop.clone())));
         let refresh = tokio::spawn(self.refresher.clone().follow(shutdown.clone()));
         let learn_mtus = self.config.learn_site_mtus.then(|| {
             tokio::spawn(path_mtu::learn(
@@ -503,6 +506,7 @@ impl Hub {
             i.ignore();
         }
         self.drain().await;
+        relay_stop.cancel();
         if let Some(t) = relay {
             t.abort();
         }
@@ -537,6 +541,16 @@ impl Hub {
         self.listening.store(false, Ordering::SeqCst);
         // New handshakes are refused from here on; agents go to another hub or come back.
         self.endpoint.set_server_config(None);
+        // Active-active: make before break. Node roles move this hub's sites once it stops
+        // answering their relay probes; it keeps relaying (and its agents keep their tunnels)
+        // until they have, then tells the agents, whose frames go to the next hub at once.
+        if !self.config.hubs.is_empty() {
+            if let Some(r) = &self.relay {
+                r.dp.stop_answering_probes();
+                info!(handover = ?ACTIVE_ACTIVE_HANDOVER, "active-active: handing this hub's sites over before stopping");
+                tokio::time::sleep(ACTIVE_ACTIVE_HANDOVER).await;
+            }
+        }
         let retry_after_ms =
             u32::try_from(self.config.restart_hint.as_millis()).unwrap_or(u32::MAX);
         let agents = self.registry.all();
@@ -577,6 +591,12 @@ impl Hub {
         info!("hub stopped");
     }
 }
+
+/// How long a stopping active-active hub keeps relaying after it stops answering probes: node
+/// roles take it as gone after `DEAD_AFTER` without an answer and probe every `PROBE_INTERVAL`.
+const ACTIVE_ACTIVE_HANDOVER: Duration = petrel_proto::relay_probe::DEAD_AFTER
+    .saturating_add(petrel_proto::relay_probe::PROBE_INTERVAL)
+    .saturating_add(petrel_proto::relay_probe::PROBE_INTERVAL);
 
 /// QUIC handshakes the hub runs at once. Enough to keep both cores busy across WAN round trips
 /// (about 850 handshakes per second at 300 ms each), few enough that each finishes well inside
