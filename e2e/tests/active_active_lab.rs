@@ -8,7 +8,9 @@
 //!
 //! Then `kill -9` of gw-3 during UDP probes every 10 ms: site-b's traffic comes back through gw-1
 //! with no operator action (the gap is printed; the bench's figure), site-a's is not interrupted,
-//! and when gw-3 returns its sites go back to it. Not covered (not built): Kubernetes mode.
+//! and when gw-3 returns its sites go back to it; a graceful stop loses nothing; and a relay port
+//! blocked from one cloud node only moves that node's routes. Not covered (not built):
+//! Kubernetes mode.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -218,6 +220,62 @@ fn two_hubs_each_carry_the_sites_they_own() {
                 .unwrap_or_else(|e| panic!("10 MiB {from} -> {to}: {e:#}"));
         }
     }
+
+    // Split view: gw-3's relay port unreachable from cloud-1 only. cloud-1's node role takes
+    // gw-3 as down and sends site-b to gw-1; x1's keeps gw-3; cloud-1 still reaches site-b both
+    // ways (gw-3 still sends to cloud-1's flannel port, which is not blocked); unblocked, it
+    // returns to gw-3.
+    let role_down = |n: &str| -> serde_json::Value {
+        let b = bin("petrel-gateway").unwrap();
+        let out = lab
+            .exec(
+                n,
+                &[
+                    b.to_str().unwrap(),
+                    "status",
+                    "--json",
+                    "--admin-addr",
+                    "127.0.0.1:9472",
+                ],
+            )
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["hubs_down"].clone()
+    };
+    let cloud1 = lab.node("cloud-1").underlay_ip.to_string();
+    for cmd in [
+        "add table inet petrel_split".to_string(),
+        "add chain inet petrel_split input { type filter hook input priority 0 ; }".to_string(),
+        format!("add rule inet petrel_split input ip saddr {cloud1} udp dport 8473 drop"),
+    ] {
+        lab.exec("gw-3", &["nft", &cmd]).unwrap();
+    }
+    lab::wait_until(
+        "cloud-1 takes gw-3 as down",
+        Duration::from_secs(10),
+        || Ok(role_down("cloud-1") == serde_json::json!(["gw-3"])),
+    )
+    .unwrap();
+    assert_eq!(role_down("x1"), serde_json::json!([]));
+    let before = counts();
+    assert!(
+        lab.ping("cloud-1", ip("edge-b1")),
+        "cloud-1 -> edge-b1 with gw-3 unreachable"
+    );
+    assert!(
+        lab.ping("edge-b1", ip("cloud-1")),
+        "edge-b1 -> cloud-1 with gw-3 unreachable"
+    );
+    let after = counts();
+    assert!(
+        after.0 > before.0,
+        "gw-1 carries cloud-1 -> site-b meanwhile"
+    );
+    lab.exec("gw-3", &["nft", "delete table inet petrel_split"])
+        .unwrap();
+    lab::wait_until("cloud-1 takes gw-3 back", Duration::from_secs(10), || {
+        Ok(role_down("cloud-1") == serde_json::json!([]))
+    })
+    .unwrap();
 
     // kill -9 of gw-3 during probes every 10 ms: site-b's traffic moves to gw-1 without any
     // operator action (node roles: gw-3 stops answering its relay probes; agents: its tunnel
