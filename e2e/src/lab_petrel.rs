@@ -370,3 +370,119 @@ impl<'a> PetrelLab<'a> {
         Ok(())
     }
 }
+
+/// The second hub of a lab built with `LabSpec::second_hub` (`gw-3`), for active-active hubs:
+/// its state is a copy of the first hub's (one CA, as an operator installs it on a second
+/// gateway node) and it runs with the same hub list.
+pub struct SecondHub {
+    pub node: String,
+    pub proc: ChildGuard,
+    argv: Vec<String>,
+}
+
+/// The `--hubs` list of a lab with a second hub: every gateway node with its WAN address.
+pub fn hub_list(lab: &Lab) -> String {
+    lab.nodes()
+        .iter()
+        .filter(|n| n.gateway)
+        .filter_map(|n| Some(format!("{}={}:{HUB_PORT}", n.name, n.wan_ip?)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl<'a> PetrelLab<'a> {
+    /// Petrel with active-active hubs (file mode): the first hub, the node roles
+    /// (`--active-active`) and the agents as [`PetrelLab::start_with_roles`] starts them, then
+    /// the second hub on `gw-3`; returns once every agent holds a tunnel to both hubs.
+    pub fn start_active_active(
+        lab: &'a Lab,
+        hooks: &str,
+        dir: &Path,
+        hub_args: &[&str],
+    ) -> Result<(Self, SecondHub)> {
+        let list = hub_list(lab);
+        let mut args = vec!["--hubs", list.as_str()];
+        args.extend_from_slice(hub_args);
+        let petrel = Self::start_with_roles(lab, hooks, dir, &args, &["--active-active"])?;
+        let second = lab
+            .nodes()
+            .iter()
+            .filter(|n| n.gateway && n.name != lab.gateway().name)
+            .find_map(|n| Some((n.name.clone(), n.wan_ip?)))
+            .ok_or_else(|| anyhow!("the lab has no second gateway (LabSpec::second_hub)"))?;
+        let state = dir.join("hub-second");
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("hub"))
+            .arg(&state)
+            .output()?;
+        if !out.status.success() {
+            bail!("copying the hub state: {out:?}");
+        }
+        let gw = bin("petrel-gateway")?;
+        let mut argv: Vec<String> = [
+            path_str(&gw)?,
+            "run",
+            "--listen",
+            &format!("0.0.0.0:{HUB_PORT}"),
+            "--admin-addr",
+            HUB_ADMIN,
+            "--state-dir",
+            path_str(&state)?,
+            "--inventory",
+            path_str(&dir.join("inventory.toml"))?,
+            "--node-name",
+            &second.0,
+            "--hub-name",
+            &second.0,
+            "--advertise",
+            &format!("{}:{HUB_PORT}", second.1),
+            "--hubs",
+            &list,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(hub_args.iter().map(|s| s.to_string()));
+        let mut cmd = lab.command(&second.0, &argv[0])?;
+        cmd.args(&argv[1..]);
+        let mut hub = SecondHub {
+            node: second.0,
+            proc: lab.spawn_command("hub-second", cmd)?,
+            argv,
+        };
+        hub.proc
+            .wait_for_log("hub listening", Duration::from_secs(10))?;
+        petrel.wait_both_hubs(&hub)?;
+        Ok((petrel, hub))
+    }
+
+    /// Waits until every agent is connected to both hubs.
+    pub fn wait_both_hubs(&self, second: &SecondHub) -> Result<()> {
+        let n = self.agents.len();
+        wait_until(
+            Duration::from_secs(30),
+            "every agent connected to both hubs",
+            || {
+                let on = |s: Result<serde_json::Value>| {
+                    s.ok()
+                        .and_then(|s| s["agents"].as_array().map(Vec::len))
+                        .unwrap_or(0)
+                };
+                (on(self.hub_status()) == n && on(self.hub_status_on(&second.node)) == n)
+                    .then_some(())
+            },
+        )
+    }
+}
+
+impl SecondHub {
+    /// Starts it again with the same command (after a kill or a stop); waits until it listens.
+    pub fn respawn(&mut self, lab: &Lab) -> Result<()> {
+        let mut c = lab.command(&self.node, &self.argv[0])?;
+        c.args(&self.argv[1..]);
+        self.proc = lab.spawn_command("hub-second-restarted", c)?;
+        self.proc
+            .wait_for_log("hub listening", Duration::from_secs(10))
+    }
+}

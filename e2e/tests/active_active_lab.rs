@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use petrel_e2e::failover_probe::Probe;
 use petrel_e2e::lab::{self, Lab, LabSpec};
-use petrel_e2e::lab_petrel::{PetrelLab, HUB_ADMIN, HUB_PORT};
+use petrel_e2e::lab_petrel::PetrelLab;
 use petrel_e2e::procs::bin;
 
 #[test]
@@ -34,85 +34,9 @@ fn two_hubs_each_carry_the_sites_they_own() {
     let hubs = ["gw-1", "gw-3"];
     assert_eq!(petrel_proto::ownership::owner("site-a", hubs), Some("gw-1"));
     assert_eq!(petrel_proto::ownership::owner("site-b", hubs), Some("gw-3"));
-    let wan = |n: &str| lab.node(n).wan_ip.unwrap();
-    let list = format!(
-        "gw-1={}:{HUB_PORT},gw-3={}:{HUB_PORT}",
-        wan("gw-1"),
-        wan("gw-3")
-    );
     let tmp = tempfile::tempdir().unwrap();
-    let petrel = PetrelLab::start_with_roles(
-        &lab,
-        "auto",
-        tmp.path(),
-        &["--hubs", &list],
-        &["--active-active"],
-    )
-    .unwrap();
-
-    // The second hub shares the first one's CA (its state is a copy, as an operator would
-    // install it on a second gateway node) and runs with the same list.
-    let state3 = tmp.path().join("hub3");
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(tmp.path().join("hub"))
-        .arg(&state3)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let gw = bin("petrel-gateway").unwrap();
-    let inv = tmp.path().join("inventory.toml");
-    let advertise = format!("{}:{HUB_PORT}", wan("gw-3"));
-    let hub3_args: Vec<String> = [
-        gw.to_str().unwrap(),
-        "run",
-        "--listen",
-        &format!("0.0.0.0:{HUB_PORT}"),
-        "--admin-addr",
-        HUB_ADMIN,
-        "--state-dir",
-        state3.to_str().unwrap(),
-        "--inventory",
-        inv.to_str().unwrap(),
-        "--node-name",
-        "gw-3",
-        "--hub-name",
-        "gw-3",
-        "--advertise",
-        &advertise,
-        "--hubs",
-        &list,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut hub3 = lab
-        .spawn(
-            "gw-3",
-            &[
-                gw.to_str().unwrap(),
-                "run",
-                "--listen",
-                &format!("0.0.0.0:{HUB_PORT}"),
-                "--admin-addr",
-                HUB_ADMIN,
-                "--state-dir",
-                state3.to_str().unwrap(),
-                "--inventory",
-                inv.to_str().unwrap(),
-                "--node-name",
-                "gw-3",
-                "--hub-name",
-                "gw-3",
-                "--advertise",
-                &advertise,
-                "--hubs",
-                &list,
-            ],
-        )
-        .unwrap();
-    hub3.wait_for_log("hub listening", Duration::from_secs(10))
-        .unwrap();
+    let (petrel, mut hub3) = PetrelLab::start_active_active(&lab, "auto", tmp.path(), &[]).unwrap();
+    assert_eq!(hub3.node, "gw-3");
 
     // Every agent dials the second hub from the list it was pushed, and knows its site's owner.
     let agents = ["edge-a1", "edge-a2", "edge-b1"];
@@ -134,7 +58,7 @@ fn two_hubs_each_carry_the_sites_they_own() {
             Ok(on3 == agents.len() && owners_known)
         },
     )
-    .unwrap_or_else(|e| panic!("{e}\nhub gw-3:\n{}", hub3.log_tail(30)));
+    .unwrap_or_else(|e| panic!("{e}\nhub gw-3:\n{}", hub3.proc.log_tail(30)));
     // Joining the second hub (a new link whose route table is still to come) never emptied an
     // agent's routes: once applied with peers, no later apply has none.
     for (n, g) in &petrel.agents {
@@ -288,7 +212,7 @@ fn two_hubs_each_carry_the_sites_they_own() {
     })
     .unwrap();
     let t0 = Instant::now();
-    hub3.kill().unwrap();
+    hub3.proc.kill().unwrap();
     let mut back = None;
     lab::wait_until(
         "site-b's traffic back through the surviving hub",
@@ -337,21 +261,14 @@ fn two_hubs_each_carry_the_sites_they_own() {
     drop(a_probe);
 
     // gw-3 comes back: its sites return to it.
-    let mut hub3 = lab
-        .spawn(
-            "gw-3",
-            &hub3_args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-        .unwrap();
-    hub3.wait_for_log("hub listening", Duration::from_secs(10))
-        .unwrap();
+    hub3.respawn(&lab).unwrap();
     lab::wait_until("gw-3 carries site-b again", Duration::from_secs(30), || {
         let before = petrel.frames_via_hub_on("gw-3").unwrap_or(0);
         let _ = lab.ping("cloud-1", ip("edge-b1"));
         let after = petrel.frames_via_hub_on("gw-3").unwrap_or(0);
         Ok(after > before && role_status("cloud-1")["hubs_down"] == serde_json::json!([]))
     })
-    .unwrap_or_else(|e| panic!("{e}\nhub gw-3:\n{}", hub3.log_tail(20)));
+    .unwrap_or_else(|e| panic!("{e}\nhub gw-3:\n{}", hub3.proc.log_tail(20)));
     // Every agent back on gw-3 (a tunnel is how site-b's agent sends to the cloud via its owner).
     lab::wait_until("every agent back on gw-3", Duration::from_secs(30), || {
         Ok(petrel.hub_status_on("gw-3")?["agents"]
@@ -365,7 +282,7 @@ fn two_hubs_each_carry_the_sites_they_own() {
     // roles' probes but keeps relaying until they have moved, then tells its agents to go.
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
-    let status = hub3.terminate(Duration::from_secs(20)).unwrap();
+    let status = hub3.proc.terminate(Duration::from_secs(20)).unwrap();
     assert!(status.success(), "gw-3 exited {status}");
     std::thread::sleep(Duration::from_millis(500));
     let silence = b_probe
