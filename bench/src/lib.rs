@@ -298,6 +298,30 @@ pub struct FailoverReport {
     pub error: Option<String>,
 }
 
+/// Active-active hubs (issue 14, file mode): the lab with a second gateway, each hub owning one
+/// public site (site-a: gw-1, site-b: gw-3).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ActiveActiveReport {
+    pub method: String,
+    /// kill -9 of site-b's hub -> site-b's probes flowing both ways again, seconds.
+    pub gap_samples_s: Vec<f64>,
+    pub gap_median_s: Option<f64>,
+    /// During each kill, the longest time site-a's probes (their hub survived) went unheard, ms.
+    pub survivor_silence_ms: Vec<f64>,
+    /// A graceful stop of site-b's hub: the longest time site-b's probes went unheard, ms.
+    pub graceful_silence_ms: Option<f64>,
+    /// edge-a1 -> cloud-1 and edge-b1 -> x1 at once (one flow each), summed, Gbit/s: every site
+    /// on one hub (the other stopped), and each hub carrying its own, each pinned to a core.
+    pub one_hub_gbit: Option<f64>,
+    pub two_hubs_gbit: Option<f64>,
+    pub two_vs_one: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Issue 14's goals.
+pub const GOAL_AA_GAP_S: f64 = 1.0;
+pub const GOAL_AA_TWO_VS_ONE: f64 = 1.7;
+
 /// The issue 11 goals the attack rows are compared with.
 pub const GOAL_UNAUTH_KIB: f64 = 64.0;
 pub const GOAL_HANDSHAKES_WITHIN_3S_PCT: f64 = 95.0;
@@ -333,6 +357,7 @@ pub struct Report {
     pub wan: WanReport,
     pub scale: Vec<scale::ScaleRow>,
     pub failover: FailoverReport,
+    pub active_active: ActiveActiveReport,
     pub attack: AttackReport,
 }
 
@@ -603,6 +628,31 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .map_or(String::new(), |e| format!("; ERROR: {e}"))
     );
+    let aa = &r.active_active;
+    if r.config.runs("active-active") {
+        let _ = writeln!(s, "\nActive-active hubs: {}", aa.method);
+        let _ = writeln!(
+            s,
+            "  kill -9 of site-b's hub -> site-b both ways: median {} s (goal < {GOAL_AA_GAP_S} s), samples {:?}; site-a (its hub survived), longest silence meanwhile: {:?} ms",
+            f(aa.gap_median_s, 2),
+            aa.gap_samples_s.iter().map(|v| (v * 100.0).round() / 100.0).collect::<Vec<_>>(),
+            aa.survivor_silence_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        );
+        let _ = writeln!(
+            s,
+            "  graceful stop of site-b's hub: site-b's longest silence {} ms (probes every 10 ms)",
+            f(aa.graceful_silence_ms, 0)
+        );
+        let _ = writeln!(
+            s,
+            "  two sites -> cloud at once: one hub {} Gbit/s, two hubs {} Gbit/s, x {} (goal >= {GOAL_AA_TWO_VS_ONE}){}",
+            f(aa.one_hub_gbit, 2),
+            f(aa.two_hubs_gbit, 2),
+            f(aa.two_vs_one, 2),
+            aa.error.as_ref().map_or(String::new(), |e| format!("; ERROR: {e}"))
+        );
+    }
+
     if r.config.runs("attack") {
         render_attack(&mut s, &r.attack);
     }
@@ -916,6 +966,112 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
     Ok(at.duration_since(t0).as_secs_f64())
 }
 
+// ---- active-active hubs ------------------------------------------------------------------------
+
+fn active_active_section(cfg: &BenchConfig, work: &Path) -> ActiveActiveReport {
+    let mut r = ActiveActiveReport {
+        method: "file mode, gw-1 and gw-3 with the same --hubs list, node roles --active-active; site-a owned by gw-1, site-b by gw-3; UDP probes every 10 ms both ways (cloud-1 <-> edge-b1, x1 <-> edge-a1); iperf3 one flow per site, each hub process pinned to its own core with taskset".into(),
+        ..Default::default()
+    };
+    eprintln!("petrel-bench: active-active hubs ...");
+    if let Err(e) = measure_active_active(cfg, work, &mut r) {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+fn pin(pid: u32, core: u32) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("taskset {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveReport) -> Result<()> {
+    use petrel_e2e::failover_probe::Probe;
+    std::fs::create_dir_all(work)?;
+    let lab = Lab::build(LabSpec {
+        second_hub: true,
+        ..Default::default()
+    })?;
+    let (petrel, mut hub3) = PetrelLab::start_active_active(&lab, &cfg.hooks, work, &[])?;
+    let ip = |n: &str| lab.node(n).pod_ip;
+    let mut to_cloud = util::IperfServer::start(&lab, "cloud-1", 5311)?;
+    let mut to_x = util::IperfServer::start(&lab, "x1", 5312)?;
+    let mut both_sites = |lab: &Lab| -> Result<f64> {
+        std::thread::scope(|sc| {
+            let a = sc.spawn(|| to_cloud.run(lab, "edge-a1", ip("cloud-1"), 1, cfg.secs, &[]));
+            let b = sc.spawn(|| to_x.run(lab, "edge-b1", ip("x1"), 1, cfg.secs, &[]));
+            let a = a.join().map_err(|_| anyhow!("iperf thread panicked"))??;
+            let b = b.join().map_err(|_| anyhow!("iperf thread panicked"))??;
+            Ok(a.gbit_per_s + b.gbit_per_s)
+        })
+    };
+    // Two hubs, each carrying its own site.
+    pin(petrel.hub.pid(), 0)?;
+    pin(hub3.proc.pid(), 1)?;
+    lab.wait_reachable("cloud-1", ip("edge-b1"), Duration::from_secs(20))?;
+    r.two_hubs_gbit = Some(both_sites(&lab)?);
+    // kill -9 of gw-3 (site-b's owner), as many times as the single hub's failover row.
+    for _ in 0..cfg.failover_samples.max(1) {
+        let b_probe = Probe::start(&lab, "cloud-1", "edge-b1", 7302)?;
+        let a_probe = Probe::start(&lab, "x1", "edge-a1", 7303)?;
+        petrel_e2e::lab::wait_until("probes flowing", Duration::from_secs(10), || {
+            let since = Instant::now() - Duration::from_millis(50);
+            Ok(b_probe.both_heard_after(since).is_some()
+                && a_probe.both_heard_after(since).is_some())
+        })?;
+        let t0 = Instant::now();
+        hub3.proc.kill()?;
+        let mut back = None;
+        petrel_e2e::lab::wait_until("site-b back", Duration::from_secs(30), || {
+            back = b_probe.both_heard_after(t0 + Duration::from_millis(20));
+            Ok(back.is_some())
+        })?;
+        if let Some(at) = back {
+            r.gap_samples_s.push(at.duration_since(t0).as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(sil) = a_probe.longest_silence(t0, Instant::now()) {
+            r.survivor_silence_ms.push(sil.as_secs_f64() * 1000.0);
+        }
+        drop((a_probe, b_probe));
+        hub3.respawn(&lab)?;
+        petrel.wait_both_hubs(&hub3)?;
+        pin(hub3.proc.pid(), 1)?;
+        // Node roles take it back at their next answered probe.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut g = r.gap_samples_s.clone();
+    g.sort_by(f64::total_cmp);
+    r.gap_median_s = g.get(g.len() / 2).copied();
+    // A graceful stop of gw-3: site-b moves before it goes.
+    let b_probe = Probe::start(&lab, "cloud-1", "edge-b1", 7302)?;
+    petrel_e2e::lab::wait_until("probes flowing", Duration::from_secs(10), || {
+        Ok(b_probe
+            .both_heard_after(Instant::now() - Duration::from_millis(50))
+            .is_some())
+    })?;
+    let t0 = Instant::now();
+    hub3.proc.terminate(Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(500));
+    r.graceful_silence_ms = b_probe
+        .longest_silence(t0, Instant::now())
+        .map(|d| d.as_secs_f64() * 1000.0);
+    drop(b_probe);
+    // One hub carrying both sites (gw-3 stopped; its sites went to gw-1).
+    r.one_hub_gbit = Some(both_sites(&lab)?);
+    r.two_vs_one = r
+        .two_hubs_gbit
+        .zip(r.one_hub_gbit)
+        .map(|(two, one)| two / one);
+    petrel.stop()?;
+    Ok(())
+}
+
 // ---- attacks ---------------------------------------------------------------------------------
 
 /// The attacks of issue 11, each against a fresh hub of this build on loopback, outside the lab:
@@ -1008,6 +1164,7 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
             method: "kill -9 of the single hub, restarted at once with the same state; UDP probes every 10 ms both ways between the pods of cloud-1 and edge-a1 (the Kubernetes standby hub is measured by e2e/tests/k8s_election.rs)".into(),
             ..Default::default()
         },
+        active_active: ActiveActiveReport::default(),
         attack: AttackReport::default(),
     };
     // The lab is built only for the sections that run in it.
@@ -1032,6 +1189,9 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
         report.streams.errors.push(msg.clone());
         report.wan.error.get_or_insert(msg.clone());
         report.failover.error.get_or_insert(msg);
+    }
+    if cfg.runs("active-active") {
+        report.active_active = active_active_section(cfg, &work.join("active-active"));
     }
     if cfg.runs("attack") {
         report.attack = attack_section(cfg, &work.join("attack"));

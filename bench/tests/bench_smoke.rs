@@ -1,6 +1,6 @@
 //! A seconds-long run of `petrel-bench` (the smoke configuration: one 1-second iperf3 run per
-//! figure, 50/200 streams, 10/20 simulated agents, one failover sample, a few seconds of each
-//! attack of issue 11): every code path of the bench runs and the report has every row without
+//! figure, 50/200 streams, 10/20 simulated agents, one failover sample, one kill and one graceful
+//! stop of an active-active hub, a few seconds of each attack of issue 11): every code path of the bench runs and the report has every row without
 //! errors. It checks shape, not performance; the full bench (`make bench`) is run by hand and its
 //! numbers go to docs/performance.md.
 //!
@@ -101,6 +101,15 @@ fn bench_smoke_has_every_row() {
     let fo = &report.failover;
     assert!(fo.error.is_none(), "failover: {:?}", fo.error);
     assert_eq!(fo.samples_s.len(), cfg.failover_samples);
+
+    // Active-active hubs: every figure present.
+    let aa = &report.active_active;
+    assert!(aa.error.is_none(), "active-active: {:?}", aa.error);
+    assert_eq!(aa.gap_samples_s.len(), cfg.failover_samples.max(1));
+    assert_eq!(aa.survivor_silence_ms.len(), aa.gap_samples_s.len());
+    assert!(aa.gap_median_s.is_some() && aa.graceful_silence_ms.is_some());
+    assert!(aa.one_hub_gbit.is_some_and(|g| g > 0.0) && aa.two_hubs_gbit.is_some_and(|g| g > 0.0));
+    assert!(aa.two_vs_one.is_some());
 
     // The attack rows (tiny: a few connections, a short flood), each beside its goal.
     let a = &report.attack;

@@ -6,7 +6,7 @@
 //! ```text
 //! cargo build --release --workspace --bins
 //! target/release/petrel-bench [--smoke] [--json PATH] [--secs N] [--reps N]
-//!     [--skip paths,boringtun,streams,wan,failover,scale,attack] [--concurrent 1000,10000]
+//!     [--skip paths,boringtun,streams,wan,failover,active-active,scale,attack] [--concurrent 1000,10000]
 //!     [--scale 1000,10000] [--hooks fast|portable] [--congestion cubic|newreno|bbr]
 //!     [--initial-rate 2000]
 //! ```
