@@ -1043,7 +1043,10 @@ fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveRep
         petrel.wait_both_hubs(&hub3)?;
         pin(hub3.proc.pid(), 1)?;
         // Node roles take it back at their next answered probe.
-        std::thread::sleep(Duration::from_secs(1));
+        petrel_e2e::lab::wait_until("node roles take gw-3 back", Duration::from_secs(10), || {
+            Ok(petrel.hubs_down("cloud-1")? == serde_json::json!([])
+                && petrel.hubs_down("x1")? == serde_json::json!([]))
+        })?;
     }
     let mut g = r.gap_samples_s.clone();
     g.sort_by(f64::total_cmp);

@@ -14,6 +14,8 @@ use crate::procs::{bin, wait_until};
 pub const HUB_PORT: u16 = 7443;
 pub const HUB_ADMIN: &str = "127.0.0.1:9470";
 pub const AGENT_ADMIN: &str = "127.0.0.1:9471";
+/// The node role's admin address (its default).
+pub const NODE_ADMIN: &str = "127.0.0.1:9472";
 
 /// Petrel's processes in a lab.
 pub struct PetrelLab<'a> {
@@ -312,6 +314,12 @@ impl<'a> PetrelLab<'a> {
 
     pub fn hub_status(&self) -> Result<serde_json::Value> {
         self.json(&self.lab.gateway().name, "petrel-gateway", HUB_ADMIN)
+    }
+
+    /// The hubs the node role on `node` takes as down (active-active: they do not answer its
+    /// relay probes), from its `/status`.
+    pub fn hubs_down(&self, node: &str) -> Result<serde_json::Value> {
+        Ok(self.json(node, "petrel-gateway", NODE_ADMIN)?["hubs_down"].clone())
     }
 
     /// The status of a hub on `node` (another gateway than the first, with active-active hubs).

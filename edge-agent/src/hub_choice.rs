@@ -83,9 +83,7 @@ impl HubChoice {
     /// The hubs for `frame` (a VXLAN payload: 8 bytes of header, then the inner Ethernet
     /// frame, whose destination is the peer's VtepMAC), owner first.
     pub fn ranked(&self, frame: &[u8]) -> &[String] {
-        frame
-            .get(8..14)
-            .and_then(|m| <[u8; 6]>::try_from(m).ok())
+        petrel_proto::datagram::inner_dst_mac(frame)
             .and_then(|m| self.by_mac.get(&m))
             .unwrap_or(&self.own)
     }

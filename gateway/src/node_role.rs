@@ -411,9 +411,7 @@ impl RelayTargets {
 
     /// `frame` is a VXLAN payload: 8 bytes of VXLAN header, then the inner Ethernet frame.
     fn for_frame(&self, frame: &[u8]) -> SocketAddr {
-        frame
-            .get(8..14)
-            .and_then(|m| <[u8; 6]>::try_from(m).ok())
+        petrel_proto::datagram::inner_dst_mac(frame)
             .and_then(|m| self.by_mac.get(&m))
             .copied()
             .unwrap_or(self.default)

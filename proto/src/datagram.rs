@@ -117,6 +117,16 @@ pub fn vxlan_vni(payload: &[u8]) -> Option<u32> {
     }
 }
 
+/// The inner destination MAC of a VXLAN payload (the peer's VtepMAC, the first six bytes after
+/// the 8-byte header), unchecked otherwise: the quick lookup key of the paths that pick a relay
+/// or a hub per frame.
+pub fn inner_dst_mac(payload: &[u8]) -> Option<[u8; 6]> {
+    payload
+        .get(VXLAN_HEADER_LEN..VXLAN_HEADER_LEN + 6)?
+        .try_into()
+        .ok()
+}
+
 impl<'a> VxlanFrame<'a> {
     /// Parses a VXLAN packet as received on UDP 8472 (no kind byte).
     pub fn from_vxlan_payload(bytes: &'a [u8]) -> Result<Self, DatagramError> {
@@ -308,6 +318,21 @@ mod wire_tests {
         assert_eq!(vxlan_vni(&[0x08, 0, 0, 0, 0, 0, 1]), None);
         assert_eq!(vxlan_vni(&[]), None);
         assert_eq!(vxlan_vni(&[0u8; 8]), None);
+    }
+}
+
+#[cfg(test)]
+mod inner_dst_mac_tests {
+    use super::*;
+
+    #[test]
+    fn the_inner_destination_mac_follows_the_header() {
+        let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0, 2, 0xfa, 0, 0, 0, 5];
+        assert_eq!(inner_dst_mac(&p), Some([2, 0xfa, 0, 0, 0, 5]));
+        p.extend_from_slice(&[9; 20]);
+        assert_eq!(inner_dst_mac(&p), Some([2, 0xfa, 0, 0, 0, 5]));
+        assert_eq!(inner_dst_mac(&p[..13]), None);
+        assert_eq!(inner_dst_mac(&[]), None);
     }
 }
 
