@@ -137,7 +137,9 @@ impl BenchConfig {
             rr_n: 50,
             setup_n: 10,
             stream_secs: 0.5,
-            concurrent: vec![50, 200],
+            // 10,000: every stream of a burst on one agent fits the open-file limit (a
+            // descriptor budget once cut it to 9,156 under a 20,000 limit).
+            concurrent: vec![50, 10_000],
             scale: vec![10, 20],
             scale_idle_secs: 1,
             wan_rtt_ms: 100,

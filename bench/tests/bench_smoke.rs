@@ -1,5 +1,5 @@
 //! A seconds-long run of `petrel-bench` (the smoke configuration: one 1-second iperf3 run per
-//! figure, 50/200 streams, 10/20 simulated agents, one failover sample, one kill and one graceful
+//! figure, 50/10,000 streams, 10/20 simulated agents, one failover sample, one kill and one graceful
 //! stop of an active-active hub, a few seconds of each attack of issue 11): every code path of the bench runs and the report has every row without
 //! errors. It checks shape, not performance; the full bench (`make bench`) is run by hand and its
 //! numbers go to docs/performance.md.

@@ -260,6 +260,12 @@ pub struct EgressConfig {
     pub max_unauthenticated: usize,
     /// Mutual-TLS handshakes in progress.
     pub max_tls_handshakes: usize,
+    /// File descriptors the API server's listeners may hold at once: one per connection (its
+    /// client socket) and one more per direct dial (cloud and Express Connect targets). Set by
+    /// [`fit_descriptors`](Self::fit_descriptors) from the open-file limit; a stream to an edge
+    /// node rides the agent's tunnel and needs no second descriptor, so this is shared rather
+    /// than reserved twice per connection.
+    pub api_descriptors: usize,
 }
 
 impl Default for EgressConfig {
@@ -279,6 +285,7 @@ impl Default for EgressConfig {
             max_connections: 16384,
             max_unauthenticated: 1024,
             max_tls_handshakes: 256,
+            api_descriptors: 2 * 16384,
         }
     }
 }
@@ -470,32 +477,66 @@ impl EgressConfig {
                 d.max_tls_handshakes,
                 1 << 16,
             )?,
+            api_descriptors: 0,
+        })
+        .map(|mut c: Self| {
+            c.api_descriptors = c.max_connections.saturating_mul(2);
+            c
         })
     }
 
-    /// File descriptors the listeners may hold at once when every cap is full: each connection
-    /// holds its client socket, and a direct dial (cloud targets) one more.
+    /// File descriptors the listeners may hold at once when every cap is full: each
+    /// unauthenticated connection and TLS handshake its client socket and perhaps a direct dial
+    /// (reserved: a flood there must never take the API server's), plus the API server's
+    /// [`api_descriptors`](Self::api_descriptors).
     pub fn descriptors_needed(&self) -> u64 {
-        let conns = self.max_connections + self.max_unauthenticated + self.max_tls_handshakes;
-        (conns as u64).saturating_mul(2)
+        self.unauthenticated_descriptors()
+            .saturating_add(self.api_descriptors as u64)
     }
 
-    /// Scales the connection caps down so that [`descriptors_needed`](Self::descriptors_needed)
-    /// fits in `budget`, keeping their proportions (each at least 1). Returns whether anything
-    /// changed.
+    fn unauthenticated_descriptors(&self) -> u64 {
+        ((self.max_unauthenticated + self.max_tls_handshakes) as u64).saturating_mul(2)
+    }
+
+    /// Fits the caps into `budget` descriptors. The unauthenticated pools keep two descriptors
+    /// per connection, reserved, but at most a quarter of the budget (scaled down in proportion,
+    /// each at least 1); the API server's listeners share what is left between client sockets
+    /// and direct dials, and their connection cap is lowered only if it exceeds that. Returns
+    /// whether any cap changed.
+    ///
+    /// Counting the API server's connections twice each (the worst case: every target a cloud
+    /// node) would refuse an edge-only burst at half the open-file limit, though such streams
+    /// hold one descriptor each.
     pub fn fit_descriptors(&mut self, budget: u64) -> bool {
-        let need = self.descriptors_needed();
-        if need <= budget {
-            return false;
+        let before = (
+            self.max_connections,
+            self.max_unauthenticated,
+            self.max_tls_handshakes,
+            self.api_descriptors,
+        );
+        let unauth = self.unauthenticated_descriptors();
+        let quarter = budget / 4;
+        if unauth > quarter {
+            let scale = |v: usize| {
+                let scaled = (v as u128 * u128::from(quarter) / u128::from(unauth.max(1))) as usize;
+                scaled.max(1)
+            };
+            self.max_unauthenticated = scale(self.max_unauthenticated);
+            self.max_tls_handshakes = scale(self.max_tls_handshakes);
         }
-        let scale = |v: usize| {
-            let scaled = (v as u128 * u128::from(budget) / u128::from(need.max(1))) as usize;
-            scaled.max(1)
-        };
-        self.max_connections = scale(self.max_connections);
-        self.max_unauthenticated = scale(self.max_unauthenticated);
-        self.max_tls_handshakes = scale(self.max_tls_handshakes);
-        true
+        let left = budget
+            .saturating_sub(self.unauthenticated_descriptors())
+            .max(1);
+        let left = usize::try_from(left).unwrap_or(usize::MAX);
+        self.api_descriptors = self.api_descriptors.min(left).max(1);
+        self.max_connections = self.max_connections.min(self.api_descriptors);
+        before
+            != (
+                self.max_connections,
+                self.max_unauthenticated,
+                self.max_tls_handshakes,
+                self.api_descriptors,
+            )
     }
 
     /// Whether any listener is configured.
@@ -627,10 +668,27 @@ mod tests {
         let mut c = EgressConfig::default();
         assert_eq!(c.descriptors_needed(), 2 * (16384 + 1024 + 256));
         assert!(!c.fit_descriptors(u64::MAX));
+        assert_eq!(c.descriptors_needed(), 2 * (16384 + 1024 + 256));
         assert!(c.fit_descriptors(1000));
         assert!(c.descriptors_needed() <= 1000, "{}", c.descriptors_needed());
-        // Proportions kept: the API server's pool stays the largest, every cap at least 1.
-        assert!(c.max_connections > c.max_unauthenticated);
+        // The unauthenticated pools get at most a quarter; proportions kept, each at least 1.
+        assert!(2 * (c.max_unauthenticated + c.max_tls_handshakes) <= 250);
+        assert!(c.max_unauthenticated > c.max_tls_handshakes);
         assert!(c.max_tls_handshakes >= 1);
+        assert!(c.max_connections > c.max_unauthenticated);
+        assert_eq!(c.api_descriptors, c.max_connections);
+        assert!(c.api_descriptors >= 750, "{}", c.api_descriptors);
+    }
+
+    #[test]
+    fn an_edge_burst_fits_a_limit_below_twice_the_cap() {
+        // The lab's open-file limit (20,000 less the reserve): 10,000 streams to edge nodes
+        // hold one descriptor each and must all fit; the unauthenticated pools keep theirs.
+        let mut c = EgressConfig::default();
+        assert!(c.fit_descriptors(20_000 - 256));
+        assert_eq!(c.max_connections, 16384);
+        assert_eq!((c.max_unauthenticated, c.max_tls_handshakes), (1024, 256));
+        assert_eq!(c.api_descriptors, 20_000 - 256 - 2 * (1024 + 256));
+        assert!(c.descriptors_needed() <= 20_000 - 256);
     }
 }

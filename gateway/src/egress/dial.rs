@@ -12,7 +12,7 @@ use bytes::Bytes;
 use petrel_proto::stream::MAX_STREAM_PREAMBLE;
 use petrel_proto::{DialErrorCode, StreamOpen, StreamTarget};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::metrics::PathLabels;
@@ -32,7 +32,9 @@ pub enum Upstream {
         first: Bytes,
         agent: Arc<AgentEntry>,
     },
-    Direct(TcpStream),
+    /// A socket the hub dialled itself, and the API server's descriptor it holds (`None` for
+    /// the unauthenticated listeners, whose descriptors are reserved per connection).
+    Direct(TcpStream, Option<OwnedSemaphorePermit>),
 }
 
 /// Resolves and dials targets for every listener; owns the dial bounds.
@@ -189,8 +191,15 @@ impl Dialer {
         }
     }
 
-    /// Opens the upstream connection for `target`, bounded and timed.
-    pub async fn connect(&self, target: &Resolved, display: &str) -> Result<Upstream, Refusal> {
+    /// Opens the upstream connection for `target`, bounded and timed. A direct dial takes one
+    /// permit from `descriptors` when given (the API server's listeners share theirs between
+    /// client sockets and direct dials).
+    pub async fn connect(
+        &self,
+        target: &Resolved,
+        display: &str,
+        descriptors: Option<&Arc<Semaphore>>,
+    ) -> Result<Upstream, Refusal> {
         let started = Instant::now();
         let _total = self
             .pending_total
@@ -214,6 +223,16 @@ impl Dialer {
                 self.open_stream(agent, target, display).await?
             }
             Path::Direct => {
+                let descriptor = match descriptors {
+                    Some(d) => Some(d.clone().try_acquire_owned().map_err(|_| {
+                        Refusal::new(
+                            503,
+                            "too_many_connections",
+                            "no file descriptor left for a direct dial (open-file limit; see egress-max-connections)",
+                        )
+                    })?),
+                    None => None,
+                };
                 // Per target, not per site: hung dials to one dead node must not refuse dials
                 // to the site's other nodes.
                 let _slot = self.agent_slot(&format!(
@@ -246,7 +265,7 @@ impl Dialer {
                         }
                     };
                 let _ = tcp.set_nodelay(true);
-                Upstream::Direct(tcp)
+                Upstream::Direct(tcp, descriptor)
             }
         };
         self.parts

@@ -109,7 +109,7 @@ where
             Ok(t) => t,
             Err(r) => return reply_error(&mut io, listener, eg, &r).await,
         };
-        let up = match eg.dialer.connect(&target, &shown).await {
+        let up = match eg.dialer.connect(&target, &shown, Some(&eg.api_descriptors)).await {
             Ok(u) => u,
             Err(r) => return reply_error(&mut io, listener, eg, &r).await,
         };
@@ -163,7 +163,10 @@ pub(super) async fn handle_sni(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream)
             Ok(t) => t,
             Err(r) => return refuse(r),
         };
-        let up = match eg.dialer.connect(&target, &format!("{name}:{port} (sni)")).await {
+        let up = match eg
+            .dialer
+            .connect(&target, &format!("{name}:{port} (sni)"), None)
+            .await {
             Ok(u) => u,
             Err(r) => return refuse(r),
         };
@@ -203,7 +206,10 @@ pub(super) async fn handle_http(eg: &Arc<Egress>, mut tcp: tokio::net::TcpStream
             Ok(t) => t,
             Err(r) => return reply_error(&mut tcp, "http", eg, &r).await,
         };
-        let up = match eg.dialer.connect(&target, &format!("{host}:{port} (http)")).await {
+        let up = match eg
+            .dialer
+            .connect(&target, &format!("{host}:{port} (http)"), None)
+            .await {
             Ok(u) => u,
             Err(r) => return reply_error(&mut tcp, "http", eg, &r).await,
         };

@@ -191,9 +191,16 @@ enum Pool {
     Unauthenticated,
 }
 
+/// A connection's place in its pool, released on drop: the pool's slot and, for the API
+/// server's listeners, the descriptor of its client socket.
+pub(super) struct Slot {
+    _connection: OwnedSemaphorePermit,
+    _descriptor: Option<OwnedSemaphorePermit>,
+}
+
 /// A connection slot from `pool`, or `None` when it is full (counted, and logged within the
 /// log budget: anyone can fill the unauthenticated pools).
-fn slot(eg: &Egress, listener: &'static str, pool: Pool) -> Option<OwnedSemaphorePermit> {
+fn slot(eg: &Egress, listener: &'static str, pool: Pool) -> Option<Slot> {
     let (sem, flag, max) = match pool {
         Pool::Api => (
             &eg.connections,
@@ -211,19 +218,31 @@ fn slot(eg: &Egress, listener: &'static str, pool: Pool) -> Option<OwnedSemaphor
             eg.cfg.max_unauthenticated,
         ),
     };
-    match sem.clone().try_acquire_owned() {
-        Ok(p) => Some(p),
-        Err(_) => {
-            eg.parts.metrics.request(listener, "too_many_connections");
-            if eg.parts.log_budget.allow("egress connection refused") {
-                warn!(
-                    listener,
-                    max, "egress connection refused: too many connections ({flag})"
-                );
-            }
-            None
+    let refused = |flag: &str, max: usize| {
+        eg.parts.metrics.request(listener, "too_many_connections");
+        if eg.parts.log_budget.allow("egress connection refused") {
+            warn!(
+                listener,
+                max, "egress connection refused: too many connections ({flag})"
+            );
         }
-    }
+        None
+    };
+    let Ok(connection) = sem.clone().try_acquire_owned() else {
+        return refused(flag, max);
+    };
+    let descriptor = match pool {
+        Pool::Api => match eg.api_descriptors.clone().try_acquire_owned() {
+            Ok(d) => Some(d),
+            // Direct dials hold the rest: the open-file limit, not the connection cap.
+            Err(_) => return refused("open-file limit", eg.cfg.api_descriptors),
+        },
+        Pool::TlsHandshake | Pool::Unauthenticated => None,
+    };
+    Some(Slot {
+        _connection: connection,
+        _descriptor: descriptor,
+    })
 }
 
 /// Waits after a failed `accept` (typically out of file descriptors), doubling from 50 ms up

@@ -127,6 +127,8 @@ pub struct Egress {
     dialer: dial::Dialer,
     /// The API server's listeners (Unix socket, authenticated mutual TLS).
     connections: Arc<Semaphore>,
+    /// Descriptors the API server's listeners hold: one per connection, one per direct dial.
+    api_descriptors: Arc<Semaphore>,
     /// Mutual-TLS handshakes in progress.
     tls_handshakes: Arc<Semaphore>,
     /// SNI passthrough and Host-routed HTTP.
@@ -139,6 +141,7 @@ impl Egress {
         Self {
             dialer: dial::Dialer::new(parts.clone(), cfg.clone()),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            api_descriptors: Arc::new(Semaphore::new(cfg.api_descriptors)),
             tls_handshakes: Arc::new(Semaphore::new(cfg.max_tls_handshakes)),
             unauthenticated: Arc::new(Semaphore::new(cfg.max_unauthenticated)),
             next_id: AtomicU64::new(0),
@@ -194,6 +197,7 @@ fn fit_caps_to_descriptors(cfg: &mut EgressConfig) {
             max_connections = cfg.max_connections,
             max_unauthenticated = cfg.max_unauthenticated,
             max_tls_handshakes = cfg.max_tls_handshakes,
+            api_descriptors = cfg.api_descriptors,
             "egress caps lowered to fit the open-file limit (raise LimitNOFILE / ulimit -n to keep them)"
         );
     } else {

@@ -81,7 +81,7 @@ where
             let stats = splice::splice_quic(rd, wr, send, recv, first, to_target).await;
             (Path::Tunnel, stats)
         }
-        Upstream::Direct(mut tcp) => {
+        Upstream::Direct(mut tcp, _descriptor) => {
             let _open = OpenGuard::new(metrics.clone(), Path::Direct, None);
             let mut client = client;
             let stats = splice::splice_tcp(&mut client, &mut tcp, to_target).await;
