@@ -511,6 +511,12 @@ impl std::fmt::Display for RelayListen {
 }
 
 impl HubConfig {
+    /// Several hubs carry traffic at once: a static hub list (file mode) or
+    /// `hub-mode = active-active` (Kubernetes mode).
+    pub fn active_active(&self) -> bool {
+        !self.hubs.is_empty() || self.kube.as_ref().is_some_and(|k| k.active_active)
+    }
+
     pub fn from_args(args: RunArgs, file: FileConfig) -> Result<Self, ConfigError> {
         let listen = parse_socket_addr(
             "listen",

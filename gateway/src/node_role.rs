@@ -92,7 +92,7 @@ impl NodeRoleStatus {
         }
     }
 
-    fn set_hubs_down(&self, down: &std::collections::BTreeSet<String>) {
+    pub fn set_hubs_down(&self, down: &std::collections::BTreeSet<String>) {
         if let Ok(mut i) = self.inner.lock() {
             i.hubs_down = down.clone();
         }
@@ -310,19 +310,15 @@ pub fn probe_targets(inv: &Inventory, cfg: &NodeRoleConfig) -> Vec<(String, Sock
     targets
 }
 
-/// Probes every hub's relay port (`petrel_proto::relay_probe`) and, when the set of hubs that
-/// do not answer changes, moves their sites to the next hub of each site's ranking.
-async fn probe_hubs(
-    inv: Inventory,
-    cfg: NodeRoleConfig,
-    desired_tx: watch::Sender<DesiredState>,
+/// Probes every hub of `targets` (name, relay address) on its relay port
+/// (`petrel_proto::relay_probe`) and publishes the hubs that do not answer. The targets may
+/// change (Kubernetes mode: a hub labelled or unlabelled); probing starts afresh for a new set.
+pub async fn probe_hubs(
+    mut targets_rx: watch::Receiver<Vec<(String, SocketAddr)>>,
+    down_tx: watch::Sender<std::collections::BTreeSet<String>>,
     shutdown: CancellationToken,
 ) {
     use petrel_proto::relay_probe::HubLiveness;
-    let targets = probe_targets(&inv, &cfg);
-    if targets.is_empty() {
-        return;
-    }
     let sock = match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
         Ok(s) => s,
         Err(e) => {
@@ -330,48 +326,63 @@ async fn probe_hubs(
             return;
         }
     };
-    let mut live = HubLiveness::new(
-        targets.iter().map(|t| t.0.clone()),
-        rand::random::<u64>(),
-        std::time::Instant::now(),
-    );
-    let apply =
-        |down: std::collections::BTreeSet<String>| match desired_state_without(&inv, &cfg, &down) {
-            Ok(d) => {
-                if down.is_empty() {
-                    info!("every hub answers its probes; each site goes to its owner");
-                } else {
-                    warn!(
-                        ?down,
-                        "hubs do not answer their relay probes; their sites go to the next hub"
-                    );
-                }
-                cfg.status.set_hubs_down(&down);
-                desired_tx.send_replace(d);
+    let publish = |down: std::collections::BTreeSet<String>| {
+        down_tx.send_if_modified(|cur| {
+            if *cur == down {
+                return false;
             }
-            Err(e) => warn!(error = %e, "cannot recompute the routes for the live hubs"),
-        };
+            if down.is_empty() {
+                info!("every hub answers its probes; each site goes to its owner");
+            } else {
+                warn!(
+                    ?down,
+                    "hubs do not answer their relay probes; their sites go to the next hub"
+                );
+            }
+            *cur = down;
+            true
+        });
+    };
     let mut buf = [0u8; 64];
     loop {
-        let due = tokio::time::Instant::from_std(live.poll_timeout());
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => {
-                if let Ok((n, _)) = r {
-                    if let Some(down) = buf.get(..n).and_then(|b| live.on_reply(b, std::time::Instant::now())) {
-                        apply(down);
-                    }
-                }
+        let targets = targets_rx.borrow_and_update().clone();
+        publish(std::collections::BTreeSet::new());
+        if targets.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = targets_rx.changed() => if r.is_err() { return } else { continue },
             }
-            _ = tokio::time::sleep_until(due) => {
-                let tick = live.tick(std::time::Instant::now());
-                for (hub, probe) in &tick.probes {
-                    if let Some((_, addr)) = targets.iter().find(|t| &t.0 == hub) {
-                        let _ = sock.send_to(probe, addr).await;
+        }
+        let mut live = HubLiveness::new(
+            targets.iter().map(|t| t.0.clone()),
+            rand::random::<u64>(),
+            std::time::Instant::now(),
+        );
+        loop {
+            let due = tokio::time::Instant::from_std(live.poll_timeout());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = targets_rx.changed() => {
+                    if r.is_err() { return }
+                    if *targets_rx.borrow() != targets { break }
+                }
+                r = sock.recv_from(&mut buf) => {
+                    if let Ok((n, _)) = r {
+                        if let Some(down) = buf.get(..n).and_then(|b| live.on_reply(b, std::time::Instant::now())) {
+                            publish(down);
+                        }
                     }
                 }
-                if let Some(down) = tick.down_changed {
-                    apply(down);
+                _ = tokio::time::sleep_until(due) => {
+                    let tick = live.tick(std::time::Instant::now());
+                    for (hub, probe) in &tick.probes {
+                        if let Some((_, addr)) = targets.iter().find(|t| &t.0 == hub) {
+                            let _ = sock.send_to(probe, addr).await;
+                        }
+                    }
+                    if let Some(down) = tick.down_changed {
+                        publish(down);
+                    }
                 }
             }
         }
@@ -435,10 +446,26 @@ pub async fn run(
     let desired = desired_state(&inv, &cfg)?;
     let (tx, rx) = watch::channel(desired);
     // Active-active: a dead hub's sites move to the next hub once its probes go unanswered.
-    // With one hub the prober returns at once and the state stays as it is.
-    let prober = tokio::spawn(probe_hubs(inv, cfg.clone(), tx, shutdown.clone()));
+    // With one hub there is nothing to probe and the state stays as it is.
+    let (_targets_tx, targets_rx) = watch::channel(probe_targets(&inv, &cfg));
+    let (down_tx, mut down_rx) = watch::channel(std::collections::BTreeSet::new());
+    let prober = tokio::spawn(probe_hubs(targets_rx, down_tx, shutdown.clone()));
+    let follow_cfg = cfg.clone();
+    let follower = tokio::spawn(async move {
+        while down_rx.changed().await.is_ok() {
+            let down = down_rx.borrow_and_update().clone();
+            match desired_state_without(&inv, &follow_cfg, &down) {
+                Ok(d) => {
+                    follow_cfg.status.set_hubs_down(&down);
+                    tx.send_replace(d);
+                }
+                Err(e) => warn!(error = %e, "cannot recompute the routes for the live hubs"),
+            }
+        }
+    });
     let r = run_desired(cfg, rx, shutdown).await;
     prober.abort();
+    follower.abort();
     r
 }
 

@@ -68,10 +68,10 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Stops answering relay liveness probes (frames are still relayed).
-    pub fn stop_answering_probes(&self) {
+    /// Stops (or resumes) answering relay liveness probes; frames are relayed either way.
+    pub fn set_answering_probes(&self, answer: bool) {
         self.answer_probes
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+            .store(answer, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn answers_probes(&self) -> bool {

@@ -343,6 +343,12 @@ impl Hub {
         self.inventory_writer.take()
     }
 
+    /// The VXLAN relay, if this hub runs one (active-active: whether it answers node roles'
+    /// liveness probes is switched from outside when the hub joins or leaves).
+    pub fn relay_dataplane(&self) -> Option<Arc<dataplane::Dataplane>> {
+        self.relay.as_ref().map(|r| r.dp.clone())
+    }
+
     /// What the egress proxy is built from.
     pub fn egress_parts(&self) -> crate::egress::EgressParts {
         crate::egress::EgressParts {
@@ -544,9 +550,9 @@ impl Hub {
         // Active-active: make before break. Node roles move this hub's sites once it stops
         // answering their relay probes; it keeps relaying (and its agents keep their tunnels)
         // until they have, then tells the agents, whose frames go to the next hub at once.
-        if !self.config.hubs.is_empty() {
+        if self.config.active_active() {
             if let Some(r) = &self.relay {
-                r.dp.stop_answering_probes();
+                r.dp.set_answering_probes(false);
                 info!(handover = ?ACTIVE_ACTIVE_HANDOVER, "active-active: handing this hub's sites over before stopping");
                 tokio::time::sleep(ACTIVE_ACTIVE_HANDOVER).await;
             }
@@ -594,7 +600,7 @@ impl Hub {
 
 /// How long a stopping active-active hub keeps relaying after it stops answering probes: node
 /// roles take it as gone after `DEAD_AFTER` without an answer and probe every `PROBE_INTERVAL`.
-const ACTIVE_ACTIVE_HANDOVER: Duration = petrel_proto::relay_probe::DEAD_AFTER
+pub const ACTIVE_ACTIVE_HANDOVER: Duration = petrel_proto::relay_probe::DEAD_AFTER
     .saturating_add(petrel_proto::relay_probe::PROBE_INTERVAL)
     .saturating_add(petrel_proto::relay_probe::PROBE_INTERVAL);
 

@@ -7,6 +7,8 @@
 //! * [`nodes`]: the kube-runtime watcher (with backoff) feeding that index.
 //! * [`election`]: the `coordination.k8s.io/v1` Lease that picks the active hub among the nodes
 //!   labelled cloud-gateway, and the read-only follower the node role uses.
+//! * [`membership`]: with `hub-mode = active-active`, a Lease per hub and the live set every
+//!   hub and node role reads from them.
 //! * [`pki`]: the CA in a Secret, join tokens as Secrets (like bootstrap tokens), the revocation
 //!   list in a Secret.
 //! * [`status`]: annotations on Nodes (tunnel state, gateway endpoints, hub role) and Events.
@@ -19,6 +21,7 @@
 //! active hub and the connected agents stay as they are; watchers retry with backoff.
 
 pub mod election;
+pub mod membership;
 pub mod node;
 pub mod nodes;
 pub mod pki;
@@ -56,6 +59,8 @@ pub mod keys {
     pub const GATEWAY_ENDPOINTS: &str = "petrel.io/gateway-endpoints";
     /// On a gateway candidate's Node: `active`, `standby` or `not-serving`.
     pub const HUB_ROLE: &str = "petrel.io/hub-role";
+    /// On a hub's Node, active-active: the public sites it owns, comma-separated.
+    pub const OWNED_SITES: &str = "petrel.io/owned-sites";
     /// Prefix of the per-hub tunnel state on edge Nodes: `tunnel.petrel.io/<hub node>`.
     pub const TUNNEL_PREFIX: &str = "tunnel.petrel.io/";
     /// On the Lease: the active hub's endpoints.
@@ -165,6 +170,10 @@ pub struct KubeSettings {
     pub retry_interval: Duration,
     pub ca_secret: String,
     pub keys: LabelKeys,
+    /// Every labelled hub carries traffic (`hub-mode = active-active`): each renews its own
+    /// Lease ([`membership`]); the single Lease then only picks the hub that signs
+    /// CertificateSigningRequests and tidies annotations.
+    pub active_active: bool,
 }
 
 impl Default for KubeSettings {
@@ -178,6 +187,7 @@ impl Default for KubeSettings {
             retry_interval: Duration::from_millis(250),
             ca_secret: defaults::CA_SECRET.into(),
             keys: LabelKeys::default(),
+            active_active: false,
         }
     }
 }
@@ -237,6 +247,11 @@ pub struct KubeArgs {
     /// Secret holding the hub CA (`tls.crt`, `tls.key`).
     #[arg(long, env = "PETREL_CA_SECRET")]
     pub ca_secret: Option<String>,
+    /// `active-standby` (default: the Lease holder carries all traffic, the other labelled
+    /// hubs stand by) or `active-active` (every labelled hub carries the sites it owns; set it
+    /// on the hubs and the node roles alike; docs/architecture.md, "Active-active hubs").
+    #[arg(long, env = "PETREL_HUB_MODE")]
+    pub hub_mode: Option<String>,
 }
 
 /// The `[kubernetes]` table of the config file (same names as the flags, without `k8s-`).
@@ -254,6 +269,7 @@ pub struct KubeFileConfig {
     pub gateway_label: Option<String>,
     pub cloud_site: Option<String>,
     pub ca_secret: Option<String>,
+    pub hub_mode: Option<String>,
 }
 
 /// A DNS-1123 label (namespaces): lowercase alphanumerics and '-', at most 63.
@@ -453,7 +469,24 @@ impl KubeArgs {
             &file.gateway_label,
             d.keys.gateway,
         )?;
+        let active_active = match self
+            .hub_mode
+            .as_deref()
+            .or(file.hub_mode.as_deref())
+            .unwrap_or("active-standby")
+        {
+            "active-standby" => false,
+            "active-active" => true,
+            other => {
+                return Err(ConfigError::Invalid {
+                    field: "hub-mode",
+                    value: other.into(),
+                    allowed: "active-standby or active-active".into(),
+                })
+            }
+        };
         Ok(Some(KubeSettings {
+            active_active,
             kubeconfig: self.kubeconfig.clone().or(file.kubeconfig.clone()),
             namespace,
             lease_name,
@@ -583,6 +616,16 @@ mod tests {
         assert!(bad(|a| a.lease_renew = Some("2s".into())).contains("lease-renew"));
         assert!(bad(|a| a.edge_labels = vec!["bad key!".into()]).contains("edge-labels"));
         assert!(bad(|a| a.gateway_label = Some("/x".into())).contains("gateway-label"));
+        assert!(bad(|a| a.hub_mode = Some("both".into())).contains("hub-mode"));
+        assert!(!s.active_active);
+        let mut aa = args.clone();
+        aa.hub_mode = Some("active-active".into());
+        assert!(
+            aa.resolve(None, &KubeFileConfig::default())
+                .unwrap()
+                .unwrap()
+                .active_active
+        );
         assert!(valid_label_key("node-role.alibabacloud.com/cloud-gateway"));
         assert!(valid_label_key("plain"));
         assert!(!valid_label_key("a/b/c"));

@@ -8,6 +8,7 @@
 
 pub mod csr;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use petrel_proto::GatewayEndpoint;
@@ -16,25 +17,29 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::agent_registry::AgentRegistry;
+use crate::hub::dataplane::Dataplane;
 use crate::hub::refresh::Refresher;
 use crate::hub::serving::ServingGate;
 use crate::hub::status::ClusterStatus;
 use crate::hub::{Hub, NotServing};
+use crate::inventory::{Inventory, SiteKind};
 use crate::inventory_store::InventoryWriter;
 use crate::k8s::election::{self, ElectionState, ElectorConfig, Role};
+use crate::k8s::membership::{self, RenewerConfig};
 use crate::k8s::nodes::{self, ClusterView};
-use crate::k8s::status::{tunnel_key, Annotator, TunnelAnnotations};
+use crate::k8s::status::{tunnel_key, Annotator, EventRecorder, TunnelAnnotations};
 use crate::k8s::translate::format_endpoints;
 use crate::k8s::{keys, KubeSettings};
 use crate::metrics::HubMetrics;
 
 /// The endpoint list agents are sent: every candidate's published endpoints (this hub's own
-/// from its configuration until its annotation shows up), the Lease holder's marked active.
+/// from its configuration until its annotation shows up), those of the `active` hubs marked
+/// active (the Lease holder; active-active: every live hub).
 pub fn gateway_list(
     view: &ClusterView,
     me: &str,
     my_endpoints: &[(String, u16)],
-    holder: Option<&str>,
+    active: &BTreeSet<String>,
 ) -> Vec<GatewayEndpoint> {
     let mut out = Vec::new();
     for c in &view.candidates {
@@ -48,11 +53,33 @@ pub fn gateway_list(
                 name: c.name.clone(),
                 host,
                 port,
-                active: holder == Some(c.name.as_str()),
+                active: active.contains(&c.name),
             });
         }
     }
     out
+}
+
+/// The public sites of `inv` and the hub of `active` that owns each (`petrel_proto::ownership`,
+/// as agents and node roles compute it).
+pub fn site_owners(inv: &Inventory, active: &BTreeSet<String>) -> BTreeMap<String, String> {
+    inv.sites()
+        .filter(|s| s.kind == SiteKind::Public)
+        .filter_map(|s| {
+            let owner = petrel_proto::ownership::owner(&s.name, active.iter().map(String::as_str))?;
+            Some((s.name.clone(), owner.to_string()))
+        })
+        .collect()
+}
+
+/// `site=hub` pairs for an Event's message.
+fn owners_text(owners: &BTreeMap<String, String>) -> String {
+    let v: Vec<String> = owners.iter().map(|(s, h)| format!("{s}={h}")).collect();
+    if v.is_empty() {
+        "no public sites".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Why a hub in `role` does not serve, if it does not.
@@ -83,6 +110,9 @@ pub struct KubeParts {
     pub advertise: Vec<(String, u16)>,
     pub advertise_given: bool,
     pub port: u16,
+    /// The VXLAN relay, whose answers to node roles' liveness probes follow this hub's label
+    /// in active-active mode.
+    pub relay: Option<Arc<Dataplane>>,
 }
 
 impl KubeParts {
@@ -106,6 +136,7 @@ impl KubeParts {
             advertise: hub.config.advertise.clone(),
             advertise_given: hub.config.advertise_given,
             port: hub.local_addr.port(),
+            relay: hub.relay_dataplane(),
         })
     }
 }
@@ -174,10 +205,66 @@ pub async fn run(
     let my_key = tunnel_key(&node);
     let mut was_active = false;
     let mut applied: Option<Arc<ClusterView>> = None;
-    let mut published_role: Option<Role> = None;
+    let mut published_role: Option<&'static str> = None;
+    // Active-active: this hub's own Lease while it is labelled, and every hub's.
+    let active_active = settings.active_active;
+    let (member_tx, member_rx) = watch::channel(false);
+    let renewer_stop = CancellationToken::new();
+    let renewer = active_active.then(|| {
+        membership::spawn_renewer(
+            client.clone(),
+            RenewerConfig {
+                namespace: settings.namespace.clone(),
+                base: settings.lease_name.clone(),
+                node: node.clone(),
+                duration: settings.lease_duration,
+                renew: settings.renew_interval,
+            },
+            member_rx,
+            renewer_stop.clone(),
+        )
+    });
+    let (_live_keep, idle_live) = watch::channel(None);
+    let mut live_rx = if active_active {
+        membership::follow(
+            client.clone(),
+            &settings.namespace,
+            &settings.lease_name,
+            shutdown.clone(),
+        )
+    } else {
+        idle_live
+    };
+    let events = EventRecorder::new(client.clone(), &node);
+    let mut shown_active: Option<BTreeSet<String>> = None;
+    let mut shown_owned: Option<String> = None;
+    // Active-active, label removed: serving until then, while the others take the sites.
+    let mut leaving_until: Option<tokio::time::Instant> = None;
+    let mut was_member = false;
     loop {
         let view = view_rx.borrow_and_update().clone();
         let election: ElectionState = election_rx.borrow_and_update().clone();
+        let live = live_rx.borrow_and_update().clone();
+        let candidate = view.synced && view.is_candidate(&node);
+        if active_active && view.synced {
+            // Make before break: without the label this hub stops answering probes and drops
+            // its Lease at once, so node roles and the other hubs move its sites, and it keeps
+            // relaying and serving its tunnels until they have.
+            if was_member && !candidate && leaving_until.is_none() {
+                info!(handover = ?crate::hub::ACTIVE_ACTIVE_HANDOVER, "cloud-gateway label removed: handing this hub's sites over before it stops serving");
+                leaving_until =
+                    Some(tokio::time::Instant::now() + crate::hub::ACTIVE_ACTIVE_HANDOVER);
+            }
+            if candidate {
+                leaving_until = None;
+            }
+            was_member = candidate;
+            member_tx.send_if_modified(|m| std::mem::replace(m, candidate) != candidate);
+            if let Some(r) = &ctx.relay {
+                r.set_answering_probes(candidate);
+            }
+        }
+        let leaving = leaving_until.is_some_and(|t| tokio::time::Instant::now() < t);
         if view.synced {
             if applied.is_none() {
                 // Before serving: tunnels this hub had before it restarted are gone.
@@ -245,28 +332,75 @@ pub async fn run(
                 }
             });
         }
-        ctx.refresher.set_gateways(Some(gateway_list(
-            &view,
-            &node,
-            &my_endpoints,
-            election.holder.as_deref(),
-        )));
-        ctx.serving
-            .set(serving_for(election.role, &node, &settings.keys.gateway));
-        ctx.metrics
-            .active
-            .set(i64::from(election.role == Role::Active && view.synced));
+        let active: BTreeSet<String> = if active_active {
+            membership::active_hubs(
+                view.candidates.iter().map(|c| c.name.as_str()),
+                live.as_ref(),
+            )
+        } else {
+            election.holder.iter().cloned().collect()
+        };
+        ctx.refresher
+            .set_gateways(Some(gateway_list(&view, &node, &my_endpoints, &active)));
+        let serving = if leaving {
+            Ok(())
+        } else {
+            serving_for(election.role, &node, &settings.keys.gateway)
+        };
+        // Active-active: every labelled hub that serves is active; the Lease holder only signs.
+        let role = if active_active && serving.is_ok() && candidate {
+            "active"
+        } else {
+            election.role.as_str()
+        };
+        ctx.serving.set(serving);
+        let carries = if active_active {
+            active.contains(&node) && candidate
+        } else {
+            election.role == Role::Active
+        };
+        ctx.metrics.active.set(i64::from(carries && view.synced));
         ctx.metrics
             .agents_expected
             .set(crate::metrics::public_site_nodes(&view.inventory));
         was_active = election.role == Role::Active && view.synced;
-        if published_role != Some(election.role) && election.role != Role::Starting {
-            annotator.set(&node, keys::HUB_ROLE, Some(election.role.as_str().into()));
-            published_role = Some(election.role);
+        if published_role != Some(role) && election.role != Role::Starting {
+            annotator.set(&node, keys::HUB_ROLE, Some(role.into()));
+            published_role = Some(role);
+        }
+        let owners = (active_active && view.synced).then(|| site_owners(&view.inventory, &active));
+        if let Some(owners) = &owners {
+            // Which hub owns which site: an Event on this hub's Node when the live set
+            // changes, and the sites it owns on its Node.
+            if shown_active.as_ref() != Some(&active) {
+                let msg = format!(
+                    "active Petrel hubs: {}; site owners: {}",
+                    active.iter().cloned().collect::<Vec<_>>().join(", "),
+                    owners_text(owners)
+                );
+                info!("{msg}");
+                if shown_active.is_some() {
+                    events.record(false, "HubOwnership", msg);
+                }
+                shown_active = Some(active.clone());
+            }
+            let mine: Vec<&str> = owners
+                .iter()
+                .filter(|(_, h)| **h == node && candidate)
+                .map(|(s, _)| s.as_str())
+                .collect();
+            let mine = mine.join(",");
+            if shown_owned.as_deref() != Some(mine.as_str()) {
+                annotator.set(&node, keys::OWNED_SITES, Some(mine.clone()));
+                shown_owned = Some(mine);
+            }
         }
         ctx.cluster_status.set(serde_json::json!({
                 "node": node,
-                "role": election.role.as_str(),
+                "role": role,
+                "hub_mode": if active_active { "active-active" } else { "active-standby" },
+                "active_hubs": active,
+                "leaving": leaving,
                 "lease": format!("{}/{}", settings.namespace, settings.lease_name),
                 "lease_holder": election.holder,
                 "api_reachable": election.api_ok,
@@ -274,11 +408,19 @@ pub async fn run(
                 "candidates": view.candidates.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
                 "rejected_nodes": view.rejected,
         }));
+        let leave_at = leaving_until.filter(|_| leaving);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = view_rx.changed() => if r.is_err() { break },
             r = election_rx.changed() => if r.is_err() { break },
+            r = live_rx.changed() => if r.is_err() { break },
+            _ = async { match leave_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
         }
+    }
+    // Active-active: the own Lease goes first, so the others drop this hub while it drains.
+    renewer_stop.cancel();
+    if let Some(r) = renewer {
+        let _ = r.await;
     }
     // Release the Lease so a standby takes over at once.
     elector_stop.cancel();
@@ -311,14 +453,18 @@ mod tests {
             &view,
             "gw-1",
             &[("203.0.113.10".into(), 7443)],
-            Some("cloud-1"),
+            &BTreeSet::from(["cloud-1".to_string()]),
         );
         assert_eq!(l.len(), 2);
         assert!(l[0].active && l[0].name == "cloud-1");
         assert!(!l[1].active && l[1].host == "203.0.113.10");
         // Another candidate without published endpoints is left out.
-        let l = gateway_list(&view, "x", &[], Some("gw-1"));
+        let l = gateway_list(&view, "x", &[], &BTreeSet::from(["gw-1".to_string()]));
         assert_eq!(l.len(), 1);
+        // Active-active: every hub of the set is active.
+        let both = BTreeSet::from(["gw-1".to_string(), "cloud-1".to_string()]);
+        let l = gateway_list(&view, "gw-1", &[("203.0.113.10".into(), 7443)], &both);
+        assert!(l.iter().all(|g| g.active), "{l:?}");
         assert_eq!(
             serving_for(Role::NotCandidate, "n", "k"),
             Err(NotServing::NotCandidate {
