@@ -1,7 +1,7 @@
 //! Petrel in the network-namespace lab with its inventory, election and PKI in a real
 //! kube-apiserver (1.20, `e2e/k8s/control-plane.sh`): the lab's nodes exist as Node objects
 //! (labels, Flannel annotations, pod CIDRs, addresses, kubelet port), gateways run on gw-1 and
-//! cloud-1 (which gets a WAN leg, 203.0.113.11, so agents can reach a second hub), the node role
+//! cloud-1 (which gets a WAN leg, 203.0.113.21, so agents can reach a second hub), the node role
 //! on every cloud and Express Connect node, agents on every public-site node.
 //!
 //! The API server listens on 127.0.0.1 of the root namespace; [`ApiForwarder`] makes it
@@ -29,8 +29,8 @@ pub const AGENT_ADMIN: &str = "127.0.0.1:9471";
 pub const API_PORT: u16 = 6443;
 pub const GATEWAY_LABEL: &str = "node-role.alibabacloud.com/cloud-gateway";
 pub const NAMESPACE: &str = "kube-system";
-/// cloud-1's WAN address (gw-1's is 203.0.113.10).
-pub const CLOUD1_WAN: &str = "203.0.113.11";
+/// cloud-1's WAN address (gw-1's is 203.0.113.10; gw-3 of `LabSpec::second_hub` is .11).
+pub const CLOUD1_WAN: &str = "203.0.113.21";
 
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
@@ -273,6 +273,8 @@ pub struct K8sLab<'a> {
     pub hubs: BTreeMap<String, ChildGuard>,
     pub node_roles: Vec<(String, ChildGuard)>,
     pub agents: BTreeMap<String, ChildGuard>,
+    /// Extra arguments of every hub and node role (e.g. `--hub-mode active-active`).
+    pub extra_args: Vec<String>,
 }
 
 impl<'a> K8sLab<'a> {
@@ -280,6 +282,18 @@ impl<'a> K8sLab<'a> {
     /// gw-1 and on cloud-1, and the node roles. Agents start with [`K8sLab::start_agents`] once
     /// a hub serves.
     pub fn start(lab: &'a Lab, hooks: &str, dir: &Path) -> Result<Self> {
+        Self::start_with(lab, hooks, dir, &["gw-1", "cloud-1"], &[])
+    }
+
+    /// [`K8sLab::start`] with gateways on `hubs` and `extra` arguments for every hub and node
+    /// role.
+    pub fn start_with(
+        lab: &'a Lab,
+        hooks: &str,
+        dir: &Path,
+        hubs: &[&str],
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cluster = LabCluster::up(&dir.join("k8s"))?;
         for n in lab
             .nodes()
@@ -339,8 +353,9 @@ impl<'a> K8sLab<'a> {
             hubs: BTreeMap::new(),
             node_roles: Vec::new(),
             agents: BTreeMap::new(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        for gw in ["gw-1", "cloud-1"] {
+        for gw in hubs {
             me.start_hub(gw)?;
         }
         let gw = bin("petrel-gateway")?;
@@ -350,21 +365,20 @@ impl<'a> K8sLab<'a> {
             .iter()
             .filter(|n| n.site_kind != SiteKind::Public)
         {
-            let g = lab.spawn(
+            let mut argv = vec![
+                path_str(&gw)?,
+                "node",
+                "--node-name",
                 &n.name,
-                &[
-                    path_str(&gw)?,
-                    "node",
-                    "--node-name",
-                    &n.name,
-                    "--inventory-source",
-                    "kubernetes",
-                    "--kubeconfig",
-                    &kc,
-                    "--hooks",
-                    hooks,
-                ],
-            )?;
+                "--inventory-source",
+                "kubernetes",
+                "--kubeconfig",
+                &kc,
+                "--hooks",
+                hooks,
+            ];
+            argv.extend(me.extra_args.iter().map(String::as_str));
+            let g = lab.spawn(&n.name, &argv)?;
             me.node_roles.push((n.name.clone(), g));
         }
         Ok(me)
@@ -374,7 +388,14 @@ impl<'a> K8sLab<'a> {
     pub fn hub_public(&self, node: &str) -> String {
         match node {
             "cloud-1" => CLOUD1_WAN.to_string(),
-            _ => self.lab.gateway_public_ip().to_string(),
+            "gw-1" => self.lab.gateway_public_ip().to_string(),
+            other => self
+                .lab
+                .try_node(other)
+                .ok()
+                .and_then(|n| n.wan_ip)
+                .unwrap_or_else(|| self.lab.gateway_public_ip())
+                .to_string(),
         }
     }
 
@@ -385,27 +406,26 @@ impl<'a> K8sLab<'a> {
         let state = self.dir.join(format!("hub-{node}"));
         let advertise = format!("{}:{HUB_PORT}", self.hub_public(node));
         let listen = format!("0.0.0.0:{HUB_PORT}");
-        let mut g = self.lab.spawn(
+        let mut argv: Vec<&str> = vec![
+            path_str(&gw)?,
+            "run",
+            "--inventory-source",
+            "kubernetes",
+            "--kubeconfig",
+            &kc,
+            "--node-name",
             node,
-            &[
-                path_str(&gw)?,
-                "run",
-                "--inventory-source",
-                "kubernetes",
-                "--kubeconfig",
-                &kc,
-                "--node-name",
-                node,
-                "--listen",
-                &listen,
-                "--advertise",
-                &advertise,
-                "--admin-addr",
-                HUB_ADMIN,
-                "--state-dir",
-                path_str(&state)?,
-            ],
-        )?;
+            "--listen",
+            &listen,
+            "--advertise",
+            &advertise,
+            "--admin-addr",
+            HUB_ADMIN,
+            "--state-dir",
+            path_str(&state)?,
+        ];
+        argv.extend(self.extra_args.iter().map(String::as_str));
+        let mut g = self.lab.spawn(node, &argv)?;
         g.wait_for_log("hub listening", Duration::from_secs(20))
             .with_context(|| format!("hub on {node}"))?;
         self.hubs.insert(node.into(), g);
@@ -440,6 +460,32 @@ impl<'a> K8sLab<'a> {
         self.hub_status(node).ok()?["kubernetes"]["role"]
             .as_str()
             .map(str::to_string)
+    }
+
+    /// Active-active: the hubs the node role on `node` sends no site to (no live Lease, or no
+    /// answer to its relay probes).
+    pub fn hubs_down(&self, node: &str) -> Result<serde_json::Value> {
+        Ok(self.json(node, "petrel-gateway", crate::lab_petrel::NODE_ADMIN)?["hubs_down"].clone())
+    }
+
+    /// Cuts namespace `node` off from the API server (`on`), or reconnects it: every packet to
+    /// or from the forwarded API port is dropped, so open watches go silent and calls time out.
+    pub fn cut_off_api(&self, node: &str, on: bool) -> Result<()> {
+        if on {
+            for cmd in [
+                "add table inet petrel_api".to_string(),
+                "add chain inet petrel_api out { type filter hook output priority 0 ; }"
+                    .to_string(),
+                format!("add rule inet petrel_api out tcp dport {API_PORT} drop"),
+                format!("add rule inet petrel_api out tcp sport {API_PORT} drop"),
+            ] {
+                self.lab.exec(node, &["nft", &cmd])?;
+            }
+        } else {
+            self.lab
+                .exec(node, &["nft", "delete table inet petrel_api"])?;
+        }
+        Ok(())
     }
 
     pub fn agent_status(&self, node: &str) -> Result<serde_json::Value> {
