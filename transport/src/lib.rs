@@ -14,6 +14,7 @@
 //! | [`quic`] | QUIC transport parameters, endpoints, the pre-authentication and authenticated limits |
 //! | [`control_stream`] | drivers of the framed control and enrolment streams |
 //! | [`splice`] | byte-stream <-> QUIC-stream copy |
+//! | [`stream_carrier`] | QUIC packets over a byte stream (the TCP fallback): an `AsyncUdpSocket` over length-framed streams |
 //! | [`udp_batch`] | UDP batching for the data plane: GSO sends and `recvmmsg` (no netlink) |
 //! | [`socket_buffers`] | kernel buffer sizes of UDP sockets |
 //! | [`setting_values`] | the value layer of both binaries' configuration and their shared `ConfigError` |
@@ -31,6 +32,7 @@ pub mod quic;
 pub mod setting_values;
 pub mod socket_buffers;
 pub mod splice;
+pub mod stream_carrier;
 pub mod tls;
 pub mod udp_batch;
 
