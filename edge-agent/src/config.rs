@@ -33,7 +33,7 @@ pub enum Command {
     /// Enrol this device with a join token: make a key here, get a certificate for this node.
     Join(JoinArgs),
     /// Run the agent: keep a tunnel to every known hub.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print this agent's connections (asks the running agent's admin endpoint).
     Status(StatusArgs),
     /// Remove every route, rule and device Petrel added to this node (also after a crash).
@@ -91,6 +91,13 @@ pub struct RunArgs {
     /// rate on WANs with random loss), cubic or newreno.
     #[arg(long, env = "PETREL_CONGESTION")]
     pub congestion: Option<String>,
+    /// `auto` (default: QUIC over UDP, and QUIC over TLS on TCP while UDP gets no answer),
+    /// `udp` or `tcp` (always the TCP fallback: a network known to block UDP).
+    #[arg(long, env = "PETREL_TRANSPORT")]
+    pub transport: Option<String>,
+    /// TCP port of the hubs' fallback listener (on each hub endpoint's host).
+    #[arg(long, env = "PETREL_TCP_PORT")]
+    pub tcp_port: Option<u16>,
     /// Zero-touch enrolment: the node's kubelet kubeconfig (e.g. /etc/kubernetes/kubelet.conf
     /// or /var/lib/kubelet/kubeconfig). When this device holds no valid certificate, the agent
     /// asks for one with a CertificateSigningRequest made with these credentials, signed by
@@ -204,6 +211,9 @@ pub struct FileConfig {
     #[serde(alias = "connect_timeout")]
     pub connect_timeout: Option<String>,
     pub congestion: Option<String>,
+    pub transport: Option<String>,
+    #[serde(alias = "tcp_port")]
+    pub tcp_port: Option<u16>,
     pub log: Option<String>,
     pub hooks: Option<String>,
     #[serde(alias = "relay_port")]
@@ -251,6 +261,10 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
     pub congestion: CongestionControl,
+    /// UDP, TCP, or UDP with the TCP fallback (`crate::transport_choice`).
+    pub transport: crate::transport_choice::TransportMode,
+    /// The hubs' TCP fallback port.
+    pub tcp_port: u16,
     /// `None`: no data plane.
     pub datapath: Option<petrel_datapath::DatapathConfig>,
     /// Zero-touch enrolment from the node's kubelet credentials, if configured.
@@ -372,6 +386,26 @@ impl AgentConfig {
             Some(v) => parse_congestion("congestion", &v)?,
             None => CongestionControl::default(),
         };
+        let transport = match args.transport.or(file.transport) {
+            None => crate::transport_choice::TransportMode::default(),
+            Some(v) => {
+                crate::transport_choice::TransportMode::parse(v.trim()).ok_or_else(|| {
+                    ConfigError::Invalid {
+                        field: "transport",
+                        value: v.clone(),
+                        allowed: "auto, udp or tcp".into(),
+                    }
+                })?
+            }
+        };
+        let tcp_port = args.tcp_port.or(file.tcp_port).unwrap_or(443);
+        if tcp_port == 0 {
+            return Err(ConfigError::Invalid {
+                field: "tcp-port",
+                value: "0".into(),
+                allowed: "1-65535".into(),
+            });
+        }
         if backoff_max < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
                 field: "backoff-max",
@@ -420,6 +454,8 @@ impl AgentConfig {
             backoff_max,
             connect_timeout,
             congestion,
+            transport,
+            tcp_port,
             datapath,
         })
     }

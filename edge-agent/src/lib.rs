@@ -14,6 +14,7 @@
 //! | [`endpoints`] | learned hub endpoints, saved and handed to the supervisor |
 //! | [`agent`] | the supervisor: one link per endpoint, the data plane's opening |
 //! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]); the pump around [`petrel_proto::session::AgentSession`] (views applied, renewal, the next attempt); each connection's receive path (`receive`, its own task: datagrams to the data plane, the hub's streams to the proxy) |
+//! | [`transport_choice`] | whether a link's next attempt is QUIC over UDP or the TCP fallback (QUIC over TLS on TCP), and when to go back to UDP |
 //! | [`hub_choice`] | with several active hubs: which hub each frame goes to (the owner of its destination site, or of this site), in failover order |
 //! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub (or, active-active, each to its [`hub_choice`]); [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
 //! | [`proxy`] | proxied streams: the hub's policy, the dial, the splice |
@@ -42,3 +43,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod shared;
 pub mod status;
+pub mod transport_choice;

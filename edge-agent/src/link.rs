@@ -30,6 +30,7 @@ use crate::identity::Identity;
 use crate::links::LinkState;
 use crate::metrics::AgentMetrics;
 use crate::shared::AgentShared;
+use crate::transport_choice::{Carrier, TransportChoice, UDP_RETRY_ON_TCP};
 
 /// How a link's session ended.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
     // The cluster route table as this link last synced it; kept across reconnects, so a hub
     // that still has the same table sends nothing (see petrel_proto::routes).
     let mut routes = RouteTable::new();
+    let mut choice = TransportChoice::new(shared.config.transport);
     loop {
         if !delay.is_zero() {
             tokio::select! {
@@ -62,14 +64,23 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.state = LinkState::Connecting;
             l.attempts += 1;
         });
+        let carrier = choice.next();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             // connect() bounds itself: connect_timeout for an answer, then ADMITTED_GRACE.
-            r = connect(&shared, &endpoint, &mut routes) => r,
+            r = connect(&shared, &endpoint, &mut routes, carrier) => r,
         };
         let connected = match attempt {
             Ok(v) => v,
             Err(e) => {
+                let was_tcp = choice.next() == Carrier::Tcp;
+                choice.failed(carrier, !matches!(e, ConnectError::NoAnswer(_)));
+                if !was_tcp && choice.next() == Carrier::Tcp {
+                    warn!(
+                        tcp_port = shared.config.tcp_port,
+                        "no answer over UDP; trying the TCP fallback (QUIC over TLS on TCP)"
+                    );
+                }
                 AgentMetrics::inc(&shared.metrics.connect_attempts, "failed");
                 shared
                     .metrics
@@ -99,7 +110,14 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             writer,
             session,
             welcome,
+            carrier: carrier_guard,
         } = connected;
+        choice.connected(carrier);
+        // On the TCP fallback, UDP is tried again in the background; once it answers this
+        // tunnel is closed and the next attempt is UDP.
+        let udp_retry = choice
+            .retries_udp(carrier)
+            .then(|| tokio::spawn(retry_udp(shared.clone(), endpoint.clone(), conn.clone())));
         AgentMetrics::inc(&shared.metrics.connect_attempts, "ok");
         last_logged_error = None;
         backoff.on_connected(Instant::now());
@@ -115,6 +133,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
                 .map(|d| d.as_secs());
             l.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             l.last_error = None;
+            l.transport = Some(carrier.as_str().to_string());
         });
         shared
             .links
@@ -137,6 +156,13 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let end = link.pump(reader, &shutdown).await;
         routes = link.session.into_routes();
         receiver.abort();
+        if let Some(t) = udp_retry {
+            if t.is_finished() && matches!(t.await, Ok(true)) {
+                info!("UDP answers again: leaving the TCP fallback");
+                choice.udp_answers();
+            }
+        }
+        drop(carrier_guard);
         shared.links.track_tunnel(&endpoint, None);
         if let Some(dp) = shared.dataplane.get() {
             dp.clear_active(&conn);
@@ -146,6 +172,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             l.state = LinkState::Disconnected;
             l.rtt_ms = None;
             l.connected_since_unix = None;
+            l.transport = None;
         });
         let same_hub_link = match &end {
             LinkEnd::Session(AgentSessionEnd::GoingAway { .. }) => {
@@ -207,6 +234,8 @@ struct Connected {
     /// Running; its queue still holds the welcome's view.
     session: AgentSession,
     welcome: Welcome,
+    /// The TCP fallback's carrier, if this tunnel rides it.
+    carrier: Option<CarrierGuard>,
 }
 
 /// The connection's receive path, apart from the control loop, one handler per direction of
@@ -278,6 +307,12 @@ pub enum ConnectError {
     Unexpected(&'static str),
     #[error("hub closed the control stream before welcoming us")]
     ClosedBeforeWelcome,
+    /// The TCP fallback's TCP or TLS connection failed.
+    #[error("TCP fallback to {addr}: {message}")]
+    Tcp {
+        addr: std::net::SocketAddr,
+        message: String,
+    },
 }
 
 impl ConnectError {
@@ -294,6 +329,7 @@ impl ConnectError {
             Self::Config(_) => "tls",
             Self::Connection(e) if tls::tls_alert(e).is_some() => "tls",
             Self::NoWelcome(_) => "no_welcome",
+            Self::Tcp { .. } => "tcp",
             Self::Refused(_)
             | Self::Connection(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -308,6 +344,7 @@ async fn connect(
     shared: &AgentShared,
     endpoint: &str,
     routes: &mut RouteTable,
+    carrier: Carrier,
 ) -> Result<Connected, ConnectError> {
     let id = shared.credentials.identity();
     if id.is_expired(SystemTime::now()) {
@@ -345,14 +382,27 @@ async fn connect(
         ..TransportTuning::default()
     };
     let client = quic::client_config(tls_cfg, &tuning)?;
-    let bind = if addr.is_ipv4() {
-        std::net::SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    let (ep, addr, carrier_task) = match carrier {
+        Carrier::Udp => {
+            let bind = if addr.is_ipv4() {
+                std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+            } else {
+                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            };
+            // A fresh UDP socket per attempt: a new source port also means a new NAT mapping,
+            // which is what a stuck mapping needs.
+            (
+                quic::client_endpoint(bind).map_err(ConnectError::Socket)?,
+                addr,
+                None,
+            )
+        }
+        Carrier::Tcp => {
+            let tcp_addr = std::net::SocketAddr::new(addr.ip(), shared.config.tcp_port);
+            let (ep, carried, task) = tcp_carrier(&id, tcp_addr, within).await?;
+            (ep, carried, Some(task))
+        }
     };
-    // A fresh UDP socket per attempt: a new source port also means a new NAT mapping, which is
-    // what a stuck mapping needs.
-    let ep = quic::client_endpoint(bind).map_err(ConnectError::Socket)?;
     let mut connecting = ep.connect_with(client, addr, HUB_SERVER_NAME)?;
     quic::await_answer(&mut connecting, within)
         .await
@@ -377,12 +427,139 @@ async fn connect(
             writer,
             session,
             welcome,
+            carrier: carrier_task.map(CarrierGuard),
         }),
         Err(e) => {
             *routes = session.into_routes();
             Err(e)
         }
     }
+}
+
+/// While a tunnel rides the TCP fallback: every [`UDP_RETRY_ON_TCP`], a QUIC handshake over
+/// UDP to the same endpoint; once one completes, closes the TCP tunnel (the link then
+/// reconnects over UDP) and returns true.
+async fn retry_udp(
+    shared: Arc<AgentShared>,
+    endpoint: String,
+    tcp_conn: quinn::Connection,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = tcp_conn.closed() => return false,
+            _ = tokio::time::sleep(UDP_RETRY_ON_TCP) => {}
+        }
+        if udp_answers(&shared, &endpoint).await {
+            tcp_conn.close(close_code::NORMAL.into(), b"moving back to UDP");
+            return true;
+        }
+    }
+}
+
+/// Whether a QUIC handshake over UDP to `endpoint` completes (then closed at once, before any
+/// hello: the hub counts an agent that left before its welcome, nothing else).
+async fn udp_answers(shared: &AgentShared, endpoint: &str) -> bool {
+    let Some((host, port)) = endpoint.rsplit_once(':') else {
+        return false;
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let within = shared.config.connect_timeout;
+    let Ok(Ok(mut addrs)) =
+        tokio::time::timeout(within, tokio::net::lookup_host((host, port))).await
+    else {
+        return false;
+    };
+    let Some(addr) = addrs.next() else {
+        return false;
+    };
+    let id = shared.credentials.identity();
+    let Ok(tls_cfg) = tls::agent_client_tls(
+        &id.ca_der,
+        vec![id.cert_der.clone()],
+        id.key_der(),
+        ALPN_TUNNEL,
+    ) else {
+        return false;
+    };
+    let Ok(client) = quic::client_config(tls_cfg, &TransportTuning::default()) else {
+        return false;
+    };
+    let bind = if addr.is_ipv4() {
+        std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let Ok(ep) = quic::client_endpoint(bind) else {
+        return false;
+    };
+    let Ok(connecting) = ep.connect_with(client, addr, HUB_SERVER_NAME) else {
+        return false;
+    };
+    match tokio::time::timeout(within, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(close_code::NORMAL.into(), b"udp probe");
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Ends the TCP fallback's carrier task (and so its TCP connection) with the tunnel.
+#[derive(Debug)]
+struct CarrierGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for CarrierGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The TCP fallback: a TLS connection to the hub's TCP listener (mutual: this node's
+/// certificate, the hub's identity checked as over QUIC), carrying QUIC packets for a client
+/// endpoint of its own. Returns the endpoint, the address to dial on it and the carrier task.
+async fn tcp_carrier(
+    id: &Identity,
+    addr: std::net::SocketAddr,
+    within: Duration,
+) -> Result<
+    (
+        quinn::Endpoint,
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+    ),
+    ConnectError,
+> {
+    let fail = |message: String| ConnectError::Tcp { addr, message };
+    let tls_cfg = tls::agent_client_tls(
+        &id.ca_der,
+        vec![id.cert_der.clone()],
+        id.key_der(),
+        petrel_proto::ALPN_TCP_CARRIER,
+    )?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_cfg));
+    let name =
+        rustls_pki_types::ServerName::try_from(HUB_SERVER_NAME).map_err(|e| fail(e.to_string()))?;
+    let stream = tokio::time::timeout(within, async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))
+    })
+    .await
+    .map_err(|_| fail(format!("no answer within {within:?}")))??;
+    let socket = petrel_transport::stream_carrier::CarrierSocket::new();
+    let (carried, task) = socket.attach(stream);
+    let ep =
+        petrel_transport::stream_carrier::endpoint(socket, quinn::EndpointConfig::default(), None)
+            .map_err(ConnectError::Socket)?;
+    Ok((ep, carried, task))
 }
 
 fn hello(id: &Identity) -> Hello {

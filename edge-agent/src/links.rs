@@ -55,6 +55,9 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     pub last_error: Option<String>,
     pub attempts: u32,
+    /// What carries the tunnel (`udp`, or `tcp`: the fallback), while connected.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// Every link's row and open tunnel.

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             }),
             Err(e) => return config_error(&e),
         },
-        Command::Run(args) => match AgentConfig::from_args(args, file) {
+        Command::Run(args) => match AgentConfig::from_args(*args, file) {
             Ok(cfg) => rt.block_on(run(cfg)),
             Err(e) => return config_error(&e),
         },

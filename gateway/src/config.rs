@@ -200,6 +200,10 @@ pub struct RunArgs {
     /// comma-separated list of IP:PORT, or `off` (no data plane).
     #[arg(long, env = "PETREL_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
+    /// TCP address of the fallback listener for agents whose network blocks outbound UDP
+    /// (QUIC carried over TLS on TCP, usually `0.0.0.0:443`), or `off` (the default).
+    #[arg(long, env = "PETREL_TCP_LISTEN")]
+    pub tcp_listen: Option<String>,
     /// The inventory name of the node this hub runs on: its own pods' frames arrive from
     /// loopback with this node's authority, and the relay binds its underlay address. Never
     /// guessed: without it loopback frames speak for nobody.
@@ -352,6 +356,8 @@ pub struct FileConfig {
     pub log: Option<String>,
     #[serde(alias = "relay_listen")]
     pub relay_listen: Option<String>,
+    #[serde(alias = "tcp_listen")]
+    pub tcp_listen: Option<String>,
     #[serde(alias = "node_name")]
     pub node_name: Option<String>,
     pub vni: Option<u32>,
@@ -407,6 +413,8 @@ pub struct HubConfig {
     /// Bytes per second of large route syncs over all agents; 0 = unpaced.
     pub route_sync_rate: u64,
     pub relay_listen: RelayListen,
+    /// The TCP fallback listener (`None`: off).
+    pub tcp_listen: Option<SocketAddr>,
     pub node_name: Option<String>,
     pub vni: u32,
     pub flannel_port: u16,
@@ -647,6 +655,15 @@ impl HubConfig {
             });
         }
         let relay_listen = RelayListen::parse(args.relay_listen.or(file.relay_listen).as_deref())?;
+        let tcp_listen = match args
+            .tcp_listen
+            .or(file.tcp_listen)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("off") => None,
+            Some(a) => Some(parse_socket_addr("tcp-listen", a)?),
+        };
         let vni = args.vni.or(file.vni).unwrap_or(1);
         if vni == 0 || vni > 0x00ff_ffff {
             return Err(ConfigError::Invalid {
@@ -689,6 +706,7 @@ impl HubConfig {
             route_sync_rate,
             kube,
             relay_listen,
+            tcp_listen,
             node_name,
             vni,
             flannel_port,

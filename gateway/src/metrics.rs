@@ -51,6 +51,10 @@ pub struct HubMetrics {
     /// Sites whose MTU was learned from their tunnels' paths as smaller than the site MTU (each
     /// is in `/status` under `site_mtus`).
     pub sites_mtu_learned: Gauge,
+    /// TCP fallback connections by outcome (accepted, rate_limited, too_many, tls_failed, ...).
+    pub tcp_connections: Family<Outcome, Counter>,
+    /// TCP fallback connections open now.
+    pub tcp_open: Gauge,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: Arc<crate::egress::metrics::EgressMetrics>,
 }
@@ -64,6 +68,8 @@ impl HubMetrics {
             agent_refusals: Family::default(),
             agents_replaced: Counter::default(),
             relay_probes_answered: Counter::default(),
+            tcp_connections: Family::default(),
+            tcp_open: Gauge::default(),
             enrolments: Family::default(),
             renewals: Family::default(),
             csrs: Family::default(),
@@ -159,6 +165,16 @@ impl HubMetrics {
             "relay_probes_answered",
             "Liveness probes from node roles answered on the relay port (probes from unknown addresses are dropped as unknown_sender)",
             m.relay_probes_answered.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "Connections to the TCP fallback listener by outcome (accepted, rate_limited, too_many, tls_failed, tls_timeout)",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "tcp_open",
+            "TCP fallback connections open now (each carries one agent's QUIC packets)",
+            m.tcp_open.clone(),
         );
         registry.register(
             "sites_mtu_learned",

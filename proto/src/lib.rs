@@ -161,6 +161,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const ALPN_TUNNEL: &[u8] = b"petrel/1";
 /// ALPN of an enrolment connection (no client certificate).
 pub const ALPN_ENROL: &[u8] = b"petrel-enrol/1";
+/// ALPN of the TLS connection of the TCP fallback, which carries QUIC packets
+/// (`petrel_transport::stream_carrier`); the tunnel or enrolment handshake runs inside.
+pub const ALPN_TCP_CARRIER: &[u8] = b"petrel-tcp/1";
 /// Largest encoded control (and enrolment) message body.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 

@@ -201,6 +201,14 @@ pub fn server_endpoint(
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
     crate::socket_buffers::request(&socket, HUB_SOCKET_BUFFER);
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(hub_endpoint_config(secret), Some(config), socket, runtime)
+}
+
+/// The hub's endpoint settings, keyed by its secret: stateless resets and connection IDs a
+/// restarted hub (or its TCP fallback endpoint) recognises.
+pub fn hub_endpoint_config(secret: &[u8]) -> EndpointConfig {
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let cid_key = {
         let tag = ring::hmac::sign(&reset_key, b"petrel connection id key");
@@ -219,9 +227,7 @@ pub fn server_endpoint(
     // signature (`validate`, 40 bits) get a reset at all, and a reset is always smaller than the
     // packet that provoked it (no amplification, and no reset loop between two endpoints).
     endpoint_config.min_reset_interval(Duration::ZERO);
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+    endpoint_config
 }
 
 /// Kernel buffer the hub asks for on its QUIC socket, each direction. The default (208 KiB on

@@ -115,6 +115,19 @@ impl CarrierSocket {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.attach_with_idle(stream, None)
+    }
+
+    /// [`attach`](Self::attach), ending the stream when no packet arrives for `idle` (a peer
+    /// that vanished without closing it; QUIC keepalives keep a live one busy).
+    pub fn attach_with_idle<S>(
+        self: &Arc<Self>,
+        stream: S,
+        idle: Option<std::time::Duration>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let addr = stream_address(self.next.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         if let Ok(mut r) = self.routes.lock() {
@@ -124,7 +137,7 @@ impl CarrierSocket {
         let task = tokio::spawn(async move {
             let (rd, wr) = tokio::io::split(stream);
             tokio::select! {
-                _ = me.read_half(addr, rd) => {}
+                _ = me.read_half(addr, rd, idle) => {}
                 _ = write_half(rx, wr) => {}
             }
             if let Ok(mut r) = me.routes.lock() {
@@ -134,10 +147,20 @@ impl CarrierSocket {
         (addr, task)
     }
 
-    async fn read_half<R: AsyncRead + Unpin>(&self, addr: SocketAddr, mut rd: R) {
+    async fn read_half<R: AsyncRead + Unpin>(
+        &self,
+        addr: SocketAddr,
+        mut rd: R,
+        idle: Option<std::time::Duration>,
+    ) {
         let mut len = [0u8; 2];
         loop {
-            if rd.read_exact(&mut len).await.is_err() {
+            let header = rd.read_exact(&mut len);
+            let read = match idle {
+                Some(d) => tokio::time::timeout(d, header).await.ok(),
+                None => Some(header.await),
+            };
+            if !matches!(read, Some(Ok(_))) {
                 return;
             }
             let n = usize::from(u16::from_be_bytes(len));

@@ -19,6 +19,7 @@ pub mod serving;
 pub mod session;
 pub mod signer;
 pub mod status;
+pub mod tcp_carrier;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -80,6 +81,8 @@ const RELAY_SOCKET_BUFFER: usize = 4 << 20;
 #[derive(Debug)]
 pub struct Hub {
     endpoint: quinn::Endpoint,
+    /// The TCP fallback: its listener and the second endpoint its connections' packets reach.
+    tcp: Option<TcpFallback>,
     pub(crate) local_addr: SocketAddr,
     pub(crate) config: HubConfig,
     /// What each accepted connection is served with.
@@ -100,6 +103,15 @@ pub struct Hub {
     pub(crate) cluster_status: Arc<ClusterStatus>,
     pub(crate) metrics: Arc<HubMetrics>,
     pub(crate) log_budget: Arc<LogBudget>,
+}
+
+/// The TCP fallback listener, bound, and what serves it (`tcp_carrier`).
+#[derive(Debug)]
+struct TcpFallback {
+    listener: std::net::TcpListener,
+    endpoint: quinn::Endpoint,
+    socket: Arc<petrel_transport::stream_carrier::CarrierSocket>,
+    tls: Arc<rustls::ServerConfig>,
 }
 
 /// What a connection is served with once its handshake is done: the serving gate, then the
@@ -160,8 +172,39 @@ impl Hub {
         // window); an admitted tunnel is raised by `AuthenticatedLimits` (hub/session.rs).
         // quinn also pre-allocates per stream the peer may open, so few streams save memory.
         .pre_auth(quic::PreAuthLimits::default());
+        let tcp_tls = match config.tcp_listen {
+            Some(_) => Some(tls::hub_server_tls(
+                ca.cert_der(),
+                chain.clone(),
+                key.clone_key(),
+                &[petrel_proto::ALPN_TCP_CARRIER],
+            )?),
+            None => None,
+        };
         let tls_cfg = tls::hub_server_tls(ca.cert_der(), chain, key, &[ALPN_TUNNEL, ALPN_ENROL])?;
         let server = quic::server_config(tls_cfg, &tuning)?;
+        let tcp = match (config.tcp_listen, tcp_tls) {
+            (Some(addr), Some(tcp_tls)) => {
+                let bind_err = |source| HubError::Bind { addr, source };
+                let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                let socket = petrel_transport::stream_carrier::CarrierSocket::new();
+                let endpoint = petrel_transport::stream_carrier::endpoint(
+                    socket.clone(),
+                    quic::hub_endpoint_config(&secret),
+                    Some(server.clone()),
+                )
+                .map_err(bind_err)?;
+                info!(listen = %addr, "TCP fallback listening (QUIC over TLS on TCP)");
+                Some(TcpFallback {
+                    listener,
+                    endpoint,
+                    socket,
+                    tls: Arc::new(tcp_tls),
+                })
+            }
+            _ => None,
+        };
         let endpoint = quic::server_endpoint(config.listen, server, &secret).map_err(|source| {
             HubError::Bind {
                 addr: config.listen,
@@ -303,6 +346,7 @@ impl Hub {
         });
         Ok(Self {
             endpoint,
+            tcp,
             local_addr,
             config,
             accept,
@@ -384,7 +428,28 @@ impl Hub {
     }
 
     /// Accepts connections until `shutdown`, then drains.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let tcp_endpoint = self.tcp.as_ref().map(|t| t.endpoint.clone());
+        let tcp_stop = CancellationToken::new();
+        if let Some(t) = self.tcp.take() {
+            match tokio::net::TcpListener::from_std(t.listener) {
+                Ok(listener) => {
+                    tokio::spawn(tcp_carrier::serve(
+                        listener,
+                        tcp_carrier::TcpCarrierParts {
+                            socket: t.socket,
+                            tls: t.tls,
+                            pre_auth: self.accept.pre_auth.clone(),
+                            metrics: self.metrics.clone(),
+                            log_budget: self.log_budget.clone(),
+                            limits: tcp_carrier::TcpCarrierLimits::default(),
+                        },
+                        tcp_stop.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "TCP fallback listener cannot run"),
+            }
+        }
         // The relay outlives the accept loop: it carries frames until the drain is over (with
         // active-active hubs, until this hub's sites have moved to the others).
         let relay_stop = CancellationToken::new();
@@ -446,6 +511,8 @@ impl Hub {
                     continue;
                 }
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+                // Connections over the TCP fallback take the same admission as over UDP.
+                Some(i) = async { match &tcp_endpoint { Some(e) => e.accept().await, None => std::future::pending().await } } => i,
             };
             // Admission control: a handshake the hub cannot finish before the agent gives up
             // (3 s) is wasted work, and after a restart a whole fleet arrives at once. Beyond
@@ -511,7 +578,14 @@ impl Hub {
         while let Some(i) = waiting.pop(std::time::Instant::now(), quinn::Incoming::ignore) {
             i.ignore();
         }
+        if let Some(e) = &tcp_endpoint {
+            e.set_server_config(None);
+        }
         self.drain().await;
+        if let Some(e) = &tcp_endpoint {
+            e.close(close_code::GOING_AWAY.into(), b"hub shut down");
+        }
+        tcp_stop.cancel();
         relay_stop.cancel();
         if let Some(t) = relay {
             t.abort();
