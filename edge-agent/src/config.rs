@@ -98,6 +98,9 @@ pub struct RunArgs {
     /// TCP port of the hubs' fallback listener (on each hub endpoint's host).
     #[arg(long, env = "PETREL_TCP_PORT")]
     pub tcp_port: Option<u16>,
+    /// On the TCP fallback, how often UDP is tried again (default 30s).
+    #[arg(long, env = "PETREL_UDP_RETRY_INTERVAL")]
+    pub udp_retry_interval: Option<String>,
     /// Zero-touch enrolment: the node's kubelet kubeconfig (e.g. /etc/kubernetes/kubelet.conf
     /// or /var/lib/kubelet/kubeconfig). When this device holds no valid certificate, the agent
     /// asks for one with a CertificateSigningRequest made with these credentials, signed by
@@ -214,6 +217,8 @@ pub struct FileConfig {
     pub transport: Option<String>,
     #[serde(alias = "tcp_port")]
     pub tcp_port: Option<u16>,
+    #[serde(alias = "udp_retry_interval")]
+    pub udp_retry_interval: Option<String>,
     pub log: Option<String>,
     pub hooks: Option<String>,
     #[serde(alias = "relay_port")]
@@ -265,6 +270,8 @@ pub struct AgentConfig {
     pub transport: crate::transport_choice::TransportMode,
     /// The hubs' TCP fallback port.
     pub tcp_port: u16,
+    /// On the TCP fallback, how often UDP is tried again.
+    pub udp_retry_interval: Duration,
     /// `None`: no data plane.
     pub datapath: Option<petrel_datapath::DatapathConfig>,
     /// Zero-touch enrolment from the node's kubelet credentials, if configured.
@@ -399,6 +406,22 @@ impl AgentConfig {
             }
         };
         let tcp_port = args.tcp_port.or(file.tcp_port).unwrap_or(443);
+        let udp_retry_interval = parse_duration(
+            "udp-retry-interval",
+            &args
+                .udp_retry_interval
+                .or(file.udp_retry_interval)
+                .unwrap_or_else(|| "30s".into()),
+        )?;
+        if udp_retry_interval < Duration::from_secs(1)
+            || udp_retry_interval > Duration::from_secs(86_400)
+        {
+            return Err(ConfigError::Invalid {
+                field: "udp-retry-interval",
+                value: humantime::format_duration(udp_retry_interval).to_string(),
+                allowed: "1s to 1d".into(),
+            });
+        }
         if tcp_port == 0 {
             return Err(ConfigError::Invalid {
                 field: "tcp-port",
@@ -456,6 +479,7 @@ impl AgentConfig {
             congestion,
             transport,
             tcp_port,
+            udp_retry_interval,
             datapath,
         })
     }

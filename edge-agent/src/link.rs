@@ -30,7 +30,7 @@ use crate::identity::Identity;
 use crate::links::LinkState;
 use crate::metrics::AgentMetrics;
 use crate::shared::AgentShared;
-use crate::transport_choice::{Carrier, TransportChoice, UDP_RETRY_ON_TCP};
+use crate::transport_choice::{Carrier, TransportChoice};
 
 /// How a link's session ended.
 #[derive(Debug, thiserror::Error)]
@@ -436,7 +436,7 @@ async fn connect(
     }
 }
 
-/// While a tunnel rides the TCP fallback: every [`UDP_RETRY_ON_TCP`], a QUIC handshake over
+/// While a tunnel rides the TCP fallback: every `udp-retry-interval`, a QUIC handshake over
 /// UDP to the same endpoint; once one completes, closes the TCP tunnel (the link then
 /// reconnects over UDP) and returns true.
 async fn retry_udp(
@@ -447,7 +447,7 @@ async fn retry_udp(
     loop {
         tokio::select! {
             _ = tcp_conn.closed() => return false,
-            _ = tokio::time::sleep(UDP_RETRY_ON_TCP) => {}
+            _ = tokio::time::sleep(shared.config.udp_retry_interval) => {}
         }
         if udp_answers(&shared, &endpoint).await {
             tcp_conn.close(close_code::NORMAL.into(), b"moving back to UDP");

@@ -7,12 +7,8 @@
 //! keeps trying UDP in the background ([`UDP_RETRY_ON_TCP`]); once UDP answers, the TCP tunnel
 //! is closed and the next attempt is UDP again. Pure: the link driver reports what happened.
 
-use std::time::Duration;
-
 /// Attempts over UDP without any answer before the TCP fallback.
 pub const UDP_FAILURES_BEFORE_TCP: u32 = 3;
-/// How often a link on TCP tries UDP again.
-pub const UDP_RETRY_ON_TCP: Duration = Duration::from_secs(30);
 
 /// The configured transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

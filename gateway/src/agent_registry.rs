@@ -74,6 +74,9 @@ pub struct AgentStatus {
     pub open_streams: u64,
     pub agent_version: String,
     pub datapath: String,
+    /// `udp`, or `tcp` for a tunnel over the TCP fallback.
+    #[serde(default)]
+    pub transport: String,
 }
 
 impl AgentEntry {
@@ -85,6 +88,13 @@ impl AgentEntry {
             node: self.node.clone(),
             site: self.site.clone(),
             remote: self.connection.remote_address().to_string(),
+            transport: if petrel_transport::stream_carrier::is_carried(
+                self.connection.remote_address(),
+            ) {
+                "tcp".into()
+            } else {
+                "udp".into()
+            },
             connected_since_unix: self
                 .since
                 .duration_since(SystemTime::UNIX_EPOCH)

@@ -92,6 +92,14 @@ fn stream_address(n: u64) -> SocketAddr {
     )
 }
 
+/// Whether `addr` is a carried stream's made-up address (a tunnel over the TCP fallback).
+pub fn is_carried(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6.segments()[..4] == [0xfd70, 0x6574, 0x7463, 0x7000],
+        IpAddr::V4(_) => false,
+    }
+}
+
 impl CarrierSocket {
     /// A socket with no streams yet. Its own address is made up like its streams' (IPv6: quinn
     /// refuses IPv6 peers on an IPv4 socket).
@@ -414,6 +422,9 @@ mod tests {
     fn stream_addresses_are_unique_local_and_distinct() {
         let a = stream_address(1);
         assert_ne!(a, stream_address(2));
+        assert!(is_carried(a) && is_carried(stream_address(u64::MAX)));
+        assert!(!is_carried("127.0.0.1:443".parse().unwrap()));
+        assert!(!is_carried("[fd70::1]:443".parse().unwrap()));
         match a.ip() {
             IpAddr::V6(v6) => assert_eq!(v6.segments()[0], 0xfd70),
             IpAddr::V4(_) => panic!("{a}"),
