@@ -82,13 +82,18 @@ pub fn start_hub(dir: &Path, inventory: &str, extra: &[&str]) -> Result<Hub> {
 
 /// Enrols `node`, starts its agent and waits until the hub lists it.
 pub fn start_agent(hub: &Hub, node: &str, dir: &Path) -> Result<Agent> {
+    start_agent_with(hub, node, dir, &[])
+}
+
+/// [`start_agent`] with extra arguments for `petrel-edge-agent run`.
+pub fn start_agent_with(hub: &Hub, node: &str, dir: &Path, extra: &[&str]) -> Result<Agent> {
     let (token, fp) = hub.token(node, &[])?;
     let state = dir.join(format!("agent-{node}"));
     let out = join(&hub.server(), node, &token, &fp, &state)?;
     if !out.success {
         bail!("join {node} failed: {}\n{}", out.stdout, out.stderr);
     }
-    let agent = Agent::start(node, &state, &[], &[])?;
+    let agent = Agent::start(node, &state, &[], extra)?;
     wait_until(
         Duration::from_secs(10),
         &format!("{node} connected"),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use petrel_e2e::apiserver::{
     checksum_exchange, checksum_server, loopback_inventory, metric, pattern, start_agent,
-    start_hub, within, ControlPlane, LoopbackAlias, Standin,
+    start_agent_with, start_hub, within, ControlPlane, LoopbackAlias, Standin,
 };
 use petrel_e2e::procs::{free_port, Agent, Hub};
 use sha2::{Digest, Sha256};
@@ -55,10 +55,11 @@ fn pod_server(addr: &str) {
 /// edge-a1's InternalIP in the egress-selector tests: global unicast (not loopback, link-local
 /// or unspecified), from the benchmarking range 198.18.0.0/15, added to `lo` for the test; one
 /// per variant, as the tests run side by side.
-fn edge_a1_address(variant: Variant) -> &'static str {
-    match variant {
-        Variant::Uds => "198.18.0.11",
-        Variant::Tls => "198.18.0.12",
+fn edge_a1_address(variant: Variant, over_tcp: bool) -> &'static str {
+    match (variant, over_tcp) {
+        (Variant::Uds, false) => "198.18.0.11",
+        (Variant::Tls, _) => "198.18.0.12",
+        (Variant::Uds, true) => "198.18.0.13",
     }
 }
 
@@ -96,7 +97,9 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
-fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
+/// `over_tcp`: the agent reaches the hub only over the TCP fallback (QUIC over TLS on TCP), as
+/// from a site whose firewall blocks UDP.
+fn cluster(variant: Variant, pod_ip: &str, over_tcp: bool) -> Cluster {
     // Keep the directory short: the Unix socket path must fit in sun_path.
     let tmp = tempfile::Builder::new()
         .prefix("pe")
@@ -126,7 +129,7 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
     )
     .unwrap();
     // The Node's name resolves on the API server's host, to its InternalIP.
-    let edge_a1 = edge_a1_address(variant);
+    let edge_a1 = edge_a1_address(variant, over_tcp);
     let node_address = LoopbackAlias::add(edge_a1).unwrap();
     let hosts = dir.join("hosts");
     let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
@@ -167,6 +170,14 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
             &ca,
         ],
     };
+    let tcp_port = free_port().to_string();
+    let tcp_listen = format!("127.0.0.1:{tcp_port}");
+    let mut args = args;
+    let mut agent_args: Vec<&str> = Vec::new();
+    if over_tcp {
+        args.extend(["--tcp-listen", tcp_listen.as_str()]);
+        agent_args.extend(["--transport", "tcp", "--tcp-port", tcp_port.as_str()]);
+    }
     let hub = start_hub(
         &dir.join("h"),
         &loopback_inventory(&[("edge-a1", kport)])
@@ -174,7 +185,11 @@ fn cluster(variant: Variant, pod_ip: &str) -> Cluster {
         &args,
     )
     .unwrap();
-    let agent = start_agent(&hub, "edge-a1", dir).unwrap();
+    let agent = start_agent_with(&hub, "edge-a1", dir, &agent_args).unwrap();
+    if over_tcp {
+        let row = hub.agent("edge-a1").unwrap();
+        assert_eq!(row["transport"], "tcp", "{row}");
+    }
     cp.create_node_and_pod(
         "edge-a1",
         &[("Hostname", "edge-a1"), ("InternalIP", edge_a1)],
@@ -409,7 +424,17 @@ fn kubectl_through_the_unix_socket_egress() {
     let pod_ip = "198.18.1.21";
     let _alias = LoopbackAlias::add(pod_ip).unwrap();
     pod_server(&format!("{pod_ip}:8080"));
-    let c = cluster(Variant::Uds, pod_ip);
+    let c = cluster(Variant::Uds, pod_ip, false);
+    logs_follow_exec_port_forward_metrics_and_pod_proxy(&c, Variant::Uds, pod_ip);
+}
+
+/// The same through an agent whose site blocks UDP: its tunnel rides the TCP fallback.
+#[test]
+fn kubectl_through_the_unix_socket_egress_over_the_tcp_fallback() {
+    let pod_ip = "198.18.1.23";
+    let _alias = LoopbackAlias::add(pod_ip).unwrap();
+    pod_server(&format!("{pod_ip}:8080"));
+    let c = cluster(Variant::Uds, pod_ip, true);
     logs_follow_exec_port_forward_metrics_and_pod_proxy(&c, Variant::Uds, pod_ip);
 }
 
@@ -418,7 +443,7 @@ fn kubectl_through_the_mutual_tls_egress() {
     let pod_ip = "198.18.1.22";
     let _alias = LoopbackAlias::add(pod_ip).unwrap();
     pod_server(&format!("{pod_ip}:8080"));
-    let c = cluster(Variant::Tls, pod_ip);
+    let c = cluster(Variant::Tls, pod_ip, false);
     logs_follow_exec_port_forward_metrics_and_pod_proxy(&c, Variant::Tls, pod_ip);
 }
 
