@@ -364,10 +364,11 @@ pub struct Report {
 }
 
 /// Ids of the packet-path rows, in table order.
-pub const PATH_IDS: [&str; 5] = [
+pub const PATH_IDS: [&str; 6] = [
     "kernel-vxlan",
     "petrel-site-to-cloud",
     "petrel-site-to-site",
+    "petrel-tcp-fallback",
     "boringtun",
     "boringtun-site-to-site",
 ];
@@ -1275,6 +1276,31 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
             ),
             &pids,
         ));
+        // (2b) The same site-to-cloud path with every agent's tunnel on the TCP fallback (QUIC
+        // over TLS on TCP 443), beside the QUIC row above; then back to QUIC.
+        let row = path_row(
+            "petrel-tcp-fallback",
+            "public-site pod to cloud pod through the hub, the agent's tunnel over the TCP fallback (compare with petrel-site-to-cloud)",
+            "edge-a1",
+            "cloud-1",
+            "hub + agents",
+        );
+        let mut hub_extra = vec!["--tcp-listen", "0.0.0.0:443"];
+        hub_extra.extend(cc_args.iter().copied());
+        let mut agent_extra = vec!["--transport", "tcp"];
+        agent_extra.extend(cc_args.iter().copied());
+        eprintln!("petrel-bench: agents on the TCP fallback ...");
+        match petrel.restart_with(&hub_extra, &agent_extra) {
+            Ok(()) => {
+                let pids = petrel_pids(&petrel);
+                report.paths.push(run_row(&lab, cfg, row, &pids));
+            }
+            Err(e) => report.paths.push(PathRow {
+                error: Some(format!("{e:#}")),
+                ..row
+            }),
+        }
+        petrel.restart_with(&cc_args, &cc_args)?;
     }
 
     // (3) boringtun between the same namespaces, hub-and-spoke through gw-1 like Petrel.
