@@ -317,8 +317,18 @@ pub struct ActiveActiveReport {
     pub one_hub_gbit: Option<f64>,
     pub two_hubs_gbit: Option<f64>,
     pub two_vs_one: Option<f64>,
+    /// The same with every hub process held to [`HUB_CPU_CAP_PCT`] of its core (cgroup CPU
+    /// quota), so that the hubs, not the agents, iperf3 and the kernel sharing the machine, are
+    /// the bottleneck: what adding a hub adds when hubs are what runs out.
+    pub hub_cpu_cap_pct: u32,
+    pub one_hub_capped_gbit: Option<f64>,
+    pub two_hubs_capped_gbit: Option<f64>,
+    pub two_vs_one_capped: Option<f64>,
     pub error: Option<String>,
 }
+
+/// The CPU quota of each hub in the hub-bound active-active rows, percent of one core.
+pub const HUB_CPU_CAP_PCT: u32 = 25;
 
 /// Issue 14's goals.
 pub const GOAL_AA_GAP_S: f64 = 1.0;
@@ -654,6 +664,14 @@ pub fn render(r: &Report) -> String {
             f(aa.two_vs_one, 2),
             aa.error.as_ref().map_or(String::new(), |e| format!("; ERROR: {e}"))
         );
+        let _ = writeln!(
+            s,
+            "  the same, each hub held to {}% of its core (hub-bound): one hub {} Gbit/s, two hubs {} Gbit/s, x {} (goal >= {GOAL_AA_TWO_VS_ONE})",
+            aa.hub_cpu_cap_pct,
+            f(aa.one_hub_capped_gbit, 2),
+            f(aa.two_hubs_capped_gbit, 2),
+            f(aa.two_vs_one_capped, 2),
+        );
     }
 
     if r.config.runs("attack") {
@@ -973,7 +991,7 @@ pub fn failover_once(petrel: &mut PetrelLab<'_>, cloud: &str, edge: &str) -> Res
 
 fn active_active_section(cfg: &BenchConfig, work: &Path) -> ActiveActiveReport {
     let mut r = ActiveActiveReport {
-        method: "file mode, gw-1 and gw-3 with the same --hubs list, node roles --active-active; site-a owned by gw-1, site-b by gw-3; UDP probes every 10 ms both ways (cloud-1 <-> edge-b1, x1 <-> edge-a1); iperf3 one flow per site, each hub process pinned to its own core with taskset".into(),
+        method: "file mode, gw-1 and gw-3 with the same --hubs list, node roles --active-active; site-a owned by gw-1, site-b by gw-3; UDP probes every 10 ms both ways (cloud-1 <-> edge-b1, x1 <-> edge-a1); iperf3 one flow per site, each hub process pinned to its own core with taskset; the hub-bound rows also hold each hub to a CPU quota (cgroup)".into(),
         ..Default::default()
     };
     eprintln!("petrel-bench: active-active hubs ...");
@@ -981,6 +999,56 @@ fn active_active_section(cfg: &BenchConfig, work: &Path) -> ActiveActiveReport {
         r.error = Some(format!("{e:#}"));
     }
     r
+}
+
+/// A CPU quota on one process (all its threads, present and future): a cgroup v2 child with
+/// `cpu.max`, or a cgroup v1 `cpu` child with `cpu.cfs_quota_us`. Removed on drop (the process
+/// goes back to the root group first).
+struct CpuCap {
+    dir: PathBuf,
+    root_procs: PathBuf,
+    pid: u32,
+}
+
+impl CpuCap {
+    fn new(pid: u32, percent: u32) -> Result<Self> {
+        let name = format!("petrel-bench-{pid}");
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        let (root, quota_file, quota) = if v2.exists()
+            && std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+        {
+            (
+                PathBuf::from("/sys/fs/cgroup"),
+                "cpu.max",
+                format!("{} 100000", percent * 1000),
+            )
+        } else {
+            (
+                PathBuf::from("/sys/fs/cgroup/cpu"),
+                "cpu.cfs_quota_us",
+                (percent * 1000).to_string(),
+            )
+        };
+        let dir = root.join(&name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let me = Self {
+            root_procs: root.join("cgroup.procs"),
+            dir,
+            pid,
+        };
+        std::fs::write(me.dir.join(quota_file), quota)
+            .with_context(|| format!("setting {quota_file} in {}", me.dir.display()))?;
+        std::fs::write(me.dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", me.dir.display()))?;
+        Ok(me)
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.root_procs, self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 fn pin(pid: u32, core: u32) -> Result<()> {
@@ -1018,6 +1086,14 @@ fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveRep
     pin(hub3.proc.pid(), 1)?;
     lab.wait_reachable("cloud-1", ip("edge-b1"), Duration::from_secs(20))?;
     r.two_hubs_gbit = Some(both_sites(&lab)?);
+    r.hub_cpu_cap_pct = HUB_CPU_CAP_PCT;
+    {
+        let _caps = (
+            CpuCap::new(petrel.hub.pid(), HUB_CPU_CAP_PCT)?,
+            CpuCap::new(hub3.proc.pid(), HUB_CPU_CAP_PCT)?,
+        );
+        r.two_hubs_capped_gbit = Some(both_sites(&lab)?);
+    }
     // kill -9 of gw-3 (site-b's owner), as many times as the single hub's failover row.
     for _ in 0..cfg.failover_samples.max(1) {
         let b_probe = Probe::start(&lab, "cloud-1", "edge-b1", 7302)?;
@@ -1073,6 +1149,14 @@ fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveRep
     r.two_vs_one = r
         .two_hubs_gbit
         .zip(r.one_hub_gbit)
+        .map(|(two, one)| two / one);
+    {
+        let _cap = CpuCap::new(petrel.hub.pid(), HUB_CPU_CAP_PCT)?;
+        r.one_hub_capped_gbit = Some(both_sites(&lab)?);
+    }
+    r.two_vs_one_capped = r
+        .two_hubs_capped_gbit
+        .zip(r.one_hub_capped_gbit)
         .map(|(two, one)| two / one);
     petrel.stop()?;
     Ok(())

@@ -110,6 +110,11 @@ fn bench_smoke_has_every_row() {
     assert!(aa.gap_median_s.is_some() && aa.graceful_silence_ms.is_some());
     assert!(aa.one_hub_gbit.is_some_and(|g| g > 0.0) && aa.two_hubs_gbit.is_some_and(|g| g > 0.0));
     assert!(aa.two_vs_one.is_some());
+    assert!(
+        aa.one_hub_capped_gbit.is_some_and(|g| g > 0.0)
+            && aa.two_hubs_capped_gbit.is_some_and(|g| g > 0.0)
+            && aa.two_vs_one_capped.is_some()
+    );
 
     // The attack rows (tiny: a few connections, a short flood), each beside its goal.
     let a = &report.attack;

@@ -1,8 +1,8 @@
 //! Active-active membership in Kubernetes mode: a `coordination.k8s.io/v1` Lease per hub.
 //!
 //! Every labelled hub renews its own Lease (`<lease-name>-<node>`, label
-//! `petrel.io/hub-lease=<lease-name>`, holder = its node) every `renew`; it deletes the Lease
-//! when it loses the label or stops. Hubs and node roles watch these Leases into a
+//! `petrel.io/hub-lease=<lease-name>`, holder = its node) every `renew`; it clears the holder
+//! when it loses the label or stops (a released Lease counts for nobody). Hubs and node roles watch these Leases into a
 //! [`LeaseBook`], and the live hubs are the labelled candidates whose Lease is in it and fresh.
 //!
 //! "Fresh" is judged against the newest renewal this party has seen of *any* hub, on its own
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
@@ -160,8 +160,9 @@ pub struct RenewerConfig {
     pub renew: Duration,
 }
 
-/// Renews this hub's Lease every `renew` while `candidate` says so, deletes it when the hub
-/// stops being a candidate or `shutdown` fires (then the task ends). API errors are logged
+/// Renews this hub's Lease every `renew` while `candidate` says so and releases it (holder
+/// cleared) when the hub stops being a candidate or `shutdown` fires (then the task ends). Only
+/// get, create and update, the verbs the single hub Lease already needs. API errors are logged
 /// once per outage and retried at the next tick: without its renewals this hub drops out of
 /// everyone else's live set, which is the point.
 pub fn spawn_renewer(
@@ -174,74 +175,124 @@ pub fn spawn_renewer(
     let name = lease_name(&cfg.base, &cfg.node);
     let limit = cfg.renew.max(Duration::from_millis(500));
     tokio::spawn(async move {
-        let params = PatchParams::apply("petrel-gateway").force();
-        let mut held = false;
-        let mut failing = false;
+        let mut r = Renewer {
+            leases,
+            name,
+            cfg,
+            limit,
+            last: None,
+            held: false,
+            failing: false,
+        };
         loop {
             let want = *candidate.borrow_and_update();
             if want {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        namespace: Some(cfg.namespace.clone()),
-                        labels: Some(BTreeMap::from([(
-                            HUB_LEASE_LABEL.to_string(),
-                            cfg.base.clone(),
-                        )])),
-                        ..Default::default()
-                    },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(cfg.node.clone()),
-                        lease_duration_seconds: Some(
-                            i32::try_from(cfg.duration.as_secs()).unwrap_or(i32::MAX),
-                        ),
-                        renew_time: Some(now_micro()),
-                        ..Default::default()
-                    }),
-                };
-                let mut obj = serde_json::to_value(&lease).unwrap_or_default();
-                if let Some(o) = obj.as_object_mut() {
-                    o.insert("apiVersion".into(), "coordination.k8s.io/v1".into());
-                    o.insert("kind".into(), "Lease".into());
-                }
-                match bounded(limit, leases.patch(&name, &params, &Patch::Apply(&obj))).await {
-                    Ok(_) => {
-                        if !held || failing {
-                            info!(lease = %name, "renewing this hub's membership lease");
-                        }
-                        held = true;
-                        failing = false;
-                    }
-                    Err(e) => {
-                        if !failing {
-                            warn!(lease = %name, error = %e, "cannot renew this hub's membership lease; other parties drop this hub once it expires");
-                        }
-                        failing = true;
-                    }
-                }
-            } else if held {
-                release(&leases, &name, limit).await;
-                held = false;
+                r.renew().await;
+            } else if r.held {
+                r.release().await;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = candidate.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(cfg.renew) => {}
+                c = candidate.changed() => if c.is_err() { break },
+                _ = tokio::time::sleep(r.cfg.renew) => {}
             }
         }
-        if held {
-            release(&leases, &name, limit).await;
+        if r.held {
+            r.release().await;
         }
     })
 }
 
-async fn release(leases: &kube::Api<Lease>, name: &str, limit: Duration) {
-    match bounded(limit, leases.delete(name, &DeleteParams::default())).await {
-        Ok(_) => info!(lease = %name, "released this hub's membership lease"),
-        Err(e) if e.status() == Some(404) => {}
-        Err(e) => {
-            warn!(lease = %name, error = %e, "cannot release this hub's membership lease; it expires")
+struct Renewer {
+    leases: kube::Api<Lease>,
+    name: String,
+    cfg: RenewerConfig,
+    limit: Duration,
+    /// The Lease as last written (its resourceVersion makes the next write conditional).
+    last: Option<Lease>,
+    held: bool,
+    failing: bool,
+}
+
+impl Renewer {
+    fn spec(&self, holder: bool) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.then(|| self.cfg.node.clone()),
+            lease_duration_seconds: Some(
+                i32::try_from(self.cfg.duration.as_secs()).unwrap_or(i32::MAX),
+            ),
+            renew_time: Some(now_micro()),
+            ..Default::default()
         }
+    }
+
+    /// Writes the Lease with `holder` set or cleared: an update of the last one written, else
+    /// of the one read, else a create.
+    async fn write(&mut self, holder: bool) -> Result<(), super::KubeError> {
+        let base = match self.last.take() {
+            Some(l) => Some(l),
+            None => bounded(self.limit, self.leases.get_opt(&self.name)).await?,
+        };
+        let written = match base {
+            Some(mut l) => {
+                l.spec = Some(self.spec(holder));
+                l.metadata
+                    .labels
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(HUB_LEASE_LABEL.to_string(), self.cfg.base.clone());
+                bounded(
+                    self.limit,
+                    self.leases.replace(&self.name, &PostParams::default(), &l),
+                )
+                .await?
+            }
+            None => {
+                let l = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        namespace: Some(self.cfg.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            HUB_LEASE_LABEL.to_string(),
+                            self.cfg.base.clone(),
+                        )])),
+                        ..Default::default()
+                    },
+                    spec: Some(self.spec(holder)),
+                };
+                bounded(self.limit, self.leases.create(&PostParams::default(), &l)).await?
+            }
+        };
+        self.last = Some(written);
+        Ok(())
+    }
+
+    async fn renew(&mut self) {
+        match self.write(true).await {
+            Ok(()) => {
+                if !self.held || self.failing {
+                    info!(lease = %self.name, "renewing this hub's membership lease");
+                }
+                self.held = true;
+                self.failing = false;
+            }
+            Err(e) => {
+                // A conflict (someone else wrote it) is read afresh at the next tick.
+                if !self.failing && e.status() != Some(409) {
+                    warn!(lease = %self.name, error = %e, "cannot renew this hub's membership lease; other parties drop this hub once it expires");
+                    self.failing = true;
+                }
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        match self.write(false).await {
+            Ok(()) => info!(lease = %self.name, "released this hub's membership lease"),
+            Err(e) => {
+                warn!(lease = %self.name, error = %e, "cannot release this hub's membership lease; it expires")
+            }
+        }
+        self.held = false;
     }
 }
 
