@@ -1004,6 +1004,10 @@ fn active_active_section(cfg: &BenchConfig, work: &Path) -> ActiveActiveReport {
 /// A CPU quota on one process (all its threads, present and future): a cgroup v2 child with
 /// `cpu.max`, or a cgroup v1 `cpu` child with `cpu.cfs_quota_us`. Removed on drop (the process
 /// goes back to the root group first).
+/// The quota period: short, so a capped hub is slowed evenly rather than stopped for most of
+/// every 100 ms (which TCP above it would read as loss).
+const CAP_PERIOD_US: u32 = 10_000;
+
 struct CpuCap {
     dir: PathBuf,
     root_procs: PathBuf,
@@ -1020,13 +1024,13 @@ impl CpuCap {
             (
                 PathBuf::from("/sys/fs/cgroup"),
                 "cpu.max",
-                format!("{} 100000", percent * 1000),
+                format!("{} {CAP_PERIOD_US}", percent * CAP_PERIOD_US / 100),
             )
         } else {
             (
                 PathBuf::from("/sys/fs/cgroup/cpu"),
                 "cpu.cfs_quota_us",
-                (percent * 1000).to_string(),
+                (percent * CAP_PERIOD_US / 100).to_string(),
             )
         };
         let dir = root.join(&name);
@@ -1036,6 +1040,10 @@ impl CpuCap {
             dir,
             pid,
         };
+        if quota_file == "cpu.cfs_quota_us" {
+            std::fs::write(me.dir.join("cpu.cfs_period_us"), CAP_PERIOD_US.to_string())
+                .with_context(|| format!("setting cpu.cfs_period_us in {}", me.dir.display()))?;
+        }
         std::fs::write(me.dir.join(quota_file), quota)
             .with_context(|| format!("setting {quota_file} in {}", me.dir.display()))?;
         std::fs::write(me.dir.join("cgroup.procs"), pid.to_string())
