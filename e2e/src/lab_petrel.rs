@@ -408,6 +408,18 @@ impl<'a> PetrelLab<'a> {
         dir: &Path,
         hub_args: &[&str],
     ) -> Result<(Self, SecondHub)> {
+        Self::start_active_active_with(lab, hooks, dir, hub_args, hub_args)
+    }
+
+    /// [`PetrelLab::start_active_active`] with different extra arguments for the second hub
+    /// (each hub its own egress socket, say: the namespaces share one filesystem).
+    pub fn start_active_active_with(
+        lab: &'a Lab,
+        hooks: &str,
+        dir: &Path,
+        hub_args: &[&str],
+        second_hub_args: &[&str],
+    ) -> Result<(Self, SecondHub)> {
         let list = hub_list(lab);
         let mut args = vec!["--hubs", list.as_str()];
         args.extend_from_slice(hub_args);
@@ -451,7 +463,7 @@ impl<'a> PetrelLab<'a> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        argv.extend(hub_args.iter().map(|s| s.to_string()));
+        argv.extend(second_hub_args.iter().map(|s| s.to_string()));
         let mut cmd = lab.command(&second.0, &argv[0])?;
         cmd.args(&argv[1..]);
         let mut hub = SecondHub {

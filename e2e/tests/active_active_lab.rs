@@ -9,8 +9,8 @@
 //! Then `kill -9` of gw-3 during UDP probes every 10 ms: site-b's traffic comes back through gw-1
 //! with no operator action (the gap is printed; the bench's figure), site-a's is not interrupted,
 //! and when gw-3 returns its sites go back to it; a graceful stop loses nothing; and a relay port
-//! blocked from one cloud node only moves that node's routes. Not covered (not built):
-//! Kubernetes mode.
+//! blocked from one cloud node only moves that node's routes; and the API server's CONNECTs
+//! work through either hub. Kubernetes mode: `e2e/tests/k8s_active_active.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,7 +34,18 @@ fn two_hubs_each_carry_the_sites_they_own() {
     assert_eq!(petrel_proto::ownership::owner("site-a", hubs), Some("gw-1"));
     assert_eq!(petrel_proto::ownership::owner("site-b", hubs), Some("gw-3"));
     let tmp = tempfile::tempdir().unwrap();
-    let (petrel, mut hub3) = PetrelLab::start_active_active(&lab, "auto", tmp.path(), &[]).unwrap();
+    // Each hub serves the API server's egress on a socket of its own.
+    let sock1 = tmp.path().join("egress-gw-1.sock");
+    let sock3 = tmp.path().join("egress-gw-3.sock");
+    let (s1, s3) = (sock1.display().to_string(), sock3.display().to_string());
+    let (petrel, mut hub3) = PetrelLab::start_active_active_with(
+        &lab,
+        "auto",
+        tmp.path(),
+        &["--egress-uds", &s1],
+        &["--egress-uds", &s3],
+    )
+    .unwrap();
     assert_eq!(hub3.node, "gw-3");
 
     // Every agent dials the second hub from the list it was pushed, and knows its site's owner.
@@ -119,6 +130,28 @@ fn two_hubs_each_carry_the_sites_they_own() {
         assert_eq!(d1 > 0, via1, "{a} <-> {b}: gw-1 switched {d1} frames");
         assert_eq!(d3 > 0, via3, "{a} <-> {b}: gw-3 switched {d3} frames");
     }
+    // The API server may use either hub: a CONNECT through each reaches a pod of each site
+    // (every hub holds a tunnel to every agent).
+    let _targets_a = petrel_e2e::egress_streams::target_servers(&lab, "edge-a1").unwrap();
+    let _targets_b = petrel_e2e::egress_streams::target_servers(&lab, "edge-b1").unwrap();
+    let rt = petrel_e2e::egress_streams::rt().unwrap();
+    for sock in [&sock1, &sock3] {
+        for pod in ["edge-a1", "edge-b1"] {
+            let target =
+                std::net::SocketAddrV4::new(ip(pod), petrel_e2e::egress_streams::PORT_HELLO);
+            let first = rt
+                .block_on(async {
+                    use tokio::io::AsyncReadExt;
+                    let mut s = petrel_e2e::egress_streams::connect_via(sock, target).await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await?;
+                    Ok::<_, anyhow::Error>(b[0])
+                })
+                .unwrap_or_else(|e| panic!("CONNECT {target} via {}: {e:#}", sock.display()));
+            assert_eq!(first, b'H', "{pod} via {}", sock.display());
+        }
+    }
+
     // Site to site, each direction through the destination's owner.
     let before = counts();
     let r = lab.tcp_transfer("edge-a1", "edge-b1", 10 << 20).unwrap();
