@@ -35,8 +35,8 @@ pub struct HubMetrics {
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
-    /// 1 when this hub is the active one (the Lease holder in Kubernetes mode; always in file
-    /// mode), else 0.
+    /// 1 when this hub carries traffic (Kubernetes mode: the Lease holder, or with active-active
+    /// hubs every live labelled hub; always in file mode), else 0.
     pub active: Gauge,
     /// Nodes of public-network sites in the inventory: the agents this hub expects.
     pub agents_expected: Gauge,
@@ -138,7 +138,7 @@ impl HubMetrics {
         );
         registry.register(
             "active",
-            "1 when this hub is the active one (Lease holder; always in file mode)",
+            "1 when this hub carries traffic (the Lease holder; with active-active hubs every live labelled hub; always in file mode)",
             m.active.clone(),
         );
         registry.register(
