@@ -10,6 +10,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`tls`] | the rustls configurations of both ends, the one crypto provider, TLS alerts of failed handshakes |
+//! | [`peer_tls`] | TLS between two agents for direct site-to-site paths: both node certificates, each checked to be the expected node |
 //! | [`pki`] | the CA, CSRs, node and hub certificates, fingerprints |
 //! | [`quic`] | QUIC transport parameters, endpoints, the pre-authentication and authenticated limits |
 //! | [`control_stream`] | drivers of the framed control and enrolment streams |
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod control_stream;
+pub mod peer_tls;
 pub mod pki;
 pub mod private_files;
 pub mod process;
