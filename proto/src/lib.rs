@@ -14,6 +14,7 @@
 //! | [`enrol`] | the enrolment request and response |
 //! | [`stream`] | the proxied stream's header and result |
 //! | [`datagram`] | tunnel datagrams and the VXLAN wire format: header writer, quick VNI check, the overheads (`VXLAN_OVERHEAD`, `DATAGRAM_IP_OVERHEAD`) every other crate takes from here |
+//! | [`direct`] | direct site-to-site paths without I/O: what an agent accepts from a direct peer, and one peer path's state machine (punch, direct, back to the hub, backoff) |
 //! | [`ownership`] | which hub owns a site when several are active: rendezvous hashing with a fixed hash every party computes alike |
 //! | [`relay_probe`] | liveness probes on the relay port (wire format, no amplification) and the prober's state machine: which hubs are down |
 //! | [`keepalive`], [`backoff`] | the keepalive/RTT and reconnect-backoff state machines |
@@ -146,6 +147,7 @@ pub mod backoff;
 pub mod codec;
 pub mod control;
 pub mod datagram;
+pub mod direct;
 pub mod enrol;
 pub mod keepalive;
 pub mod ownership;
