@@ -3,7 +3,8 @@
 //! connects over it and carries the API server's streams (10 MiB each way through the egress
 //! proxy, so proxied streams with their own flow control work over TCP); an agent with the
 //! default `auto` whose hub UDP port gets no answer falls back to TCP after a few attempts, and
-//! its status and the hub's metrics say which transport carries it.
+//! its status and the hub's metrics say which transport carries it. Strangers on the TCP port
+//! (no TLS, or more connections than one address may open) are refused and counted.
 //!
 //! Not covered here: pod traffic over the fallback in the network lab with UDP blocked by the
 //! site's firewall, and the move back to UDP when the block is lifted (see the note).
@@ -133,6 +134,39 @@ fn agents_reach_the_hub_over_tcp_when_udp_gets_no_answer() {
         (m.contains("petrel_hub_tcp_connections_total{outcome=\"tls_failed\"}")).then_some(())
     })
     .unwrap();
+    wait_until(Duration::from_secs(5), "the bad frame counted", || {
+        let m = hub.metrics().ok()?;
+        (metric(
+            &m,
+            "petrel_hub_tcp_packets_dropped_total{reason=\"bad_frame\"}",
+        ) >= 1.0
+            || m.contains("tls_failed"))
+        .then_some(())
+    })
+    .unwrap();
+    assert_eq!(metric(&hub.metrics().unwrap(), "petrel_hub_tcp_open"), 2.0);
+
+    // One address opening connections as fast as it can and saying nothing: beyond the
+    // per-address handshake burst (512, then 128/s) they are refused, the rest closed at the TLS deadline,
+    // all counted; the tunnels and the admin endpoint are unaffected.
+    let mut held = Vec::new();
+    for _ in 0..2_000 {
+        if let Ok(c) = std::net::TcpStream::connect_timeout(
+            &tcp_listen.parse().unwrap(),
+            Duration::from_millis(500),
+        ) {
+            held.push(c);
+        }
+    }
+    wait_until(Duration::from_secs(10), "rate limit counted", || {
+        let m = hub.metrics().ok()?;
+        (m.contains("petrel_hub_tcp_connections_total{outcome=\"rate_limited\"}")
+            && m.contains("petrel_hub_tcp_connections_total{outcome=\"tls_timeout\"}"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", hub.metrics().unwrap_or_default()));
+    drop(held);
+    assert!(hub.agent("edge-a1").is_some() && hub.agent("edge-a2").is_some());
     assert_eq!(metric(&hub.metrics().unwrap(), "petrel_hub_tcp_open"), 2.0);
     drop((a1, a2));
 }

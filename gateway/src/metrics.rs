@@ -55,6 +55,9 @@ pub struct HubMetrics {
     pub tcp_connections: Family<Outcome, Counter>,
     /// TCP fallback connections open now.
     pub tcp_open: Gauge,
+    /// QUIC packets the TCP fallback lost, by reason (send_queue_full, receive_queue_full,
+    /// bad_frame: a stream ended by a frame that is no QUIC packet).
+    pub tcp_packets_dropped: Family<Reason, Counter>,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: Arc<crate::egress::metrics::EgressMetrics>,
 }
@@ -70,6 +73,7 @@ impl HubMetrics {
             relay_probes_answered: Counter::default(),
             tcp_connections: Family::default(),
             tcp_open: Gauge::default(),
+            tcp_packets_dropped: Family::default(),
             enrolments: Family::default(),
             renewals: Family::default(),
             csrs: Family::default(),
@@ -175,6 +179,11 @@ impl HubMetrics {
             "tcp_open",
             "TCP fallback connections open now (each carries one agent's QUIC packets)",
             m.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_packets_dropped",
+            "QUIC packets the TCP fallback lost, by reason (send_queue_full: a connection's writer behind; receive_queue_full: the hub's endpoint behind; bad_frame: a stream ended by a frame that is no QUIC packet)",
+            m.tcp_packets_dropped.clone(),
         );
         registry.register(
             "sites_mtu_learned",

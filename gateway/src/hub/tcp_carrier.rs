@@ -51,8 +51,44 @@ pub struct TcpCarrierParts {
     pub limits: TcpCarrierLimits,
 }
 
+/// Copies the carrier socket's drop counters into the hub's metrics every second (they are
+/// atomics the socket bumps on its hot path), until `shutdown`.
+async fn export_drops(parts: TcpCarrierParts, shutdown: CancellationToken) {
+    use std::sync::atomic::Ordering;
+    let mut seen = [0u64; 3];
+    loop {
+        let stats = &parts.socket.stats;
+        let now = [
+            stats.dropped_out.load(Ordering::Relaxed),
+            stats.dropped_in.load(Ordering::Relaxed),
+            stats.bad_frames.load(Ordering::Relaxed),
+        ];
+        for ((reason, n), before) in ["send_queue_full", "receive_queue_full", "bad_frame"]
+            .into_iter()
+            .zip(now)
+            .zip(seen)
+        {
+            if n > before {
+                parts
+                    .metrics
+                    .tcp_packets_dropped
+                    .get_or_create(&crate::metrics::Reason {
+                        reason: reason.to_string(),
+                    })
+                    .inc_by(n - before);
+            }
+        }
+        seen = now;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Accepts TCP fallback connections on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, parts: TcpCarrierParts, shutdown: CancellationToken) {
+    tokio::spawn(export_drops(parts.clone(), shutdown.clone()));
     let slots = Arc::new(tokio::sync::Semaphore::new(parts.limits.max_connections));
     let acceptor = tokio_rustls::TlsAcceptor::from(parts.tls.clone());
     let mut backoff = Duration::from_millis(50);
