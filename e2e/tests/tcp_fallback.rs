@@ -116,6 +116,12 @@ fn agents_reach_the_hub_over_tcp_when_udp_gets_no_answer() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", a2.proc.log()));
     assert_eq!(transport(&a2).as_deref(), Some("tcp"));
+    let am = petrel_e2e::procs::http_get(a2.admin, "/metrics").unwrap();
+    assert_eq!(
+        metric(&am, "petrel_agent_hubs_connected_over_tcp"),
+        1.0,
+        "{am}"
+    );
     assert!(a2
         .proc
         .wait_for_log("trying the TCP fallback", Duration::from_secs(1))

@@ -68,6 +68,8 @@ pub struct LinkBoard {
     tunnels: Mutex<BTreeMap<String, (String, quinn::Connection)>>,
     /// Links connected now.
     connected: Gauge,
+    /// Of those, links on the TCP fallback.
+    over_tcp: Gauge,
 }
 
 /// Why no link is up, for readiness.
@@ -88,6 +90,15 @@ impl LinkBoard {
         }
     }
 
+    /// [`LinkBoard::new`], also keeping `over_tcp` at the connected links on the TCP fallback.
+    pub fn with_tcp_gauge(connected: Gauge, over_tcp: Gauge) -> Self {
+        Self {
+            connected,
+            over_tcp,
+            ..Default::default()
+        }
+    }
+
     /// Changes the row of `endpoint` (created on first use).
     pub fn update(&self, endpoint: &str, f: impl FnOnce(&mut LinkStatus)) {
         if let Ok(mut rows) = self.rows.lock() {
@@ -98,11 +109,14 @@ impl LinkBoard {
                     ..Default::default()
                 });
             f(entry);
-            let connected = rows
-                .values()
-                .filter(|l| l.state == LinkState::Connected)
-                .count();
-            self.connected.set(connected as i64);
+            let connected = rows.values().filter(|l| l.state == LinkState::Connected);
+            let (mut all, mut tcp) = (0i64, 0i64);
+            for l in connected {
+                all += 1;
+                tcp += i64::from(l.transport.as_deref() == Some("tcp"));
+            }
+            self.connected.set(all);
+            self.over_tcp.set(tcp);
         }
     }
 
@@ -215,5 +229,25 @@ mod tests {
         assert_eq!(rows[0].endpoint, "a:7443");
         assert_eq!(rows[0].state.as_str(), "parked");
         assert!(board.tunnel_stats().is_empty());
+    }
+
+    #[test]
+    fn the_tcp_gauge_counts_connected_links_on_the_fallback() {
+        let (all, tcp) = (Gauge::default(), Gauge::default());
+        let board = LinkBoard::with_tcp_gauge(all.clone(), tcp.clone());
+        board.update("a:7443", |l| {
+            l.state = LinkState::Connected;
+            l.transport = Some("udp".into());
+        });
+        board.update("b:7443", |l| {
+            l.state = LinkState::Connected;
+            l.transport = Some("tcp".into());
+        });
+        assert_eq!((all.get(), tcp.get()), (2, 1));
+        board.update("b:7443", |l| {
+            l.state = LinkState::Disconnected;
+            l.transport = None;
+        });
+        assert_eq!((all.get(), tcp.get()), (1, 0));
     }
 }

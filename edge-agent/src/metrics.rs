@@ -15,6 +15,8 @@ pub struct Outcome {
 pub struct AgentMetrics {
     registry: Registry,
     pub hubs_connected: Gauge,
+    /// Of those, tunnels on the TCP fallback.
+    pub hubs_connected_over_tcp: Gauge,
     pub connect_attempts: Family<Outcome, Counter>,
     pub sessions_ended: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
@@ -31,6 +33,7 @@ impl AgentMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("petrel_agent");
         let hubs_connected = Gauge::default();
+        let hubs_connected_over_tcp = Gauge::default();
         let connect_attempts = Family::<Outcome, Counter>::default();
         let sessions_ended = Family::<Outcome, Counter>::default();
         let renewals = Family::<Outcome, Counter>::default();
@@ -39,6 +42,11 @@ impl AgentMetrics {
             "hubs_connected",
             "Hubs this agent holds a tunnel to",
             hubs_connected.clone(),
+        );
+        registry.register(
+            "hubs_connected_over_tcp",
+            "Of the hubs this agent holds a tunnel to, those reached over the TCP fallback (QUIC over TLS on TCP, while UDP gets no answer)",
+            hubs_connected_over_tcp.clone(),
         );
         registry.register(
             "connect_attempts",
@@ -69,6 +77,7 @@ impl AgentMetrics {
         Self {
             registry,
             hubs_connected,
+            hubs_connected_over_tcp,
             connect_attempts,
             sessions_ended,
             renewals,

@@ -55,7 +55,10 @@ impl AgentShared {
     ) -> Self {
         let metrics = AgentMetrics::new();
         Self {
-            links: LinkBoard::new(metrics.hubs_connected.clone()),
+            links: LinkBoard::with_tcp_gauge(
+                metrics.hubs_connected.clone(),
+                metrics.hubs_connected_over_tcp.clone(),
+            ),
             dataplane: DataplaneSlot::new(config.datapath.is_some()),
             endpoints: EndpointBook::new(state.clone(), new_endpoints),
             credentials: Credentials::new(state, identity),
