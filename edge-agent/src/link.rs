@@ -157,7 +157,9 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         routes = link.session.into_routes();
         receiver.abort();
         if let Some(t) = udp_retry {
-            if t.is_finished() && matches!(t.await, Ok(true)) {
+            if !t.is_finished() {
+                t.abort();
+            } else if matches!(t.await, Ok(true)) {
                 info!("UDP answers again: leaving the TCP fallback");
                 choice.udp_answers();
             }
@@ -400,7 +402,8 @@ async fn connect(
         Carrier::Tcp => {
             let tcp_addr = std::net::SocketAddr::new(addr.ip(), shared.config.tcp_port);
             let (ep, carried, task) = tcp_carrier(&id, tcp_addr, within).await?;
-            (ep, carried, Some(task))
+            // Guarded from here: an attempt that fails below ends its TCP connection too.
+            (ep, carried, Some(CarrierGuard(task)))
         }
     };
     let mut connecting = ep.connect_with(client, addr, HUB_SERVER_NAME)?;
@@ -427,7 +430,7 @@ async fn connect(
             writer,
             session,
             welcome,
-            carrier: carrier_task.map(CarrierGuard),
+            carrier: carrier_task,
         }),
         Err(e) => {
             *routes = session.into_routes();
