@@ -13,23 +13,16 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::pki::CertInfo;
-use crate::tls::{crypto_provider, TlsConfigError};
+use crate::tls::{crypto_provider, roots, TlsConfigError};
 
 /// ALPN of a direct connection between two agents.
 pub const ALPN_PEER: &[u8] = b"petrel-peer/1";
-
-fn roots(ca_der: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsConfigError> {
-    let mut roots = RootCertStore::empty();
-    roots.add(ca_der.clone())?;
-    Ok(Arc::new(roots))
-}
 
 /// The listening agent's configuration: its node certificate, and a client certificate from
 /// the CA required of whoever dials.
@@ -64,7 +57,6 @@ pub fn peer_dialer_tls(
     let verifier = Arc::new(ExpectedPeer {
         inner,
         expected: expected.to_string(),
-        provider: provider.clone(),
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -75,12 +67,12 @@ pub fn peer_dialer_tls(
     Ok(cfg)
 }
 
-/// Verifies the listening agent's node certificate (see the module docs).
+/// Verifies the listening agent's node certificate (see the module docs). Handshake
+/// signatures are checked by the inner client-certificate verifier, on the same provider.
 #[derive(Debug)]
 pub struct ExpectedPeer {
     inner: Arc<dyn ClientCertVerifier>,
     expected: String,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for ExpectedPeer {
@@ -111,12 +103,7 @@ impl ServerCertVerifier for ExpectedPeer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -125,18 +112,11 @@ impl ServerCertVerifier for ExpectedPeer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 

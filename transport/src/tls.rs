@@ -60,7 +60,10 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn roots(ca_der: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsConfigError> {
+/// A root store holding only Petrel's CA.
+pub(crate) fn roots(
+    ca_der: &CertificateDer<'static>,
+) -> Result<Arc<RootCertStore>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca_der.clone())?;
     Ok(Arc::new(roots))
