@@ -353,52 +353,13 @@ async fn connect(
         // Still try: the clock may be wrong rather than the certificate; the hub's answer will say.
         warn!(not_after = %humantime::format_rfc3339_seconds(id.info.not_after), "node certificate has expired; re-enrol with `petrel-edge-agent join --force` if the clock is right");
     }
-    let (host, port) = endpoint
-        .rsplit_once(':')
-        .ok_or_else(|| ConnectError::BadEndpoint(endpoint.into()))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| ConnectError::BadPort(endpoint.into()))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     let within = shared.config.connect_timeout;
-    let addr = tokio::time::timeout(within, tokio::net::lookup_host((host, port)))
-        .await
-        .map_err(|_| ConnectError::ResolveTimeout {
-            endpoint: endpoint.into(),
-            within,
-        })?
-        .map_err(|source| ConnectError::Resolve {
-            endpoint: endpoint.into(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| ConnectError::ResolvesToNothing(endpoint.into()))?;
-    let tls_cfg = tls::agent_client_tls(
-        &id.ca_der,
-        vec![id.cert_der.clone()],
-        id.key_der(),
-        ALPN_TUNNEL,
-    )?;
-    let tuning = TransportTuning {
-        congestion: shared.config.congestion,
-        ..TransportTuning::default()
-    };
-    let client = quic::client_config(tls_cfg, &tuning)?;
+    let addr = resolve(endpoint, within).await?;
+    let client = tunnel_client_config(&id, shared.config.congestion)?;
     let (ep, addr, carrier_task) = match carrier {
-        Carrier::Udp => {
-            let bind = if addr.is_ipv4() {
-                std::net::SocketAddr::from(([0, 0, 0, 0], 0))
-            } else {
-                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-            };
-            // A fresh UDP socket per attempt: a new source port also means a new NAT mapping,
-            // which is what a stuck mapping needs.
-            (
-                quic::client_endpoint(bind).map_err(ConnectError::Socket)?,
-                addr,
-                None,
-            )
-        }
+        // A fresh UDP socket per attempt: a new source port also means a new NAT mapping,
+        // which is what a stuck mapping needs.
+        Carrier::Udp => (udp_endpoint(addr)?, addr, None),
         Carrier::Tcp => {
             let tcp_addr = std::net::SocketAddr::new(addr.ip(), shared.config.tcp_port);
             let (ep, carried, task) = tcp_carrier(&id, tcp_addr, within).await?;
@@ -459,46 +420,70 @@ async fn retry_udp(
     }
 }
 
-/// Whether a QUIC handshake over UDP to `endpoint` completes (then closed at once, before any
-/// hello: the hub counts an agent that left before its welcome, nothing else).
-async fn udp_answers(shared: &AgentShared, endpoint: &str) -> bool {
-    let Some((host, port)) = endpoint.rsplit_once(':') else {
-        return false;
-    };
-    let Ok(port) = port.parse::<u16>() else {
-        return false;
-    };
+/// Resolves `host:port` (brackets allowed around an IPv6 host) within `within`.
+async fn resolve(endpoint: &str, within: Duration) -> Result<std::net::SocketAddr, ConnectError> {
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| ConnectError::BadEndpoint(endpoint.into()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ConnectError::BadPort(endpoint.into()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let within = shared.config.connect_timeout;
-    let Ok(Ok(mut addrs)) =
-        tokio::time::timeout(within, tokio::net::lookup_host((host, port))).await
-    else {
-        return false;
-    };
-    let Some(addr) = addrs.next() else {
-        return false;
-    };
-    let id = shared.credentials.identity();
-    let Ok(tls_cfg) = tls::agent_client_tls(
+    tokio::time::timeout(within, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| ConnectError::ResolveTimeout {
+            endpoint: endpoint.into(),
+            within,
+        })?
+        .map_err(|source| ConnectError::Resolve {
+            endpoint: endpoint.into(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::ResolvesToNothing(endpoint.into()))
+}
+
+/// The tunnel's QUIC client configuration: this node's certificate, the hub CA, ALPN
+/// `petrel/1`.
+fn tunnel_client_config(
+    id: &Identity,
+    congestion: petrel_transport::quic::CongestionControl,
+) -> Result<quinn::ClientConfig, ConnectError> {
+    let tls_cfg = tls::agent_client_tls(
         &id.ca_der,
         vec![id.cert_der.clone()],
         id.key_der(),
         ALPN_TUNNEL,
-    ) else {
-        return false;
+    )?;
+    let tuning = TransportTuning {
+        congestion,
+        ..TransportTuning::default()
     };
-    let Ok(client) = quic::client_config(tls_cfg, &TransportTuning::default()) else {
-        return false;
-    };
+    Ok(quic::client_config(tls_cfg, &tuning)?)
+}
+
+/// A client endpoint on a fresh UDP socket of `addr`'s family.
+fn udp_endpoint(addr: std::net::SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
     let bind = if addr.is_ipv4() {
         std::net::SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
-    let Ok(ep) = quic::client_endpoint(bind) else {
-        return false;
+    quic::client_endpoint(bind).map_err(ConnectError::Socket)
+}
+
+/// Whether a QUIC handshake over UDP to `endpoint` completes (then closed at once, before any
+/// hello: the hub counts an agent that left before its welcome, nothing else).
+async fn udp_answers(shared: &AgentShared, endpoint: &str) -> bool {
+    let within = shared.config.connect_timeout;
+    let attempt = async {
+        let addr = resolve(endpoint, within).await?;
+        let client =
+            tunnel_client_config(&shared.credentials.identity(), shared.config.congestion)?;
+        let connecting = udp_endpoint(addr)?.connect_with(client, addr, HUB_SERVER_NAME)?;
+        Ok::<_, ConnectError>(connecting)
     };
-    let Ok(connecting) = ep.connect_with(client, addr, HUB_SERVER_NAME) else {
+    let Ok(connecting) = attempt.await else {
         return false;
     };
     match tokio::time::timeout(within, connecting).await {
