@@ -161,30 +161,37 @@ impl CarrierSocket {
         mut rd: R,
         idle: Option<std::time::Duration>,
     ) {
-        let mut len = [0u8; 2];
         loop {
-            let header = rd.read_exact(&mut len);
+            // The deadline covers the whole frame: a peer that sends a length and then stalls
+            // is as idle as one that sends nothing.
+            let frame = self.read_frame(&mut rd);
             let read = match idle {
-                Some(d) => tokio::time::timeout(d, header).await.ok(),
-                None => Some(header.await),
+                Some(d) => tokio::time::timeout(d, frame).await.ok(),
+                None => Some(frame.await),
             };
-            if !matches!(read, Some(Ok(_))) {
+            let Some(Some(packet)) = read else {
                 return;
-            }
-            let n = usize::from(u16::from_be_bytes(len));
-            if n == 0 || n > MAX_PACKET {
-                self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let mut buf = vec![0u8; n];
-            if rd.read_exact(&mut buf).await.is_err() {
-                return;
-            }
+            };
             self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
-            if self.incoming_tx.try_send((addr, Bytes::from(buf))).is_err() {
+            if self.incoming_tx.try_send((addr, packet)).is_err() {
                 self.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// One frame's packet, or `None` when the stream ended or the frame is no QUIC packet
+    /// (counted).
+    async fn read_frame<R: AsyncRead + Unpin>(&self, rd: &mut R) -> Option<Bytes> {
+        let mut len = [0u8; 2];
+        rd.read_exact(&mut len).await.ok()?;
+        let n = usize::from(u16::from_be_bytes(len));
+        if n == 0 || n > MAX_PACKET {
+            self.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut buf = vec![0u8; n];
+        rd.read_exact(&mut buf).await.ok()?;
+        Some(Bytes::from(buf))
     }
 
     /// Streams attached now.
@@ -325,7 +332,7 @@ pub fn endpoint(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use std::time::Duration;
 
@@ -416,6 +423,23 @@ mod tests {
             assert_eq!(sock.streams(), 0);
         }
         assert_eq!(sock.stats.bad_frames.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_stalls_after_its_length_ends_at_the_idle_deadline() {
+        let sock = CarrierSocket::new();
+        let (a, mut b) = tokio::io::duplex(1024);
+        let (_, task) = sock.attach_with_idle(a, Some(Duration::from_millis(200)));
+        // A length, half the packet, then nothing (the writer stays open).
+        b.write_all(&[0, 100]).await.unwrap();
+        b.write_all(&[0u8; 50]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the stream was not closed at its idle deadline")
+            .unwrap();
+        assert_eq!(sock.streams(), 0);
+        assert_eq!(sock.stats.packets_in.load(Ordering::Relaxed), 0);
+        drop(b);
     }
 
     #[test]
