@@ -140,16 +140,6 @@ fn agents_reach_the_hub_over_tcp_when_udp_gets_no_answer() {
         (m.contains("petrel_hub_tcp_connections_total{outcome=\"tls_failed\"}")).then_some(())
     })
     .unwrap();
-    wait_until(Duration::from_secs(5), "the bad frame counted", || {
-        let m = hub.metrics().ok()?;
-        (metric(
-            &m,
-            "petrel_hub_tcp_packets_dropped_total{reason=\"bad_frame\"}",
-        ) >= 1.0
-            || m.contains("tls_failed"))
-        .then_some(())
-    })
-    .unwrap();
     assert_eq!(metric(&hub.metrics().unwrap(), "petrel_hub_tcp_open"), 2.0);
 
     // One address opening connections as fast as it can and saying nothing: beyond the

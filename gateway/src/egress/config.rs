@@ -419,6 +419,13 @@ impl EgressConfig {
         if http_port == 0 {
             return Err(invalid("egress-http-port", "0", "a port 1-65535"));
         }
+        let max_connections = count(
+            "egress-max-connections",
+            args.max_connections,
+            file.max_connections,
+            d.max_connections,
+            1 << 20,
+        )?;
         Ok(Self {
             uds: args.uds.clone().or_else(|| file.uds.clone()),
             uds_mode,
@@ -456,13 +463,7 @@ impl EgressConfig {
                 d.max_pending,
                 1 << 20,
             )?,
-            max_connections: count(
-                "egress-max-connections",
-                args.max_connections,
-                file.max_connections,
-                d.max_connections,
-                1 << 20,
-            )?,
+            max_connections,
             max_unauthenticated: count(
                 "egress-max-unauthenticated",
                 args.max_unauthenticated,
@@ -477,11 +478,8 @@ impl EgressConfig {
                 d.max_tls_handshakes,
                 1 << 16,
             )?,
-            api_descriptors: 0,
-        })
-        .map(|mut c: Self| {
-            c.api_descriptors = c.max_connections.saturating_mul(2);
-            c
+            // The worst case until `fit_descriptors` knows the open-file limit.
+            api_descriptors: max_connections.saturating_mul(2),
         })
     }
 
