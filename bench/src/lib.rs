@@ -1070,7 +1070,7 @@ fn pin(pid: u32, core: u32) -> Result<()> {
 }
 
 fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveReport) -> Result<()> {
-    use petrel_e2e::failover_probe::Probe;
+    use petrel_e2e::failover_probe::{flowing, Probe};
     std::fs::create_dir_all(work)?;
     let lab = Lab::build(LabSpec {
         second_hub: true,
@@ -1106,23 +1106,12 @@ fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveRep
     for _ in 0..cfg.failover_samples.max(1) {
         let b_probe = Probe::start(&lab, "cloud-1", "edge-b1", 7302)?;
         let a_probe = Probe::start(&lab, "x1", "edge-a1", 7303)?;
-        petrel_e2e::lab::wait_until("probes flowing", Duration::from_secs(10), || {
-            let since = Instant::now() - Duration::from_millis(50);
-            Ok(b_probe.both_heard_after(since).is_some()
-                && a_probe.both_heard_after(since).is_some())
-        })?;
+        flowing(&[&b_probe, &a_probe], Duration::from_secs(10))?;
         let t0 = Instant::now();
         hub3.proc.kill()?;
-        let mut back = None;
-        petrel_e2e::lab::wait_until("site-b back", Duration::from_secs(30), || {
-            back = b_probe.both_heard_after(t0 + Duration::from_millis(20));
-            Ok(back.is_some())
-        })?;
-        if let Some(at) = back {
-            r.gap_samples_s.push(at.duration_since(t0).as_secs_f64());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        if let Some(sil) = a_probe.longest_silence(t0, Instant::now()) {
+        let gap = b_probe.back_after(t0, Duration::from_secs(30))?;
+        r.gap_samples_s.push(gap.as_secs_f64());
+        if let Some(sil) = a_probe.silence_after(t0) {
             r.survivor_silence_ms.push(sil.as_secs_f64() * 1000.0);
         }
         drop((a_probe, b_probe));
@@ -1140,17 +1129,10 @@ fn measure_active_active(cfg: &BenchConfig, work: &Path, r: &mut ActiveActiveRep
     r.gap_median_s = g.get(g.len() / 2).copied();
     // A graceful stop of gw-3: site-b moves before it goes.
     let b_probe = Probe::start(&lab, "cloud-1", "edge-b1", 7302)?;
-    petrel_e2e::lab::wait_until("probes flowing", Duration::from_secs(10), || {
-        Ok(b_probe
-            .both_heard_after(Instant::now() - Duration::from_millis(50))
-            .is_some())
-    })?;
+    flowing(&[&b_probe], Duration::from_secs(10))?;
     let t0 = Instant::now();
     hub3.proc.terminate(Duration::from_secs(20))?;
-    std::thread::sleep(Duration::from_millis(500));
-    r.graceful_silence_ms = b_probe
-        .longest_silence(t0, Instant::now())
-        .map(|d| d.as_secs_f64() * 1000.0);
+    r.graceful_silence_ms = b_probe.silence_after(t0).map(|d| d.as_secs_f64() * 1000.0);
     drop(b_probe);
     // One hub carrying both sites (gw-3 stopped; its sites went to gw-1).
     r.one_hub_gbit = Some(both_sites(&lab)?);

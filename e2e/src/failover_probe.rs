@@ -102,6 +102,47 @@ impl Probe {
     }
 }
 
+/// After an event, how long probes keep being recorded before the longest silence is read
+/// ([`Probe::silence_after`]): a measurement window, not synchronisation. A silence still under
+/// way when it closes counts up to its end, so a stop that never recovers shows as >= this.
+pub const SILENCE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Probes that have not heard for this long are not flowing ([`flowing`]).
+const FLOWING_WITHIN: Duration = Duration::from_millis(50);
+
+/// A probe still in flight at an event is not evidence of recovery: recovery counts from two
+/// probe intervals after it.
+const IN_FLIGHT: Duration = Duration::from_millis(20);
+
+impl Probe {
+    /// Waits (at most `within`) until both sides heard each other after `t` (ignoring probes
+    /// in flight at `t`); returns how long that took from `t`.
+    pub fn back_after(&self, t: Instant, within: Duration) -> Result<Duration> {
+        let mut back = None;
+        crate::lab::wait_until("probes heard both ways again", within, || {
+            back = self.both_heard_after(t + IN_FLIGHT);
+            Ok(back.is_some())
+        })?;
+        back.map(|at| at.duration_since(t))
+            .ok_or_else(|| anyhow!("probes not heard both ways again"))
+    }
+
+    /// The longest silence from `from` to the end of a [`SILENCE_WINDOW`] starting now (`None`
+    /// if a side heard nothing at all: the traffic stopped and never came back).
+    pub fn silence_after(&self, from: Instant) -> Option<Duration> {
+        std::thread::sleep(SILENCE_WINDOW);
+        self.longest_silence(from, Instant::now())
+    }
+}
+
+/// Waits (at most `within`) until every probe of `probes` is heard both ways.
+pub fn flowing(probes: &[&Probe], within: Duration) -> Result<()> {
+    crate::lab::wait_until("probes flowing", within, || {
+        let since = Instant::now() - FLOWING_WITHIN;
+        Ok(probes.iter().all(|p| p.both_heard_after(since).is_some()))
+    })
+}
+
 impl Drop for Probe {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
