@@ -241,12 +241,14 @@ impl AsyncUdpSocket for CarrierSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let route = self
-            .routes
-            .lock()
+        // `try_send` never waits, so the lock is held only for the lookup and the queueing
+        // (no clone of the sender per packet).
+        let routes = self.routes.lock();
+        let Some(tx) = routes
+            .as_ref()
             .ok()
-            .and_then(|r| r.get(&transmit.destination).cloned());
-        let Some(tx) = route else {
+            .and_then(|r| r.get(&transmit.destination))
+        else {
             self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };

@@ -122,7 +122,12 @@ impl LeaseBook {
         };
         self.leases
             .values()
-            .filter(|s| s.changed_at + s.duration >= newest)
+            // A duration too large to add to an instant (read from the API) never expires.
+            .filter(|s| {
+                s.changed_at
+                    .checked_add(s.duration)
+                    .is_none_or(|t| t >= newest)
+            })
             .map(|s| s.holder.clone())
             .collect()
     }
