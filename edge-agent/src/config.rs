@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// On the TCP fallback, how often UDP is tried again (default 30s).
     #[arg(long, env = "PETREL_UDP_RETRY_INTERVAL")]
     pub udp_retry_interval: Option<String>,
+    /// Take the hubs' offers of direct paths to other public sites (default true): frames to
+    /// such a peer then go straight to it over QUIC from the tunnel's socket while that works,
+    /// else through the hub. Off: everything goes through the hub.
+    #[arg(long, env = "PETREL_DIRECT_PATHS")]
+    pub direct_paths: Option<bool>,
     /// Zero-touch enrolment: the node's kubelet kubeconfig (e.g. /etc/kubernetes/kubelet.conf
     /// or /var/lib/kubelet/kubeconfig). When this device holds no valid certificate, the agent
     /// asks for one with a CertificateSigningRequest made with these credentials, signed by
@@ -219,6 +224,8 @@ pub struct FileConfig {
     pub tcp_port: Option<u16>,
     #[serde(alias = "udp_retry_interval")]
     pub udp_retry_interval: Option<String>,
+    #[serde(alias = "direct_paths")]
+    pub direct_paths: Option<bool>,
     pub log: Option<String>,
     pub hooks: Option<String>,
     #[serde(alias = "relay_port")]
@@ -272,6 +279,8 @@ pub struct AgentConfig {
     pub tcp_port: u16,
     /// On the TCP fallback, how often UDP is tried again.
     pub udp_retry_interval: Duration,
+    /// Take direct-path offers (`crate::direct_paths`); only with a data plane.
+    pub direct_paths: bool,
     /// `None`: no data plane.
     pub datapath: Option<petrel_datapath::DatapathConfig>,
     /// Zero-touch enrolment from the node's kubelet credentials, if configured.
@@ -480,6 +489,8 @@ impl AgentConfig {
             transport,
             tcp_port,
             udp_retry_interval,
+            direct_paths: args.direct_paths.or(file.direct_paths).unwrap_or(true)
+                && datapath.is_some(),
             datapath,
         })
     }

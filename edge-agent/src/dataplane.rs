@@ -1,6 +1,9 @@
 //! The agent's half of the VXLAN data plane: it programs this node (via `petrel-datapath`) so
 //! that frames for pod CIDRs behind the hub reach the agent, sends them to the hub as QUIC
-//! datagrams, and injects the hub's datagrams into Flannel's `flannel.1`.
+//! datagrams, and injects the hub's datagrams into Flannel's `flannel.1`. Frames for a peer of
+//! another public site with a direct connection up (`crate::direct_paths`) go to that
+//! connection instead, and what such a peer sends is checked as the hub's switch would
+//! (`deliver_from_peer`) before it is injected.
 //!
 //! Routes come from the hub's view (the inventory), never from local guesses. Their MTU is the
 //! site MTU the hub announces, lowered to what fits a QUIC datagram on the current path and
@@ -16,6 +19,7 @@ use futures_util::FutureExt as _;
 use petrel_datapath::{
     Datapath, DatapathConfig, DesiredState, FrameBatch, HookMode, Injector, PeerRoute, Relay,
 };
+use petrel_proto::types::{IpCidr, MacAddr};
 use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
 use petrel_transport::udp_batch::UdpBatch;
 use serde::Serialize;
@@ -53,6 +57,33 @@ pub struct DataplaneStatus {
     /// With several active hubs: the one that owns this site (its frames to the cloud go
     /// there).
     pub site_owner: Option<String>,
+    /// Frames and VXLAN payload bytes sent straight to peers of other public sites
+    /// (`crate::direct_paths`), and received from them.
+    pub frames_direct_out: u64,
+    pub bytes_direct_out: u64,
+    pub frames_direct_in: u64,
+    pub bytes_direct_in: u64,
+    /// VXLAN payload bytes to peers the hub offered a direct path to that went through the hub
+    /// (punching, backing off, or a frame too large for the direct path).
+    pub bytes_to_peers_via_hub: u64,
+    /// Of the bytes this node sent to such peers, the share that went direct (0 to 1; `None`
+    /// before any).
+    pub direct_share: Option<f64>,
+}
+
+/// Where delivered frames came from (which counters they go to).
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Hub,
+    Peer,
+}
+
+/// What a direct peer's frames must carry to be delivered here
+/// (`petrel_proto::direct::check_peer_frame`): its VtepMAC, a source inside its pod CIDRs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthority {
+    pub mac: MacAddr,
+    pub cidrs: Vec<IpCidr>,
 }
 
 /// The tunnels captured frames may go to, by hub name: the one the hubs' views mark active
@@ -124,6 +155,14 @@ pub struct AgentDataplane {
     apply_error: Mutex<Option<String>>,
     /// The injection batch, kept between calls for its buffer.
     inject_batch: Mutex<Option<UdpBatch>>,
+    /// Peers of other public sites the hub offered, by VtepMAC: `Some` while their direct
+    /// connection is up (frames go there), `None` while they go through the hub.
+    peers: RwLock<std::collections::HashMap<[u8; 6], Option<quinn::Connection>>>,
+    frames_direct_out: AtomicU64,
+    bytes_direct_out: AtomicU64,
+    frames_direct_in: AtomicU64,
+    bytes_direct_in: AtomicU64,
+    bytes_to_peers_via_hub: AtomicU64,
 }
 
 impl std::fmt::Debug for AgentDataplane {
@@ -154,6 +193,12 @@ impl AgentDataplane {
             dropped: Mutex::new(BTreeMap::new()),
             apply_error: Mutex::new(None),
             inject_batch: Mutex::new(None),
+            peers: RwLock::new(std::collections::HashMap::new()),
+            frames_direct_out: AtomicU64::new(0),
+            bytes_direct_out: AtomicU64::new(0),
+            frames_direct_in: AtomicU64::new(0),
+            bytes_direct_in: AtomicU64::new(0),
+            bytes_to_peers_via_hub: AtomicU64::new(0),
         }))
     }
 
@@ -216,7 +261,16 @@ impl AgentDataplane {
                 *e = (*e).min(*m);
             }
         }
+        let bytes_direct_out = self.bytes_direct_out.load(Ordering::Relaxed);
+        let bytes_to_peers_via_hub = self.bytes_to_peers_via_hub.load(Ordering::Relaxed);
+        let to_peers = bytes_direct_out + bytes_to_peers_via_hub;
         DataplaneStatus {
+            frames_direct_out: self.frames_direct_out.load(Ordering::Relaxed),
+            bytes_direct_out,
+            frames_direct_in: self.frames_direct_in.load(Ordering::Relaxed),
+            bytes_direct_in: self.bytes_direct_in.load(Ordering::Relaxed),
+            bytes_to_peers_via_hub,
+            direct_share: (to_peers > 0).then(|| bytes_direct_out as f64 / to_peers as f64),
             bytes_to_hub: self.bytes_to_hub.load(Ordering::Relaxed),
             bytes_from_hub: self.bytes_from_hub.load(Ordering::Relaxed),
             ready: error.is_none(),
@@ -385,6 +439,73 @@ impl AgentDataplane {
         }
     }
 
+    /// What `node`'s frames must carry, from the hub's routes (`None`: not a node of the view).
+    pub fn peer_authority(&self, node: &str) -> Option<PeerAuthority> {
+        let view = self.view.lock().ok()?;
+        let routes: Vec<&petrel_proto::Route> = view
+            .as_ref()?
+            .routes
+            .iter()
+            .filter(|r| r.node_name == node)
+            .collect();
+        let mac = routes.first()?.vtep_mac;
+        Some(PeerAuthority {
+            mac,
+            cidrs: routes.iter().map(|r| r.pod_cidr).collect(),
+        })
+    }
+
+    /// Frames for the peer with VtepMAC `mac` go to `direct` from now on, or (`None`) through
+    /// the hub, counted as site-to-site bytes that did not go direct.
+    pub fn set_peer_route(&self, mac: MacAddr, direct: Option<quinn::Connection>) {
+        if let Ok(mut p) = self.peers.write() {
+            p.insert(mac.0, direct);
+        }
+    }
+
+    /// A datagram from a direct peer's connection: delivered like the hub's, after the checks
+    /// the hub's switch would have made ([`petrel_proto::direct::check_peer_frame`]); a refused
+    /// frame is counted by reason, never injected. Drains what else is ready on `conn`.
+    pub async fn deliver_from_peer(
+        &self,
+        conn: &quinn::Connection,
+        datagram: Bytes,
+        peer: &PeerAuthority,
+    ) -> u64 {
+        let mut batch = UdpBatch::new();
+        let mut refused = 0;
+        let mut next = Some(datagram);
+        let mut taken = 0;
+        while let Some(d) = next.take() {
+            taken += 1;
+            let check = petrel_proto::parse_datagram(&d)
+                .map_err(|e| e.reason())
+                .and_then(|f| {
+                    petrel_proto::direct::check_peer_frame(
+                        &f,
+                        MacAddr(self.vtep_mac),
+                        peer.mac,
+                        &peer.cidrs,
+                    )
+                    .map_err(|r| r.label())
+                });
+            match check {
+                Ok(()) => {
+                    self.stage(d, &mut batch, Origin::Peer).await;
+                }
+                Err(reason) => {
+                    refused += 1;
+                    self.drop_frame(reason);
+                }
+            }
+            if taken < DRAIN_BATCH {
+                next = conn.read_datagram().now_or_never().and_then(Result::ok);
+            }
+        }
+        self.flush(&mut batch, Origin::Peer).await;
+        refused
+    }
+
     /// A datagram from the hub: into flannel.1 if it is for this node. Datagrams already
     /// waiting on the same tunnel (`conn`, the one that read `datagram`) are delivered in the
     /// same call (up to a bound), instead of one per turn of the link's receiver, and go to the
@@ -396,15 +517,17 @@ impl AgentDataplane {
             .ok()
             .and_then(|mut b| b.take())
             .unwrap_or_default();
-        self.stage(datagram, &mut batch).await;
+        self.stage(datagram, &mut batch, Origin::Hub).await;
         for _ in 0..DRAIN_BATCH {
             match conn.read_datagram().now_or_never() {
-                Some(Ok(d)) => self.stage(d, &mut batch).await,
+                Some(Ok(d)) => {
+                    self.stage(d, &mut batch, Origin::Hub).await;
+                }
                 // Nothing ready, or the connection ended: the link's receiver sees it next.
                 _ => break,
             }
         }
-        self.flush(&mut batch).await;
+        self.flush(&mut batch, Origin::Hub).await;
         if let Ok(mut b) = self.inject_batch.lock() {
             *b = Some(batch);
         }
@@ -412,32 +535,48 @@ impl AgentDataplane {
 
     /// Checks one datagram and adds its frame to `batch` (sending what is there first if it
     /// cannot join).
-    async fn stage(&self, datagram: Bytes, batch: &mut UdpBatch) {
+    async fn stage(&self, datagram: Bytes, batch: &mut UdpBatch, from: Origin) -> bool {
         let frame = match petrel_proto::parse_datagram(&datagram) {
             Ok(f) => f,
-            Err(e) => return self.drop_frame(e.reason()),
+            Err(e) => {
+                self.drop_frame(e.reason());
+                return false;
+            }
         };
         if frame.dst_mac().0 != self.vtep_mac {
-            return self.drop_frame("not_for_this_node");
+            self.drop_frame("not_for_this_node");
+            return false;
         }
         let payload = frame.vxlan_bytes();
         if let Err(e) = self.injector.validate(payload) {
             debug!(error = %e, "inject failed");
-            return self.drop_frame("inject_failed");
+            self.drop_frame("inject_failed");
+            return false;
         }
         if !batch.accepts(payload.len(), None) {
-            self.flush(batch).await;
+            self.flush(batch, from).await;
         }
-        self.bytes_from_hub
+        self.received(from)
+            .1
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
         // The VXLAN payload is the datagram after its kind byte (it parsed, so it is longer
         // than that): a slice of the same buffer, not a copy.
         batch.push(datagram.slice(petrel_proto::DATAGRAM_OVERHEAD..), None);
+        true
     }
 
-    async fn flush(&self, batch: &mut UdpBatch) {
+    /// The frame and byte counters of what came from `from`.
+    fn received(&self, from: Origin) -> (&AtomicU64, &AtomicU64) {
+        match from {
+            Origin::Hub => (&self.frames_from_hub, &self.bytes_from_hub),
+            Origin::Peer => (&self.frames_direct_in, &self.bytes_direct_in),
+        }
+    }
+
+    async fn flush(&self, batch: &mut UdpBatch, from: Origin) {
         let f = self.injector.send_batch(batch).await;
-        self.frames_from_hub
+        self.received(from)
+            .0
             .fetch_add(f.sent as u64, Ordering::Relaxed);
         if f.failed > 0 {
             if let Some(e) = &f.error {
@@ -475,20 +614,41 @@ impl AgentDataplane {
                 continue;
             }
             // One tunnel lookup and one allocation per batch: every datagram is a slice of the
-            // same buffer. With several active hubs, a lookup per frame (by its destination).
+            // same buffer. With several active hubs, a lookup per frame (by its destination);
+            // with peers the hub offered a direct path to, one more lookup per frame.
             let (single, chooser) = match self.active.read() {
                 Ok(t) if t.choice.is_some() => (None, Some(t)),
                 Ok(t) => (t.pick(), None),
                 Err(_) => (None, None),
             };
-            if single.is_none() && chooser.is_none() {
+            let peers = self.peers.read().ok().filter(|p| !p.is_empty());
+            if single.is_none() && chooser.is_none() && peers.is_none() {
                 self.drop_frames("no_hub", batch.len() as u64);
                 continue;
             }
             let mut out = BytesMut::with_capacity(batch.bytes() + batch.len());
             let (mut sent, mut sent_bytes, mut oversize, mut down) = (0u64, 0u64, 0u64, 0u64);
+            let (mut direct, mut direct_bytes, mut peer_via_hub) = (0u64, 0u64, 0u64);
             let mut no_hub = 0u64;
             for frame in batch.frames() {
+                // A peer's frame goes straight to it while its direct connection takes it; one
+                // the direct path cannot take (too large for its MTU, closed) goes via the hub.
+                let peer = peers.as_ref().and_then(|p| {
+                    let mac: [u8; 6] = frame.get(8..14)?.try_into().ok()?;
+                    p.get(&mac)
+                });
+                if let Some(Some(conn)) = peer {
+                    out.put_u8(DATAGRAM_KIND_VXLAN);
+                    out.extend_from_slice(frame);
+                    if conn.send_datagram(out.split().freeze()).is_ok() {
+                        direct += 1;
+                        direct_bytes += frame.len() as u64;
+                        continue;
+                    }
+                }
+                if peer.is_some() {
+                    peer_via_hub += frame.len() as u64;
+                }
                 let picked;
                 let conn = match (&single, &chooser) {
                     (Some(c), _) => c,
@@ -502,7 +662,10 @@ impl AgentDataplane {
                             continue;
                         }
                     },
-                    (None, None) => break,
+                    (None, None) => {
+                        no_hub += 1;
+                        continue;
+                    }
                 };
                 out.put_u8(DATAGRAM_KIND_VXLAN);
                 out.extend_from_slice(frame);
@@ -515,6 +678,12 @@ impl AgentDataplane {
                     Err(_) => down += 1,
                 }
             }
+            drop(peers);
+            self.frames_direct_out.fetch_add(direct, Ordering::Relaxed);
+            self.bytes_direct_out
+                .fetch_add(direct_bytes, Ordering::Relaxed);
+            self.bytes_to_peers_via_hub
+                .fetch_add(peer_via_hub, Ordering::Relaxed);
             self.frames_to_hub.fetch_add(sent, Ordering::Relaxed);
             self.bytes_to_hub.fetch_add(sent_bytes, Ordering::Relaxed);
             if oversize > 0 {

@@ -16,6 +16,7 @@
 //! | [`link`] | one tunnel to one hub: connect ([`link::ConnectError`]); the pump around [`petrel_proto::session::AgentSession`] (views applied, renewal, the next attempt); each connection's receive path (`receive`, its own task: datagrams to the data plane, the hub's streams to the proxy) |
 //! | [`transport_choice`] | whether a link's next attempt is QUIC over UDP or the TCP fallback (QUIC over TLS on TCP), and when to go back to UDP |
 //! | [`hub_choice`] | with several active hubs: which hub each frame goes to (the owner of its destination site, or of this site), in failover order |
+//! | [`direct_paths`] | direct paths to peers of other public sites the hub offered: one task per peer around [`petrel_proto::direct::DirectPath`] (punch from the tunnel's socket, the peer's certificate, the silence watch), the accept filter on the tunnel sockets |
 //! | [`dataplane`] | the agent's data plane over `petrel-datapath`: captured frames to the active hub (or, active-active, each to its [`hub_choice`]); [`dataplane::AgentDataplane::deliver`] injects the datagrams a connection read (draining that connection) into flannel.1 |
 //! | [`proxy`] | proxied streams: the hub's policy, the dial, the splice |
 //! | [`identity`], [`join`], [`kube_enrol`] | the identity on disk and the two ways to get one |
@@ -32,6 +33,7 @@ pub mod config;
 pub mod credentials;
 pub mod dataplane;
 pub mod dataplane_slot;
+pub mod direct_paths;
 pub mod endpoints;
 pub mod hub_choice;
 pub mod identity;

@@ -111,6 +111,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             session,
             welcome,
             carrier: carrier_guard,
+            endpoint: udp_endpoint,
         } = connected;
         choice.connected(carrier);
         // On the TCP fallback, UDP is tried again in the background; once it answers this
@@ -144,6 +145,22 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         }
         let hub_id = welcome.hub_id.clone();
         let receiver = tokio::spawn(receive(shared.clone(), conn.clone()));
+        // Peers the hub offers reach this agent on the tunnel's own socket (the NAT mapping
+        // the hub saw): it accepts them while this session lasts.
+        let peer_server = udp_endpoint
+            .as_ref()
+            .filter(|_| shared.config.direct_paths)
+            .and_then(|ep| {
+                let id = shared.credentials.identity();
+                match crate::direct_paths::DirectPaths::listen_on(ep, &id, shared.config.congestion)
+                {
+                    Ok(()) => Some(tokio::spawn(shared.direct.clone().serve(ep.clone()))),
+                    Err(e) => {
+                        warn!(error = %e, "cannot accept direct paths on the tunnel socket");
+                        None
+                    }
+                }
+            });
         let mut link = Link {
             shared: &shared,
             endpoint: &endpoint,
@@ -152,10 +169,17 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             writer,
             session,
             pending_key: None,
+            udp_endpoint: udp_endpoint.as_ref(),
         };
         let end = link.pump(reader, &shutdown).await;
         routes = link.session.into_routes();
         receiver.abort();
+        if let Some(t) = peer_server {
+            t.abort();
+        }
+        if let Some(ep) = &udp_endpoint {
+            ep.set_server_config(None);
+        }
         if let Some(t) = udp_retry {
             if !t.is_finished() {
                 t.abort();
@@ -238,6 +262,8 @@ struct Connected {
     welcome: Welcome,
     /// The TCP fallback's carrier, if this tunnel rides it.
     carrier: Option<CarrierGuard>,
+    /// The tunnel's UDP endpoint (`None` on the TCP fallback): direct paths use its socket.
+    endpoint: Option<quinn::Endpoint>,
 }
 
 /// The connection's receive path, apart from the control loop, one handler per direction of
@@ -379,7 +405,11 @@ async fn connect(
         dead_after: shared.config.dead_after,
     };
     // The table goes into the session and comes back out whatever happens to the attempt.
-    let mut session = AgentSession::new(hello(&id), std::mem::take(routes), config);
+    let mut session = AgentSession::new(
+        hello(&id, shared.config.direct_paths),
+        std::mem::take(routes),
+        config,
+    );
     let welcomed = tokio::time::timeout(quic::ADMITTED_GRACE, welcome(connecting, &mut session))
         .await
         .map_err(|_| ConnectError::NoWelcome(quic::ADMITTED_GRACE))
@@ -391,6 +421,7 @@ async fn connect(
             writer,
             session,
             welcome,
+            endpoint: carrier_task.is_none().then_some(ep),
             carrier: carrier_task,
         }),
         Err(e) => {
@@ -550,9 +581,13 @@ async fn tcp_carrier(
     Ok((ep, carried, task))
 }
 
-fn hello(id: &Identity) -> Hello {
+fn hello(id: &Identity, direct_paths: bool) -> Hello {
     // The session fills in the digest of the table it is given.
-    Hello::tunnel(id.node_name(), env!("CARGO_PKG_VERSION"))
+    let mut h = Hello::tunnel(id.node_name(), env!("CARGO_PKG_VERSION"));
+    if direct_paths {
+        h.self_view.capabilities |= petrel_proto::control::capability::DIRECT_PATHS;
+    }
+    h
 }
 
 /// The rest of a connect once the hub answered: the handshake, the session's hello, the hub's
@@ -586,7 +621,8 @@ async fn welcome(
                 AgentAction::ApplyView(_)
                 | AgentAction::ApplyViewRoutesPending(_)
                 | AgentAction::Rtt(_)
-                | AgentAction::RenewalAnswered(_) => {}
+                | AgentAction::RenewalAnswered(_)
+                | AgentAction::PeerOffered(_) => {}
             }
         }
         match reader.next().await {
@@ -620,6 +656,8 @@ struct Link<'a> {
     session: AgentSession,
     /// The key of the renewal in flight.
     pending_key: Option<NodeKey>,
+    /// The tunnel's UDP endpoint, where direct paths the hub offers are dialed from.
+    udp_endpoint: Option<&'a quinn::Endpoint>,
 }
 
 impl Link<'_> {
@@ -688,11 +726,33 @@ impl Link<'_> {
                     }
                     return Err(end.into());
                 }
+                AgentAction::PeerOffered(offer) => self.peer_offered(offer),
                 // Taken by the connect.
                 AgentAction::Welcomed(_) => {}
             }
         }
         Ok(())
+    }
+
+    /// The hub offers a direct path to a peer: taken when this tunnel is on UDP, direct paths
+    /// are on and the data plane is open (the offer comes again while traffic crosses the hub).
+    fn peer_offered(&self, offer: petrel_proto::PeerOffer) {
+        let (Some(endpoint), true, Some(dp)) = (
+            self.udp_endpoint,
+            self.shared.config.direct_paths,
+            self.shared.dataplane.get(),
+        ) else {
+            return;
+        };
+        self.shared.direct.offered(
+            offer,
+            endpoint,
+            crate::direct_paths::PeerContext {
+                dataplane: dp.clone(),
+                identity: self.shared.credentials.identity(),
+                congestion: self.shared.config.congestion,
+            },
+        );
     }
 
     /// A view from the hub (its welcome, an update, a synced route table): the egress policy,

@@ -22,6 +22,8 @@ pub struct AgentMetrics {
     pub renewals: Family<Outcome, Counter>,
     /// Failed connection attempts by reason ([`crate::link::ConnectError::reason`]).
     pub handshake_failures: Family<Reason, Counter>,
+    /// Direct paths to peers of other public sites (`crate::direct_paths`).
+    pub direct: crate::direct_paths::DirectMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +70,22 @@ impl AgentMetrics {
             "Failed tunnel connection attempts, by reason (no_answer, resolve, tls, refused, no_welcome, other)",
             handshake_failures.clone(),
         );
+        let direct = crate::direct_paths::DirectMetrics::default();
+        registry.register(
+            "direct_paths",
+            "Peers of other public sites whose frames go straight to them now, not through the hub",
+            direct.direct.clone(),
+        );
+        registry.register(
+            "direct_attempts",
+            "Direct paths by outcome: established, failed (no connection within the punch timeout: NAT or firewall), lost (closed or silent after it was up)",
+            direct.attempts.clone(),
+        );
+        registry.register(
+            "peer_refused",
+            "What was refused from peer agents: handshakes (not_offered, wrong_peer, unknown_peer, too_many_peers, busy) and frames failing the switch's checks (peer_frame)",
+            direct.refused.clone(),
+        );
         // Series that alerts rate() over exist from the start (at 0).
         for family in [&connect_attempts, &renewals] {
             let _ = family.get_or_create(&Outcome {
@@ -82,6 +100,7 @@ impl AgentMetrics {
             sessions_ended,
             renewals,
             handshake_failures,
+            direct,
         }
     }
 

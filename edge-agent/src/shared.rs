@@ -42,6 +42,8 @@ pub struct AgentShared {
     pub metrics: AgentMetrics,
     /// Proxied streams: the hub's latest egress policy, pending-dial bound, metrics.
     pub proxy: Arc<crate::proxy::ProxyState>,
+    /// Direct paths to peers the hubs offered.
+    pub direct: Arc<crate::direct_paths::DirectPaths>,
 }
 
 impl AgentShared {
@@ -61,6 +63,10 @@ impl AgentShared {
             ),
             dataplane: DataplaneSlot::new(config.datapath.is_some()),
             endpoints: EndpointBook::new(state.clone(), new_endpoints),
+            direct: Arc::new(crate::direct_paths::DirectPaths::new(
+                identity.node_name(),
+                metrics.direct.clone(),
+            )),
             credentials: Credentials::new(state, identity),
             metrics,
             proxy: Arc::new(crate::proxy::ProxyState::new()),
@@ -101,6 +107,7 @@ impl AdminState for AgentShared {
             "node": id.node_name(),
             "certificate_not_after_unix": id.info.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "links": links,
+            "peers": self.direct.status(),
         })
     }
 

@@ -78,6 +78,45 @@ pub fn render(status: &serde_json::Value, now: SystemTime) -> String {
         })
         .collect();
     out.push_str(&petrel_transport::admin::render_table(&header, &rows));
+    let peers: Vec<crate::direct_paths::PeerPathStatus> = status
+        .get("peers")
+        .cloned()
+        .and_then(|p| serde_json::from_value(p).ok())
+        .unwrap_or_default();
+    if !peers.is_empty() {
+        let share = dp["direct_share"]
+            .as_f64()
+            .map_or_else(|| "-".to_string(), |s| format!("{:.0}%", s * 100.0));
+        out.push_str(&format!(
+            "\npeers of other sites (direct share of bytes sent to them: {share})\n"
+        ));
+        let header = [
+            "PEER",
+            "PATH",
+            "OFFERED ADDRESS",
+            "RTT",
+            "SENT",
+            "RECEIVED",
+            "FAILURES",
+        ];
+        let rows: Vec<[String; 7]> = peers
+            .iter()
+            .map(|p| {
+                [
+                    p.peer.clone(),
+                    p.path.clone(),
+                    p.offered_addr.clone(),
+                    p.rtt_ms
+                        .map(|r| format!("{r:.1}ms"))
+                        .unwrap_or_else(|| "-".into()),
+                    p.bytes_sent.to_string(),
+                    p.bytes_received.to_string(),
+                    p.failures.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&petrel_transport::admin::render_table(&header, &rows));
+    }
     out
 }
 

@@ -58,6 +58,8 @@ pub struct AgentEntry {
     pub counters: AgentCounters,
     /// The agent takes its routes by route sync; its views carry none.
     pub route_sync: bool,
+    /// The agent takes peer offers (its hello's `capability::DIRECT_PATHS`).
+    pub direct_paths: bool,
 }
 
 /// A row of `petrel-gateway status`.

@@ -184,6 +184,11 @@ pub struct RunArgs {
     /// ~13 KiB per connected agent and costs relay throughput (docs/operations.md, sizing).
     #[arg(long, env = "PETREL_QUIC_GSO")]
     pub quic_gso: Option<bool>,
+    /// Offer agents of two public sites that exchange traffic through this hub each other's
+    /// address, so that they can try a direct path (default true; docs/architecture.md,
+    /// "Direct paths"). Off: all site-to-site traffic stays on the hub relay.
+    #[arg(long, env = "PETREL_DIRECT_PATHS")]
+    pub direct_paths: Option<bool>,
     /// Above this resident memory the hub refuses new handshakes and enrolments (connected
     /// agents are kept): `auto` (default: 85% of the cgroup's memory limit, none without one),
     /// `off`, or a size such as 400MiB or 2GiB.
@@ -349,6 +354,8 @@ pub struct FileConfig {
     pub learn_site_mtus: Option<bool>,
     #[serde(alias = "quic_gso")]
     pub quic_gso: Option<bool>,
+    #[serde(alias = "direct_paths")]
+    pub direct_paths: Option<bool>,
     #[serde(alias = "memory_budget")]
     pub memory_budget: Option<String>,
     #[serde(alias = "route_sync_rate")]
@@ -408,6 +415,8 @@ pub struct HubConfig {
     pub learn_site_mtus: bool,
     /// UDP segmentation offload for QUIC sends (`TransportTuning::segmentation_offload`).
     pub quic_gso: bool,
+    /// Offer direct paths between public sites (`hub::rendezvous`).
+    pub direct_paths: bool,
     /// `None`: automatic (85% of the cgroup limit); `Some(0)`: no budget; else bytes.
     pub memory_budget: Option<u64>,
     /// Bytes per second of large route syncs over all agents; 0 = unpaced.
@@ -730,6 +739,7 @@ impl HubConfig {
                 .or(file.learn_site_mtus)
                 .unwrap_or(true),
             quic_gso: args.quic_gso.or(file.quic_gso).unwrap_or(true),
+            direct_paths: args.direct_paths.or(file.direct_paths).unwrap_or(true),
             egress,
         })
     }

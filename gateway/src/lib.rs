@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the command line, environment and config file, validated into typed configs (`HubConfig` holds the validated `EgressConfig`) |
-//! | [`hub`] | the QUIC endpoint and its parts, each given only what it uses: admission, enrolment (`EnrolParts`), tunnel sessions (pumps around `petrel_proto::session`, `SessionParts`), the refresher that follows inventory writes, views, site MTUs learned from the tunnels' paths, cluster routes, the serving gate, the node signer, the revocation gate, the relay driver, the memory budget, the admin status (`HubStatus`) |
+//! | [`hub`] | the QUIC endpoint and its parts, each given only what it uses: admission, enrolment (`EnrolParts`), tunnel sessions (pumps around `petrel_proto::session`, `SessionParts`), the refresher that follows inventory writes, views, site MTUs learned from the tunnels' paths, cluster routes, the serving gate, the node signer, the revocation gate, the relay driver, the rendezvous for direct paths (`hub::rendezvous`), the memory budget, the admin status (`HubStatus`) |
 //! | [`agent_registry`] | the connected agents by node name, their counters and command channels, and the tunnel observer it tells of each registration and removal |
 //! | [`switch`] | the VXLAN switch and ICMP frag-needed, pure |
 //! | [`egress`] | the API server's egress proxy: config, listeners, resolution, SNI/HTTP parsing, splicing; built from `EgressParts` (registry, inventory, its metrics, the log budget, the CA), not from the hub |

@@ -58,6 +58,9 @@ pub struct HubMetrics {
     /// QUIC packets the TCP fallback lost, by reason (send_queue_full, receive_queue_full,
     /// bad_frame: a stream ended by a frame that is no QUIC packet).
     pub tcp_packets_dropped: Family<Reason, Counter>,
+    /// Direct-path offers (`hub::rendezvous`): `sent` (one per pair, to both ends), or why a
+    /// relayed pair was not offered (`not_capable`, `tcp_fallback`, `address_family`).
+    pub peer_offers: Family<Outcome, Counter>,
     /// The API server's egress proxy (`petrel_hub_egress_*`).
     pub egress: Arc<crate::egress::metrics::EgressMetrics>,
 }
@@ -74,6 +77,7 @@ impl HubMetrics {
             tcp_connections: Family::default(),
             tcp_open: Gauge::default(),
             tcp_packets_dropped: Family::default(),
+            peer_offers: Family::default(),
             enrolments: Family::default(),
             renewals: Family::default(),
             csrs: Family::default(),
@@ -174,6 +178,11 @@ impl HubMetrics {
             "tcp_connections",
             "Connections to the TCP fallback listener by outcome (accepted, rate_limited, too_many, tls_failed, tls_timeout)",
             m.tcp_connections.clone(),
+        );
+        registry.register(
+            "peer_offers",
+            "Direct-path offers to pairs of agents whose traffic this hub relays: sent (to both ends), or why not (not_capable, tcp_fallback, address_family)",
+            m.peer_offers.clone(),
         );
         registry.register(
             "tcp_open",

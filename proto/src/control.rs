@@ -31,6 +31,15 @@ pub mod msg_type {
     pub const RENEW_RESPONSE: u8 = 0x08;
     /// Hub → agent: a chunk of the cluster route table ([`crate::routes`]).
     pub const ROUTES: u8 = 0x09;
+    /// Hub → agent: a peer agent to try a direct path with ([`crate::control::PeerOffer`]).
+    /// Optional: a build that does not know it skips it and stays on the hub relay.
+    pub const PEER_OFFER: u8 = 0x81;
+}
+
+/// Feature bits of [`AgentSelfView::capabilities`].
+pub mod capability {
+    /// The agent takes [`super::PeerOffer`]s and serves direct paths on its tunnel socket.
+    pub const DIRECT_PATHS: u64 = 1 << 0;
 }
 
 /// Smallest MTU a hub may announce; below the IPv4 minimum datagram size nothing works.
@@ -55,6 +64,8 @@ pub enum ControlMessage {
     /// Hub → agent: a chunk of the route table, for agents whose `Hello` said which table they
     /// hold (see [`crate::routes`]); their views then carry no routes.
     Routes(crate::routes::RouteSync),
+    /// Hub → agent: try a direct path to this peer.
+    PeerOffer(PeerOffer),
     /// An optional (>= 0x80) message type this build does not know; the frame was skipped.
     /// Encoding it writes an empty-bodied frame of that type, which is useful for testing.
     Unknown {
@@ -75,6 +86,7 @@ impl ControlMessage {
             ControlMessage::RenewRequest(_) => msg_type::RENEW_REQUEST,
             ControlMessage::RenewResponse(_) => msg_type::RENEW_RESPONSE,
             ControlMessage::Routes(_) => msg_type::ROUTES,
+            ControlMessage::PeerOffer(_) => msg_type::PEER_OFFER,
             ControlMessage::Unknown { msg_type } => *msg_type,
         }
     }
@@ -91,6 +103,7 @@ impl ControlMessage {
             ControlMessage::RenewRequest(_) => "renew_request",
             ControlMessage::RenewResponse(_) => "renew_response",
             ControlMessage::Routes(_) => "routes",
+            ControlMessage::PeerOffer(_) => "peer_offer",
             ControlMessage::Unknown { .. } => "unknown",
         }
     }
@@ -270,6 +283,22 @@ pub struct Pong {
     pub echo_sent_at_micros: u64,
 }
 
+/// A peer agent the hub relays traffic to or from, and the address the hub sees its tunnel come
+/// from (its NAT's public mapping). Both ends get an offer naming the other at the same time, so
+/// that both dial at once and each one's first packet opens its own NAT for the other's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerOffer {
+    pub node: String,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl PeerOffer {
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.addr, self.port)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GoingAway {
     pub reason: GoingAwayReason,
@@ -388,6 +417,17 @@ pub fn encode(msg: &ControlMessage, out: &mut Vec<u8>) -> Result<(), EncodeError
             }
         },
         ControlMessage::Routes(m) => crate::routes::write_route_sync(w, m),
+        ControlMessage::PeerOffer(o) => {
+            w.checked_string(
+                "PeerOffer.node",
+                &o.node,
+                MAX_NODE_NAME_LEN,
+                codec::check_node_name,
+            )?;
+            w.ip_addr(o.addr);
+            w.u16(o.port);
+            Ok(())
+        }
         ControlMessage::Unknown { .. } => Ok(()),
     })
 }
@@ -400,7 +440,7 @@ pub fn encode_to_vec(msg: &ControlMessage) -> Result<Vec<u8>, EncodeError> {
 }
 
 fn is_known(t: u8) -> bool {
-    (msg_type::HELLO..=msg_type::ROUTES).contains(&t)
+    (msg_type::HELLO..=msg_type::ROUTES).contains(&t) || t == msg_type::PEER_OFFER
 }
 
 /// Decodes the first frame of `buf`. `Ok(None)` when the frame is incomplete; otherwise the
@@ -448,6 +488,11 @@ pub fn decode_body(frame: RawFrame<'_>) -> Result<ControlMessage, DecodeError> {
             ControlMessage::RenewResponse(RenewResponse { result })
         }
         msg_type::ROUTES => ControlMessage::Routes(crate::routes::read_route_sync(r)?),
+        msg_type::PEER_OFFER => ControlMessage::PeerOffer(PeerOffer {
+            node: r.checked_string("PeerOffer.node", MAX_NODE_NAME_LEN, codec::check_node_name)?,
+            addr: r.ip_addr("PeerOffer.addr")?,
+            port: r.u16("PeerOffer.port")?,
+        }),
         t if is_critical(t) => return Err(DecodeError::UnknownCriticalType(t)),
         t => ControlMessage::Unknown { msg_type: t },
     })
@@ -1012,6 +1057,16 @@ mod tests {
                 view: view(),
             }),
             ControlMessage::Update(view()),
+            ControlMessage::PeerOffer(PeerOffer {
+                node: "edge-b1".into(),
+                addr: "203.0.113.3".parse().unwrap(),
+                port: 40001,
+            }),
+            ControlMessage::PeerOffer(PeerOffer {
+                node: "edge-c1".into(),
+                addr: "2001:db8::3".parse().unwrap(),
+                port: 1,
+            }),
         ] {
             let bytes = encode_to_vec(&msg).unwrap();
             assert_eq!(decode_frame(&bytes).unwrap(), Some((msg, bytes.len())));

@@ -173,8 +173,8 @@ pub use backoff::{Backoff, BackoffPolicy};
 pub use codec::{check_protocol_version, DecodeError, EncodeError, FRAME_HEADER_LEN};
 pub use control::{
     decode_frame, encode, AgentSelfView, CertBundle, ControlMessage, ErrorInfo, FrameDecoder,
-    GatewayEndpoint, GoingAway, GoingAwayReason, Hello, HubView, Ping, Pong, RenewRequest,
-    RenewResponse, Route, RoutePath, Welcome,
+    GatewayEndpoint, GoingAway, GoingAwayReason, Hello, HubView, PeerOffer, Ping, Pong,
+    RenewRequest, RenewResponse, Route, RoutePath, Welcome,
 };
 pub use datagram::{
     encode_vxlan_header, parse_datagram, vxlan_vni, write_vxlan_datagram, DatagramError,

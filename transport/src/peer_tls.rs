@@ -24,6 +24,30 @@ use crate::tls::{crypto_provider, roots, TlsConfigError};
 /// ALPN of a direct connection between two agents.
 pub const ALPN_PEER: &[u8] = b"petrel-peer/1";
 
+/// The server name a dialing agent puts in its ClientHello (the listener's certificate is
+/// checked by [`ExpectedPeer`], not by this name).
+pub const PEER_SERVER_NAME: &str = "petrel-peer";
+
+/// How often an idle direct connection sends a PING: each end watches that the other answers,
+/// and falls back to the hub within a few of these when it does not (the break gap).
+pub const PEER_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Transport settings of a direct connection: datagrams only (no streams either way: proxied
+/// streams always come from the hub), a small stream window, keepalives often enough to notice
+/// a dead path in well under a second.
+pub fn peer_tuning(congestion: crate::quic::CongestionControl) -> crate::quic::TransportTuning {
+    crate::quic::TransportTuning {
+        keep_alive: PEER_KEEP_ALIVE,
+        idle_timeout: std::time::Duration::from_secs(5),
+        stream_receive_window: 16 << 10,
+        connection_receive_window: 16 << 10,
+        max_concurrent_bidi_streams: 0,
+        max_concurrent_uni_streams: 0,
+        congestion,
+        ..crate::quic::TransportTuning::default()
+    }
+}
+
 /// The listening agent's configuration: its node certificate, and a client certificate from
 /// the CA required of whoever dials.
 pub fn peer_listener_tls(

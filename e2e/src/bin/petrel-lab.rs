@@ -61,6 +61,7 @@ fn up(o: Opts) -> Result<()> {
         prefix: o.prefix,
         underlay_mtu: o.mtu,
         second_hub: false,
+        third_site: false,
     };
     let lab = Lab::build(spec)?;
     let inventory = o
@@ -146,6 +147,7 @@ fn main() -> ExitCode {
                     prefix: None,
                     underlay_mtu: o.mtu,
                     second_hub: false,
+                    third_site: false,
                 },
             )?;
             print!("{}\n{}", layout.render_table(), layout.inventory_toml());

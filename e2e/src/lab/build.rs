@@ -296,15 +296,18 @@ fn router_script(layout: &Layout, r: &super::layout::Router) -> String {
     s
 }
 
-/// A home/office router: masquerade to whatever address the WAN side has, a stateful firewall
-/// that lets nothing new in from the WAN (neither forwarded nor to the router itself). The
-/// `iifname lan0 accept` also covers LAN-to-LAN frames if br_netfilter is loaded.
+/// A home/office router: masquerade to whatever address the WAN side has (`masquerade`, or
+/// `masquerade random` for [`NatMapping::RandomPorts`]), a stateful firewall that lets nothing
+/// new in from the WAN (neither forwarded nor to the router itself). The `iifname lan0 accept`
+/// also covers LAN-to-LAN frames if br_netfilter is loaded.
+///
+/// [`NatMapping::RandomPorts`]: super::layout::NatMapping::RandomPorts
 fn router_nft(r: &super::layout::Router) -> String {
     format!(
         "table ip petrel_nat {{
   chain postrouting_nat {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {lan} oifname \"{WAN_DEV}\" counter masquerade
+    ip saddr {lan} oifname \"{WAN_DEV}\" counter {masquerade}
   }}
   chain forward_filter {{
     type filter hook forward priority filter; policy drop;
@@ -319,7 +322,8 @@ fn router_nft(r: &super::layout::Router) -> String {
   }}
 }}
 ",
-        lan = r.lan_net
+        lan = r.lan_net,
+        masquerade = r.nat.nft_statement(),
     )
 }
 
@@ -385,4 +389,44 @@ fn build_node(layout: &Layout, n: &Node) -> Result<()> {
     bridge_batch(Some(&n.ns), &fdb)?;
     ip_batch(Some(&n.ns), &routes)?;
     nft(&n.ns, NODE_NFT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::layout::{LabSpec, NatMapping};
+
+    #[test]
+    fn router_nat_rules() {
+        let spec = LabSpec {
+            third_site: true,
+            ..LabSpec::default()
+        };
+        let l = match Layout::new("pt0abc", &spec) {
+            Ok(l) => l,
+            Err(e) => panic!("{e:#}"),
+        };
+        for r in &l.routers {
+            let rules = router_nft(r);
+            let line = format!(
+                "ip saddr {} oifname \"{WAN_DEV}\" counter {}\n",
+                r.lan_net,
+                r.nat.nft_statement()
+            );
+            assert!(rules.contains(&line), "{}: {rules}", r.name);
+            assert_eq!(
+                rules.contains("masquerade random"),
+                r.nat == NatMapping::RandomPorts,
+                "{}: {rules}",
+                r.name
+            );
+        }
+        assert_eq!(
+            l.routers
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>(),
+            ["rt-a", "rt-b", "rt-c"]
+        );
+    }
 }

@@ -63,6 +63,32 @@ impl fmt::Display for SiteKind {
     }
 }
 
+/// How a NAT router picks the source port of an outbound flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NatMapping {
+    /// Linux `masquerade`: the flow keeps its source port whenever that port is free on the
+    /// WAN address, so one inside `address:port` appears as the same outside port toward every
+    /// destination (endpoint-independent mapping in practice, what home routers do). UDP hole
+    /// punching works through it.
+    PortPreserving,
+    /// Linux `masquerade random` (`NF_NAT_RANGE_PROTO_RANDOM`): the source port is never kept;
+    /// every new conntrack entry gets a new pseudo-random port, so one inside `address:port`
+    /// appears with a different outside port toward each destination (and a new one once its
+    /// entry expired or was flushed), like a symmetric NAT. A port learned from one peer (the
+    /// hub) is useless to another, so UDP hole punching through it fails.
+    RandomPorts,
+}
+
+impl NatMapping {
+    /// The nftables statement that implements it: `masquerade` or `masquerade random`.
+    pub fn nft_statement(self) -> &'static str {
+        match self {
+            NatMapping::PortPreserving => "masquerade",
+            NatMapping::RandomPorts => "masquerade random",
+        }
+    }
+}
+
 /// An IPv4 prefix such as `10.244.3.0/24`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ipv4Cidr {
@@ -114,6 +140,11 @@ pub struct LabSpec {
     /// A second gateway node, `gw-3` in the VPC with its own WAN address, for active-active
     /// hubs (named so that `petrel_proto::ownership` gives site-a to gw-1 and site-b to gw-3).
     pub second_hub: bool,
+    /// A third public site, `site-c` (underlay 10.0.3.0/24, router `rt-c` at 203.0.113.4, one
+    /// node `edge-c1` with index 8), for direct site-to-site path tests: unlike `rt-a` and
+    /// `rt-b` its NAT randomises source ports per destination ([`NatMapping::RandomPorts`]),
+    /// so UDP hole punching to or from it fails.
+    pub third_site: bool,
 }
 
 impl Default for LabSpec {
@@ -122,6 +153,7 @@ impl Default for LabSpec {
             prefix: None,
             underlay_mtu: 1500,
             second_hub: false,
+            third_site: false,
         }
     }
 }
@@ -129,7 +161,7 @@ impl Default for LabSpec {
 /// A site: the VPC, a public NAT'd site or an Express Connect site.
 #[derive(Clone, Debug)]
 pub struct Site {
-    /// Inventory name (`vpc`, `site-a`, `site-b`, `site-x`).
+    /// Inventory name (`vpc`, `site-a`, `site-b`, `site-x`, optionally `site-c`).
     pub name: String,
     /// Cloud, public or Express Connect.
     pub kind: SiteKind,
@@ -142,7 +174,8 @@ pub struct Site {
 /// A Kubernetes node as flanneld sees it, plus where it lives in the lab.
 #[derive(Clone, Debug)]
 pub struct Node {
-    /// Node name (`cloud-1`, `gw-1`, `edge-a1`, `edge-a2`, `edge-b1`, `x1`).
+    /// Node name (`cloud-1`, `gw-1`, `edge-a1`, `edge-a2`, `edge-b1`, `x1`, optionally `gw-3`
+    /// and `edge-c1`).
     pub name: String,
     /// Small number that also picks the pod CIDR (`10.244.<index>.0/24`) and the VtepMAC.
     pub index: u8,
@@ -186,7 +219,7 @@ pub struct Node {
 /// A public site's NAT router: masquerade, stateful firewall, nothing new enters from the WAN.
 #[derive(Clone, Debug)]
 pub struct Router {
-    /// Short name (`rt-a`, `rt-b`).
+    /// Short name (`rt-a`, `rt-b`, optionally `rt-c`).
     pub name: String,
     /// Site it serves.
     pub site: String,
@@ -204,6 +237,8 @@ pub struct Router {
     pub lan_ip: Ipv4Addr,
     /// LAN subnet.
     pub lan_net: Ipv4Cidr,
+    /// How its masquerade maps source ports (`rt-a`, `rt-b`: port-preserving; `rt-c`: random).
+    pub nat: NatMapping,
 }
 
 /// A plain host (the API server stand-in).
@@ -318,10 +353,11 @@ impl Layout {
         let wan_net = Ipv4Cidr::new(ip(203, 0, 113, 0), 24);
         let a_net = Ipv4Cidr::new(ip(10, 0, 1, 0), 24);
         let b_net = Ipv4Cidr::new(ip(10, 0, 2, 0), 24);
+        let c_net = Ipv4Cidr::new(ip(10, 0, 3, 0), 24);
         let vpc_router_ip = vpc_net.nth(1);
         let express_router_ip = x_net.nth(1);
 
-        let sites = vec![
+        let mut sites = vec![
             Site {
                 name: "vpc".into(),
                 kind: SiteKind::Cloud,
@@ -428,6 +464,26 @@ impl Layout {
                 gateway: true,
             });
         }
+        if spec.third_site {
+            sites.push(Site {
+                name: "site-c".into(),
+                kind: SiteKind::Public,
+                underlay: c_net,
+                router: Some("rt-c".into()),
+            });
+            // Index 8 whether or not gw-3 (7) exists, so edge-c1's addresses never shift.
+            defs.push(NodeDef {
+                name: "edge-c1",
+                index: 8,
+                site: "site-c",
+                kind: SiteKind::Public,
+                underlay: c_net.nth(2),
+                net: c_net,
+                gw: c_net.nth(1),
+                wan: None,
+                gateway: false,
+            });
+        }
         let nodes = defs
             .iter()
             .map(|d| {
@@ -455,7 +511,7 @@ impl Layout {
                 }
             })
             .collect();
-        let router = |name: &str, site: &str, host: u8, lan: Ipv4Cidr| Router {
+        let router = |name: &str, site: &str, host: u8, lan: Ipv4Cidr, nat: NatMapping| Router {
             name: name.into(),
             site: site.into(),
             ns: ns(name),
@@ -465,17 +521,22 @@ impl Layout {
             wan_gw: wan_net.nth(1),
             lan_ip: lan.nth(1),
             lan_net: lan,
+            nat,
         };
+        let mut routers = vec![
+            router("rt-a", "site-a", 2, a_net, NatMapping::PortPreserving),
+            router("rt-b", "site-b", 3, b_net, NatMapping::PortPreserving),
+        ];
+        if spec.third_site {
+            routers.push(router("rt-c", "site-c", 4, c_net, NatMapping::RandomPorts));
+        }
         Ok(Layout {
             prefix: prefix.into(),
             underlay_mtu: spec.underlay_mtu,
             flannel_mtu: spec.underlay_mtu - 50,
             sites,
             nodes,
-            routers: vec![
-                router("rt-a", "site-a", 2, a_net),
-                router("rt-b", "site-b", 3, b_net),
-            ],
+            routers,
             apiserver: Host {
                 name: "apiserver".into(),
                 ns: ns("apiserver"),
@@ -695,8 +756,16 @@ impl Layout {
         for r in &self.routers {
             let _ = writeln!(
                 s,
-                "{:<10} {} {}/{} (rebinds to {}), {} {} LAN {}; masquerade, WAN->LAN only ct established,related",
-                r.name, WAN_DEV, r.wan_ip, r.wan_net.prefix_len, r.alt_wan_ip, r.site, LAN_BRIDGE, r.lan_net
+                "{:<10} {} {}/{} (rebinds to {}), {} {} LAN {}; {}, WAN->LAN only ct established,related",
+                r.name,
+                WAN_DEV,
+                r.wan_ip,
+                r.wan_net.prefix_len,
+                r.alt_wan_ip,
+                r.site,
+                LAN_BRIDGE,
+                r.lan_net,
+                r.nat.nft_statement()
             );
         }
         s
@@ -824,6 +893,198 @@ mod tests {
             "203.0.113.10/24",
         ] {
             assert!(t.contains(n), "{n} missing from\n{t}");
+        }
+        for n in ["edge-c1", "rt-c", "gw-3", "masquerade random"] {
+            assert!(!t.contains(n), "{n} in the default table\n{t}");
+        }
+    }
+
+    fn layout_with(second_hub: bool, third_site: bool) -> Layout {
+        let spec = LabSpec {
+            second_hub,
+            third_site,
+            ..LabSpec::default()
+        };
+        match Layout::new("pt0abc", &spec) {
+            Ok(l) => l,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn nat_mappings() {
+        let l = layout();
+        assert_eq!(l.routers.len(), 2);
+        assert!(l
+            .routers
+            .iter()
+            .all(|r| r.nat == NatMapping::PortPreserving));
+        assert!(l.site("site-c").is_none() && l.router("site-c").is_none());
+        assert!(l.node("edge-c1").is_none());
+        assert_eq!(NatMapping::PortPreserving.nft_statement(), "masquerade");
+        assert_eq!(NatMapping::RandomPorts.nft_statement(), "masquerade random");
+    }
+
+    #[test]
+    fn third_site() {
+        for second_hub in [false, true] {
+            let l = layout_with(second_hub, true);
+            let c = l
+                .site("site-c")
+                .map(|s| (s.kind, s.underlay.to_string(), s.router.clone()));
+            assert_eq!(
+                c,
+                Some((SiteKind::Public, "10.0.3.0/24".into(), Some("rt-c".into())))
+            );
+            let n = match l.node("edge-c1") {
+                Some(n) => n,
+                None => panic!("no edge-c1"),
+            };
+            assert_eq!(
+                (
+                    n.index,
+                    n.site.as_str(),
+                    n.site_kind,
+                    n.underlay_ip,
+                    n.public_ip,
+                    n.default_gw,
+                    n.pod_cidr.to_string(),
+                    n.pod_ip,
+                    n.vtep_mac.as_str(),
+                    n.wan_ip,
+                    n.gateway,
+                ),
+                (
+                    8,
+                    "site-c",
+                    SiteKind::Public,
+                    ip(10, 0, 3, 2),
+                    ip(10, 0, 3, 2),
+                    ip(10, 0, 3, 1),
+                    "10.244.8.0/24".into(),
+                    ip(10, 244, 8, 2),
+                    "02:fa:00:00:00:08",
+                    None,
+                    false,
+                )
+            );
+            let r = match l.router("site-c") {
+                Some(r) => r,
+                None => panic!("no rt-c"),
+            };
+            assert_eq!(
+                (
+                    r.name.as_str(),
+                    r.wan_ip,
+                    r.alt_wan_ip,
+                    r.lan_ip,
+                    r.lan_net,
+                    r.nat
+                ),
+                (
+                    "rt-c",
+                    ip(203, 0, 113, 4),
+                    ip(203, 0, 113, 104),
+                    ip(10, 0, 3, 1),
+                    Ipv4Cidr::new(ip(10, 0, 3, 0), 24),
+                    NatMapping::RandomPorts
+                )
+            );
+            assert_eq!(
+                l.router("rt-a").map(|r| r.nat),
+                Some(NatMapping::PortPreserving)
+            );
+            assert_eq!(
+                l.router("rt-b").map(|r| r.nat),
+                Some(NatMapping::PortPreserving)
+            );
+            // The other nodes keep their indices; nodes stay in index order.
+            let indices: Vec<u8> = l.nodes.iter().map(|n| n.index).collect();
+            let expected: Vec<u8> = if second_hub {
+                vec![1, 2, 3, 4, 5, 6, 7, 8]
+            } else {
+                vec![1, 2, 3, 4, 5, 6, 8]
+            };
+            assert_eq!(indices, expected);
+            assert_eq!(l.gateway().map(|g| g.name.as_str()), Some("gw-1"));
+            // rt-c, edge-c1, edge-c1-pod (and gw-3, gw-3-pod).
+            let count = 17 + 3 + if second_hub { 2 } else { 0 };
+            let mut names = l.namespaces();
+            assert_eq!(names.len(), count);
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), count, "namespace names are unique");
+            for ns in ["pt0abc-rt-c", "pt0abc-edge-c1", "pt0abc-edge-c1-pod"] {
+                assert!(names.iter().any(|n| n == ns), "{ns} missing");
+            }
+            let pairs = l.veth_pairs();
+            for p in &pairs {
+                assert!(p.a_dev.len() <= 15 && p.b_dev.len() <= 15, "{p:?}");
+            }
+            let has = |a_ns: &str, a_dev: &str, b_ns: &str, b_dev: &str| {
+                pairs.iter().any(|p| {
+                    (
+                        p.a_ns.as_str(),
+                        p.a_dev.as_str(),
+                        p.b_ns.as_str(),
+                        p.b_dev.as_str(),
+                    ) == (a_ns, a_dev, b_ns, b_dev)
+                })
+            };
+            assert!(has(
+                "pt0abc-rt-c",
+                "p-edge-c1",
+                "pt0abc-edge-c1",
+                UNDERLAY_DEV
+            ));
+            assert!(has("pt0abc-wan", "p-rt-c", "pt0abc-rt-c", WAN_DEV));
+            assert!(has(
+                "pt0abc-edge-c1",
+                POD_VETH,
+                "pt0abc-edge-c1-pod",
+                UNDERLAY_DEV
+            ));
+            // WAN and pod addresses are unique.
+            let mut wan: Vec<Ipv4Addr> = l
+                .routers
+                .iter()
+                .flat_map(|r| [r.wan_ip, r.alt_wan_ip])
+                .chain(l.nodes.iter().filter_map(|n| n.wan_ip))
+                .chain([l.wan_ip])
+                .collect();
+            let all = wan.len();
+            wan.sort();
+            wan.dedup();
+            assert_eq!(wan.len(), all, "WAN addresses are unique");
+            let inv = l.inventory_toml();
+            assert!(
+                inv.contains("[[sites]]\nname = \"site-c\"\nkind = \"public\"\n"),
+                "{inv}"
+            );
+            assert!(
+                inv.contains(
+                    "[[nodes]]\nname = \"edge-c1\"\nsite = \"site-c\"\naddresses = [\"10.0.3.2\"]\n\
+                     pod_cidrs = [\"10.244.8.0/24\"]\nvtep_mac = \"02:fa:00:00:00:08\"\n\
+                     public_ip = \"10.0.3.2\"\nkubelet_port = 10250\ngateway = false\n"
+                ),
+                "{inv}"
+            );
+            assert_eq!(
+                inv.matches("[[nodes]]").count(),
+                if second_hub { 8 } else { 7 }
+            );
+            let t = l.render_table();
+            for s in [
+                "edge-c1",
+                "site-c",
+                "10.0.3.2/24",
+                "10.244.8.0/24",
+                "02:fa:00:00:00:08",
+                "rt-c       wan0 203.0.113.4/24 (rebinds to 203.0.113.104), site-c lan0 LAN 10.0.3.0/24; masquerade random,",
+                "rt-a       wan0 203.0.113.2/24 (rebinds to 203.0.113.102), site-a lan0 LAN 10.0.1.0/24; masquerade,",
+            ] {
+                assert!(t.contains(s), "{s} missing from\n{t}");
+            }
         }
     }
 }

@@ -6,14 +6,24 @@
 //!                          VPC 192.168.0.0/24 (L2: bridge br0 in ns `vpc`)
 //!   cloud-1 .11 ----+       ns `vpc` is also the VPC router: 192.168.0.1 on br0,
 //!   gw-1    .12 ----+-br0   192.168.10.1 on `to-x` (routed leased line, no NAT) ---- x1 192.168.10.2
-//!   apiserver .100 -+       no default route: the VPC cannot reach the edge LANs      (site-x, express-connect)
-//!   gw-1 wan0 203.0.113.10 ----+
+//!  [gw-3    .13 ----+]      no default route: the VPC cannot reach the edge LANs      (site-x, express-connect)
+//!   apiserver .100 -+
+//!   gw-1 wan0 203.0.113.10 ----+  [gw-3 wan0 203.0.113.11]
 //!                              |  WAN 203.0.113.0/24 (bridge br0 in ns `wan`, 203.0.113.1)
 //!        rt-a wan0 203.0.113.2 +  (rebinds to .102)     rt-b wan0 203.0.113.3 (rebinds to .103)
 //!        masquerade, WAN->LAN ct established,related     same
 //!        lan0 10.0.1.1/24                                lan0 10.0.2.1/24
 //!          edge-a1 10.0.1.2   edge-a2 10.0.1.3             edge-b1 10.0.2.2
+//!
+//!       [rt-c wan0 203.0.113.4 (rebinds to .104), `masquerade random`, same firewall
+//!        lan0 10.0.3.1/24
+//!          edge-c1 10.0.3.2]
 //! ```
+//!
+//! Bracketed parts are optional: `gw-3` with [`LabSpec::second_hub`], site-c (`rt-c`,
+//! `edge-c1`) with [`LabSpec::third_site`]. `rt-a` and `rt-b` masquerade port-preserving (a
+//! flow keeps its source port when free: hole punching works); `rt-c` picks a new source port
+//! per destination ([`NatMapping::RandomPorts`], like a symmetric NAT: hole punching fails).
 //!
 //! | node    | site   | kind            | eth0 (= flannel public-ip) | pod CIDR      | pod IP     | VtepMAC           |
 //! |---------|--------|-----------------|----------------------------|---------------|------------|-------------------|
@@ -23,6 +33,8 @@
 //! | edge-a2 | site-a | public          | 10.0.1.3                   | 10.244.4.0/24 | 10.244.4.2 | 02:fa:00:00:00:04 |
 //! | edge-b1 | site-b | public          | 10.0.2.2                   | 10.244.5.0/24 | 10.244.5.2 | 02:fa:00:00:00:05 |
 //! | x1      | site-x | express-connect | 192.168.10.2               | 10.244.6.0/24 | 10.244.6.2 | 02:fa:00:00:00:06 |
+//! | gw-3 (optional) | vpc | cloud (gateway) | 192.168.0.13, wan0 203.0.113.11 | 10.244.7.0/24 | 10.244.7.2 | 02:fa:00:00:00:07 |
+//! | edge-c1 (optional) | site-c | public  | 10.0.3.2                   | 10.244.8.0/24 | 10.244.8.2 | 02:fa:00:00:00:08 |
 //!
 //! Every node is programmed exactly as flanneld's VXLAN backend does it: `flannel.1` (VNI 1,
 //! dstport 8472, nolearning, MTU underlay-50, local = public-ip, dev eth0) with
@@ -64,7 +76,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 pub use cmd::{never_within, wait_until, ChildGuard, CmdOutput};
-pub use layout::{Host, Ipv4Cidr, LabSpec, Layout, Node, Router, Site, SiteKind};
+pub use layout::{Host, Ipv4Cidr, LabSpec, Layout, NatMapping, Node, Router, Site, SiteKind};
 pub use netns::{in_netns, is_root, require_root, spawn_in_netns, LabStatus, NetnsTask};
 pub use snapshot::NodeNetState;
 pub use traffic::{

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt as _;
@@ -14,7 +15,7 @@ use petrel_transport::udp_batch::UdpBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::agent_registry::{AgentEntry, AgentRegistry};
+use crate::agent_registry::{AgentEntry, AgentRegistry, SessionCommand};
 use crate::inventory::Inventory;
 use crate::metrics::HubMetrics;
 use crate::switch::{icmp, DropReason, Ingress, SwitchTable, Verdict};
@@ -271,6 +272,52 @@ pub struct Relay {
     pub dp: Arc<Dataplane>,
     pub registry: Arc<AgentRegistry>,
     pub metrics: Arc<HubMetrics>,
+    /// Offer relayed pairs of public sites a direct path (`super::rendezvous`).
+    pub direct_paths: bool,
+}
+
+/// A frame from `from` was relayed to agent `dest`: offer the pair a direct path if it is due
+/// and may have one.
+fn maybe_offer(
+    relay: &Relay,
+    pacer: &mut super::rendezvous::OfferPacer,
+    from: &AgentEntry,
+    dest: &str,
+) {
+    if !relay.direct_paths || !from.direct_paths || !pacer.due(dest, Instant::now()) {
+        return;
+    }
+    let Some(to) = relay.registry.get(dest) else {
+        return;
+    };
+    fn end(e: &AgentEntry) -> super::rendezvous::End<'_> {
+        super::rendezvous::End {
+            node: &e.node,
+            site: &e.site,
+            capable: e.direct_paths,
+            addr: e.connection.remote_address(),
+        }
+    }
+    let outcome = match super::rendezvous::eligible(end(from), end(&to)) {
+        Ok((to_from, to_dest)) => {
+            for (entry, offer) in [(from, to_from), (&*to, to_dest)] {
+                let msg = Box::new(petrel_proto::ControlMessage::PeerOffer(offer));
+                // A full command queue means the session is busy with more important things;
+                // the pair is offered again after the interval.
+                let _ = entry.commands.try_send(SessionCommand::Send(msg));
+            }
+            debug!(a = %from.node, b = %to.node, "offered a direct path");
+            "sent"
+        }
+        Err(why) => why.label(),
+    };
+    relay
+        .metrics
+        .peer_offers
+        .get_or_create(&crate::metrics::Outcome {
+            outcome: outcome.to_string(),
+        })
+        .inc();
 }
 
 /// Frames from one agent's tunnel. Ends when the connection does.
@@ -281,6 +328,7 @@ pub async fn pump_agent(relay: Arc<Relay>, entry: Arc<AgentEntry>) {
     // cannot join.
     let mut batch = UdpBatch::new();
     let mut since_yield = 0usize;
+    let mut pacer = super::rendezvous::OfferPacer::default();
     loop {
         // Fairness, as in the relay: one busy tunnel must not hold a worker.
         since_yield += 1;
@@ -331,6 +379,7 @@ pub async fn pump_agent(relay: Arc<Relay>, entry: Arc<AgentEntry>) {
                     None,
                     &mut forwarded,
                 );
+                maybe_offer(&relay, &mut pacer, &entry, node);
             }
             Verdict::ToVtep(addr) => {
                 let len = frame.vxlan_bytes().len();

@@ -13,6 +13,7 @@ pub mod enrol;
 pub mod memory;
 pub mod path_mtu;
 pub mod refresh;
+pub mod rendezvous;
 pub mod revoked;
 pub mod route_sync;
 pub mod serving;
@@ -290,6 +291,7 @@ impl Hub {
                 dp: Arc::new(dp),
                 registry: registry.clone(),
                 metrics: metrics.clone(),
+                direct_paths: config.direct_paths,
             })
         });
         let refresher = Arc::new(Refresher {

@@ -296,6 +296,9 @@ async fn run(
         commands,
         counters: AgentCounters::default(),
         route_sync,
+        direct_paths: hello.self_view.capabilities
+            & petrel_proto::control::capability::DIRECT_PATHS
+            != 0,
     });
     if let Some(old) = ctx.registry.insert(entry.clone()) {
         info!(node = %node, old_remote = %old.remote(), new_remote = %conn.remote_address(), "agent reconnected; replacing its previous tunnel");

@@ -113,6 +113,8 @@ pub enum AgentAction {
     Rtt(Duration),
     /// The hub answered the renewal started with [`AgentSession::start_renewal`].
     RenewalAnswered(RenewResponse),
+    /// The hub offered a direct path to a peer agent (see [`crate::direct`]).
+    PeerOffered(crate::control::PeerOffer),
     Close(Close),
     /// The session is over; the last action.
     Ended(AgentSessionEnd),
@@ -311,6 +313,9 @@ impl AgentSession {
                         if std::mem::take(&mut self.renewing) {
                             self.actions.push_back(AgentAction::RenewalAnswered(resp));
                         }
+                    }
+                    ControlMessage::PeerOffer(offer) => {
+                        self.actions.push_back(AgentAction::PeerOffered(offer))
                     }
                     ControlMessage::Unknown { .. } => {}
                     other @ (ControlMessage::Hello(_)

@@ -279,6 +279,7 @@ impl HubSession {
                     | ControlMessage::Welcome(_)
                     | ControlMessage::Update(_)
                     | ControlMessage::Routes(_)
+                    | ControlMessage::PeerOffer(_)
                     | ControlMessage::RenewResponse(_)) => self.protocol_error(other.name()),
                 }
             }

@@ -1,0 +1,583 @@
+//! Direct site-to-site paths (issue 15): the agent's side of what the hub offers
+//! (`ControlMessage::PeerOffer`). One task per offered peer drives that peer's
+//! [`DirectPath`] (offered, punching, direct, lost, backoff): it dials or accepts a QUIC
+//! connection on the tunnel's own UDP socket (so the NAT mapping the hub saw is the one the
+//! peer reaches), authenticates the peer by its node certificate, tells the data plane to send
+//! the peer's frames over it, delivers what arrives after the hub switch's checks, and goes back
+//! to the hub at once when the connection closes or stops answering.
+//!
+//! Roles are fixed so that there is one connection per pair: the node whose name sorts lower
+//! dials; the other accepts, and while punching it also dials once without using the result,
+//! because its first packet toward the dialer is what opens its own NAT for the dialer's
+//! retransmitted Initial. Before anything else, an incoming handshake must come from the address
+//! of a peer this agent was offered and is punching to, with this agent as the accepting end;
+//! anything else is ignored without state and counted (`petrel_agent_peer_refused_total`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
+use petrel_proto::control::PeerOffer;
+use petrel_proto::direct::{DirectPath, PathAction, Route};
+use petrel_transport::peer_tls::{self, PEER_SERVER_NAME};
+use petrel_transport::quic::{self, CongestionControl};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{AgentDataplane, PeerAuthority};
+use crate::hub_choice::SilenceWatch;
+use crate::identity::Identity;
+use crate::metrics::{Outcome, Reason};
+
+/// Peers one agent keeps a path state for; offers beyond are refused (`too_many_peers`).
+pub const MAX_PEERS: usize = 256;
+/// How often a direct connection's counters are read for silence.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+/// Events waiting for one peer's task.
+const EVENT_QUEUE: usize = 8;
+
+/// The metrics this part updates (clones of the agent's series).
+#[derive(Debug, Clone, Default)]
+pub struct DirectMetrics {
+    /// Peers whose frames go direct now.
+    pub direct: Gauge,
+    /// Punches and direct connections by outcome: established, failed (no connection within
+    /// the punch timeout), lost (closed or silent after it was up).
+    pub attempts: Family<Outcome, Counter>,
+    /// What was refused from peers: handshakes (not_offered, wrong_peer, unknown_peer,
+    /// too_many_peers) and frames (peer_spoofed_mac, peer_spoofed_source, ...).
+    pub refused: Family<Reason, Counter>,
+}
+
+impl DirectMetrics {
+    fn attempt(&self, outcome: &str) {
+        self.attempts
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    fn refuse(&self, reason: &str, n: u64) {
+        self.refused
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+}
+
+/// One peer's row in the agent's status.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct PeerPathStatus {
+    pub peer: String,
+    /// `direct`, `punching`, `hub` (backing off or idle).
+    pub path: String,
+    /// The address the hub saw the peer's tunnel come from.
+    pub offered_addr: String,
+    pub rtt_ms: Option<f64>,
+    /// UDP payload bytes on the direct connection while it was up (the last one).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Direct attempts that failed or were lost in a row.
+    pub failures: u32,
+    pub direct_since_unix: Option<u64>,
+}
+
+/// What a peer's task needs from the rest of the agent; given with each offer, so that a
+/// renewed certificate or a reopened data plane is used from the next punch on.
+#[derive(Clone)]
+pub struct PeerContext {
+    pub dataplane: Arc<AgentDataplane>,
+    pub identity: Arc<Identity>,
+    pub congestion: CongestionControl,
+}
+
+enum PeerEvent {
+    Offer {
+        addr: SocketAddr,
+        endpoint: quinn::Endpoint,
+        ctx: PeerContext,
+    },
+    Incoming(quinn::Incoming),
+}
+
+struct PeerHandle {
+    events: mpsc::Sender<PeerEvent>,
+    /// The offered address (canonical IP), for the accept filter.
+    addr: SocketAddr,
+    /// Set by the task while it punches as the accepting end.
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    status: Arc<Mutex<PeerPathStatus>>,
+}
+
+/// Every offered peer of this agent.
+pub struct DirectPaths {
+    node: String,
+    peers: Mutex<HashMap<String, PeerHandle>>,
+    metrics: DirectMetrics,
+}
+
+impl std::fmt::Debug for DirectPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectPaths")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// Whether this node dials `peer` (the lower name dials, the other accepts).
+pub fn dials(me: &str, peer: &str) -> bool {
+    me < peer
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl DirectPaths {
+    pub fn new(node: &str, metrics: DirectMetrics) -> Self {
+        Self {
+            node: node.to_string(),
+            peers: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// The hub offered `offer` on the link whose socket is `endpoint`.
+    pub fn offered(&self, offer: PeerOffer, endpoint: &quinn::Endpoint, ctx: PeerContext) {
+        if offer.node == self.node {
+            return;
+        }
+        let addr = canonical(offer.socket_addr());
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        if !peers.contains_key(&offer.node) {
+            if peers.len() >= MAX_PEERS {
+                self.metrics.refuse("too_many_peers", 1);
+                return;
+            }
+            let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+            let status = Arc::new(Mutex::new(PeerPathStatus {
+                peer: offer.node.clone(),
+                path: "hub".into(),
+                ..Default::default()
+            }));
+            let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let task = PeerTask {
+                me: self.node.clone(),
+                peer: offer.node.clone(),
+                status: status.clone(),
+                accepting: accepting.clone(),
+                metrics: self.metrics.clone(),
+                path: DirectPath::new(),
+                target: None,
+                current: None,
+                opener: None,
+            };
+            tokio::spawn(task.run(rx));
+            peers.insert(
+                offer.node.clone(),
+                PeerHandle {
+                    events: tx,
+                    addr,
+                    accepting,
+                    status,
+                },
+            );
+        }
+        let Some(h) = peers.get_mut(&offer.node) else {
+            return;
+        };
+        h.addr = addr;
+        if let Ok(mut s) = h.status.lock() {
+            s.offered_addr = addr.to_string();
+        }
+        let _ = h.events.try_send(PeerEvent::Offer {
+            addr,
+            endpoint: endpoint.clone(),
+            ctx,
+        });
+    }
+
+    /// A handshake arrived on a tunnel socket: passed to the peer it comes from if this agent
+    /// is that peer's accepting end and is punching to it; else ignored (no state) and counted.
+    pub fn incoming(&self, incoming: quinn::Incoming) {
+        let from = canonical(incoming.remote_address());
+        let handle = self.peers.lock().ok().and_then(|peers| {
+            peers
+                .iter()
+                .find(|(peer, h)| {
+                    h.addr.ip() == from.ip()
+                        && !dials(&self.node, peer)
+                        && h.accepting.load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .map(|(_, h)| h.events.clone())
+        });
+        match handle {
+            Some(events) => {
+                if let Err(mpsc::error::TrySendError::Full(PeerEvent::Incoming(i))) =
+                    events.try_send(PeerEvent::Incoming(incoming))
+                {
+                    i.ignore();
+                    self.metrics.refuse("busy", 1);
+                }
+            }
+            None => {
+                debug!(%from, "handshake on the tunnel socket from no peer being punched; ignored");
+                incoming.ignore();
+                self.metrics.refuse("not_offered", 1);
+            }
+        }
+    }
+
+    /// Serves handshakes arriving on a link's socket until the endpoint closes (the caller
+    /// aborts it when the link's session ends).
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            self.incoming(incoming);
+        }
+    }
+
+    /// Sets the configuration that lets `endpoint` (a link's client endpoint) accept peers.
+    pub fn listen_on(
+        endpoint: &quinn::Endpoint,
+        id: &Identity,
+        congestion: CongestionControl,
+    ) -> Result<(), petrel_transport::tls::TlsConfigError> {
+        let tls = peer_tls::peer_listener_tls(&id.ca_der, vec![id.cert_der.clone()], id.key_der())?;
+        let mut server = quic::server_config(tls, &peer_tls::peer_tuning(congestion))?;
+        // Peers punch one at a time; a tunnel socket never holds many half-open handshakes.
+        server.max_incoming(16);
+        endpoint.set_server_config(Some(server));
+        Ok(())
+    }
+
+    pub fn status(&self) -> Vec<PeerPathStatus> {
+        let mut rows: Vec<PeerPathStatus> = self
+            .peers
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter_map(|h| h.status.lock().ok().map(|s| s.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| a.peer.cmp(&b.peer));
+        rows
+    }
+}
+
+/// The direct connection of a peer while it is up.
+struct Established {
+    conn: quinn::Connection,
+    authority: PeerAuthority,
+    dataplane: Arc<AgentDataplane>,
+    receiver: tokio::task::JoinHandle<()>,
+    watch: SilenceWatch,
+}
+
+struct Target {
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    ctx: PeerContext,
+}
+
+/// One peer's path, driven by its own task.
+struct PeerTask {
+    me: String,
+    peer: String,
+    status: Arc<Mutex<PeerPathStatus>>,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    metrics: DirectMetrics,
+    path: DirectPath,
+    target: Option<Target>,
+    current: Option<Established>,
+    /// The accepting end's own dial while punching: never used, only sent (its Initials open
+    /// this end's NAT toward the dialer).
+    opener: Option<quinn::Connecting>,
+}
+
+type Attempt = BoxFuture<'static, Result<quinn::Connection, String>>;
+
+impl PeerTask {
+    async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
+        let mut attempt: Option<Attempt> = None;
+        loop {
+            let timeout = self.path.next_timeout();
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None => break,
+                    Some(PeerEvent::Offer { addr, endpoint, ctx }) => {
+                        self.target = Some(Target { addr, endpoint, ctx });
+                        if let Some(a) = self.path.offered(Instant::now()) {
+                            self.act(a, &mut attempt);
+                        }
+                    }
+                    Some(PeerEvent::Incoming(incoming)) => {
+                        if self.current.is_some() || attempt.is_some() {
+                            incoming.ignore();
+                            self.metrics.refuse("busy", 1);
+                        } else {
+                            attempt = Some(accept(incoming, self.peer.clone()));
+                        }
+                    }
+                },
+                r = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
+                    attempt = None;
+                    match r {
+                        Ok(conn) => self.established(conn),
+                        // The punch timeout decides; the accepting end may still be reached.
+                        Err(e) => debug!(peer = %self.peer, error = %e, "direct attempt failed"),
+                    }
+                }
+                _ = sleep_until(timeout), if timeout.is_some() => {
+                    if let Some(a) = self.path.poll(Instant::now()) {
+                        if a == PathAction::Route(Route::Hub) {
+                            // A punch that did not finish in time.
+                            attempt = None;
+                            self.metrics.attempt("failed");
+                            info!(peer = %self.peer, "no direct path (punch timed out); its frames stay on the hub");
+                        }
+                        self.act(a, &mut attempt);
+                    }
+                }
+                why = silent_or_closed(self.current.as_mut()), if self.current.is_some() => {
+                    warn!(peer = %self.peer, why, "direct path lost; its frames go through the hub");
+                    self.metrics.attempt("lost");
+                    self.drop_current();
+                    self.path.failed(Instant::now());
+                    self.show();
+                }
+            }
+        }
+        self.drop_current();
+    }
+
+    /// Performs what the path state machine asks.
+    fn act(&mut self, action: PathAction, attempt: &mut Option<Attempt>) {
+        match action {
+            PathAction::Punch => {
+                *attempt = None;
+                self.opener = None;
+                let Some(t) = self.target.as_ref() else {
+                    return;
+                };
+                let client = peer_tls::peer_dialer_tls(
+                    &t.ctx.identity.ca_der,
+                    vec![t.ctx.identity.cert_der.clone()],
+                    t.ctx.identity.key_der(),
+                    &self.peer,
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|tls| {
+                    quic::client_config(tls, &peer_tls::peer_tuning(t.ctx.congestion))
+                        .map_err(|e| e.to_string())
+                });
+                let connecting = client.and_then(|c| {
+                    t.endpoint
+                        .connect_with(c, t.addr, PEER_SERVER_NAME)
+                        .map_err(|e| e.to_string())
+                });
+                let connecting = match connecting {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(peer = %self.peer, error = %e, "cannot dial the peer");
+                        return;
+                    }
+                };
+                debug!(peer = %self.peer, addr = %t.addr, dials = dials(&self.me, &self.peer), "punching");
+                if dials(&self.me, &self.peer) {
+                    *attempt =
+                        Some(async move { connecting.await.map_err(|e| e.to_string()) }.boxed());
+                } else {
+                    self.opener = Some(connecting);
+                    self.accepting
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            PathAction::Route(Route::Hub) => {
+                self.drop_current();
+            }
+            PathAction::Route(Route::Direct) => {}
+        }
+        self.show();
+    }
+
+    /// A connection to the peer completed (dialed, or accepted and named): frames go there.
+    fn established(&mut self, conn: quinn::Connection) {
+        self.opener = None;
+        self.accepting
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let Some(t) = self.target.as_ref() else {
+            conn.close(0u32.into(), b"no offer");
+            return;
+        };
+        // The peer's frames must carry its VtepMAC and pod addresses, from the hub's routes.
+        let Some(authority) = t.ctx.dataplane.peer_authority(&self.peer) else {
+            self.metrics.refuse("unknown_peer", 1);
+            conn.close(0u32.into(), b"unknown peer");
+            return;
+        };
+        let dataplane = t.ctx.dataplane.clone();
+        if self.path.established(Instant::now()).is_none() {
+            conn.close(0u32.into(), b"already direct");
+            return;
+        }
+        self.metrics.attempt("established");
+        self.metrics.direct.inc();
+        info!(peer = %self.peer, remote = %conn.remote_address(), rtt_ms = conn.rtt().as_secs_f64() * 1000.0, "direct path up");
+        dataplane.set_peer_route(authority.mac, Some(conn.clone()));
+        let receiver = tokio::spawn(receive(
+            conn.clone(),
+            dataplane.clone(),
+            authority.clone(),
+            self.metrics.clone(),
+        ));
+        if let Ok(mut s) = self.status.lock() {
+            s.direct_since_unix = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        }
+        self.current = Some(Established {
+            conn,
+            authority,
+            dataplane,
+            receiver,
+            watch: SilenceWatch::default(),
+        });
+        self.show();
+    }
+
+    /// Frames go through the hub again; the connection is closed.
+    fn drop_current(&mut self) {
+        if let Some(e) = self.current.take() {
+            e.dataplane.set_peer_route(e.authority.mac, None);
+            e.receiver.abort();
+            e.conn.close(0u32.into(), b"direct path dropped");
+            self.metrics.direct.dec();
+        }
+        if let Some(t) = self.target.as_ref() {
+            if let Some(a) = t.ctx.dataplane.peer_authority(&self.peer) {
+                // Known peer, frames via the hub: counted as site-to-site traffic not direct.
+                t.ctx.dataplane.set_peer_route(a.mac, None);
+            }
+        }
+    }
+
+    /// Refreshes the status row.
+    fn show(&self) {
+        let Ok(mut s) = self.status.lock() else {
+            return;
+        };
+        s.failures = self.path.failures;
+        s.path = match (self.path.route(), self.path.next_timeout(), &self.current) {
+            (Route::Direct, _, _) => "direct",
+            (Route::Hub, Some(_), _) if self.accepting_or_dialing() => "punching",
+            _ => "hub",
+        }
+        .into();
+        if let Some(e) = &self.current {
+            let st = e.conn.stats();
+            s.rtt_ms = Some(e.conn.rtt().as_secs_f64() * 1000.0);
+            s.bytes_sent = st.udp_tx.bytes;
+            s.bytes_received = st.udp_rx.bytes;
+        } else {
+            s.direct_since_unix = None;
+        }
+    }
+
+    fn accepting_or_dialing(&self) -> bool {
+        self.opener.is_some() || self.accepting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The accepting end's half of a punch: the handshake, then the dialer's name must be the peer.
+fn accept(incoming: quinn::Incoming, peer: String) -> Attempt {
+    async move {
+        let conn = incoming
+            .accept()
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        match petrel_transport::tls::peer_node_name(&conn) {
+            Some(n) if n == peer => Ok(conn),
+            other => {
+                conn.close(0u32.into(), b"not the offered peer");
+                Err(format!(
+                    "wrong_peer: the dialer is {other:?}, the offered peer is {peer}"
+                ))
+            }
+        }
+    }
+    .boxed()
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the direct connection closes or stops answering what it is sent (its
+/// keepalives every `PEER_KEEP_ALIVE` guarantee there is something to answer).
+async fn silent_or_closed(current: Option<&mut Established>) -> &'static str {
+    let Some(e) = current else {
+        return std::future::pending().await;
+    };
+    let conn = e.conn.clone();
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    let closed = conn.closed();
+    let mut closed: Pin<&mut _> = std::pin::pin!(closed);
+    loop {
+        tokio::select! {
+            _ = &mut closed => return "closed",
+            _ = tick.tick() => {
+                let st = conn.stats();
+                let eliciting = st.frame_tx.datagram + st.frame_tx.ping;
+                if e.watch.observe(eliciting, st.udp_rx.datagrams, conn.rtt(), std::time::Instant::now()) {
+                    return "silent";
+                }
+            }
+        }
+    }
+}
+
+/// Delivers what the peer sends, checked, until the connection ends.
+async fn receive(
+    conn: quinn::Connection,
+    dataplane: Arc<AgentDataplane>,
+    authority: PeerAuthority,
+    metrics: DirectMetrics,
+) {
+    while let Ok(d) = conn.read_datagram().await {
+        let refused = dataplane.deliver_from_peer(&conn, d, &authority).await;
+        if refused > 0 {
+            metrics.refuse("peer_frame", refused);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_end_of_a_pair_dials() {
+        assert!(dials("edge-a1", "edge-b1"));
+        assert!(!dials("edge-b1", "edge-a1"));
+        assert!(!dials("edge-a1", "edge-a1"));
+    }
+}
