@@ -136,6 +136,8 @@ impl<'a> PetrelLab<'a> {
                         &hub_state_s,
                         "--server",
                         &format!("{public}:{HUB_PORT}"),
+                        "--inventory",
+                        &inv,
                     ],
                 ),
                 None,

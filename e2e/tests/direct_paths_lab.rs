@@ -1,0 +1,229 @@
+//! Direct site-to-site paths (issue 15, acceptance 1 and 2) in the network-namespace lab, with
+//! three public sites behind NAT: site A and site B behind port-preserving masquerade (the
+//! mapping the hub sees is the one a peer reaches), site C behind `masquerade random` (a new
+//! port per destination, like a symmetric NAT). The hub offers each relayed pair the other's
+//! address; A and B then carry their traffic to each other directly (the hub's frame counters
+//! stay flat), while every pair with C stays on the hub and works. Blocking the A-B path in A's
+//! NAT mid-transfer sends the traffic back through the hub and the transfer completes; lifting
+//! the block brings the direct path back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use petrel_e2e::failover_probe::Probe;
+use petrel_e2e::lab::{self, Lab, LabSpec, PingOpts};
+use petrel_e2e::lab_petrel::PetrelLab;
+
+fn agent_to_agent(petrel: &PetrelLab<'_>) -> u64 {
+    petrel.hub_status().unwrap()["dataplane"]["frames_forwarded"]["agent_to_agent"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// `node`'s status row for `peer` (`path`: direct, punching, hub).
+fn peer_row(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> serde_json::Value {
+    let st = petrel.agent_status(node).unwrap();
+    st["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|r| r["peer"] == peer).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn path_of(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> String {
+    peer_row(petrel, node, peer)["path"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string()
+}
+
+fn transfer_both_ways(lab: &Lab, a: &str, b: &str) {
+    for (from, to) in [(a, b), (b, a)] {
+        let r = lab
+            .tcp_transfer(from, to, 10 << 20)
+            .unwrap_or_else(|e| panic!("10 MiB {from} -> {to}: {e:#}"));
+        eprintln!("{from} -> {to}: {:.0} Mbit/s", r.mbit_per_s());
+    }
+}
+
+fn rtt_ms(lab: &Lab, from: &str, to: &str) -> f64 {
+    let r = lab
+        .ping_with(
+            from,
+            lab.node(to).pod_ip,
+            &PingOpts {
+                count: 20,
+                interval: Duration::from_millis(20),
+                ..PingOpts::default()
+            },
+        )
+        .unwrap();
+    r.rtt_avg_ms.unwrap_or(f64::NAN)
+}
+
+/// Drops UDP between site A's NAT and `peer_wan` (both ways) in site A's router, or lifts it.
+fn block_in_site_a_nat(lab: &Lab, peer_wan: std::net::Ipv4Addr, block: bool) {
+    let rt = lab.router("site-a").unwrap();
+    let ns = lab.ns(&rt.name).unwrap();
+    if block {
+        let rules = format!(
+            "table ip petrel_block {{\n  chain block {{\n    type filter hook forward priority -10; policy accept;\n    ip daddr {peer_wan} meta l4proto udp counter drop\n    ip saddr {peer_wan} meta l4proto udp counter drop\n  }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("petrel-block-{}.nft", std::process::id()));
+        std::fs::write(&file, rules).unwrap();
+        lab.exec(&ns, &["nft", "-f", file.to_str().unwrap()]).unwrap();
+        let _ = std::fs::remove_file(&file);
+    } else {
+        lab.exec(&ns, &["nft", "delete", "table", "ip", "petrel_block"])
+            .unwrap();
+    }
+}
+
+#[test]
+fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
+    lab::require_root().unwrap();
+    Lab::cleanup_stale().unwrap();
+    let lab = Lab::build(LabSpec {
+        third_site: true,
+        ..LabSpec::default()
+    })
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let petrel = PetrelLab::start(&lab, "auto", tmp.path()).unwrap();
+    let pairs = [
+        ("edge-a1", "edge-b1"),
+        ("edge-a1", "edge-c1"),
+        ("edge-b1", "edge-c1"),
+    ];
+    for (a, b) in pairs {
+        lab.wait_reachable(a, lab.node(b).pod_ip, Duration::from_secs(20))
+            .unwrap();
+        lab.wait_reachable(b, lab.node(a).pod_ip, Duration::from_secs(20))
+            .unwrap();
+    }
+
+    // A and B: the traffic above crossed the hub, which offered the pair; both agents punch
+    // from their tunnel sockets and go direct.
+    let via_hub_ms = rtt_ms(&lab, "edge-a1", "edge-c1");
+    lab::wait_until(
+        "edge-a1 and edge-b1 go direct",
+        Duration::from_secs(30),
+        || {
+            lab.ping("edge-a1", lab.node("edge-b1").pod_ip);
+            Ok(path_of(&petrel, "edge-a1", "edge-b1") == "direct"
+                && path_of(&petrel, "edge-b1", "edge-a1") == "direct")
+        },
+    )
+    .unwrap();
+    let direct_ms = rtt_ms(&lab, "edge-a1", "edge-b1");
+    eprintln!("ICMP RTT a1 -> b1 direct {direct_ms:.3} ms; a1 -> c1 via the hub {via_hub_ms:.3} ms");
+    let row = peer_row(&petrel, "edge-a1", "edge-b1");
+    let b_wan = lab.router("site-b").unwrap().wan_ip;
+    assert!(
+        row["offered_addr"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{b_wan}:")),
+        "the hub offered B's NAT address: {row}"
+    );
+
+    // 10 MiB both ways, none of it through the hub.
+    let hub_before = agent_to_agent(&petrel);
+    let a_before = petrel.agent_status("edge-a1").unwrap()["dataplane"]["bytes_direct_out"]
+        .as_u64()
+        .unwrap_or(0);
+    transfer_both_ways(&lab, "edge-a1", "edge-b1");
+    let hub_after = agent_to_agent(&petrel);
+    let a_st = petrel.agent_status("edge-a1").unwrap();
+    let a_after = a_st["dataplane"]["bytes_direct_out"].as_u64().unwrap_or(0);
+    assert_eq!(
+        hub_after, hub_before,
+        "A <-> B frames through the hub while direct"
+    );
+    assert!(
+        a_after - a_before > 10 << 20,
+        "edge-a1 sent its 10 MiB (and the ACKs of B's) directly: {} bytes",
+        a_after - a_before
+    );
+    assert!(
+        a_st["dataplane"]["frames_direct_in"].as_u64().unwrap_or(0) > 1000,
+        "edge-a1 received B's frames directly: {}",
+        a_st["dataplane"]
+    );
+
+    // C is behind a NAT that picks a new port per destination: its punches fail, its traffic
+    // stays on the hub, and every pair with C still carries 10 MiB both ways.
+    let hub_before = agent_to_agent(&petrel);
+    transfer_both_ways(&lab, "edge-a1", "edge-c1");
+    transfer_both_ways(&lab, "edge-b1", "edge-c1");
+    let relayed = agent_to_agent(&petrel) - hub_before;
+    assert!(
+        relayed > 4 * 7000,
+        "40 MiB with C went through the hub: {relayed} frames"
+    );
+    for (node, peer) in [
+        ("edge-c1", "edge-a1"),
+        ("edge-a1", "edge-c1"),
+        ("edge-c1", "edge-b1"),
+    ] {
+        let row = peer_row(&petrel, node, peer);
+        assert_ne!(row["path"], "direct", "{node} -> {peer}: {row}");
+    }
+    lab::wait_until(
+        "C's punches fail and are counted",
+        Duration::from_secs(30),
+        || {
+            lab.ping("edge-c1", lab.node("edge-a1").pod_ip);
+            Ok(peer_row(&petrel, "edge-c1", "edge-a1")["failures"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1)
+        },
+    )
+    .unwrap();
+
+    // Break A-B in A's NAT mid-transfer: the transfer completes through the hub.
+    assert_eq!(path_of(&petrel, "edge-a1", "edge-b1"), "direct");
+    let probe = Probe::start(&lab, "edge-a1", "edge-b1", 7311).unwrap();
+    petrel_e2e::failover_probe::flowing(&[&probe], Duration::from_secs(5)).unwrap();
+    let hub_before = agent_to_agent(&petrel);
+    let blocked_at = std::thread::scope(|s| {
+        let transfer = s.spawn(|| lab.tcp_transfer("edge-a1", "edge-b1", 10 << 20));
+        std::thread::sleep(Duration::from_millis(300));
+        block_in_site_a_nat(&lab, b_wan, true);
+        let at = Instant::now();
+        let r = transfer.join().unwrap();
+        let r = r.unwrap_or_else(|e| panic!("the transfer across the break: {e:#}"));
+        eprintln!(
+            "10 MiB a1 -> b1 across the break: {:.0} Mbit/s",
+            r.mbit_per_s()
+        );
+        at
+    });
+    let back = probe.back_after(blocked_at, Duration::from_secs(5)).unwrap();
+    let gap = probe
+        .longest_silence(blocked_at, Instant::now())
+        .expect("probes heard after the break");
+    eprintln!("break: probes back through the hub after {back:?}, longest silence {gap:?}");
+    assert!(
+        agent_to_agent(&petrel) > hub_before + 1000,
+        "the rest of the transfer went through the hub"
+    );
+    assert_ne!(path_of(&petrel, "edge-a1", "edge-b1"), "direct");
+    assert!(gap < Duration::from_secs(3), "gap {gap:?}");
+
+    // Lifted: the direct path comes back (after the agents' backoff).
+    block_in_site_a_nat(&lab, b_wan, false);
+    lab::wait_until(
+        "edge-a1 and edge-b1 direct again",
+        Duration::from_secs(60),
+        || {
+            lab.ping("edge-a1", lab.node("edge-b1").pod_ip);
+            Ok(path_of(&petrel, "edge-a1", "edge-b1") == "direct"
+                && path_of(&petrel, "edge-b1", "edge-a1") == "direct")
+        },
+    )
+    .unwrap();
+    drop(probe);
+    petrel.stop().unwrap();
+}
