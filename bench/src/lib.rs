@@ -300,6 +300,30 @@ pub struct FailoverReport {
     pub error: Option<String>,
 }
 
+/// Direct site-to-site paths (issue 15): edge-a1 <-> edge-b1, both behind port-preserving NAT.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DirectReport {
+    pub method: String,
+    /// ICMP RTT edge-a1 pod -> edge-b1 pod (mean of 50 pings 20 ms apart), through the hub
+    /// (agents with direct paths off) and direct.
+    pub icmp_rtt_via_hub_ms: Option<f64>,
+    pub icmp_rtt_direct_ms: Option<f64>,
+    /// Direct / via the hub (< 1: direct is faster).
+    pub rtt_direct_vs_hub: Option<f64>,
+    /// From the first ping after the agents started to both agents showing the path direct.
+    pub direct_after_s: Option<f64>,
+    /// UDP dropped between the two sites in site A's NAT: how long 10 ms probes both ways went
+    /// unheard before the traffic flowed through the hub (goal < 1 s), one per sample.
+    pub break_gap_ms: Vec<f64>,
+    pub break_gap_median_ms: Option<f64>,
+    /// After the block is lifted, until both agents show the path direct again.
+    pub back_direct_after_s: Vec<f64>,
+    pub error: Option<String>,
+}
+
+/// Goal for the direct path's break gap (issue 15).
+pub const GOAL_DIRECT_BREAK_MS: f64 = 1000.0;
+
 /// Active-active hubs (issue 14, file mode): the lab with a second gateway, each hub owning one
 /// public site (site-a: gw-1, site-b: gw-3).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -370,14 +394,16 @@ pub struct Report {
     pub scale: Vec<scale::ScaleRow>,
     pub failover: FailoverReport,
     pub active_active: ActiveActiveReport,
+    pub direct: DirectReport,
     pub attack: AttackReport,
 }
 
 /// Ids of the packet-path rows, in table order.
-pub const PATH_IDS: [&str; 6] = [
+pub const PATH_IDS: [&str; 7] = [
     "kernel-vxlan",
     "petrel-site-to-cloud",
     "petrel-site-to-site",
+    "petrel-site-to-site-direct",
     "petrel-tcp-fallback",
     "boringtun",
     "boringtun-site-to-site",
@@ -641,6 +667,26 @@ pub fn render(r: &Report) -> String {
             .as_ref()
             .map_or(String::new(), |e| format!("; ERROR: {e}"))
     );
+    if r.config.runs("paths") {
+        let d = &r.direct;
+        let _ = writeln!(s, "\nDirect site-to-site paths: {}", d.method);
+        let _ = writeln!(
+            s,
+            "  ICMP RTT via the hub {} ms, direct {} ms, x {}; direct {} s after the first packet",
+            f(d.icmp_rtt_via_hub_ms, 3),
+            f(d.icmp_rtt_direct_ms, 3),
+            f(d.rtt_direct_vs_hub, 2),
+            f(d.direct_after_s, 2),
+        );
+        let _ = writeln!(
+            s,
+            "  path broken in a NAT -> traffic through the hub: median {} ms (goal < {GOAL_DIRECT_BREAK_MS:.0} ms), samples {:?}; direct again {:?} s after the block is lifted{}",
+            f(d.break_gap_median_ms, 0),
+            d.break_gap_ms.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            d.back_direct_after_s.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            d.error.as_ref().map_or(String::new(), |e| format!("; ERROR: {e}"))
+        );
+    }
     let aa = &r.active_active;
     if r.config.runs("active-active") {
         let _ = writeln!(s, "\nActive-active hubs: {}", aa.method);
@@ -946,6 +992,89 @@ fn add_ratios(paths: &mut [PathRow]) {
     }
 }
 
+// ---- direct paths ------------------------------------------------------------------------------
+
+/// Mean ICMP RTT from `from`'s pod to `to`'s: 50 pings 20 ms apart.
+fn icmp_rtt_ms(lab: &Lab, from: &str, to: &str) -> Result<f64> {
+    let r = lab.ping_with(
+        from,
+        lab.node(to).pod_ip,
+        &petrel_e2e::lab::PingOpts {
+            count: 50,
+            interval: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )?;
+    r.rtt_avg_ms
+        .ok_or_else(|| anyhow!("no ICMP reply {from} -> {to}: {}", r.output))
+}
+
+/// `node`'s path to `peer` as its status shows it (direct, punching, hub), `none` if unknown.
+fn peer_path(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> String {
+    petrel
+        .agent_status(node)
+        .ok()
+        .and_then(|st| {
+            st["peers"].as_array().and_then(|p| {
+                p.iter()
+                    .find(|r| r["peer"] == peer)
+                    .and_then(|r| r["path"].as_str().map(str::to_string))
+            })
+        })
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Sends pings `a` -> `b` until both agents show their path direct; how long that took.
+fn wait_direct(petrel: &PetrelLab<'_>, a: &str, b: &str) -> Result<Duration> {
+    let lab = petrel.lab;
+    let t0 = Instant::now();
+    petrel_e2e::lab::wait_until(
+        &format!("{a} and {b} go direct"),
+        Duration::from_secs(60),
+        || {
+            lab.ping(a, lab.node(b).pod_ip);
+            Ok(peer_path(petrel, a, b) == "direct" && peer_path(petrel, b, a) == "direct")
+        },
+    )?;
+    Ok(t0.elapsed())
+}
+
+/// The direct path's RTT, and its breaks: UDP between the two NATs dropped in site A's router
+/// under 10 ms probes both ways; the gap until the probes flow through the hub, then the time
+/// until the path is direct again once the block is lifted.
+fn measure_direct(cfg: &BenchConfig, petrel: &PetrelLab<'_>, r: &mut DirectReport) -> Result<()> {
+    use petrel_e2e::failover_probe::{flowing, Probe};
+    let lab = petrel.lab;
+    r.icmp_rtt_direct_ms = Some(icmp_rtt_ms(lab, "edge-a1", "edge-b1")?);
+    r.rtt_direct_vs_hub = r
+        .icmp_rtt_direct_ms
+        .zip(r.icmp_rtt_via_hub_ms)
+        .map(|(d, h)| d / h);
+    let b_wan = lab.router("site-b")?.wan_ip;
+    for _ in 0..cfg.failover_samples.max(1) {
+        let probe = Probe::start(lab, "edge-a1", "edge-b1", 7321)?;
+        flowing(&[&probe], Duration::from_secs(10))?;
+        let t0 = Instant::now();
+        lab.block_udp_in_nat("site-a", b_wan, true)?;
+        let back = probe.back_after(t0, Duration::from_secs(10));
+        let gap = probe.longest_silence(t0, Instant::now());
+        drop(probe);
+        lab.block_udp_in_nat("site-a", b_wan, false)?;
+        back?;
+        r.break_gap_ms.push(
+            gap.ok_or_else(|| anyhow!("no probe heard after the break"))?
+                .as_secs_f64()
+                * 1000.0,
+        );
+        r.back_direct_after_s
+            .push(wait_direct(petrel, "edge-a1", "edge-b1")?.as_secs_f64());
+    }
+    let mut g = r.break_gap_ms.clone();
+    g.sort_by(f64::total_cmp);
+    r.break_gap_median_ms = g.get(g.len() / 2).copied();
+    Ok(())
+}
+
 // ---- failover ---------------------------------------------------------------------------------
 
 /// Kills the hub with SIGKILL and starts it again at once with the same command; returns the
@@ -1245,6 +1374,10 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
             ..Default::default()
         },
         active_active: ActiveActiveReport::default(),
+        direct: DirectReport {
+            method: "edge-a1 <-> edge-b1 (sites A and B, each behind port-preserving masquerade), the paths lab; the break drops UDP between the two NATs in site A's router while both still reach the hub".into(),
+            ..Default::default()
+        },
         attack: AttackReport::default(),
     };
     // The lab is built only for the sections that run in it.
@@ -1268,7 +1401,10 @@ pub fn run(cfg: &BenchConfig, work: &Path) -> Result<Report> {
         }
         report.streams.errors.push(msg.clone());
         report.wan.error.get_or_insert(msg.clone());
-        report.failover.error.get_or_insert(msg);
+        report.failover.error.get_or_insert(msg.clone());
+        if cfg.runs("paths") {
+            report.direct.error.get_or_insert(msg);
+        }
     }
     if cfg.runs("active-active") {
         report.active_active = active_active_section(cfg, &work.join("active-active"));
@@ -1319,7 +1455,13 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
     let mut petrel =
         PetrelLab::start_with(&lab, &cfg.hooks, &petrel_dir, &["--egress-uds", uds_arg])?;
     let cc_args = congestion_args(cfg);
-    if !cc_args.is_empty() {
+    // The rows "through the hub" are that: agents with direct paths off (the direct row and
+    // the direct section below turn them on).
+    let mut hub_relay_args = cc_args.clone();
+    hub_relay_args.extend(["--direct-paths", "false"]);
+    if cfg.runs("paths") {
+        petrel.restart_with(&cc_args, &hub_relay_args)?;
+    } else if !cc_args.is_empty() {
         petrel.restart_with(&cc_args, &cc_args)?;
     }
     let pids = petrel_pids(&petrel);
@@ -1343,7 +1485,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
             cfg,
             path_row(
                 "petrel-site-to-site",
-                "public-site pod to public-site pod through the hub",
+                "public-site pod to public-site pod through the hub (direct paths off)",
                 "edge-a1",
                 "edge-b1",
                 "hub + agents",
@@ -1374,7 +1516,34 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
                 ..row
             }),
         }
+        // Still through the hub (the TCP fallback never goes direct): the RTT to compare.
+        report.direct.icmp_rtt_via_hub_ms = icmp_rtt_ms(&lab, "edge-a1", "edge-b1").ok();
+        // (2c) Direct paths on (the default): edge-a1 <-> edge-b1 straight between the sites.
         petrel.restart_with(&cc_args, &cc_args)?;
+        let row = path_row(
+            "petrel-site-to-site-direct",
+            "public-site pod to public-site pod over the direct path the hub brokered (both sites behind NAT)",
+            "edge-a1",
+            "edge-b1",
+            "hub + agents",
+        );
+        match wait_direct(&petrel, "edge-a1", "edge-b1") {
+            Ok(after) => {
+                report.direct.direct_after_s = Some(after.as_secs_f64());
+                let pids = petrel_pids(&petrel);
+                report.paths.push(run_row(&lab, cfg, row, &pids));
+                if let Err(e) = measure_direct(cfg, &petrel, &mut report.direct) {
+                    report.direct.error = Some(format!("{e:#}"));
+                }
+            }
+            Err(e) => {
+                report.direct.error = Some(format!("{e:#}"));
+                report.paths.push(PathRow {
+                    error: Some(format!("{e:#}")),
+                    ..row
+                });
+            }
+        }
     }
 
     // (3) boringtun between the same namespaces, hub-and-spoke through gw-1 like Petrel.

@@ -102,6 +102,14 @@ fn bench_smoke_has_every_row() {
     assert!(fo.error.is_none(), "failover: {:?}", fo.error);
     assert_eq!(fo.samples_s.len(), cfg.failover_samples);
 
+    // Direct paths: the RTT both ways, every break sample, the path back each time.
+    let d = &report.direct;
+    assert!(d.error.is_none(), "direct: {:?}", d.error);
+    assert!(d.icmp_rtt_via_hub_ms.is_some() && d.icmp_rtt_direct_ms.is_some());
+    assert_eq!(d.break_gap_ms.len(), cfg.failover_samples.max(1));
+    assert_eq!(d.back_direct_after_s.len(), d.break_gap_ms.len());
+    assert!(d.break_gap_median_ms.is_some());
+
     // Active-active hubs: every figure present.
     let aa = &report.active_active;
     assert!(aa.error.is_none(), "active-active: {:?}", aa.error);
@@ -135,7 +143,7 @@ fn bench_smoke_has_every_row() {
 
     // The JSON has the same rows.
     for key in [
-        "machine", "config", "paths", "streams", "wan", "scale", "failover", "attack",
+        "machine", "config", "paths", "streams", "wan", "scale", "failover", "direct", "attack",
     ] {
         assert!(json.get(key).is_some(), "JSON lacks {key}");
     }

@@ -42,8 +42,9 @@ fn two_hubs_each_carry_the_sites_they_own() {
         &lab,
         "auto",
         tmp.path(),
-        &["--egress-uds", &s1],
-        &["--egress-uds", &s3],
+        // Site-to-site traffic crosses the owners here: direct paths (direct_paths_lab) off.
+        &["--egress-uds", &s1, "--direct-paths", "false"],
+        &["--egress-uds", &s3, "--direct-paths", "false"],
     )
     .unwrap();
     assert_eq!(hub3.node, "gw-3");

@@ -52,7 +52,10 @@ fn run_matrix(hooks: &str) {
     );
 
     let tmp = tempfile::tempdir().unwrap();
-    let mut petrel = PetrelLab::start(&lab, hooks, tmp.path()).unwrap();
+    // The matrix is the hub's relay: direct paths between the public sites (their own test,
+    // direct_paths_lab) are off here, so site-to-site traffic crosses the hub.
+    let mut petrel =
+        PetrelLab::start_with(&lab, hooks, tmp.path(), &["--direct-paths", "false"]).unwrap();
     let modes: Vec<String> = ["edge-a1", "edge-b1"]
         .iter()
         .map(|n| {

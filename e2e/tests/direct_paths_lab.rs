@@ -61,24 +61,6 @@ fn rtt_ms(lab: &Lab, from: &str, to: &str) -> f64 {
     r.rtt_avg_ms.unwrap_or(f64::NAN)
 }
 
-/// Drops UDP between site A's NAT and `peer_wan` (both ways) in site A's router, or lifts it.
-fn block_in_site_a_nat(lab: &Lab, peer_wan: std::net::Ipv4Addr, block: bool) {
-    let rt = lab.router("site-a").unwrap();
-    let ns = lab.ns(&rt.name).unwrap();
-    if block {
-        let rules = format!(
-            "table ip petrel_block {{\n  chain block {{\n    type filter hook forward priority -10; policy accept;\n    ip daddr {peer_wan} meta l4proto udp counter drop\n    ip saddr {peer_wan} meta l4proto udp counter drop\n  }}\n}}\n"
-        );
-        let file = std::env::temp_dir().join(format!("petrel-block-{}.nft", std::process::id()));
-        std::fs::write(&file, rules).unwrap();
-        lab.exec(&ns, &["nft", "-f", file.to_str().unwrap()]).unwrap();
-        let _ = std::fs::remove_file(&file);
-    } else {
-        lab.exec(&ns, &["nft", "delete", "table", "ip", "petrel_block"])
-            .unwrap();
-    }
-}
-
 #[test]
 fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     lab::require_root().unwrap();
@@ -116,7 +98,9 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     )
     .unwrap();
     let direct_ms = rtt_ms(&lab, "edge-a1", "edge-b1");
-    eprintln!("ICMP RTT a1 -> b1 direct {direct_ms:.3} ms; a1 -> c1 via the hub {via_hub_ms:.3} ms");
+    eprintln!(
+        "ICMP RTT a1 -> b1 direct {direct_ms:.3} ms; a1 -> c1 via the hub {via_hub_ms:.3} ms"
+    );
     let row = peer_row(&petrel, "edge-a1", "edge-b1");
     let b_wan = lab.router("site-b").unwrap().wan_ip;
     assert!(
@@ -190,7 +174,7 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     let blocked_at = std::thread::scope(|s| {
         let transfer = s.spawn(|| lab.tcp_transfer("edge-a1", "edge-b1", 10 << 20));
         std::thread::sleep(Duration::from_millis(300));
-        block_in_site_a_nat(&lab, b_wan, true);
+        lab.block_udp_in_nat("site-a", b_wan, true).unwrap();
         let at = Instant::now();
         let r = transfer.join().unwrap();
         let r = r.unwrap_or_else(|e| panic!("the transfer across the break: {e:#}"));
@@ -200,7 +184,9 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         );
         at
     });
-    let back = probe.back_after(blocked_at, Duration::from_secs(5)).unwrap();
+    let back = probe
+        .back_after(blocked_at, Duration::from_secs(5))
+        .unwrap();
     let gap = probe
         .longest_silence(blocked_at, Instant::now())
         .expect("probes heard after the break");
@@ -213,7 +199,7 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     assert!(gap < Duration::from_secs(3), "gap {gap:?}");
 
     // Lifted: the direct path comes back (after the agents' backoff).
-    block_in_site_a_nat(&lab, b_wan, false);
+    lab.block_udp_in_nat("site-a", b_wan, false).unwrap();
     lab::wait_until(
         "edge-a1 and edge-b1 direct again",
         Duration::from_secs(60),

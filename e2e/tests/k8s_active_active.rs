@@ -124,6 +124,10 @@ fn every_labelled_hub_carries_the_sites_it_owns() {
         petrel_proto::ownership::owner("site-b", three),
         Some("gw-3")
     );
+    // Site-to-site traffic crosses the owners here: direct paths (direct_paths_lab) off, for
+    // the hubs and the agents alike (the node roles take the same extra arguments, so the
+    // environment, read by both, not a flag). Set before any thread of this test starts.
+    std::env::set_var("PETREL_DIRECT_PATHS", "false");
     let tmp = tempfile::tempdir().unwrap();
     let mut k = K8sLab::start_with(
         &lab,

@@ -108,7 +108,7 @@ enum PeerEvent {
         endpoint: quinn::Endpoint,
         ctx: PeerContext,
     },
-    Incoming(quinn::Incoming),
+    Incoming(Box<quinn::Incoming>),
 }
 
 struct PeerHandle {
@@ -227,7 +227,7 @@ impl DirectPaths {
         match handle {
             Some(events) => {
                 if let Err(mpsc::error::TrySendError::Full(PeerEvent::Incoming(i))) =
-                    events.try_send(PeerEvent::Incoming(incoming))
+                    events.try_send(PeerEvent::Incoming(Box::new(incoming)))
                 {
                     i.ignore();
                     self.metrics.refuse("busy", 1);
@@ -308,7 +308,20 @@ struct PeerTask {
     opener: Option<quinn::Connecting>,
 }
 
-type Attempt = BoxFuture<'static, Result<quinn::Connection, String>>;
+/// Why a dial or an accept gave no connection.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// The dialer's certificate names another node than the offered peer.
+    #[error("the dialer is {seen:?}, the offered peer is {offered}")]
+    WrongPeer {
+        seen: Option<String>,
+        offered: String,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Attempt = BoxFuture<'static, Result<quinn::Connection, AttemptError>>;
 
 impl PeerTask {
     async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
@@ -329,14 +342,18 @@ impl PeerTask {
                             incoming.ignore();
                             self.metrics.refuse("busy", 1);
                         } else {
-                            attempt = Some(accept(incoming, self.peer.clone()));
+                            attempt = Some(accept(*incoming, self.peer.clone()));
                         }
                     }
                 },
-                r = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
+                r = next_attempt(&mut attempt), if attempt.is_some() => {
                     attempt = None;
                     match r {
                         Ok(conn) => self.established(conn),
+                        Err(e @ AttemptError::WrongPeer { .. }) => {
+                            warn!(peer = %self.peer, error = %e, "refused a forged peer");
+                            self.metrics.refuse("wrong_peer", 1);
+                        }
                         // The punch timeout decides; the accepting end may still be reached.
                         Err(e) => debug!(peer = %self.peer, error = %e, "direct attempt failed"),
                     }
@@ -398,8 +415,14 @@ impl PeerTask {
                 };
                 debug!(peer = %self.peer, addr = %t.addr, dials = dials(&self.me, &self.peer), "punching");
                 if dials(&self.me, &self.peer) {
-                    *attempt =
-                        Some(async move { connecting.await.map_err(|e| e.to_string()) }.boxed());
+                    *attempt = Some(
+                        async move {
+                            connecting
+                                .await
+                                .map_err(|e| AttemptError::Failed(e.to_string()))
+                        }
+                        .boxed(),
+                    );
                 } else {
                     self.opener = Some(connecting);
                     self.accepting
@@ -506,22 +529,32 @@ impl PeerTask {
 /// The accepting end's half of a punch: the handshake, then the dialer's name must be the peer.
 fn accept(incoming: quinn::Incoming, peer: String) -> Attempt {
     async move {
+        let failed = |e: &dyn std::fmt::Display| AttemptError::Failed(e.to_string());
         let conn = incoming
             .accept()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| failed(&e))?
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(&e))?;
         match petrel_transport::tls::peer_node_name(&conn) {
             Some(n) if n == peer => Ok(conn),
-            other => {
+            seen => {
                 conn.close(0u32.into(), b"not the offered peer");
-                Err(format!(
-                    "wrong_peer: the dialer is {other:?}, the offered peer is {peer}"
-                ))
+                Err(AttemptError::WrongPeer {
+                    seen,
+                    offered: peer,
+                })
             }
         }
     }
     .boxed()
+}
+
+/// The attempt in flight (pending forever without one; the branch is guarded anyway).
+async fn next_attempt(attempt: &mut Option<Attempt>) -> Result<quinn::Connection, AttemptError> {
+    match attempt.as_mut() {
+        Some(a) => a.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -572,12 +605,159 @@ async fn receive(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use petrel_transport::pki::{CertInfo, CertificateAuthority, NodeKey};
 
     #[test]
     fn exactly_one_end_of_a_pair_dials() {
         assert!(dials("edge-a1", "edge-b1"));
         assert!(!dials("edge-b1", "edge-a1"));
         assert!(!dials("edge-a1", "edge-a1"));
+    }
+
+    fn identity(ca: &CertificateAuthority, name: &str) -> Identity {
+        let key = NodeKey::generate().unwrap();
+        let cert = ca
+            .sign_node_csr(
+                &key.csr_der(name).unwrap(),
+                name,
+                SystemTime::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        Identity {
+            info: CertInfo::parse(&cert).unwrap(),
+            key,
+            cert_der: cert,
+            ca_der: ca.cert_der().clone(),
+        }
+    }
+
+    /// An endpoint on loopback that accepts peers as a tunnel socket does.
+    fn listener(id: &Identity) -> quinn::Endpoint {
+        let ep = quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        DirectPaths::listen_on(&ep, id, CongestionControl::default()).unwrap();
+        ep
+    }
+
+    /// `dialer` dials `to` (expecting the listener to be `listener_name`); the listener's
+    /// incoming handshake.
+    async fn dial(
+        dialer: &Identity,
+        listener_name: &str,
+        to: &quinn::Endpoint,
+    ) -> (quinn::Endpoint, quinn::Incoming) {
+        let ep = quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tls = peer_tls::peer_dialer_tls(
+            &dialer.ca_der,
+            vec![dialer.cert_der.clone()],
+            dialer.key_der(),
+            listener_name,
+        )
+        .unwrap();
+        let cfg =
+            quic::client_config(tls, &peer_tls::peer_tuning(CongestionControl::default())).unwrap();
+        let connecting = ep
+            .connect_with(cfg, to.local_addr().unwrap(), PEER_SERVER_NAME)
+            .unwrap();
+        // Driven in the background: the listener decides.
+        tokio::spawn(async move {
+            let _ = connecting.await;
+        });
+        let incoming = tokio::time::timeout(Duration::from_secs(5), to.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        (ep, incoming)
+    }
+
+    fn refused(m: &DirectMetrics, reason: &str) -> u64 {
+        m.refused
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn only_the_offered_peer_is_accepted() {
+        petrel_transport::tls::install_default_provider();
+        let ca = CertificateAuthority::generate(
+            "test ca",
+            SystemTime::now(),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        // edge-b1 accepts (it sorts after edge-a1, which dials).
+        let me = identity(&ca, "edge-b1");
+        let ep = listener(&me);
+        let metrics = DirectMetrics::default();
+        let paths = DirectPaths::new("edge-b1", metrics.clone());
+
+        // Nobody offered: a handshake from anywhere is ignored without state, and counted.
+        let forger = identity(&ca, "edge-c1");
+        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        paths.incoming(incoming);
+        assert_eq!(refused(&metrics, "not_offered"), 1);
+
+        // edge-a1 offered at 127.0.0.1, and edge-b1 punching as its accepting end: a handshake
+        // from that address goes to edge-a1's task.
+        let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        paths.peers.lock().unwrap().insert(
+            "edge-a1".into(),
+            PeerHandle {
+                events: tx,
+                addr: "127.0.0.1:9".parse().unwrap(),
+                accepting: accepting.clone(),
+                status: Arc::default(),
+            },
+        );
+        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        paths.incoming(incoming);
+        assert_eq!(refused(&metrics, "not_offered"), 2, "not punching yet");
+        accepting.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        paths.incoming(incoming);
+        let Some(PeerEvent::Incoming(incoming)) = rx.try_recv().ok() else {
+            panic!("the handshake was not passed to the peer's task");
+        };
+        // The address matched, but the certificate is edge-c1's: the handshake completes and
+        // the peer is refused by name.
+        match accept(*incoming, "edge-a1".into()).await {
+            Err(AttemptError::WrongPeer { seen, offered }) => {
+                assert_eq!(seen.as_deref(), Some("edge-c1"));
+                assert_eq!(offered, "edge-a1");
+            }
+            other => panic!("a forged peer was accepted: {other:?}"),
+        }
+        // The real edge-a1 is accepted.
+        let real = identity(&ca, "edge-a1");
+        let (_d, incoming) = dial(&real, "edge-b1", &ep).await;
+        paths.incoming(incoming);
+        let Some(PeerEvent::Incoming(incoming)) = rx.try_recv().ok() else {
+            panic!("the handshake was not passed to the peer's task");
+        };
+        let conn = accept(*incoming, "edge-a1".into()).await.unwrap();
+        assert_eq!(
+            petrel_transport::tls::peer_node_name(&conn).as_deref(),
+            Some("edge-a1")
+        );
+        // A node that dials (sorts lower) never accepts: edge-a1's view of edge-b1.
+        let paths_a = DirectPaths::new("edge-a1", metrics.clone());
+        let (tx, _rx) = mpsc::channel(EVENT_QUEUE);
+        paths_a.peers.lock().unwrap().insert(
+            "edge-b1".into(),
+            PeerHandle {
+                events: tx,
+                addr: "127.0.0.1:9".parse().unwrap(),
+                accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                status: Arc::default(),
+            },
+        );
+        let (_d, incoming) = dial(&real, "edge-b1", &ep).await;
+        paths_a.incoming(incoming);
+        assert_eq!(refused(&metrics, "not_offered"), 3);
     }
 }

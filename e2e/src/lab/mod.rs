@@ -640,6 +640,27 @@ impl Lab {
         .map(drop)
     }
 
+    /// Drops (or, `block` false, stops dropping) UDP between site `site`'s NAT and `peer` (a WAN
+    /// address), both ways, in the site's router: a path between two sites broken in a NAT,
+    /// while both still reach the hub.
+    pub fn block_udp_in_nat(&self, site: &str, peer: Ipv4Addr, block: bool) -> Result<()> {
+        let ns = self.ns(&self.router(site)?.name)?;
+        if !block {
+            self.exec(&ns, &["nft", "delete", "table", "ip", "petrel_block"])?;
+            return Ok(());
+        }
+        let rules = format!(
+            "table ip petrel_block {{\n  chain block {{\n    type filter hook forward priority -10; policy accept;\n    ip daddr {peer} meta l4proto udp counter drop\n    ip saddr {peer} meta l4proto udp counter drop\n  }}\n}}\n"
+        );
+        let file = self.workdir.join(format!("block-{site}.nft"));
+        std::fs::write(&file, rules)?;
+        let path = file
+            .to_str()
+            .ok_or_else(|| anyhow!("non-UTF-8 path {}", file.display()))?;
+        self.exec(&ns, &["nft", "-f", path])?;
+        Ok(())
+    }
+
     /// NAT rebinding, as when a home router reconnects: site `site`'s router gets a new WAN
     /// address (toggling between [`Router::wan_ip`] and [`Router::alt_wan_ip`]), the old one
     /// disappears, and its conntrack table is flushed. Existing flows from the site then arrive

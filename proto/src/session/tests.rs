@@ -521,6 +521,34 @@ fn a_view_over_the_frame_cap_is_refused_as_the_hubs_limit() {
 }
 
 #[test]
+fn peer_offers_reach_the_agent_and_never_go_the_other_way() {
+    let mut p = Pair::connected();
+    let offer = crate::control::PeerOffer {
+        node: "edge-b1".into(),
+        addr: "203.0.113.3".parse().unwrap(),
+        port: 40001,
+    };
+    assert!(p.hub.push(ControlMessage::PeerOffer(offer.clone())));
+    p.advance(100 * MS);
+    assert!(
+        p.agent_did
+            .iter()
+            .any(|a| matches!(a, AgentAction::PeerOffered(o) if *o == offer)),
+        "{:?}",
+        p.agent_did
+    );
+    assert!(p.agent_end().is_none());
+    // An agent has no business offering peers: the hub ends the session.
+    p.to_hub.send(&ControlMessage::PeerOffer(offer), p.now);
+    p.advance(100 * MS);
+    assert!(
+        matches!(p.hub_end(), Some(HubSessionEnd::Unexpected("peer_offer"))),
+        "{:?}",
+        p.hub_end()
+    );
+}
+
+#[test]
 fn updates_reach_the_agent_as_views() {
     let mut p = Pair::connected();
     let mut changed = view(1300);
