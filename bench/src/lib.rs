@@ -973,10 +973,12 @@ fn add_ratios(paths: &mut [PathRow]) {
             .and_then(|p| p.tunnel_cpu_s_per_gbit)
     };
     let k = single("kernel-vxlan");
-    // Site-to-site rows (two tunnel hops through the hub) compare with boringtun's two hops
-    // through the same gateway; every other row with boringtun's one hop to the cloud.
+    // Site-to-site rows (two tunnel hops through the hub, or the direct path between the same
+    // two pods) compare with boringtun's two hops through the same gateway (WireGuard's
+    // hub-and-spoke, what operators run today); every other row with boringtun's one hop to the
+    // cloud.
     let anchor = |id: &str| {
-        let a = if id.ends_with("site-to-site") {
+        let a = if id.contains("site-to-site") {
             "boringtun-site-to-site"
         } else {
             "boringtun"

@@ -342,6 +342,15 @@ impl<'a> PetrelLab<'a> {
         self.json(node, "petrel-edge-agent", AGENT_ADMIN)
     }
 
+    /// The agent's `/metrics` on `node` (its admin port, inside the node's namespace).
+    pub fn agent_metrics(&self, node: &str) -> Result<String> {
+        let ns = self.lab.ns(node)?;
+        let addr: std::net::SocketAddr = AGENT_ADMIN.parse()?;
+        crate::lab::in_netns(&ns, Duration::from_secs(10), move || {
+            crate::procs::http_get(addr, "/metrics")
+        })
+    }
+
     /// Frames the hub has switched, all paths together.
     pub fn frames_via_hub(&self) -> Result<u64> {
         let s = self.hub_status()?;

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use petrel_e2e::failover_probe::Probe;
-use petrel_e2e::lab::{self, Lab, LabSpec, PingOpts};
+use petrel_e2e::lab::{self, vxlan_icmp_echo, Lab, LabSpec, PingOpts};
 use petrel_e2e::lab_petrel::PetrelLab;
 
 fn agent_to_agent(petrel: &PetrelLab<'_>) -> u64 {
@@ -71,7 +71,8 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     })
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let petrel = PetrelLab::start(&lab, "auto", tmp.path()).unwrap();
+    // The fast hook: its capture socket is a UDP port, which the spoofing check below uses.
+    let petrel = PetrelLab::start(&lab, "fast", tmp.path()).unwrap();
     let pairs = [
         ("edge-a1", "edge-b1"),
         ("edge-a1", "edge-c1"),
@@ -133,6 +134,53 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         a_st["dataplane"]["frames_direct_in"].as_u64().unwrap_or(0) > 1000,
         "edge-a1 received B's frames directly: {}",
         a_st["dataplane"]
+    );
+
+    // A forged frame over the direct path: something on edge-b1 hands its agent (the fast
+    // hook's capture port) frames for edge-a1 with another node's VtepMAC, and with a source
+    // outside edge-b1's pod CIDR. edge-b1's agent sends them direct; edge-a1 refuses and counts
+    // both, injecting neither.
+    let capture = std::net::SocketAddrV4::new("127.0.0.1".parse().unwrap(), 8473);
+    let a1 = lab.node("edge-a1");
+    let spoofed_mac = vxlan_icmp_echo(
+        1,
+        &a1.vtep_mac,
+        &lab.node("x1").vtep_mac,
+        lab.node("x1").pod_ip,
+        a1.pod_ip,
+    )
+    .unwrap();
+    let spoofed_source = vxlan_icmp_echo(
+        1,
+        &a1.vtep_mac,
+        &lab.node("edge-b1").vtep_mac,
+        "10.244.99.9".parse().unwrap(),
+        a1.pod_ip,
+    )
+    .unwrap();
+    let dropped = |reason: &str| {
+        petrel.agent_status("edge-a1").unwrap()["dataplane"]["dropped"][reason]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let (m0, s0) = (dropped("peer_spoofed_mac"), dropped("peer_spoofed_source"));
+    lab.send_udp(
+        &lab.node("edge-b1").ns,
+        None,
+        capture,
+        vec![spoofed_mac, spoofed_source],
+    )
+    .unwrap();
+    lab::wait_until(
+        "edge-a1 refuses and counts both forged frames",
+        Duration::from_secs(5),
+        || Ok(dropped("peer_spoofed_mac") > m0 && dropped("peer_spoofed_source") > s0),
+    )
+    .unwrap();
+    let metrics = petrel.agent_metrics("edge-a1").unwrap();
+    assert!(
+        metrics.contains("petrel_agent_peer_refused_total{reason=\"peer_frame\"}"),
+        "{metrics}"
     );
 
     // C is behind a NAT that picks a new port per destination: its punches fail, its traffic
