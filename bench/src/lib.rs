@@ -403,8 +403,8 @@ pub const PATH_IDS: [&str; 7] = [
     "kernel-vxlan",
     "petrel-site-to-cloud",
     "petrel-site-to-site",
-    "petrel-site-to-site-direct",
     "petrel-tcp-fallback",
+    "petrel-site-to-site-direct",
     "boringtun",
     "boringtun-site-to-site",
 ];
