@@ -1106,6 +1106,12 @@ mod tests {
     #[test]
     fn encoding_unknown() {
         assert!(encode_to_vec(&ControlMessage::Unknown { msg_type: 0x10 }).is_err());
+        // An optional type this build knows is not "unknown".
+        assert!(encode_to_vec(&ControlMessage::Unknown {
+            msg_type: msg_type::PEER_OFFER
+        })
+        .is_err());
+        assert!(encode_to_vec(&ControlMessage::Unknown { msg_type: 0x82 }).is_ok());
         assert_eq!(
             encode_to_vec(&ControlMessage::Unknown { msg_type: 0xa0 }).unwrap(),
             vec![0xa0, 0, 0, 0, 0]

@@ -304,7 +304,13 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
         ]
         .prop_map(|result| ControlMessage::RenewResponse(RenewResponse { result })),
         route_sync().prop_map(ControlMessage::Routes),
-        (0x80u8..=0xff).prop_map(|msg_type| ControlMessage::Unknown { msg_type }),
+        (node_name(), ip(), any::<u16>()).prop_map(|(node, addr, port)| ControlMessage::PeerOffer(
+            PeerOffer { node, addr, port }
+        )),
+        (0x80u8..=0xff)
+            .prop_filter("a known optional type", |t| *t
+                != control::msg_type::PEER_OFFER)
+            .prop_map(|msg_type| ControlMessage::Unknown { msg_type }),
     ]
 }
 
