@@ -38,8 +38,8 @@ pub mod msg_type {
 
 /// Feature bits of [`AgentSelfView::capabilities`].
 pub mod capability {
-    /// The agent takes [`super::PeerOffer`]s and serves direct paths on its tunnel socket.
-    pub const DIRECT_PATHS: u64 = 1 << 0;
+    /// Bit 0: the agent takes [`super::PeerOffer`]s and serves direct paths on its tunnel socket.
+    pub const DIRECT_PATHS: u64 = 0b1;
 }
 
 /// Smallest MTU a hub may announce; below the IPv4 minimum datagram size nothing works.
