@@ -79,11 +79,13 @@ enum Origin {
 }
 
 /// What a direct peer's frames must carry to be delivered here
-/// (`petrel_proto::direct::check_peer_frame`): its VtepMAC, a source inside its pod CIDRs.
+/// (`petrel_proto::direct::check_peer_frame`): its VtepMAC, a source inside its pod CIDRs, a
+/// destination inside this node's (`mine`). From the hub's view; re-derived when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerAuthority {
     pub mac: MacAddr,
     pub cidrs: Vec<IpCidr>,
+    pub mine: Vec<IpCidr>,
 }
 
 /// The tunnels captured frames may go to, by hub name: the one the hubs' views mark active
@@ -449,9 +451,23 @@ impl AgentDataplane {
             .filter(|r| r.node_name == node)
             .collect();
         let mac = routes.first()?.vtep_mac;
+        let view = view.as_ref()?;
+        // This node's pod CIDRs: its site's (the egress policy) less the other nodes' of the
+        // site (which are routes).
+        let mine: Vec<IpCidr> = view
+            .egress
+            .pod_cidrs
+            .iter()
+            .filter(|c| !view.routes.iter().any(|r| r.pod_cidr == **c))
+            .copied()
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
         Some(PeerAuthority {
             mac,
             cidrs: routes.iter().map(|r| r.pod_cidr).collect(),
+            mine,
         })
     }
 
@@ -483,7 +499,10 @@ impl AgentDataplane {
                 .and_then(|f| {
                     petrel_proto::direct::check_peer_frame(
                         &f,
-                        MacAddr(self.vtep_mac),
+                        petrel_proto::direct::Receiver {
+                            mac: MacAddr(self.vtep_mac),
+                            cidrs: &peer.mine,
+                        },
                         peer.mac,
                         &peer.cidrs,
                     )
@@ -638,16 +657,17 @@ impl AgentDataplane {
                     p.get(&mac)
                 });
                 if let Some(Some(conn)) = peer {
-                    out.put_u8(DATAGRAM_KIND_VXLAN);
-                    out.extend_from_slice(frame);
-                    if conn.send_datagram(out.split().freeze()).is_ok() {
-                        direct += 1;
-                        direct_bytes += frame.len() as u64;
-                        continue;
+                    // Until the direct path's MTU discovery has raised its datagram size, a
+                    // full-size frame goes via the hub (checked before copying it).
+                    if frame.len() < conn.max_datagram_size().unwrap_or(0) {
+                        out.put_u8(DATAGRAM_KIND_VXLAN);
+                        out.extend_from_slice(frame);
+                        if conn.send_datagram(out.split().freeze()).is_ok() {
+                            direct += 1;
+                            direct_bytes += frame.len() as u64;
+                            continue;
+                        }
                     }
-                }
-                if peer.is_some() {
-                    peer_via_hub += frame.len() as u64;
                 }
                 let picked;
                 let conn = match (&single, &chooser) {
@@ -673,6 +693,9 @@ impl AgentDataplane {
                     Ok(()) => {
                         sent += 1;
                         sent_bytes += frame.len() as u64;
+                        if peer.is_some() {
+                            peer_via_hub += frame.len() as u64;
+                        }
                     }
                     Err(quinn::SendDatagramError::TooLarge) => oversize += 1,
                     Err(_) => down += 1,

@@ -4,14 +4,20 @@
 //! connection on the tunnel's own UDP socket (so the NAT mapping the hub saw is the one the
 //! peer reaches), authenticates the peer by its node certificate, tells the data plane to send
 //! the peer's frames over it, delivers what arrives after the hub switch's checks, and goes back
-//! to the hub at once when the connection closes or stops answering.
+//! to the hub at once when the connection closes, stops answering, the peer leaves the hub's
+//! view (or its routes change), or its certificate expires.
 //!
 //! Roles are fixed so that there is one connection per pair: the node whose name sorts lower
 //! dials; the other accepts, and while punching it also dials once without using the result,
 //! because its first packet toward the dialer is what opens its own NAT for the dialer's
-//! retransmitted Initial. Before anything else, an incoming handshake must come from the address
-//! of a peer this agent was offered and is punching to, with this agent as the accepting end;
-//! anything else is ignored without state and counted (`petrel_agent_peer_refused_total`).
+//! retransmitted Initial. Before anything else, an incoming handshake must come from the exact
+//! address of a peer this agent was offered and is punching to as the accepting end; anything
+//! else is ignored without state and counted (`petrel_agent_peer_refused_total`). A handshake
+//! that passes is first sent a QUIC Retry (stateless), so a spoofed Initial from that address
+//! never holds the peer's one accept slot.
+//!
+//! Punches start only on offers, which the hub sends both ends at once; a peer not offered
+//! for [`FORGET_AFTER`] and not direct is forgotten (its task ends).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,9 +31,6 @@ use petrel_proto::control::PeerOffer;
 use petrel_proto::direct::{DirectPath, PathAction, Route};
 use petrel_transport::peer_tls::{self, PEER_SERVER_NAME};
 use petrel_transport::quic::{self, CongestionControl};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -35,45 +38,16 @@ use tracing::{debug, info, warn};
 use crate::dataplane::{AgentDataplane, PeerAuthority};
 use crate::hub_choice::SilenceWatch;
 use crate::identity::Identity;
-use crate::metrics::{Outcome, Reason};
+use crate::metrics::DirectMetrics;
 
 /// Peers one agent keeps a path state for; offers beyond are refused (`too_many_peers`).
 pub const MAX_PEERS: usize = 256;
-/// How often a direct connection's counters are read for silence.
+/// A peer neither direct nor offered for this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// How often a direct connection's counters are read for silence (and its status row).
 const WATCH_EVERY: Duration = Duration::from_millis(50);
 /// Events waiting for one peer's task.
 const EVENT_QUEUE: usize = 8;
-
-/// The metrics this part updates (clones of the agent's series).
-#[derive(Debug, Clone, Default)]
-pub struct DirectMetrics {
-    /// Peers whose frames go direct now.
-    pub direct: Gauge,
-    /// Punches and direct connections by outcome: established, failed (no connection within
-    /// the punch timeout), lost (closed or silent after it was up).
-    pub attempts: Family<Outcome, Counter>,
-    /// What was refused from peers: handshakes (not_offered, wrong_peer, unknown_peer,
-    /// too_many_peers) and frames (peer_spoofed_mac, peer_spoofed_source, ...).
-    pub refused: Family<Reason, Counter>,
-}
-
-impl DirectMetrics {
-    fn attempt(&self, outcome: &str) {
-        self.attempts
-            .get_or_create(&Outcome {
-                outcome: outcome.to_string(),
-            })
-            .inc();
-    }
-
-    fn refuse(&self, reason: &str, n: u64) {
-        self.refused
-            .get_or_create(&Reason {
-                reason: reason.to_string(),
-            })
-            .inc_by(n);
-    }
-}
 
 /// One peer's row in the agent's status.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -82,7 +56,7 @@ pub struct PeerPathStatus {
     pub peer: String,
     /// `direct`, `punching`, `hub` (backing off or idle).
     pub path: String,
-    /// The address the hub saw the peer's tunnel come from.
+    /// The address the hub saw the peer's tunnel come from (the last offer).
     pub offered_addr: String,
     pub rtt_ms: Option<f64>,
     /// UDP payload bytes on the direct connection while it was up (the last one).
@@ -109,21 +83,25 @@ enum PeerEvent {
         ctx: PeerContext,
     },
     Incoming(Box<quinn::Incoming>),
+    /// The hub's view changed: the peer's authority may have.
+    Recheck,
 }
 
 struct PeerHandle {
     events: mpsc::Sender<PeerEvent>,
-    /// The offered address (canonical IP), for the accept filter.
-    addr: SocketAddr,
+    /// The address being punched to (canonical), for the accept filter.
+    addr: Arc<Mutex<Option<SocketAddr>>>,
     /// Set by the task while it punches as the accepting end.
     accepting: Arc<std::sync::atomic::AtomicBool>,
     status: Arc<Mutex<PeerPathStatus>>,
 }
 
+type Peers = Arc<Mutex<HashMap<String, PeerHandle>>>;
+
 /// Every offered peer of this agent.
 pub struct DirectPaths {
     node: String,
-    peers: Mutex<HashMap<String, PeerHandle>>,
+    peers: Peers,
     metrics: DirectMetrics,
 }
 
@@ -148,7 +126,7 @@ impl DirectPaths {
     pub fn new(node: &str, metrics: DirectMetrics) -> Self {
         Self {
             node: node.to_string(),
-            peers: Mutex::new(HashMap::new()),
+            peers: Arc::new(Mutex::new(HashMap::new())),
             metrics,
         }
     }
@@ -174,32 +152,35 @@ impl DirectPaths {
                 ..Default::default()
             }));
             let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let target_addr = Arc::new(Mutex::new(None));
             let task = PeerTask {
                 me: self.node.clone(),
                 peer: offer.node.clone(),
+                peers: self.peers.clone(),
                 status: status.clone(),
                 accepting: accepting.clone(),
+                target_addr: target_addr.clone(),
                 metrics: self.metrics.clone(),
                 path: DirectPath::new(),
                 target: None,
                 current: None,
                 opener: None,
+                last_offer: Instant::now(),
             };
             tokio::spawn(task.run(rx));
             peers.insert(
                 offer.node.clone(),
                 PeerHandle {
                     events: tx,
-                    addr,
+                    addr: target_addr,
                     accepting,
                     status,
                 },
             );
         }
-        let Some(h) = peers.get_mut(&offer.node) else {
+        let Some(h) = peers.get(&offer.node) else {
             return;
         };
-        h.addr = addr;
         if let Ok(mut s) = h.status.lock() {
             s.offered_addr = addr.to_string();
         }
@@ -210,30 +191,48 @@ impl DirectPaths {
         });
     }
 
+    /// The hub's view changed: every peer re-derives what its frames must carry, and a peer no
+    /// longer in the view (or whose VtepMAC or pod CIDRs changed) is no longer direct.
+    pub fn view_changed(&self) {
+        if let Ok(peers) = self.peers.lock() {
+            for h in peers.values() {
+                let _ = h.events.try_send(PeerEvent::Recheck);
+            }
+        }
+    }
+
     /// A handshake arrived on a tunnel socket: passed to the peer it comes from if this agent
     /// is that peer's accepting end and is punching to it; else ignored (no state) and counted.
     pub fn incoming(&self, incoming: quinn::Incoming) {
         let from = canonical(incoming.remote_address());
-        let handle = self.peers.lock().ok().and_then(|peers| {
+        let found = self.peers.lock().ok().and_then(|peers| {
             peers
                 .iter()
-                .find(|(peer, h)| {
-                    h.addr.ip() == from.ip()
-                        && !dials(&self.node, peer)
-                        && h.accepting.load(std::sync::atomic::Ordering::Relaxed)
+                .find(|(_, h)| h.addr.lock().ok().and_then(|a| *a) == Some(from))
+                .map(|(peer, h)| {
+                    (
+                        dials(&self.node, peer),
+                        h.accepting.load(std::sync::atomic::Ordering::Relaxed),
+                        h.events.clone(),
+                    )
                 })
-                .map(|(_, h)| h.events.clone())
         });
-        match handle {
-            Some(events) => {
-                if let Err(mpsc::error::TrySendError::Full(PeerEvent::Incoming(i))) =
-                    events.try_send(PeerEvent::Incoming(Box::new(incoming)))
-                {
-                    i.ignore();
-                    self.metrics.refuse("busy", 1);
+        match found {
+            // The peer's own Initials while it punches toward us, the dialing end: expected,
+            // and what opened its NAT.
+            Some((true, _, _)) => incoming.ignore(),
+            Some((false, true, events)) => {
+                match events.try_send(PeerEvent::Incoming(Box::new(incoming))) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(PeerEvent::Incoming(i)))
+                    | Err(mpsc::error::TrySendError::Closed(PeerEvent::Incoming(i))) => {
+                        i.ignore();
+                        self.metrics.refuse("busy", 1);
+                    }
+                    Err(_) => {}
                 }
             }
-            None => {
+            Some((false, false, _)) | None => {
                 debug!(%from, "handshake on the tunnel socket from no peer being punched; ignored");
                 incoming.ignore();
                 self.metrics.refuse("not_offered", 1);
@@ -249,7 +248,8 @@ impl DirectPaths {
         }
     }
 
-    /// Sets the configuration that lets `endpoint` (a link's client endpoint) accept peers.
+    /// Sets the configuration that lets `endpoint` (a link's client endpoint) accept peers,
+    /// with `id`'s certificate (again after a renewal).
     pub fn listen_on(
         endpoint: &quinn::Endpoint,
         id: &Identity,
@@ -285,6 +285,9 @@ struct Established {
     dataplane: Arc<AgentDataplane>,
     receiver: tokio::task::JoinHandle<()>,
     watch: SilenceWatch,
+    /// The peer's certificate expires: the path ends then.
+    peer_not_after: Option<SystemTime>,
+    status: Arc<Mutex<PeerPathStatus>>,
 }
 
 struct Target {
@@ -297,15 +300,21 @@ struct Target {
 struct PeerTask {
     me: String,
     peer: String,
+    peers: Peers,
     status: Arc<Mutex<PeerPathStatus>>,
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    /// The address being punched to, shared with the accept filter.
+    target_addr: Arc<Mutex<Option<SocketAddr>>>,
     metrics: DirectMetrics,
     path: DirectPath,
+    /// Where the current or last punch went: pinned for a punch (a later offer, say from
+    /// another hub with another socket's mapping, waits for the next punch).
     target: Option<Target>,
     current: Option<Established>,
     /// The accepting end's own dial while punching: never used, only sent (its Initials open
     /// this end's NAT toward the dialer).
     opener: Option<quinn::Connecting>,
+    last_offer: Instant,
 }
 
 /// Why a dial or an accept gave no connection.
@@ -328,23 +337,33 @@ impl PeerTask {
         let mut attempt: Option<Attempt> = None;
         loop {
             let timeout = self.path.next_timeout();
+            let forget_at = (self.current.is_none() && !self.path.is_punching())
+                .then_some(self.last_offer + FORGET_AFTER);
             tokio::select! {
                 ev = events.recv() => match ev {
                     None => break,
                     Some(PeerEvent::Offer { addr, endpoint, ctx }) => {
-                        self.target = Some(Target { addr, endpoint, ctx });
+                        self.last_offer = Instant::now();
                         if let Some(a) = self.path.offered(Instant::now()) {
+                            self.target = Some(Target { addr, endpoint, ctx });
                             self.act(a, &mut attempt);
                         }
                     }
                     Some(PeerEvent::Incoming(incoming)) => {
-                        if self.current.is_some() || attempt.is_some() {
+                        if self.current.is_some() || attempt.is_some() || !self.path.is_punching() {
                             incoming.ignore();
                             self.metrics.refuse("busy", 1);
+                        } else if !incoming.remote_address_validated() {
+                            // Stateless: only a source that receives at this address comes
+                            // back, so a spoofed Initial never takes the accept slot.
+                            if let Err(e) = incoming.retry() {
+                                e.into_incoming().ignore();
+                            }
                         } else {
                             attempt = Some(accept(*incoming, self.peer.clone()));
                         }
                     }
+                    Some(PeerEvent::Recheck) => self.recheck(),
                 },
                 r = next_attempt(&mut attempt), if attempt.is_some() => {
                     attempt = None;
@@ -360,15 +379,11 @@ impl PeerTask {
                 }
                 _ = sleep_until(timeout), if timeout.is_some() => {
                     if let Some(a) = self.path.poll(Instant::now()) {
-                        if a == PathAction::Route(Route::Hub) {
-                            // A punch that did not finish in time.
-                            attempt = None;
-                            self.metrics.attempt("failed");
-                            info!(peer = %self.peer, "no direct path (punch timed out); its frames stay on the hub");
-                        }
                         self.act(a, &mut attempt);
                     }
+                    self.show();
                 }
+                _ = sleep_until(forget_at), if forget_at.is_some() => break,
                 why = silent_or_closed(self.current.as_mut()), if self.current.is_some() => {
                     warn!(peer = %self.peer, why, "direct path lost; its frames go through the hub");
                     self.metrics.attempt("lost");
@@ -379,69 +394,93 @@ impl PeerTask {
             }
         }
         self.drop_current();
+        self.stop_punching();
+        // Forget this peer (unless a newer task took its place).
+        if let Ok(mut peers) = self.peers.lock() {
+            if peers
+                .get(&self.peer)
+                .is_some_and(|h| Arc::ptr_eq(&h.status, &self.status))
+            {
+                peers.remove(&self.peer);
+            }
+        }
     }
 
     /// Performs what the path state machine asks.
     fn act(&mut self, action: PathAction, attempt: &mut Option<Attempt>) {
         match action {
-            PathAction::Punch => {
+            PathAction::Punch => self.punch(attempt),
+            PathAction::GiveUp => {
                 *attempt = None;
-                self.opener = None;
-                let Some(t) = self.target.as_ref() else {
-                    return;
-                };
-                let client = peer_tls::peer_dialer_tls(
-                    &t.ctx.identity.ca_der,
-                    vec![t.ctx.identity.cert_der.clone()],
-                    t.ctx.identity.key_der(),
-                    &self.peer,
-                )
-                .map_err(|e| e.to_string())
-                .and_then(|tls| {
-                    quic::client_config(tls, &peer_tls::peer_tuning(t.ctx.congestion))
-                        .map_err(|e| e.to_string())
-                });
-                let connecting = client.and_then(|c| {
-                    t.endpoint
-                        .connect_with(c, t.addr, PEER_SERVER_NAME)
-                        .map_err(|e| e.to_string())
-                });
-                let connecting = match connecting {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(peer = %self.peer, error = %e, "cannot dial the peer");
-                        return;
-                    }
-                };
-                debug!(peer = %self.peer, addr = %t.addr, dials = dials(&self.me, &self.peer), "punching");
-                if dials(&self.me, &self.peer) {
-                    *attempt = Some(
-                        async move {
-                            connecting
-                                .await
-                                .map_err(|e| AttemptError::Failed(e.to_string()))
-                        }
-                        .boxed(),
-                    );
-                } else {
-                    self.opener = Some(connecting);
-                    self.accepting
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                self.stop_punching();
+                self.metrics.attempt("failed");
+                info!(peer = %self.peer, "no direct path (punch timed out); its frames stay on the hub");
             }
-            PathAction::Route(Route::Hub) => {
-                self.drop_current();
-            }
+            PathAction::Route(Route::Hub) => self.drop_current(),
             PathAction::Route(Route::Direct) => {}
         }
         self.show();
     }
 
-    /// A connection to the peer completed (dialed, or accepted and named): frames go there.
-    fn established(&mut self, conn: quinn::Connection) {
+    fn punch(&mut self, attempt: &mut Option<Attempt>) {
+        *attempt = None;
+        self.stop_punching();
+        let Some(t) = self.target.as_ref() else {
+            return;
+        };
+        let client = peer_tls::peer_dialer_tls(
+            &t.ctx.identity.ca_der,
+            vec![t.ctx.identity.cert_der.clone()],
+            t.ctx.identity.key_der(),
+            &self.peer,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|tls| {
+            quic::client_config(tls, &peer_tls::peer_tuning(t.ctx.congestion))
+                .map_err(|e| e.to_string())
+        });
+        let connecting = client.and_then(|c| {
+            t.endpoint
+                .connect_with(c, t.addr, PEER_SERVER_NAME)
+                .map_err(|e| e.to_string())
+        });
+        let connecting = match connecting {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "cannot dial the peer");
+                return;
+            }
+        };
+        if let Ok(mut a) = self.target_addr.lock() {
+            *a = Some(t.addr);
+        }
+        debug!(peer = %self.peer, addr = %t.addr, dials = dials(&self.me, &self.peer), "punching");
+        if dials(&self.me, &self.peer) {
+            *attempt = Some(
+                async move {
+                    connecting
+                        .await
+                        .map_err(|e| AttemptError::Failed(e.to_string()))
+                }
+                .boxed(),
+            );
+        } else {
+            self.opener = Some(connecting);
+            self.accepting
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Not punching any more: the opener goes, the accept filter closes.
+    fn stop_punching(&mut self) {
         self.opener = None;
         self.accepting
             .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A connection to the peer completed (dialed, or accepted and named): frames go there.
+    fn established(&mut self, conn: quinn::Connection) {
+        self.stop_punching();
         let Some(t) = self.target.as_ref() else {
             conn.close(0u32.into(), b"no offer");
             return;
@@ -473,13 +512,36 @@ impl PeerTask {
                 .ok()
                 .map(|d| d.as_secs());
         }
+        let peer_not_after = petrel_transport::tls::peer_certificates(&conn)
+            .and_then(|c| c.first().cloned())
+            .and_then(|c| petrel_transport::pki::CertInfo::parse(&c).ok())
+            .map(|i| i.not_after);
         self.current = Some(Established {
             conn,
             authority,
             dataplane,
             receiver,
             watch: SilenceWatch::default(),
+            peer_not_after,
+            status: self.status.clone(),
         });
+        self.show();
+    }
+
+    /// The hub's view changed: a direct peer whose authority changed or that left the view
+    /// goes back to the hub (and is punched again on an offer).
+    fn recheck(&mut self) {
+        let Some(e) = self.current.as_ref() else {
+            return;
+        };
+        let now = e.dataplane.peer_authority(&self.peer);
+        if now.as_ref() == Some(&e.authority) {
+            return;
+        }
+        info!(peer = %self.peer, "the peer's routes changed or it left the view; its direct path ends");
+        self.metrics.attempt("lost");
+        self.drop_current();
+        self.path.failed(Instant::now());
         self.show();
     }
 
@@ -491,12 +553,6 @@ impl PeerTask {
             e.conn.close(0u32.into(), b"direct path dropped");
             self.metrics.direct.dec();
         }
-        if let Some(t) = self.target.as_ref() {
-            if let Some(a) = t.ctx.dataplane.peer_authority(&self.peer) {
-                // Known peer, frames via the hub: counted as site-to-site traffic not direct.
-                t.ctx.dataplane.set_peer_route(a.mac, None);
-            }
-        }
     }
 
     /// Refreshes the status row.
@@ -505,25 +561,25 @@ impl PeerTask {
             return;
         };
         s.failures = self.path.failures;
-        s.path = match (self.path.route(), self.path.next_timeout(), &self.current) {
-            (Route::Direct, _, _) => "direct",
-            (Route::Hub, Some(_), _) if self.accepting_or_dialing() => "punching",
-            _ => "hub",
+        s.path = match self.path.route() {
+            Route::Direct => "direct",
+            Route::Hub if self.path.is_punching() => "punching",
+            Route::Hub => "hub",
         }
         .into();
-        if let Some(e) = &self.current {
-            let st = e.conn.stats();
-            s.rtt_ms = Some(e.conn.rtt().as_secs_f64() * 1000.0);
-            s.bytes_sent = st.udp_tx.bytes;
-            s.bytes_received = st.udp_rx.bytes;
-        } else {
-            s.direct_since_unix = None;
+        match &self.current {
+            Some(e) => fill(&mut s, &e.conn),
+            None => s.direct_since_unix = None,
         }
     }
+}
 
-    fn accepting_or_dialing(&self) -> bool {
-        self.opener.is_some() || self.accepting.load(std::sync::atomic::Ordering::Relaxed)
-    }
+/// A direct connection's RTT and bytes into its status row.
+fn fill(s: &mut PeerPathStatus, conn: &quinn::Connection) {
+    let st = conn.stats();
+    s.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
+    s.bytes_sent = st.udp_tx.bytes;
+    s.bytes_received = st.udp_rx.bytes;
 }
 
 /// The accepting end's half of a punch: the handshake, then the dialer's name must be the peer.
@@ -564,8 +620,9 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// Resolves when the direct connection closes or stops answering what it is sent (its
-/// keepalives every `PEER_KEEP_ALIVE` guarantee there is something to answer).
+/// Resolves when the direct connection closes, stops answering what it is sent (its
+/// keepalives every `PEER_KEEP_ALIVE` guarantee there is something to answer) or its peer's
+/// certificate expires. Keeps its status row current meanwhile.
 async fn silent_or_closed(current: Option<&mut Established>) -> &'static str {
     let Some(e) = current else {
         return std::future::pending().await;
@@ -582,6 +639,12 @@ async fn silent_or_closed(current: Option<&mut Established>) -> &'static str {
                 let eliciting = st.frame_tx.datagram + st.frame_tx.ping;
                 if e.watch.observe(eliciting, st.udp_rx.datagrams, conn.rtt(), std::time::Instant::now()) {
                     return "silent";
+                }
+                if e.peer_not_after.is_some_and(|t| SystemTime::now() >= t) {
+                    return "the peer's certificate expired";
+                }
+                if let Ok(mut s) = e.status.lock() {
+                    fill(&mut s, &conn);
                 }
             }
         }
@@ -607,6 +670,7 @@ async fn receive(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::metrics::Reason;
     use petrel_transport::pki::{CertInfo, CertificateAuthority, NodeKey};
 
     #[test]
@@ -641,14 +705,28 @@ mod tests {
         ep
     }
 
-    /// `dialer` dials `to` (expecting the listener to be `listener_name`); the listener's
-    /// incoming handshake.
+    fn endpoint() -> quinn::Endpoint {
+        quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
+    /// A dial in the background; dropped, it stops (no retransmitted Initial reaches a later
+    /// step of the test).
+    struct Dialing(tokio::task::JoinHandle<()>);
+
+    impl Drop for Dialing {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    /// `dialer` dials `to` from `from` (expecting the listener to be `listener_name`); the
+    /// listener's incoming handshake.
     async fn dial(
         dialer: &Identity,
+        from: &quinn::Endpoint,
         listener_name: &str,
         to: &quinn::Endpoint,
-    ) -> (quinn::Endpoint, quinn::Incoming) {
-        let ep = quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    ) -> (quinn::Incoming, Dialing) {
         let tls = peer_tls::peer_dialer_tls(
             &dialer.ca_der,
             vec![dialer.cert_der.clone()],
@@ -658,18 +736,38 @@ mod tests {
         .unwrap();
         let cfg =
             quic::client_config(tls, &peer_tls::peer_tuning(CongestionControl::default())).unwrap();
-        let connecting = ep
+        let connecting = from
             .connect_with(cfg, to.local_addr().unwrap(), PEER_SERVER_NAME)
             .unwrap();
         // Driven in the background: the listener decides.
-        tokio::spawn(async move {
+        let task = Dialing(tokio::spawn(async move {
             let _ = connecting.await;
-        });
+        }));
         let incoming = tokio::time::timeout(Duration::from_secs(5), to.accept())
             .await
             .unwrap()
             .unwrap();
-        (ep, incoming)
+        (incoming, task)
+    }
+
+    /// A peer entry as `offered` makes it, with its events kept by the test instead of a task.
+    fn register(
+        paths: &DirectPaths,
+        peer: &str,
+        addr: SocketAddr,
+        accepting: bool,
+    ) -> mpsc::Receiver<PeerEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        paths.peers.lock().unwrap().insert(
+            peer.into(),
+            PeerHandle {
+                events: tx,
+                addr: Arc::new(Mutex::new(Some(addr))),
+                accepting: Arc::new(std::sync::atomic::AtomicBool::new(accepting)),
+                status: Arc::default(),
+            },
+        );
+        rx
     }
 
     fn refused(m: &DirectMetrics, reason: &str) -> u64 {
@@ -694,31 +792,35 @@ mod tests {
         let ep = listener(&me);
         let metrics = DirectMetrics::default();
         let paths = DirectPaths::new("edge-b1", metrics.clone());
+        let forger = identity(&ca, "edge-c1");
+        let real = identity(&ca, "edge-a1");
+        let (a_socket, other_socket) = (endpoint(), endpoint());
+        // Ignored dials stay alive to the end: dropping one sends a close in an Initial packet,
+        // which the listener would take for a new handshake. (Their retransmissions come
+        // after ~300 ms; this test takes a few milliseconds.)
+        let mut keep = Vec::new();
 
         // Nobody offered: a handshake from anywhere is ignored without state, and counted.
-        let forger = identity(&ca, "edge-c1");
-        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        let (incoming, d) = dial(&forger, &a_socket, "edge-b1", &ep).await;
         paths.incoming(incoming);
+        keep.push(d);
         assert_eq!(refused(&metrics, "not_offered"), 1);
 
-        // edge-a1 offered at 127.0.0.1, and edge-b1 punching as its accepting end: a handshake
-        // from that address goes to edge-a1's task.
-        let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
-        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        paths.peers.lock().unwrap().insert(
-            "edge-a1".into(),
-            PeerHandle {
-                events: tx,
-                addr: "127.0.0.1:9".parse().unwrap(),
-                accepting: accepting.clone(),
-                status: Arc::default(),
-            },
-        );
-        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        // edge-a1 offered at a_socket's address, not punching yet: ignored.
+        let mut rx = register(&paths, "edge-a1", a_socket.local_addr().unwrap(), false);
+        let (incoming, d) = dial(&real, &a_socket, "edge-b1", &ep).await;
         paths.incoming(incoming);
+        keep.push(d);
         assert_eq!(refused(&metrics, "not_offered"), 2, "not punching yet");
-        accepting.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (_d, incoming) = dial(&forger, "edge-b1", &ep).await;
+        assert!(rx.try_recv().is_err());
+        // Punching as the accepting end: only the exact offered address gets through.
+        let mut rx = register(&paths, "edge-a1", a_socket.local_addr().unwrap(), true);
+        let (incoming, d) = dial(&real, &other_socket, "edge-b1", &ep).await;
+        paths.incoming(incoming);
+        keep.push(d);
+        assert_eq!(refused(&metrics, "not_offered"), 3, "same IP, another port");
+        assert!(rx.try_recv().is_err());
+        let (incoming, _forged) = dial(&forger, &a_socket, "edge-b1", &ep).await;
         paths.incoming(incoming);
         let Some(PeerEvent::Incoming(incoming)) = rx.try_recv().ok() else {
             panic!("the handshake was not passed to the peer's task");
@@ -733,8 +835,7 @@ mod tests {
             other => panic!("a forged peer was accepted: {other:?}"),
         }
         // The real edge-a1 is accepted.
-        let real = identity(&ca, "edge-a1");
-        let (_d, incoming) = dial(&real, "edge-b1", &ep).await;
+        let (incoming, _real) = dial(&real, &a_socket, "edge-b1", &ep).await;
         paths.incoming(incoming);
         let Some(PeerEvent::Incoming(incoming)) = rx.try_recv().ok() else {
             panic!("the handshake was not passed to the peer's task");
@@ -744,20 +845,14 @@ mod tests {
             petrel_transport::tls::peer_node_name(&conn).as_deref(),
             Some("edge-a1")
         );
-        // A node that dials (sorts lower) never accepts: edge-a1's view of edge-b1.
+        // The dialing end (edge-a1's view of edge-b1) never accepts: the peer's Initials are
+        // its punch toward us, ignored and not counted as refusals.
         let paths_a = DirectPaths::new("edge-a1", metrics.clone());
-        let (tx, _rx) = mpsc::channel(EVENT_QUEUE);
-        paths_a.peers.lock().unwrap().insert(
-            "edge-b1".into(),
-            PeerHandle {
-                events: tx,
-                addr: "127.0.0.1:9".parse().unwrap(),
-                accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-                status: Arc::default(),
-            },
-        );
-        let (_d, incoming) = dial(&real, "edge-b1", &ep).await;
+        let mut rx = register(&paths_a, "edge-b1", a_socket.local_addr().unwrap(), true);
+        let (incoming, d) = dial(&real, &a_socket, "edge-b1", &ep).await;
         paths_a.incoming(incoming);
+        keep.push(d);
+        assert!(rx.try_recv().is_err());
         assert_eq!(refused(&metrics, "not_offered"), 3);
     }
 }

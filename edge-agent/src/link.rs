@@ -147,20 +147,21 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let receiver = tokio::spawn(receive(shared.clone(), conn.clone()));
         // Peers the hub offers reach this agent on the tunnel's own socket (the NAT mapping
         // the hub saw): it accepts them while this session lasts.
-        let peer_server = udp_endpoint
-            .as_ref()
-            .filter(|_| shared.config.direct_paths)
-            .and_then(|ep| {
-                let id = shared.credentials.identity();
-                match crate::direct_paths::DirectPaths::listen_on(ep, &id, shared.config.congestion)
-                {
-                    Ok(()) => Some(tokio::spawn(shared.direct.clone().serve(ep.clone()))),
-                    Err(e) => {
-                        warn!(error = %e, "cannot accept direct paths on the tunnel socket");
-                        None
-                    }
+        let direct_endpoint = udp_endpoint.as_ref().filter(|_| shared.config.direct_paths);
+        let mut listener_cert = None;
+        let peer_server = direct_endpoint.and_then(|ep| {
+            let id = shared.credentials.identity();
+            match crate::direct_paths::DirectPaths::listen_on(ep, &id, shared.config.congestion) {
+                Ok(()) => {
+                    listener_cert = Some(id.cert_der.clone());
+                    Some(tokio::spawn(shared.direct.clone().serve(ep.clone())))
                 }
-            });
+                Err(e) => {
+                    warn!(error = %e, "cannot accept direct paths on the tunnel socket");
+                    None
+                }
+            }
+        });
         let mut link = Link {
             shared: &shared,
             endpoint: &endpoint,
@@ -169,7 +170,8 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             writer,
             session,
             pending_key: None,
-            udp_endpoint: udp_endpoint.as_ref(),
+            udp_endpoint: direct_endpoint,
+            listener_cert,
         };
         let end = link.pump(reader, &shutdown).await;
         routes = link.session.into_routes();
@@ -656,8 +658,11 @@ struct Link<'a> {
     session: AgentSession,
     /// The key of the renewal in flight.
     pending_key: Option<NodeKey>,
-    /// The tunnel's UDP endpoint, where direct paths the hub offers are dialed from.
+    /// The tunnel's UDP endpoint, where direct paths the hub offers are dialed from, while
+    /// direct paths are on.
     udp_endpoint: Option<&'a quinn::Endpoint>,
+    /// The certificate the endpoint accepts peers with.
+    listener_cert: Option<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Link<'_> {
@@ -688,6 +693,7 @@ impl Link<'_> {
                     self.session.handle_timeout(Instant::now());
                     if !self.session.is_renewing() && !self.session.is_ended() {
                         self.maybe_start_renewal();
+                        self.refresh_peer_listener();
                     }
                 }
                 closed = self.conn.closed() => return LinkEnd::Lost(describe_connection_error(&closed)),
@@ -768,11 +774,30 @@ impl Link<'_> {
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
         match shared.dataplane.get() {
-            Some(dp) if routes_known || !dp.has_view() => dp.on_view(view).await,
+            Some(dp) if routes_known || !dp.has_view() => {
+                dp.on_view(view).await;
+                // Direct peers re-derive what their frames must carry.
+                shared.direct.view_changed();
+            }
             Some(_) => {}
             None => shared
                 .dataplane
                 .remember_view(self.hub_id, self.conn, view, routes_known),
+        }
+    }
+
+    /// After a renewal, peers must see the new certificate on this tunnel's socket.
+    fn refresh_peer_listener(&mut self) {
+        let Some(ep) = self.udp_endpoint else {
+            return;
+        };
+        let id = self.shared.credentials.identity();
+        if self.listener_cert.as_ref() == Some(&id.cert_der) {
+            return;
+        }
+        match crate::direct_paths::DirectPaths::listen_on(ep, &id, self.shared.config.congestion) {
+            Ok(()) => self.listener_cert = Some(id.cert_der.clone()),
+            Err(e) => warn!(error = %e, "cannot accept direct paths with the renewed certificate"),
         }
     }
 

@@ -23,7 +23,7 @@ pub struct AgentMetrics {
     /// Failed connection attempts by reason ([`crate::link::ConnectError::reason`]).
     pub handshake_failures: Family<Reason, Counter>,
     /// Direct paths to peers of other public sites (`crate::direct_paths`).
-    pub direct: crate::direct_paths::DirectMetrics,
+    pub direct: DirectMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,7 +70,7 @@ impl AgentMetrics {
             "Failed tunnel connection attempts, by reason (no_answer, resolve, tls, refused, no_welcome, other)",
             handshake_failures.clone(),
         );
-        let direct = crate::direct_paths::DirectMetrics::default();
+        let direct = DirectMetrics::default();
         registry.register(
             "direct_paths",
             "Peers of other public sites whose frames go straight to them now, not through the hub",
@@ -285,4 +285,35 @@ pub fn render_live(live: &LiveState<'_>) -> String {
         &[(String::new(), left)],
     );
     out
+}
+
+/// The direct paths' metrics (`crate::direct_paths`; clones of the agent's series).
+#[derive(Debug, Clone, Default)]
+pub struct DirectMetrics {
+    /// Peers whose frames go direct now.
+    pub direct: Gauge,
+    /// Punches and direct connections by outcome: established, failed (no connection within
+    /// the punch timeout), lost (closed or silent after it was up).
+    pub attempts: Family<Outcome, Counter>,
+    /// What was refused from peers: handshakes (not_offered, wrong_peer, unknown_peer,
+    /// too_many_peers) and frames (peer_spoofed_mac, peer_spoofed_source, ...).
+    pub refused: Family<Reason, Counter>,
+}
+
+impl DirectMetrics {
+    pub(crate) fn attempt(&self, outcome: &str) {
+        self.attempts
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn refuse(&self, reason: &str, n: u64) {
+        self.refused
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
 }
