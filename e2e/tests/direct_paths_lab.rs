@@ -220,14 +220,15 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     petrel_e2e::failover_probe::flowing(&[&probe], Duration::from_secs(5)).unwrap();
     let hub_before = agent_to_agent(&petrel);
     let blocked_at = std::thread::scope(|s| {
-        let transfer = s.spawn(|| lab.tcp_transfer("edge-a1", "edge-b1", 10 << 20));
-        std::thread::sleep(Duration::from_millis(300));
+        // Large enough to be under way when the block lands (direct, it moves ~30 MiB/s here).
+        let transfer = s.spawn(|| lab.tcp_transfer("edge-a1", "edge-b1", 64 << 20));
+        std::thread::sleep(Duration::from_millis(150));
         lab.block_udp_in_nat("site-a", b_wan, true).unwrap();
         let at = Instant::now();
         let r = transfer.join().unwrap();
         let r = r.unwrap_or_else(|e| panic!("the transfer across the break: {e:#}"));
         eprintln!(
-            "10 MiB a1 -> b1 across the break: {:.0} Mbit/s",
+            "64 MiB a1 -> b1 across the break: {:.0} Mbit/s",
             r.mbit_per_s()
         );
         at
