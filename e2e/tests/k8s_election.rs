@@ -14,11 +14,12 @@ use petrel_e2e::procs::wait_until;
 
 const MIB: u64 = 1 << 20;
 
-/// (from, to, path): "hub" must cross the active hub; "flannel" must not touch it.
+/// (from, to, path): "hub" must cross the active hub; "flannel" must not touch it; "peer" (two
+/// public sites) crosses the hub until the pair's direct path is up, then goes straight.
 const MATRIX: &[(&str, &str, &str)] = &[
     ("cloud-1", "edge-a1", "hub"),
     ("gw-1", "edge-b1", "hub"),
-    ("edge-a1", "edge-b1", "hub"),
+    ("edge-a1", "edge-b1", "peer"),
     ("x1", "edge-b1", "hub"),
     ("cloud-1", "x1", "flannel"),
     ("edge-a1", "edge-a2", "flannel"),
@@ -79,6 +80,17 @@ fn matrix(k: &K8sLab, hub: &str) {
         assert_eq!((t1.bytes_received, t2.bytes_received), (4 * MIB, 4 * MIB));
         match path {
             "hub" => assert!(via > 500, "{a} <-> {b} must cross {hub}, saw {via} frames"),
+            "peer" => {
+                let direct = k.agent_status(a).ok().is_some_and(|s| {
+                    s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|r| r["peer"] == b && r["path"] == "direct"))
+                });
+                assert!(
+                    via > 500 || direct,
+                    "{a} <-> {b} must cross {hub} or go direct, saw {via} frames and no direct path"
+                );
+            }
             _ => assert_eq!(via, 0, "{a} <-> {b} must stay on Flannel's direct path"),
         }
     }
