@@ -112,7 +112,27 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         "the hub offered B's NAT address: {row}"
     );
 
-    // 10 MiB both ways, none of it through the hub.
+    // 10 MiB both ways, none of it through the hub, once the direct path's MTU discovery lets
+    // it take full-size frames (site MTU 1,380 + Ethernet 14 + VXLAN 8; until then larger
+    // frames go through the hub, by design).
+    let full_frame = 1380 + 14 + 8;
+    lab::wait_until(
+        "the direct path takes full-size frames",
+        Duration::from_secs(10),
+        || {
+            Ok(["edge-a1", "edge-b1"].iter().all(|n| {
+                let peer = if *n == "edge-a1" {
+                    "edge-b1"
+                } else {
+                    "edge-a1"
+                };
+                peer_row(&petrel, n, peer)["max_frame"]
+                    .as_u64()
+                    .is_some_and(|m| m >= full_frame)
+            }))
+        },
+    )
+    .unwrap();
     let hub_before = agent_to_agent(&petrel);
     let a_before = petrel.agent_status("edge-a1").unwrap()["dataplane"]["bytes_direct_out"]
         .as_u64()

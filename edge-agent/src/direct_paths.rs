@@ -65,6 +65,9 @@ pub struct PeerPathStatus {
     /// Direct attempts that failed or were lost in a row.
     pub failures: u32,
     pub direct_since_unix: Option<u64>,
+    /// The largest VXLAN frame the direct path takes now (its path MTU as QUIC has discovered
+    /// it, less the datagram's overhead); larger frames go through the hub.
+    pub max_frame: Option<u64>,
 }
 
 /// What a peer's task needs from the rest of the agent; given with each offer, so that a
@@ -569,7 +572,10 @@ impl PeerTask {
         .into();
         match &self.current {
             Some(e) => fill(&mut s, &e.conn),
-            None => s.direct_since_unix = None,
+            None => {
+                s.direct_since_unix = None;
+                s.max_frame = None;
+            }
         }
     }
 }
@@ -577,6 +583,9 @@ impl PeerTask {
 /// A direct connection's RTT and bytes into its status row.
 fn fill(s: &mut PeerPathStatus, conn: &quinn::Connection) {
     let st = conn.stats();
+    s.max_frame = conn
+        .max_datagram_size()
+        .map(|m| m.saturating_sub(petrel_proto::DATAGRAM_OVERHEAD) as u64);
     s.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
     s.bytes_sent = st.udp_tx.bytes;
     s.bytes_received = st.udp_rx.bytes;
