@@ -5,7 +5,7 @@
 //! `retry_after` after a going-away, else capped jittered exponential backoff that resets after
 //! a stable session) and connect again.
 //!
-//! Each connection's receive path is its own task ([`receive`]): datagrams go to the data plane
+//! Each connection's receive path is its own task (`receive`): datagrams go to the data plane
 //! and the hub's streams to the proxy without passing through the control loop.
 //!
 //! State changes are logged once at info; retries of the same failure go to debug, so a hub that

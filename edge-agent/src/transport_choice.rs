@@ -4,8 +4,9 @@
 //! With `transport = auto` a link uses UDP until [`UDP_FAILURES_BEFORE_TCP`] attempts in a row
 //! found no answer over UDP (a network that blocks outbound UDP looks exactly like that; a hub
 //! that refuses or a TLS failure is an answer and keeps UDP), then TCP. While on TCP the link
-//! keeps trying UDP in the background ([`UDP_RETRY_ON_TCP`]); once UDP answers, the TCP tunnel
-//! is closed and the next attempt is UDP again. Pure: the link driver reports what happened.
+//! keeps trying UDP in the background (every `udp-retry-interval`, 30 s by default); once UDP
+//! answers, the TCP tunnel is closed and the next attempt is UDP again. Pure: the link driver
+//! reports what happened.
 
 /// Attempts over UDP without any answer before the TCP fallback.
 pub const UDP_FAILURES_BEFORE_TCP: u32 = 3;

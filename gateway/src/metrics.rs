@@ -30,7 +30,7 @@ pub struct HubMetrics {
     pub relay_probes_answered: Counter,
     pub enrolments: Family<Outcome, Counter>,
     pub renewals: Family<Outcome, Counter>,
-    /// CertificateSigningRequests of Petrel's signer, by outcome (signed, denied_<reason>).
+    /// CertificateSigningRequests of Petrel's signer, by outcome (signed, `denied_<reason>`).
     pub csrs: Family<Outcome, Counter>,
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,

@@ -2,7 +2,7 @@
 //! progress (in total and per agent or per direct target), and the upstream itself: one QUIC
 //! stream to the agent that owns the target (its `StreamOpen`, then its `StreamResult`) or, for
 //! cloud and Express Connect targets, a TCP connection from the hub. The CONNECT, SNI and HTTP
-//! handlers ([`super::handle`]) call it between reading a request and replying to it.
+//! handlers (`super::handle`) call it between reading a request and replying to it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
