@@ -202,6 +202,16 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         metrics.contains("petrel_agent_peer_refused_total{reason=\"peer_frame\"}"),
         "{metrics}"
     );
+    // The share of site-to-site bytes that went direct, as a metric: A's 10 MiB to B went
+    // direct (what went via the hub is C's traffic, not sent yet, and the first pings).
+    let sent = |path: &str| {
+        petrel_e2e::apiserver::metric(
+            &metrics,
+            &format!("petrel_agent_peer_bytes_sent_total{{path=\"{path}\"}}"),
+        )
+    };
+    assert!(sent("direct") > f64::from(10u32 << 20), "{metrics}");
+    assert!(sent("hub") < sent("direct") / 100.0, "{metrics}");
 
     // C is behind a NAT that picks a new port per destination: its punches fail, its traffic
     // stays on the hub, and every pair with C still carries 10 MiB both ways.

@@ -90,7 +90,18 @@ async fn open_dataplane(
     let mut last_error = String::new();
     let dp = loop {
         match crate::dataplane::AgentDataplane::open(cfg.clone()).await {
-            Ok(dp) => break dp,
+            Ok(dp) => {
+                let path = |p: &str| {
+                    shared
+                        .metrics
+                        .direct
+                        .bytes_sent
+                        .get_or_create(&crate::metrics::PathLabel { path: p.into() })
+                        .clone()
+                };
+                dp.count_peer_bytes(path("direct"), path("hub"));
+                break dp;
+            }
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last_error {

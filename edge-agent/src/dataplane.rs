@@ -22,6 +22,7 @@ use petrel_datapath::{
 use petrel_proto::types::{IpCidr, MacAddr};
 use petrel_proto::{HubView, RoutePath, DATAGRAM_KIND_VXLAN};
 use petrel_transport::udp_batch::UdpBatch;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -165,6 +166,8 @@ pub struct AgentDataplane {
     frames_direct_in: AtomicU64,
     bytes_direct_in: AtomicU64,
     bytes_to_peers_via_hub: AtomicU64,
+    /// The same two byte counts as metrics (direct, via the hub), once the agent wires them.
+    peer_byte_metrics: std::sync::OnceLock<(Counter, Counter)>,
 }
 
 impl std::fmt::Debug for AgentDataplane {
@@ -201,6 +204,7 @@ impl AgentDataplane {
             frames_direct_in: AtomicU64::new(0),
             bytes_direct_in: AtomicU64::new(0),
             bytes_to_peers_via_hub: AtomicU64::new(0),
+            peer_byte_metrics: std::sync::OnceLock::new(),
         }))
     }
 
@@ -439,6 +443,11 @@ impl AgentDataplane {
                 }
             }
         }
+    }
+
+    /// Counts the bytes sent to offered peers into `direct` and `via_hub` too (metrics).
+    pub fn count_peer_bytes(&self, direct: Counter, via_hub: Counter) {
+        let _ = self.peer_byte_metrics.set((direct, via_hub));
     }
 
     /// What `node`'s frames must carry, from the hub's routes (`None`: not a node of the view).
@@ -707,6 +716,10 @@ impl AgentDataplane {
                 .fetch_add(direct_bytes, Ordering::Relaxed);
             self.bytes_to_peers_via_hub
                 .fetch_add(peer_via_hub, Ordering::Relaxed);
+            if let Some((d, h)) = self.peer_byte_metrics.get() {
+                d.inc_by(direct_bytes);
+                h.inc_by(peer_via_hub);
+            }
             self.frames_to_hub.fetch_add(sent, Ordering::Relaxed);
             self.bytes_to_hub.fetch_add(sent_bytes, Ordering::Relaxed);
             if oversize > 0 {

@@ -82,6 +82,11 @@ impl AgentMetrics {
             direct.attempts.clone(),
         );
         registry.register(
+            "peer_bytes_sent",
+            "VXLAN payload bytes this node sent to peers of other public sites the hub offered, by path (direct, hub): rate(direct) / rate(both) is the share of site-to-site traffic that goes direct",
+            direct.bytes_sent.clone(),
+        );
+        registry.register(
             "peer_refused",
             "What was refused from peer agents: handshakes (not_offered, wrong_peer, unknown_peer, too_many_peers, busy) and frames failing the switch's checks (peer_frame)",
             direct.refused.clone(),
@@ -298,6 +303,14 @@ pub struct DirectMetrics {
     /// What was refused from peers: handshakes (not_offered, wrong_peer, unknown_peer,
     /// too_many_peers) and frames (peer_spoofed_mac, peer_spoofed_source, ...).
     pub refused: Family<Reason, Counter>,
+    /// VXLAN payload bytes sent to offered peers, by path (`direct`, `hub`): the share of
+    /// site-to-site traffic that goes direct.
+    pub bytes_sent: Family<PathLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
 }
 
 impl DirectMetrics {
