@@ -1011,36 +1011,6 @@ fn icmp_rtt_ms(lab: &Lab, from: &str, to: &str) -> Result<f64> {
         .ok_or_else(|| anyhow!("no ICMP reply {from} -> {to}: {}", r.output))
 }
 
-/// `node`'s path to `peer` as its status shows it (direct, punching, hub), `none` if unknown.
-fn peer_path(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> String {
-    petrel
-        .agent_status(node)
-        .ok()
-        .and_then(|st| {
-            st["peers"].as_array().and_then(|p| {
-                p.iter()
-                    .find(|r| r["peer"] == peer)
-                    .and_then(|r| r["path"].as_str().map(str::to_string))
-            })
-        })
-        .unwrap_or_else(|| "none".into())
-}
-
-/// Sends pings `a` -> `b` until both agents show their path direct; how long that took.
-fn wait_direct(petrel: &PetrelLab<'_>, a: &str, b: &str) -> Result<Duration> {
-    let lab = petrel.lab;
-    let t0 = Instant::now();
-    petrel_e2e::lab::wait_until(
-        &format!("{a} and {b} go direct"),
-        Duration::from_secs(60),
-        || {
-            lab.ping(a, lab.node(b).pod_ip);
-            Ok(peer_path(petrel, a, b) == "direct" && peer_path(petrel, b, a) == "direct")
-        },
-    )?;
-    Ok(t0.elapsed())
-}
-
 /// The direct path's RTT, and its breaks: UDP between the two NATs dropped in site A's router
 /// under 10 ms probes both ways; the gap until the probes flow through the hub, then the time
 /// until the path is direct again once the block is lifted.
@@ -1068,8 +1038,11 @@ fn measure_direct(cfg: &BenchConfig, petrel: &PetrelLab<'_>, r: &mut DirectRepor
                 .as_secs_f64()
                 * 1000.0,
         );
-        r.back_direct_after_s
-            .push(wait_direct(petrel, "edge-a1", "edge-b1")?.as_secs_f64());
+        r.back_direct_after_s.push(
+            petrel
+                .wait_direct("edge-a1", "edge-b1", Duration::from_secs(60))?
+                .as_secs_f64(),
+        );
     }
     let mut g = r.break_gap_ms.clone();
     g.sort_by(f64::total_cmp);
@@ -1529,7 +1502,7 @@ fn run_lab_sections(cfg: &BenchConfig, work: &Path, uds: &Path, report: &mut Rep
             "edge-b1",
             "hub + agents",
         );
-        match wait_direct(&petrel, "edge-a1", "edge-b1") {
+        match petrel.wait_direct("edge-a1", "edge-b1", Duration::from_secs(60)) {
             Ok(after) => {
                 report.direct.direct_after_s = Some(after.as_secs_f64());
                 let pids = petrel_pids(&petrel);

@@ -342,6 +342,37 @@ impl<'a> PetrelLab<'a> {
         self.json(node, "petrel-edge-agent", AGENT_ADMIN)
     }
 
+    /// `node`'s status row for its direct-path peer `peer` (`Null` if it has none).
+    pub fn peer_row(&self, node: &str, peer: &str) -> serde_json::Value {
+        self.agent_status(node)
+            .ok()
+            .and_then(|st| {
+                st["peers"]
+                    .as_array()
+                    .and_then(|p| p.iter().find(|r| r["peer"] == peer).cloned())
+            })
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `node`'s path to `peer` (`direct`, `punching`, `hub`), `none` if it has no row.
+    pub fn peer_path(&self, node: &str, peer: &str) -> String {
+        self.peer_row(node, peer)["path"]
+            .as_str()
+            .unwrap_or("none")
+            .to_string()
+    }
+
+    /// Pings `a` -> `b` (traffic the hub relays, so it offers the pair) until both agents show
+    /// their path direct, at most `within`; how long that took.
+    pub fn wait_direct(&self, a: &str, b: &str, within: Duration) -> Result<Duration> {
+        let t0 = std::time::Instant::now();
+        crate::lab::wait_until(&format!("{a} and {b} go direct"), within, || {
+            self.lab.ping(a, self.lab.node(b).pod_ip);
+            Ok(self.peer_path(a, b) == "direct" && self.peer_path(b, a) == "direct")
+        })?;
+        Ok(t0.elapsed())
+    }
+
     /// The agent's `/metrics` on `node` (its admin port, inside the node's namespace).
     pub fn agent_metrics(&self, node: &str) -> Result<String> {
         let ns = self.lab.ns(node)?;

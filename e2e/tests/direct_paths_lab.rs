@@ -21,22 +21,6 @@ fn agent_to_agent(petrel: &PetrelLab<'_>) -> u64 {
         .unwrap_or(0)
 }
 
-/// `node`'s status row for `peer` (`path`: direct, punching, hub).
-fn peer_row(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> serde_json::Value {
-    let st = petrel.agent_status(node).unwrap();
-    st["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|r| r["peer"] == peer).cloned())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-fn path_of(petrel: &PetrelLab<'_>, node: &str, peer: &str) -> String {
-    peer_row(petrel, node, peer)["path"]
-        .as_str()
-        .unwrap_or("none")
-        .to_string()
-}
-
 fn transfer_both_ways(lab: &Lab, a: &str, b: &str) {
     for (from, to) in [(a, b), (b, a)] {
         let r = lab
@@ -88,21 +72,14 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     // A and B: the traffic above crossed the hub, which offered the pair; both agents punch
     // from their tunnel sockets and go direct.
     let via_hub_ms = rtt_ms(&lab, "edge-a1", "edge-c1");
-    lab::wait_until(
-        "edge-a1 and edge-b1 go direct",
-        Duration::from_secs(30),
-        || {
-            lab.ping("edge-a1", lab.node("edge-b1").pod_ip);
-            Ok(path_of(&petrel, "edge-a1", "edge-b1") == "direct"
-                && path_of(&petrel, "edge-b1", "edge-a1") == "direct")
-        },
-    )
-    .unwrap();
+    petrel
+        .wait_direct("edge-a1", "edge-b1", Duration::from_secs(30))
+        .unwrap();
     let direct_ms = rtt_ms(&lab, "edge-a1", "edge-b1");
     eprintln!(
         "ICMP RTT a1 -> b1 direct {direct_ms:.3} ms; a1 -> c1 via the hub {via_hub_ms:.3} ms"
     );
-    let row = peer_row(&petrel, "edge-a1", "edge-b1");
+    let row = petrel.peer_row("edge-a1", "edge-b1");
     let b_wan = lab.router("site-b").unwrap().wan_ip;
     assert!(
         row["offered_addr"]
@@ -126,7 +103,7 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
                 } else {
                     "edge-a1"
                 };
-                peer_row(&petrel, n, peer)["max_frame"]
+                petrel.peer_row(n, peer)["max_frame"]
                     .as_u64()
                     .is_some_and(|m| m >= full_frame)
             }))
@@ -228,7 +205,7 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         ("edge-a1", "edge-c1"),
         ("edge-c1", "edge-b1"),
     ] {
-        let row = peer_row(&petrel, node, peer);
+        let row = petrel.peer_row(node, peer);
         assert_ne!(row["path"], "direct", "{node} -> {peer}: {row}");
     }
     lab::wait_until(
@@ -236,7 +213,7 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         Duration::from_secs(30),
         || {
             lab.ping("edge-c1", lab.node("edge-a1").pod_ip);
-            Ok(peer_row(&petrel, "edge-c1", "edge-a1")["failures"]
+            Ok(petrel.peer_row("edge-c1", "edge-a1")["failures"]
                 .as_u64()
                 .unwrap_or(0)
                 >= 1)
@@ -245,14 +222,26 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
     .unwrap();
 
     // Break A-B in A's NAT mid-transfer: the transfer completes through the hub.
-    assert_eq!(path_of(&petrel, "edge-a1", "edge-b1"), "direct");
+    assert_eq!(petrel.peer_path("edge-a1", "edge-b1"), "direct");
     let probe = Probe::start(&lab, "edge-a1", "edge-b1", 7311).unwrap();
     petrel_e2e::failover_probe::flowing(&[&probe], Duration::from_secs(5)).unwrap();
     let hub_before = agent_to_agent(&petrel);
     let blocked_at = std::thread::scope(|s| {
-        // Large enough to be under way when the block lands (direct, it moves ~30 MiB/s here).
+        // Large enough to be under way when the block lands (direct, it moves ~30 MiB/s here):
+        // the block comes once a first MiB of it has gone direct.
+        let direct_out = || {
+            petrel.agent_status("edge-a1").unwrap()["dataplane"]["bytes_direct_out"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let out0 = direct_out();
         let transfer = s.spawn(|| lab.tcp_transfer("edge-a1", "edge-b1", 64 << 20));
-        std::thread::sleep(Duration::from_millis(150));
+        lab::wait_until(
+            "the transfer is under way on the direct path",
+            Duration::from_secs(5),
+            || Ok(direct_out() > out0 + (1 << 20)),
+        )
+        .unwrap();
         lab.block_udp_in_nat("site-a", b_wan, true).unwrap();
         let at = Instant::now();
         let r = transfer.join().unwrap();
@@ -274,21 +263,14 @@ fn public_sites_go_direct_where_their_nats_allow_and_fall_back_to_the_hub() {
         agent_to_agent(&petrel) > hub_before + 1000,
         "the rest of the transfer went through the hub"
     );
-    assert_ne!(path_of(&petrel, "edge-a1", "edge-b1"), "direct");
+    assert_ne!(petrel.peer_path("edge-a1", "edge-b1"), "direct");
     assert!(gap < Duration::from_secs(3), "gap {gap:?}");
 
     // Lifted: the direct path comes back (after the agents' backoff).
     lab.block_udp_in_nat("site-a", b_wan, false).unwrap();
-    lab::wait_until(
-        "edge-a1 and edge-b1 direct again",
-        Duration::from_secs(60),
-        || {
-            lab.ping("edge-a1", lab.node("edge-b1").pod_ip);
-            Ok(path_of(&petrel, "edge-a1", "edge-b1") == "direct"
-                && path_of(&petrel, "edge-b1", "edge-a1") == "direct")
-        },
-    )
-    .unwrap();
+    petrel
+        .wait_direct("edge-a1", "edge-b1", Duration::from_secs(60))
+        .unwrap();
     drop(probe);
     petrel.stop().unwrap();
 }

@@ -72,11 +72,22 @@ pub struct DataplaneStatus {
     pub direct_share: Option<f64>,
 }
 
-/// Where delivered frames came from (which counters they go to).
+/// Where delivered frames came from: which checks they get and which counters they go to.
 #[derive(Debug, Clone, Copy)]
-enum Origin {
+enum Origin<'a> {
     Hub,
-    Peer,
+    /// A direct peer, held to what its frames may carry.
+    Peer(&'a PeerAuthority),
+}
+
+/// What [`AgentDataplane::stage`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    Queued,
+    /// Not injected (malformed, not for this node, the kernel would not take it).
+    Dropped,
+    /// From a peer, failing the checks the hub's switch would make.
+    Refused,
 }
 
 /// What a direct peer's frames must carry to be delivered here
@@ -503,34 +514,14 @@ impl AgentDataplane {
         let mut taken = 0;
         while let Some(d) = next.take() {
             taken += 1;
-            let check = petrel_proto::parse_datagram(&d)
-                .map_err(|e| e.reason())
-                .and_then(|f| {
-                    petrel_proto::direct::check_peer_frame(
-                        &f,
-                        petrel_proto::direct::Receiver {
-                            mac: MacAddr(self.vtep_mac),
-                            cidrs: &peer.mine,
-                        },
-                        peer.mac,
-                        &peer.cidrs,
-                    )
-                    .map_err(|r| r.label())
-                });
-            match check {
-                Ok(()) => {
-                    self.stage(d, &mut batch, Origin::Peer).await;
-                }
-                Err(reason) => {
-                    refused += 1;
-                    self.drop_frame(reason);
-                }
+            if self.stage(d, &mut batch, Origin::Peer(peer)).await == Staged::Refused {
+                refused += 1;
             }
             if taken < DRAIN_BATCH {
                 next = conn.read_datagram().now_or_never().and_then(Result::ok);
             }
         }
-        self.flush(&mut batch, Origin::Peer).await;
+        self.flush(&mut batch, Origin::Peer(peer)).await;
         refused
     }
 
@@ -561,25 +552,46 @@ impl AgentDataplane {
         }
     }
 
-    /// Checks one datagram and adds its frame to `batch` (sending what is there first if it
-    /// cannot join).
-    async fn stage(&self, datagram: Bytes, batch: &mut UdpBatch, from: Origin) -> bool {
+    /// Checks one datagram (parsed once: from a peer, against what the hub's switch would
+    /// check; from the hub, that it is for this node) and adds its frame to `batch` (sending
+    /// what is there first if it cannot join).
+    async fn stage(&self, datagram: Bytes, batch: &mut UdpBatch, from: Origin<'_>) -> Staged {
         let frame = match petrel_proto::parse_datagram(&datagram) {
             Ok(f) => f,
             Err(e) => {
                 self.drop_frame(e.reason());
-                return false;
+                return if matches!(from, Origin::Peer(_)) {
+                    Staged::Refused
+                } else {
+                    Staged::Dropped
+                };
             }
         };
-        if frame.dst_mac().0 != self.vtep_mac {
-            self.drop_frame("not_for_this_node");
-            return false;
+        let me = MacAddr(self.vtep_mac);
+        match from {
+            Origin::Peer(peer) => {
+                let mine = petrel_proto::direct::Receiver {
+                    mac: me,
+                    cidrs: &peer.mine,
+                };
+                if let Err(r) =
+                    petrel_proto::direct::check_peer_frame(&frame, mine, peer.mac, &peer.cidrs)
+                {
+                    self.drop_frame(r.label());
+                    return Staged::Refused;
+                }
+            }
+            Origin::Hub if frame.dst_mac() != me => {
+                self.drop_frame("not_for_this_node");
+                return Staged::Dropped;
+            }
+            Origin::Hub => {}
         }
         let payload = frame.vxlan_bytes();
         if let Err(e) = self.injector.validate(payload) {
             debug!(error = %e, "inject failed");
             self.drop_frame("inject_failed");
-            return false;
+            return Staged::Dropped;
         }
         if !batch.accepts(payload.len(), None) {
             self.flush(batch, from).await;
@@ -590,18 +602,18 @@ impl AgentDataplane {
         // The VXLAN payload is the datagram after its kind byte (it parsed, so it is longer
         // than that): a slice of the same buffer, not a copy.
         batch.push(datagram.slice(petrel_proto::DATAGRAM_OVERHEAD..), None);
-        true
+        Staged::Queued
     }
 
     /// The frame and byte counters of what came from `from`.
-    fn received(&self, from: Origin) -> (&AtomicU64, &AtomicU64) {
+    fn received(&self, from: Origin<'_>) -> (&AtomicU64, &AtomicU64) {
         match from {
             Origin::Hub => (&self.frames_from_hub, &self.bytes_from_hub),
-            Origin::Peer => (&self.frames_direct_in, &self.bytes_direct_in),
+            Origin::Peer(_) => (&self.frames_direct_in, &self.bytes_direct_in),
         }
     }
 
-    async fn flush(&self, batch: &mut UdpBatch, from: Origin) {
+    async fn flush(&self, batch: &mut UdpBatch, from: Origin<'_>) {
         let f = self.injector.send_batch(batch).await;
         self.received(from)
             .0
