@@ -19,7 +19,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::pki::CertInfo;
-use crate::tls::{crypto_provider, roots, TlsConfigError};
+use crate::tls::{
+    crypto_provider, no_resumption_client, no_resumption_server, roots, TlsConfigError,
+};
 
 /// ALPN of a direct connection between two agents.
 pub const ALPN_PEER: &[u8] = b"petrel-peer/1";
@@ -64,6 +66,7 @@ pub fn peer_listener_tls(
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN_PEER.to_vec()];
     cfg.max_early_data_size = 0;
+    no_resumption_server(&mut cfg);
     Ok(cfg)
 }
 
@@ -88,6 +91,7 @@ pub fn peer_dialer_tls(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN_PEER.to_vec()];
+    no_resumption_client(&mut cfg);
     Ok(cfg)
 }
 

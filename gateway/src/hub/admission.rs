@@ -181,24 +181,33 @@ pub fn decide_handshake(
     HandshakeVerdict::Accept
 }
 
-/// Address-validated handshakes waiting for a slot, oldest first. Without it a handshake that
+/// Address-validated handshakes waiting for a slot, newest first. Without it a handshake that
 /// arrives while every slot is busy is ignored and its agent waits for its own retransmission
 /// (about a second, then two): after a hub restart a fleet then spent most of its 3 s connect
 /// budget waiting on timers while slots were freeing up. Only sources that answered a Retry
 /// are queued (a spoofed address never does), the queue is bounded, and an entry older than
 /// `max_wait` is dropped (its agent has given up or is about to), so it costs at most
 /// `capacity` held Initial packets.
+///
+/// Newest first because the queue only fills when the hub is saturated, and then every agent
+/// behind the head of a first-come queue has waited nearly `max_wait`: the hub answered
+/// Initials whose agents gave up a moment later, and in a 10,000-agent reconnect storm 60% of
+/// the handshakes it started were closed by an agent that no longer waited. The newest Initial
+/// has the most of its agent's patience left. For the same reason a full queue drops its oldest
+/// entry to make room. The agents that lose out come back with a fresh attempt, which is then
+/// the newest.
 #[derive(Debug)]
 pub struct HandshakeQueue<T> {
     capacity: usize,
     max_wait: Duration,
+    /// Oldest at the front, newest at the back.
     waiting: std::collections::VecDeque<(Instant, T)>,
 }
 
-/// Why a handshake was not queued, or left the queue without a slot.
+/// Why a handshake left the queue without a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueDrop {
-    /// The queue was full when it arrived.
+    /// The queue was full and a newer handshake took its place.
     Full,
     /// It waited longer than `max_wait`.
     Expired,
@@ -216,35 +225,31 @@ impl QueueDrop {
 impl<T> HandshakeQueue<T> {
     pub fn new(capacity: usize, max_wait: Duration) -> Self {
         Self {
-            capacity,
+            capacity: capacity.max(1),
             max_wait,
             waiting: std::collections::VecDeque::new(),
         }
     }
 
-    /// Queues `item`, or hands it back when the queue is full.
-    pub fn push(&mut self, now: Instant, item: T) -> Result<(), (QueueDrop, T)> {
-        if self.waiting.len() >= self.capacity {
-            return Err((QueueDrop::Full, item));
-        }
+    /// Queues `item`; when the queue is full, the oldest waiting handshake makes room and is
+    /// handed back.
+    pub fn push(&mut self, now: Instant, item: T) -> Option<T> {
+        let pushed_out = if self.waiting.len() >= self.capacity {
+            self.waiting.pop_front().map(|(_, old)| old)
+        } else {
+            None
+        };
         self.waiting.push_back((now, item));
-        Ok(())
+        pushed_out
     }
 
-    /// The oldest handshake still worth a slot; the expired ones before it go to `expired`.
-    pub fn pop(&mut self, now: Instant, mut expired: impl FnMut(T)) -> Option<T> {
-        while let Some((at, item)) = self.waiting.pop_front() {
-            if now.saturating_duration_since(at) > self.max_wait {
-                expired(item);
-                continue;
-            }
-            return Some(item);
-        }
-        None
+    /// The newest handshake; the expired ones go to `expired` first.
+    pub fn pop(&mut self, now: Instant, expired: impl FnMut(T)) -> Option<T> {
+        self.expire(now, expired);
+        self.waiting.pop_back().map(|(_, item)| item)
     }
 
-    /// Drops what has waited too long (the queue is also drained by `pop`; this keeps it clean
-    /// when no slot frees for a while).
+    /// Drops what has waited longer than `max_wait` (exactly `max_wait` is still in time).
     pub fn expire(&mut self, now: Instant, mut expired: impl FnMut(T)) {
         while self
             .waiting
@@ -319,32 +324,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     #[test]
-    fn handshake_queue_is_fifo_bounded_and_expires() {
+    fn handshake_queue_serves_the_newest_pushes_out_the_oldest_and_expires() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut q = HandshakeQueue::new(2, Duration::from_secs(2));
         assert!(q.is_empty());
-        assert_eq!(q.push(t0, 1), Ok(()));
-        assert_eq!(q.push(t0 + Duration::from_millis(500), 2), Ok(()));
-        assert_eq!(q.push(t0, 3), Err((QueueDrop::Full, 3)));
+        assert_eq!(q.push(t0, 1), None);
+        assert_eq!(q.push(t0 + ms(500), 2), None);
+        // Full: the oldest makes room for the newest.
+        assert_eq!(q.push(t0 + ms(600), 3), Some(1));
         assert_eq!(q.len(), 2);
-        assert_eq!(q.next_expiry(), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(q.next_expiry(), Some(t0 + ms(2500)));
         let mut expired = Vec::new();
-        // Exactly at max_wait it is still served; just past it, it is dropped.
-        assert_eq!(
-            q.pop(t0 + Duration::from_secs(2), |x| expired.push(x)),
-            Some(1)
-        );
+        // Newest first.
+        assert_eq!(q.pop(t0 + ms(700), |x| expired.push(x)), Some(3));
+        assert_eq!(q.push(t0 + ms(800), 4), None);
+        // Exactly at max_wait 2 is still in time, yet 4 is newer.
+        assert_eq!(q.pop(t0 + ms(2500), |x| expired.push(x)), Some(4));
         assert!(expired.is_empty());
-        assert_eq!(q.push(t0 + Duration::from_secs(2), 4), Ok(()));
-        assert_eq!(
-            q.pop(t0 + Duration::from_millis(2501), |x| expired.push(x)),
-            Some(4)
-        );
+        assert_eq!(q.len(), 1);
+        // Just past max_wait it is dropped rather than served.
+        assert_eq!(q.pop(t0 + ms(2501), |x| expired.push(x)), None);
         assert_eq!(expired, vec![2]);
-        assert_eq!(
-            q.pop(t0 + Duration::from_secs(3), |x| expired.push(x)),
-            None
-        );
+        assert!(q.is_empty());
+        assert_eq!(q.next_expiry(), None);
     }
 
     #[test]
@@ -352,7 +355,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = HandshakeQueue::new(8, Duration::from_secs(1));
         for (i, ms) in [0u64, 100, 900, 1500].into_iter().enumerate() {
-            q.push(t0 + Duration::from_millis(ms), i).unwrap();
+            assert_eq!(q.push(t0 + Duration::from_millis(ms), i), None);
         }
         let mut expired = Vec::new();
         q.expire(t0 + Duration::from_millis(1101), |x| expired.push(x));

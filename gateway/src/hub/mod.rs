@@ -492,7 +492,7 @@ impl Hub {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                // A slot for the oldest waiting handshake.
+                // A slot for the newest waiting handshake.
                 Ok(slot) = handshakes.clone().acquire_owned(), if !waiting.is_empty() => {
                     let next = waiting.pop(std::time::Instant::now(), |i| queue_drop(admission::QueueDrop::Expired, i));
                     if let Some(incoming) = next {
@@ -560,13 +560,9 @@ impl Hub {
                     continue;
                 }
             }
-            // First come, first served: nobody passes the queue.
-            let slot = if waiting.is_empty() {
-                handshakes.clone().try_acquire_owned().ok()
-            } else {
-                None
-            };
-            match slot {
+            // Newest first (see `admission::HandshakeQueue`): a free slot goes to what just
+            // arrived.
+            match handshakes.clone().try_acquire_owned().ok() {
                 Some(slot) => self.spawn_handshake(incoming, slot),
                 None if incoming.remote_address_validated() => {
                     self.queue_handshake(&mut waiting, incoming, &queue_drop)
@@ -613,9 +609,9 @@ impl Hub {
         incoming: quinn::Incoming,
         queue_drop: &impl Fn(admission::QueueDrop, quinn::Incoming),
     ) {
-        match waiting.push(std::time::Instant::now(), incoming) {
-            Ok(()) => HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "queued"),
-            Err((why, incoming)) => queue_drop(why, incoming),
+        HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "queued");
+        if let Some(oldest) = waiting.push(std::time::Instant::now(), incoming) {
+            queue_drop(admission::QueueDrop::Full, oldest);
         }
     }
 
