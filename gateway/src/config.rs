@@ -180,8 +180,9 @@ pub struct RunArgs {
     /// true); a site's `mtu` in the inventory (or `petrel.io/site-mtu`) overrides it.
     #[arg(long, env = "PETREL_LEARN_SITE_MTUS")]
     pub learn_site_mtus: Option<bool>,
-    /// Send QUIC packets in batches with UDP segmentation offload (default true). Off saves
-    /// ~13 KiB per connected agent and costs relay throughput (docs/operations.md, sizing).
+    /// Send QUIC packets in batches with UDP segmentation offload (default true). Off costs
+    /// relay throughput and, with the quinn Petrel carries, saves no memory (docs/operations.md,
+    /// sizing).
     #[arg(long, env = "PETREL_QUIC_GSO")]
     pub quic_gso: Option<bool>,
     /// Offer agents of two public sites that exchange traffic through this hub each other's

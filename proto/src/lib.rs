@@ -110,8 +110,8 @@
 //! Bodies are the struct fields in declaration order (see each type). Caps and validation
 //! (both enforced on encode too, see [`codec`]): node names are DNS-1123 subdomains ≤ 253;
 //! site ≤ 63 (label value); hub id, gateway name and host ≤ 253; ALPN ≤ 32; agent version ≤ 128;
-//! datapath ≤ 32; operator messages ≤ 1024; token ≤ 1024; stream `display` ≤ 512; CSR and each
-//! certificate ≤ 16 KiB; pod CIDRs ≤ 16; underlay addresses ≤ 16; gateways ≤ 64; routes ≤ 65535
+//! datapath ≤ 32; operator messages ≤ 1024; token ≤ 1024; stream `display` ≤ 512; CSR ≤ 4 KiB
+//! (16 KiB before issue 11's pre-authentication budget); each certificate ≤ 16 KiB; pod CIDRs ≤ 16; underlay addresses ≤ 16; gateways ≤ 64; routes ≤ 65535
 //! (in practice the 64 KiB frame binds first: ~1200 routes with 20-byte names); ports ≠ 0;
 //! `keepalive_interval_ms` ≠ 0; `site_mtu` ≥ 576.
 //!

@@ -67,7 +67,7 @@ fn cap_constants_match_the_specification() {
     assert_eq!(MAX_MESSAGE_LEN, 1024);
     assert_eq!(MAX_TOKEN_LEN, 1024);
     assert_eq!(MAX_DISPLAY_LEN, 512);
-    assert_eq!(MAX_CSR_LEN, 16_384);
+    assert_eq!(MAX_CSR_LEN, 4_096);
     assert_eq!(MAX_CERT_LEN, 16_384);
     assert_eq!(MAX_POD_CIDRS, 16);
     assert_eq!(MAX_UNDERLAY_ADDRS, 16);

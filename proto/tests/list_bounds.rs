@@ -138,8 +138,8 @@ fn a_site_mtu_needs_at_least_four_bytes() {
 #[test]
 fn enrolment_request_cap_is_each_field_at_its_cap() {
     // Version, then token, node name and CSR at their caps with 4-byte length prefixes.
-    assert_eq!(MAX_ENROL_REQUEST_BODY, 2 + 4 + 1024 + 4 + 253 + 4 + 16_384);
-    assert_eq!(MAX_ENROL_REQUEST_BODY, 17_675);
+    assert_eq!(MAX_ENROL_REQUEST_BODY, 2 + 4 + 1024 + 4 + 253 + 4 + 4_096);
+    assert_eq!(MAX_ENROL_REQUEST_BODY, 5_387);
 }
 
 const MS: Duration = Duration::from_millis(1);
