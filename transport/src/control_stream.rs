@@ -194,11 +194,11 @@ async fn read_with(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pki::{CertificateAuthority, NodeKey};
     use crate::quic::TransportTuning;
+    use crate::test_pki;
     use petrel_proto::routes::{RouteEntry, RouteTable};
     use petrel_proto::{IpCidr, MacAddr, Ping};
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     /// A hub-side writer and an agent-side reader over a real QUIC connection on loopback; the
     /// agent's stream window is small, so a large queue is written in many partial steps.
@@ -211,31 +211,14 @@ mod tests {
     }
 
     async fn pair() -> Pair {
-        let now = SystemTime::now();
-        let ca = CertificateAuthority::generate("test", now, Duration::from_secs(3600)).unwrap();
-        let (chain, key) = ca
-            .issue_hub_certificate(&[], now, Duration::from_secs(3600))
-            .unwrap();
-        let tls = crate::tls::hub_server_tls(ca.cert_der(), chain, key, &[b"t"]).unwrap();
+        let ca = test_pki::ca("test");
+        let hub = test_pki::hub(&ca);
+        let tls = crate::tls::hub_server_tls(ca.cert_der(), hub.chain, hub.key, &[b"t"]).unwrap();
         let server_cfg = crate::quic::server_config(tls, &TransportTuning::default()).unwrap();
         let server =
             crate::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), server_cfg, b"s").unwrap();
-        let node = NodeKey::generate().unwrap();
-        let cert = ca
-            .sign_node_csr(
-                &node.csr_der("n1").unwrap(),
-                "n1",
-                now,
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let tls = crate::tls::agent_client_tls(
-            ca.cert_der(),
-            vec![cert.to_vec().into()],
-            node.private_key_der(),
-            b"t",
-        )
-        .unwrap();
+        let node = test_pki::node(&ca, "n1");
+        let tls = crate::tls::agent_client_tls(ca.cert_der(), node.chain, node.key, b"t").unwrap();
         let client_cfg = crate::quic::client_config(
             tls,
             &TransportTuning {

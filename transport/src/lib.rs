@@ -21,6 +21,7 @@
 //! | [`setting_values`] | the value layer of both binaries' configuration and their shared `ConfigError` |
 //! | [`private_files`] | writing secrets to disk |
 //! | [`admin`], [`process`] | the admin HTTP server and the metrics every process exports |
+//! | `test_pki` (tests only) | the CA, hub and node certificates the crate's tests use |
 
 #![forbid(unsafe_code)]
 
@@ -37,6 +38,9 @@ pub mod splice;
 pub mod stream_carrier;
 pub mod tls;
 pub mod udp_batch;
+
+#[cfg(test)]
+mod test_pki;
 
 /// SAN that every hub certificate carries and every agent checks. Agents dial hubs by IP or by
 /// whatever name the operator gave; the name they verify is always this one, so a hub's identity

@@ -152,35 +152,10 @@ impl ServerCertVerifier for ExpectedPeer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pki::{CertificateAuthority, NodeKey};
+    use crate::pki::CertificateAuthority;
     use crate::quic::TransportTuning;
-    use std::time::{Duration, SystemTime};
-
-    struct Node {
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    }
-
-    fn node(ca: &CertificateAuthority, name: &str) -> Node {
-        let key = NodeKey::generate().unwrap();
-        let cert = ca
-            .sign_node_csr(
-                &key.csr_der(name).unwrap(),
-                name,
-                SystemTime::now(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        Node {
-            chain: vec![cert],
-            key: key.private_key_der(),
-        }
-    }
-
-    fn ca(name: &str) -> CertificateAuthority {
-        CertificateAuthority::generate(name, SystemTime::now(), Duration::from_secs(86_400))
-            .unwrap()
-    }
+    use crate::test_pki::{ca, node, Issued as Node};
+    use std::time::Duration;
 
     /// `dialer` dials `listener` (a QUIC endpoint on loopback) expecting `expected`; returns
     /// the name the listener saw, or the handshake's error.
@@ -277,10 +252,7 @@ mod tests {
     async fn a_hub_certificate_cannot_pass_as_a_peer() {
         crate::tls::install_default_provider();
         let ca1 = ca("petrel test ca");
-        let (chain, key) = ca1
-            .issue_hub_certificate(&[], SystemTime::now(), Duration::from_secs(3600))
-            .unwrap();
-        let hub = Node { chain, key };
+        let hub = crate::test_pki::hub(&ca1);
         // Whatever name the dialer expects, a serverAuth-only hub certificate is no node's.
         let e = dial(
             &ca1,

@@ -299,7 +299,7 @@ pub async fn await_answer(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::pki::{CertificateAuthority, NodeKey};
+    use crate::test_pki;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::SystemTime;
 
@@ -332,12 +332,11 @@ mod tests {
                     .unwrap()
                     .as_secs(),
             );
-        let ca =
-            CertificateAuthority::generate("retry-ca", now, Duration::from_secs(3600)).unwrap();
-        let (chain, key) = ca
-            .issue_hub_certificate(&[], now, Duration::from_secs(3600))
-            .unwrap();
-        let tls = crate::tls::hub_server_tls(ca.cert_der(), chain, key, &[b"petrel/1"]).unwrap();
+        let ca = test_pki::ca("retry-ca");
+        let hub_cert = test_pki::hub(&ca);
+        let tls =
+            crate::tls::hub_server_tls(ca.cert_der(), hub_cert.chain, hub_cert.key, &[b"petrel/1"])
+                .unwrap();
         let mut server = server_config(tls, &TransportTuning::default()).unwrap();
         server.time_source(Arc::new(JumpingClock {
             base: issued,
@@ -363,22 +362,9 @@ mod tests {
                 }
             }
         });
-        let node = NodeKey::generate().unwrap();
-        let cert = ca
-            .sign_node_csr(
-                &node.csr_der("edge-a1").unwrap(),
-                "edge-a1",
-                now,
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let tls = crate::tls::agent_client_tls(
-            ca.cert_der(),
-            vec![cert],
-            node.private_key_der(),
-            b"petrel/1",
-        )
-        .unwrap();
+        let node = test_pki::node(&ca, "edge-a1");
+        let tls =
+            crate::tls::agent_client_tls(ca.cert_der(), node.chain, node.key, b"petrel/1").unwrap();
         let mut client = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
         client.set_default_client_config(client_config(tls, &TransportTuning::default()).unwrap());
         let result = client

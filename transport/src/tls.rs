@@ -325,83 +325,32 @@ mod tests {
 
     #[test]
     fn every_tunnel_handshake_is_a_full_one() {
-        use crate::pki::{CertificateAuthority, NodeKey};
-        use std::time::{Duration, SystemTime};
-        let now = SystemTime::now();
-        let ca =
-            CertificateAuthority::generate("resume-ca", now, Duration::from_secs(3600)).unwrap();
-        let hub_cert = || {
-            ca.issue_hub_certificate(&[], now, Duration::from_secs(3600))
-                .unwrap()
+        use crate::test_pki;
+        use rustls::HandshakeKind::{Full, Resumed};
+        let ca = test_pki::ca("resume-ca");
+        let (hub_cert, node) = (test_pki::hub(&ca), test_pki::node(&ca, "edge-a1"));
+        let hub =
+            hub_server_tls(ca.cert_der(), hub_cert.chain, hub_cert.key, &[b"petrel/1"]).unwrap();
+        let agent = agent_client_tls(ca.cert_der(), node.chain, node.key, b"petrel/1").unwrap();
+        // The same two configurations with rustls's defaults for resumption: such a pair
+        // resumes its second handshake, and then the server does not verify the client
+        // certificate again.
+        let mut resuming_client = agent.clone();
+        resuming_client.resumption = rustls::client::Resumption::default();
+        let mut ticketing_server = hub.clone();
+        ticketing_server.session_storage = rustls::server::ServerSessionMemoryCache::new(256);
+        ticketing_server.send_tls13_tickets = 2;
+        let (hub, agent) = (Arc::new(hub), Arc::new(agent));
+        let (resuming_client, ticketing_server) =
+            (Arc::new(resuming_client), Arc::new(ticketing_server));
+        let twice = |c: &Arc<rustls::ClientConfig>, s: &Arc<rustls::ServerConfig>| {
+            [handshake(c, s), handshake(c, s)]
         };
-        let node = NodeKey::generate().unwrap();
-        let node_chain = vec![ca
-            .sign_node_csr(
-                &node.csr_der("edge-a1").unwrap(),
-                "edge-a1",
-                now,
-                Duration::from_secs(3600),
-            )
-            .unwrap()];
-        let (chain, key) = hub_cert();
-        let hub = Arc::new(hub_server_tls(ca.cert_der(), chain, key, &[b"petrel/1"]).unwrap());
-        let agent = Arc::new(
-            agent_client_tls(
-                ca.cert_der(),
-                node_chain.clone(),
-                node.private_key_der(),
-                b"petrel/1",
-            )
-            .unwrap(),
-        );
-        // rustls's defaults on the other end: such a pair resumes its second handshake, and
-        // then the server never verifies the client certificate again.
-        let mut resuming_client = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots(ca.cert_der()).unwrap())
-            .with_client_auth_cert(node_chain, node.private_key_der())
-            .unwrap();
-        resuming_client.alpn_protocols = vec![b"petrel/1".to_vec()];
-        let resuming_client = Arc::new(resuming_client);
-        let (chain, key) = hub_cert();
-        let mut ticketing_server = rustls::ServerConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(
-                    roots(ca.cert_der()).unwrap(),
-                    crypto_provider(),
-                )
-                .build()
-                .unwrap(),
-            )
-            .with_single_cert(chain, key)
-            .unwrap();
-        ticketing_server.alpn_protocols = vec![b"petrel/1".to_vec()];
-        let ticketing_server = Arc::new(ticketing_server);
-        // The two defaults together do resume: the test can tell.
-        assert_eq!(
-            handshake(&resuming_client, &ticketing_server),
-            rustls::HandshakeKind::Full
-        );
-        assert_eq!(
-            handshake(&resuming_client, &ticketing_server),
-            rustls::HandshakeKind::Resumed
-        );
-        // The hub offers no resumption to a client that would take it...
-        for _ in 0..2 {
-            assert_eq!(
-                handshake(&resuming_client, &hub),
-                rustls::HandshakeKind::Full
-            );
-        }
-        // ...and the agent asks for none from a server that would grant it.
-        for _ in 0..2 {
-            assert_eq!(
-                handshake(&agent, &ticketing_server),
-                rustls::HandshakeKind::Full
-            );
-        }
+        // The defaults together do resume: the test can tell.
+        assert_eq!(twice(&resuming_client, &ticketing_server), [Full, Resumed]);
+        // The hub offers no resumption to a client that would take it, and the agent asks for
+        // none from a server that would grant it.
+        assert_eq!(twice(&resuming_client, &hub), [Full, Full]);
+        assert_eq!(twice(&agent, &ticketing_server), [Full, Full]);
     }
 }
