@@ -84,8 +84,11 @@
 //! | `capture` | [`FrameSource`], [`FrameBatch`]: frames toward the relay (UDP from `petrel.1`, or TUN + in-place encapsulation) |
 //! | `inject` | [`Injector`]: frames from the hub into `flannel.1` |
 //! | `nl`, `events` | the rtnetlink request helper and change notifications |
-//! | `tun`, `ethtool` | the TUN device and the checksum-offload ioctl: the crate's only `unsafe` |
+//! | `tun`, `ethtool` | the TUN device and the checksum-offload ioctl |
+//! | `heap` | the allocator's free pages given back to the kernel (glibc `malloc_trim`; used by the hub) |
 //! | `probe`, `sysctl`, `error` | the fast-hook probe, `rp_filter`, [`DatapathError`] |
+//!
+//! `tun`, `ethtool` and `heap` hold the crate's only `unsafe`.
 //!
 //! The VXLAN wire format comes from `petrel_proto::datagram`; UDP batching (GSO, `recvmmsg`) from
 //! `petrel_transport::udp_batch`, which the hub uses without this crate's netlink parts.
@@ -114,6 +117,7 @@ mod datapath;
 mod error;
 mod ethtool;
 mod events;
+pub mod heap;
 mod inject;
 mod nl;
 mod probe;

@@ -5,7 +5,7 @@
 //! caller then tells the old session to leave. A session removes its entry on exit only if it is
 //! still the current one, so a late exit of a replaced session never unregisters its successor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,16 +13,56 @@ use std::time::SystemTime;
 
 use petrel_proto::GoingAway;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// What the hub asks a session to do.
 #[derive(Debug)]
 pub enum SessionCommand {
     /// Send going-away and close.
     Leave(GoingAway),
-    /// Push a control message (an inventory update). Boxed: every agent's command channel
-    /// allocates its first block of slots up front, at the size of this enum.
+    /// Push a control message (an inventory update, a peer offer).
     Send(Box<petrel_proto::ControlMessage>),
+}
+
+/// A session's inbox of [`SessionCommand`]s: bounded, one reader (the session), and nothing
+/// allocated until a command arrives. A tokio `mpsc` channel allocates a block of 32 slots per
+/// channel up front, ~1.5 KB per agent for an inbox that is empty nearly all its life.
+#[derive(Debug, Default)]
+pub struct CommandQueue {
+    queue: Mutex<VecDeque<SessionCommand>>,
+    arrived: Notify,
+}
+
+impl CommandQueue {
+    /// Commands a session may have waiting; a sender finding it full gets its command back (the
+    /// session is not keeping up: leave-senders then close the connection, update-senders retry
+    /// on the next change).
+    pub const CAPACITY: usize = 16;
+
+    pub fn try_send(&self, cmd: SessionCommand) -> Result<(), SessionCommand> {
+        {
+            let Ok(mut q) = self.queue.lock() else {
+                return Err(cmd);
+            };
+            if q.len() >= Self::CAPACITY {
+                return Err(cmd);
+            }
+            q.push_back(cmd);
+        }
+        // A permit is stored if the session is not waiting, so the next `recv` sees it.
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// The next command, in order. Cancel-safe: a command is taken only when this resolves.
+    pub async fn recv(&self) -> SessionCommand {
+        loop {
+            if let Some(cmd) = self.queue.lock().ok().and_then(|mut q| q.pop_front()) {
+                return cmd;
+            }
+            self.arrived.notified().await;
+        }
+    }
 }
 
 /// Counters a session updates and `status` reads.
@@ -54,7 +94,7 @@ pub struct AgentEntry {
     pub datapath: String,
     pub since: SystemTime,
     pub connection: quinn::Connection,
-    pub commands: mpsc::Sender<SessionCommand>,
+    pub commands: CommandQueue,
     pub counters: AgentCounters,
     /// The agent takes its routes by route sync; its views carry none.
     pub route_sync: bool,

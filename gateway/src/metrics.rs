@@ -35,6 +35,9 @@ pub struct HubMetrics {
     pub datagrams_dropped: Family<Reason, Counter>,
     pub frames_forwarded: Family<Reason, Counter>,
     pub going_away_sent: Counter,
+    /// Bytes of freed heap the hub gave back to the kernel (its RSS before minus after each
+    /// release; see `hub::memory`).
+    pub heap_released_bytes: Counter,
     /// 1 when this hub carries traffic (Kubernetes mode: the Lease holder, or with active-active
     /// hubs every live labelled hub; always in file mode), else 0.
     pub active: Gauge,
@@ -84,6 +87,7 @@ impl HubMetrics {
             datagrams_dropped: Family::default(),
             frames_forwarded: Family::default(),
             going_away_sent: Counter::default(),
+            heap_released_bytes: Counter::default(),
             active: Gauge::default(),
             agents_expected: Gauge::default(),
             route_sync_batches: Family::default(),
@@ -138,6 +142,11 @@ impl HubMetrics {
             "going_away_sent",
             "Going-away messages sent to agents",
             m.going_away_sent.clone(),
+        );
+        registry.register(
+            "heap_released_bytes",
+            "Bytes of freed heap given back to the kernel (RSS before minus after each release)",
+            m.heap_released_bytes.clone(),
         );
         registry.register(
             "frames_forwarded",

@@ -60,6 +60,9 @@ impl ControlReader {
     }
 }
 
+/// Frames a writer's queue keeps room for once it is empty again.
+const IDLE_QUEUE_CAPACITY: usize = 4;
+
 /// Writes control messages to a stream.
 ///
 /// Two ways to write: [`send`](Self::send) writes a message and waits until quinn has taken it;
@@ -138,6 +141,11 @@ impl ControlWriter {
         // Fully written chunks are left empty by quinn; a partly written one keeps its suffix.
         while self.pending.front().is_some_and(bytes::Bytes::is_empty) {
             self.pending.pop_front();
+        }
+        if self.pending.is_empty() && self.pending.capacity() > IDLE_QUEUE_CAPACITY {
+            // A burst (a route table in chunks) grew the queue; a session that lives for days
+            // mostly queues one pong at a time, so the room goes back.
+            self.pending.shrink_to(IDLE_QUEUE_CAPACITY);
         }
         Ok(written.bytes)
     }
@@ -321,9 +329,13 @@ mod tests {
         assert!(writer.pending_bytes() > 0 && writer.pending_bytes() < total + 20 * 64);
         // Now the agent reads while the hub flushes.
         let flush = async {
+            let peak = writer.pending.capacity();
             writer.flush().await.unwrap();
             assert_eq!(writer.pending_bytes(), 0);
             assert!(!writer.has_pending());
+            // The burst's room went back once the queue was empty.
+            assert!(peak > IDLE_QUEUE_CAPACITY, "peak {peak}");
+            assert!(writer.pending.capacity() <= IDLE_QUEUE_CAPACITY);
         };
         let read = async {
             let mut routes = 0;

@@ -6,6 +6,13 @@
 //! The budget is given (`--memory-budget`) or, by default, 85% of the cgroup's memory limit
 //! (v2 `memory.max`, v1 `memory.limit_in_bytes`), none without a limit. The decision is pure
 //! (`MemoryBudget::over`, with hysteresis); reading RSS and the cgroup files is a thin shell.
+//!
+//! It also gives freed heap back to the kernel ([`release_freed_heap`]): glibc keeps what was
+//! freed between live allocations (route-table snapshots sent to thousands of agents, quinn's
+//! transmit buffers after a burst), and that counts in RSS, the cgroup's limit and this budget
+//! like live memory. Every few seconds, if the allocator holds more than a few MiB free, the hub
+//! returns its whole free pages (`petrel_datapath::heap`), and it does so once more before it
+//! declares itself over budget.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,6 +131,7 @@ impl MemoryGate {
 pub async fn watch(
     gate: std::sync::Arc<MemoryGate>,
     budget: MemoryBudget,
+    metrics: std::sync::Arc<crate::metrics::HubMetrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -131,8 +139,12 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
-        let Some(rss) = rss_bytes() else { continue };
+        let Some(mut rss) = rss_bytes() else { continue };
         let was = gate.is_over();
+        if !was && budget.over(rss, was) {
+            // Freed-but-kept heap is not work the hub must refuse for: give it back first.
+            rss = release_and_count(&metrics, rss).await.unwrap_or(rss);
+        }
         let now = budget.over(rss, was);
         if now != was {
             if now {
@@ -153,9 +165,69 @@ pub async fn watch(
     }
 }
 
+/// How often the hub looks at its free heap.
+const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Free heap below this is not worth a release (each walks every arena under its lock).
+const RELEASE_ABOVE_BYTES: u64 = 4 << 20;
+
+/// Whether a release is due with `free` bytes of free heap.
+pub fn release_due(free: u64) -> bool {
+    free >= RELEASE_ABOVE_BYTES
+}
+
+/// Gives freed heap back every [`RELEASE_EVERY`] when more than [`RELEASE_ABOVE_BYTES`] is free,
+/// counting what RSS fell by. Returns at shutdown, or at once with an allocator that cannot say
+/// how much it holds free.
+pub async fn release_freed_heap(
+    metrics: std::sync::Arc<crate::metrics::HubMetrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if petrel_datapath::heap::free_heap_bytes().is_none() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RELEASE_EVERY) => {}
+        }
+        let free = petrel_datapath::heap::free_heap_bytes().unwrap_or_default();
+        if !release_due(free) {
+            continue;
+        }
+        let Some(before) = rss_bytes() else { continue };
+        if let Some(after) = release_and_count(&metrics, before).await {
+            tracing::debug!(
+                free_kib = free >> 10,
+                released_kib = before.saturating_sub(after) >> 10,
+                rss_mib = after >> 20,
+                "gave freed heap back"
+            );
+        }
+    }
+}
+
+/// Releases the free heap off the runtime's workers (it holds the allocator's locks for a few
+/// milliseconds at 10,000 agents) and counts what RSS fell by; the RSS after.
+async fn release_and_count(metrics: &crate::metrics::HubMetrics, before: u64) -> Option<u64> {
+    tokio::task::spawn_blocking(petrel_datapath::heap::release_free_heap)
+        .await
+        .ok()?;
+    let after = rss_bytes()?;
+    metrics
+        .heap_released_bytes
+        .inc_by(before.saturating_sub(after));
+    Some(after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_is_due_from_four_mib_free() {
+        assert!(!release_due(4 * 1024 * 1024 - 1));
+        assert!(release_due(4 * 1024 * 1024));
+    }
 
     #[test]
     fn hysteresis() {

@@ -475,6 +475,7 @@ impl Hub {
                 Some(tokio::spawn(memory::watch(
                     self.memory.clone(),
                     budget,
+                    self.metrics.clone(),
                     shutdown.clone(),
                 )))
             }
@@ -483,6 +484,10 @@ impl Hub {
                 None
             }
         };
+        let heap_release = tokio::spawn(memory::release_freed_heap(
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES_IN_FLIGHT));
         let mut waiting = admission::HandshakeQueue::new(HANDSHAKE_QUEUE, HANDSHAKE_QUEUE_WAIT);
         let queue_drop = |why: admission::QueueDrop, incoming: quinn::Incoming| {
@@ -595,6 +600,7 @@ impl Hub {
         if let Some(t) = memory_watch {
             t.abort();
         }
+        heap_release.abort();
     }
 
     fn spawn_handshake(&self, incoming: quinn::Incoming, slot: tokio::sync::OwnedSemaphorePermit) {

@@ -16,8 +16,7 @@ use petrel_proto::session::{
 use petrel_proto::{ControlMessage, EncodeError, GoingAway, GoingAwayReason, Hello};
 use petrel_transport::close_code;
 use petrel_transport::control_stream::{ControlReader, ControlWriter, StreamError};
-use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::cluster_routes::{ClusterRoutes, PlanError};
 use super::dataplane::Relay;
@@ -26,7 +25,9 @@ use super::revoked::RevocationGate;
 use super::route_sync::{PlanKind, PACE_ABOVE_BYTES};
 use super::signer::NodeSigner;
 use super::view::AgentViews;
-use crate::agent_registry::{AgentCounters, AgentEntry, AgentRegistry, SessionCommand};
+use crate::agent_registry::{
+    AgentCounters, AgentEntry, AgentRegistry, CommandQueue, SessionCommand,
+};
 use crate::inventory_store::InventoryReader;
 use crate::log_budget::LogBudget;
 use crate::metrics::HubMetrics;
@@ -49,8 +50,6 @@ enum SessionEnd {
     Stream(StreamError),
     #[error("{0}")]
     Connection(quinn::ConnectionError),
-    #[error("hub dropped the session")]
-    Dropped,
 }
 
 /// What a tunnel session uses of the hub, and nothing more (`Hub::bind` builds it).
@@ -194,7 +193,10 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
     let Some(welcomed) = welcome(&ctx, &conn, &mut session, &mut writer, &site).await else {
         return;
     };
-    run(ctx, conn, session, welcomed, site, reader, writer).await;
+    // The steady state runs as its own task, holding only what it needs: the task that did the
+    // handshake and the welcome (and was sized for them) ends here. 10,000 agents live for days.
+    let running = register(ctx, conn, session, welcomed, site, reader, writer);
+    tokio::spawn(running.run().in_current_span());
 }
 
 /// An agent the hub has welcomed: its hello, the digest of the view it was sent and the view
@@ -267,16 +269,16 @@ async fn welcome(
     admitted
 }
 
-/// Registers the welcomed agent, runs its session until it ends, and forgets it.
-async fn run(
+/// Registers the welcomed agent and starts its datagram pump; [`Running::run`] is the rest.
+fn register(
     ctx: Arc<SessionParts>,
     conn: quinn::Connection,
     session: HubSession,
     welcomed: Welcomed,
     site: String,
-    mut reader: ControlReader,
-    mut writer: ControlWriter,
-) {
+    reader: ControlReader,
+    writer: ControlWriter,
+) -> Running {
     let node = session.node().to_string();
     let Welcomed {
         hello,
@@ -284,7 +286,6 @@ async fn run(
         epoch,
     } = welcomed;
     let route_sync = hello.routes_digest.is_some();
-    let (commands, mut command_rx) = mpsc::channel(16);
     let entry = Arc::new(AgentEntry {
         id: ctx.registry.next_id(),
         node: node.clone(),
@@ -293,7 +294,7 @@ async fn run(
         datapath: printable(&hello.self_view.datapath),
         since: SystemTime::now(),
         connection: conn.clone(),
-        commands,
+        commands: CommandQueue::default(),
         counters: AgentCounters::default(),
         route_sync,
         direct_paths: hello.self_view.capabilities
@@ -336,27 +337,18 @@ async fn run(
             })
         }
     };
-
     let routes = hello.routes_digest.map(|held| RouteSyncState {
         held,
         changed: ctx.routes.subscribe(),
     });
-    let mut pump_state = Pump {
-        ctx: &ctx,
-        entry: &entry,
+    Running {
+        ctx,
+        entry,
         session,
-        writer: &mut writer,
-    };
-    let reason = pump_state
-        .control_loop(&mut reader, &mut command_rx, routes)
-        .await;
-    pump.abort();
-    ctx.views.forget_pushed(entry.id);
-    if ctx.registry.remove(&node, entry.id, &reason) {
-        ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
-        info!(node = %node, reason = %reason, "agent disconnected");
-    } else {
-        debug!(node = %node, reason = %reason, "replaced tunnel closed");
+        reader,
+        writer,
+        routes,
+        pump,
     }
 }
 
@@ -460,18 +452,43 @@ impl OutgoingSync {
 /// hub buffer without bound.
 const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
-/// A running session: the machine and what its actions are performed on.
-struct Pump<'a> {
-    ctx: &'a SessionParts,
-    entry: &'a AgentEntry,
+/// A welcomed agent's session: the machine and what its actions are performed on.
+struct Running {
+    ctx: Arc<SessionParts>,
+    entry: Arc<AgentEntry>,
     session: HubSession,
-    writer: &'a mut ControlWriter,
+    reader: ControlReader,
+    writer: ControlWriter,
+    routes: Option<RouteSyncState>,
+    /// The agent's datagram pump, stopped with the session.
+    pump: tokio::task::JoinHandle<()>,
 }
 
-impl Pump<'_> {
+impl Running {
+    /// Runs the session until it ends, then forgets the agent. An `async` block, not an `async
+    /// fn`: an `async fn` keeps its argument and the local it is moved to, this struct twice.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl std::future::Future<Output = ()> {
+        async move {
+            let reason = match self.pump().await {
+                Ok(never) => match never {},
+                Err(end) => end,
+            };
+            self.pump.abort();
+            let (ctx, entry) = (&self.ctx, &self.entry);
+            ctx.views.forget_pushed(entry.id);
+            if ctx.registry.remove(&entry.node, entry.id, &reason) {
+                ctx.metrics.agents_connected.set(ctx.registry.len() as i64);
+                info!(node = %entry.node, reason = %reason, "agent disconnected");
+            } else {
+                debug!(node = %entry.node, reason = %reason, "replaced tunnel closed");
+            }
+        }
+    }
+
     /// Performs every queued action; `Err` once the session is over.
     async fn perform(&mut self) -> Result<(), SessionEnd> {
-        let ctx = self.ctx;
+        let ctx = self.ctx.clone();
         while let Some(action) = self.session.poll_action() {
             match action {
                 HubAction::Send(msg) => self.enqueue(&msg)?,
@@ -483,13 +500,18 @@ impl Pump<'_> {
                     HubMetrics::inc_outcome(&ctx.metrics.renewals, "rate_limited")
                 }
                 HubAction::Close(close) => {
-                    if !close.linger.is_zero() {
-                        // The machine lingers only when it queued a message (a going-away)
-                        // before the close: give it a moment to leave.
-                        let _ = tokio::time::timeout(close.linger, self.writer.flush()).await;
-                        self.writer.finish();
-                    }
-                    close_after_linger(&self.entry.connection, &close).await;
+                    // Boxed: a session closes once, and its task should not carry the size of
+                    // these futures for the days it runs.
+                    Box::pin(async {
+                        if !close.linger.is_zero() {
+                            // The machine lingers only when it queued a message (a going-away)
+                            // before the close: give it a moment to leave.
+                            let _ = tokio::time::timeout(close.linger, self.writer.flush()).await;
+                            self.writer.finish();
+                        }
+                        close_after_linger(&self.entry.connection, &close).await;
+                    })
+                    .await;
                 }
                 HubAction::Ended(end) => {
                     if matches!(end, HubSessionEnd::Left { .. }) {
@@ -517,7 +539,7 @@ impl Pump<'_> {
     }
 
     fn sign(&self, csr_der: &[u8]) -> Result<petrel_proto::CertBundle, petrel_proto::ErrorInfo> {
-        let ctx = self.ctx;
+        let ctx = &*self.ctx;
         let result = ctx
             .signer
             .bundle(csr_der, &self.entry.node, SystemTime::now())
@@ -540,31 +562,19 @@ impl Pump<'_> {
         result
     }
 
-    async fn control_loop(
-        &mut self,
-        reader: &mut ControlReader,
-        commands: &mut mpsc::Receiver<SessionCommand>,
-        mut routes: Option<RouteSyncState>,
-    ) -> SessionEnd {
-        match self.pump(reader, commands, &mut routes).await {
-            Ok(never) => match never {},
-            Err(end) => end,
-        }
-    }
-
-    async fn pump(
-        &mut self,
-        reader: &mut ControlReader,
-        commands: &mut mpsc::Receiver<SessionCommand>,
-        routes: &mut Option<RouteSyncState>,
-    ) -> Result<std::convert::Infallible, SessionEnd> {
-        let ctx = self.ctx;
+    async fn pump(&mut self) -> Result<std::convert::Infallible, SessionEnd> {
+        let ctx = self.ctx.clone();
+        let ctx = &*ctx;
         let conn = self.entry.connection.clone();
         let mut outgoing = None;
-        if let Some(r) = routes.as_mut() {
+        if let Some(r) = self.routes.as_mut() {
             r.changed.borrow_and_update();
             outgoing = Some(OutgoingSync::plan(ctx, r.held)?);
         }
+        // One timer for both the machine's deadline and the next route chunk, moved rather than
+        // built anew on every turn of the loop (a turn per ping: thousands a second per hub).
+        let wake = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(wake);
         loop {
             self.perform().await?;
             let timer = deadline(
@@ -572,34 +582,55 @@ impl Pump<'_> {
                     .poll_timeout()
                     .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
+            // The next route chunk, once its time has come and the one before has gone out.
+            let chunk_at = outgoing
+                .as_ref()
+                .and_then(|o: &OutgoingSync| o.send_at)
+                .filter(|_| !self.writer.has_pending());
+            let at = chunk_at.map_or(timer, |c| c.min(timer));
+            if wake.deadline() != at {
+                wake.as_mut().reset(at);
+            }
             tokio::select! {
                 // Reader first: a loop that wakes late (a busy hub) with the agent's message
                 // waiting and the keepalive deadline past must count the message before the
                 // keepalive declares the agent dead. An agent cannot starve the other branches
                 // this way for long: what it makes the hub queue is capped (`MAX_QUEUED_BYTES`).
                 biased;
-                msg = reader.next() => match msg {
+                msg = self.reader.next() => match msg {
                     Ok(Some(msg)) => self.session.handle_message(msg, Instant::now()),
                     Ok(None) => self.session.handle_finished(),
                     Err(StreamError::Decode(e)) => self.session.handle_malformed(e),
                     Err(e) => return Err(SessionEnd::Stream(e)),
                 },
-                cmd = commands.recv() => match cmd {
-                    Some(SessionCommand::Leave(going_away)) => self.session.leave(going_away),
-                    Some(SessionCommand::Send(msg)) => { self.session.push(*msg); }
-                    None => return Err(SessionEnd::Dropped),
+                cmd = self.entry.commands.recv() => match cmd {
+                    SessionCommand::Leave(going_away) => self.session.leave(going_away),
+                    SessionCommand::Send(msg) => { self.session.push(*msg); }
                 },
-                _ = tokio::time::sleep_until(timer) => self.session.handle_timeout(Instant::now()),
+                () = &mut wake => {
+                    let now = tokio::time::Instant::now();
+                    if now >= timer {
+                        self.session.handle_timeout(Instant::now());
+                    }
+                    if chunk_at.is_some_and(|c| now >= c) {
+                        if let Some(held) = outgoing.as_mut().and_then(|o| o.enqueue_next(ctx, &mut self.writer)) {
+                            if let Some(r) = self.routes.as_mut() {
+                                r.held = held;
+                            }
+                            outgoing = None;
+                        }
+                    }
+                },
                 // A change is planned only once the sync in progress is done: the plan then
                 // starts from the table that one left the agent with (a delta, not another
                 // snapshot).
                 Ok(()) = async {
-                    match routes.as_mut() {
+                    match self.routes.as_mut() {
                         Some(r) => r.changed.changed().await,
                         None => std::future::pending().await,
                     }
                 }, if outgoing.is_none() => {
-                    if let Some(r) = routes.as_mut() {
+                    if let Some(r) = self.routes.as_mut() {
                         r.changed.borrow_and_update();
                         outgoing = Some(OutgoingSync::plan(ctx, r.held)?);
                     }
@@ -607,17 +638,6 @@ impl Pump<'_> {
                 slot = ctx.routes.slot(), if outgoing.as_ref().is_some_and(OutgoingSync::wants_slot) => {
                     if let Some(o) = outgoing.as_mut() {
                         o.on_slot(ctx, slot);
-                    }
-                },
-                // The next route chunk, once its time has come and the one before has gone out.
-                _ = tokio::time::sleep_until(outgoing.as_ref().and_then(|o| o.send_at).unwrap_or(timer)), if !self.writer.has_pending() && outgoing.as_ref().is_some_and(|o| o.send_at.is_some()) => {
-                    if let Some(o) = outgoing.as_mut() {
-                        if let Some(held) = o.enqueue_next(ctx, self.writer) {
-                            if let Some(r) = routes.as_mut() {
-                                r.held = held;
-                            }
-                            outgoing = None;
-                        }
                     }
                 },
                 // Whatever is queued drains while the loop keeps reading (pings stay answered

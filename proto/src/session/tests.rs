@@ -339,6 +339,8 @@ fn a_live_pair_stays_up_and_the_hub_does_not_ping_an_agent_that_pings() {
     // The agent pings every 2 s; the hub only once (its first, for an early RTT).
     assert!((299..=302).contains(&p.agent_pings), "{}", p.agent_pings);
     assert_eq!(p.hub_pings, 1);
+    // Between pings the hub's session holds no room for actions.
+    assert_eq!(p.hub.action_room(), 0);
     // Measured on the simulated clock: two one-way delays.
     let rtt = p.agent.rtt().unwrap();
     assert!(rtt >= 2 * ONE_WAY && rtt <= 2 * ONE_WAY + STEP, "{rtt:?}");
