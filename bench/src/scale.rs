@@ -25,9 +25,14 @@ pub struct ScaleRow {
     /// memory and CPU per idle agent are measured after it.
     pub routes_synced_s: Option<f64>,
     pub hub_rss_base_kib: Option<u64>,
+    /// RSS at the end of the idle window.
     pub hub_rss_kib: Option<u64>,
-    /// (RSS with N idle agents - RSS before) / N.
+    /// (RSS with N idle agents - RSS before) / N, at the end of the idle window (the hub gives
+    /// freed heap back every 10 s, so this is its steady state).
     pub kib_per_agent: Option<f64>,
+    /// The same 2 s after the last snapshot was sent (the reading before session 15), when the
+    /// sync wave's freed heap may not have been given back yet.
+    pub kib_per_agent_after_sync: Option<f64>,
     /// Hub CPU over the idle window, % of one core.
     pub hub_cpu_idle_pct: Option<f64>,
     pub idle_window_s: u64,
@@ -196,16 +201,18 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Idle: let allocations settle, then measure memory and CPU over the window.
+    // Idle: let allocations settle, then measure CPU over the window and memory at its end.
     std::thread::sleep(Duration::from_secs(2));
     let pid = hub.proc.pid();
-    let rss = proc_rss_kib(pid);
-    row.hub_rss_kib = Some(rss);
-    row.kib_per_agent = Some((rss as f64 - base as f64) / n as f64);
+    let per_agent = |rss: u64| (rss as f64 - base as f64) / n as f64;
+    row.kib_per_agent_after_sync = Some(per_agent(proc_rss_kib(pid)));
     let c0 = proc_cpu_secs(pid);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(idle_secs));
     row.hub_cpu_idle_pct = Some((proc_cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0);
+    let rss = proc_rss_kib(pid);
+    row.hub_rss_kib = Some(rss);
+    row.kib_per_agent = Some(per_agent(rss));
     row.loadgen_rss_kib = Some(proc_rss_kib(lg.pid()));
     let m = hub.metrics()?;
     row.welcome_bytes = Some(metric(&m, "petrel_hub_welcome_bytes") as u64);
