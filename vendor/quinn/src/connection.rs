@@ -1106,14 +1106,15 @@ impl State {
         loop {
             match self.conn_events.poll_recv(cx) {
                 Poll::Ready(Some(ConnectionEvent::Rebind(socket))) => {
-                    self.socket = socket;
+                    self.socket = *socket;
                     self.io_poller = self.socket.clone().create_io_poller();
                     self.inner.local_address_changed();
                 }
                 Poll::Ready(Some(ConnectionEvent::Proto(event))) => {
                     self.inner.handle_event(*event);
                 }
-                Poll::Ready(Some(ConnectionEvent::Close { reason, error_code })) => {
+                Poll::Ready(Some(ConnectionEvent::Close(close))) => {
+                    let (error_code, reason) = *close;
                     self.close(error_code, reason, shared);
                 }
                 Poll::Ready(None) => {
