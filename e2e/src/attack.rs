@@ -92,7 +92,7 @@ pub fn junk_enrolments(hub: &Hub, fingerprint: &str, n: u8) -> Result<JunkEnrolm
     let rt = runtime()?;
     let server: SocketAddr = hub.server().parse()?;
     let pid = hub.proc.pid();
-    let before = rss_kib(pid);
+    let before = settled_rss_kib(pid);
     rt.block_on(async {
         let mut conns = Vec::new();
         for i in 0..n {
@@ -162,6 +162,22 @@ pub fn junk_enrolments(hub: &Hub, fingerprint: &str, n: u8) -> Result<JunkEnrolm
             second_stream_allowed: second_streams.load(Ordering::SeqCst),
         })
     })
+}
+
+/// The hub's RSS once it has stopped moving (two readings 250 ms apart within 16 KiB, at most
+/// 5 s): what the warm-up left behind (an agent that just connected is still being sent its
+/// routes and renewing) is not charged to the connections measured after it.
+fn settled_rss_kib(pid: u32) -> u64 {
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut last = rss_kib(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = rss_kib(pid);
+        if now.abs_diff(last) <= 16 || Instant::now() >= until {
+            return now;
+        }
+        last = now;
+    }
 }
 
 // ---- spoofed Initials ------------------------------------------------------------------------

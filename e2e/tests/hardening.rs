@@ -277,8 +277,8 @@ fn unauthenticated_enrolment_connections_cost_a_small_fixed_budget() {
         junk.held_open
     );
     // The documented budget (docs/security.md): 128 KiB of RSS per unauthenticated connection
-    // at most (measured ~105 KiB: ~75 KiB of quinn and rustls state per connection, of which
-    // ~30 KiB is quinn's GSO send buffer, plus the request held); at most
+    // at most (measured 35-70 KiB: quinn's and rustls's state, the session task and the
+    // request held, ~34 KB of heap each); at most
     // `max_enrolments` (32) of them at once. Before, one such connection grew the hub by ~89 MB.
     // The 64 KiB goal is a bench row (`petrel-bench`, attack section).
     assert!(per_conn <= 128.0, "{per_conn} KiB per connection");
