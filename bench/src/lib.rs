@@ -768,7 +768,7 @@ fn render_attack(s: &mut String, a: &AttackReport) {
     if let Some(j) = &a.unauthenticated {
         let _ = writeln!(
             s,
-            "  unauthenticated: each from its own address: handshake for petrel-enrol/1, the largest request minus one byte, 64 datagrams, a second stream tried ({} allowed); hub RSS {} -> {} KiB",
+            "  unauthenticated: each from its own address: handshake for petrel-enrol/1, the largest request minus one byte, a second stream tried ({} allowed) (a datagram would end the connection: tested in e2e hardening); hub RSS {} -> {} KiB",
             j.second_stream_allowed, j.rss_before_kib, j.rss_during_kib
         );
     }

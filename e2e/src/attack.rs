@@ -85,7 +85,7 @@ impl JunkEnrolments {
 
 /// The most an unauthenticated enrolment connection can make the hub hold: each of `n`
 /// clients (from 127.0.6.1, .2, ...: the per-address enrolment limit is not what is measured)
-/// completes the handshake for `petrel-enrol/1`, sends 64 datagrams, opens a stream, announces
+/// completes the handshake for `petrel-enrol/1`, opens a stream, announces
 /// the largest request the hub accepts and sends all of it but the last byte (so the hub must
 /// keep it) and tries a second stream. The hub's RSS is read while all are open.
 pub fn junk_enrolments(hub: &Hub, fingerprint: &str, n: u8) -> Result<JunkEnrolments> {
@@ -114,11 +114,9 @@ pub fn junk_enrolments(hub: &Hub, fingerprint: &str, n: u8) -> Result<JunkEnrolm
         let mut writers = Vec::new();
         for (_, conn) in &conns {
             let (conn, second_streams) = (conn.clone(), second_streams.clone());
+            // No datagrams: the hub closes an enrolment connection at its first one
+            // ([`datagram_on_enrolment`]), so a client that wants to be held sends none.
             writers.push(tokio::spawn(async move {
-                for _ in 0..64 {
-                    // Refused outright when the hub offers no datagrams at all; either is fine.
-                    let _ = conn.send_datagram(vec![0x01u8; 1000].into());
-                }
                 let body = petrel_proto::enrol::MAX_ENROL_REQUEST_BODY;
                 let mut held = vec![petrel_proto::enrol::msg_type::ENROL_REQUEST];
                 held.extend_from_slice(&u32::try_from(body).unwrap_or(u32::MAX).to_be_bytes());
@@ -161,6 +159,49 @@ pub fn junk_enrolments(hub: &Hub, fingerprint: &str, n: u8) -> Result<JunkEnrolm
             kib_per_connection: during.saturating_sub(before) as f64 / connections.max(1) as f64,
             second_stream_allowed: second_streams.load(Ordering::SeqCst),
         })
+    })
+}
+
+/// One enrolment connection (from 127.0.7.1) that sends datagrams after its handshake: the
+/// close reason the hub gives it, within 3 s (`None` if it stays open).
+pub fn datagram_on_enrolment(hub: &Hub, fingerprint: &str) -> Result<Option<String>> {
+    let rt = runtime()?;
+    let server: SocketAddr = hub.server().parse()?;
+    rt.block_on(async {
+        let tls = petrel_transport::tls::enrol_client_tls(fingerprint, petrel_proto::ALPN_ENROL)?;
+        let cfg = petrel_transport::quic::client_config(
+            tls,
+            &petrel_transport::quic::TransportTuning::default(),
+        )?;
+        let bind = SocketAddr::from((Ipv4Addr::new(127, 0, 7, 1), 0));
+        let ep = petrel_transport::quic::client_endpoint(bind)?;
+        let conn = ep
+            .connect_with(cfg, server, petrel_transport::HUB_SERVER_NAME)?
+            .await
+            .context("enrolment handshake")?;
+        // One every 100 ms until the hub answers: one that arrives before the hub's side of
+        // the handshake is done may be lost, as datagrams may.
+        let send = async {
+            loop {
+                conn.send_datagram(vec![0x01u8; 1000].into())
+                    .context("the hub offers datagrams (for tunnels) at the handshake")?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            tokio::select! {
+                e = conn.closed() => Ok(e),
+                r = send => r,
+            }
+        })
+        .await;
+        let closed = match closed {
+            Ok(Ok(e)) => Some(e),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => None,
+        };
+        ep.wait_idle().await;
+        Ok(closed.map(|e| e.to_string()))
     })
 }
 

@@ -15,7 +15,9 @@ use petrel_e2e::apiserver::{
     blackhole, checksum_exchange, checksum_server, connect_on, loopback_inventory, metric,
     start_agent, start_hub, tls_client, tls_connect, uds_connect, within, TestPki,
 };
-use petrel_e2e::attack::{initial_flood, junk_enrolments, InitialFloodConfig};
+use petrel_e2e::attack::{
+    datagram_on_enrolment, initial_flood, junk_enrolments, InitialFloodConfig,
+};
 use petrel_e2e::procs::{free_port, http_status, Hub};
 
 fn ip(s: &str) -> IpAddr {
@@ -292,14 +294,19 @@ fn unauthenticated_enrolment_connections_cost_a_small_fixed_budget() {
         junk.second_stream_allowed, 0,
         "a second stream was allowed before authentication"
     );
-    // Their datagrams were read and discarded, counted.
-    within(Duration::from_secs(3), "pre-auth datagrams counted", || {
-        hub_metric(
-            &hub,
-            "petrel_hub_datagrams_dropped_total{reason=\"not_admitted\"}",
-        ) > 0.0
-    })
-    .unwrap();
+    // A datagram before authentication ends an enrolment connection, counted.
+    let closed = datagram_on_enrolment(&hub, &fp).unwrap();
+    assert!(
+        closed
+            .as_deref()
+            .is_some_and(|r| r.contains("datagrams are not allowed")),
+        "{closed:?}; hub log:\n{}",
+        hub.proc.log()
+    );
+    assert_eq!(
+        hub_metric(&hub, "petrel_hub_enrolments_total{outcome=\"datagram\"}"),
+        1.0
+    );
     // Nothing was lost: a real enrolment still works.
     let _a1 = start_agent(&hub, "edge-a1", tmp.path()).unwrap();
 }

@@ -126,15 +126,25 @@ pub(super) async fn serve(ctx: Arc<EnrolParts>, conn: quinn::Connection) {
         let msg = read_enrol_request(&mut recv).await;
         Ok::<_, quinn::ConnectionError>((send, msg))
     };
-    // For the whole life of the connection, not only while the request is read: the answer
-    // and the wait for the peer's close come after.
-    let discard = tokio::spawn({
+    // An enrolling client has no use for datagrams: the first one ends the connection, so a
+    // peer cannot make the hub receive more of them (quinn's datagram buffer is fixed at the
+    // handshake, before the ALPN is known: the tunnels' 8 MiB). For the whole life of the
+    // connection, not only while the request is read: the answer and the wait for the peer's
+    // close come after.
+    let watch = tokio::spawn({
         let (ctx, conn) = (ctx.clone(), conn.clone());
-        async move { super::discard_datagrams(&ctx.metrics, &conn, "not_admitted").await }
+        async move { refuse_datagrams(&ctx.metrics, &conn).await }
     });
-    let _discard = AbortOnDrop(discard);
+    let _watch = AbortOnDrop(watch);
     let outcome = tokio::time::timeout(deadline, exchange).await;
     let Ok(Ok((mut send, msg))) = outcome else {
+        if matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::LocallyClosed)
+        ) {
+            // Closed here already (a datagram), and counted.
+            return;
+        }
         debug!(%remote, "enrolment connection sent no request in time");
         HubMetrics::inc_outcome(&ctx.metrics.enrolments, "no_request");
         conn.close(
@@ -238,4 +248,15 @@ fn decide(ctx: &EnrolParts, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
                 .bundle(&req.csr_der, &req.node_name, now)
                 .map_err(|e| Refusal(EnrolErrorCode::BadCsr, e.to_string()))
         })
+}
+
+/// Ends an enrolment connection at its first datagram, counted as the `datagram` outcome.
+async fn refuse_datagrams(metrics: &HubMetrics, conn: &quinn::Connection) {
+    if conn.read_datagram().await.is_ok() {
+        HubMetrics::inc_outcome(&metrics.enrolments, "datagram");
+        conn.close(
+            close_code::PROTOCOL_ERROR.into(),
+            b"datagrams are not allowed on an enrolment connection",
+        );
+    }
 }

@@ -748,7 +748,7 @@ async fn handle_incoming(
 }
 
 /// Reads and discards the datagrams of a connection whose datagrams have nowhere to go
-/// (enrolment or a tunnel before admission: `not_admitted`; a tunnel of a hub without a relay:
+/// (a tunnel of a hub without a relay:
 /// `no_relay`), counting them as `reason`, so they never wait in quinn's receive buffer.
 /// Returns when the connection closes.
 pub(crate) async fn discard_datagrams(
