@@ -487,8 +487,7 @@ impl Running {
     }
 
     /// Performs every queued action; `Err` once the session is over.
-    async fn perform(&mut self) -> Result<(), SessionEnd> {
-        let ctx = self.ctx.clone();
+    async fn perform(&mut self, ctx: &SessionParts) -> Result<(), SessionEnd> {
         while let Some(action) = self.session.poll_action() {
             match action {
                 HubAction::Send(msg) => self.enqueue(&msg)?,
@@ -576,7 +575,7 @@ impl Running {
         let wake = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(wake);
         loop {
-            self.perform().await?;
+            self.perform(ctx).await?;
             let timer = deadline(
                 self.session
                     .poll_timeout()
