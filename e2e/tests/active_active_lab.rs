@@ -128,6 +128,18 @@ fn two_hubs_each_carry_the_sites_they_own() {
         let after = counts();
         let (d1, d3) = (after.0 - before.0, after.1 - before.1);
         eprintln!("{a} <-> {b}: gw-1 {d1} frames, gw-3 {d3} frames");
+        if (d1 > 0, d3 > 0) != (via1, via3) {
+            // Which hub each end chose, and why, for a failure in CI.
+            for n in [a, b] {
+                if let Some((_, g)) = petrel.agents.iter().find(|(name, _)| name == n) {
+                    eprintln!("{n} status: {:?}", petrel.agent_status(n));
+                    let log = g.log();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("{n} log:");
+                    tail.iter().rev().for_each(|l| eprintln!("{l}"));
+                }
+            }
+        }
         assert_eq!(d1 > 0, via1, "{a} <-> {b}: gw-1 switched {d1} frames");
         assert_eq!(d3 > 0, via3, "{a} <-> {b}: gw-3 switched {d3} frames");
     }

@@ -118,12 +118,8 @@ async fn open_dataplane(
     };
     info!(hooks = %dp.mode(), vtep_mac = %petrel_datapath::format_mac(&dp.vtep_mac()), "data plane ready");
     // A link that connected before the data plane was ready left its view here.
-    let (tunnels, view) = shared.dataplane.opened(dp.clone());
-    for (hub, conn) in tunnels {
-        dp.set_active(&hub, &conn);
-    }
-    if let Some(view) = view {
-        dp.on_view(&view).await;
+    if shared.dataplane.opened(dp.clone()) {
+        dp.reconcile_now().await;
     }
     let capture = tokio::spawn(dp.clone().run_capture(shutdown.clone()));
     let silence = tokio::spawn(dp.clone().run_silence_watch(shutdown.clone()));

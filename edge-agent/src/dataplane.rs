@@ -388,21 +388,25 @@ impl AgentDataplane {
             }
             _ => false,
         };
-        // A view applied before (the welcome's) is ranked again for the site.
-        let view = self.view.lock().ok().and_then(|v| v.clone());
-        if let (true, Some(view)) = (changed, view) {
-            let choice = crate::hub_choice::HubChoice::from_view(&view, Some(site));
+        // A view applied before (the welcome's) is ranked again for the site; under the view's
+        // lock, so a view being set meanwhile is not ranked with a stale site or replaced.
+        let Ok(view) = self.view.lock() else { return };
+        if let (true, Some(view)) = (changed, view.as_ref()) {
+            let choice = crate::hub_choice::HubChoice::from_view(view, Some(site));
             if let Ok(mut a) = self.active.write() {
                 a.choice = choice;
             }
         }
     }
 
-    /// Applies the hub's view (after a welcome or an update).
-    pub async fn on_view(&self, view: &HubView) {
-        if let Ok(mut v) = self.view.lock() {
-            *v = Some(view.clone());
-        }
+    /// Takes the hub's view (after a welcome or an update): the hub choice now, the kernel
+    /// state at the next reconcile. The view and the choice made from it are set under one
+    /// lock, so two links setting views at once never leave one's view with the other's choice.
+    pub fn set_view(&self, view: &HubView) {
+        let Ok(mut stored) = self.view.lock() else {
+            return;
+        };
+        *stored = Some(view.clone());
         let site = self.site.lock().ok().and_then(|s| s.clone());
         let choice = crate::hub_choice::HubChoice::from_view(view, site.as_deref());
         if let Ok(mut a) = self.active.write() {
@@ -419,6 +423,16 @@ impl AgentDataplane {
                 }
             }
         }
+    }
+
+    /// Applies the hub's view (after a welcome or an update).
+    pub async fn on_view(&self, view: &HubView) {
+        self.set_view(view);
+        self.reconcile(true).await;
+    }
+
+    /// Applies the view it holds to the kernel now (the one handed over when it opened).
+    pub async fn reconcile_now(&self) {
         self.reconcile(true).await;
     }
 

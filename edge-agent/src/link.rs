@@ -140,9 +140,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             .links
             .track_tunnel(&endpoint, Some((&welcome.hub_id, &conn)));
         shared.dataplane.set_site(&welcome.site);
-        if let Some(dp) = shared.dataplane.get() {
-            dp.set_active(&welcome.hub_id, &conn);
-        }
+        shared.dataplane.tunnel_up(&welcome.hub_id, &conn);
         let hub_id = welcome.hub_id.clone();
         let receiver = tokio::spawn(receive(shared.clone(), conn.clone()));
         // Peers the hub offers reach this agent on the tunnel's own socket (the NAT mapping
@@ -165,7 +163,6 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let mut link = Link {
             shared: &shared,
             endpoint: &endpoint,
-            hub_id: &hub_id,
             conn: &conn,
             writer,
             session,
@@ -192,9 +189,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         }
         drop(carrier_guard);
         shared.links.track_tunnel(&endpoint, None);
-        if let Some(dp) = shared.dataplane.get() {
-            dp.clear_active(&conn);
-        }
+        shared.dataplane.tunnel_down(&conn);
         backoff.on_disconnected(Instant::now());
         shared.links.update(&endpoint, |l| {
             l.state = LinkState::Disconnected;
@@ -652,7 +647,6 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
 struct Link<'a> {
     shared: &'a Arc<AgentShared>,
     endpoint: &'a str,
-    hub_id: &'a str,
     conn: &'a quinn::Connection,
     writer: ControlWriter,
     session: AgentSession,
@@ -773,16 +767,10 @@ impl Link<'_> {
                 .iter()
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
-        match shared.dataplane.get() {
-            Some(dp) if routes_known || !dp.has_view() => {
-                dp.on_view(view).await;
-                // Direct peers re-derive what their frames must carry.
-                shared.direct.view_changed();
-            }
-            Some(_) => {}
-            None => shared
-                .dataplane
-                .remember_view(self.hub_id, self.conn, view, routes_known),
+        if let Some(dp) = shared.dataplane.view(view, routes_known) {
+            dp.on_view(view).await;
+            // Direct peers re-derive what their frames must carry.
+            shared.direct.view_changed();
         }
     }
 
