@@ -13,7 +13,7 @@
 //! the hub being measured of the answers it waits for.
 //!
 //! It prints one JSON line per `report_every` on stdout:
-//! `{"t_s":..,"connected":..,"connects":..,"failures":..,"last_error":..}`.
+//! `{"t_s":..,"connected":..,"connects":..,"failures":..,"last_error":..,"failure_kinds":{..}}`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +62,8 @@ pub struct Counters {
     pub connects: AtomicU64,
     pub failures: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Failures by kind (the message up to its first digit: durations and addresses vary).
+    pub failure_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// One status line.
@@ -72,6 +74,9 @@ pub struct Line {
     pub connects: u64,
     pub failures: u64,
     pub last_error: Option<String>,
+    /// Failures so far by kind: a session lost ("reset by peer": the hub restarted) or a
+    /// connect attempt that failed ("no answer within", "invalid Retry Token", ...).
+    pub failure_kinds: std::collections::BTreeMap<String, u64>,
 }
 
 /// Node names of a load run.
@@ -430,6 +435,10 @@ impl Jitter {
 
 fn record_failure(counters: &Counters, e: String) {
     counters.failures.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut k) = counters.failure_kinds.lock() {
+        let kind: String = e.chars().take_while(|c| !c.is_ascii_digit()).take(80).collect();
+        *k.entry(kind.trim_end().to_string()).or_default() += 1;
+    }
     if let Ok(mut l) = counters.last_error.lock() {
         *l = Some(e);
     }
@@ -543,6 +552,11 @@ pub async fn run(opts: LoadgenOpts, mut out: impl FnMut(&Line)) -> Result<()> {
             connects: counters.connects.load(Ordering::Relaxed),
             failures: counters.failures.load(Ordering::Relaxed),
             last_error: counters.last_error.lock().ok().and_then(|l| l.clone()),
+            failure_kinds: counters
+                .failure_kinds
+                .lock()
+                .map(|k| k.clone())
+                .unwrap_or_default(),
         };
         out(&line);
         if opts.run_for.is_some_and(|d| start.elapsed() >= d) {

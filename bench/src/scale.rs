@@ -51,6 +51,10 @@ pub struct ScaleRow {
     /// the current table: the digest only).
     pub reconnect_bytes_per_agent: Option<f64>,
     pub failures: Option<u64>,
+    /// The load generator's failures during the reconnect storm, by kind: each agent's lost
+    /// session ("reset by peer", or "hub silent" for one that heard no reset) and every connect
+    /// attempt that failed ("no answer within", an expired Retry token, ...).
+    pub storm_failure_kinds: Option<std::collections::BTreeMap<String, u64>>,
     pub error: Option<String>,
 }
 
@@ -272,6 +276,27 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
             / n as f64,
     );
     row.failures = last_line(&lg).map(|l| field(&l, "failures"));
+    let kinds = |l: &serde_json::Value| -> std::collections::BTreeMap<String, u64> {
+        l["failure_kinds"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    row.storm_failure_kinds = last_line(&lg).map(|after| {
+        let before = kinds(&before);
+        kinds(&after)
+            .into_iter()
+            .map(|(k, n)| {
+                let was = before.get(&k).copied().unwrap_or(0);
+                (k, n.saturating_sub(was))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    });
     drop(lg);
     drop(hub);
     Ok(())

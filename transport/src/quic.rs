@@ -174,8 +174,21 @@ pub fn server_config(
     // connection migration) instead of reconnecting.
     cfg.migration(true);
     cfg.retry_token_lifetime(RETRY_TOKEN_LIFETIME);
+    // What a client may have buffered before the hub accepts or drops its attempt (its
+    // Initial's retransmissions while it waits in the hub's handshake queue; anything it sends
+    // meanwhile). quinn's defaults, 10 MiB per attempt and 100 MiB in all, are far above the
+    // pre-authentication budget (docs/security.md).
+    cfg.incoming_buffer_size(INCOMING_BUFFER);
+    cfg.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
+
+/// Bytes quinn buffers for one connection attempt not yet accepted: a few Initials (a
+/// ClientHello with a post-quantum key share takes two).
+pub const INCOMING_BUFFER: u64 = 8 << 10;
+/// Bytes quinn buffers for all attempts not yet accepted; beyond it their packets are dropped
+/// (their clients retransmit). The hub's handshake queue holds at most 1,024 attempts.
+pub const INCOMING_BUFFER_TOTAL: u64 = 16 << 20;
 
 /// How long the answer to a QUIC Retry is accepted (quinn's default is 15 s). A client sends
 /// its token straight back, then again on each probe timeout: about 1 s and 3 s later. An agent
