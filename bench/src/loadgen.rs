@@ -436,7 +436,11 @@ impl Jitter {
 fn record_failure(counters: &Counters, e: String) {
     counters.failures.fetch_add(1, Ordering::Relaxed);
     if let Ok(mut k) = counters.failure_kinds.lock() {
-        let kind: String = e.chars().take_while(|c| !c.is_ascii_digit()).take(80).collect();
+        let kind: String = e
+            .chars()
+            .take_while(|c| !c.is_ascii_digit())
+            .take(80)
+            .collect();
         *k.entry(kind.trim_end().to_string()).or_default() += 1;
     }
     if let Ok(mut l) = counters.last_error.lock() {
