@@ -43,17 +43,7 @@ pub async fn session_with_hello(
     hello: Hello,
 ) -> anyhow::Result<RawSession> {
     use anyhow::Context as _;
-    let cfg = tls::agent_client_tls(
-        &ca.to_vec().into(),
-        vec![cert.to_vec().into()],
-        key.private_key_der(),
-        ALPN_TUNNEL,
-    )?;
-    let client = quic::client_config(cfg, &TransportTuning::default())?;
-    let endpoint = quic::client_endpoint("127.0.0.1:0".parse()?)?;
-    let conn = endpoint
-        .connect_with(client, server.parse()?, HUB_SERVER_NAME)?
-        .await?;
+    let (endpoint, conn) = connect(server, ca, cert, key).await?;
     let why = |conn: &quinn::Connection| {
         format!(
             "close reason: {:?}",
@@ -79,6 +69,27 @@ pub async fn session_with_hello(
         reader,
         first,
     })
+}
+
+/// A tunnel connection with `cert`/`key`: the QUIC handshake only, nothing said yet.
+pub async fn connect(
+    server: &str,
+    ca: &[u8],
+    cert: &[u8],
+    key: &NodeKey,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let cfg = tls::agent_client_tls(
+        &ca.to_vec().into(),
+        vec![cert.to_vec().into()],
+        key.private_key_der(),
+        ALPN_TUNNEL,
+    )?;
+    let client = quic::client_config(cfg, &TransportTuning::default())?;
+    let endpoint = quic::client_endpoint("127.0.0.1:0".parse()?)?;
+    let conn = endpoint
+        .connect_with(client, server.parse()?, HUB_SERVER_NAME)?
+        .await?;
+    Ok((endpoint, conn))
 }
 
 /// The CA of a hub started by [`crate::procs::Hub`], read from its state directory, so a test can

@@ -479,6 +479,58 @@ fn clock_skew_beyond_certificate_validity() {
     }
 }
 
+/// An admitted node that sends frames before its hello has been answered (a real agent sends
+/// them only once welcomed): the tunnel is closed with a reason and counted, instead of the
+/// frames waiting in quinn's receive buffer until the session starts reading them. The node
+/// then connects as usual.
+#[test]
+fn a_datagram_before_the_welcome_ends_the_tunnel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("hub");
+    let hub = Hub::start(&state, &[]).unwrap();
+    let ca = ca_of(&state);
+    let (cert, key) = raw_agent::node_identity(&ca, "edge-a1").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reason = rt
+        .block_on(async {
+            let (_ep, conn) =
+                raw_agent::connect(&hub.server(), ca.cert_der().as_ref(), &cert, &key).await?;
+            conn.send_datagram(vec![0u8; 200].into())?;
+            let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await?;
+            Ok::<_, anyhow::Error>(closed.to_string())
+        })
+        .unwrap();
+    assert!(
+        reason.contains("datagrams are not allowed before the welcome"),
+        "{reason}; hub log:\n{}",
+        hub.proc.log()
+    );
+    let counted = hub
+        .metrics()
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "petrel_hub_datagrams_dropped_total{reason=\"before_welcome\"} 1");
+    assert!(counted, "{}", hub.metrics().unwrap_or_default());
+    // Nothing else changed: the same node says hello and is welcomed.
+    let session = rt
+        .block_on(raw_agent::session_as(
+            &hub.server(),
+            ca.cert_der().as_ref(),
+            &cert,
+            &key,
+            "edge-a1",
+        ))
+        .unwrap();
+    assert!(
+        matches!(session.first, petrel_proto::ControlMessage::Welcome(_)),
+        "{:?}",
+        session.first
+    );
+}
+
 /// A hub without a relay (`--relay-listen off`, only the API server's proxy) still reads an
 /// admitted agent's frames: they are counted as `no_relay` drops instead of waiting in quinn's
 /// receive buffer, and the tunnel stays up.

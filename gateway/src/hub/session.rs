@@ -151,13 +151,22 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
         .poll_timeout()
         .map(deadline)
         .unwrap_or_else(tokio::time::Instant::now);
-    let opened = tokio::time::timeout_at(hello_by, async {
-        let (send, recv) = conn.accept_bi().await?;
-        let mut reader = ControlReader::new(recv);
-        let first = reader.next().await;
-        Ok::<_, quinn::ConnectionError>((ControlWriter::new(send), reader, first))
-    })
-    .await;
+    // An agent sends frames only once welcomed. Until the datagram pump runs they would wait in
+    // quinn's receive buffer (the tunnels' 8 MiB), so one that comes before the welcome ends
+    // the session.
+    let watched = conn.clone();
+    let early_datagram = async move { watched.read_datagram().await };
+    tokio::pin!(early_datagram);
+    let opened = tokio::select! {
+        biased;
+        opened = tokio::time::timeout_at(hello_by, async {
+            let (send, recv) = conn.accept_bi().await?;
+            let mut reader = ControlReader::new(recv);
+            let first = reader.next().await;
+            Ok::<_, quinn::ConnectionError>((ControlWriter::new(send), reader, first))
+        }) => opened,
+        Ok(_) = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
+    };
     let (mut writer, reader) = match opened {
         Ok(Ok((writer, reader, first))) => {
             match first {
@@ -190,13 +199,31 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
             return;
         }
     };
-    let Some(welcomed) = welcome(&ctx, &conn, &mut session, &mut writer, &site).await else {
+    // The welcome first: once written, `welcome` returns in the same poll, so a datagram seen
+    // here came before the agent could have read it.
+    let welcomed = tokio::select! {
+        biased;
+        welcomed = welcome(&ctx, &conn, &mut session, &mut writer, &site) => welcomed,
+        Ok(_) = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
+    };
+    let Some(welcomed) = welcomed else {
         return;
     };
     // The steady state runs as its own task, holding only what it needs: the task that did the
     // handshake and the welcome (and was sized for them) ends here. 10,000 agents live for days.
     let running = register(ctx, conn, session, welcomed, site, reader, writer);
     tokio::spawn(running.run().in_current_span());
+}
+
+/// A datagram before the welcome: the session ends with `PROTOCOL_ERROR`, counted as a
+/// dropped datagram (`before_welcome`).
+fn datagram_before_welcome(ctx: &SessionParts, conn: &quinn::Connection, node: &str) {
+    warn!(node = %node, remote = %conn.remote_address(), "tunnel closed: a datagram before the welcome");
+    HubMetrics::inc_reason(&ctx.metrics.datagrams_dropped, "before_welcome");
+    conn.close(
+        close_code::PROTOCOL_ERROR.into(),
+        b"datagrams are not allowed before the welcome",
+    );
 }
 
 /// An agent the hub has welcomed: its hello, the digest of the view it was sent and the view
