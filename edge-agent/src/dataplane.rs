@@ -425,13 +425,8 @@ impl AgentDataplane {
         }
     }
 
-    /// Applies the hub's view (after a welcome or an update).
-    pub async fn on_view(&self, view: &HubView) {
-        self.set_view(view);
-        self.reconcile(true).await;
-    }
-
-    /// Applies the view it holds to the kernel now (the one handed over when it opened).
+    /// Applies the view it holds to the kernel now (one the data-plane slot just set, or
+    /// handed over when it opened).
     pub async fn reconcile_now(&self) {
         self.reconcile(true).await;
     }

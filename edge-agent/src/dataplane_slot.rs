@@ -3,10 +3,12 @@
 //! before it opened (their tunnels, the latest view and the site), handed over when it does.
 //!
 //! A link may be welcomed just before the data plane opens and see its view just after, so
-//! the hand-over and every link's report go through one lock: a tunnel, a view or a site
-//! reaches the data plane exactly once, either kept here and handed over by [`DataplaneSlot::
-//! opened`] or given to the open data plane. (Before, a tunnel welcomed in that window was
-//! never registered: every frame went to another hub, or with one hub nowhere.)
+//! the hand-over and every link's report go through one lock, under which a view is also set
+//! on the open data plane: a tunnel, a view or a site reaches the data plane exactly once,
+//! either kept here and handed over by [`DataplaneSlot::opened`] or given to the open data
+//! plane, and a view checked before another is never set after it. (Before, a tunnel welcomed
+//! in that window was never registered: every frame went to another hub, or with one hub
+//! nowhere.)
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -161,12 +163,18 @@ impl<D: Plane> DataplaneSlot<D> {
     }
 
     /// A hub's view. Kept while the data plane is not open (a view whose routes are still to
-    /// come, `routes_known` false, only when there is none yet); else the data plane to apply
-    /// it to, when it should: with its routes, or when the data plane has no view at all.
+    /// come, `routes_known` false, only when there is none yet); else set on the data plane
+    /// when it should be (with its routes, or when the data plane has no view at all), under
+    /// the lock, so a routes-pending view checked before a synced one cannot be set after it.
+    /// Returns the data plane that took it: the caller applies it to the kernel.
     pub fn view(&self, view: &petrel_proto::HubView, routes_known: bool) -> Option<Arc<D>> {
         let mut before = self.before_open.lock().ok()?;
         match self.dataplane.get() {
-            Some(dp) => (routes_known || !dp.has_view()).then(|| dp.clone()),
+            Some(dp) if routes_known || !dp.has_view() => {
+                dp.set_view(view);
+                Some(dp.clone())
+            }
+            Some(_) => None,
             None => {
                 if routes_known || before.view.is_none() {
                     before.view = Some(view.clone());
@@ -251,6 +259,9 @@ mod tests {
         }
     }
 
+    /// These tests call the slot from one thread: they pin down what is handed over and when,
+    /// not the locking (which is what makes the same hold when links run at once).
+    ///
     /// The race that left an agent without its first tunnel: welcomed before the data plane
     /// opened, its (routes-pending) view arriving after. The tunnel and the site are handed
     /// over, and the view goes to the open data plane, which had none.
@@ -265,6 +276,7 @@ mod tests {
         assert_eq!(dp.site.lock().unwrap().as_deref(), Some("site-b"));
         let to = slot.view(&view_naming("gw-1"), false).unwrap();
         assert!(Arc::ptr_eq(&to, &dp));
+        assert_eq!(dp.views.lock().unwrap().len(), 1, "set by the slot");
         // After the open, tunnels go straight to the data plane, and away from it.
         slot.tunnel_up("gw-3", &3);
         slot.tunnel_down(&1);
@@ -295,6 +307,14 @@ mod tests {
         assert_eq!(views[0].gateways[0].name, "synced");
         assert!(slot.view(&view_naming("pending-4"), false).is_none());
         assert!(slot.view(&view_naming("synced-2"), true).is_some());
+        let names: Vec<String> = dp
+            .views
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v.gateways[0].name.clone())
+            .collect();
+        assert_eq!(names, ["synced", "synced-2"]);
     }
 
     #[test]

@@ -768,7 +768,7 @@ impl Link<'_> {
                 .map(|g| format!("{}:{}", g.host, g.port)),
         );
         if let Some(dp) = shared.dataplane.view(view, routes_known) {
-            dp.on_view(view).await;
+            dp.reconcile_now().await;
             // Direct peers re-derive what their frames must carry.
             shared.direct.view_changed();
         }

@@ -155,7 +155,13 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
     // quinn's receive buffer (the tunnels' 8 MiB), so one that comes before the welcome ends
     // the session.
     let watched = conn.clone();
-    let early_datagram = async move { watched.read_datagram().await };
+    // Completes only on a datagram; a connection error leaves it pending (the other branch
+    // sees the error), so it is never polled again after completing.
+    let early_datagram = async move {
+        if watched.read_datagram().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::pin!(early_datagram);
     let opened = tokio::select! {
         biased;
@@ -165,7 +171,7 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
             let first = reader.next().await;
             Ok::<_, quinn::ConnectionError>((ControlWriter::new(send), reader, first))
         }) => opened,
-        Ok(_) = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
+        () = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
     };
     let (mut writer, reader) = match opened {
         Ok(Ok((writer, reader, first))) => {
@@ -204,7 +210,7 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
     let welcomed = tokio::select! {
         biased;
         welcomed = welcome(&ctx, &conn, &mut session, &mut writer, &site) => welcomed,
-        Ok(_) = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
+        () = &mut early_datagram => return datagram_before_welcome(&ctx, &conn, &node),
     };
     let Some(welcomed) = welcomed else {
         return;
