@@ -479,6 +479,58 @@ fn clock_skew_beyond_certificate_validity() {
     }
 }
 
+/// A hub started with `args`, its CA, a certificate for edge-a1 and a runtime that drives
+/// raw sessions (`raw_agent`) against it.
+struct RawNode {
+    hub: Hub,
+    ca: CertificateAuthority,
+    cert: Vec<u8>,
+    key: NodeKey,
+    rt: tokio::runtime::Runtime,
+}
+
+impl RawNode {
+    fn start(tmp: &Path, args: &[&str]) -> Self {
+        let state = tmp.join("hub");
+        let hub = Hub::start(&state, args).unwrap();
+        let ca = ca_of(&state);
+        let (cert, key) = raw_agent::node_identity(&ca, "edge-a1").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Self {
+            hub,
+            ca,
+            cert,
+            key,
+            rt,
+        }
+    }
+
+    /// edge-a1 says hello; the hub's first answer.
+    fn session(&self) -> anyhow::Result<raw_agent::RawSession> {
+        self.rt.block_on(raw_agent::session_as(
+            &self.hub.server(),
+            self.ca.cert_der().as_ref(),
+            &self.cert,
+            &self.key,
+            "edge-a1",
+        ))
+    }
+
+    /// `petrel_hub_datagrams_dropped_total{reason}` now.
+    fn dropped(&self, reason: &str) -> u64 {
+        let series = format!("petrel_hub_datagrams_dropped_total{{reason=\"{reason}\"}} ");
+        self.hub
+            .metrics()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 /// An admitted node that sends frames before its hello has been answered (a real agent sends
 /// them only once welcomed): the tunnel is closed with a reason and counted, instead of the
 /// frames waiting in quinn's receive buffer until the session starts reading them. The node
@@ -486,18 +538,17 @@ fn clock_skew_beyond_certificate_validity() {
 #[test]
 fn a_datagram_before_the_welcome_ends_the_tunnel() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("hub");
-    let hub = Hub::start(&state, &[]).unwrap();
-    let ca = ca_of(&state);
-    let (cert, key) = raw_agent::node_identity(&ca, "edge-a1").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let reason = rt
+    let node = RawNode::start(tmp.path(), &[]);
+    let reason = node
+        .rt
         .block_on(async {
-            let (_ep, conn) =
-                raw_agent::connect(&hub.server(), ca.cert_der().as_ref(), &cert, &key).await?;
+            let (_ep, conn) = raw_agent::connect(
+                &node.hub.server(),
+                node.ca.cert_der().as_ref(),
+                &node.cert,
+                &node.key,
+            )
+            .await?;
             conn.send_datagram(vec![0u8; 200].into())?;
             let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await?;
             Ok::<_, anyhow::Error>(closed.to_string())
@@ -506,24 +557,11 @@ fn a_datagram_before_the_welcome_ends_the_tunnel() {
     assert!(
         reason.contains("datagrams are not allowed before the welcome"),
         "{reason}; hub log:\n{}",
-        hub.proc.log()
+        node.hub.proc.log()
     );
-    let counted = hub
-        .metrics()
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == "petrel_hub_datagrams_dropped_total{reason=\"before_welcome\"} 1");
-    assert!(counted, "{}", hub.metrics().unwrap_or_default());
+    assert_eq!(node.dropped("before_welcome"), 1);
     // Nothing else changed: the same node says hello and is welcomed.
-    let session = rt
-        .block_on(raw_agent::session_as(
-            &hub.server(),
-            ca.cert_der().as_ref(),
-            &cert,
-            &key,
-            "edge-a1",
-        ))
-        .unwrap();
+    let session = node.session().unwrap();
     assert!(
         matches!(session.first, petrel_proto::ControlMessage::Welcome(_)),
         "{:?}",
@@ -537,38 +575,15 @@ fn a_datagram_before_the_welcome_ends_the_tunnel() {
 #[test]
 fn frames_to_a_hub_without_a_relay_are_read_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("hub");
-    let hub = Hub::start(&state, &["--relay-listen", "off"]).unwrap();
-    let ca = ca_of(&state);
-    let (cert, key) = raw_agent::node_identity(&ca, "edge-a1").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let session = rt
-        .block_on(raw_agent::session_as(
-            &hub.server(),
-            ca.cert_der().as_ref(),
-            &cert,
-            &key,
-            "edge-a1",
-        ))
-        .unwrap();
+    let node = RawNode::start(tmp.path(), &["--relay-listen", "off"]);
+    let session = node.session().unwrap();
     for _ in 0..50 {
         session.conn.send_datagram(vec![0u8; 200].into()).unwrap();
     }
-    let dropped = || {
-        hub.metrics()
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("petrel_hub_datagrams_dropped_total{reason=\"no_relay\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     // Polled inside the runtime, which drives the connection (and sends the datagrams).
-    let counted = rt.block_on(async {
+    let counted = node.rt.block_on(async {
         for _ in 0..100 {
-            if dropped() == 50 {
+            if node.dropped("no_relay") == 50 {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -578,7 +593,7 @@ fn frames_to_a_hub_without_a_relay_are_read_and_counted() {
     assert!(
         counted,
         "the hub must count 50 no_relay drops: {}",
-        hub.metrics().unwrap_or_default()
+        node.hub.metrics().unwrap_or_default()
     );
     assert!(session.conn.close_reason().is_none(), "the tunnel stays up");
 }

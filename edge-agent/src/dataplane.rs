@@ -388,10 +388,13 @@ impl AgentDataplane {
             }
             _ => false,
         };
+        if !changed {
+            return;
+        }
         // A view applied before (the welcome's) is ranked again for the site; under the view's
         // lock, so a view being set meanwhile is not ranked with a stale site or replaced.
         let Ok(view) = self.view.lock() else { return };
-        if let (true, Some(view)) = (changed, view.as_ref()) {
+        if let Some(view) = view.as_ref() {
             let choice = crate::hub_choice::HubChoice::from_view(view, Some(site));
             if let Ok(mut a) = self.active.write() {
                 a.choice = choice;

@@ -252,11 +252,10 @@ fn decide(ctx: &EnrolParts, req: &EnrolRequest) -> Result<CertBundle, Refusal> {
 
 /// Ends an enrolment connection at its first datagram, counted as the `datagram` outcome.
 async fn refuse_datagrams(metrics: &HubMetrics, conn: &quinn::Connection) {
-    if conn.read_datagram().await.is_ok() {
-        HubMetrics::inc_outcome(&metrics.enrolments, "datagram");
-        conn.close(
-            close_code::PROTOCOL_ERROR.into(),
-            b"datagrams are not allowed on an enrolment connection",
-        );
-    }
+    super::first_datagram(conn.clone()).await;
+    HubMetrics::inc_outcome(&metrics.enrolments, "datagram");
+    conn.close(
+        close_code::PROTOCOL_ERROR.into(),
+        b"datagrams are not allowed on an enrolment connection",
+    );
 }

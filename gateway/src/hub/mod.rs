@@ -747,10 +747,9 @@ async fn handle_incoming(
     }
 }
 
-/// Reads and discards the datagrams of a connection whose datagrams have nowhere to go
-/// (a tunnel of a hub without a relay:
-/// `no_relay`), counting them as `reason`, so they never wait in quinn's receive buffer.
-/// Returns when the connection closes.
+/// Reads and discards the datagrams of a connection whose datagrams have nowhere to go (a
+/// tunnel of a hub without a relay: `no_relay`), counting them as `reason`, so they never wait
+/// in quinn's receive buffer. Returns when the connection closes.
 pub(crate) async fn discard_datagrams(
     metrics: &HubMetrics,
     conn: &quinn::Connection,
@@ -758,6 +757,16 @@ pub(crate) async fn discard_datagrams(
 ) {
     while conn.read_datagram().await.is_ok() {
         HubMetrics::inc_reason(&metrics.datagrams_dropped, reason);
+    }
+}
+
+/// Completes when `conn` receives a datagram, and never once it is closed: a connection that
+/// must not be sent any (an enrolment; a tunnel before its welcome) is ended by the caller when
+/// this completes. Datagrams would otherwise wait in quinn's receive buffer, which is fixed at
+/// the handshake (the tunnels' 8 MiB), until someone reads them.
+pub(crate) async fn first_datagram(conn: quinn::Connection) {
+    if conn.read_datagram().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

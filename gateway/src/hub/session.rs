@@ -151,17 +151,10 @@ pub(super) async fn serve(ctx: Arc<SessionParts>, conn: quinn::Connection) {
         .poll_timeout()
         .map(deadline)
         .unwrap_or_else(tokio::time::Instant::now);
-    // An agent sends frames only once welcomed. Until the datagram pump runs they would wait in
-    // quinn's receive buffer (the tunnels' 8 MiB), so one that comes before the welcome ends
-    // the session.
-    let watched = conn.clone();
-    // Completes only on a datagram; a connection error leaves it pending (the other branch
-    // sees the error), so it is never polled again after completing.
-    let early_datagram = async move {
-        if watched.read_datagram().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+    // An agent sends frames only once welcomed, and until the datagram pump runs nobody reads
+    // them: one that comes before the welcome ends the session. (On a connection error it stays
+    // pending and the other branch sees the error, so it never completes twice.)
+    let early_datagram = super::first_datagram(conn.clone());
     tokio::pin!(early_datagram);
     let opened = tokio::select! {
         biased;
