@@ -21,7 +21,7 @@
 //! | this file | [`BenchConfig`] (`full`, `smoke`), the [`Report`] and its rows, the human table ([`render`]), the run ([`run`]): the packet paths (iperf3, request/response, CPU per Gbit), WAN, failover and attack sections |
 //! | [`streams`] | the egress proxy's stream figures: CONNECT setup, single-stream throughput, concurrent streams with memory per stream, head-of-line isolation, the direct TCP baseline of the WAN rows |
 //! | [`scale`] | hub scale: one hub on loopback, `petrel-loadgen` with N simulated agents; connect, memory and CPU at idle, reconnect after `kill -9` |
-//! | [`loadgen`] | the simulated agents `petrel-loadgen` runs (real QUIC connections and node certificates, one UDP socket each) |
+//! | [`loadgen`] | the simulated agents `petrel-loadgen` runs (real QUIC connections and node certificates, one UDP socket per site of 100) |
 //! | [`wg`] | the WireGuard anchor: boringtun hub-and-spoke through gw-1, configured with `wg` |
 //! | [`util`] | process and machine CPU and memory from /proc, summary statistics, iperf3 runs, the request/response probe, `raise_nofile`, `have` |
 //! | `src/bin/petrel-bench.rs` | the command line of `make bench`: table on stdout, JSON to `target/petrel-bench.json` |
@@ -615,7 +615,7 @@ pub fn render(r: &Report) -> String {
 
     let _ = writeln!(
         s,
-        "\nScale (petrel-loadgen: simulated agents with real certificates, one UDP socket each, one hub on loopback)"
+        "\nScale (petrel-loadgen: simulated agents with real certificates, one UDP socket per site of 100, one hub on loopback)"
     );
     let mut rows: Vec<Vec<String>> = vec![[
         "agents",
