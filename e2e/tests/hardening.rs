@@ -9,6 +9,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petrel_e2e::apiserver::{
@@ -446,4 +447,112 @@ fn over_its_memory_budget_the_hub_refuses_new_handshakes_and_counts_them() {
     })
     .unwrap();
     assert_eq!(http_status(hub.admin, "/healthz").unwrap(), 200);
+}
+
+/// The hub's certificate check, 2 s slow: the agent answers the hub's first flight only after
+/// it, so the hub's side of the handshake stays in flight that long.
+#[derive(Debug)]
+struct SlowHubCheck(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for SlowHubCheck {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        std::thread::sleep(Duration::from_secs(2));
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// An operator can see whether the hub's handshake admission is saturated (issue 11, the
+/// reconnect storm): `petrel_hub_handshakes_in_flight` counts a handshake while it lasts and
+/// drops back once it is done, and nothing is queued on a quiet hub.
+#[test]
+fn the_handshake_gauges_count_a_handshake_while_it_lasts() {
+    use petrel_transport::{quic, tls, HUB_SERVER_NAME};
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = start_hub(tmp.path(), &loopback_inventory(&[]), &[]).unwrap();
+    let in_flight = "petrel_hub_handshakes_in_flight";
+    let text = hub.metrics().unwrap();
+    assert!(
+        text.lines().any(|l| l == format!("{in_flight} 0")),
+        "no idle {in_flight} gauge in:\n{text}"
+    );
+    let ca = petrel_e2e::raw_agent::hub_ca(&hub).unwrap();
+    let (cert, key) = petrel_e2e::raw_agent::node_identity(&ca, "edge-a1").unwrap();
+    let server: SocketAddr = hub.server().parse().unwrap();
+    let ca_der = ca.cert_der().clone();
+    let agent = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_der.clone())?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            tls::crypto_provider(),
+        )
+        .build()?;
+        let mut cfg = tls::agent_client_tls(
+            &ca_der,
+            vec![cert.into()],
+            key.private_key_der(),
+            petrel_proto::ALPN_TUNNEL,
+        )?;
+        cfg.dangerous()
+            .set_certificate_verifier(Arc::new(SlowHubCheck(webpki)));
+        let client = quic::client_config(cfg, &quic::TransportTuning::default())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let endpoint = quic::client_endpoint("127.0.0.1:0".parse()?)?;
+            let conn = endpoint
+                .connect_with(client, server, HUB_SERVER_NAME)?
+                .await?;
+            conn.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+            Ok(())
+        })
+    });
+    // Polled while the agent sits in its 2 s check; joined before any assertion, so a failure
+    // leaves no thread behind.
+    let seen = within(
+        Duration::from_secs(5),
+        "the stalled handshake in flight",
+        || hub_metric(&hub, in_flight) == 1.0,
+    );
+    agent.join().unwrap().unwrap();
+    seen.unwrap();
+    within(
+        Duration::from_secs(5),
+        "no handshake in flight once it is done",
+        || hub_metric(&hub, in_flight) == 0.0,
+    )
+    .unwrap();
+    assert_eq!(hub_metric(&hub, "petrel_hub_handshakes_queued"), 0.0);
 }

@@ -24,6 +24,11 @@ pub struct HubMetrics {
     registry: Registry,
     pub agents_connected: Gauge,
     pub tunnel_handshakes: Family<Outcome, Counter>,
+    /// QUIC handshakes the hub is running now (at most `MAX_HANDSHAKES_IN_FLIGHT`): at the cap,
+    /// the hub is saturated and new handshakes queue or wait for their Initial's retransmission.
+    pub handshakes_in_flight: Gauge,
+    /// Address-validated handshakes waiting for a slot (at most `HANDSHAKE_QUEUE`).
+    pub handshakes_queued: Gauge,
     pub agent_refusals: Family<Reason, Counter>,
     pub agents_replaced: Counter,
     /// Liveness probes from node roles answered on the relay port (active-active hubs).
@@ -74,6 +79,8 @@ impl HubMetrics {
         let m = Self {
             agents_connected: Gauge::default(),
             tunnel_handshakes: Family::default(),
+            handshakes_in_flight: Gauge::default(),
+            handshakes_queued: Gauge::default(),
             agent_refusals: Family::default(),
             agents_replaced: Counter::default(),
             relay_probes_answered: Counter::default(),
@@ -107,6 +114,16 @@ impl HubMetrics {
             "tunnel_handshakes",
             "QUIC handshakes on the hub port, by outcome",
             m.tunnel_handshakes.clone(),
+        );
+        registry.register(
+            "handshakes_in_flight",
+            "QUIC handshakes the hub is running now (256 at most)",
+            m.handshakes_in_flight.clone(),
+        );
+        registry.register(
+            "handshakes_queued",
+            "Address-validated handshakes waiting for a slot (1,024 at most)",
+            m.handshakes_queued.clone(),
         );
         registry.register(
             "agent_refusals",

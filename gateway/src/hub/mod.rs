@@ -495,6 +495,8 @@ impl Hub {
             incoming.ignore();
         };
         loop {
+            // Every change to the queue is followed by a turn of this loop.
+            self.metrics.handshakes_queued.set(waiting.len() as i64);
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 // A slot for the newest waiting handshake.
@@ -711,7 +713,9 @@ async fn handle_incoming(
             return;
         }
     };
+    ctx.metrics.handshakes_in_flight.inc();
     let done = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake).await;
+    ctx.metrics.handshakes_in_flight.dec();
     drop(slot);
     let conn = match done {
         Ok(Ok(c)) => c,
