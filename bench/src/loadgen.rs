@@ -148,15 +148,8 @@ struct KnownHub {
 
 impl KnownHub {
     fn new(ca: &CertificateAuthority) -> Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.cert_der().clone())?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            tls::crypto_provider(),
-        )
-        .build()?;
         Ok(Self {
-            webpki,
+            webpki: petrel_e2e::raw_agent::hub_certificate_check(ca.cert_der())?,
             verified: Mutex::new(Vec::new()),
         })
     }

@@ -92,6 +92,20 @@ pub async fn connect(
     Ok((endpoint, conn))
 }
 
+/// The agent's check of a hub's certificate (webpki against the hub's CA, the provider the
+/// agent uses), for a test or the load generator to wrap in a verifier of its own.
+pub fn hub_certificate_check(
+    ca_der: &rustls::pki_types::CertificateDer<'static>,
+) -> anyhow::Result<std::sync::Arc<rustls::client::WebPkiServerVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.clone())?;
+    Ok(rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        tls::crypto_provider(),
+    )
+    .build()?)
+}
+
 /// The CA of a hub started by [`crate::procs::Hub`], read from its state directory, so a test can
 /// mint certificates the real agent would never hold.
 pub fn hub_ca(hub: &crate::procs::Hub) -> anyhow::Result<CertificateAuthority> {

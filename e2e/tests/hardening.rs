@@ -510,13 +510,7 @@ fn the_handshake_gauges_count_a_handshake_while_it_lasts() {
     let server: SocketAddr = hub.server().parse().unwrap();
     let ca_der = ca.cert_der().clone();
     let agent = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_der.clone())?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            tls::crypto_provider(),
-        )
-        .build()?;
+        let webpki = petrel_e2e::raw_agent::hub_certificate_check(&ca_der)?;
         let mut cfg = tls::agent_client_tls(
             &ca_der,
             vec![cert.into()],
