@@ -1041,13 +1041,13 @@ impl State {
                             t
                         }
                         None => {
-                            // Petrel patch: nothing left to send, so give back the GSO batch
+                            // Petrel patch: nothing left to send, so give back the send
                             // buffer (up to ten datagrams, reserved by quinn-proto at the first
-                            // batch) and keep one datagram's worth. A hub with 10,000 mostly
-                            // idle connections otherwise holds ~16 KiB for each of them. The
-                            // next batch grows it again: one reallocation per burst.
-                            self.send_buffer
-                                .shrink_to(self.inner.current_mtu() as usize);
+                            // GSO batch; at least one datagram, reserved above). A hub with
+                            // 10,000 mostly idle connections otherwise holds ~16 KiB (a batch)
+                            // or ~1.2 KiB (one datagram) for each of them. The next transmit
+                            // allocates it again: one allocation per burst, not per datagram.
+                            self.send_buffer = Vec::new();
                             break;
                         }
                     }
