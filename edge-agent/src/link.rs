@@ -50,6 +50,12 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
     // that still has the same table sends nothing (see petrel_proto::routes).
     let mut routes = RouteTable::new();
     let mut choice = TransportChoice::new(shared.config.transport);
+    // The hub's address tokens (QUIC NEW_TOKEN), kept across this link's attempts: the next
+    // connect presents one and skips the Retry round trip a busy hub (one just restarted, with
+    // a whole fleet reconnecting) would otherwise ask for. One store per link, because tokens
+    // are filed under the server name, which every hub shares, and one hub's token is
+    // worthless at another.
+    let address_tokens: Arc<dyn quinn::TokenStore> = Arc::new(quinn::TokenMemoryCache::default());
     loop {
         if !delay.is_zero() {
             tokio::select! {
@@ -68,7 +74,7 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             // connect() bounds itself: connect_timeout for an answer, then ADMITTED_GRACE.
-            r = connect(&shared, &endpoint, &mut routes, carrier) => r,
+            r = connect(&shared, &endpoint, &mut routes, carrier, &address_tokens) => r,
         };
         let connected = match attempt {
             Ok(v) => v,
@@ -370,6 +376,7 @@ async fn connect(
     endpoint: &str,
     routes: &mut RouteTable,
     carrier: Carrier,
+    address_tokens: &Arc<dyn quinn::TokenStore>,
 ) -> Result<Connected, ConnectError> {
     let id = shared.credentials.identity();
     if id.is_expired(SystemTime::now()) {
@@ -378,7 +385,8 @@ async fn connect(
     }
     let within = shared.config.connect_timeout;
     let addr = resolve(endpoint, within).await?;
-    let client = tunnel_client_config(&id, shared.config.congestion)?;
+    let mut client = tunnel_client_config(&id, shared.config.congestion)?;
+    client.token_store(address_tokens.clone());
     let (ep, addr, carrier_task) = match carrier {
         // A fresh UDP socket per attempt: a new source port also means a new NAT mapping,
         // which is what a stuck mapping needs.

@@ -183,7 +183,8 @@ impl Hub {
             None => None,
         };
         let tls_cfg = tls::hub_server_tls(ca.cert_der(), chain, key, &[ALPN_TUNNEL, ALPN_ENROL])?;
-        let server = quic::server_config(tls_cfg, &tuning)?;
+        let mut server = quic::server_config(tls_cfg, &tuning)?;
+        quic::issue_address_tokens(&mut server, &secret);
         let tcp = match (config.tcp_listen, tcp_tls) {
             (Some(addr), Some(tcp_tls)) => {
                 let bind_err = |source| HubError::Bind { addr, source };
