@@ -81,11 +81,15 @@ in_image() {
     exec chroot --userspec="$user" "$root" "$@"' sh "$root" "$user" "$@"
 }
 
+# A port below the kernel's ephemeral range (32768 and up by default) that no socket uses: an
+# ephemeral port can be taken by any other process's outgoing connection between this check
+# and the bind (a CI run once lost the agent's admin port that way).
 free_port() {
-  local p
+  local p lo
+  lo=$(cut -f 1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
   while :; do
-    p=$((20000 + RANDOM % 20000))
-    if ! ss -Hlntu "( sport = :$p )" 2>/dev/null | grep -q .; then
+    p=$((20000 + RANDOM % (lo > 21000 ? lo - 20000 : 12000)))
+    if ! ss -Hantu "( sport = :$p )" 2>/dev/null | grep -q .; then
       printf '%s' "$p"
       return
     fi
