@@ -184,8 +184,9 @@ pub fn decide_handshake(
 /// Address-validated handshakes waiting for a slot, newest first. Without it a handshake that
 /// arrives while every slot is busy is ignored and its agent waits for its own retransmission
 /// (about a second, then two): after a hub restart a fleet then spent most of its 3 s connect
-/// budget waiting on timers while slots were freeing up. Only sources that answered a Retry
-/// are queued (a spoofed address never does), the queue is bounded, and an entry older than
+/// budget waiting on timers while slots were freeing up. Only sources that proved their address
+/// are queued (they answered a Retry or presented an unused address token; a spoofed address
+/// can do neither), the queue is bounded, and an entry older than
 /// `max_wait` is dropped (its agent has given up or is about to), so it costs at most
 /// `capacity` held Initial packets.
 ///
