@@ -434,6 +434,23 @@ fn all_connected(hub: &Hub, nodes: &[&str]) -> bool {
     nodes.iter().all(|n| agents.iter().any(|a| a["node"] == *n))
 }
 
+/// At least `agents` handshakes on `hub` came with a valid address token (QUIC NEW_TOKEN).
+fn assert_tokens_taken(hub: &Hub, agents: usize) {
+    let text = hub.metrics().unwrap();
+    let taken = petrel_e2e::apiserver::metric(
+        &text,
+        "petrel_hub_tunnel_handshakes_total{outcome=\"address_token\"}",
+    );
+    assert!(
+        taken >= agents as f64,
+        "{taken} handshakes validated by an address token, expected {agents}:\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("petrel_hub_tunnel_handshakes_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[test]
 fn agents_return_within_3s_of_a_restarted_hub_listening() {
     let tmp = tempfile::tempdir().unwrap();
@@ -472,6 +489,9 @@ fn agents_return_within_3s_of_a_restarted_hub_listening() {
         "graceful restart: all agents back {:?} after the hub listened",
         listening.elapsed()
     );
+    // Each agent came back with an address token its link kept from the hub before, which the
+    // restarted hub (same state directory, so the same token key) took as proof of address.
+    assert_tokens_taken(&hub2, nodes.len());
 
     // 2. Crash: kill -9, down for 2 s, back on the same port with the same state.
     let mut hub2 = hub2;
@@ -490,6 +510,7 @@ fn agents_return_within_3s_of_a_restarted_hub_listening() {
         "crash restart: all agents back {:?} after the hub listened",
         listening.elapsed()
     );
+    assert_tokens_taken(&hub3, nodes.len());
     hub = hub3;
     drop(hub);
 }

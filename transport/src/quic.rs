@@ -205,14 +205,24 @@ pub fn issue_address_tokens(cfg: &mut quinn::ServerConfig, secret: &[u8]) {
     let key =
         ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"petrel address token key").extract(secret);
     cfg.token_key(Arc::new(key));
+    let log = quinn_proto::BloomTokenLog::new_expected_items(
+        ADDRESS_TOKEN_LOG_BYTES,
+        ADDRESS_TOKEN_LOG_EXPECTED,
+    );
+    // quinn's Bloom log keeps two periods of one token lifetime and anchors them at the expiry
+    // of the first token it is shown; a token that expires before that anchor is then refused
+    // as "too far in past". In a fresh hub that first token is whichever agent came back first,
+    // so every agent whose token was issued earlier (about half a returning fleet, in the
+    // restart test of e2e/tests/foundation.rs) was sent a Retry after all. Showing it a token
+    // that expires now anchors the periods where every still-valid token fits.
+    if let Some(expired_now) = std::time::SystemTime::now().checked_sub(ADDRESS_TOKEN_LIFETIME) {
+        let _ = quinn::TokenLog::check_and_insert(&log, 0, expired_now, ADDRESS_TOKEN_LIFETIME);
+    }
     let mut tokens = quinn::ValidationTokenConfig::default();
     tokens
         .sent(ADDRESS_TOKENS_SENT)
         .lifetime(ADDRESS_TOKEN_LIFETIME)
-        .log(Arc::new(quinn_proto::BloomTokenLog::new_expected_items(
-            ADDRESS_TOKEN_LOG_BYTES,
-            ADDRESS_TOKEN_LOG_EXPECTED,
-        )));
+        .log(Arc::new(log));
     cfg.validation_token_config(tokens);
 }
 
@@ -479,6 +489,25 @@ mod tests {
         ca: &crate::pki::CertificateAuthority,
         secret: Option<&[u8]>,
     ) -> (quinn::Endpoint, tokio::sync::mpsc::UnboundedReceiver<bool>) {
+        token_server_behind(ca, secret, Duration::ZERO)
+    }
+
+    /// A clock `behind` the real one.
+    #[derive(Debug)]
+    struct BehindClock(Duration);
+
+    impl quinn::TimeSource for BehindClock {
+        fn now(&self) -> SystemTime {
+            SystemTime::now() - self.0
+        }
+    }
+
+    /// `token_server` whose clock runs `behind` the real one (its tokens look issued earlier).
+    fn token_server_behind(
+        ca: &crate::pki::CertificateAuthority,
+        secret: Option<&[u8]>,
+        behind: Duration,
+    ) -> (quinn::Endpoint, tokio::sync::mpsc::UnboundedReceiver<bool>) {
         let hub_cert = test_pki::hub(ca);
         let tls =
             crate::tls::hub_server_tls(ca.cert_der(), hub_cert.chain, hub_cert.key, &[b"petrel/1"])
@@ -487,6 +516,7 @@ mod tests {
         if let Some(secret) = secret {
             issue_address_tokens(&mut server, secret);
         }
+        server.time_source(Arc::new(BehindClock(behind)));
         let endpoint = server_endpoint(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             server,
@@ -596,5 +626,26 @@ mod tests {
         let tokens = Arc::new(Tokens::default());
         assert!(!connect_with_tokens(&ca, &mut server, &tokens, 0).await);
         assert_eq!(tokens.received.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_hub_takes_tokens_issued_before_the_first_it_is_shown() {
+        // After a restart the agents come back in any order; quinn's replay log once refused
+        // every token that expired before the first one it was shown.
+        let ca = test_pki::ca("token-order-ca");
+        let secret = b"hub secret, token order";
+        const SENT: usize = ADDRESS_TOKENS_SENT as usize;
+        let early = Arc::new(Tokens::default());
+        let late = Arc::new(Tokens::default());
+        let mut an_hour_ago = token_server_behind(&ca, Some(secret), Duration::from_secs(3600));
+        connect_with_tokens(&ca, &mut an_hour_ago, &early, SENT).await;
+        let mut now = token_server(&ca, Some(secret));
+        connect_with_tokens(&ca, &mut now, &late, SENT).await;
+        let mut restarted = token_server(&ca, Some(secret));
+        assert!(connect_with_tokens(&ca, &mut restarted, &late, SENT).await);
+        assert!(
+            connect_with_tokens(&ca, &mut restarted, &early, SENT).await,
+            "a token issued an hour before the first one shown must still be taken"
+        );
     }
 }

@@ -536,6 +536,12 @@ impl Hub {
                 incoming.refuse();
                 continue;
             }
+            if incoming.remote_address_validated() && incoming.may_retry() {
+                // Validated without a Retry: the Initial carried one of this hub's (or its
+                // predecessor's) address tokens. After a restart, agents coming back this way
+                // skip a round trip (`quic::issue_address_tokens`).
+                HubMetrics::inc_outcome(&self.metrics.tunnel_handshakes, "address_token");
+            }
             let in_flight = MAX_HANDSHAKES_IN_FLIGHT - handshakes.available_permits();
             let remote_ip = incoming.remote_address().ip();
             let verdict = admission::decide_handshake(
