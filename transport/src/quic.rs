@@ -191,10 +191,12 @@ pub fn server_config(
 /// Makes `cfg` hand each client address-validation tokens (QUIC NEW_TOKEN) keyed by `secret`,
 /// which the hub keeps in its state. A reconnecting agent presents one in its first Initial, so
 /// the hub knows its address already and does not send it a Retry even when handshakes pile
-/// up: after a hub restart 10,000 agents come back without 10,000 extra round trips, Retry
-/// packets and Initial key derivations, and without the retry tokens that expire while their
-/// Initial waits in a busy hub's socket. The key survives restarts because it is derived from
-/// the secret (quinn's default key is random per process).
+/// up: after a hub restart an agent's first attempt skips a round trip (100-300 ms on an edge
+/// site's path), a Retry packet and a second Initial key derivation, and cannot lose its
+/// attempt to a retry token that expired while the Initial waited in a busy hub's socket. (It
+/// does not shorten the loopback reconnect storm of the scale bench, which is CPU-bound:
+/// docs/performance.md, session 19.) The key survives restarts because it is derived from the
+/// secret (quinn's default key is random per process).
 ///
 /// What a token is worth to someone else: it binds the client's IP address (not its port), it
 /// is accepted once (`ADDRESS_TOKEN_LOG_BYTES` of replay log, a Bloom filter past a few
