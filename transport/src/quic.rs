@@ -229,7 +229,9 @@ pub fn issue_address_tokens(cfg: &mut quinn::ServerConfig, secret: &[u8]) {
 }
 
 /// Address tokens the hub sends each client when its handshake completes: each is good for one
-/// later connection, so an agent whose first reconnect attempt fails still has one.
+/// later connection, so an agent whose first reconnect attempt fails still has one. quinn queues
+/// this many again for each Handshake packet of the client's that it processes after sending
+/// the first ones, so a connection usually brings twice as many (an agent keeps two).
 pub const ADDRESS_TOKENS_SENT: u32 = 2;
 /// How long an address token is good for. quinn sends tokens once per connection, so an agent
 /// connected for longer than this comes back through a Retry, as without tokens.
@@ -485,8 +487,9 @@ mod tests {
         }
     }
 
-    /// A hub-like server that accepts everything and reports, per incoming handshake, whether
-    /// quinn saw a valid address token in it; it issues tokens keyed by `secret` if given.
+    /// A hub-like server that accepts everything, echoes one stream per connection, and
+    /// reports, per incoming handshake, whether quinn saw a valid address token in it; it issues
+    /// tokens keyed by `secret` if given.
     fn token_server(
         ca: &crate::pki::CertificateAuthority,
         secret: Option<&[u8]>,
@@ -532,9 +535,14 @@ mod tests {
                 let _ = tx.send(incoming.remote_address_validated());
                 if let Ok(connecting) = incoming.accept() {
                     tokio::spawn(async move {
-                        if let Ok(conn) = connecting.await {
-                            conn.closed().await;
+                        let Ok(conn) = connecting.await else { return };
+                        if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                            if let Ok(data) = recv.read_to_end(64).await {
+                                let _ = send.write_all(&data).await;
+                                let _ = send.finish();
+                            }
                         }
+                        conn.closed().await;
                     });
                 }
             }
@@ -543,13 +551,16 @@ mod tests {
     }
 
     /// Connects once with `tokens` as the client's store; returns whether the server found a
-    /// valid address token in the first Initial. Waits until `expect` new tokens came (for
-    /// none, long enough for any to have come with the server's first 1-RTT packets).
+    /// valid address token in the first Initial, and checks that the connection brought tokens
+    /// (at least `ADDRESS_TOKENS_SENT`) or, without `expect_tokens`, none. The server queues its
+    /// NEW_TOKEN frames when the client's Handshake packets arrive and quinn writes them ahead
+    /// of stream data, so once the echo of a stream sent after the handshake is back, the
+    /// tokens have arrived: no waiting on a timer.
     async fn connect_with_tokens(
         ca: &crate::pki::CertificateAuthority,
         server: &mut (quinn::Endpoint, tokio::sync::mpsc::UnboundedReceiver<bool>),
         tokens: &Arc<Tokens>,
-        expect: usize,
+        expect_tokens: bool,
     ) -> bool {
         let node = test_pki::node(ca, "edge-a1");
         let tls =
@@ -568,19 +579,19 @@ mod tests {
             .await
             .unwrap();
         let validated = server.1.recv().await.unwrap();
-        if expect == 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"round trip").await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(recv.read_to_end(64).await.unwrap(), b"round trip");
+        let came = tokens.received.load(Ordering::SeqCst) - before;
+        if expect_tokens {
+            assert!(
+                came >= ADDRESS_TOKENS_SENT as usize,
+                "{came} address tokens came"
+            );
+        } else {
+            assert_eq!(came, 0, "address tokens from a server that issues none");
         }
-        let tokens_came = tokio::time::timeout(Duration::from_secs(5), async {
-            while tokens.received.load(Ordering::SeqCst) < before + expect {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        assert!(
-            tokens_came.is_ok(),
-            "the server sends its address tokens once the handshake is done"
-        );
         conn.close(0u32.into(), b"done");
         client.wait_idle().await;
         validated
@@ -591,32 +602,31 @@ mod tests {
         let ca = test_pki::ca("token-ca");
         let secret = b"hub secret one, from the state directory";
         let tokens = Arc::new(Tokens::default());
-        const SENT: usize = ADDRESS_TOKENS_SENT as usize;
         let mut hub = token_server(&ca, Some(secret));
         assert!(
-            !connect_with_tokens(&ca, &mut hub, &tokens, SENT).await,
+            !connect_with_tokens(&ca, &mut hub, &tokens, true).await,
             "a first connection has no token"
         );
         assert!(
-            connect_with_tokens(&ca, &mut hub, &tokens, SENT).await,
+            connect_with_tokens(&ca, &mut hub, &tokens, true).await,
             "the next one presents a token the hub sent"
         );
         // A restarted hub with the same secret (its state directory) takes its predecessor's
         // tokens: the reconnect after a restart is the one that matters.
         hub.0.close(0u32.into(), b"restart");
         let mut restarted = token_server(&ca, Some(secret));
-        assert!(connect_with_tokens(&ca, &mut restarted, &tokens, SENT).await);
+        assert!(connect_with_tokens(&ca, &mut restarted, &tokens, true).await);
         // Another hub's key: the token is worthless there, and the client is simply not
         // validated (no error).
         let mut other = token_server(&ca, Some(b"another hub's secret entirely"));
-        assert!(!connect_with_tokens(&ca, &mut other, &tokens, SENT).await);
+        assert!(!connect_with_tokens(&ca, &mut other, &tokens, true).await);
         // A token is good once: the same token shown again is not taken.
         let replayed = Arc::new(Tokens::default());
-        assert!(!connect_with_tokens(&ca, &mut restarted, &replayed, SENT).await);
+        assert!(!connect_with_tokens(&ca, &mut restarted, &replayed, true).await);
         replayed.replay.store(true, Ordering::SeqCst);
-        assert!(connect_with_tokens(&ca, &mut restarted, &replayed, SENT).await);
+        assert!(connect_with_tokens(&ca, &mut restarted, &replayed, true).await);
         assert!(
-            !connect_with_tokens(&ca, &mut restarted, &replayed, SENT).await,
+            !connect_with_tokens(&ca, &mut restarted, &replayed, true).await,
             "a replayed token must not validate an address twice"
         );
     }
@@ -626,8 +636,7 @@ mod tests {
         let ca = test_pki::ca("no-token-ca");
         let mut server = token_server(&ca, None);
         let tokens = Arc::new(Tokens::default());
-        assert!(!connect_with_tokens(&ca, &mut server, &tokens, 0).await);
-        assert_eq!(tokens.received.load(Ordering::SeqCst), 0);
+        assert!(!connect_with_tokens(&ca, &mut server, &tokens, false).await);
     }
 
     #[tokio::test]
@@ -636,17 +645,16 @@ mod tests {
         // every token that expired before the first one it was shown.
         let ca = test_pki::ca("token-order-ca");
         let secret = b"hub secret, token order";
-        const SENT: usize = ADDRESS_TOKENS_SENT as usize;
         let early = Arc::new(Tokens::default());
         let late = Arc::new(Tokens::default());
         let mut an_hour_ago = token_server_behind(&ca, Some(secret), Duration::from_secs(3600));
-        connect_with_tokens(&ca, &mut an_hour_ago, &early, SENT).await;
+        connect_with_tokens(&ca, &mut an_hour_ago, &early, true).await;
         let mut now = token_server(&ca, Some(secret));
-        connect_with_tokens(&ca, &mut now, &late, SENT).await;
+        connect_with_tokens(&ca, &mut now, &late, true).await;
         let mut restarted = token_server(&ca, Some(secret));
-        assert!(connect_with_tokens(&ca, &mut restarted, &late, SENT).await);
+        assert!(connect_with_tokens(&ca, &mut restarted, &late, true).await);
         assert!(
-            connect_with_tokens(&ca, &mut restarted, &early, SENT).await,
+            connect_with_tokens(&ca, &mut restarted, &early, true).await,
             "a token issued an hour before the first one shown must still be taken"
         );
     }
