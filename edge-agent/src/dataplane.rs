@@ -435,6 +435,10 @@ impl AgentDataplane {
     }
 
     async fn reconcile(&self, log_all: bool) {
+        // The view is read under the kernel lock, not before it: a reconcile that read an
+        // older view (the welcome's, routes still to come) and then waited for the lock would
+        // otherwise apply it after a newer one, emptying the routes until the next reconcile.
+        let mut dp = self.datapath.lock().await;
         let Some(desired) = self.desired() else {
             return;
         };
@@ -446,7 +450,6 @@ impl AgentDataplane {
                     != Some(desired.peers.first().map(|p| p.mtu))
             })
             .unwrap_or(true);
-        let mut dp = self.datapath.lock().await;
         match dp.apply(&desired).await {
             Ok(report) => {
                 if report.changed() || log_all || mtu_changed {
