@@ -278,7 +278,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(2);
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-type Connected = (quinn::Connection, ControlWriter, SimReader);
+/// The connection, its control stream, and the welcome's reconnect spread.
+type Connected = (quinn::Connection, ControlWriter, SimReader, Duration);
 
 /// The digests that route chunks carry, by chunk: every agent is sent the same encoded chunks
 /// (the hub encodes the table once), so each distinct chunk is decoded once per process.
@@ -415,7 +416,10 @@ async fn welcome(
         .await
         .map_err(|e| stream_failed(e, &conn))?;
     match reader.next().await {
-        Ok(Some(ControlMessage::Welcome(_))) => Ok((conn, writer, reader)),
+        Ok(Some(ControlMessage::Welcome(w))) => {
+            let spread = w.view.reconnect_spread();
+            Ok((conn, writer, reader, spread))
+        }
         Ok(Some(other)) => Err(ConnectFailure::Unexpected {
             got: other.name(),
             close: conn.close_reason(),
@@ -437,7 +441,8 @@ async fn session(
     writer: &mut ControlWriter,
     reader: &mut SimReader,
     routes_digest: &mut u64,
-) -> End {
+    spread: &mut Duration,
+) -> (End, Instant) {
     let mut keepalive = Keepalive::new(PING_INTERVAL, DEAD_AFTER, Instant::now());
     let mut deadline = tokio::time::Instant::now();
     loop {
@@ -451,7 +456,7 @@ async fn session(
                 match msg {
                     Ok(Some(ControlMessage::Ping(p))) => {
                         if let Err(e) = writer.send(&ControlMessage::Pong(p.pong())).await {
-                            return End::Lost(e.to_string());
+                            return (End::Lost(e.to_string()), keepalive.last_receive());
                         }
                     }
                     Ok(Some(ControlMessage::Pong(p))) => {
@@ -462,19 +467,25 @@ async fn session(
                             *routes_digest = d;
                         }
                     }
+                    Ok(Some(ControlMessage::Update(view))) => {
+                        *spread = view.reconnect_spread();
+                    }
                     Ok(Some(ControlMessage::GoingAway(ga))) => {
-                        return End::GoingAway {
+                        return (End::GoingAway {
                             retry_after: Duration::from_millis(u64::from(ga.retry_after_ms)),
                             why: ga.message,
-                        };
+                        }, keepalive.last_receive());
                     }
                     Ok(Some(_)) => {}
-                    Ok(None) => return End::Lost("hub finished the control stream".into()),
+                    Ok(None) => return (End::Lost("hub finished the control stream".into()), keepalive.last_receive()),
                     Err(e) => {
-                        return End::Lost(
-                            conn.close_reason()
-                                .map(|r| r.to_string())
-                                .unwrap_or_else(|| e.to_string()),
+                        return (
+                            End::Lost(
+                                conn.close_reason()
+                                    .map(|r| r.to_string())
+                                    .unwrap_or_else(|| e.to_string()),
+                            ),
+                            keepalive.last_receive(),
                         )
                     }
                 }
@@ -482,20 +493,20 @@ async fn session(
             _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
                 KeepaliveAction::SendPing(ping) => {
                     if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await {
-                        return End::Lost(e.to_string());
+                        return (End::Lost(e.to_string()), keepalive.last_receive());
                     }
                     deadline = tokio::time::Instant::now();
                 }
                 KeepaliveAction::TimedOut => {
                     conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"hub unresponsive");
-                    return End::Lost(format!("hub silent for {DEAD_AFTER:?}"));
+                    return (End::Lost(format!("hub silent for {DEAD_AFTER:?}")), keepalive.last_receive());
                 }
                 // The real agent also wakes at least once a second (to check its certificate for
                 // renewal); a simulated one has nothing to renew, so 10,000 of them sleep until
                 // the keepalive's next deadline.
                 KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
             },
-            closed = conn.closed() => return End::Lost(closed.to_string()),
+            closed = conn.closed() => return (End::Lost(closed.to_string()), keepalive.last_receive()),
         }
     }
 }
@@ -561,7 +572,7 @@ async fn agent(
         }
         let attempt = connect(&endpoint, &id, server, &digests, routes_digest).await;
         drop(first.take());
-        let (conn, mut writer, mut reader) = match attempt {
+        let (conn, mut writer, mut reader, mut spread) = match attempt {
             Ok(v) => v,
             Err(e) => {
                 record_failure(&counters, e.to_string());
@@ -572,13 +583,24 @@ async fn agent(
         backoff.on_connected(Instant::now());
         counters.connected.fetch_add(1, Ordering::Relaxed);
         counters.connects.fetch_add(1, Ordering::Relaxed);
-        let end = session(&conn, &mut writer, &mut reader, &mut routes_digest).await;
+        let (end, last_heard) = session(
+            &conn,
+            &mut writer,
+            &mut reader,
+            &mut routes_digest,
+            &mut spread,
+        )
+        .await;
         counters.connected.fetch_sub(1, Ordering::Relaxed);
         backoff.on_disconnected(Instant::now());
         match end {
             End::Lost(why) => {
                 record_failure(&counters, why);
-                delay = backoff.next_delay(rng.next());
+                // As the real agent: the first attempt waits for its share of the hub's
+                // reconnect spread, counted from the last word heard.
+                let herd =
+                    petrel_proto::backoff::herd_delay(spread, last_heard.elapsed(), rng.fraction());
+                delay = backoff.next_delay(rng.next()).max(herd);
             }
             End::GoingAway { retry_after, why } => {
                 record_failure(&counters, format!("hub going away: {why}"));

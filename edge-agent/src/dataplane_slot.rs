@@ -256,6 +256,7 @@ mod tests {
             egress: Default::default(),
             site_mtus: Vec::new(),
             routed_sites: Vec::new(),
+            reconnect_spread_ms: 0,
         }
     }
 

@@ -174,6 +174,7 @@ mod tests {
             egress: EgressPolicy::default(),
             site_mtus: Vec::new(),
             routed_sites: vec!["vpc".into(), "site-x".into()],
+            reconnect_spread_ms: 0,
         }
     }
 

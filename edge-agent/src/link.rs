@@ -177,6 +177,11 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             listener_cert,
         };
         let end = link.pump(reader, &shutdown).await;
+        // Lost without a goodbye, the whole fleet may have lost this hub at once: the first
+        // attempt waits for its share of the hub's spread (petrel_proto::backoff::herd_delay).
+        let herd = link
+            .session
+            .herd_delay(Instant::now(), rand::rng().random());
         routes = link.session.into_routes();
         receiver.abort();
         if let Some(t) = peer_server {
@@ -243,8 +248,8 @@ pub async fn run(shared: Arc<AgentShared>, endpoint: String, shutdown: Cancellat
             NextAttempt::Backoff => {
                 AgentMetrics::inc(&shared.metrics.sessions_ended, "lost");
                 let why = end.to_string();
-                info!(reason = %why, "tunnel to hub lost; reconnecting");
-                delay = backoff.next_delay(rand::rng().random());
+                delay = backoff.next_delay(rand::rng().random()).max(herd);
+                info!(reason = %why, retry_in = ?delay, "tunnel to hub lost; reconnecting");
                 shared.links.update(&endpoint, |l| l.last_error = Some(why));
             }
         }

@@ -200,6 +200,12 @@ pub struct RunArgs {
     /// at once from queueing gigabytes ahead of the handshakes of agents still connecting.
     #[arg(long, env = "PETREL_ROUTE_SYNC_RATE")]
     pub route_sync_rate: Option<String>,
+    /// Agents per second this hub admits when its whole fleet reconnects at once (after a
+    /// crash or a restart without a goodbye): agents spread their return over (edge nodes /
+    /// this rate) seconds, at most 60 s. `off` (every agent at once), or a number; default
+    /// 1500, about what two cores admit (docs/operations.md, sizing).
+    #[arg(long, env = "PETREL_RECONNECT_RATE")]
+    pub reconnect_rate: Option<String>,
     /// UDP address where cloud and Express Connect nodes send VXLAN frames for public sites
     /// (their `petrel.1` FDB points here): `auto` (default: this node's underlay address, the
     /// one the node roles send to, and 127.0.0.1 for this node's own kernel, port 8473), a
@@ -361,6 +367,8 @@ pub struct FileConfig {
     pub memory_budget: Option<String>,
     #[serde(alias = "route_sync_rate")]
     pub route_sync_rate: Option<String>,
+    #[serde(alias = "reconnect_rate")]
+    pub reconnect_rate: Option<String>,
     pub log: Option<String>,
     #[serde(alias = "relay_listen")]
     pub relay_listen: Option<String>,
@@ -387,6 +395,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9470";
 /// Route snapshots per second over all agents at the default rate: ~140 of a 10,000-node table.
 pub const DEFAULT_ROUTE_SYNC_RATE: u64 = 64 << 20;
+/// Agents per second a fleet's return is spread for by default: about what a hub on two
+/// cores admits (docs/performance.md, session 20).
+pub const DEFAULT_RECONNECT_RATE: u32 = 1500;
 /// The node role's admin server (`petrel-gateway node`).
 pub const DEFAULT_NODE_ADMIN: &str = "127.0.0.1:9472";
 
@@ -422,6 +433,9 @@ pub struct HubConfig {
     pub memory_budget: Option<u64>,
     /// Bytes per second of large route syncs over all agents; 0 = unpaced.
     pub route_sync_rate: u64,
+    /// Agents per second a fleet's return is spread for (`HubView::reconnect_spread_ms`);
+    /// 0 = no spread.
+    pub reconnect_rate: u32,
     pub relay_listen: RelayListen,
     /// The TCP fallback listener (`None`: off).
     pub tcp_listen: Option<SocketAddr>,
@@ -708,12 +722,28 @@ impl HubConfig {
                     allowed: "off, or a size of at least 1MiB (per second) such as 64MiB".into(),
                 })?,
         };
+        let reconnect_rate = match args.reconnect_rate.or(file.reconnect_rate).as_deref() {
+            None => DEFAULT_RECONNECT_RATE,
+            Some("off") => 0,
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|r| *r > 0)
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: "reconnect-rate",
+                    value: v.to_string(),
+                    allowed: "off, or agents per second (a whole number above 0) such as 1500"
+                        .into(),
+                })?,
+        };
         // Last, as before egress moved in here: a bad egress value is reported after the hub's
         // own settings.
         let egress = crate::egress::EgressConfig::from_parts(&args.egress, &file.egress)?;
         Ok(Self {
             memory_budget,
             route_sync_rate,
+            reconnect_rate,
             kube,
             relay_listen,
             tcp_listen,
@@ -821,6 +851,35 @@ mod tests {
         for bad in ["12MiB", "lots", "5TiB", "-1"] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("memory-budget"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn reconnect_rate_values() {
+        let with = |args: Option<&str>, file: Option<&str>| {
+            HubConfig::from_args(
+                RunArgs {
+                    reconnect_rate: args.map(Into::into),
+                    ..Default::default()
+                },
+                FileConfig {
+                    reconnect_rate: file.map(Into::into),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(
+            with(None, None).unwrap().reconnect_rate,
+            DEFAULT_RECONNECT_RATE
+        );
+        assert_eq!(with(Some("off"), None).unwrap().reconnect_rate, 0);
+        assert_eq!(with(Some(" 4000 "), None).unwrap().reconnect_rate, 4000);
+        // The flag wins over the file.
+        assert_eq!(with(Some("200"), Some("9")).unwrap().reconnect_rate, 200);
+        assert_eq!(with(None, Some("9")).unwrap().reconnect_rate, 9);
+        for bad in ["0", "-5", "fast", "1.5", "5000000000"] {
+            let e = with(Some(bad), None).unwrap_err().to_string();
+            assert!(e.contains("reconnect-rate"), "{bad}: {e}");
         }
     }
 

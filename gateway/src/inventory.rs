@@ -422,6 +422,17 @@ impl Inventory {
         self.sites.values()
     }
 
+    /// How many nodes sit outside the cloud (public and Express Connect sites): the agents a
+    /// hub may see reconnect at once. Costs a look-up per site, not a walk of the nodes.
+    pub fn edge_nodes(&self) -> usize {
+        self.sites
+            .values()
+            .filter(|s| s.kind != SiteKind::Cloud)
+            .filter_map(|s| self.site_members.get(&s.name))
+            .map(BTreeSet::len)
+            .sum()
+    }
+
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()
     }

@@ -116,6 +116,25 @@ impl Backoff {
     }
 }
 
+/// How long an agent that lost its hub without a goodbye waits before its first attempt: a
+/// `jitter` share (in `[0, 1)`) of the hub's `spread` ([`crate::HubView::reconnect_spread`]),
+/// counted from when it last heard the hub, so less the `since_heard` already gone.
+///
+/// Agents notice a dead hub at different times (the next ping meets a reset, or the silence
+/// timer fires), up to a keepalive interval apart; counting from the last word heard makes the
+/// fleet's arrivals uniform over `spread` after the loss rather than over `spread` plus that
+/// interval. The hub sizes `spread` to its fleet: thousands of agents that all come back at
+/// once overflow its handshake queue, and every attempt that times out there costs both ends
+/// a new Initial, Retry and handshake (docs/performance.md, session 20).
+pub fn herd_delay(spread: Duration, since_heard: Duration, jitter: f64) -> Duration {
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    spread.mul_f64(jitter).saturating_sub(since_heard)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +148,38 @@ mod tests {
             multiplier: 2,
             stable_after: 10_000 * MS,
         }
+    }
+
+    #[test]
+    fn a_herd_delay_is_a_share_of_the_spread_less_the_time_since_the_hub_was_heard() {
+        let spread = 6_000 * MS;
+        assert_eq!(herd_delay(spread, Duration::ZERO, 0.5), 3_000 * MS);
+        // Noticed 1.2 s after the last word: 1.2 s of the share has already gone by.
+        assert_eq!(herd_delay(spread, 1_200 * MS, 0.5), 1_800 * MS);
+        // A share smaller than the time already gone: at once.
+        assert_eq!(herd_delay(spread, 2_000 * MS, 0.25), Duration::ZERO);
+        // No spread (a hub from before it, a small fleet): at once, as before.
+        assert_eq!(
+            herd_delay(Duration::ZERO, Duration::ZERO, 0.9),
+            Duration::ZERO
+        );
+        // Jitter outside [0, 1] is clamped; NaN counts as 0.
+        assert_eq!(herd_delay(spread, Duration::ZERO, 7.0), spread);
+        assert_eq!(herd_delay(spread, Duration::ZERO, -1.0), Duration::ZERO);
+        assert_eq!(herd_delay(spread, Duration::ZERO, f64::NAN), Duration::ZERO);
+        // 1,000 agents that noticed the loss up to 2 s after they last heard the hub: every
+        // one starts within the spread of that last word (plain jitter after noticing would
+        // take up to 8 s), and no second of the window gets more than 1.6 times its share.
+        let mut per_second = [0u32; 6];
+        for (j, h) in (0..40u32).flat_map(|j| (0..25u32).map(move |h| (j, h))) {
+            let jitter = f64::from(j) / 40.0;
+            let heard = Duration::from_millis(u64::from(h * 80));
+            // When the agent starts its attempt, counted from the last word heard.
+            let start = heard + herd_delay(spread, heard, jitter);
+            assert!(start <= spread, "{start:?}");
+            per_second[(start.as_secs() as usize).min(5)] += 1;
+        }
+        assert!(per_second.iter().all(|n| *n <= 267), "{per_second:?}");
     }
 
     #[test]

@@ -190,6 +190,25 @@ pub struct HubView {
     /// site, and frames for a public site to that site's owner. A view that ends before it
     /// lists none. At most [`MAX_ROUTED_SITES`].
     pub routed_sites: Vec<String>,
+    /// Trailing field (after `routed_sites`): how widely, in milliseconds, the hub's agents
+    /// spread their return when they lose it together without a goodbye (a crash, a reset):
+    /// each waits a random share of it, counted from when it last heard the hub
+    /// ([`crate::backoff::herd_delay`]), so a fleet comes back at the rate the hub admits
+    /// instead of all at once into a full handshake queue. A view that ends before it says 0
+    /// (reconnect at once). Agents honour at most [`MAX_RECONNECT_SPREAD`].
+    pub reconnect_spread_ms: u32,
+}
+
+/// The widest [`HubView::reconnect_spread_ms`] an agent honours: a misconfigured hub can delay
+/// a fleet's return by at most this.
+pub const MAX_RECONNECT_SPREAD: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl HubView {
+    /// [`HubView::reconnect_spread_ms`], at most [`MAX_RECONNECT_SPREAD`].
+    pub fn reconnect_spread(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.reconnect_spread_ms))
+            .min(MAX_RECONNECT_SPREAD)
+    }
 }
 
 /// Most entries of [`HubView::site_mtus`].
@@ -719,6 +738,7 @@ fn write_view(w: &mut Writer<'_>, v: &HubView) -> Result<(), EncodeError> {
             codec::check_site_name,
         )?;
     }
+    w.u32(v.reconnect_spread_ms);
     Ok(())
 }
 
@@ -904,6 +924,11 @@ fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
             )?);
         }
     }
+    let reconnect_spread_ms = if r.remaining() > 0 {
+        r.u32("HubView.reconnect_spread_ms")?
+    } else {
+        0
+    };
     Ok(HubView {
         gateways,
         routes,
@@ -911,6 +936,7 @@ fn read_view(r: &mut Reader<'_>) -> Result<HubView, DecodeError> {
         egress,
         site_mtus,
         routed_sites,
+        reconnect_spread_ms,
     })
 }
 
@@ -978,6 +1004,7 @@ impl FrameDecoder {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use std::time::Duration;
 
     fn view() -> HubView {
         HubView {
@@ -1004,6 +1031,7 @@ mod tests {
             },
             site_mtus: vec![],
             routed_sites: vec![],
+            reconnect_spread_ms: 0,
         }
     }
 
@@ -1291,8 +1319,8 @@ mod tests {
         };
         let mut bytes = encode_to_vec(&ControlMessage::Update(v)).unwrap();
         // path, site_mtu (2), the empty egress policy (2 + 2 + 2 + 1), no site MTUs (2), no
-        // routed sites (2).
-        let path_pos = bytes.len() - 3 - 7 - 2 - 2;
+        // routed sites (2), the reconnect spread.
+        let path_pos = bytes.len() - 3 - 7 - 2 - 2 - SPREAD;
         bytes[path_pos] = 9;
         assert!(matches!(
             decode_frame(&bytes),
@@ -1323,6 +1351,40 @@ mod tests {
         assert!(encode_to_vec(&ControlMessage::Update(v)).is_err());
     }
 
+    /// The bytes of the last trailing field, [`HubView::reconnect_spread_ms`].
+    const SPREAD: usize = 4;
+
+    #[test]
+    fn reconnect_spread_is_a_trailing_field_agents_cap() {
+        let mut v = view();
+        v.reconnect_spread_ms = 6_667;
+        let bytes = encode_to_vec(&ControlMessage::Update(v.clone())).unwrap();
+        assert_eq!(
+            decode_frame(&bytes).unwrap(),
+            Some((ControlMessage::Update(v.clone()), bytes.len()))
+        );
+        assert_eq!(v.reconnect_spread(), Duration::from_millis(6_667));
+        // A hub from before the field: the view ends after the routed sites; reconnect at once.
+        let old = frame(msg_type::UPDATE, &bytes[5..bytes.len() - SPREAD]);
+        let mut before = v.clone();
+        before.reconnect_spread_ms = 0;
+        assert_eq!(
+            decode_frame(&old).unwrap().map(|(m, _)| m),
+            Some(ControlMessage::Update(before))
+        );
+        // Part of the field is malformed, not absent.
+        let torn = frame(msg_type::UPDATE, &bytes[5..bytes.len() - 1]);
+        assert!(decode_frame(&torn).is_err());
+        // Any value decodes; an agent waits at most the cap.
+        v.reconnect_spread_ms = u32::MAX;
+        let bytes = encode_to_vec(&ControlMessage::Update(v.clone())).unwrap();
+        assert_eq!(
+            decode_frame(&bytes).unwrap(),
+            Some((ControlMessage::Update(v.clone()), bytes.len()))
+        );
+        assert_eq!(v.reconnect_spread(), MAX_RECONNECT_SPREAD);
+    }
+
     #[test]
     fn egress_policy_is_a_trailing_field() {
         // A view from a hub that predates the field: everything up to site_mtu.
@@ -1334,8 +1396,9 @@ mod tests {
         })
         .unwrap();
         let policy_len = policy.len() - 5;
-        // ... then the (empty) site MTU and routed-site lists: two-byte counts.
-        let body_len = full.len() - 5 - policy_len - 2 - 2;
+        // ... then the (empty) site MTU and routed-site lists (two-byte counts) and the
+        // reconnect spread (four bytes).
+        let body_len = full.len() - 5 - policy_len - 2 - 2 - SPREAD;
         let old = frame(msg_type::UPDATE, &full[5..5 + body_len]);
         match decode_frame(&old).unwrap() {
             Some((ControlMessage::Update(got), _)) => {
@@ -1345,7 +1408,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A hub from before site MTUs: the view ends after the policy.
-        let old = frame(msg_type::UPDATE, &full[5..full.len() - 2]);
+        let old = frame(msg_type::UPDATE, &full[5..full.len() - 2 - SPREAD]);
         match decode_frame(&old).unwrap() {
             Some((ControlMessage::Update(got), _)) => assert_eq!(got, v),
             other => panic!("{other:?}"),
@@ -1365,7 +1428,7 @@ mod tests {
         assert!(encode_to_vec(&ControlMessage::Update(v3)).is_err());
         let mut raw = bytes.clone();
         // The MTU is just before the (empty) routed-site list's two-byte count.
-        let n = raw.len() - 2;
+        let n = raw.len() - 2 - SPREAD;
         raw[n - 2..n].copy_from_slice(&(MIN_SITE_MTU - 1).to_be_bytes());
         assert!(matches!(
             decode_frame(&raw),
@@ -1383,7 +1446,7 @@ mod tests {
             decode_frame(&bytes).unwrap(),
             Some((ControlMessage::Update(v4.clone()), bytes.len()))
         );
-        let cut = 2 + 2 + 3 + 2 + 6;
+        let cut = 2 + 2 + 3 + 2 + 6 + SPREAD;
         let old = frame(msg_type::UPDATE, &bytes[5..bytes.len() - cut]);
         let mut no_list = v4.clone();
         no_list.routed_sites.clear();
@@ -1452,8 +1515,9 @@ mod tests {
         ));
         // A port 0 on the wire is refused, and a huge count is refused before allocating.
         let mut bytes = encode_to_vec(&ControlMessage::Update(view())).unwrap();
-        // The empty site MTU and routed-site lists (two-byte counts) follow the policy.
-        let n = bytes.len() - 4;
+        // The empty site MTU and routed-site lists (two-byte counts) and the reconnect spread
+        // follow the policy.
+        let n = bytes.len() - 4 - SPREAD;
         // ... node_ports: count 2, 10250, 10255; pod_ports: tag 0.
         assert_eq!(&bytes[n - 7..n], &[0, 2, 0x28, 0x0a, 0x28, 0x0f, 0]);
         bytes[n - 5] = 0;

@@ -296,6 +296,7 @@ fn view() -> HubView {
         egress: EgressPolicy::default(),
         site_mtus: vec![],
         routed_sites: vec![],
+        reconnect_spread_ms: 0,
     }
 }
 
@@ -460,6 +461,7 @@ fn gateway_hosts_ports_and_names_are_validated_both_ways() {
             egress: EgressPolicy::default(),
             site_mtus: vec![],
             routed_sites: vec![],
+            reconnect_spread_ms: 0,
         })
     );
     for bad_host in [&b""[..], b"a b", b"a\x01b", b"tab\there"] {
@@ -770,9 +772,9 @@ fn going_away_and_renew_caps_at_and_past() {
 /// An Update whose body is exactly `body_len` bytes: routes with long node names.
 fn update_of_body_len(body_len: usize) -> HubView {
     // gateways 2 + routes count 2 + site_mtu 2 + empty egress (2 + 2 + 2 + 1) + empty site MTU
-    // list 2 + empty routed-site list 2 = 17; each route with an IPv4 CIDR and underlay, an
-    // empty site and a name of L bytes is 22 + L.
-    let mut left = body_len - 17;
+    // list 2 + empty routed-site list 2 + reconnect spread 4 = 21; each route with an IPv4 CIDR
+    // and underlay, an empty site and a name of L bytes is 22 + L.
+    let mut left = body_len - 21;
     let mut routes = Vec::new();
     let mut i = 0u32;
     while left > 0 {
@@ -807,6 +809,7 @@ fn update_of_body_len(body_len: usize) -> HubView {
         egress: EgressPolicy::default(),
         site_mtus: vec![],
         routed_sites: vec![],
+        reconnect_spread_ms: 0,
     }
 }
 

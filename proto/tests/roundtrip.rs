@@ -183,11 +183,13 @@ fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
             v.egress = Default::default();
             v.site_mtus.clear();
             v.routed_sites.clear();
+            v.reconnect_spread_ms = 0;
         }
         ControlMessage::Welcome(w) => {
             w.view.egress = Default::default();
             w.view.site_mtus.clear();
             w.view.routed_sites.clear();
+            w.view.reconnect_spread_ms = 0;
         }
         // Likewise a hello cut before (or inside) its trailing route digest: an older agent's.
         ControlMessage::Hello(h) => h.routes_digest = None,
@@ -203,10 +205,12 @@ fn without_site_mtus(msg: &ControlMessage) -> ControlMessage {
         ControlMessage::Update(v) => {
             v.site_mtus.clear();
             v.routed_sites.clear();
+            v.reconnect_spread_ms = 0;
         }
         ControlMessage::Welcome(w) => {
             w.view.site_mtus.clear();
             w.view.routed_sites.clear();
+            w.view.reconnect_spread_ms = 0;
         }
         _ => {}
     }
@@ -217,8 +221,25 @@ fn without_site_mtus(msg: &ControlMessage) -> ControlMessage {
 fn without_routed_sites(msg: &ControlMessage) -> ControlMessage {
     let mut m = msg.clone();
     match &mut m {
-        ControlMessage::Update(v) => v.routed_sites.clear(),
-        ControlMessage::Welcome(w) => w.view.routed_sites.clear(),
+        ControlMessage::Update(v) => {
+            v.routed_sites.clear();
+            v.reconnect_spread_ms = 0;
+        }
+        ControlMessage::Welcome(w) => {
+            w.view.routed_sites.clear();
+            w.view.reconnect_spread_ms = 0;
+        }
+        _ => {}
+    }
+    m
+}
+
+/// `msg` as a hub from before the reconnect spread would have sent it.
+fn without_reconnect_spread(msg: &ControlMessage) -> ControlMessage {
+    let mut m = msg.clone();
+    match &mut m {
+        ControlMessage::Update(v) => v.reconnect_spread_ms = 0,
+        ControlMessage::Welcome(w) => w.view.reconnect_spread_ms = 0,
         _ => {}
     }
     m
@@ -232,18 +253,22 @@ fn view() -> impl Strategy<Value = HubView> {
         egress_policy(),
         vec((site(), 576..=u16::MAX), 0..4),
         vec(site(), 0..3),
+        any::<u32>(),
     )
         .prop_map(
-            |(gateways, routes, site_mtu, egress, mtus, routed_sites)| HubView {
-                gateways,
-                routes,
-                site_mtu,
-                egress,
-                site_mtus: mtus
-                    .into_iter()
-                    .map(|(site, mtu)| petrel_proto::control::SiteMtu { site, mtu })
-                    .collect(),
-                routed_sites,
+            |(gateways, routes, site_mtu, egress, mtus, routed_sites, reconnect_spread_ms)| {
+                HubView {
+                    gateways,
+                    routes,
+                    site_mtu,
+                    egress,
+                    site_mtus: mtus
+                        .into_iter()
+                        .map(|(site, mtu)| petrel_proto::control::SiteMtu { site, mtu })
+                        .collect(),
+                    routed_sites,
+                    reconnect_spread_ms,
+                }
             },
         )
 }
@@ -407,9 +432,9 @@ proptest! {
                 // A view's trailing egress policy is optional: a body cut exactly before it is
                 // what an older hub sends, and decodes with the empty policy (which is the
                 // message itself when its policy was empty already).
-                // Likewise a body cut exactly before the site MTUs or the routed sites (hubs
-                // from before them).
-                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg) || *m == without_routed_sites(&msg));
+                // Likewise a body cut exactly before the site MTUs, the routed sites or the
+                // reconnect spread (hubs from before them).
+                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg) || *m == without_routed_sites(&msg) || *m == without_reconnect_spread(&msg));
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated { .. })) || older,
                     "cut {} of {}: {:?}", cut, body.len(), got

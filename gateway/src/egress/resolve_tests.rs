@@ -149,6 +149,7 @@ fn custom_kubelet_ports_are_node_ports() {
         egress: pol,
         site_mtus: vec![],
         routed_sites: vec![],
+        reconnect_spread_ms: 0,
     };
     assert!(
         petrel_proto::control::encode_to_vec(&petrel_proto::ControlMessage::Update(view)).is_ok()

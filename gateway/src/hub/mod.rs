@@ -273,6 +273,7 @@ impl Hub {
             hubs: config.hubs.clone(),
             site_mtu: config.site_mtu,
             egress_ports: config.egress.ports.clone(),
+            reconnect_rate: config.reconnect_rate,
         }));
         if !config.hubs.is_empty() {
             // Node roles rank the inventory's gateways, agents the hubs this list names: the

@@ -140,6 +140,7 @@ mod tests {
             hubs: Vec::new(),
             site_mtu: 1400,
             egress_ports: PortPolicy::default(),
+            reconnect_rate: 1500,
         }));
         let routes = Arc::new(ClusterRoutes::new(Vec::new(), 0));
         let metrics = Arc::new(HubMetrics::new());

@@ -22,7 +22,8 @@ use crate::inventory_store::InventorySnapshot;
 /// the cluster route table instead), the site MTU, the egress policy and the sites whose MTU is
 /// smaller: those declared in the inventory, then those `learned` from the tunnels' paths
 /// (a declared MTU overrides a learned one; at most [`MAX_SITE_MTUS`] in all), and the sites
-/// that are not public (for agents choosing among several active hubs).
+/// that are not public (for agents choosing among several active hubs). The reconnect spread
+/// is the fleet's, not the node's: [`AgentViews::view_for`] sets it.
 pub fn agent_view(
     inv: &Inventory,
     node: &str,
@@ -48,7 +49,28 @@ pub fn agent_view(
             .map(|s| s.name.clone())
             .take(petrel_proto::control::MAX_ROUTED_SITES)
             .collect(),
+        // The fleet's, not the node's: set by AgentViews::view_for, once per revision.
+        reconnect_spread_ms: 0,
     }
+}
+
+/// How widely a fleet of `agents` spreads its return to admit `rate` of them a second
+/// (`HubView::reconnect_spread_ms`), rounded to the nearest second: a node more or less then
+/// changes no agent's view (every view that changes is pushed to its agent, and one node must
+/// cost O(what changed), not an update to every agent), only every `rate` nodes does. 0 when
+/// `rate` is 0 (no spread) or the fleet needs less than half a second; at most the agents' cap.
+pub fn reconnect_spread_ms(agents: usize, rate: u32) -> u32 {
+    if rate == 0 {
+        return 0;
+    }
+    let cap =
+        u64::try_from(petrel_proto::control::MAX_RECONNECT_SPREAD.as_millis()).unwrap_or(u64::MAX);
+    let ms = u64::try_from(agents)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(1000)
+        / u64::from(rate);
+    let seconds = ms.saturating_add(500) / 1000;
+    u32::try_from(seconds.saturating_mul(1000).min(cap)).unwrap_or(u32::MAX)
 }
 
 /// The declared site MTUs, then the learned ones of undeclared sites, at most [`MAX_SITE_MTUS`].
@@ -82,6 +104,8 @@ pub struct ViewConfig {
     pub hubs: Vec<crate::config::StaticHub>,
     pub site_mtu: u16,
     pub egress_ports: PortPolicy,
+    /// Agents per second a fleet's return is spread for (0: no spread).
+    pub reconnect_rate: u32,
 }
 
 #[derive(Debug)]
@@ -100,6 +124,9 @@ pub struct AgentViews {
     egress_policies: Mutex<SitePolicies>,
     /// Sites behind a smaller path than the site MTU, learned by [`super::path_mtu::learn`].
     learned_mtus: RwLock<Vec<SiteMtu>>,
+    /// The reconnect spread for one inventory revision (revision, milliseconds): counting the
+    /// edge nodes costs a look-up per site, too much to repeat for every agent's view.
+    spread: Mutex<Option<(u64, u32)>>,
 }
 
 impl AgentViews {
@@ -111,6 +138,7 @@ impl AgentViews {
             epoch: AtomicU64::new(0),
             egress_policies: Mutex::default(),
             learned_mtus: RwLock::new(Vec::new()),
+            spread: Mutex::new(None),
         }
     }
 
@@ -191,7 +219,7 @@ impl AgentViews {
 
     /// The view of the agent on `node` now.
     pub fn view_for(&self, inv: &InventorySnapshot, node: &str, route_sync: bool) -> HubView {
-        agent_view(
+        let view = agent_view(
             inv,
             node,
             route_sync,
@@ -199,7 +227,27 @@ impl AgentViews {
             self.config.site_mtu,
             self.egress_policy(inv, node),
             &self.learned_site_mtus(),
-        )
+        );
+        HubView {
+            reconnect_spread_ms: self.reconnect_spread_ms(inv),
+            ..view
+        }
+    }
+
+    /// [`reconnect_spread_ms`] of `inv`'s edge nodes at the configured rate.
+    fn reconnect_spread_ms(&self, inv: &InventorySnapshot) -> u32 {
+        let compute = || reconnect_spread_ms(inv.edge_nodes(), self.config.reconnect_rate);
+        let Ok(mut cached) = self.spread.lock() else {
+            return compute();
+        };
+        match *cached {
+            Some((revision, ms)) if revision == inv.revision => ms,
+            _ => {
+                let ms = compute();
+                *cached = Some((inv.revision, ms));
+                ms
+            }
+        }
     }
 
     /// Remembers what session `id` was last sent ([`view_digest`] of it).
@@ -271,7 +319,57 @@ mod tests {
             hubs: Vec::new(),
             site_mtu: 1400,
             egress_ports: PortPolicy::default(),
+            reconnect_rate: 1500,
         })
+    }
+
+    #[test]
+    fn the_reconnect_spread_follows_the_edge_fleet_and_the_rate() {
+        // Whole seconds, so that one node more changes no view; a new second every 1,500.
+        assert_eq!(reconnect_spread_ms(10_000, 1500), 7_000);
+        assert_eq!(reconnect_spread_ms(10_001, 1500), 7_000);
+        assert_eq!(reconnect_spread_ms(9_749, 1500), 6_000);
+        assert_eq!(reconnect_spread_ms(9_750, 1500), 7_000);
+        assert_eq!(reconnect_spread_ms(749, 1500), 0);
+        assert_eq!(reconnect_spread_ms(750, 1500), 1_000);
+        assert_eq!(reconnect_spread_ms(0, 1500), 0);
+        // Off, and capped at what agents honour.
+        assert_eq!(reconnect_spread_ms(10_000, 0), 0);
+        assert_eq!(reconnect_spread_ms(10_000_000, 1), 60_000);
+        assert_eq!(reconnect_spread_ms(usize::MAX, 1), 60_000);
+        // The lab inventory: its edge nodes (public and Express Connect sites, not the cloud's).
+        let (_writer, reader) =
+            crate::inventory_store::store(Inventory::embedded_default().unwrap());
+        let inv = reader.snapshot();
+        let edge = inv
+            .nodes()
+            .filter(|n| inv.site_kind_of(n) != Some(crate::inventory::SiteKind::Cloud))
+            .count();
+        assert!(edge > 0 && edge < inv.nodes().count());
+        assert_eq!(inv.edge_nodes(), edge);
+        // A small fleet: no spread.
+        let v = views().view_for(&inv, "edge-a1", true);
+        assert_eq!(v.reconnect_spread_ms, 0);
+        // At one agent a second the lab's fleet spreads over as many seconds as it has edge
+        // nodes, and a new inventory revision is counted again.
+        let slow = AgentViews::new(ViewConfig {
+            reconnect_rate: 1,
+            ..views().config
+        });
+        let edge_ms = u32::try_from(edge * 1000).unwrap();
+        assert_eq!(
+            slow.view_for(&inv, "edge-a1", true).reconnect_spread_ms,
+            edge_ms
+        );
+        let mut fewer = Inventory::embedded_default().unwrap();
+        fewer.delete_node("edge-a2");
+        let (_w, r) = crate::inventory_store::store(fewer);
+        let mut fewer = r.snapshot();
+        fewer.revision = inv.revision + 1;
+        assert_eq!(
+            slow.view_for(&fewer, "edge-a1", true).reconnect_spread_ms,
+            edge_ms - 1000
+        );
     }
 
     #[test]

@@ -153,6 +153,11 @@ pub struct AgentSession {
     routes_known: bool,
     renewing: bool,
     actions: VecDeque<AgentAction>,
+    /// The last view's [`HubView::reconnect_spread`], and when the hub was last heard (any
+    /// message after the welcome): what [`AgentSession::herd_delay`] needs once the session
+    /// is over.
+    reconnect_spread: Duration,
+    last_heard: Option<Instant>,
 }
 
 impl AgentSession {
@@ -170,6 +175,27 @@ impl AgentSession {
             routes,
             renewing: false,
             actions,
+            reconnect_spread: Duration::ZERO,
+            last_heard: None,
+        }
+    }
+
+    /// When the hub was last heard (its welcome or any later message).
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
+    }
+
+    /// How long to wait before the first attempt after this session ended without a goodbye
+    /// ([`crate::backoff::herd_delay`] of the last view's spread, counted from the last word
+    /// from the hub); zero for a session that was never welcomed. `jitter` in `[0, 1)`.
+    pub fn herd_delay(&self, now: Instant, jitter: f64) -> Duration {
+        match self.last_heard {
+            Some(heard) => crate::backoff::herd_delay(
+                self.reconnect_spread,
+                now.saturating_duration_since(heard),
+                jitter,
+            ),
+            None => Duration::ZERO,
         }
     }
 
@@ -258,6 +284,7 @@ impl AgentSession {
                 ..
             } => {
                 keepalive.on_receive(now);
+                self.last_heard = Some(now);
                 match msg {
                     ControlMessage::Ping(p) => self
                         .actions
@@ -272,6 +299,7 @@ impl AgentSession {
                     ControlMessage::Update(view) => {
                         // A hub that sends routes in its views does not sync a table.
                         self.routes_known |= !view.routes.is_empty();
+                        self.reconnect_spread = view.reconnect_spread();
                         let applied = effective_view(&view, &self.routes, node, site);
                         **base = view;
                         let action = view_action(self.routes_known, applied);
@@ -382,6 +410,8 @@ impl AgentSession {
 
     fn on_welcome(&mut self, welcome: Welcome, now: Instant) {
         self.routes_known |= !welcome.view.routes.is_empty();
+        self.reconnect_spread = welcome.view.reconnect_spread();
+        self.last_heard = Some(now);
         let applied = effective_view(
             &welcome.view,
             &self.routes,

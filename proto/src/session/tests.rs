@@ -63,6 +63,7 @@ fn view(mtu: u16) -> HubView {
         },
         site_mtus: vec![],
         routed_sites: vec![],
+        reconnect_spread_ms: 0,
     }
 }
 
@@ -373,6 +374,72 @@ fn a_hub_that_goes_silent_is_declared_dead_after_the_timeout() {
         p.agent_end().unwrap().next_attempt(false, 0.5),
         NextAttempt::Backoff
     );
+}
+
+#[test]
+fn a_lost_hubs_spread_counts_from_the_last_word_heard_and_updates_change_it() {
+    let mut p = Pair::new(NODE, hello(NODE), RouteTable::new());
+    // Never welcomed: no spread to honour.
+    assert_eq!(p.agent.herd_delay(p.now, 0.5), Duration::ZERO);
+    p.env.view.reconnect_spread_ms = 6_000;
+    p.advance(100 * MS);
+    assert!(p.agent_welcomed());
+    // Heard within the 100 ms since the hello (the welcome, the hub's first probe): half the
+    // spread less that.
+    let d = p.agent.herd_delay(p.now, 0.5);
+    assert!(d > 2_900 * MS && d < 3_000 * MS, "{d:?}");
+    p.advance(Duration::from_secs(5));
+    p.to_agent.cut = true;
+    let ended_at = p.run_until(Duration::from_secs(20), |p| p.agent_end().is_some());
+    // The last pong arrived at most a ping interval before the cut, and the silence timer
+    // fired 6 s after it: half the spread (3 s) is long gone.
+    assert_eq!(p.agent.herd_delay(ended_at, 0.5), Duration::ZERO);
+    // Even the whole spread is (within a step of the clock) used up by 6 s of silence.
+    assert!(p.agent.herd_delay(ended_at, 1.0) <= STEP);
+
+    // Noticed at once (a reset meeting the next ping): the full share.
+    let mut p = Pair::new(NODE, hello(NODE), RouteTable::new());
+    p.env.view.reconnect_spread_ms = 6_000;
+    p.advance(Duration::from_secs(3));
+    let heard = p.now;
+    // Every message counts, not only the welcome: the pong to the ping sent at 2 s came back
+    // since.
+    assert!(
+        heard - last_word(&p) < Duration::from_secs(1),
+        "{:?}",
+        heard - last_word(&p)
+    );
+    assert_eq!(
+        p.agent.herd_delay(heard, 0.5),
+        Duration::from_secs(3) - (heard - last_word(&p))
+    );
+    // An update with another spread (the fleet grew) replaces it.
+    let mut grown = view(1400);
+    grown.reconnect_spread_ms = 10_000;
+    assert!(p.hub.push(ControlMessage::Update(grown)));
+    p.advance(100 * MS);
+    let now = p.now;
+    assert_eq!(
+        p.agent.herd_delay(now, 0.5),
+        Duration::from_secs(5) - (now - last_word(&p))
+    );
+    // Capped: a hub cannot hold its fleet off for longer than MAX_RECONNECT_SPREAD.
+    let mut absurd = view(1400);
+    absurd.reconnect_spread_ms = u32::MAX;
+    assert!(p.hub.push(ControlMessage::Update(absurd)));
+    p.advance(100 * MS);
+    let now = p.now;
+    assert_eq!(
+        p.agent.herd_delay(now, 1.0),
+        crate::control::MAX_RECONNECT_SPREAD - (now - last_word(&p))
+    );
+}
+
+/// When the agent last received anything from the hub, as the machine counts it: the
+/// arrival of the last message delivered (messages arrive on STEP boundaries, one way after
+/// being sent).
+fn last_word(p: &Pair) -> Instant {
+    p.agent.last_heard().expect("welcomed")
 }
 
 #[test]
