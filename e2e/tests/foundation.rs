@@ -515,6 +515,94 @@ fn agents_return_within_3s_of_a_restarted_hub_listening() {
     drop(hub);
 }
 
+/// The lab inventory with `extra` more edge nodes in site-a (none of them runs an agent): a
+/// fleet large enough for a spread that the test can see.
+fn inventory_with_edge_nodes(extra: u8) -> String {
+    let mut inv = include_str!("../../gateway/src/default-inventory.toml").to_string();
+    for i in 0..extra {
+        let n = 10 + u32::from(i);
+        inv.push_str(&format!(
+            "\n[[nodes]]\nname = \"edge-z{n}\"\nsite = \"site-a\"\naddresses = [\"10.0.1.{n}\"]\n\
+             pod_cidrs = [\"10.250.{n}.0/24\"]\nvtep_mac = \"02:fb:00:00:00:{n:02x}\"\n\
+             public_ip = \"10.0.1.{n}\"\n"
+        ));
+    }
+    inv
+}
+
+/// `retry_in=...` of a log line, as tracing prints a Duration (`812.5ms`, `3.2s`).
+fn retry_in(line: &str) -> Option<Duration> {
+    let v = line.split("retry_in=").nth(1)?.split_whitespace().next()?;
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?);
+    let num: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => num,
+        "ms" => num / 1e3,
+        "µs" => num / 1e6,
+        "ns" => num / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+#[test]
+fn a_fleet_that_lost_its_hub_comes_back_spread_over_the_hubs_window() {
+    // 31 edge nodes at 2 agents a second: every view tells agents to spread over 16 s.
+    let tmp = tempfile::tempdir().unwrap();
+    let inv = tmp.path().join("inventory.toml");
+    std::fs::write(&inv, inventory_with_edge_nodes(27)).unwrap();
+    let inv = inv.display().to_string();
+    let args = ["--inventory", inv.as_str(), "--reconnect-rate", "2"];
+    let spread = Duration::from_secs(16);
+    let hub_dir = tmp.path().join("hub");
+    let hub = Hub::start(&hub_dir, &args).unwrap();
+    let (port, admin) = (hub.port, hub.admin.port());
+    let nodes = ["edge-a1", "edge-a2", "edge-b1"];
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .map(|n| Agent::start(n, &enrolled(&hub, n, tmp.path()), &[], &[]).unwrap())
+        .collect();
+    wait_until(Duration::from_secs(10), "all agents connected", || {
+        all_connected(&hub, &nodes).then_some(())
+    })
+    .unwrap();
+
+    // A crash (no goodbye), and the hub back at once.
+    let mut hub = hub;
+    hub.proc.signal("KILL");
+    hub.proc.wait_exit(Duration::from_secs(5)).unwrap();
+    let killed = Instant::now();
+    let hub2 = Hub::start_on(&hub_dir, port, admin, &args).unwrap();
+    wait_until(
+        spread + Duration::from_secs(8),
+        "all agents back within the spread",
+        || all_connected(&hub2, &nodes).then_some(()),
+    )
+    .unwrap();
+    eprintln!("all agents back {:?} after the kill", killed.elapsed());
+    // Each agent waited its own share of the spread, never more; without the spread every
+    // first retry is at most the backoff's 100 ms. (All three shares under 0.2 s past the
+    // moment each noticed: about one run in 2,500.)
+    let waits: Vec<Duration> = agents
+        .iter()
+        .map(|a| {
+            let log = a.proc.log();
+            log.lines()
+                .filter(|l| l.contains("tunnel to hub lost; reconnecting"))
+                .filter_map(retry_in)
+                .last()
+                .unwrap_or_else(|| panic!("no reconnect logged:\n{log}"))
+        })
+        .collect();
+    eprintln!("first retries: {waits:?}");
+    assert!(waits.iter().all(|w| *w <= spread), "{waits:?}");
+    assert!(
+        waits.iter().any(|w| *w > Duration::from_millis(200)),
+        "{waits:?}"
+    );
+    drop(hub2);
+}
+
 #[test]
 fn certificates_are_renewed_over_the_live_tunnel() {
     let tmp = tempfile::tempdir().unwrap();
