@@ -273,7 +273,9 @@ fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint> {
 /// The real agent's link settings (`petrel-edge-agent` defaults, `edge-agent/src/link.rs`):
 /// application ping every 2 s, hub declared dead after 5 s of silence, a connect attempt (QUIC
 /// handshake to Welcome) gives up after 3 s, reconnect backoff 100 ms doubling to 2 s with
-/// jitter (half the base plus up to the other half), reset after a session of 10 s.
+/// jitter (half the base plus up to the other half), reset after a session of 10 s; after a
+/// hub lost without a goodbye, the first attempt no sooner than a random share of the hub's
+/// reconnect spread, counted from the last word heard.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 const DEAD_AFTER: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
