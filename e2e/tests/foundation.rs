@@ -588,9 +588,9 @@ fn a_fleet_that_lost_its_hub_comes_back_spread_over_the_hubs_window() {
         .map(|a| {
             let log = a.proc.log();
             log.lines()
+                .rev()
                 .filter(|l| l.contains("tunnel to hub lost; reconnecting"))
-                .filter_map(retry_in)
-                .last()
+                .find_map(retry_in)
                 .unwrap_or_else(|| panic!("no reconnect logged:\n{log}"))
         })
         .collect();
