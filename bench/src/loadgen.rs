@@ -69,6 +69,38 @@ pub struct Counters {
     pub last_error: Mutex<Option<String>>,
     /// Failures by kind (the message up to its first digit: durations and addresses vary).
     pub failure_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Agents by the digest of the route table they hold: the bench waits for every agent to
+    /// hold the hub's new table before it measures the next step.
+    pub tables: Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Counters {
+    /// An agent now holds the table with digest `now` (and no longer the one with `was`).
+    fn hold_table(&self, was: Option<u64>, now: u64) {
+        if let Ok(mut t) = self.tables.lock() {
+            if let Some(was) = was {
+                if let Some(n) = t.get_mut(&was) {
+                    *n = n.saturating_sub(1);
+                }
+                t.retain(|_, n| *n > 0);
+            }
+            *t.entry(now).or_default() += 1;
+        }
+    }
+
+    /// The route tables the most agents hold (at most four), by hex digest.
+    fn largest_tables(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut held: Vec<(u64, u64)> = self
+            .tables
+            .lock()
+            .map(|t| t.iter().map(|(d, n)| (*d, *n)).collect())
+            .unwrap_or_default();
+        held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        held.into_iter()
+            .take(4)
+            .map(|(d, n)| (format!("{d:016x}"), n))
+            .collect()
+    }
 }
 
 /// One status line.
@@ -82,6 +114,8 @@ pub struct Line {
     /// Failures so far by kind: a session lost ("reset by peer": the hub restarted) or a
     /// connect attempt that failed ("no answer within", "invalid Retry Token", ...).
     pub failure_kinds: std::collections::BTreeMap<String, u64>,
+    /// Agents by the route table they hold (hex digest; the four most held).
+    pub tables: std::collections::BTreeMap<String, u64>,
 }
 
 /// Node names of a load run.
@@ -444,6 +478,7 @@ async fn session(
     reader: &mut SimReader,
     routes_digest: &mut u64,
     spread: &mut Duration,
+    counters: &Counters,
 ) -> (End, Instant) {
     let mut keepalive = Keepalive::new(PING_INTERVAL, DEAD_AFTER, Instant::now());
     let mut deadline = tokio::time::Instant::now();
@@ -466,6 +501,7 @@ async fn session(
                     }
                     Ok(Some(ControlMessage::Routes(chunk))) => {
                         if let Some(d) = chunk.digest {
+                            counters.hold_table(Some(*routes_digest), d);
                             *routes_digest = d;
                         }
                     }
@@ -568,6 +604,7 @@ async fn agent(
     let mut rng = Jitter::new(i);
     let mut delay = Duration::ZERO;
     let mut routes_digest = petrel_proto::RouteTable::new().digest();
+    counters.hold_table(None, routes_digest);
     loop {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -591,6 +628,7 @@ async fn agent(
             &mut reader,
             &mut routes_digest,
             &mut spread,
+            &counters,
         )
         .await;
         counters.connected.fetch_sub(1, Ordering::Relaxed);
@@ -668,6 +706,7 @@ pub async fn run(opts: LoadgenOpts, mut out: impl FnMut(&Line)) -> Result<()> {
                 .lock()
                 .map(|k| k.clone())
                 .unwrap_or_default(),
+            tables: counters.largest_tables(),
         };
         out(&line);
         if opts.run_for.is_some_and(|d| start.elapsed() >= d) {

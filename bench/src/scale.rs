@@ -70,6 +70,15 @@ fn field(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
+/// The route table (hex digest) that all `n` agents hold, per the loadgen's status line.
+fn table_held_by(v: &serde_json::Value, n: usize) -> Option<String> {
+    v["tables"]
+        .as_object()?
+        .iter()
+        .find(|(_, count)| count.as_u64() == Some(n as u64))
+        .map(|(digest, _)| digest.clone())
+}
+
 /// MemAvailable in KiB (unknown: no limit).
 fn mem_available_kib() -> u64 {
     meminfo_kib("MemAvailable:").unwrap_or(u64::MAX)
@@ -227,6 +236,7 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         ) / n as f64,
     );
     // One node's public IP changes: every agent is sent that node's entry.
+    let old_table = last_line(&lg).and_then(|l| table_held_by(&l, n));
     let delta0 = metric(&m, "petrel_hub_route_sync_bytes_total{outcome=\"delta\"}");
     let batches0 = metric(&m, "petrel_hub_route_sync_batches_total{outcome=\"delta\"}");
     std::fs::write(&inv, loadgen::inventory_toml_with("load", n, Some(0)))?;
@@ -247,6 +257,16 @@ fn measure(n: usize, idle_secs: u64, dir: &Path, row: &mut ScaleRow) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The hub has sent every agent its delta; the kill below must not race the last of them
+    // being read, or those agents come back with the old table and are sent a snapshot (the
+    // reconnect row read 19 to 347 bytes per agent before).
+    wait_line(
+        &mut lg,
+        hub.proc.pid(),
+        Duration::from_secs(30),
+        "every agent holding the changed route table",
+        |l| table_held_by(l, n).is_some_and(|d| Some(d) != old_table),
+    )?;
     let before = last_line(&lg).ok_or_else(|| anyhow!("loadgen printed nothing"))?;
     if field(&before, "connected") != n as u64 {
         bail!("agents dropped while idle: {before}");
