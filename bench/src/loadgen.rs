@@ -78,11 +78,11 @@ impl Counters {
     /// An agent now holds the table with digest `now` (and no longer the one with `was`).
     fn hold_table(&self, was: Option<u64>, now: u64) {
         if let Ok(mut t) = self.tables.lock() {
-            if let Some(was) = was {
-                if let Some(n) = t.get_mut(&was) {
-                    *n = n.saturating_sub(1);
+            if let Some(n) = was.and_then(|was| t.get_mut(&was)) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    t.retain(|_, n| *n > 0);
                 }
-                t.retain(|_, n| *n > 0);
             }
             *t.entry(now).or_default() += 1;
         }
@@ -482,7 +482,7 @@ async fn session(
 ) -> (End, Instant) {
     let mut keepalive = Keepalive::new(PING_INTERVAL, DEAD_AFTER, Instant::now());
     let mut deadline = tokio::time::Instant::now();
-    loop {
+    let end = loop {
         tokio::select! {
             // Reader first: when the loop wakes late (CPU starvation at 10,000 sessions) with a
             // message waiting *and* the keepalive deadline past, the message must count before
@@ -493,7 +493,7 @@ async fn session(
                 match msg {
                     Ok(Some(ControlMessage::Ping(p))) => {
                         if let Err(e) = writer.send(&ControlMessage::Pong(p.pong())).await {
-                            return (End::Lost(e.to_string()), keepalive.last_receive());
+                            break End::Lost(e.to_string());
                         }
                     }
                     Ok(Some(ControlMessage::Pong(p))) => {
@@ -509,21 +509,18 @@ async fn session(
                         *spread = view.reconnect_spread();
                     }
                     Ok(Some(ControlMessage::GoingAway(ga))) => {
-                        return (End::GoingAway {
+                        break End::GoingAway {
                             retry_after: Duration::from_millis(u64::from(ga.retry_after_ms)),
                             why: ga.message,
-                        }, keepalive.last_receive());
+                        };
                     }
                     Ok(Some(_)) => {}
-                    Ok(None) => return (End::Lost("hub finished the control stream".into()), keepalive.last_receive()),
+                    Ok(None) => break End::Lost("hub finished the control stream".into()),
                     Err(e) => {
-                        return (
-                            End::Lost(
-                                conn.close_reason()
-                                    .map(|r| r.to_string())
-                                    .unwrap_or_else(|| e.to_string()),
-                            ),
-                            keepalive.last_receive(),
+                        break End::Lost(
+                            conn.close_reason()
+                                .map(|r| r.to_string())
+                                .unwrap_or_else(|| e.to_string()),
                         )
                     }
                 }
@@ -531,22 +528,23 @@ async fn session(
             _ = tokio::time::sleep_until(deadline) => match keepalive.poll(Instant::now()) {
                 KeepaliveAction::SendPing(ping) => {
                     if let Err(e) = writer.send(&ControlMessage::Ping(ping)).await {
-                        return (End::Lost(e.to_string()), keepalive.last_receive());
+                        break End::Lost(e.to_string());
                     }
                     deadline = tokio::time::Instant::now();
                 }
                 KeepaliveAction::TimedOut => {
                     conn.close(close_code::KEEPALIVE_TIMEOUT.into(), b"hub unresponsive");
-                    return (End::Lost(format!("hub silent for {DEAD_AFTER:?}")), keepalive.last_receive());
+                    break End::Lost(format!("hub silent for {DEAD_AFTER:?}"));
                 }
                 // The real agent also wakes at least once a second (to check its certificate for
                 // renewal); a simulated one has nothing to renew, so 10,000 of them sleep until
                 // the keepalive's next deadline.
                 KeepaliveAction::Wait(at) => deadline = tokio::time::Instant::from_std(at),
             },
-            closed = conn.closed() => return (End::Lost(closed.to_string()), keepalive.last_receive()),
+            closed = conn.closed() => break End::Lost(closed.to_string()),
         }
-    }
+    };
+    (end, keepalive.last_receive())
 }
 
 /// A small per-agent PRNG for backoff jitter (splitmix64): independent streams per agent, so a

@@ -451,21 +451,30 @@ fn assert_tokens_taken(hub: &Hub, agents: usize) {
     );
 }
 
+/// The lab's three edge agents.
+const THREE_AGENTS: [&str; 3] = ["edge-a1", "edge-a2", "edge-b1"];
+
+/// A hub in `hub_dir` (with `args`) and an enrolled agent on each of `nodes`, all connected.
+fn hub_with_agents(dir: &Path, hub_dir: &Path, args: &[&str], nodes: &[&str]) -> (Hub, Vec<Agent>) {
+    let hub = Hub::start(hub_dir, args).unwrap();
+    let agents = nodes
+        .iter()
+        .map(|n| Agent::start(n, &enrolled(&hub, n, dir), &[], &[]).unwrap())
+        .collect();
+    wait_until(Duration::from_secs(10), "all agents connected", || {
+        all_connected(&hub, nodes).then_some(())
+    })
+    .unwrap();
+    (hub, agents)
+}
+
 #[test]
 fn agents_return_within_3s_of_a_restarted_hub_listening() {
     let tmp = tempfile::tempdir().unwrap();
     let hub_dir = tmp.path().join("hub");
-    let mut hub = Hub::start(&hub_dir, &[]).unwrap();
+    let nodes = THREE_AGENTS;
+    let (mut hub, _agents) = hub_with_agents(tmp.path(), &hub_dir, &[], &nodes);
     let (port, admin) = (hub.port, hub.admin.port());
-    let nodes = ["edge-a1", "edge-a2", "edge-b1"];
-    let _agents: Vec<Agent> = nodes
-        .iter()
-        .map(|n| Agent::start(n, &enrolled(&hub, n, tmp.path()), &[], &[]).unwrap())
-        .collect();
-    wait_until(Duration::from_secs(10), "all agents connected", || {
-        all_connected(&hub, &nodes).then_some(())
-    })
-    .unwrap();
 
     // 1. Graceful: SIGTERM sends going-away with a restart hint; the hub is back after ~1 s.
     hub.proc.signal("TERM");
@@ -555,20 +564,11 @@ fn a_fleet_that_lost_its_hub_comes_back_spread_over_the_hubs_window() {
     let args = ["--inventory", inv.as_str(), "--reconnect-rate", "2"];
     let spread = Duration::from_secs(16);
     let hub_dir = tmp.path().join("hub");
-    let hub = Hub::start(&hub_dir, &args).unwrap();
+    let nodes = THREE_AGENTS;
+    let (mut hub, agents) = hub_with_agents(tmp.path(), &hub_dir, &args, &nodes);
     let (port, admin) = (hub.port, hub.admin.port());
-    let nodes = ["edge-a1", "edge-a2", "edge-b1"];
-    let agents: Vec<Agent> = nodes
-        .iter()
-        .map(|n| Agent::start(n, &enrolled(&hub, n, tmp.path()), &[], &[]).unwrap())
-        .collect();
-    wait_until(Duration::from_secs(10), "all agents connected", || {
-        all_connected(&hub, &nodes).then_some(())
-    })
-    .unwrap();
 
     // A crash (no goodbye), and the hub back at once.
-    let mut hub = hub;
     hub.proc.signal("KILL");
     hub.proc.wait_exit(Duration::from_secs(5)).unwrap();
     let killed = Instant::now();

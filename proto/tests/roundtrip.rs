@@ -175,71 +175,45 @@ fn egress_policy() -> impl Strategy<Value = petrel_proto::control::EgressPolicy>
         })
 }
 
-/// `msg` as a hub from before the egress policy would have sent it.
-fn without_egress_policy(msg: &ControlMessage) -> ControlMessage {
-    let mut m = msg.clone();
-    match &mut m {
-        ControlMessage::Update(v) => {
+/// The trailing fields of a view, in wire order: a hub from before one sends none of it or of
+/// those after it.
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
+enum Trailing {
+    EgressPolicy,
+    SiteMtus,
+    RoutedSites,
+    ReconnectSpread,
+}
+
+const TRAILING: [Trailing; 4] = [
+    Trailing::EgressPolicy,
+    Trailing::SiteMtus,
+    Trailing::RoutedSites,
+    Trailing::ReconnectSpread,
+];
+
+/// `msg` as a hub from before trailing field `first_missing` would have sent it (and, for the
+/// egress policy, a hello as an agent from before its trailing route digest).
+fn from_before(msg: &ControlMessage, first_missing: Trailing) -> ControlMessage {
+    let cut = |v: &mut HubView| {
+        if first_missing <= Trailing::EgressPolicy {
             v.egress = Default::default();
+        }
+        if first_missing <= Trailing::SiteMtus {
             v.site_mtus.clear();
+        }
+        if first_missing <= Trailing::RoutedSites {
             v.routed_sites.clear();
-            v.reconnect_spread_ms = 0;
         }
-        ControlMessage::Welcome(w) => {
-            w.view.egress = Default::default();
-            w.view.site_mtus.clear();
-            w.view.routed_sites.clear();
-            w.view.reconnect_spread_ms = 0;
-        }
-        // Likewise a hello cut before (or inside) its trailing route digest: an older agent's.
-        ControlMessage::Hello(h) => h.routes_digest = None,
-        _ => {}
-    }
-    m
-}
-
-/// `msg` as a hub from before per-site MTUs would have sent it.
-fn without_site_mtus(msg: &ControlMessage) -> ControlMessage {
+        v.reconnect_spread_ms = 0;
+    };
     let mut m = msg.clone();
     match &mut m {
-        ControlMessage::Update(v) => {
-            v.site_mtus.clear();
-            v.routed_sites.clear();
-            v.reconnect_spread_ms = 0;
+        ControlMessage::Update(v) => cut(v),
+        ControlMessage::Welcome(w) => cut(&mut w.view),
+        ControlMessage::Hello(h) if first_missing == Trailing::EgressPolicy => {
+            h.routes_digest = None
         }
-        ControlMessage::Welcome(w) => {
-            w.view.site_mtus.clear();
-            w.view.routed_sites.clear();
-            w.view.reconnect_spread_ms = 0;
-        }
-        _ => {}
-    }
-    m
-}
-
-/// `msg` as a hub from before the routed-site list would have sent it.
-fn without_routed_sites(msg: &ControlMessage) -> ControlMessage {
-    let mut m = msg.clone();
-    match &mut m {
-        ControlMessage::Update(v) => {
-            v.routed_sites.clear();
-            v.reconnect_spread_ms = 0;
-        }
-        ControlMessage::Welcome(w) => {
-            w.view.routed_sites.clear();
-            w.view.reconnect_spread_ms = 0;
-        }
-        _ => {}
-    }
-    m
-}
-
-/// `msg` as a hub from before the reconnect spread would have sent it.
-fn without_reconnect_spread(msg: &ControlMessage) -> ControlMessage {
-    let mut m = msg.clone();
-    match &mut m {
-        ControlMessage::Update(v) => v.reconnect_spread_ms = 0,
-        ControlMessage::Welcome(w) => w.view.reconnect_spread_ms = 0,
         _ => {}
     }
     m
@@ -434,7 +408,7 @@ proptest! {
                 // message itself when its policy was empty already).
                 // Likewise a body cut exactly before the site MTUs, the routed sites or the
                 // reconnect spread (hubs from before them).
-                let older = matches!(&got, Ok(Some((m, _))) if *m == without_egress_policy(&msg) || *m == without_site_mtus(&msg) || *m == without_routed_sites(&msg) || *m == without_reconnect_spread(&msg));
+                let older = matches!(&got, Ok(Some((m, _))) if TRAILING.iter().any(|t| *m == from_before(&msg, *t)));
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated { .. })) || older,
                     "cut {} of {}: {:?}", cut, body.len(), got
